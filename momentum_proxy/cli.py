@@ -1,0 +1,279 @@
+"""The `mproxy` command line: a thin layer over the Python API (one sub-command per job)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from momentum_proxy.errors import UserError
+
+LOSS_NAMES = ("proxy_nca", "normalized_softmax", "cos_face", "arc_face", "proxy_anchor")
+OPTIMIZERS = ("adam*", "sgd*", "adam", "sgd")
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def str_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+# ----------------------------------------------------------------------------------------------- prepare
+def add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="make a prepared dataset (images + manifest.csv)")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    s = kinds.add_parser("synthetic", help="generate the embedded fine-grained default dataset")
+    s.add_argument("--out", required=True)
+    s.add_argument("--classes", type=int, default=40)
+    s.add_argument("--per-class", type=int, default=30)
+    s.add_argument("--size", type=int, default=128)
+    s.add_argument("--seed", type=int, default=0)
+    for kind, text in [("folder", "an ImageFolder tree (one sub-folder per class)"),
+                       ("car", "Stanford Cars (cars_annos.mat + car_ims/)"),
+                       ("cub", "CUB-200-2011 (images.txt, ... , images/)"),
+                       ("sop", "Stanford Online Products (Ebay_train.txt, Ebay_test.txt)"),
+                       ("isc", "In-shop Clothes (list_eval_partition.txt, img/)")]:
+        k = kinds.add_parser(kind, help=text)
+        k.add_argument("--src", required=True, help="the raw dataset folder")
+        k.add_argument("--out", required=True)
+        k.add_argument("--max-side", "--short-side", dest="short_side", type=int, default=256,
+                       help="resize once so the short side is at most this (0: keep originals' size)")
+        k.add_argument("--workers", type=int, default=1, help="processes for re-encoding (1 or 2)")
+        if kind in ("car", "cub"):
+            k.add_argument("--crop", action="store_true", help="cut each image to its annotated box")
+        if kind == "folder":
+            k.add_argument("--split-file", help="CSV lines 'class_name,split' (train/test) instead of halves")
+
+
+def run_prepare(a) -> None:
+    if a.kind == "synthetic":
+        from momentum_proxy.data.synthetic import generate_synthetic
+
+        out = generate_synthetic(a.out, classes=a.classes, per_class=a.per_class, size=a.size, seed=a.seed)
+    else:
+        from momentum_proxy.data.prepare import PREPARERS
+
+        kwargs = {"short_side": a.short_side or None, "workers": a.workers}
+        if a.kind in ("car", "cub"):
+            kwargs["crop"] = a.crop
+        if a.kind == "folder":
+            kwargs["split_file"] = a.split_file
+        out = PREPARERS[a.kind](a.src, a.out, **kwargs)
+    print(f"prepared dataset: {out}")
+
+
+# ----------------------------------------------------------------------------------------------- train
+def add_train_options(p, *, for_sweep: bool = False) -> None:
+    """The training options (new spelling first, the original MP tool's spelling as an alias)."""
+    from momentum_proxy.runs import TrainConfig
+
+    d = TrainConfig(data="", out="")
+    p.add_argument("--data", help="prepared dataset folder")
+    p.add_argument("--data_path", "--data-path", help="(original) folder holding prepared datasets by name")
+    p.add_argument("--data_name", "--data-name", default="car", help="(original) dataset name under --data_path")
+    p.add_argument("--backbone", "--backbone_type", dest="backbone", default=None,
+                   help="efficientnet_lite0 | resnet50 | inception | googlenet | timm:NAME "
+                        "(default: efficientnet_lite0 on CPU, resnet50 on CUDA)")
+    p.add_argument("--pretrained", choices=("default", "none"), default=d.pretrained)
+    p.add_argument("--weights", help="pretrained backbone weights file (.pth/.safetensors)")
+    p.add_argument("--loss", "--loss_name", dest="loss", default=d.loss, help=" | ".join(LOSS_NAMES))
+    p.add_argument("--optimizer", "--optimizer_type", dest="optimizer", default=d.optimizer,
+                   help="adam* | sgd* (momentum proxies) | adam | sgd (learnable proxies)")
+    p.add_argument("--proxy-update", default=d.proxy_update, help="mean (class mean) | sum (the original tool)")
+    p.add_argument("--proxy-init", default=d.proxy_init, help="class_mean | random")
+    p.add_argument("--lr", type=float if not for_sweep else str, default=d.lr)
+    p.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult)
+    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
+    p.add_argument("--pooling", default=d.pooling, help="max | avgmax")
+    p.add_argument("--recalls", type=int_list, default=d.recalls)
+    p.add_argument("--metrics", type=str_list, default=d.metrics,
+                   help="reported per epoch: recall,precision@1,r_precision,map@r,nmi")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=d.batch_size)
+    p.add_argument("--epochs", "--num_epochs", "--num-epochs", dest="epochs", type=int, default=d.epochs)
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
+    p.add_argument("--workers", type=int, default=None, help="loader processes (default: cores - 1)")
+    p.add_argument("--amp", default=d.amp, help="none | bf16 | fp16 (CUDA) mixed precision")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    if for_sweep:
+        p.add_argument("--momentum", type=str, default=str(d.momentum))
+        p.add_argument("--feature-dim", type=str, default=str(d.feature_dim))
+    else:
+        p.add_argument("--momentum", type=float, default=d.momentum, help="proxy momentum m in the * modes")
+        p.add_argument("--feature-dim", type=int, default=d.feature_dim)
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model into a run folder")
+    add_train_options(p)
+    p.add_argument("--out", help="run folder (default results/<data>_<backbone>_<loss>_<optimizer>_<momentum>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last finished epoch")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+
+
+def config_from_args(a):
+    """A TrainConfig from parsed `train` options (both spellings resolve to the same configuration)."""
+    from momentum_proxy.inference import resolve_device
+    from momentum_proxy.runs import TrainConfig
+
+    if a.data:
+        data = a.data
+    elif a.data_path:
+        data = str(Path(a.data_path) / a.data_name)
+    else:
+        raise UserError("give the prepared dataset with --data DIR (or --data_path DIR --data_name NAME)")
+    backbone = a.backbone or ("resnet50" if resolve_device(a.device).type == "cuda" else "efficientnet_lite0")
+    out = getattr(a, "out", None) or str(
+        Path("results") / f"{Path(data).name}_{backbone.replace(':', '-')}_{a.loss}_{a.optimizer}_{a.momentum}")
+    return TrainConfig(
+        data=data, out=out, backbone=backbone, pretrained=a.pretrained, weights=a.weights,
+        feature_dim=a.feature_dim, pooling=a.pooling, loss=a.loss, optimizer=a.optimizer, momentum=a.momentum,
+        proxy_update=a.proxy_update, proxy_init=a.proxy_init, lr=a.lr, backbone_lr_mult=a.backbone_lr_mult,
+        warmup_epochs=a.warmup_epochs, batch_size=a.batch_size, epochs=a.epochs, recalls=a.recalls,
+        metrics=a.metrics, image_size=a.image_size, seed=a.seed, device=a.device, workers=a.workers, amp=a.amp,
+        grad_accum=a.grad_accum, compile=a.compile)
+
+
+def run_train(a) -> None:
+    from momentum_proxy import training
+
+    if a.resume:
+        best = training.resume(a.resume)
+        out = a.resume
+    else:
+        cfg = config_from_args(a)
+        best = training.train(cfg, overwrite=a.overwrite)
+        out = cfg.out
+    print(f"best epoch {best['epoch']}: " + " ".join(f"{k}={v:.4f}" for k, v in best.items()
+                                                    if k.startswith(("recall", "map", "precision", "r_", "nmi"))))
+    print(f"run folder: {out}")
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+def add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="all retrieval metrics of a run's best checkpoint or of an embeddings file")
+    p.add_argument("run_dir", nargs="?", help="run folder")
+    p.add_argument("--embeddings", help="evaluate a .npz (arrays features, labels, optional split) instead")
+    p.add_argument("--metrics", type=str_list, default=None, help="recall,precision@1,r_precision,map@r,nmi")
+    p.add_argument("--recalls", type=int_list, default=None)
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--device", default="auto")
+
+
+def run_evaluate(a) -> None:
+    from momentum_proxy.evaluate import evaluate_file, evaluate_run, format_table
+
+    if bool(a.run_dir) == bool(a.embeddings):
+        raise UserError("give a run folder or --embeddings FILE.npz (one of them)")
+    if a.embeddings:
+        res = evaluate_file(a.embeddings, metrics=a.metrics, recalls=a.recalls, json_out=a.json)
+    else:
+        res = evaluate_run(a.run_dir, metrics=a.metrics, recalls=a.recalls, json_out=a.json, device=a.device)
+    print(format_table(res))
+
+
+# ----------------------------------------------------------------------------------------------- retrieve
+def add_retrieve(sub) -> None:
+    p = sub.add_parser("retrieve", help="top-K retrieval picture for a query image")
+    p.add_argument("run_dir", nargs="?", help="run folder")
+    p.add_argument("--query", "--query_img_name", dest="query", required=True, help="query image file")
+    p.add_argument("-k", "--retrieval_num", "--retrieval-num", dest="k", type=int, default=8)
+    p.add_argument("--data_base", "--data-base", dest="data_base",
+                   help="(original) a run folder or its embeddings database (.npz)")
+    p.add_argument("--index", help="search a saved index (mproxy index) instead of the run's database")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/retrieval)")
+    p.add_argument("--device", default="auto")
+
+
+def run_retrieve(a) -> None:
+    from momentum_proxy.retrieval import retrieve_and_draw
+
+    if a.k < 1:
+        raise UserError("-k must be at least 1")
+    run_dir, database = a.run_dir, None
+    if a.data_base:
+        db = Path(a.data_base)
+        if db.is_dir():
+            run_dir = run_dir or str(db)
+        else:
+            database = db
+            run_dir = run_dir or str(db.parent)
+    if a.index:
+        from momentum_proxy.indexing import retrieve_from_index
+
+        png = retrieve_from_index(a.index, a.query, a.k, a.out or str(Path(a.index) / "retrieval"), device=a.device)
+    else:
+        if not run_dir:
+            raise UserError("give a run folder (or --data_base, or --index)")
+        png = retrieve_and_draw(run_dir, a.query, a.k, a.out or str(Path(run_dir) / "retrieval"),
+                                database=database, device=a.device)
+    print(f"retrieval picture: {png}")
+
+
+# ----------------------------------------------------------------------------------------------- index
+def add_index(sub) -> None:
+    p = sub.add_parser("index", help="embed an image collection with a trained model into a faiss index")
+    p.add_argument("run_dir")
+    p.add_argument("--images", required=True, help="a folder of images or a prepared dataset")
+    p.add_argument("--out", required=True, help="index folder (an existing one is extended)")
+    p.add_argument("--kind", default="exact", help="exact | ivf | hnsw")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+
+
+def run_index(a) -> None:
+    from momentum_proxy.indexing import build_index
+
+    summary = build_index(a.run_dir, a.images, a.out, kind=a.kind, batch_size=a.batch_size, device=a.device)
+    for k, v in summary.items():
+        print(f"{k}: {v}")
+
+
+# ----------------------------------------------------------------------------------------------- demo
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> retrieve, in a few minutes on CPU")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--device", default="auto")
+
+
+def run_demo(a) -> None:
+    from momentum_proxy.demo import demo
+
+    demo(a.out, epochs=a.epochs, device=a.device)
+
+
+COMMANDS = {"prepare": (add_prepare, run_prepare), "train": (add_train, run_train),
+            "evaluate": (add_evaluate, run_evaluate), "retrieve": (add_retrieve, run_retrieve),
+            "index": (add_index, run_index), "demo": (add_demo, run_demo)}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mproxy", description="Momentum-proxy fine-grained image retrieval toolkit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*TypedStorage.*")
+    try:
+        COMMANDS[args.command][1](args)
+    except UserError as e:
+        print(f"mproxy: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("mproxy: interrupted", file=sys.stderr)
+        sys.exit(130)

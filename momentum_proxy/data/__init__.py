@@ -1,0 +1,1 @@
+"""Datasets: the prepared-dataset layout (manifest.csv + images), preparation from raw sources, loading."""

@@ -1,0 +1,114 @@
+"""Loading a prepared dataset for training and embedding: decoding, augmentation, samplers, loaders.
+
+Images are decoded to uint8 tensors (torchvision.io, libjpeg-turbo) and augmented on uint8; normalisation
+happens inside the model. Training augmentation is seeded per (seed, epoch, sample), so a resumed or
+distributed run sees exactly the images an uninterrupted single-process run would.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from momentum_proxy.data.manifest import read_manifest, split_frame
+from momentum_proxy.errors import UserError
+
+
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """Decode an image file to a uint8 RGB tensor (3, H, W)."""
+    return decode_image(str(path), mode=ImageReadMode.RGB)
+
+
+def train_transform(size: int) -> v2.Transform:
+    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.16, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+
+
+def eval_transform(size: int) -> v2.Transform:
+    return v2.Compose([v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)])
+
+
+class ImageDataset(Dataset):
+    """Images of one split of a prepared dataset. Items are (uint8 image, label index, row index).
+
+    Indices may be plain ints or (index, seed) pairs from `SeededSampler`; with a seed, the random transform
+    runs under that seed, independent of worker and process.
+    """
+
+    def __init__(self, root: str | Path, frame: pd.DataFrame, transform: v2.Transform,
+                 label_map: dict[int, int] | None = None):
+        self.root = Path(root)
+        self.paths = frame["path"].tolist()
+        self.raw_labels = frame["label"].astype(int).tolist()
+        self.label_map = label_map or {c: i for i, c in enumerate(sorted(set(self.raw_labels)))}
+        self.labels = [self.label_map[c] for c in self.raw_labels]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image = read_image(self.root / self.paths[index])
+        if seed is None:
+            image = self.transform(image)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                image = self.transform(image)
+        return image, self.labels[index], index
+
+
+class SeededSampler(Sampler):
+    """Wraps an epoch-seeded (Distributed)Sampler and pairs each index with a per-(epoch, index) seed."""
+
+    def __init__(self, base: DistributedSampler, seed: int):
+        self.base, self.seed, self.epoch = base, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.base.set_epoch(epoch)
+
+    def __iter__(self):
+        n = len(self.base.dataset)
+        for i in self.base:
+            yield i, (self.seed * 1_000_003 + self.epoch * n + i) % (2**63)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+def default_workers() -> int:
+    """Loader processes: one per core beyond the one that runs the model, at least 1."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, *, train: bool, seed: int = 0, workers: int | None = None,
+                rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over `dataset`: shuffled, seeded and sharded by rank for training; in order for embedding."""
+    workers = default_workers() if workers is None else workers
+    sampler = None
+    if train:
+        base = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                  drop_last=True)
+        sampler = SeededSampler(base, seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=train,
+                      num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+def load_splits(root: str | Path, image_size: int) -> tuple[ImageDataset, ImageDataset, pd.DataFrame]:
+    """(train dataset with random augmentation, test dataset with the eval transform, the test frame)."""
+    df = read_manifest(root)
+    train, test = split_frame(df, "train"), split_frame(df, "test")
+    if train.empty:
+        raise UserError(f"{Path(root) / 'manifest.csv'} has no train images")
+    if test.empty:
+        raise UserError(f"{Path(root) / 'manifest.csv'} has no test (or query/gallery) images")
+    if train["label"].nunique() < 2:
+        raise UserError("the train split needs at least 2 classes")
+    return ImageDataset(root, train, train_transform(image_size)), ImageDataset(root, test, eval_transform(image_size)), test

@@ -1,0 +1,86 @@
+"""Embedding images with a trained model: datasets, image files, and loading a run's model."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from momentum_proxy.data.loading import ImageDataset, eval_transform, make_loader, read_image
+from momentum_proxy.distributed import DistInfo, all_gather_cat
+from momentum_proxy.errors import UserError
+from momentum_proxy.models import EmbeddingNet
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but CUDA is not available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, amp: str):
+    """Autocast context for `--amp none|bf16|fp16`."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.inference_mode()
+def embed_dataset(model: torch.nn.Module, dataset: ImageDataset, device: torch.device, *, batch_size: int = 128,
+                  workers: int | None = None, amp: str = "none", dist: DistInfo = DistInfo(),
+                  progress: bool = True, desc: str = "embed") -> np.ndarray:
+    """L2-normalised float32 embeddings of every image of `dataset`, in order.
+
+    Under torchrun each rank embeds an interleaved shard and the shards are gathered on every rank.
+    """
+    was_training = model.training
+    model.eval()
+    shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size)) if dist.enabled else dataset
+    loader = make_loader(shard, batch_size, train=False, workers=workers, pin_memory=device.type == "cuda")
+    feats, idx = [], []
+    for images, _, index in tqdm(loader, desc=desc, leave=False, disable=not (progress and dist.is_main)):
+        with autocast(device, amp):
+            out = model(images.to(device, non_blocking=True))
+        feats.append(F.normalize(out.float(), dim=1))
+        idx.append(index.to(device))
+    feats, idx = torch.cat(feats), torch.cat(idx)
+    if dist.enabled:
+        feats, idx = all_gather_cat(feats), all_gather_cat(idx)
+        feats = feats[torch.argsort(idx)]
+    model.train(was_training)
+    return feats.cpu().numpy()
+
+
+@torch.inference_mode()
+def embed_files(model: torch.nn.Module, paths: list[str | Path], image_size: int, device: torch.device,
+                batch_size: int = 64) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """Embed image files; returns (features of the readable ones, their paths, [(path, reason)] skipped)."""
+    model.eval()
+    tf = eval_transform(image_size)
+    feats, ok, skipped, batch = [], [], [], []
+
+    def flush():
+        if batch:
+            feats.append(F.normalize(model(torch.stack(batch).to(device)).float(), dim=1).cpu())
+            batch.clear()
+
+    for p in tqdm(paths, desc="embed", leave=False, disable=len(paths) < 2 * batch_size):
+        try:
+            batch.append(tf(read_image(p)))
+        except (RuntimeError, OSError, ValueError) as e:
+            skipped.append((str(p), str(e).splitlines()[0] if str(e) else type(e).__name__))
+            continue
+        ok.append(str(p))
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    dim = model.fc.out_features if hasattr(model, "fc") else 0
+    return (torch.cat(feats).numpy() if feats else np.zeros((0, dim), np.float32)), ok, skipped

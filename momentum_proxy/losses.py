@@ -1,0 +1,91 @@
+"""Proxy-based losses (pytorch-metric-learning's) and the momentum proxy update.
+
+`MomentumProxyUpdate` is a small standalone piece: give it the proxy tensor, the batch's embeddings and labels,
+and it moves every proxy of a class in the batch toward that class's embeddings,
+    p_c <- (1 - m) * p_c + m * f_c,
+with f_c the mean of the class's batch embeddings (`reduction="mean"`) or, as in the original MP tool, their
+sum (`reduction="sum"`). It works with both proxy layouts of pytorch-metric-learning: classes x dim
+(ProxyNCA, ProxyAnchor: `.proxies`) and dim x classes (NormalizedSoftmax, CosFace, ArcFace: `.W`).
+"""
+from __future__ import annotations
+
+import torch
+from pytorch_metric_learning import losses as pml_losses
+from torch import nn
+
+from momentum_proxy.errors import UserError
+
+LOSSES = {
+    "proxy_nca": pml_losses.ProxyNCALoss,
+    "normalized_softmax": pml_losses.NormalizedSoftmaxLoss,
+    "cos_face": pml_losses.CosFaceLoss,
+    "arc_face": pml_losses.ArcFaceLoss,
+    "proxy_anchor": pml_losses.ProxyAnchorLoss,
+}
+
+
+def create_loss(name: str, num_classes: int, embedding_size: int, **kwargs) -> nn.Module:
+    """A pytorch-metric-learning proxy loss by name; `kwargs` go to its constructor (e.g. scale, margin)."""
+    if name not in LOSSES:
+        raise UserError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+    return LOSSES[name](num_classes=num_classes, embedding_size=embedding_size, **kwargs)
+
+
+def proxy_parameter(loss: nn.Module) -> tuple[nn.Parameter, int]:
+    """The loss's proxy parameter and its class dimension (0: classes x dim, 1: dim x classes)."""
+    if isinstance(getattr(loss, "proxies", None), nn.Parameter):
+        return loss.proxies, 0
+    if isinstance(getattr(loss, "W", None), nn.Parameter):
+        return loss.W, 1
+    raise UserError(f"{type(loss).__name__} has no proxies")
+
+
+def proxies_by_class(loss: nn.Module) -> torch.Tensor:
+    """A classes x dim view of the loss's proxies (writes through to the parameter)."""
+    param, class_dim = proxy_parameter(loss)
+    return param.data if class_dim == 0 else param.data.t()
+
+
+class MomentumProxyUpdate:
+    """Momentum update of class proxies from a batch: p_c <- (1 - m) p_c + m f_c for every class c in the batch.
+
+    `reduction="mean"`: f_c is the mean of the batch embeddings of class c (each class moves by m, however often
+    it appears). `reduction="sum"`: f_c is their sum, reproducing the original MP tool.
+    """
+
+    def __init__(self, momentum: float = 0.5, reduction: str = "mean"):
+        if not 0.0 <= momentum <= 1.0:
+            raise UserError(f"momentum must be in [0, 1], got {momentum}")
+        if reduction not in ("mean", "sum"):
+            raise UserError(f"unknown proxy update {reduction!r}; choose mean or sum")
+        self.momentum = momentum
+        self.reduction = reduction
+
+    @torch.no_grad()
+    def __call__(self, proxies: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor,
+                 class_dim: int = 0) -> torch.Tensor:
+        """Update `proxies` in place (classes along `class_dim`) and return it."""
+        by_class = proxies if class_dim == 0 else proxies.t()
+        emb = embeddings.detach().to(torch.float32)
+        labels = labels.to(by_class.device)
+        classes, inverse = torch.unique(labels, return_inverse=True)
+        sums = torch.zeros(len(classes), emb.shape[1], device=emb.device, dtype=emb.dtype)
+        sums.index_add_(0, inverse.to(emb.device), emb)
+        if self.reduction == "mean":
+            counts = torch.bincount(inverse, minlength=len(classes)).to(sums)
+            sums /= counts[:, None]
+        m = self.momentum
+        updated = (1.0 - m) * by_class[classes].float() + m * sums.to(by_class.device)
+        by_class[classes] = updated.to(by_class.dtype)
+        return proxies
+
+    def update_loss(self, loss: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Apply the update to a pytorch-metric-learning loss's proxies, whatever their layout."""
+        param, class_dim = proxy_parameter(loss)
+        self(param.data, embeddings, labels, class_dim)
+
+
+@torch.no_grad()
+def init_proxies_from_class_means(loss: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+    """Set every class's proxy to the mean of its embeddings (classes never seen keep their initial value)."""
+    MomentumProxyUpdate(momentum=1.0).update_loss(loss, embeddings, labels)

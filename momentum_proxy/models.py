@@ -1,0 +1,226 @@
+"""Embedding networks: a registry of ImageNet backbones created by name, plus the MP head.
+
+EmbeddingNet = preprocessing (per backbone) -> backbone feature maps -> global pooling -> LayerNorm ->
+bias-free Linear to `feature_dim`. Images enter as uint8 (or float in [0, 1]) RGB tensors; each backbone's own
+input convention (mean/std, BGR, 0-255) is applied inside the model, so data loading is the same for all.
+
+Adding a backbone is one `@register_backbone` entry.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from momentum_proxy import weights as W
+from momentum_proxy.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+# `weights` argument of a builder: None = random init, "default" = the standard pretrained file, else a path.
+Weights = str | os.PathLike | None
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    build: Callable[[Weights], nn.Module]  # returns a module mapping images to feature maps (or tokens)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    input_scale: float = 1.0  # 255 for models trained on 0-255 inputs
+    bgr: bool = False
+
+
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(name: str, **spec_kwargs):
+    """Decorator: register `build(weights) -> nn.Module` under `name`."""
+
+    def deco(build: Callable[[Weights], nn.Module]):
+        BACKBONES[name] = BackboneSpec(build=build, **spec_kwargs)
+        return build
+
+    return deco
+
+
+def _resolve(weights: Weights, cache_file: str, how: str) -> Path:
+    """The weights file to use: an explicit path, or `cache_file` in torchvision's cache; else a clear error."""
+    if weights not in (None, "default"):
+        return Path(weights)
+    found = W.cached_checkpoint(cache_file)
+    if found is None:
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / cache_file
+        raise UserError(f"pretrained weights {cache_file} not available offline: put it at {cache} ({how}), "
+                        "or pass --weights PATH, or --pretrained none")
+    return found
+
+
+@register_backbone("efficientnet_lite0", mean=HALF, std=HALF)
+def _efficientnet_lite0(weights: Weights) -> nn.Module:
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if weights is not None:
+        path = W.efficientnet_lite0_package_file() if weights == "default" else Path(weights)
+        sd = W.load_state_dict_file(path)
+        if set(sd) == set(model.state_dict()):
+            W.load_by_name(model, sd, str(path))
+        else:  # the package's original (lukemelas-style) names map onto timm's tensor by tensor, in order
+            W.load_in_order(model, sd, str(path))
+    model.reset_classifier(0, global_pool="")
+    return model
+
+
+@register_backbone("resnet50")
+def _resnet50(weights: Weights) -> nn.Module:
+    import torchvision
+
+    model = torchvision.models.resnet50(weights=None)
+    if weights is not None:
+        path = _resolve(weights, "resnet50-0676ba61.pth", "torchvision ResNet50_Weights.IMAGENET1K_V1")
+        W.load_by_name(model, W.load_state_dict_file(path), str(path))
+    trunk = nn.Sequential(*list(model.children())[:-2])
+    trunk.num_features = 2048
+    return trunk
+
+
+@register_backbone("googlenet", mean=HALF, std=HALF)  # torchvision's weights expect transform_input, i.e. (x-.5)/.5
+def _googlenet(weights: Weights) -> nn.Module:
+    import torchvision
+
+    model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=weights is None,
+                                         transform_input=False)
+    if weights is not None:
+        path = _resolve(weights, "googlenet-1378be20.pth", "torchvision GoogLeNet_Weights.IMAGENET1K_V1")
+        W.load_by_name(model, W.load_state_dict_file(path), str(path))
+    names = ["conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",
+             "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4",
+             "inception5a", "inception5b"]
+    trunk = nn.Sequential(*[getattr(model, n) for n in names])
+    trunk.num_features = 1024
+    return trunk
+
+
+class _BNInceptionTrunk(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        model.last_linear = None  # the classifier is not part of the trunk
+        self.model = model
+        self.num_features = 1024
+
+    def forward(self, x):
+        return self.model.features(x)
+
+
+@register_backbone("inception", mean=(104 / 255, 117 / 255, 128 / 255), std=(1 / 255,) * 3, input_scale=255.0,
+                   bgr=True)
+def _bn_inception(weights: Weights) -> nn.Module:
+    """BN-Inception (pretrainedmodels' port): BGR input in 0-255, mean (104, 117, 128), std 1."""
+    from pretrainedmodels.models.bninception import BNInception
+
+    model = BNInception(num_classes=1000)
+    if weights is not None:
+        path = _resolve(weights, "bn_inception-52deb4733.pth", "pretrainedmodels bninception imagenet")
+        W.load_by_name(model, W.load_state_dict_file(path), str(path))
+    return _BNInceptionTrunk(model)
+
+
+def _timm_backbone(name: str) -> BackboneSpec:
+    """Any timm model by name (`timm:NAME`), pretrained from --weights or the Hugging Face cache, offline."""
+    import timm
+
+    if not timm.list_models(name) and name not in timm.list_pretrained(name):
+        raise UserError(f"unknown timm model: {name}")
+
+    def build(weights: Weights) -> nn.Module:
+        kwargs = dict(num_classes=0, global_pool="")
+        if weights not in (None, "default"):
+            kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
+        try:
+            return timm.create_model(name, pretrained=weights is not None, **kwargs)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise UserError(f"no offline weights for timm:{name} ({str(e).splitlines()[0][:120]}); "
+                            "pass --weights PATH or --pretrained none") from None
+
+    cfg = timm.get_pretrained_cfg(name) if "." not in name else None
+    mean, std = (getattr(cfg, "mean", None) or IMAGENET_MEAN), (getattr(cfg, "std", None) or IMAGENET_STD)
+    return BackboneSpec(build=build, mean=tuple(mean), std=tuple(std))
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    if name.startswith("timm:"):
+        return _timm_backbone(name[5:])
+    if name not in BACKBONES:
+        raise UserError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)} or timm:NAME")
+    return BACKBONES[name]
+
+
+class Preprocess(nn.Module):
+    """uint8 (or [0, 1] float) RGB -> the backbone's input convention."""
+
+    def __init__(self, spec: BackboneSpec):
+        super().__init__()
+        self.bgr = spec.bgr
+        self.scale = spec.input_scale
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * spec.input_scale, persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * spec.input_scale, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        if self.bgr:
+            x = x.flip(1)
+        return (x * self.scale - self.mean) / self.std
+
+
+def global_pool(x: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Global pooling of feature maps (B, C, H, W) or tokens (B, N, C): max, or avg + max."""
+    dims = (2, 3) if x.ndim == 4 else (1,)
+    if pooling == "max":
+        return x.amax(dim=dims)
+    return x.amax(dim=dims) + x.mean(dim=dims)
+
+
+POOLINGS = ("max", "avgmax")
+
+
+class EmbeddingNet(nn.Module):
+    """Backbone -> global pooling -> LayerNorm -> Linear(bias=False) to `feature_dim` (raw, not normalised)."""
+
+    def __init__(self, backbone: str = "efficientnet_lite0", feature_dim: int = 512, weights: Weights = "default",
+                 pooling: str = "max", freeze_bn: bool = True):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise UserError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
+        spec = backbone_spec(backbone)
+        self.preprocess = Preprocess(spec)
+        self.backbone = spec.build(weights)
+        channels = self.backbone.num_features
+        self.pooling = pooling
+        self.freeze_bn = freeze_bn
+        self.norm = nn.LayerNorm(channels)
+        self.fc = nn.Linear(channels, feature_dim, bias=False)
+
+    def train(self, mode: bool = True):
+        """Train mode, except that the backbone's BatchNorm layers stay in eval mode when `freeze_bn`."""
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (before the head)."""
+        return global_pool(self.backbone(self.preprocess(x)), self.pooling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(self.pooled(x)))
+
+    def head_parameters(self):
+        return list(self.norm.parameters()) + list(self.fc.parameters())

@@ -1,0 +1,167 @@
+"""Retrieval metrics against a brute-force numpy reference and pytorch-metric-learning's AccuracyCalculator."""
+import numpy as np
+import pytest
+import torch
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+from pytorch_metric_learning.utils.inference import FaissKMeans
+
+from momentum_proxy.errors import UserError
+from momentum_proxy.evaluation import ALL_METRICS, cluster_nmi, evaluate_embeddings, knn
+
+RETRIEVAL = ("recall", "precision@1", "r_precision", "map@r")
+PML_NAMES = {"precision@1": "precision_at_1", "r_precision": "r_precision", "map@r": "mean_average_precision_at_r",
+             "nmi": "NMI"}
+
+
+def clustered(n=300, d=16, classes=20, noise=0.8, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    centres = rng.standard_normal((classes, d))
+    return (centres[labels] + noise * rng.standard_normal((n, d))).astype(np.float32), labels
+
+
+def normalized(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def reference(query, query_labels, gallery, gallery_labels, self_retrieval, ks):
+    """Textbook metrics from the full similarity matrix (ties ordered by gallery index)."""
+    sims = normalized(query) @ normalized(gallery).T
+    order = np.argsort(-sims, axis=1, kind="stable")
+    out = {f"recall@{k}": [] for k in ks} | {"precision@1": [], "r_precision": [], "map@r": []}
+    for i, row in enumerate(order):
+        if self_retrieval:
+            row = row[row != i]
+        hits = gallery_labels[row] == query_labels[i]
+        r = int(hits.sum())
+        if r == 0:
+            continue
+        for k in ks:
+            out[f"recall@{k}"].append(hits[:k].any())
+        out["precision@1"].append(hits[0])
+        out["r_precision"].append(hits[:r].sum() / r)
+        out["map@r"].append(sum(hits[:j + 1].sum() / (j + 1) for j in range(r) if hits[j]) / r)
+    return {key: float(np.mean(v)) for key, v in out.items()}
+
+
+def pml(query, query_labels, gallery=None, gallery_labels=None):
+    calc = AccuracyCalculator(include=tuple(PML_NAMES.values()), k="max_bin_count", device=torch.device("cpu"),
+                              kmeans_func=FaissKMeans(niter=20, seed=0, min_points_per_centroid=1))
+    if gallery is None:
+        return calc.get_accuracy(normalized(query), query_labels)
+    return calc.get_accuracy(normalized(query), query_labels, normalized(gallery), gallery_labels, False)
+
+
+def assert_close(ours, theirs, tol):
+    assert ours.keys() >= theirs.keys()
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value, abs=tol), key
+
+
+def test_self_retrieval_matches_reference_and_pml():
+    x, y = clustered()
+    ours = evaluate_embeddings(x, y, recalls=(1, 2, 4, 8, 16))
+    assert list(ours) == ["recall@1", "recall@2", "recall@4", "recall@8", "recall@16",
+                          "precision@1", "r_precision", "map@r", "nmi"]
+    assert_close(ours, reference(x, y, x, y, True, (1, 2, 4, 8, 16)), 1e-12)
+    assert_close(ours, {k: v for k, v in zip(PML_NAMES, [pml(x, y)[n] for n in PML_NAMES.values()])}, 1e-4)
+    assert 0 < ours["map@r"] < ours["r_precision"] < ours["precision@1"] < 1
+
+
+def test_query_gallery_matches_reference_and_pml():
+    x, y = clustered(400)
+    q, qy, g, gy = x[:100], y[:100], x[100:], y[100:]
+    ours = evaluate_embeddings(g, gy, query_features=q, query_labels=qy, recalls=(1, 10))
+    assert_close(ours, reference(q, qy, g, gy, False, (1, 10)), 1e-12)
+    theirs = pml(q, qy, g, gy)
+    assert_close(ours, {k: theirs[n] for k, n in PML_NAMES.items()}, 1e-4)
+
+
+def test_duplicates_and_ties():
+    """Exact duplicates, some with other labels: self is excluded by index and ties go by gallery index."""
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((40, 8)).astype(np.float32)
+    x = np.repeat(base, 3, axis=0)
+    y = np.repeat(np.arange(40) % 10, 3)
+    y[::7] = 11  # some copies carry another label
+    ours = evaluate_embeddings(x, y, recalls=(1, 3), metrics=RETRIEVAL)
+    assert_close(ours, reference(x, y, x, y, True, (1, 3)), 1e-12)
+    theirs = pml(x, y)
+    assert_close(ours, {k: theirs[n] for k, n in PML_NAMES.items() if k != "nmi"}, 1e-4)
+    sims, idx = knn(x, None, 2, exclude_self=True)
+    assert (idx != np.arange(len(x))[:, None]).all()
+    np.testing.assert_allclose(sims, 1.0, atol=1e-6)  # each item's two copies come first
+    np.testing.assert_array_equal(idx[:2], [[1, 2], [0, 2]])
+
+
+def test_lone_queries_are_left_out_like_pml():
+    x, y = clustered(200)
+    y[:3] = [100, 101, 102]  # three classes of one item
+    ours = evaluate_embeddings(x, y, recalls=(1,), metrics=RETRIEVAL)
+    assert_close(ours, reference(x, y, x, y, True, (1,)), 1e-12)
+    theirs = pml(x, y)
+    assert_close(ours, {k: theirs[n] for k, n in PML_NAMES.items() if k != "nmi"}, 1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_chunked_equals_unchunked(chunk_size, monkeypatch):
+    x, y = clustered(150)
+    whole = evaluate_embeddings(x, y, metrics=RETRIEVAL, chunk_size=len(x))
+    assert evaluate_embeddings(x, y, metrics=RETRIEVAL, chunk_size=chunk_size) == whole
+    monkeypatch.setattr("momentum_proxy.evaluation.MAX_CHUNK_NEIGHBOURS", 40)  # large k shrinks the chunk
+    assert evaluate_embeddings(x, y, metrics=RETRIEVAL, chunk_size=chunk_size) == whole
+    sims, idx = knn(x, x, 10, exclude_self=True, chunk_size=len(x))
+    sims_c, idx_c = knn(x, x, 10, exclude_self=True, chunk_size=chunk_size)
+    np.testing.assert_array_equal(idx_c, idx)
+    np.testing.assert_array_equal(sims_c, sims)
+
+
+def test_knn_matches_dense_search():
+    x, _ = clustered(150)
+    q = x[:20] + 0.05
+    sims, idx = knn(torch.from_numpy(q), x, 5)
+    dense = normalized(q) @ normalized(x).T
+    np.testing.assert_array_equal(idx, np.argsort(-dense, axis=1, kind="stable")[:, :5])
+    np.testing.assert_allclose(sims, np.take_along_axis(dense, idx, 1), atol=1e-6)
+    assert knn(x, None, 10_000, exclude_self=True)[1].shape == (150, 149)  # k clipped to the gallery
+
+
+def test_recall_monotonic_and_k_beyond_gallery():
+    x, y = clustered(60, classes=6, noise=2.0)
+    ours = evaluate_embeddings(torch.from_numpy(x), torch.from_numpy(y), recalls=(1, 2, 4, 8, 16, 32, 1000),
+                               metrics=("recall",))
+    values = list(ours.values())
+    assert values == sorted(values) and values[-1] == 1.0
+
+
+def test_only_requested_metrics():
+    x, y = clustered()
+    assert set(evaluate_embeddings(x, y, metrics=("map@r",))) == {"map@r"}
+    assert set(evaluate_embeddings(x, y, recalls=(5,), metrics=("recall", "nmi"))) == {"recall@5", "nmi"}
+    assert set(ALL_METRICS) == {"recall", "precision@1", "r_precision", "map@r", "nmi"}
+
+
+def test_nmi_identical_to_pml_with_same_kmeans():
+    x, y = clustered(noise=1.5)
+    assert cluster_nmi(normalized(x), y) == pytest.approx(pml(x, y)["NMI"], abs=1e-12)
+    assert evaluate_embeddings(x, y, metrics=("nmi",))["nmi"] == pytest.approx(pml(x, y)["NMI"], abs=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(features=np.zeros((0, 4)), labels=[]), "empty"),
+    (dict(features=np.zeros((5, 4)), labels=[0, 1]), "2 entries"),
+    (dict(features=np.zeros(5), labels=[0] * 5), "2-D"),
+    (dict(features=np.ones((3, 2)), labels=[[0], [1], [2]]), "1-D"),
+    (dict(features=np.full((3, 2), np.nan), labels=[0, 0, 1]), "NaN"),
+    (dict(features=np.ones((1, 2)), labels=[0]), "at least 2"),
+    (dict(features=np.ones((3, 2)), labels=[0, 1, 2]), "no query has a same-label"),
+    (dict(features=np.ones((3, 2)), labels=[0, 0, 1], metrics=("f1",)), "unknown metric"),
+    (dict(features=np.ones((3, 2)), labels=[0, 0, 1], recalls=(0,)), "K values"),
+    (dict(features=np.ones((3, 2)), labels=[0, 0, 1], query_features=np.ones((2, 3)), query_labels=[0, 1]),
+     "dimensions"),
+    (dict(features=np.ones((3, 2)), labels=[0, 0, 1], query_features=np.ones((2, 2))), "without query labels"),
+])
+def test_invalid_input_raises_user_error(kwargs, message):
+    features, labels = kwargs.pop("features"), kwargs.pop("labels")
+    with pytest.raises(UserError, match=message):
+        evaluate_embeddings(features, labels, **kwargs)

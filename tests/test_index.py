@@ -1,0 +1,122 @@
+"""RetrievalIndex: build/add/save/load round trips, model checks and approximate recall."""
+import json
+
+import numpy as np
+import pytest
+
+from momentum_proxy.errors import UserError
+from momentum_proxy.index import INDEX_FILE, META_FILE, RetrievalIndex, default_nlist
+
+MODEL = {"run": "runs/cub-r50", "backbone": "resnet50", "feature_dim": 32, "checkpoint_sha256": "ab12"}
+
+
+def clustered(n=2000, d=32, classes=50, noise=0.5, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    x = rng.standard_normal((classes, d))[labels] + noise * rng.standard_normal((n, d))
+    return x.astype(np.float32), labels, [f"img/{i:05d}.jpg" for i in range(n)]
+
+
+def test_save_load_add_round_trip_equals_building_at_once(tmp_path):
+    x, y, paths = clustered(600)
+    whole = RetrievalIndex.build(x, paths, y, model=MODEL)
+    part = RetrievalIndex.build(x[:400], paths[:400], y[:400], model=MODEL)
+    part.save(tmp_path / "idx")
+    loaded = RetrievalIndex.load(tmp_path / "idx", expect_model=MODEL)
+    loaded.add(x[400:], paths[400:], y[400:])
+    loaded.save(tmp_path / "idx")
+    again = RetrievalIndex.load(tmp_path / "idx", expect_model={"backbone": "resnet50"})
+    q = x[::37] + 0.01
+    for a, b in zip(whole.search(q, 7), again.search(q, 7)):
+        np.testing.assert_array_equal(a, b)
+    assert again.paths == paths and again.labels == y.tolist() and len(again) == 600
+    meta = json.loads((tmp_path / "idx" / META_FILE).read_text())
+    assert meta["kind"] == "exact" and meta["feature_dim"] == 32 and meta["model"] == MODEL
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [INDEX_FILE, META_FILE]  # no temporaries
+
+
+def test_search_returns_paths_labels_and_cosine():
+    x, y, paths = clustered(300)
+    index = RetrievalIndex.build(x, paths, y)
+    sims, idx = index.search(x[[5, 17]] * 3.0, 4)  # scale does not matter: cosine
+    assert idx[:, 0].tolist() == [5, 17]
+    np.testing.assert_allclose(sims[:, 0], 1.0, atol=1e-5)
+    hits = index.hits(sims, idx)
+    assert [h.path for h in hits[0]] == [paths[i] for i in idx[0]]
+    assert hits[1][0].path == "img/00017.jpg" and hits[1][0].label == y[17] and hits[1][0].rank == 0
+    assert index.search(x[:1], 10_000)[1].shape == (1, 300)  # k clipped to the index size
+
+
+def test_unlabelled_index(tmp_path):
+    x, _, paths = clustered(100)
+    index = RetrievalIndex.build(x, paths)
+    index.save(tmp_path)
+    loaded = RetrievalIndex.load(tmp_path)
+    assert loaded.labels is None and loaded.hits(*loaded.search(x[:1], 1))[0][0].label is None
+    with pytest.raises(UserError, match="no labels"):
+        loaded.add(x[:2], paths[:2], [0, 1])
+
+
+def test_model_or_feature_dim_mismatch_refused(tmp_path):
+    x, y, paths = clustered(200)
+    RetrievalIndex.build(x, paths, y, model=MODEL).save(tmp_path)
+    with pytest.raises(UserError, match="built with checkpoint_sha256='ab12', not 'ffff'"):
+        RetrievalIndex.load(tmp_path, expect_model={**MODEL, "checkpoint_sha256": "ffff"})
+    with pytest.raises(UserError, match="feature_dim=32, not 64"):
+        RetrievalIndex.load(tmp_path, expect_model={"feature_dim": 64})
+    with pytest.raises(UserError, match="built with image_size=None"):
+        RetrievalIndex.load(tmp_path, expect_model={"image_size": 224})
+    index = RetrievalIndex.load(tmp_path)
+    with pytest.raises(UserError, match="64 dimensions, the index 32"):
+        index.search(np.ones((1, 64)), 5)
+    with pytest.raises(UserError, match="64 dimensions, the index 32"):
+        index.add(np.ones((1, 64)), ["a.jpg"], [0])
+
+
+def test_corrupt_or_missing_index_refused(tmp_path):
+    with pytest.raises(UserError, match="no retrieval index"):
+        RetrievalIndex.load(tmp_path)
+    x, y, paths = clustered(100)
+    RetrievalIndex.build(x, paths, y).save(tmp_path)
+    RetrievalIndex.build(x[:50], paths[:50], y[:50]).save(tmp_path / "other")
+    (tmp_path / "other" / INDEX_FILE).replace(tmp_path / INDEX_FILE)  # e.g. an interrupted save
+    with pytest.raises(UserError, match="does not match"):
+        RetrievalIndex.load(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_recall_vs_exact(kind, tmp_path):
+    x, y, paths = clustered(3000, classes=300, noise=1.0)  # overlapping classes: ivf misses some (~0.93)
+    index = RetrievalIndex.build(x[:2000], paths[:2000], y[:2000], kind=kind)
+    index.add(x[2000:], paths[2000:], y[2000:])
+    recall = index.recall_vs_exact(10, num_queries=500)
+    assert 0.9 <= recall <= 1.0
+    index.save(tmp_path)
+    loaded = RetrievalIndex.load(tmp_path)
+    assert loaded.kind == kind and loaded.params == index.params
+    assert loaded.recall_vs_exact(10, num_queries=500) == recall
+    sims, idx = loaded.search(x[:50], 10)
+    assert (idx[:, 0] == np.arange(50)).mean() >= 0.9
+
+
+def test_exact_recall_is_one_and_ivf_params():
+    x, y, paths = clustered(500)
+    assert RetrievalIndex.build(x, paths, y).recall_vs_exact(5) == 1.0
+    assert default_nlist(1) == 1 and default_nlist(500) == 12 and default_nlist(1_000_000) == 4000
+    ivf = RetrievalIndex.build(x, paths, y, kind="ivf", nlist=4, nprobe=100)
+    assert ivf.params == {"nlist": 4, "nprobe": 4}
+    assert ivf.recall_vs_exact(5) == 1.0  # all lists probed: exhaustive
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kind="lsh"), "unknown index kind"),
+    (dict(kind="ivf", nlist=0), "nlist"),
+    (dict(kind="ivf", nprobe=0), "nprobe"),
+    (dict(paths=["a.jpg"]), "1 paths for 20"),
+    (dict(labels=[1, 2]), "2 entries"),
+])
+def test_build_rejects_bad_input(kwargs, message):
+    x, y, paths = clustered(20)
+    args = dict(features=x, paths=paths, labels=y) | kwargs
+    with pytest.raises(UserError, match=message):
+        RetrievalIndex.build(args.pop("features"), args.pop("paths"), args.pop("labels"), **args)
