@@ -1,8 +1,8 @@
 """Time and peak memory of `evaluate_embeddings` (chunked exact faiss search) against a dense N x N evaluation.
 
 Each measurement runs in a fresh subprocess that first generates N random 512-d float32 embeddings in
-SOP-like classes of 5-10 images, then reports wall time and the peak-RSS increase over the data
-(ru_maxrss after minus before). The dense baseline is pytorch-metric-learning's AccuracyCalculator with a
+SOP-like classes of 5-10 images, then reports wall time and the peak-RSS increase over the data (the
+peak, VmHWM, is reset after generating the data and compared with the RSS then; Linux only). The dense baseline is pytorch-metric-learning's AccuracyCalculator with a
 full cosine-similarity kNN (CustomKNN(CosineSimilarity())); it is skipped when its N x N float32 matrix
 would exceed 8 GiB. With --query-sample Q, sizes above Q time only Q queries against the full gallery and
 extrapolate the time linearly (exact search costs O(N) per query); memory is then measured, not estimated.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import re
 import subprocess
 import sys
 import time
@@ -42,8 +42,15 @@ def make_data(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, labels
 
 
-def max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def memory_status(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, in bytes."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def child(method: str, n: int, dim: int, metrics: list[str], recalls: list[int], query_sample: int) -> dict:
@@ -56,7 +63,8 @@ def child(method: str, n: int, dim: int, metrics: list[str], recalls: list[int],
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
         from pytorch_metric_learning.utils.inference import CustomKNN, FaissKMeans
     x, y = make_data(n, dim)
-    before = max_rss_bytes()  # after imports and data: the increase is the evaluation's own memory
+    reset_peak_rss()  # after imports and data: the increase is the evaluation's own memory
+    before = memory_status("VmRSS")
     start = time.perf_counter()
     if method == "chunked":
         if query_sample and n > query_sample:  # time Q queries against the whole gallery, then extrapolate
@@ -75,7 +83,7 @@ def child(method: str, n: int, dim: int, metrics: list[str], recalls: list[int],
     seconds = time.perf_counter() - start
     if "timed_queries" in result:
         seconds *= n / query_sample
-    return {"seconds": seconds, "peak_rss_delta": max_rss_bytes() - before, "data_bytes": x.nbytes,
+    return {"seconds": seconds, "peak_rss_delta": memory_status("VmHWM") - before, "data_bytes": x.nbytes,
             "result": result}
 
 

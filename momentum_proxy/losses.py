@@ -66,17 +66,16 @@ class MomentumProxyUpdate:
                  class_dim: int = 0) -> torch.Tensor:
         """Update `proxies` in place (classes along `class_dim`) and return it."""
         by_class = proxies if class_dim == 0 else proxies.t()
-        emb = embeddings.detach().to(torch.float32)
+        emb = embeddings.detach().to(by_class.device, by_class.dtype)
         labels = labels.to(by_class.device)
         classes, inverse = torch.unique(labels, return_inverse=True)
         sums = torch.zeros(len(classes), emb.shape[1], device=emb.device, dtype=emb.dtype)
-        sums.index_add_(0, inverse.to(emb.device), emb)
+        sums.index_add_(0, inverse, emb)
         if self.reduction == "mean":
             counts = torch.bincount(inverse, minlength=len(classes)).to(sums)
             sums /= counts[:, None]
         m = self.momentum
-        updated = (1.0 - m) * by_class[classes].float() + m * sums.to(by_class.device)
-        by_class[classes] = updated.to(by_class.dtype)
+        by_class[classes] = (1.0 - m) * by_class[classes] + m * sums
         return proxies
 
     def update_loss(self, loss: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -> None:

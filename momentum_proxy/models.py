@@ -162,7 +162,7 @@ def backbone_spec(name: str) -> BackboneSpec:
 
 
 class Preprocess(nn.Module):
-    """uint8 (or [0, 1] float) RGB -> the backbone's input convention."""
+    """uint8 (or [0, 1] float) RGB -> the backbone's input convention, channels-last."""
 
     def __init__(self, spec: BackboneSpec):
         super().__init__()
@@ -175,7 +175,7 @@ class Preprocess(nn.Module):
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         if self.bgr:
             x = x.flip(1)
-        return (x * self.scale - self.mean) / self.std
+        return ((x * self.scale - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
 
 def global_pool(x: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -205,6 +205,7 @@ class EmbeddingNet(nn.Module):
         self.freeze_bn = freeze_bn
         self.norm = nn.LayerNorm(channels)
         self.fc = nn.Linear(channels, feature_dim, bias=False)
+        self.to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN) and CUDA (tensor cores)
 
     def train(self, mode: bool = True):
         """Train mode, except that the backbone's BatchNorm layers stay in eval mode when `freeze_bn`."""

@@ -100,8 +100,6 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False) ->
     model, loss_fn = build(cfg, len(train_set.label_map))
     model.to(device)
     loss_fn.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model, loss_fn)
     milestones = sorted({max(1, round(cfg.epochs * f)) for f in (0.5, 0.8)})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
@@ -155,8 +153,6 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False) ->
         for i, (images, labels, _) in enumerate(bar):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
             loss, emb = step_fn(images, labels, freeze_backbone=frozen, amp=cfg.amp)
             scaler.scale(loss / cfg.grad_accum).backward()
             pending.append((emb.detach(), labels))

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from momentum_proxy.data.manifest import COLUMNS, read_manifest
-from momentum_proxy.data.synthetic import generate_synthetic
+from momentum_proxy.data.synthetic import draw_bird, generate_synthetic, make_species
 from momentum_proxy.errors import UserError
 
 SMALL = dict(classes=6, per_class=4, size=64, seed=3, progress=False)
@@ -57,6 +57,11 @@ def test_classes_differ_and_images_vary(small):
             assert np.abs(means[i] - means[j]).mean() > 1.0
     a, b = df["path"].iloc[:2]
     assert np.abs(_pixels(small, a) - _pixels(small, b)).mean() > 5.0
+
+
+def test_species_differ_in_appearance():
+    birds = [np.asarray(draw_bird(make_species(0, c), np.random.default_rng(0), 64)) for c in range(8)]
+    assert all(not np.array_equal(birds[i], birds[j]) for i in range(8) for j in range(i + 1, 8))
 
 
 def test_species_do_not_depend_on_class_count(small, tmp_path):

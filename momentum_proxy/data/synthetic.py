@@ -27,7 +27,7 @@ JPEG_QUALITY = 90
 
 @dataclass(frozen=True)
 class Species:
-    """The attributes shared by all birds of one class (colours are HSV, each in [0, 1])."""
+    """The attributes shared by all birds of one class (body, belly and wing colours are HSV in [0, 1])."""
 
     body: tuple[float, float, float]
     belly: tuple[float, float, float]
@@ -54,7 +54,7 @@ def make_species(seed: int, index: int) -> Species:
         wing=(hue + rng.uniform(-0.05, 0.05), rng.uniform(0.3, 0.7), rng.uniform(0.2, 0.5)),
         cap=CAPS[rng.integers(len(CAPS))] if rng.random() < 0.6 else None,
         tail=TAILS[rng.integers(len(TAILS))],
-        tail_len=rng.uniform(0.7, 1.3),
+        tail_len=rng.uniform(0.7, 1.2),
         wing_bars=int(rng.integers(0, 4)),
         wing_spot=bool(rng.random() < 0.5),
         breast=BREASTS[rng.integers(len(BREASTS))],
@@ -88,12 +88,12 @@ def draw_bird(sp: Species, rng: np.random.Generator, canvas: int) -> Image.Image
         return [(cx - rx) * u, (cy - ry) * u, (cx + rx) * u, (cy + ry) * u]
 
     body, belly, wing = _rgb(sp.body, rng), _rgb(sp.belly, rng), _rgb(sp.wing, rng)
-    dark = (30, 25, 20, 255)
-    bx, by, brx, bry = 48.0, 54.0, 22.0 * sp.body_aspect, 14.0 / sp.body_aspect
-    hx, hy, hr = 68.0, 38.0, 10.0
+    dark = (30, 25, 20)
+    bx, by, brx, bry = 54.0, 54.0, 22.0 * sp.body_aspect, 14.0 / sp.body_aspect
+    hx, hy, hr = 74.0, 38.0, 10.0
 
     # Legs, then tail: both behind the body.
-    for lx in (44.0, 52.0):
+    for lx in (bx - 4, bx + 4):
         d.line([P(lx, by + bry - 2), P(lx - 2, by + bry + 10)], fill=(70, 55, 40), width=max(1, int(1.5 * u)))
     tl, tx, ty = 24.0 * sp.tail_len, bx - brx + 6, by - 2
     if sp.tail == "fork":
@@ -152,16 +152,16 @@ def draw_bird(sp: Species, rng: np.random.Generator, canvas: int) -> Image.Image
 
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
     """A smooth random colour gradient covered with random clutter shapes and a little texture."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    c0, c1 = rng.uniform(40, 220, 3), rng.uniform(40, 220, 3)
+    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
     a = rng.uniform(0, 2 * np.pi)
-    t = (np.cos(a) * xx + np.sin(a) * yy + 1.0) / 2.0
-    arr = (c0 + (c1 - c0) * t[..., None]).astype(np.float32)
-    arr += rng.standard_normal((size, size, 1), dtype=np.float32) * 6
+    t = (np.cos(a) * ramp[None, :] + np.sin(a) * ramp[:, None] + 1.0) / 2.0
+    t += (rng.random((size, size), dtype=np.float32) - 0.5) * 0.1  # grain
+    c0, c1 = rng.uniform(40, 220, 3).astype(np.float32), rng.uniform(40, 220, 3).astype(np.float32)
+    arr = c0 + (c1 - c0) * t[..., None]
     im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
     lo, hi = -0.1 * size, 1.1 * size
-    _clutter(ImageDraw.Draw(im), rng, size, int(rng.integers(2, 8)), (lo, lo, hi, hi), 0.25)
-    return im.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 1.2)))
+    _clutter(ImageDraw.Draw(im), rng, size, int(rng.integers(2, 7)), (lo, lo, hi, hi), 0.25)
+    return im.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2))) if rng.random() < 0.5 else im
 
 
 def _clutter(d: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, n: int, area: tuple, rmax: float) -> None:
@@ -187,10 +187,10 @@ def _clutter(d: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, n: int
 def _lighting(im: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Random brightness, contrast, colour cast and sensor noise."""
     arr = np.asarray(im, dtype=np.float32)
-    mean = arr.mean()
-    arr = (arr - mean) * rng.uniform(0.6, 1.3) + mean * rng.uniform(0.65, 1.3)
-    arr = arr * rng.uniform(0.82, 1.18, 3).astype(np.float32)
-    arr += rng.standard_normal(arr.shape, dtype=np.float32) * rng.uniform(1, 6)
+    contrast, brightness, cast = rng.uniform(0.6, 1.3), rng.uniform(0.65, 1.3), rng.uniform(0.82, 1.18, 3)
+    gain = (contrast * cast).astype(np.float32)  # (x - mean) * contrast + mean * brightness, per channel cast
+    offset = (arr.mean() * (brightness - contrast) * cast).astype(np.float32)
+    arr = arr * gain + offset + (rng.random(arr.shape, dtype=np.float32) - 0.5) * rng.uniform(4, 20)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -200,8 +200,8 @@ def render_image(sp: Species, rng: np.random.Generator, size: int) -> Image.Imag
     bird = draw_bird(sp, rng, 2 * size).reduce(2)  # drawn at 2x, then halved: smooth edges
     if rng.random() < 0.5:
         bird = bird.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    bird = bird.rotate(rng.uniform(-30, 30), resample=Image.Resampling.BICUBIC)
-    side = int(size * rng.uniform(0.8, 1.15))
+    bird = bird.rotate(rng.uniform(-25, 25), resample=Image.Resampling.BILINEAR)
+    side = int(size * rng.uniform(0.85, 1.2))
     bird = bird.resize((side, side), Image.Resampling.BICUBIC)
     slack = size - side
     x, y = (int(v) for v in rng.integers(min(0, slack) - side // 8, max(0, slack) + side // 8 + 1, 2))

@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from momentum_proxy.errors import UserError
+from momentum_proxy.losses import (LOSSES, MomentumProxyUpdate, create_loss, init_proxies_from_class_means,
+                                   proxies_by_class, proxy_parameter)
+
+
+def reference_update(p, emb, labels, m, reduction):
+    """The momentum rule written out class by class."""
+    p = p.clone()
+    for c in labels.unique():
+        f = emb[labels == c]
+        target = f.mean(0) if reduction == "mean" else f.sum(0)
+        p[c] = (1 - m) * p[c] + m * target
+    return p
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("m", [0.0, 0.3, 1.0])
+def test_update_matches_formula_classes_by_dim(reduction, m):
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    emb = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 2, 2, 5, 0, 0, 2, 5, 1])
+    expected = reference_update(p, emb, labels, m, reduction)
+    out = MomentumProxyUpdate(m, reduction)(p.clone(), emb, labels)
+    assert torch.equal(out[3], p[3]) and torch.equal(out[4], p[4])  # classes absent from the batch never move
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_update_transposed_layout_writes_in_place():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(4, 5, generator=g)  # dim x classes, as NormalizedSoftmax/CosFace/ArcFace store W
+    emb, labels = torch.randn(3, 4, generator=g), torch.tensor([1, 1, 4])
+    expected = reference_update(w.t(), emb, labels, 0.5, "mean").t()
+    w_ref = w
+    MomentumProxyUpdate(0.5)(w, emb, labels, class_dim=1)
+    assert w is w_ref
+    torch.testing.assert_close(w, expected)
+
+
+def test_mean_one_sample_equals_sum_and_class_seen_k_times_moves_once():
+    p = torch.zeros(2, 2)
+    emb = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
+    labels = torch.tensor([0, 0, 1])
+    mean = MomentumProxyUpdate(0.5, "mean")(p.clone(), emb, labels)
+    summed = MomentumProxyUpdate(0.5, "sum")(p.clone(), emb, labels)
+    assert mean.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert summed.tolist() == [[2.0, 0.0], [0.0, 1.0]]
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_update_loss_on_every_pml_loss(name):
+    loss = create_loss(name, num_classes=5, embedding_size=3)
+    before = proxies_by_class(loss).clone()
+    emb, labels = torch.ones(2, 3), torch.tensor([2, 2])
+    MomentumProxyUpdate(0.25).update_loss(loss, emb, labels)
+    after = proxies_by_class(loss)
+    torch.testing.assert_close(after[2], 0.75 * before[2] + 0.25)
+    torch.testing.assert_close(after[[0, 1, 3, 4]], before[[0, 1, 3, 4]])
+    param, class_dim = proxy_parameter(loss)
+    assert param.shape[class_dim] == 5
+
+
+def test_init_from_class_means():
+    loss = create_loss("normalized_softmax", num_classes=3, embedding_size=2)
+    init_proxies_from_class_means(loss, torch.tensor([[1.0, 1.0], [3.0, 1.0], [0.0, 4.0]]), torch.tensor([0, 0, 2]))
+    assert proxies_by_class(loss)[0].tolist() == [2.0, 1.0]
+    assert proxies_by_class(loss)[2].tolist() == [0.0, 4.0]
+
+
+def test_bad_arguments():
+    with pytest.raises(UserError):
+        MomentumProxyUpdate(1.5)
+    with pytest.raises(UserError):
+        MomentumProxyUpdate(0.5, "median")
+    with pytest.raises(UserError, match="unknown loss"):
+        create_loss("triplet", 3, 2)
