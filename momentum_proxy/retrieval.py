@@ -105,11 +105,16 @@ def draw_results(query: str | Path, results: list[Result], out_png: str | Path, 
     return out_png
 
 
-def retrieve_and_draw(run_dir, query, k: int, out_dir, *, database=None, device: str = "auto") -> Path:
-    """`retrieve` + `draw_results`; writes `out_dir/retrieval.png` and `out_dir/results.json`."""
-    label, results = retrieve(run_dir, query, k, database=database, device=device)
+def save_retrieval(query, label: int | None, results: list[Result], out_dir) -> Path:
+    """Write `out_dir/retrieval.png` (the picture) and `out_dir/results.json`; return the picture's path."""
     out_dir = Path(out_dir)
     png = draw_results(query, results, out_dir / "retrieval.png", label)
-    write_json(out_dir / "results.json", {"query": str(query), "query_label": label, "k": k,
+    write_json(out_dir / "results.json", {"query": str(query), "query_label": label, "k": len(results),
                                           "results": [r.__dict__ for r in results]})
     return png
+
+
+def retrieve_and_draw(run_dir, query, k: int, out_dir, *, database=None, device: str = "auto") -> Path:
+    """`retrieve` + `save_retrieval`."""
+    label, results = retrieve(run_dir, query, k, database=database, device=device)
+    return save_retrieval(query, label, results, out_dir)

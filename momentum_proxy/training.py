@@ -87,17 +87,16 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False) ->
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    run = RunDir(cfg.out)
-    if dist.is_main and not resume:
-        run.start(cfg, overwrite)
-    distributed.barrier()
-    torch.manual_seed(cfg.seed)
-
     train_set, test_set, test_frame = load_splits(cfg.data, cfg.image_size)
     test_labels, test_split = test_frame["label"].to_numpy(), test_frame["split"].to_numpy()
     if len(train_set) < cfg.batch_size * dist.world_size:
         raise UserError(f"batch size {cfg.batch_size} exceeds the {len(train_set)} train images")
+    torch.manual_seed(cfg.seed)
     model, loss_fn = build(cfg, len(train_set.label_map))
+    run = RunDir(cfg.out)
+    if dist.is_main and not resume:
+        run.start(cfg, overwrite)
+    distributed.barrier()
     model.to(device)
     loss_fn.to(device)
     optimizer = make_optimizer(cfg, model, loss_fn)

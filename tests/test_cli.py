@@ -1,0 +1,148 @@
+"""The command line end to end on a tiny dataset, and its one-line errors."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from momentum_proxy.cli import config_from_args, main, parser
+
+TRAIN = ["--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--epochs", "1", "--workers", "0"]
+
+
+def run_cli(args, capsys):
+    """Run `mproxy ARGS`; return (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    main(["train", "--data", str(tiny_data), "--out", str(out), *TRAIN])
+    return out
+
+
+def test_prepare_train_evaluate_retrieve(tiny_data, trained, tmp_path, capsys):
+    code, out, _ = run_cli(["prepare", "synthetic", "--out", tmp_path / "syn", "--classes", 4, "--per-class", 3,
+                            "--size", 48], capsys)
+    assert code == 0 and (tmp_path / "syn" / "manifest.csv").exists()
+
+    code, out, _ = run_cli(["evaluate", trained, "--json", tmp_path / "e.json"], capsys)
+    assert code == 0 and "map@r" in out
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert set(res) == {"recall@1", "recall@2", "recall@4", "recall@8", "precision@1", "r_precision", "map@r", "nmi"}
+    assert (trained / "eval.json").exists()
+
+    query = tiny_data / "images" / "species_04" / "0001.jpg"
+    code, out, _ = run_cli(["retrieve", trained, "--query", query, "-k", 5, "--out", tmp_path / "ret"], capsys)
+    assert code == 0
+    results = json.loads((tmp_path / "ret" / "results.json").read_text())
+    assert results["query_label"] == 4 and len(results["results"]) == 5
+    assert all(r["correct"] == (r["label"] == 4) for r in results["results"])
+    sims = [r["similarity"] for r in results["results"]]
+    assert sims == sorted(sims, reverse=True)
+    assert str(query) not in [r["path"] for r in results["results"]]
+    with Image.open(tmp_path / "ret" / "retrieval.png") as im:
+        assert im.width > 4 * im.height  # query + 5 results in a row
+
+
+def test_retrieve_any_image_and_original_spelling(trained, tmp_path, capsys):
+    """A query image that is not in the database (no class known), via --query_img_name / --data_base."""
+    query = tmp_path / "new.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 60, 3), dtype=np.uint8)).save(query)
+    code, _, err = run_cli(["retrieve", "--query_img_name", query, "--data_base", trained / "embeddings.npz",
+                            "--retrieval_num", 3, "--out", tmp_path / "r"], capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["query_label"] is None and len(results["results"]) == 3
+    assert all(r["correct"] is None for r in results["results"])
+
+
+def test_index_build_add_search(tiny_data, trained, tmp_path, capsys):
+    some = tmp_path / "some"
+    some.mkdir()
+    for p in sorted((tiny_data / "images" / "species_05").glob("*.jpg"))[:4]:
+        (some / p.name).write_bytes(p.read_bytes())
+    (some / "broken.jpg").write_bytes(b"not a jpeg")
+    idx = tmp_path / "idx"
+    code, out, _ = run_cli(["index", trained, "--images", tiny_data, "--out", idx], capsys)
+    assert code == 0 and "total: 48" in out
+    code, out, _ = run_cli(["index", trained, "--images", some, "--out", idx], capsys)
+    assert code == 0 and "added: 4" in out and "total: 52" in out and "skipped: 1" in out
+    assert json.loads((idx / "skipped.json").read_text())[0]["path"].endswith("broken.jpg")
+    query = tiny_data / "images" / "species_04" / "0002.jpg"
+    code, _, err = run_cli(["retrieve", "--index", idx, "--query", query, "-k", 4, "--out", tmp_path / "q"], capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "q" / "results.json").read_text())
+    assert results["query_label"] == 4 and len(results["results"]) == 4
+
+
+def test_original_command_line_resolves_to_the_same_config(tmp_path):
+    new = parser().parse_args(["train", "--data", str(tmp_path / "car"), "--backbone", "resnet50", "--loss",
+                               "proxy_anchor", "--optimizer", "sgd*", "--momentum", "0.7", "--lr", "0.01",
+                               "--recalls", "1,10", "--batch-size", "32", "--epochs", "5", "--device", "cpu"])
+    old = parser().parse_args(["train", "--data_path", str(tmp_path), "--data_name", "car", "--backbone_type",
+                               "resnet50", "--loss_name", "proxy_anchor", "--optimizer_type", "sgd*", "--momentum",
+                               "0.7", "--lr", "0.01", "--recalls", "1,10", "--batch_size", "32", "--num_epochs", "5",
+                               "--device", "cpu"])
+    a, b = config_from_args(new), config_from_args(old)
+    assert a == b
+    assert a.out == str(Path("results") / "car_resnet50_proxy_anchor_sgd*_0.7")
+    defaults = config_from_args(parser().parse_args(["train", "--data_path", str(tmp_path), "--device", "cpu"]))
+    assert (defaults.loss, defaults.optimizer, defaults.momentum, defaults.lr, defaults.recalls,
+            defaults.batch_size, defaults.epochs) == ("proxy_nca", "adam*", 0.5, 1e-3, [1, 2, 4, 8], 64, 20)
+    assert defaults.data == str(tmp_path / "car")
+
+
+def _bad_manifest(tmp_path, name, text):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "manifest.csv").write_text(text)
+    return d
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing_data", "data folder not found"),
+    ("empty_data", "empty folder"),
+    ("no_columns", "missing column"),
+    ("bad_split", "unknown split"),
+    ("unknown_backbone", "unknown backbone"),
+    ("unknown_loss", "unknown loss"),
+    ("unknown_optimizer", "unknown optimizer"),
+    ("missing_query", "query image not found"),
+    ("resume_nothing", "not a run folder"),
+    ("existing_run", "already holds a run"),
+])
+def test_bad_input_gives_one_line_error(case, expected, tiny_data, trained, tmp_path, capsys):
+    data = str(tiny_data)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = {
+        "missing_data": ["train", "--data", tmp_path / "nope", *TRAIN],
+        "empty_data": ["train", "--data", empty, *TRAIN],
+        "no_columns": ["train", "--data", _bad_manifest(tmp_path, "cols", "a,b\n1,2\n"), *TRAIN],
+        "bad_split": ["train", "--data", _bad_manifest(tmp_path, "split", "path,label,class_name,split\nx.jpg,0,a,val\n"),
+                      *TRAIN],
+        "unknown_backbone": ["train", "--data", data, "--backbone", "vgg99", "--out", tmp_path / "r", *TRAIN],
+        "unknown_loss": ["train", "--data", data, "--loss", "triplet", "--out", tmp_path / "r", *TRAIN],
+        "unknown_optimizer": ["train", "--data", data, "--optimizer", "lamb", "--out", tmp_path / "r", *TRAIN],
+        "missing_query": ["retrieve", trained, "--query", tmp_path / "missing.jpg"],
+        "resume_nothing": ["train", "--resume", tmp_path],
+        "existing_run": ["train", "--data", data, "--out", trained, *TRAIN],
+    }[case]
+    if args[0] == "train" and "--out" not in args and "--resume" not in args:
+        args += ["--out", tmp_path / "run"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mproxy: error:") and expected in lines[0], err
+    assert "Traceback" not in err
+    if case != "existing_run":
+        assert not (tmp_path / "run" / "config.json").exists()  # bad input claims no run folder
