@@ -89,7 +89,7 @@ def add_train_options(p, *, for_sweep: bool = False) -> None:
                    help="adam* | sgd* (momentum proxies) | adam | sgd (learnable proxies)")
     p.add_argument("--proxy-update", default=d.proxy_update, help="mean (class mean) | sum (the original tool)")
     p.add_argument("--proxy-init", default=d.proxy_init, help="class_mean | random")
-    p.add_argument("--lr", type=float if not for_sweep else str, default=d.lr)
+    p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult)
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
     p.add_argument("--pooling", default=d.pooling, help="max | avgmax")
@@ -253,9 +253,60 @@ def run_demo(a) -> None:
     demo(a.out, epochs=a.epochs, device=a.device)
 
 
+# ----------------------------------------------------------------------------------------------- experiments
+def add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="train a grid of runs (resumable: finished runs are skipped)")
+    add_train_options(p, for_sweep=True)
+    p.add_argument("--out", required=True, help="folder for the grid's run folders")
+
+
+def run_sweep(a) -> None:
+    from momentum_proxy.experiments import sweep
+
+    try:
+        momentums = [float(m) for m in str_list(a.momentum)]
+        dims = int_list(a.feature_dim)
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise UserError(f"bad grid value: {e}") from None
+    a.momentum, a.feature_dim = momentums[0], dims[0]
+    backbones = str_list(a.backbone) if a.backbone else [None]
+    a.backbone = backbones[0]
+    base = config_from_args(a)
+    backbones = [b or base.backbone for b in backbones]
+    folders = sweep(base, a.out, momentums=momentums, backbones=backbones, feature_dims=dims)
+    print(f"{len(folders)} runs in {a.out}")
+
+
+def add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="figures: R@1 against momentum over a sweep, or one run's curves")
+    p.add_argument("what", choices=("momentum", "curves"))
+    p.add_argument("folder", help="a sweep folder (momentum) or a run folder (curves)")
+    p.add_argument("--out", help="output path without extension (PNG and PDF are written)")
+
+
+def run_plot(a) -> None:
+    from momentum_proxy.experiments import plot_curves, plot_momentum
+
+    paths = (plot_momentum if a.what == "momentum" else plot_curves)(a.folder, a.out)
+    print("\n".join(str(p) for p in paths))
+
+
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="Markdown Benchmarks table of all runs below a folder")
+    p.add_argument("folder")
+    p.add_argument("--out", help="Markdown file (default FOLDER/benchmarks.md)")
+
+
+def run_report(a) -> None:
+    from momentum_proxy.experiments import report
+
+    print(report(a.folder, a.out))
+
+
 COMMANDS = {"prepare": (add_prepare, run_prepare), "train": (add_train, run_train),
             "evaluate": (add_evaluate, run_evaluate), "retrieve": (add_retrieve, run_retrieve),
-            "index": (add_index, run_index), "demo": (add_demo, run_demo)}
+            "index": (add_index, run_index), "demo": (add_demo, run_demo), "sweep": (add_sweep, run_sweep),
+            "plot": (add_plot, run_plot), "report": (add_report, run_report)}
 
 
 def parser() -> argparse.ArgumentParser:
