@@ -171,6 +171,8 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False) ->
                 check_finite(running, epoch, run)
                 bar.set_postfix(loss=f"{running:.4f}")
         scheduler.step()
+        if dist.enabled:
+            check_proxies_in_sync(loss_fn)
         train_loss = (total / max(steps, 1)).item()
         check_finite(train_loss, epoch, run)
         res, feats = evaluate_model(model, test_set, test_labels, test_split, cfg, device, dist)
@@ -209,6 +211,14 @@ def checkpoint(epoch, best, model, loss_fn, optimizer, scheduler, scaler) -> dic
     return {"epoch": epoch, "best": best, "model": model.state_dict(), "loss": loss_fn.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": torch.get_rng_state()}
+
+
+def check_proxies_in_sync(loss_fn: nn.Module) -> None:
+    """Every rank must hold bit-identical proxies; a difference is a bug, not a user error."""
+    proxies = proxy_parameter(loss_fn)[0].detach()
+    gathered = distributed.all_gather_cat(proxies[None])
+    if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
+        raise RuntimeError("proxies differ across ranks")
 
 
 def check_finite(value: float, epoch: int, run: RunDir) -> None:
