@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from momentum_proxy.data.loading import ImageDataset, eval_transform
+from momentum_proxy.data.loading import eval_dataset
 from momentum_proxy.data.manifest import read_manifest, split_frame
 from momentum_proxy.evaluation import ALL_METRICS, evaluate_embeddings
 from momentum_proxy.fileio import write_json
@@ -41,7 +41,7 @@ def evaluate_run(run_dir: str | Path, *, metrics=None, recalls=None, json_out: s
     """All metrics (or `metrics`) of the run's best checkpoint; written to RUN_DIR/eval.json (and `json_out`)."""
     model, cfg, _ = load_model(run_dir, device)
     test = split_frame(read_manifest(cfg.data), "test")
-    feats = embed_dataset(model, ImageDataset(cfg.data, test, eval_transform(cfg.image_size)),
+    feats = embed_dataset(model, eval_dataset(cfg.data, test, cfg.image_size),
                           next(model.parameters()).device, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                           workers=cfg.workers)
     res = evaluate_arrays(feats, test["label"].to_numpy(), test["split"].to_numpy(), metrics=metrics,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from momentum_proxy.data.loading import ImageDataset, eval_transform, make_loader, read_image
+from momentum_proxy.data.loading import ImageDataset, collate, eval_resize, eval_transform, make_loader, read_image, to_array
 from momentum_proxy.distributed import DistInfo, all_gather_cat
 from momentum_proxy.errors import UserError
 from momentum_proxy.models import EmbeddingNet
@@ -69,13 +69,14 @@ def embed_files(model: torch.nn.Module, paths: list[str | Path], image_size: int
 
     def flush():
         if batch:
-            feats.append(F.normalize(model(torch.stack(batch).to(device)).float(), dim=1).cpu())
+            images = collate([(b, 0, 0) for b in batch])[0]
+            feats.append(F.normalize(model(images.to(device)).float(), dim=1).cpu())
             batch.clear()
 
     for p in tqdm(paths, desc="embed", leave=False, disable=len(paths) < 2 * batch_size):
         try:
-            batch.append(tf(read_image(p)))
-        except (RuntimeError, OSError, ValueError) as e:
+            batch.append(to_array(tf(read_image(p, eval_resize(image_size)))))
+        except (OSError, ValueError) as e:
             skipped.append((str(p), str(e).splitlines()[0] if str(e) else type(e).__name__))
             continue
         ok.append(str(p))

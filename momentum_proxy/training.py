@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from momentum_proxy import distributed
-from momentum_proxy.data.loading import ImageDataset, eval_transform, load_splits, make_loader
+from momentum_proxy.data.loading import ImageDataset, eval_dataset, load_splits, make_loader
 from momentum_proxy.errors import UserError
 from momentum_proxy.evaluation import evaluate_embeddings
 from momentum_proxy.inference import autocast, embed_dataset, resolve_device
@@ -125,7 +125,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False) ->
     else:
         t0 = time.time()
         if cfg.proxy_init == "class_mean":  # proxies start at the pretrained model's class means
-            init_set = ImageDataset(cfg.data, train_set_frame(train_set), eval_transform(cfg.image_size))
+            init_set = eval_dataset(cfg.data, train_set_frame(train_set), cfg.image_size)
             feats = embed_dataset(model, init_set, device, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                                   workers=cfg.workers, dist=dist, desc="init proxies")
             init_proxies_from_class_means(loss_fn, torch.from_numpy(feats).to(device),

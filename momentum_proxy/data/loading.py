@@ -1,66 +1,89 @@
 """Loading a prepared dataset for training and embedding: decoding, augmentation, samplers, loaders.
 
-Images are decoded to uint8 tensors (torchvision.io, libjpeg-turbo) and augmented on uint8; normalisation
-happens inside the model. Training augmentation is seeded per (seed, epoch, sample), so a resumed or
-distributed run sees exactly the images an uninterrupted single-process run would.
+Images are decoded and augmented with Pillow (SIMD resampling; JPEG draft mode decodes at reduced scale when
+the target is small) and batched as uint8 HWC arrays, which become NCHW tensors in channels-last memory
+without a copy; normalisation happens inside the model. Training augmentation is seeded per
+(seed, epoch, sample), so a resumed or distributed run sees exactly the images an uninterrupted
+single-process run would.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import v2
+from torchvision import transforms as T
 
 from momentum_proxy.data.manifest import read_manifest, split_frame
 from momentum_proxy.errors import UserError
 
 
-def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """Decode an image file to a uint8 RGB tensor (3, H, W)."""
-    return decode_image(str(path), mode=ImageReadMode.RGB)
+def read_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
+    """Open an image as RGB; with `min_side`, a JPEG may be decoded at reduced scale down to that short side."""
+    with Image.open(path) as im:
+        if min_side is not None:
+            im.draft("RGB", (min_side, min_side))
+        return im.convert("RGB")
 
 
-def train_transform(size: int) -> v2.Transform:
-    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.16, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+def train_transform(size: int) -> T.Compose:
+    return T.Compose([T.RandomResizedCrop(size, scale=(0.16, 1.0)), T.RandomHorizontalFlip()])
 
 
-def eval_transform(size: int) -> v2.Transform:
-    return v2.Compose([v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)])
+def eval_resize(size: int) -> int:
+    """Short side before the centre crop at evaluation (the usual 256 for 224)."""
+    return round(size * 256 / 224)
+
+
+def eval_transform(size: int) -> T.Compose:
+    return T.Compose([T.Resize(eval_resize(size)), T.CenterCrop(size)])
+
+
+def to_array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.uint8)
+
+
+def collate(items):
+    """Batch (HWC uint8 array, label, index) items into an NCHW uint8 tensor in channels-last memory."""
+    images, labels, index = zip(*items)
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    return batch, torch.tensor(labels), torch.tensor(index)
 
 
 class ImageDataset(Dataset):
-    """Images of one split of a prepared dataset. Items are (uint8 image, label index, row index).
+    """Images of one split of a prepared dataset. Items are (HWC uint8 array, label index, row index).
 
     Indices may be plain ints or (index, seed) pairs from `SeededSampler`; with a seed, the random transform
     runs under that seed, independent of worker and process.
     """
 
-    def __init__(self, root: str | Path, frame: pd.DataFrame, transform: v2.Transform,
-                 label_map: dict[int, int] | None = None):
+    def __init__(self, root: str | Path, frame: pd.DataFrame, transform: T.Compose,
+                 label_map: dict[int, int] | None = None, min_side: int | None = None):
         self.root = Path(root)
         self.paths = frame["path"].tolist()
         self.raw_labels = frame["label"].astype(int).tolist()
         self.label_map = label_map or {c: i for i, c in enumerate(sorted(set(self.raw_labels)))}
         self.labels = [self.label_map[c] for c in self.raw_labels]
         self.transform = transform
+        self.min_side = min_side  # decode JPEGs at reduced scale down to this short side (evaluation)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
-        image = read_image(self.root / self.paths[index])
+        image = read_image(self.root / self.paths[index], self.min_side)
         if seed is None:
             image = self.transform(image)
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)  # CPU only: the transforms draw from it
                 image = self.transform(image)
-        return image, self.labels[index], index
+        return to_array(image), self.labels[index], index
 
 
 class SeededSampler(Sampler):
@@ -96,7 +119,7 @@ def make_loader(dataset: ImageDataset, batch_size: int, *, train: bool, seed: in
         base = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                   drop_last=True)
         sampler = SeededSampler(base, seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=train,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=train, collate_fn=collate,
                       num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
                       prefetch_factor=4 if workers > 0 else None)
 
@@ -111,4 +134,12 @@ def load_splits(root: str | Path, image_size: int) -> tuple[ImageDataset, ImageD
         raise UserError(f"{Path(root) / 'manifest.csv'} has no test (or query/gallery) images")
     if train["label"].nunique() < 2:
         raise UserError("the train split needs at least 2 classes")
-    return ImageDataset(root, train, train_transform(image_size)), ImageDataset(root, test, eval_transform(image_size)), test
+    return train_dataset(root, train, image_size), eval_dataset(root, test, image_size), test
+
+
+def train_dataset(root, frame: pd.DataFrame, image_size: int) -> ImageDataset:
+    return ImageDataset(root, frame, train_transform(image_size))
+
+
+def eval_dataset(root, frame: pd.DataFrame, image_size: int) -> ImageDataset:
+    return ImageDataset(root, frame, eval_transform(image_size), min_side=eval_resize(image_size))
