@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from momentum_proxy.errors import UserError
@@ -84,14 +85,24 @@ def add_train_options(p, *, for_sweep: bool = False) -> None:
                         "(default: efficientnet_lite0 on CPU, resnet50 on CUDA)")
     p.add_argument("--pretrained", choices=("default", "none"), default=d.pretrained)
     p.add_argument("--weights", help="pretrained backbone weights file (.pth/.safetensors)")
-    p.add_argument("--loss", "--loss_name", dest="loss", default=d.loss, help=" | ".join(LOSS_NAMES))
+    p.add_argument("--recipe", choices=("default", "original"), default=None,
+                   help="default: the measured recipe; original: the original MP tool exactly (implied by "
+                        "--data_path); explicit options override either")
+    p.add_argument("--loss", "--loss_name", dest="loss", default=None,
+                   help=" | ".join(LOSS_NAMES) + f" (default {d.loss})")
     p.add_argument("--optimizer", "--optimizer_type", dest="optimizer", default=d.optimizer,
                    help="adam* | sgd* (momentum proxies) | adam | sgd (learnable proxies)")
-    p.add_argument("--proxy-update", default=d.proxy_update, help="mean (class mean) | sum (the original tool)")
-    p.add_argument("--proxy-init", default=d.proxy_init, help="class_mean | random")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult)
-    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
+    p.add_argument("--loss-scale", type=float, default=d.loss_scale,
+                   help="inverse temperature of the loss's logits (default: the library's)")
+    p.add_argument("--margin", type=float, default=d.margin, help="margin of cos_face, arc_face, proxy_anchor")
+    p.add_argument("--proxy-update", default=None,
+                   help=f"mean (class mean) | sum (the original tool) (default {d.proxy_update})")
+    p.add_argument("--proxy-init", default=None, help=f"class_mean | random (default {d.proxy_init})")
+    p.add_argument("--lr", type=float, default=None, help=f"head learning rate (default {d.lr:g})")
+    p.add_argument("--backbone-lr-mult", type=float, default=None,
+                   help=f"backbone learning rate = lr x this (default {d.backbone_lr_mult:g})")
+    p.add_argument("--warmup-epochs", type=int, default=None,
+                   help=f"first epochs train head and proxies only (default {d.warmup_epochs})")
     p.add_argument("--pooling", default=d.pooling, help="max | avgmax")
     p.add_argument("--recalls", type=int_list, default=d.recalls)
     p.add_argument("--metrics", type=str_list, default=d.metrics,
@@ -124,7 +135,7 @@ def add_train(sub) -> None:
 def config_from_args(a):
     """A TrainConfig from parsed `train` options (both spellings resolve to the same configuration)."""
     from momentum_proxy.inference import resolve_device
-    from momentum_proxy.runs import TrainConfig
+    from momentum_proxy.runs import ORIGINAL_RECIPE, TrainConfig
 
     if a.data:
         data = a.data
@@ -132,16 +143,22 @@ def config_from_args(a):
         data = str(Path(a.data_path) / a.data_name)
     else:
         raise UserError("give the prepared dataset with --data DIR (or --data_path DIR --data_name NAME)")
-    backbone = a.backbone or ("resnet50" if resolve_device(a.device).type == "cuda" else "efficientnet_lite0")
-    out = getattr(a, "out", None) or str(
-        Path("results") / f"{Path(data).name}_{backbone.replace(':', '-')}_{a.loss}_{a.optimizer}_{a.momentum}")
-    return TrainConfig(
-        data=data, out=out, backbone=backbone, pretrained=a.pretrained, weights=a.weights,
-        feature_dim=a.feature_dim, pooling=a.pooling, loss=a.loss, optimizer=a.optimizer, momentum=a.momentum,
-        proxy_update=a.proxy_update, proxy_init=a.proxy_init, lr=a.lr, backbone_lr_mult=a.backbone_lr_mult,
-        warmup_epochs=a.warmup_epochs, batch_size=a.batch_size, epochs=a.epochs, recalls=a.recalls,
-        metrics=a.metrics, image_size=a.image_size, seed=a.seed, device=a.device, workers=a.workers, amp=a.amp,
-        grad_accum=a.grad_accum, compile=a.compile)
+    recipe = a.recipe or ("original" if a.data_path and not a.data else "default")
+    base = TrainConfig(data="", out="")
+    if recipe == "original":
+        base = TrainConfig(data="", out="", **ORIGINAL_RECIPE)
+    elif resolve_device(a.device).type == "cuda":
+        base.backbone = "resnet50"
+    chosen = {k: getattr(a, k) for k in ("backbone", "loss", "proxy_update", "proxy_init", "lr",
+                                          "backbone_lr_mult", "warmup_epochs") if getattr(a, k) is not None}
+    base = replace(base, **chosen)
+    out = getattr(a, "out", None) or str(Path("results") / (
+        f"{Path(data).name}_{base.backbone.replace(':', '-')}_{base.loss}_{a.optimizer}_{a.momentum}"))
+    return replace(
+        base, data=data, out=out, pretrained=a.pretrained, weights=a.weights, feature_dim=a.feature_dim,
+        pooling=a.pooling, loss_scale=a.loss_scale, margin=a.margin, optimizer=a.optimizer, momentum=a.momentum,
+        batch_size=a.batch_size, epochs=a.epochs, recalls=a.recalls, metrics=a.metrics, image_size=a.image_size,
+        seed=a.seed, device=a.device, workers=a.workers, amp=a.amp, grad_accum=a.grad_accum, compile=a.compile)
 
 
 def run_train(a) -> None:

@@ -85,7 +85,7 @@ def test_index_build_add_search(tiny_data, trained, tmp_path, capsys):
 
 
 def test_original_command_line_resolves_to_the_same_config(tmp_path):
-    new = parser().parse_args(["train", "--data", str(tmp_path / "car"), "--backbone", "resnet50", "--loss",
+    new = parser().parse_args(["train", "--data", str(tmp_path / "car"), "--recipe", "original", "--loss",
                                "proxy_anchor", "--optimizer", "sgd*", "--momentum", "0.7", "--lr", "0.01",
                                "--recalls", "1,10", "--batch-size", "32", "--epochs", "5", "--device", "cpu"])
     old = parser().parse_args(["train", "--data_path", str(tmp_path), "--data_name", "car", "--backbone_type",
@@ -96,9 +96,13 @@ def test_original_command_line_resolves_to_the_same_config(tmp_path):
     assert a == b
     assert a.out == str(Path("results") / "car_resnet50_proxy_anchor_sgd*_0.7")
     defaults = config_from_args(parser().parse_args(["train", "--data_path", str(tmp_path), "--device", "cpu"]))
-    assert (defaults.loss, defaults.optimizer, defaults.momentum, defaults.lr, defaults.recalls,
-            defaults.batch_size, defaults.epochs) == ("proxy_nca", "adam*", 0.5, 1e-3, [1, 2, 4, 8], 64, 20)
+    assert (defaults.backbone, defaults.loss, defaults.optimizer, defaults.momentum, defaults.lr, defaults.recalls,
+            defaults.batch_size, defaults.epochs) == ("resnet50", "proxy_nca", "adam*", 0.5, 1e-3, [1, 2, 4, 8], 64, 20)
+    assert (defaults.proxy_update, defaults.proxy_init, defaults.warmup_epochs) == ("sum", "random", 0)
     assert defaults.data == str(tmp_path / "car")
+    recipe = config_from_args(parser().parse_args(["train", "--data", str(tmp_path / "car"), "--device", "cpu"]))
+    assert (recipe.backbone, recipe.loss, recipe.lr, recipe.proxy_init) == (
+        "efficientnet_lite0", "normalized_softmax", 1e-4, "class_mean")
 
 
 def _bad_manifest(tmp_path, name, text):
@@ -146,3 +150,28 @@ def test_bad_input_gives_one_line_error(case, expected, tiny_data, trained, tmp_
     assert "Traceback" not in err
     if case != "existing_run":
         assert not (tmp_path / "run" / "config.json").exists()  # bad input claims no run folder
+
+
+def test_evaluate_embeddings_file(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 4)
+    feats = (rng.normal(size=(10, 8))[labels] + 0.3 * rng.normal(size=(40, 8))).astype(np.float32)
+    split = np.array(["query", "gallery"] * 20)
+    np.savez(tmp_path / "e.npz", features=feats, labels=labels)
+    np.savez(tmp_path / "qg.npz", features=feats, labels=labels, split=split)
+    code, out, _ = run_cli(["evaluate", "--embeddings", tmp_path / "e.npz", "--metrics", "recall,map@r",
+                            "--recalls", "1,5", "--json", tmp_path / "r.json"], capsys)
+    assert code == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert set(res) == {"recall@1", "recall@5", "map@r"} and all(0 <= v <= 1 for v in res.values())
+    from momentum_proxy.evaluation import evaluate_embeddings
+
+    q, g = split == "query", split == "gallery"
+    expected = evaluate_embeddings(feats[g], labels[g], query_features=feats[q], query_labels=labels[q],
+                                   metrics=["recall"], recalls=[1])
+    code, _, _ = run_cli(["evaluate", "--embeddings", tmp_path / "qg.npz", "--metrics", "recall", "--recalls", "1",
+                          "--json", tmp_path / "qg.json"], capsys)
+    assert code == 0 and json.loads((tmp_path / "qg.json").read_text()) == pytest.approx(expected)
+    np.savez(tmp_path / "bad.npz", feats=feats)
+    code, _, err = run_cli(["evaluate", "--embeddings", tmp_path / "bad.npz"], capsys)
+    assert code == 2 and "lacks the array 'features'" in err
