@@ -83,6 +83,8 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False) ->
     """Train (or continue) the run described by `cfg`; returns the best epoch's metrics."""
     cfg.validate()
     device = resolve_device(cfg.device)
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs CUDA; on CPU use --amp bf16")
     dist = distributed.init_distributed(device)
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)

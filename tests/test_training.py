@@ -134,3 +134,29 @@ def test_refuses_to_overwrite_another_run(tiny_config):
     with pytest.raises(UserError, match="already holds a run"):
         training.train(tiny_config)
     training.train(tiny_config, overwrite=True)
+
+
+def test_grad_accumulation_equals_the_larger_batch(tiny_config, tmp_path):
+    """Batch 4 x 2 accumulation steps = batch 8: same samples, same averaged gradient, same proxy update."""
+    tiny_config.optimizer, tiny_config.lr, tiny_config.epochs = "sgd*", 1e-2, 1
+    big = tiny_config
+    training.train(big)
+    from dataclasses import replace
+
+    small = replace(big, out=str(tmp_path / "accum"), batch_size=4, grad_accum=2)
+    training.train(small)
+    a, b = _state(big.out), _state(small.out)
+    for key in ("model", "loss"):
+        for name, value in a[key].items():
+            torch.testing.assert_close(b[key][name], value, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_bf16_autocast_on_cpu_and_fp16_refused(tiny_config):
+    tiny_config.amp, tiny_config.epochs = "bf16", 1
+    best = training.train(tiny_config)
+    assert np.isfinite(best["recall@1"])
+    state = _state(tiny_config.out)
+    assert all(v.dtype != torch.bfloat16 for v in state["loss"].values())  # proxies stay float32
+    tiny_config.amp = "fp16"
+    with pytest.raises(UserError, match="fp16 needs CUDA"):
+        training.train(tiny_config, overwrite=True)
