@@ -42,11 +42,18 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate `tensor` (rows may differ in number) from every rank, in rank order; identity when alone."""
+def all_gather_cat(tensor: torch.Tensor, same_size: bool = False) -> torch.Tensor:
+    """Concatenate `tensor` from every rank, in rank order; identity when alone.
+
+    Rows may differ in number across ranks, unless `same_size` promises they do not (then no host sync).
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
     world = dist.get_world_size()
+    if same_size:
+        out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
+        dist.all_gather_into_tensor(out, tensor.contiguous())
+        return out
     n = torch.tensor([tensor.shape[0]], device=tensor.device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)

@@ -83,18 +83,16 @@ class MomentumProxyUpdate:
     @torch.no_grad()
     def __call__(self, proxies: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor,
                  class_dim: int = 0) -> torch.Tensor:
-        """Update `proxies` in place (classes along `class_dim`) and return it."""
+        """Update `proxies` in place (classes along `class_dim`) and return it. No host synchronisation."""
         by_class = proxies if class_dim == 0 else proxies.t()
         emb = embeddings.detach().to(by_class.device, by_class.dtype)
         labels = labels.to(by_class.device)
-        classes, inverse = torch.unique(labels, return_inverse=True)
-        sums = torch.zeros(len(classes), emb.shape[1], device=emb.device, dtype=emb.dtype)
-        sums.index_add_(0, inverse, emb)
-        if self.reduction == "mean":
-            counts = torch.bincount(inverse, minlength=len(classes)).to(sums)
-            sums /= counts[:, None]
+        sums = torch.zeros_like(by_class).index_add_(0, labels, emb)
+        counts = torch.zeros(len(by_class), 1, device=by_class.device, dtype=by_class.dtype)
+        counts.index_add_(0, labels, torch.ones_like(emb[:, :1]))
+        target = sums / counts.clamp(min=1) if self.reduction == "mean" else sums
         m = self.momentum
-        by_class[classes] = (1.0 - m) * by_class[classes] + m * sums
+        by_class.copy_(torch.where(counts > 0, (1.0 - m) * by_class + m * target, by_class))
         return proxies
 
     def update_loss(self, loss: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -> None:

@@ -162,8 +162,8 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False) ->
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 if updater is not None:  # every rank applies the same update from the global batch
-                    emb_all = distributed.all_gather_cat(torch.cat([e for e, _ in pending]))
-                    labels_all = distributed.all_gather_cat(torch.cat([y for _, y in pending]))
+                    emb_all = distributed.all_gather_cat(torch.cat([e for e, _ in pending]), same_size=True)
+                    labels_all = distributed.all_gather_cat(torch.cat([y for _, y in pending]), same_size=True)
                     updater.update_loss(loss_fn, emb_all, labels_all)
                 pending.clear()
             total += loss.detach()
@@ -172,6 +172,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False) ->
                 running = (total / steps).item()
                 check_finite(running, epoch, run)
                 bar.set_postfix(loss=f"{running:.4f}")
+        optimizer.zero_grad(set_to_none=True)  # an incomplete accumulation at the epoch's end is dropped
         scheduler.step()
         if dist.enabled:
             check_proxies_in_sync(loss_fn)

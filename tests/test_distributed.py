@@ -40,9 +40,11 @@ def test_two_processes_match_one_process_with_double_batch(tiny_data, tmp_path):
     _run(_train_args(tiny_data, tmp_path / "one", batch=8), 1, tmp_path / "w1", 29611)
     _run(_train_args(tiny_data, tmp_path / "two", batch=4), 2, tmp_path / "w2", 29612)
     a, b = _last(tmp_path / "one"), _last(tmp_path / "two")
-    for key in ("model", "loss"):
+    # float summation order differs between batch 4 and 8 (oneDNN blocking); the sharper NormalizedSoftmax
+    # logits amplify that to ~1e-4 in weights and ~1e-3 in the raw-embedding-scale proxies after 6 SGD steps
+    for key, atol in (("model", 2e-4), ("loss", 2e-3)):
         for name, value in a[key].items():
-            torch.testing.assert_close(b[key][name], value, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
+            torch.testing.assert_close(b[key][name], value, rtol=1e-3, atol=atol, msg=f"{key}.{name}")
     # only rank 0 writes files
     rank0 = json.loads(Path(f"{tmp_path / 'w2'}.rank0").read_text())
     rank1 = json.loads(Path(f"{tmp_path / 'w2'}.rank1").read_text())
