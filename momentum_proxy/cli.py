@@ -143,6 +143,7 @@ def config_from_args(a):
         data = str(Path(a.data_path) / a.data_name)
     else:
         raise UserError("give the prepared dataset with --data DIR (or --data_path DIR --data_name NAME)")
+    data = str(Path(data).absolute())  # a resume from another folder still finds the data
     recipe = a.recipe or ("original" if a.data_path and not a.data else "default")
     base = TrainConfig(data="", out="")
     if recipe == "original":

@@ -9,7 +9,7 @@ from momentum_proxy.data.manifest import MANIFEST, read_manifest
 from momentum_proxy.data.prepare import IMAGE_EXTS
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import read_json, write_json
-from momentum_proxy.index import RetrievalIndex, file_sha256
+from momentum_proxy.index import KINDS, RetrievalIndex, file_sha256
 from momentum_proxy.inference import embed_files
 from momentum_proxy.retrieval import Result, load_model, query_label, save_retrieval
 from momentum_proxy.runs import BEST, RunDir
@@ -43,6 +43,8 @@ def collect_images(source: str | Path) -> tuple[list[str], list[int] | None]:
 def build_index(run_dir: str | Path, images: str | Path, out: str | Path, *, kind: str = "exact",
                 batch_size: int = 64, device: str = "auto") -> dict:
     """Embed `images` with the run's best model into the index at `out` (created, or extended when present)."""
+    if kind not in KINDS:
+        raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
     identity = model_identity(run_dir)
     out = Path(out)
     existing = RetrievalIndex.load(out, expect_model=identity) if (out / "meta.json").exists() else None
