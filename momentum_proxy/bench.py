@@ -15,6 +15,7 @@ from PIL import Image
 
 from momentum_proxy.data.loading import load_splits, make_loader
 from momentum_proxy.data.prepare import prepare_folder
+from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import write_json
 from momentum_proxy.inference import autocast, embed_dataset, resolve_device
 from momentum_proxy.losses import MomentumProxyUpdate
@@ -54,10 +55,12 @@ def bench(*, data: str | None = None, backbone: str = "efficientnet_lite0", imag
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory() as tmp:
         if data is None:
-            per_class = max(8, (steps + 2) * batch_size // 4 + 1)
+            # 4 train classes give steps + 2 training batches; 4 test classes give steps + 1 embedding batches
+            per_class = max(8, (steps + 2) * 2 * batch_size // 4 + 1)
             raw = make_photo_dataset(Path(tmp) / "raw", classes=8, per_class=per_class)
             data = str(prepare_folder(raw, Path(tmp) / "prepared", short_side=256))
-        cfg = TrainConfig(data=data, out="", backbone=backbone, image_size=image_size, batch_size=batch_size,
+        cfg = TrainConfig(data=data, out="", backbone=backbone, pretrained="none",  # speed does not depend on weights
+                          image_size=image_size, batch_size=batch_size,
                           workers=workers, device=str(dev), compile=compile, amp=amp, warmup_epochs=0)
         train_set, test_set, _ = load_splits(data, image_size)
         model, loss_fn = build(cfg, len(train_set.label_map))
@@ -76,19 +79,22 @@ def bench(*, data: str | None = None, backbone: str = "efficientnet_lite0", imag
             updater.update_loss(loss_fn, emb, labels.to(dev))
 
         loader = make_loader(train_set, batch_size, train=True, workers=workers, pin_memory=dev.type == "cuda")
-        batches = iter(loader)
         need = steps + 2
         if len(loader) < need:
-            raise SystemExit(f"the train split gives {len(loader)} batches; {need} needed (lower --steps)")
+            raise UserError(f"the train split gives {len(loader)} batches; {need} needed (lower --steps)")
+        batches = None
 
         def pipeline_step(_):
+            nonlocal batches
+            batches = batches or iter(loader)  # started only now, so no loading overlaps the model-only run
             images, labels, _ = next(batches)
             train_step(images, labels)
 
-        fixed = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8)
+        # pre-made batch in the loader's layout (HWC memory, NCHW view)
+        fixed = torch.randint(0, 256, (batch_size, image_size, image_size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
         fixed_labels = torch.arange(batch_size) % len(train_set.label_map)
-        train_pipeline = _rate(pipeline_step, steps, batch_size)
         train_model = _rate(lambda _: train_step(fixed, fixed_labels), steps, batch_size)
+        train_pipeline = _rate(pipeline_step, steps, batch_size)
         del batches, loader
 
         eval_bs = 2 * batch_size
@@ -100,7 +106,7 @@ def bench(*, data: str | None = None, backbone: str = "efficientnet_lite0", imag
         embed_dataset(model, subset, dev, batch_size=eval_bs, workers=workers, amp=amp, progress=False)
         embed_pipeline = n_eval / (time.perf_counter() - t0)
         model.eval()
-        eval_fixed = torch.randint(0, 256, (eval_bs, 3, image_size, image_size), dtype=torch.uint8)
+        eval_fixed = torch.randint(0, 256, (eval_bs, image_size, image_size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
 
         @torch.inference_mode()
         def embed_step(_):

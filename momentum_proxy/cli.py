@@ -361,7 +361,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from momentum_proxy.perf import tune_allocator
+
     args = parser().parse_args(argv)
+    tune_allocator()
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
     try:
         COMMANDS[args.command][1](args)

@@ -1,0 +1,24 @@
+"""Process-wide CPU performance settings applied by the command line's entry point."""
+from __future__ import annotations
+
+import ctypes
+import sys
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+KEEP_BYTES = 1 << 30
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in glibc's heap instead of returning it to the OS after every tensor.
+
+    By default glibc serves large blocks (activations) with mmap and unmaps them on free, so every forward pass
+    page-faults its activations in again: on 2 cores this doubled inference time (kernel time 12 s vs 3.5 s for
+    the same work). Returns whether the settings were applied (glibc on Linux only).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
+    except (OSError, AttributeError):
+        return False
