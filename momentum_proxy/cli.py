@@ -361,10 +361,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from momentum_proxy.perf import tune_allocator
+    from momentum_proxy.perf import flush_denormals, tune_allocator
 
     args = parser().parse_args(argv)
     tune_allocator()
+    flush_denormals()
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
     try:
         COMMANDS[args.command][1](args)

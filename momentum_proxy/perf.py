@@ -8,6 +8,14 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 KEEP_BYTES = 1 << 30
 
 
+def flush_denormals() -> bool:
+    """Treat denormal floats as zero on the CPU (x86 FTZ/DAZ): tiny activations and gradients otherwise take
+    a slow microcode path."""
+    import torch
+
+    return torch.set_flush_denormal(True)
+
+
 def tune_allocator() -> bool:
     """Keep freed memory in glibc's heap instead of returning it to the OS after every tensor.
 
