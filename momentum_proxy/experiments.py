@@ -123,7 +123,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> list[Path
     for col in [c for c in df.columns if c.startswith("recall@")] + (["map@r"] if "map@r" in df else []):
         ax2.plot(df["epoch"], 100 * df[col], marker=".", label=col)
     ax2.set_xlabel("epoch (0 = pretrained)")
-    ax2.set_ylabel("%")
+    ax2.set_ylabel("metric (%)")
     ax2.legend(fontsize=6)
     paths = _save(fig, Path(out) if out else Path(run_dir) / "curves")
     plt.close(fig)
