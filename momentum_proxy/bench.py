@@ -95,7 +95,7 @@ def bench(*, data: str | None = None, backbone: str = "efficientnet_lite0", imag
         fixed_labels = torch.arange(batch_size) % len(train_set.label_map)
         train_model = _rate(lambda _: train_step(fixed, fixed_labels), steps, batch_size)
         train_pipeline = _rate(pipeline_step, steps, batch_size)
-        del batches, loader
+        batches = None  # release the loader
 
         eval_bs = 2 * batch_size
         n_eval = min(len(test_set), eval_bs * (steps + 1))

@@ -13,7 +13,6 @@ from tqdm import tqdm
 from momentum_proxy.data.loading import ImageDataset, collate, eval_resize, eval_transform, make_loader, read_image, to_array
 from momentum_proxy.distributed import DistInfo, all_gather_cat
 from momentum_proxy.errors import UserError
-from momentum_proxy.models import EmbeddingNet
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from momentum_proxy.errors import UserError
 from momentum_proxy.evaluation import knn

@@ -1,5 +1,4 @@
 """Sweep (resumable), figures and report."""
-from pathlib import Path
 
 import pytest
 
