@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from momentum_proxy.data.manifest import MANIFEST, read_manifest
 from momentum_proxy.data.prepare import IMAGE_EXTS
@@ -11,7 +10,7 @@ from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import read_json, write_json
 from momentum_proxy.index import KINDS, RetrievalIndex, file_sha256
 from momentum_proxy.inference import embed_files
-from momentum_proxy.retrieval import Result, load_model, query_label, save_retrieval
+from momentum_proxy.retrieval import Result, is_query, known_label, load_model, save_retrieval
 from momentum_proxy.runs import BEST, RunDir
 
 
@@ -92,10 +91,10 @@ def retrieve_from_index(index_dir: str | Path, query: str | Path, k: int, out_di
     feats, _, skipped = embed_files(model, [query], cfg.image_size, next(model.parameters()).device)
     if skipped:
         raise UserError(f"cannot read query image {query}: {skipped[0][1]}")
-    labels = np.asarray(index.labels if index.labels is not None else [-1] * len(index))
-    label = query_label(query, np.asarray(index.paths), labels) if index.labels is not None else None
+    same = is_query(query, index.paths)
+    label = known_label(same, index.labels)
     label = None if label == UNKNOWN else label
-    hits = [h for h in index.hits(*index.search(feats, k + 1))[0] if Path(h.path).resolve() != query.resolve()][:k]
+    hits = [h for h in index.hits(*index.search(feats, k + 1))[0] if not same[h.index]][:k]
     results = [Result(i + 1, h.path, h.label, h.score, None if label is None or h.label == UNKNOWN else h.label == label)
                for i, h in enumerate(hits)]
     return save_retrieval(query, label, results, out_dir)

@@ -34,13 +34,15 @@ class Result:
     correct: bool | None
 
 
-def query_label(query: Path, paths: np.ndarray, labels: np.ndarray) -> int | None:
-    """The query's class when it is a known image of the database (same file), else None."""
-    resolved = str(query.resolve())
-    for p, y in zip(paths, labels):
-        if str(Path(p).resolve()) == resolved:
-            return int(y)
-    return None
+def is_query(query: Path, paths) -> np.ndarray:
+    """Which database paths are the query's own file (a query from the database is not its own result)."""
+    target = str(query.resolve())
+    return np.array([str(Path(p).resolve()) == target for p in paths], dtype=bool)
+
+
+def known_label(same: np.ndarray, labels) -> int | None:
+    """The query's class when it is a database image, else None."""
+    return int(np.asarray(labels)[same][0]) if labels is not None and same.any() else None
 
 
 def retrieve(run_dir: str | Path, query: str | Path, k: int = 8, *, database: str | Path | None = None,
@@ -57,8 +59,8 @@ def retrieve(run_dir: str | Path, query: str | Path, k: int = 8, *, database: st
     paths, labels = db["paths"], db["labels"]
     if feats.shape[1] != db["features"].shape[1]:
         raise UserError(f"the database holds {db['features'].shape[1]}-d features, the model makes {feats.shape[1]}-d")
-    label = query_label(query, paths, labels)
-    same = np.array([str(Path(p).resolve()) == str(query.resolve()) for p in paths])
+    same = is_query(query, paths)
+    label = known_label(same, labels)
     sims, idx = knn(feats, db["features"], min(k + int(same.any()), len(paths)))
     results = []
     for s, i in zip(sims[0], idx[0]):
