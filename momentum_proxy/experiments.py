@@ -80,12 +80,16 @@ def _style():
 
 
 def _save(fig, out: Path, formats=("png", "pdf")) -> list[Path]:
+    """Write the figure atomically in each format, then close it."""
+    import matplotlib.pyplot as plt
+
     paths = []
     for fmt in formats:
         path = out.with_suffix(f".{fmt}")
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=fmt, dpi=200)
         paths.append(path)
+    plt.close(fig)
     return paths
 
 
@@ -103,9 +107,7 @@ def plot_momentum(folder: str | Path, out: str | Path | None = None) -> list[Pat
     ax.set_xlabel("proxy momentum $m$")
     ax.set_ylabel("R@1 (%)")
     ax.legend(fontsize=6)
-    paths = _save(fig, Path(out) if out else Path(folder) / "momentum")
-    plt.close(fig)
-    return paths
+    return _save(fig, Path(out) if out else Path(folder) / "momentum")
 
 
 def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
@@ -125,9 +127,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> list[Path
     ax2.set_xlabel("epoch (0 = pretrained)")
     ax2.set_ylabel("metric (%)")
     ax2.legend(fontsize=6)
-    paths = _save(fig, Path(out) if out else Path(run_dir) / "curves")
-    plt.close(fig)
-    return paths
+    return _save(fig, Path(out) if out else Path(run_dir) / "curves")
 
 
 def report(folder: str | Path, out: str | Path | None = None) -> str:

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from momentum_proxy.data.loading import ImageDataset, collate, eval_resize, eval_transform, make_loader, read_image, to_array
+from momentum_proxy.data.loading import (ImageDataset, eval_resize, eval_transform, make_loader, read_image, to_array,
+                                         to_batch)
 from momentum_proxy.distributed import DistInfo, all_gather_cat
 from momentum_proxy.errors import UserError
 
@@ -68,8 +69,7 @@ def embed_files(model: torch.nn.Module, paths: list[str | Path], image_size: int
 
     def flush():
         if batch:
-            images = collate([(b, 0, 0) for b in batch])[0]
-            feats.append(F.normalize(model(images.to(device)).float(), dim=1).cpu())
+            feats.append(F.normalize(model(to_batch(batch).to(device)).float(), dim=1).cpu())
             batch.clear()
 
     for p in tqdm(paths, desc="embed", leave=False, disable=len(paths) < 2 * batch_size):

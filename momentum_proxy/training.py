@@ -127,7 +127,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False) ->
     else:
         t0 = time.time()
         if cfg.proxy_init == "class_mean":  # proxies start at the pretrained model's class means
-            init_set = eval_dataset(cfg.data, train_set_frame(train_set), cfg.image_size)
+            init_set = eval_dataset(cfg.data, train_set.frame, cfg.image_size)
             feats = embed_dataset(model, init_set, device, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                                   workers=cfg.workers, dist=dist, desc="init proxies")
             init_proxies_from_class_means(loss_fn, torch.from_numpy(feats).to(device),
@@ -202,12 +202,6 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False) ->
                             list(test_split))
     distributed.barrier()
     return max(rows, key=lambda r: r[key])
-
-
-def train_set_frame(dataset: ImageDataset):
-    import pandas as pd
-
-    return pd.DataFrame({"path": dataset.paths, "label": dataset.raw_labels})
 
 
 def checkpoint(epoch, best, model, loss_fn, optimizer, scheduler, scaler) -> dict:

@@ -84,11 +84,15 @@ def to_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+def to_batch(images) -> torch.Tensor:
+    """HWC uint8 arrays -> one NCHW uint8 tensor in channels-last memory (a view, no second copy)."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+
+
 def collate(items):
-    """Batch (HWC uint8 array, label, index) items into an NCHW uint8 tensor in channels-last memory."""
+    """Batch (HWC uint8 array, label, index) items: (images as in `to_batch`, labels, indices)."""
     images, labels, index = zip(*items)
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-    return batch, torch.tensor(labels), torch.tensor(index)
+    return to_batch(images), torch.tensor(labels), torch.tensor(index)
 
 
 class ImageDataset(Dataset):
@@ -101,6 +105,7 @@ class ImageDataset(Dataset):
     def __init__(self, root: str | Path, frame: pd.DataFrame, transform: TrainAugment | T.Compose,
                  label_map: dict[int, int] | None = None, min_side: int | None = None):
         self.root = Path(root)
+        self.frame = frame
         self.paths = frame["path"].tolist()
         self.raw_labels = frame["label"].astype(int).tolist()
         self.label_map = label_map or {c: i for i, c in enumerate(sorted(set(self.raw_labels)))}
