@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from momentum_proxy.data.loading import load_splits, make_loader
+from momentum_proxy.data.loading import load_datasets, make_loader
 from momentum_proxy.data.prepare import prepare_folder
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import write_json
@@ -62,7 +62,8 @@ def bench(*, data: str | None = None, backbone: str = "efficientnet_lite0", imag
         cfg = TrainConfig(data=data, out="", backbone=backbone, pretrained="none",  # speed does not depend on weights
                           image_size=image_size, batch_size=batch_size,
                           workers=workers, device=str(dev), compile=compile, amp=amp, warmup_epochs=0)
-        train_set, test_set, _ = load_splits(data, image_size)
+        splits = load_datasets(data, image_size)
+        train_set, test_set = splits.train, splits.test.dataset
         model, loss_fn = build(cfg, len(train_set.label_map))
         model.to(dev)
         loss_fn.to(dev)

@@ -7,10 +7,16 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+from momentum_proxy import __version__
+from momentum_proxy.config import LOSS_NAMES, RECIPES, run_folder_name
 from momentum_proxy.errors import UserError
 
-LOSS_NAMES = ("proxy_nca", "normalized_softmax", "cos_face", "arc_face", "proxy_anchor")
-OPTIMIZERS = ("adam*", "sgd*", "adam", "sgd")
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default (options whose default is None say theirs in their help text)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def int_list(text: str) -> list[int]:
@@ -32,11 +38,11 @@ def add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="make a prepared dataset (images + manifest.csv)")
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
     s = kinds.add_parser("synthetic", help="generate the embedded fine-grained default dataset")
-    s.add_argument("--out", required=True)
     s.add_argument("--classes", type=int, default=40)
     s.add_argument("--per-class", type=int, default=30)
     s.add_argument("--size", type=int, default=128)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="drawing and the choice of val classes")
+    add_output_options(s, val_default="0.2")
     for kind, text in [("folder", "an ImageFolder tree (one sub-folder per class)"),
                        ("car", "Stanford Cars (cars_annos.mat + car_ims/)"),
                        ("cub", "CUB-200-2011 (images.txt, ... , images/)"),
@@ -44,88 +50,117 @@ def add_prepare(sub) -> None:
                        ("isc", "In-shop Clothes (list_eval_partition.txt, img/)")]:
         k = kinds.add_parser(kind, help=text)
         k.add_argument("--src", required=True, help="the raw dataset folder")
-        k.add_argument("--out", required=True)
         k.add_argument("--max-side", "--short-side", dest="short_side", type=int, default=256,
                        help="resize once so the short side is at most this (0: keep originals' size)")
         k.add_argument("--workers", type=int, default=1, help="processes for re-encoding (1 or 2)")
         if kind in ("car", "cub"):
             k.add_argument("--crop", action="store_true", help="cut each image to its annotated box")
         if kind == "folder":
-            k.add_argument("--split-file", help="CSV lines 'class_name,split' (train/test) instead of halves")
+            k.add_argument("--split-file", help="CSV lines 'class_name,split' (train/val/test) instead of halves")
+        k.add_argument("--val-seed", type=int, default=0, help="seed of the choice of val classes")
+        add_output_options(k, val_default="0.2" if kind == "folder" else "0")
+
+
+def add_output_options(p, val_default: str) -> None:
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--val-classes", default=val_default,
+                   help="validation classes carved out of the train classes: a count (5) or a fraction (0.2); "
+                        "0: none")
+    p.add_argument("--overwrite", action="store_true", help="replace a prepared dataset already in --out")
 
 
 def run_prepare(a) -> None:
+    from momentum_proxy.data.manifest import parse_val_classes
+
+    val = parse_val_classes(a.val_classes)
     if a.kind == "synthetic":
         from momentum_proxy.data.synthetic import generate_synthetic
 
-        out = generate_synthetic(a.out, classes=a.classes, per_class=a.per_class, size=a.size, seed=a.seed)
+        out = generate_synthetic(a.out, classes=a.classes, per_class=a.per_class, size=a.size, seed=a.seed,
+                                 val_classes=val, overwrite=a.overwrite)
     else:
         from momentum_proxy.data.prepare import PREPARERS
 
-        kwargs = {"short_side": a.short_side or None, "workers": a.workers}
+        kwargs = {"short_side": a.short_side or None, "workers": a.workers, "val_classes": val,
+                  "val_seed": a.val_seed, "overwrite": a.overwrite}
         if a.kind in ("car", "cub"):
             kwargs["crop"] = a.crop
         if a.kind == "folder":
             kwargs["split_file"] = a.split_file
         out = PREPARERS[a.kind](a.src, a.out, **kwargs)
-    print(f"prepared dataset: {out}")
+    from momentum_proxy.data.manifest import read_manifest
+    from momentum_proxy.data.prepare import split_counts
+
+    counts = split_counts(read_manifest(out))
+    per_split = ", ".join(f"{s} {n} images / {counts['classes_per_split'][s]} classes"
+                          for s, n in counts["counts"].items())
+    print(f"prepared dataset: {out}: {counts['images']} images, {counts['classes']} classes ({per_split})")
 
 
 # ----------------------------------------------------------------------------------------------- train
+# Each TrainConfig field with its flags (new spelling first, then the original MP tool's), type and help. The
+# default shown in --help is the default recipe's (`--recipe original` changes some; explicit flags win).
+TRAIN_OPTIONS = [
+    ("backbone", ["--backbone", "--backbone_type"], str, "efficientnet_lite0 | resnet50 | inception | googlenet | "
+     "timm:NAME (default: efficientnet_lite0 on CPU, resnet50 on CUDA)"),
+    ("pretrained", ["--pretrained"], str, "default (ImageNet weights) | none"),
+    ("weights", ["--weights"], str, "pretrained backbone weights file (.pth/.safetensors)"),
+    ("loss", ["--loss", "--loss_name"], str, " | ".join(LOSS_NAMES)),
+    ("loss_scale", ["--loss-scale"], float, "inverse temperature of the loss's logits (None: the library's)"),
+    ("margin", ["--margin"], float, "margin of cos_face, arc_face, proxy_anchor (None: the library's)"),
+    ("optimizer", ["--optimizer", "--optimizer_type"], str, "adam* | sgd* (momentum proxies) | adam | sgd"),
+    ("sgd_momentum", ["--sgd-momentum"], float, "momentum of the SGD optimizer"),
+    ("momentum", ["--momentum"], float, "proxy momentum m in the * modes"),
+    ("proxy_update", ["--proxy-update"], str, "mean (class mean) | sum (the original tool)"),
+    ("proxy_init", ["--proxy-init"], str, "class_mean | random"),
+    ("lr", ["--lr"], float, "head learning rate"),
+    ("backbone_lr_mult", ["--backbone-lr-mult"], float, "backbone learning rate = lr x this"),
+    ("warmup_epochs", ["--warmup-epochs"], int, "first epochs train head and proxies only"),
+    ("pooling", ["--pooling"], str, "max | avgmax"),
+    ("feature_dim", ["--feature-dim"], int, "embedding size"),
+    ("recalls", ["--recalls"], "int_list", "K of Recall@K"),
+    ("metrics", ["--metrics"], "str_list", "per-epoch metrics: recall,precision@1,r_precision,map@r,nmi"),
+    ("select", ["--select"], str, "val | last | test: which epoch becomes best.pt (None: val when the data has a "
+     "val split, else last; test only to reproduce published tables)"),
+    ("select_metric", ["--select-metric"], str, "recall@1 | precision@1 | r_precision | map@r (selection)"),
+    ("test_every_epoch", ["--test-every-epoch"], "flag", "also report test metrics every epoch (never selects)"),
+    ("batch_size", ["--batch-size", "--batch_size"], int, "batch size per process"),
+    ("epochs", ["--epochs", "--num_epochs", "--num-epochs"], int, "epochs; MultiStepLR x0.1 at 50%% and 80%%"),
+    ("image_size", ["--image-size"], int, "input size in pixels"),
+    ("seed", ["--seed"], int, "random seed"),
+    ("device", ["--device"], str, "auto | cpu | cuda"),
+    ("workers", ["--workers"], int, "loader processes (None: 0 on <= 2 CPU cores, else cores - 1)"),
+    ("amp", ["--amp"], str, "none | bf16 | fp16 (CUDA) mixed precision"),
+    ("grad_accum", ["--grad-accum"], int, "gradient accumulation steps"),
+    ("compile", ["--compile"], "flag", "torch.compile the model"),
+]
+SWEEP_LISTS = ("backbone", "feature_dim", "momentum")  # comma-separated grids in `sweep`
+
+
 def add_train_options(p, *, for_sweep: bool = False) -> None:
-    """The training options (new spelling first, the original MP tool's spelling as an alias)."""
-    from momentum_proxy.runs import TrainConfig
+    """The training options, generated from TRAIN_OPTIONS (all default to None: "not given")."""
+    from momentum_proxy.config import TrainConfig
 
     d = TrainConfig(data="", out="")
     p.add_argument("--data", help="prepared dataset folder")
     p.add_argument("--data_path", "--data-path", help="(original) folder holding prepared datasets by name")
     p.add_argument("--data_name", "--data-name", default="car", help="(original) dataset name under --data_path")
-    p.add_argument("--backbone", "--backbone_type", dest="backbone", default=None,
-                   help="efficientnet_lite0 | resnet50 | inception | googlenet | timm:NAME "
-                        "(default: efficientnet_lite0 on CPU, resnet50 on CUDA)")
-    p.add_argument("--pretrained", choices=("default", "none"), default=d.pretrained)
-    p.add_argument("--weights", help="pretrained backbone weights file (.pth/.safetensors)")
-    p.add_argument("--recipe", choices=("default", "original"), default=None,
+    p.add_argument("--recipe", choices=RECIPES, default=None,
                    help="default: the measured recipe; original: the original MP tool exactly (implied by "
                         "--data_path); explicit options override either")
-    p.add_argument("--loss", "--loss_name", dest="loss", default=None,
-                   help=" | ".join(LOSS_NAMES) + f" (default {d.loss})")
-    p.add_argument("--optimizer", "--optimizer_type", dest="optimizer", default=d.optimizer,
-                   help="adam* | sgd* (momentum proxies) | adam | sgd (learnable proxies)")
-    p.add_argument("--loss-scale", type=float, default=d.loss_scale,
-                   help="inverse temperature of the loss's logits (default: the library's)")
-    p.add_argument("--margin", type=float, default=d.margin, help="margin of cos_face, arc_face, proxy_anchor")
-    p.add_argument("--proxy-update", default=None,
-                   help=f"mean (class mean) | sum (the original tool) (default {d.proxy_update})")
-    p.add_argument("--proxy-init", default=None, help=f"class_mean | random (default {d.proxy_init})")
-    p.add_argument("--lr", type=float, default=None, help=f"head learning rate (default {d.lr:g})")
-    p.add_argument("--backbone-lr-mult", type=float, default=None,
-                   help=f"backbone learning rate = lr x this (default {d.backbone_lr_mult:g})")
-    p.add_argument("--warmup-epochs", type=int, default=None,
-                   help=f"first epochs train head and proxies only (default {d.warmup_epochs})")
-    p.add_argument("--pooling", default=d.pooling, help="max | avgmax")
-    p.add_argument("--recalls", type=int_list, default=d.recalls)
-    p.add_argument("--metrics", type=str_list, default=d.metrics,
-                   help="reported per epoch: recall,precision@1,r_precision,map@r,nmi")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=d.batch_size)
-    p.add_argument("--epochs", "--num_epochs", "--num-epochs", dest="epochs", type=int, default=d.epochs)
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
-    p.add_argument("--workers", type=int, default=None, help="loader processes (default: cores - 1)")
-    p.add_argument("--amp", default=d.amp, help="none | bf16 | fp16 (CUDA) mixed precision")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    if for_sweep:
-        p.add_argument("--momentum", type=str, default=str(d.momentum))
-        p.add_argument("--feature-dim", type=str, default=str(d.feature_dim))
-    else:
-        p.add_argument("--momentum", type=float, default=d.momentum, help="proxy momentum m in the * modes")
-        p.add_argument("--feature-dim", type=int, default=d.feature_dim)
+    for name, flags, kind, text in TRAIN_OPTIONS:
+        shown = f"{text} (default: {getattr(d, name)})"
+        if for_sweep and name in SWEEP_LISTS:
+            p.add_argument(*flags, dest=name, type=str_list, default=None, help=f"comma-separated grid; {shown}")
+        elif kind == "flag":
+            p.add_argument(*flags, dest=name, action="store_true", default=None, help=text)
+        else:
+            types = {"int_list": int_list, "str_list": str_list}
+            p.add_argument(*flags, dest=name, type=types.get(kind, kind), default=None, help=shown)
 
 
 def add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model into a run folder")
+    p = sub.add_parser("train", help="train a model into a run folder", formatter_class=HelpFormatter)
     add_train_options(p)
     p.add_argument("--out", help="run folder (default results/<data>_<backbone>_<loss>_<optimizer>_<momentum>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last finished epoch")
@@ -133,9 +168,11 @@ def add_train(sub) -> None:
 
 
 def config_from_args(a):
-    """A TrainConfig from parsed `train` options (both spellings resolve to the same configuration)."""
-    from momentum_proxy.inference import resolve_device
-    from momentum_proxy.runs import ORIGINAL_RECIPE, TrainConfig
+    """A validated TrainConfig from parsed `train` options (both spellings resolve to the same configuration).
+
+    Needs no torch: bad options fail here, in a fraction of a second.
+    """
+    from momentum_proxy.config import TrainConfig
 
     if a.data:
         data = a.data
@@ -145,35 +182,31 @@ def config_from_args(a):
         raise UserError("give the prepared dataset with --data DIR (or --data_path DIR --data_name NAME)")
     data = str(Path(data).absolute())  # a resume from another folder still finds the data
     recipe = a.recipe or ("original" if a.data_path and not a.data else "default")
-    base = TrainConfig(data="", out="")
-    if recipe == "original":
-        base = TrainConfig(data="", out="", **ORIGINAL_RECIPE)
-    elif resolve_device(a.device).type == "cuda":
-        base.backbone = "resnet50"
-    chosen = {k: getattr(a, k) for k in ("backbone", "loss", "proxy_update", "proxy_init", "lr",
-                                          "backbone_lr_mult", "warmup_epochs") if getattr(a, k) is not None}
-    base = replace(base, **chosen)
-    out = getattr(a, "out", None) or str(Path("results") / (
-        f"{Path(data).name}_{base.backbone.replace(':', '-')}_{base.loss}_{a.optimizer}_{a.momentum}"))
-    return replace(
-        base, data=data, out=out, pretrained=a.pretrained, weights=a.weights, feature_dim=a.feature_dim,
-        pooling=a.pooling, loss_scale=a.loss_scale, margin=a.margin, optimizer=a.optimizer, momentum=a.momentum,
-        batch_size=a.batch_size, epochs=a.epochs, recalls=a.recalls, metrics=a.metrics, image_size=a.image_size,
-        seed=a.seed, device=a.device, workers=a.workers, amp=a.amp, grad_accum=a.grad_accum, compile=a.compile)
+    given = {name: getattr(a, name) for name, *_ in TRAIN_OPTIONS if getattr(a, name, None) is not None}
+    cfg = TrainConfig.from_recipe(recipe, data=data, out=getattr(a, "out", None) or "", **given)
+    cfg.validate()
+    if cfg.backbone == TrainConfig.backbone and "backbone" not in given and cfg.device != "cpu":
+        from momentum_proxy.inference import resolve_device  # torch only when the device must be probed
+
+        if resolve_device(cfg.device).type == "cuda":
+            cfg.backbone = "resnet50"
+    if not cfg.out:
+        cfg.out = str(Path("results") / run_folder_name(data, cfg.backbone, cfg.loss, cfg.optimizer, cfg.momentum))
+    return cfg
 
 
 def run_train(a) -> None:
-    from momentum_proxy import training
-
     if a.resume:
-        best = training.resume(a.resume)
+        from momentum_proxy import training
+
+        summary = training.resume(a.resume)
         out = a.resume
     else:
         cfg = config_from_args(a)
-        best = training.train(cfg, overwrite=a.overwrite)
+        from momentum_proxy import training
+
+        summary = training.train(cfg, overwrite=a.overwrite)
         out = cfg.out
-    print(f"best epoch {best['epoch']}: " + " ".join(f"{k}={v:.4f}" for k, v in best.items()
-                                                    if k.startswith(("recall", "map", "precision", "r_", "nmi"))))
     print(f"run folder: {out}")
 
 
@@ -189,23 +222,32 @@ def add_evaluate(sub) -> None:
 
 
 def run_evaluate(a) -> None:
-    from momentum_proxy.evaluate import evaluate_file, evaluate_run, format_table
+    from momentum_proxy.config import METRICS
 
     if bool(a.run_dir) == bool(a.embeddings):
         raise UserError("give a run folder or --embeddings FILE.npz (one of them)")
+    unknown = [m for m in a.metrics or [] if m not in METRICS]
+    if unknown:
+        raise UserError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    from momentum_proxy.evaluate import describe, evaluate_file, evaluate_run, format_table
+
     if a.embeddings:
         res = evaluate_file(a.embeddings, metrics=a.metrics, recalls=a.recalls, json_out=a.json)
     else:
-        res = evaluate_run(a.run_dir, metrics=a.metrics, recalls=a.recalls, json_out=a.json, device=a.device)
+        summary = evaluate_run(a.run_dir, metrics=a.metrics, recalls=a.recalls, json_out=a.json, device=a.device)
+        print(describe(summary, a.run_dir))
+        res = summary["test"]
     print(format_table(res))
 
 
 # ----------------------------------------------------------------------------------------------- retrieve
 def add_retrieve(sub) -> None:
-    p = sub.add_parser("retrieve", help="top-K retrieval picture for a query image")
+    p = sub.add_parser("retrieve", help="top-K retrieval picture and ranked list for a query image")
     p.add_argument("run_dir", nargs="?", help="run folder")
     p.add_argument("--query", "--query_img_name", dest="query", required=True, help="query image file")
     p.add_argument("-k", "--retrieval_num", "--retrieval-num", dest="k", type=int, default=8)
+    p.add_argument("--split", default="test", help="which images of the run's dataset to search: "
+                                                    "test | val | train | all")
     p.add_argument("--data_base", "--data-base", dest="data_base",
                    help="(original) a run folder or its embeddings database (.npz)")
     p.add_argument("--index", help="search a saved index (mproxy index) instead of the run's database")
@@ -214,27 +256,24 @@ def add_retrieve(sub) -> None:
 
 
 def run_retrieve(a) -> None:
-    from momentum_proxy.retrieval import retrieve_and_draw
-
     if a.k < 1:
         raise UserError("-k must be at least 1")
-    run_dir, database = a.run_dir, None
-    if a.data_base:
-        db = Path(a.data_base)
-        if db.is_dir():
-            run_dir = run_dir or str(db)
-        else:
-            database = db
-            run_dir = run_dir or str(db.parent)
     if a.index:
         from momentum_proxy.indexing import retrieve_from_index
 
         png = retrieve_from_index(a.index, a.query, a.k, a.out or str(Path(a.index) / "retrieval"), device=a.device)
-    else:
-        if not run_dir:
-            raise UserError("give a run folder (or --data_base, or --index)")
-        png = retrieve_and_draw(run_dir, a.query, a.k, a.out or str(Path(run_dir) / "retrieval"),
-                                database=database, device=a.device)
+        print(f"retrieval picture: {png}")
+        return
+    from momentum_proxy.retrieval import ranked_list, resolve_database, retrieve, save_retrieval
+
+    run_dir, database = resolve_database(a.run_dir, a.data_base)
+    r = retrieve(run_dir, a.query, a.k, database=database, split=a.split, device=a.device)
+    png = save_retrieval(r.query, r.label, r.results, a.out or str(Path(run_dir) / "retrieval"),
+                         collection=r.collection, label_name=r.label_name,
+                         extra={"run": str(Path(run_dir).resolve()), "requested_k": a.k})
+    print(f"searched {r.collection}" + (f"; -k {a.k} capped to the {len(r.results)} images there"
+                                         if len(r.results) < a.k else ""))
+    print(ranked_list(r.results))
     print(f"retrieval picture: {png}")
 
 
@@ -275,23 +314,24 @@ def run_demo(a) -> None:
 def add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="train a grid of runs (resumable: finished runs are skipped)")
     add_train_options(p, for_sweep=True)
+    p.add_argument("--seeds", type=int_list, default=None, help="comma-separated seeds; every cell runs each")
     p.add_argument("--out", required=True, help="folder for the grid's run folders")
 
 
 def run_sweep(a) -> None:
     from momentum_proxy.experiments import sweep
 
+    grid = {}
     try:
-        momentums = [float(m) for m in str_list(a.momentum)]
-        dims = int_list(a.feature_dim)
-    except (ValueError, argparse.ArgumentTypeError) as e:
+        for name, convert in (("backbone", str), ("feature_dim", int), ("momentum", float)):
+            if getattr(a, name):
+                grid[name] = [convert(v) for v in getattr(a, name)]
+    except ValueError as e:
         raise UserError(f"bad grid value: {e}") from None
-    a.momentum, a.feature_dim = momentums[0], dims[0]
-    backbones = str_list(a.backbone) if a.backbone else [None]
-    a.backbone = backbones[0]
-    base = config_from_args(a)
-    backbones = [b or base.backbone for b in backbones]
-    folders = sweep(base, a.out, momentums=momentums, backbones=backbones, feature_dims=dims)
+    if a.seeds:
+        grid["seed"] = a.seeds
+    base = config_from_args(argparse.Namespace(**{**vars(a), **{k: None for k in grid}}))
+    folders = sweep(base, a.out, grid)
     print(f"{len(folders)} runs in {a.out}")
 
 
@@ -355,9 +395,20 @@ COMMANDS = {"prepare": (add_prepare, run_prepare), "train": (add_train, run_trai
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mproxy", description="Momentum-proxy fine-grained image retrieval toolkit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     for add, _ in COMMANDS.values():
         add(sub)
+    _show_defaults(p)
     return p
+
+
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    """Give every (sub-)parser the formatter that prints defaults."""
+    p.formatter_class = HelpFormatter
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _show_defaults(child)
 
 
 def main(argv: list[str] | None = None) -> None:

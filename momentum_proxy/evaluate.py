@@ -1,17 +1,17 @@
-"""Evaluation jobs: a run's best checkpoint on its test split, or an embeddings file made elsewhere."""
+"""Evaluation jobs: a run's selected checkpoint on its test split, or an embeddings file made elsewhere."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from momentum_proxy.data.loading import eval_dataset
-from momentum_proxy.data.manifest import read_manifest, split_frame
+from momentum_proxy.data.loading import EvalSplit, eval_dataset
+from momentum_proxy.data.manifest import manifest_sha256, read_manifest, split_frame
 from momentum_proxy.evaluation import ALL_METRICS, evaluate_embeddings
 from momentum_proxy.fileio import write_json
-from momentum_proxy.inference import embed_dataset
-from momentum_proxy.retrieval import load_model
-from momentum_proxy.runs import RunDir, load_embeddings
+from momentum_proxy.inference import embed_dataset, load_model
+from momentum_proxy.runs import BEST, RunDir, load_embeddings
 
 
 def evaluate_arrays(features: np.ndarray, labels: np.ndarray, split: np.ndarray | None, *, metrics=None,
@@ -38,18 +38,36 @@ def evaluate_file(path: str | Path, *, metrics=None, recalls=None, json_out: str
 
 def evaluate_run(run_dir: str | Path, *, metrics=None, recalls=None, json_out: str | None = None,
                  device: str = "auto") -> dict:
-    """All metrics (or `metrics`) of the run's best checkpoint; written to RUN_DIR/eval.json (and `json_out`)."""
+    """All metrics (or `metrics`) of the run's selected checkpoint on its test split, merged into
+    RUN_DIR/eval.json (and written to `json_out`). Returns eval.json's content: checkpoint, epoch, how it was
+    selected, split, number of queries, and the metric values under "test"."""
+    run = RunDir(run_dir)
+    info = run.info()
     model, cfg, _ = load_model(run_dir, device)
-    test = split_frame(read_manifest(cfg.data), "test")
-    feats = embed_dataset(model, eval_dataset(cfg.data, test, cfg.image_size),
-                          next(model.parameters()).device, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+    if info.get("data_manifest_sha256") not in (None, manifest_sha256(cfg.data)):
+        print(f"mproxy: warning: {Path(cfg.data) / 'manifest.csv'} changed since this run was trained; "
+              "these figures are not comparable with the run's own", file=sys.stderr)
+    frame = split_frame(read_manifest(cfg.data), "test")
+    test = EvalSplit("test", frame, eval_dataset(cfg.data, frame, cfg.image_size))
+    feats = embed_dataset(model, test.dataset, next(model.parameters()).device, batch_size=cfg.embed_batch_size,
                           workers=cfg.workers)
-    res = evaluate_arrays(feats, test["label"].to_numpy(), test["split"].to_numpy(), metrics=metrics,
-                          recalls=recalls or cfg.recalls)
-    write_json(RunDir(run_dir) / "eval.json", res)
+    res = evaluate_arrays(feats, test.labels, test.split, metrics=metrics, recalls=recalls or cfg.recalls)
+    state = run.load_checkpoint(BEST)
+    summary = run.eval() or {"checkpoint": BEST, "epoch": state["epoch"], "selected_on": info.get("select", "?")}
+    summary.update(split="test", queries=test.num_queries, test={**summary.get("test", {}), **res})
+    run.write_eval(summary)
     if json_out:
-        write_json(json_out, res)
-    return res
+        write_json(json_out, summary)
+    return summary
+
+
+def describe(summary: dict, run_dir) -> str:
+    """One line naming what was evaluated: run, checkpoint, epoch, selection, split and queries."""
+    how = summary.get("selected_on")
+    chosen = {"last": "the last epoch", "val": f"selected on val {summary.get('select_metric')}",
+              "test": "SELECTED ON TEST (optimistic)"}.get(how, f"selected on {how}")
+    return (f"{run_dir}: {summary['checkpoint']} (epoch {summary['epoch']}, {chosen}) on the {summary['split']} "
+            f"split, {summary['queries']} queries")
 
 
 def format_table(res: dict) -> str:

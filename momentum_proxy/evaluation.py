@@ -23,10 +23,10 @@ import faiss
 import numpy as np
 from sklearn.metrics import normalized_mutual_info_score
 
+from momentum_proxy.config import METRICS as ALL_METRICS
+from momentum_proxy.config import RETRIEVAL_METRICS
 from momentum_proxy.errors import UserError
 
-ALL_METRICS = ("recall", "precision@1", "r_precision", "map@r", "nmi")
-RETRIEVAL_METRICS = ("recall", "precision@1", "r_precision", "map@r")
 DEFAULT_CHUNK_SIZE = 4096
 MAX_CHUNK_NEIGHBOURS = 1 << 24  # chunk rows x k: 16.8M neighbours = 200 MB of float32 sims + int64 ids
 KMEANS_ITERATIONS = 20

@@ -1,71 +1,133 @@
-"""Experiments over many runs: a resumable grid sweep, the momentum figure, training curves, a Markdown report."""
+"""Experiments over many runs: a resumable grid sweep over seeds, the momentum figure with error bars, training
+curves, and a Markdown report of test figures as mean ± 95 % confidence interval over seeds.
+
+Every figure and table says how its models were selected (val, last epoch, or — only to reproduce published
+tables — test) and over how many seeds.
+"""
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
+import math
 from pathlib import Path
 
 import pandas as pd
 
+from momentum_proxy.config import TrainConfig
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path, write_text
-from momentum_proxy.runs import EMBEDDINGS, LAST, RunDir, TrainConfig
+from momentum_proxy.runs import RunDir
+
+# Options that do not change what a run computes: a sweep re-run may differ in them and still resume.
+NOT_RESULT_OPTIONS = ("out", "workers", "device", "log_every", "eval_batch_size")
+REPORTED = {"precision@1": "P@1", "recall@1": "R@1", "r_precision": "R-Precision", "map@r": "MAP@R"}
 
 
 def run_name(cfg: TrainConfig) -> str:
-    return f"{cfg.backbone.replace(':', '-')}_{cfg.feature_dim}_{cfg.loss}_{cfg.optimizer}_m{cfg.momentum:g}"
+    return (f"{cfg.backbone.replace(':', '-')}_{cfg.feature_dim}_{cfg.loss}_{cfg.optimizer.replace('*', '-momentum')}"
+            f"_m{cfg.momentum:g}_s{cfg.seed}")
 
 
-def is_finished(run: RunDir, cfg: TrainConfig) -> bool:
-    rows = run.metrics()
-    return bool(rows) and rows[-1]["epoch"] >= cfg.epochs and (run / EMBEDDINGS).exists()
+def config_changes(run: RunDir, cfg: TrainConfig) -> list[str]:
+    """The options in which the run's stored configuration differs from `cfg` (as 'name a -> b')."""
+    stored, wanted = run.config().to_dict(), cfg.to_dict()
+    return [f"{k} {stored[k]} -> {wanted[k]}" for k in wanted if k not in NOT_RESULT_OPTIONS and stored[k] != wanted[k]]
 
 
-def sweep(base: TrainConfig, out: str | Path, *, momentums, backbones, feature_dims) -> list[Path]:
-    """Train every (backbone, feature_dim, momentum) combination of `base` into `out/<name>`.
+def sweep(base: TrainConfig, out: str | Path, grid: dict[str, list]) -> list[Path]:
+    """Train every combination of the `grid` values (e.g. {"momentum": [0, .5], "seed": [0, 1, 2]}) of `base`
+    into `out/<name>`, and finish what an earlier sweep started.
 
-    Resumable: finished runs are skipped, a killed run resumes from its last checkpoint.
+    A finished run with the same configuration is skipped, a killed one resumes, and a run whose stored
+    configuration differs (e.g. other --epochs) is trained again from scratch, saying what changed.
     """
     from momentum_proxy import training
 
-    out = Path(out)
-    folders = []
-    for backbone, dim, m in itertools.product(backbones, feature_dims, momentums):
-        cfg = replace(base, backbone=backbone, feature_dim=int(dim), momentum=float(m))
-        cfg.out = str(out / run_name(cfg))
+    cells = [base.with_(**dict(zip(grid, values))) for values in itertools.product(*grid.values())]
+    for cfg in cells:
+        cfg.out = str(Path(out) / run_name(cfg))
+        cfg.validate()  # every cell before the first is trained
+    for cfg in cells:
         run = RunDir(cfg.out)
-        folders.append(run.path)
-        if run.has_run() and is_finished(run, cfg):
+        changes = config_changes(run, cfg) if run.has_run() else []
+        if run.has_run() and not changes and run.eval() is not None:
             print(f"skip (finished): {run.path}")
-            continue
-        print(f"run: {run.path}")
-        if run.has_run() and (run / LAST).exists():
+        elif run.has_run() and not changes:
+            print(f"resume: {run.path}")
             training.resume(run.path)
         else:
+            print(f"run: {run.path}" + (f" (configuration changed: {', '.join(changes)}; trained again)"
+                                        if changes else ""))
             training.train(cfg, overwrite=True)
-    return folders
+    return [Path(cfg.out) for cfg in cells]
 
 
 def collect_runs(folder: str | Path) -> pd.DataFrame:
-    """One row per run folder below `folder`: its configuration and its best epoch's metrics."""
+    """One row per finished run below `folder`: its configuration, how its checkpoint was selected, and the
+    test figures of that checkpoint (eval.json)."""
     rows = []
     for cfg_path in sorted(Path(folder).rglob("config.json")):
         run = RunDir(cfg_path.parent)
-        metrics = run.metrics()
-        if not metrics:
+        summary = run.eval()
+        if summary is None:
             continue
         cfg = run.config()
-        key = f"recall@{min(cfg.recalls)}"
-        best = max(metrics, key=lambda r: r[key])
         rows.append({"run": str(run.path), "data": Path(cfg.data).name, "backbone": cfg.backbone,
                      "feature_dim": cfg.feature_dim, "loss": cfg.loss, "optimizer": cfg.optimizer,
-                     "momentum": cfg.momentum, "epochs": metrics[-1]["epoch"], "best_epoch": best["epoch"],
-                     "start_recall@1": metrics[0].get("recall@1"),
-                     **{k: v for k, v in best.items() if k.startswith(("recall@", "map@r", "precision", "r_prec",
-                                                                        "nmi"))}})
+                     "momentum": cfg.momentum, "lr": cfg.lr, "epochs": cfg.epochs, "seed": cfg.seed,
+                     "selected_on": summary["selected_on"], "best_epoch": summary["epoch"], **summary["test"]})
     if not rows:
-        raise UserError(f"no finished epochs of any run found below {folder}")
+        raise UserError(f"no finished run (with eval.json) found below {folder}")
     return pd.DataFrame(rows)
+
+
+CONFIG_COLUMNS = ["data", "backbone", "feature_dim", "loss", "optimizer", "momentum", "lr", "epochs", "selected_on"]
+
+
+def mean_ci(values: pd.Series) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % confidence interval (Student t; NaN for a single value)."""
+    from scipy import stats
+
+    n = len(values)
+    if n < 2:
+        return float(values.mean()), math.nan
+    return float(values.mean()), float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration: number of seeds and mean ± CI of each reported metric."""
+    out = []
+    for key, g in df.groupby(CONFIG_COLUMNS, sort=True):
+        row = dict(zip(CONFIG_COLUMNS, key), seeds=len(g))
+        for metric in REPORTED:
+            if metric in g:
+                row[metric], row[f"{metric}_ci"] = mean_ci(g[metric])
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _fmt(mean: float, ci: float) -> str:
+    return f"{100 * mean:.1f}" if math.isnan(ci) else f"{100 * mean:.1f} ± {100 * ci:.1f}"
+
+
+def report(folder: str | Path, out: str | Path | None = None) -> str:
+    """The Markdown table of every configuration below `folder` (test figures, mean ± 95 % CI over seeds),
+    written to `folder/benchmarks.md`."""
+    table = summarize(collect_runs(folder))
+    metrics = [m for m in REPORTED if m in table]
+    header = ["data", "backbone", "dim", "loss", "optimizer", "m", "lr", "epochs", "selected on", "seeds"]
+    header += [REPORTED[m] for m in metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, r in table.iterrows():
+        cells = [r["data"], r["backbone"], r["feature_dim"], r["loss"], r["optimizer"], f"{r['momentum']:g}",
+                 f"{r['lr']:g}", r["epochs"], "**test** (optimistic)" if r["selected_on"] == "test" else r["selected_on"],
+                 r["seeds"]] + [_fmt(r[m], r[f"{m}_ci"]) for m in metrics]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    text = "\n".join(lines) + (
+        "\n\nTest split, values in %: mean ± half-width of the 95 % confidence interval (Student t) over the "
+        "seeds; each run's checkpoint selected as the 'selected on' column says (val: class-disjoint "
+        "validation split; last: the last epoch; test: chosen on the test split itself, optimistic).\n")
+    write_text(Path(out) if out else Path(folder) / "benchmarks.md", text)
+    return text
 
 
 def _style():
@@ -94,53 +156,50 @@ def _save(fig, out: Path, formats=("png", "pdf")) -> list[Path]:
 
 
 def plot_momentum(folder: str | Path, out: str | Path | None = None) -> list[Path]:
-    """R@1 (best epoch, %) against proxy momentum, one line per backbone/feature dimension (PNG and PDF)."""
-    df = collect_runs(folder)
-    df = df[df["optimizer"].str.endswith("*")]
-    if df.empty:
+    """Test R@1 (%) against proxy momentum, one line per backbone/feature size, mean ± 95 % CI over seeds."""
+    table = summarize(collect_runs(folder))
+    table = table[table["optimizer"].str.endswith("*")]
+    if table.empty:
         raise UserError(f"no momentum-mode runs (adam*, sgd*) below {folder}")
     plt = _style()
     fig, ax = plt.subplots(figsize=(4.0, 3.0))
-    for (backbone, dim), g in df.groupby(["backbone", "feature_dim"]):
+    for (backbone, dim), g in table.groupby(["backbone", "feature_dim"]):
         g = g.sort_values("momentum")
-        ax.plot(g["momentum"], 100 * g["recall@1"], marker="o", label=f"{backbone} ({dim})")
+        ax.errorbar(g["momentum"], 100 * g["recall@1"], yerr=100 * g["recall@1_ci"].fillna(0), marker="o",
+                    capsize=2, label=f"{backbone} ({dim})")
+    seeds = sorted(set(table["seeds"]))
+    selected = ", ".join(sorted(set(table["selected_on"])))
     ax.set_xlabel("proxy momentum $m$")
-    ax.set_ylabel("R@1 (%)")
+    ax.set_ylabel("test R@1 (%)")
+    ax.set_title(f"selected on {selected}; {'/'.join(map(str, seeds))} seed(s), mean ± 95% CI", fontsize=6)
     ax.legend(fontsize=6)
     return _save(fig, Path(out) if out else Path(folder) / "momentum")
 
 
 def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
-    """Training loss and R@K per epoch of one run (PNG and PDF)."""
-    rows = RunDir(run_dir).metrics()
+    """Training loss and the per-epoch metrics of one run, with the selected epoch marked (PNG and PDF)."""
+    from matplotlib.ticker import MaxNLocator
+
+    run = RunDir(run_dir)
+    rows = run.metrics()
     if not rows:
         raise UserError(f"no metrics.csv in {run_dir}")
     df = pd.DataFrame(rows)
+    summary = run.eval()
     plt = _style()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(6.5, 2.6))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(7.0, 2.8))
     trained = df[df["epoch"] > 0]
     ax1.plot(trained["epoch"], trained["train_loss"], marker="o")
-    ax1.set_xlabel("epoch")
     ax1.set_ylabel("train loss")
-    for col in [c for c in df.columns if c.startswith("recall@")] + (["map@r"] if "map@r" in df else []):
-        ax2.plot(df["epoch"], 100 * df[col], marker=".", label=col)
-    ax2.set_xlabel("epoch (0 = pretrained)")
+    for col in [c for c in df.columns if c.startswith(("val_", "test_"))]:
+        ax2.plot(df["epoch"], 100 * df[col], marker=".", label=col, linestyle="-" if col.startswith("val_") else ":")
     ax2.set_ylabel("metric (%)")
-    ax2.legend(fontsize=6)
+    if summary is not None:
+        ax2.axvline(summary["epoch"], color="gray", linestyle="--", linewidth=0.8,
+                    label=f"selected (on {summary['selected_on']})")
+    ax2.legend(fontsize=5, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    for ax, label in ((ax1, "epoch"), (ax2, "epoch (0 = pretrained start)")):
+        ax.set_xlabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
     return _save(fig, Path(out) if out else Path(run_dir) / "curves")
-
-
-def report(folder: str | Path, out: str | Path | None = None) -> str:
-    """The Benchmarks table (Markdown) of every run below `folder`, written to `folder/benchmarks.md`."""
-    df = collect_runs(folder)
-    metric_cols = [c for c in df.columns if c.startswith(("recall@", "map@r", "precision", "r_prec", "nmi"))]
-    header = ["data", "backbone", "dim", "loss", "optimizer", "m", "epochs", "best", "R@1 at start"] + metric_cols
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, r in df.sort_values(["data", "backbone", "feature_dim", "loss", "optimizer", "momentum"]).iterrows():
-        cells = [r["data"], r["backbone"], r["feature_dim"], r["loss"], r["optimizer"], f"{r['momentum']:g}",
-                 r["epochs"], r["best_epoch"], f"{100 * r['start_recall@1']:.1f}"]
-        cells += [f"{100 * r[c]:.1f}" for c in metric_cols]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    text = "\n".join(lines) + "\n\nValues in %, best epoch of each run (epoch 0 = the pretrained start).\n"
-    write_text(Path(out) if out else Path(folder) / "benchmarks.md", text)
-    return text

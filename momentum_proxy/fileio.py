@@ -8,13 +8,35 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from momentum_proxy.errors import UserError
+
+
+def _file_mode() -> int:
+    """The mode a plain `open(..., "w")` would give a new file: 0o666 less the process umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
+
+    The file gets the user's normal permissions (umask), not mkstemp's private 0600.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; a file is expected there")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except FileExistsError:
+        raise UserError(f"cannot write {path}: a file stands where a folder is expected") from None
+    except NotADirectoryError:
+        raise UserError(f"cannot write {path}: a file stands where a folder is expected") from None
+    except PermissionError:
+        raise UserError(f"cannot write {path}: permission denied") from None
+    os.fchmod(fd, _file_mode())
     os.close(fd)
     try:
         yield Path(tmp)

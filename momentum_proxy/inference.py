@@ -1,4 +1,4 @@
-"""Embedding images with a trained model: datasets, image files, and loading a run's model."""
+"""Embedding images with a trained model: loading a run's model, embedding datasets and image files."""
 from __future__ import annotations
 
 import contextlib
@@ -14,6 +14,8 @@ from momentum_proxy.data.loading import (ImageDataset, eval_resize, eval_transfo
                                          to_batch)
 from momentum_proxy.distributed import DistInfo, all_gather_cat
 from momentum_proxy.errors import UserError
+from momentum_proxy.models import EmbeddingNet
+from momentum_proxy.runs import BEST, RunDir, TrainConfig
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -26,6 +28,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def load_model(run_dir: str | Path, device: str = "auto") -> tuple[EmbeddingNet, TrainConfig, str]:
+    """A run's best model in eval mode on `device`, its config, and a fingerprint of the checkpoint."""
+    run = RunDir(run_dir)
+    cfg = run.config()
+    state = run.load_checkpoint(BEST)
+    model = EmbeddingNet(cfg.backbone, cfg.feature_dim, weights=None, pooling=cfg.pooling)
+    model.load_state_dict(state["model"])
+    fingerprint = f"{Path(run.path).resolve()}#epoch{state['epoch']}"
+    return model.to(resolve_device(device)).eval(), cfg, fingerprint
+
+
 def autocast(device: torch.device, amp: str):
     """Autocast context for `--amp none|bf16|fp16`."""
     if amp == "none":
@@ -36,8 +49,8 @@ def autocast(device: torch.device, amp: str):
 @torch.inference_mode()
 def embed_dataset(model: torch.nn.Module, dataset: ImageDataset, device: torch.device, *, batch_size: int = 128,
                   workers: int | None = None, amp: str = "none", dist: DistInfo = DistInfo(),
-                  progress: bool = True, desc: str = "embed") -> np.ndarray:
-    """L2-normalised float32 embeddings of every image of `dataset`, in order.
+                  progress: bool = True, desc: str = "embed", normalize: bool = True) -> np.ndarray:
+    """L2-normalised (or, with `normalize=False`, raw) float32 embeddings of every image of `dataset`, in order.
 
     Under torchrun each rank embeds an interleaved shard and the shards are gathered on every rank.
     """
@@ -49,7 +62,7 @@ def embed_dataset(model: torch.nn.Module, dataset: ImageDataset, device: torch.d
     for images, _, index in tqdm(loader, desc=desc, leave=False, disable=not (progress and dist.is_main)):
         with autocast(device, amp):
             out = model(images.to(device, non_blocking=True))
-        feats.append(F.normalize(out.float(), dim=1))
+        feats.append(F.normalize(out.float(), dim=1) if normalize else out.float())
         idx.append(index.to(device))
     feats, idx = torch.cat(feats), torch.cat(idx)
     if dist.enabled:

@@ -13,9 +13,10 @@ import torch
 from pytorch_metric_learning import losses as pml_losses
 from torch import nn
 
+from momentum_proxy.config import LOSS_NAMES
 from momentum_proxy.errors import UserError
 
-LOSSES = {
+LOSSES = {  # keyed by config.LOSS_NAMES (checked below), so options are validated without importing torch
     "proxy_nca": pml_losses.ProxyNCALoss,
     "normalized_softmax": pml_losses.NormalizedSoftmaxLoss,
     "cos_face": pml_losses.CosFaceLoss,
@@ -23,6 +24,7 @@ LOSSES = {
     "proxy_anchor": pml_losses.ProxyAnchorLoss,
 }
 
+assert tuple(LOSSES) == LOSS_NAMES
 
 # How a common `scale` (inverse temperature of the logits) maps onto each loss's own parameter.
 SCALE_PARAMS = {"proxy_nca": ("softmax_scale", lambda s: s), "normalized_softmax": ("temperature", lambda s: 1 / s),

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from momentum_proxy import weights as W
+from momentum_proxy.config import POOLINGS
 from momentum_proxy.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -186,8 +187,6 @@ def global_pool(x: torch.Tensor, pooling: str) -> torch.Tensor:
     return x.amax(dim=dims) + x.mean(dim=dims)
 
 
-POOLINGS = ("max", "avgmax")
-
 
 class EmbeddingNet(nn.Module):
     """Backbone -> global pooling -> LayerNorm -> Linear(bias=False) to `feature_dim` (raw, not normalised)."""
@@ -220,8 +219,11 @@ class EmbeddingNet(nn.Module):
         """Pooled backbone features (before the head)."""
         return global_pool(self.backbone(self.preprocess(x)), self.pooling)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(self.pooled(x)))
+    def forward(self, x: torch.Tensor, freeze_backbone: bool = False) -> torch.Tensor:
+        """Raw embeddings; with `freeze_backbone` no gradient flows into the backbone (warm-up epochs)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_backbone):
+            pooled = self.pooled(x)
+        return self.fc(self.norm(pooled))
 
     def head_parameters(self):
         return list(self.norm.parameters()) + list(self.fc.parameters())

@@ -1,99 +1,29 @@
-"""The run folder: config.json, metrics.csv, checkpoints/{last,best}.pt, embeddings.npz — all written atomically."""
+"""The run folder: config.json, metrics.csv, train.log, checkpoints/{last,best}.pt, eval.json, embeddings.npz.
+
+Every file except the append-only train.log is written atomically. A folder is a run once it holds a
+checkpoint: a folder left with only config.json (a run that failed or was killed before its first checkpoint)
+is reused silently.
+"""
 from __future__ import annotations
 
 import csv
 import io
+import math
+import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from momentum_proxy.config import TrainConfig
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path, read_json, write_json, write_text
 
-CONFIG, METRICS, EMBEDDINGS = "config.json", "metrics.csv", "embeddings.npz"
+CONFIG, METRICS, EMBEDDINGS, EVAL, LOG = "config.json", "metrics.csv", "embeddings.npz", "eval.json", "train.log"
 LAST, BEST = "checkpoints/last.pt", "checkpoints/best.pt"
-
-
-# The original MP tool's behaviour, for exact reproduction (`--recipe original`, implied by its spelling
-# `--data_path/--data_name`): its documented defaults, one learning rate, random proxies, no warm-up, and its
-# proxy update that adds m * f_i for every sample.
-ORIGINAL_RECIPE = dict(backbone="resnet50", loss="proxy_nca", lr=1e-3, backbone_lr_mult=1.0, warmup_epochs=0,
-                       proxy_init="random", proxy_update="sum")
-
-
-@dataclass
-class TrainConfig:
-    """Every option of a training run (the CLI's `mproxy train` options map 1:1 onto these fields).
-
-    The defaults are the recipe measured best on real fine-grained photos (README, "Training recipe"):
-    NormalizedSoftmax with momentum proxies initialised at the class means, one warm-up epoch of head and
-    proxies, and the backbone at a tenth of the head's learning rate.
-    """
-
-    data: str
-    out: str
-    backbone: str = "efficientnet_lite0"
-    pretrained: str = "default"  # default | none
-    weights: str | None = None  # explicit pretrained weights file
-    feature_dim: int = 512
-    pooling: str = "max"
-    loss: str = "normalized_softmax"
-    loss_scale: float | None = None  # None: the library's default scale / temperature
-    margin: float | None = None
-    optimizer: str = "adam*"
-    momentum: float = 0.5
-    proxy_update: str = "mean"  # mean | sum (the original tool)
-    proxy_init: str = "class_mean"  # class_mean | random
-    lr: float = 1e-4
-    backbone_lr_mult: float = 0.1
-    warmup_epochs: int = 1  # epochs that train only head and proxies, backbone frozen
-    batch_size: int = 64
-    epochs: int = 20
-    recalls: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    metrics: list[str] = field(default_factory=lambda: ["recall", "map@r"])
-    image_size: int = 224
-    seed: int = 0
-    device: str = "auto"
-    workers: int | None = None
-    amp: str = "none"  # none | bf16 | fp16
-    grad_accum: int = 1
-    compile: bool = False
-    eval_batch_size: int | None = None
-    log_every: int = 10
-
-    @property
-    def momentum_mode(self) -> bool:
-        return self.optimizer.endswith("*")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def validate(self) -> None:
-        from momentum_proxy.losses import LOSSES
-
-        if self.loss not in LOSSES:
-            raise UserError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
-        if self.optimizer not in ("adam*", "sgd*", "adam", "sgd"):
-            raise UserError(f"unknown optimizer {self.optimizer!r}; choose from adam*, sgd*, adam, sgd")
-        if self.pretrained not in ("default", "none"):
-            raise UserError(f"--pretrained must be default or none, got {self.pretrained!r}")
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise UserError(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
-        if self.proxy_init not in ("class_mean", "random"):
-            raise UserError(f"--proxy-init must be class_mean or random, got {self.proxy_init!r}")
-        for name in ("batch_size", "epochs", "feature_dim", "image_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-        if not self.recalls or min(self.recalls) < 1:
-            raise UserError("--recalls must be positive integers, e.g. 1,2,4,8")
-        if self.weights is not None and not Path(self.weights).is_file():
-            raise UserError(f"weights file not found: {self.weights}")
 
 
 def package_versions() -> dict[str, str]:
@@ -117,36 +47,68 @@ class RunDir:
 
     # --- config -----------------------------------------------------------------------------
     def has_run(self) -> bool:
-        return (self / CONFIG).exists()
+        """A run: its config and at least one checkpoint."""
+        return (self / CONFIG).exists() and (self / LAST).exists()
 
-    def start(self, cfg: TrainConfig, overwrite: bool) -> None:
+    def check_writable(self) -> None:
+        """Refuse, before any work, a path that is a file, lies under a file, or cannot be written."""
+        for parent in [self.path, *self.path.absolute().parents]:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise UserError(f"{parent} is a file; the run folder {self.path} must be a folder")
+                if not os.access(parent, os.W_OK | os.X_OK):
+                    raise UserError(f"cannot write the run folder {self.path}: {parent} is not writable")
+                return
+
+    def start(self, cfg: TrainConfig, overwrite: bool, extra: dict | None = None) -> None:
         """Claim the folder for a new run; refuse one that holds a run unless `overwrite`."""
-        if self.has_run():
-            if not overwrite:
-                raise UserError(f"{self.path} already holds a run; use --resume {self.path} to continue it "
-                                "or --overwrite to replace it")
-            for rel in (CONFIG, METRICS, EMBEDDINGS, "eval.json"):
-                (self / rel).unlink(missing_ok=True)
-            shutil.rmtree(self / "checkpoints", ignore_errors=True)
-        write_json(self / CONFIG, {**asdict(cfg), "versions": package_versions()})
+        if self.has_run() and not overwrite:
+            raise UserError(f"{self.path} already holds a run; use --resume {self.path} to continue it "
+                            "or --overwrite to replace it")
+        for rel in (CONFIG, METRICS, EMBEDDINGS, EVAL, LOG):
+            (self / rel).unlink(missing_ok=True)
+        shutil.rmtree(self / "checkpoints", ignore_errors=True)
+        write_json(self / CONFIG, {**cfg.to_dict(), **(extra or {}), "versions": package_versions()})
 
     def config(self) -> TrainConfig:
-        if not self.has_run():
+        return TrainConfig.from_dict(self.info())
+
+    def info(self) -> dict:
+        """config.json as written: the options plus what the run recorded (manifest hash, selection, versions)."""
+        if not (self / CONFIG).exists():
             raise UserError(f"{self.path} is not a run folder (no {CONFIG})")
-        return TrainConfig.from_dict(read_json(self / CONFIG))
+        return read_json(self / CONFIG)
+
+    def log(self, line: str, is_main: bool = True) -> None:
+        """Print a progress line and append it to train.log (without progress-bar noise)."""
+        if is_main:
+            tqdm.write(line)
+            with open(self / LOG, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+    # --- evaluation -------------------------------------------------------------------------
+    def write_eval(self, summary: dict) -> None:
+        write_json(self / EVAL, summary)
+
+    def eval(self) -> dict | None:
+        """eval.json (test figures of the selected checkpoint), or None before the run finished."""
+        return read_json(self / EVAL) if (self / EVAL).exists() else None
 
     # --- metrics ----------------------------------------------------------------------------
     def metrics(self) -> list[dict]:
         if not (self / METRICS).exists():
             return []
         with open(self / METRICS, newline="") as f:
-            return [{k: float(v) if k != "epoch" else int(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            return [{k: int(v) if k == "epoch" else (float(v) if v else math.nan) for k, v in row.items()}
+                    for row in csv.DictReader(f)]
 
     def write_metrics(self, rows: list[dict]) -> None:
+        """metrics.csv; NaN (epoch 0's loss and rate: nothing was trained) is written as an empty cell."""
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows([{k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
+                          for r in rows])
         write_text(self / METRICS, buf.getvalue())
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -161,15 +123,17 @@ class RunDir:
         return torch.load(path, map_location="cpu", weights_only=True)
 
     # --- embeddings database ----------------------------------------------------------------
-    def save_embeddings(self, features: np.ndarray, labels: np.ndarray, paths: list[str], split: list[str]) -> None:
-        save_embeddings(self / EMBEDDINGS, features, labels, paths, split)
+    def save_embeddings(self, features: np.ndarray, labels: np.ndarray, paths: list[str], split: list[str],
+                        class_names: list[str]) -> None:
+        save_embeddings(self / EMBEDDINGS, features, labels, paths, split, class_names)
 
 
-def save_embeddings(path: Path, features: np.ndarray, labels, paths, split) -> None:
-    """An embeddings database: L2-normalised features, labels, image paths and splits (npz, no pickle)."""
+def save_embeddings(path: Path, features: np.ndarray, labels, paths, split, class_names) -> None:
+    """An embeddings database: L2-normalised features, labels, image paths, splits, class names (npz, no pickle)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, features=features.astype(np.float32), labels=np.asarray(labels, np.int64),
-                 paths=np.asarray(paths, dtype=str), split=np.asarray(split, dtype=str))
+                 paths=np.asarray(paths, dtype=str), split=np.asarray(split, dtype=str),
+                 class_names=np.asarray(class_names, dtype=str))
 
 
 def load_embeddings(path: str | Path) -> dict[str, np.ndarray]:

@@ -2,11 +2,17 @@
 
 `train(cfg)` runs one training job into `cfg.out` (see runs.py for the folder layout); `resume(run_dir)`
 continues a killed run from its last finished epoch. Works single-process and under torchrun (DDP).
+
+Model selection never looks at the test split unless asked to (`select="test"`, for reproducing published
+tables): every epoch is scored on the class-disjoint validation split (`select="val"`, the default when the
+data has one) or the last epoch is kept (`select="last"`); the test split is embedded once, at the end, for
+the selected checkpoint (`--test-every-epoch` adds per-epoch test columns for curves, never used to select).
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +22,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from momentum_proxy import distributed
-from momentum_proxy.data.loading import ImageDataset, eval_dataset, load_splits, make_loader
+from momentum_proxy.config import TrainConfig
+from momentum_proxy.data.loading import DatasetSplits, EvalSplit, load_datasets, make_loader
+from momentum_proxy.data.manifest import manifest_sha256
 from momentum_proxy.errors import UserError
-from momentum_proxy.evaluation import evaluate_embeddings
+from momentum_proxy.evaluate import evaluate_arrays
 from momentum_proxy.inference import autocast, embed_dataset, resolve_device
 from momentum_proxy.losses import MomentumProxyUpdate, create_loss, init_proxies_from_class_means, proxy_parameter
 from momentum_proxy.models import EmbeddingNet
-from momentum_proxy.runs import BEST, LAST, RunDir, TrainConfig
+from momentum_proxy.runs import BEST, LAST, RunDir
 
 
 class TrainingDiverged(UserError):
@@ -38,9 +46,7 @@ class Trainee(nn.Module):
 
     def forward(self, images, labels, freeze_backbone: bool = False, amp=None):
         with autocast(images.device, amp or "none"):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_backbone):
-                pooled = self.model.pooled(images)
-            emb = self.model.fc(self.model.norm(pooled))
+            emb = self.model(images, freeze_backbone=freeze_backbone)
         emb = emb.float()  # the loss and the proxy update stay in float32
         return self.loss(emb, labels), emb
 
@@ -62,152 +68,256 @@ def make_optimizer(cfg: TrainConfig, model: EmbeddingNet, loss: nn.Module) -> to
         groups.append({"params": [p for p in loss.parameters() if p.requires_grad], "lr": cfg.lr})
     if cfg.optimizer.startswith("adam"):
         return torch.optim.Adam(groups)
-    return torch.optim.SGD(groups, momentum=0.9)
+    return torch.optim.SGD(groups, momentum=cfg.sgd_momentum)
 
 
-def evaluate_model(model, test_set: ImageDataset, test_labels: np.ndarray, test_split: np.ndarray,
-                   cfg: TrainConfig, device, dist) -> tuple[dict, np.ndarray]:
-    """Embed the test split and compute the configured metrics (query/gallery mode when the split has one)."""
-    feats = embed_dataset(model, test_set, device, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-                          workers=cfg.workers, amp=cfg.amp, dist=dist)
-    if "query" in set(test_split):
-        q, g = test_split == "query", test_split == "gallery"
-        res = evaluate_embeddings(feats[g], test_labels[g], query_features=feats[q], query_labels=test_labels[q],
-                                  recalls=cfg.recalls, metrics=cfg.metrics)
-    else:
-        res = evaluate_embeddings(feats, test_labels, recalls=cfg.recalls, metrics=cfg.metrics)
-    return res, feats
+def lr_milestones(epochs: int) -> list[int]:
+    """MultiStepLR milestones: the original tool's int(50%) and int(80%) of the epochs."""
+    return sorted({max(1, int(epochs * f)) for f in (0.5, 0.8)})
+
+
+@dataclass
+class TrainState:
+    """Everything a resume needs: model, proxies, optimizer, scheduler, scaler, progress and RNG."""
+
+    model: EmbeddingNet
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    epoch: int = 0
+    best_epoch: int = 0
+    best_score: float = -math.inf
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "best_epoch": self.best_epoch, "best": self.best_score,
+                "model": self.model.state_dict(), "loss": self.loss_fn.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.model.load_state_dict(d["model"])
+        self.loss_fn.load_state_dict(d["loss"])
+        self.optimizer.load_state_dict(d["optimizer"])
+        self.scheduler.load_state_dict(d["scheduler"])
+        self.scaler.load_state_dict(d["scaler"])
+        torch.set_rng_state(d["rng"])
+        self.epoch, self.best_epoch, self.best_score = d["epoch"], d["best_epoch"], d["best"]
+
+
+@dataclass
+class Job:
+    """The fixed context of a run: configuration, data, device, process group, output folder."""
+
+    cfg: TrainConfig
+    data: DatasetSplits
+    device: torch.device
+    dist: distributed.DistInfo
+    run: RunDir
+    select: str  # val | last | test
+
+    @property
+    def select_key(self) -> str | None:
+        return None if self.select == "last" else f"{self.select}_{self.cfg.select_metric}"
 
 
 def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False) -> dict:
-    """Train (or continue) the run described by `cfg`; returns the best epoch's metrics."""
+    """Train (or continue) the run described by `cfg`; returns the summary written to eval.json."""
+    job, state = setup(cfg, overwrite=overwrite, resume=resume)
+    rows = job.run.metrics()[:state.epoch + 1] if resume else [start(job, state)]
+    loader = make_loader(job.data.train, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.workers,
+                         rank=job.dist.rank, world_size=job.dist.world_size, pin_memory=job.device.type == "cuda")
+    step_fn = wrap_for_steps(job, state)
+    updater = MomentumProxyUpdate(cfg.momentum, cfg.proxy_update) if cfg.momentum_mode else None
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        t0 = time.time()
+        lr = state.optimizer.param_groups[1]["lr"]  # the rate this epoch trains with
+        train_loss = train_one_epoch(job, state, step_fn, loader, updater, epoch)
+        row = {"epoch": epoch, "train_loss": train_loss, "lr": lr, **score(job, state.model)}
+        rows.append({**row, "seconds": time.time() - t0})
+        select_and_save(job, state, epoch, rows)
+    return finish(job, state)
+
+
+def setup(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> tuple[Job, TrainState]:
+    """Validate everything, build model and optimizer, then claim (or reopen) the run folder."""
     cfg.validate()
     device = resolve_device(cfg.device)
     if cfg.amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs CUDA; on CPU use --amp bf16")
+    run = RunDir(cfg.out)
+    run.check_writable()
+    data = load_datasets(cfg.data, cfg.image_size)
+    select = cfg.select or ("val" if data.val is not None else "last")
+    if select == "val" and data.val is None:
+        raise UserError(f"--select val needs a val split in {cfg.data} (prepare it with --val-classes N)")
     dist = distributed.init_distributed(device)
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    train_set, test_set, test_frame = load_splits(cfg.data, cfg.image_size)
-    test_labels, test_split = test_frame["label"].to_numpy(), test_frame["split"].to_numpy()
-    if len(train_set) < cfg.batch_size * dist.world_size:
-        raise UserError(f"batch size {cfg.batch_size} exceeds the {len(train_set)} train images")
+    if len(data.train) < cfg.batch_size * dist.world_size:
+        raise UserError(f"batch size {cfg.batch_size} exceeds the {len(data.train)} train images")
     torch.manual_seed(cfg.seed)
-    model, loss_fn = build(cfg, len(train_set.label_map))
-    run = RunDir(cfg.out)
-    if dist.is_main and not resume:
-        run.start(cfg, overwrite)
-    distributed.barrier()
+    model, loss_fn = build(cfg, len(data.train.label_map))
     model.to(device)
     loss_fn.to(device)
     optimizer = make_optimizer(cfg, model, loss_fn)
-    milestones = sorted({max(1, round(cfg.epochs * f)) for f in (0.5, 0.8)})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
-    updater = MomentumProxyUpdate(cfg.momentum, cfg.proxy_update) if cfg.momentum_mode else None
-    trainee = Trainee(model, loss_fn)
-    step_fn = torch.compile(trainee) if cfg.compile else trainee
-    if dist.enabled:
-        step_fn = DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=cfg.warmup_epochs > 0)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-
-    key = f"recall@{min(cfg.recalls)}"
-    rows, start_epoch, best = [], 1, -math.inf
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(cfg.epochs), gamma=0.1)
+    state = TrainState(model, loss_fn, optimizer, scheduler, torch.amp.GradScaler(device.type,
+                                                                                  enabled=cfg.amp == "fp16"))
+    job = Job(cfg, data, device, dist, run, select)
     if resume:
-        state = run.load_checkpoint(LAST)
-        model.load_state_dict(state["model"])
-        loss_fn.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        start_epoch, best = state["epoch"] + 1, state["best"]
-        rows = [r for r in run.metrics() if r["epoch"] <= state["epoch"]]
-    else:
-        t0 = time.time()
-        if cfg.proxy_init == "class_mean":  # proxies start at the pretrained model's class means
-            init_set = eval_dataset(cfg.data, train_set.frame, cfg.image_size)
-            feats = embed_dataset(model, init_set, device, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-                                  workers=cfg.workers, dist=dist, desc="init proxies")
-            init_proxies_from_class_means(loss_fn, torch.from_numpy(feats).to(device),
-                                          torch.tensor(train_set.labels, device=device))
-        res, _ = evaluate_model(model, test_set, test_labels, test_split, cfg, device, dist)
-        rows.append({"epoch": 0, "train_loss": float("nan"), **res, "seconds": time.time() - t0,
-                     "lr": cfg.lr})
-        best = res[key]
-        if dist.is_main:  # the pretrained start competes for best
-            run.save_checkpoint(BEST, checkpoint(0, best, model, loss_fn, optimizer, scheduler, scaler))
-            run.save_checkpoint(LAST, checkpoint(0, best, model, loss_fn, optimizer, scheduler, scaler))
-            run.write_metrics(rows)
-        report(rows[-1], key, dist)
-
-    loader = make_loader(train_set, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.workers,
-                         rank=dist.rank, world_size=dist.world_size, pin_memory=device.type == "cuda")
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        t0 = time.time()
-        loader.sampler.set_epoch(epoch)
-        frozen = epoch <= cfg.warmup_epochs
-        trainee.train()
-        total, steps, pending = torch.zeros((), device=device), 0, []
-        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not dist.is_main)
-        for i, (images, labels, _) in enumerate(bar):
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            loss, emb = step_fn(images, labels, freeze_backbone=frozen, amp=cfg.amp)
-            scaler.scale(loss / cfg.grad_accum).backward()
-            pending.append((emb.detach(), labels))
-            if (i + 1) % cfg.grad_accum == 0:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if updater is not None:  # every rank applies the same update from the global batch
-                    emb_all = distributed.all_gather_cat(torch.cat([e for e, _ in pending]), same_size=True)
-                    labels_all = distributed.all_gather_cat(torch.cat([y for _, y in pending]), same_size=True)
-                    updater.update_loss(loss_fn, emb_all, labels_all)
-                pending.clear()
-            total += loss.detach()
-            steps += 1
-            if steps % cfg.log_every == 0:  # the only host sync in the step loop
-                running = (total / steps).item()
-                check_finite(running, epoch, run)
-                bar.set_postfix(loss=f"{running:.4f}")
-        optimizer.zero_grad(set_to_none=True)  # an incomplete accumulation at the epoch's end is dropped
-        scheduler.step()
-        if dist.enabled:
-            check_proxies_in_sync(loss_fn)
-        train_loss = (total / max(steps, 1)).item()
-        check_finite(train_loss, epoch, run)
-        res, feats = evaluate_model(model, test_set, test_labels, test_split, cfg, device, dist)
-        rows.append({"epoch": epoch, "train_loss": train_loss, **res, "seconds": time.time() - t0,
-                     "lr": optimizer.param_groups[1]["lr"]})
-        improved = res[key] > best
-        best = max(best, res[key])
-        if dist.is_main:
-            state = checkpoint(epoch, best, model, loss_fn, optimizer, scheduler, scaler)
-            if improved:
-                run.save_checkpoint(BEST, state)
-            run.save_checkpoint(LAST, state)  # last: a resume starts after this epoch
-            run.write_metrics(rows)
-        report(rows[-1], key, dist)
-
-    best_state = run.load_checkpoint(BEST) if dist.is_main else None
-    if dist.is_main:
-        model.load_state_dict(best_state["model"])
-    model_state = distributed.broadcast_object(model.state_dict() if dist.is_main else None)
-    model.load_state_dict(model_state)
-    _, feats = evaluate_model(model, test_set, test_labels, test_split, cfg, device, dist)
-    if dist.is_main:
-        run.save_embeddings(feats, test_labels, [str(Path(cfg.data) / p) for p in test_frame["path"]],
-                            list(test_split))
+        state.load_state_dict(run.load_checkpoint(LAST))
+        run.log(f"resuming from epoch {state.epoch}", dist.is_main)
+    elif dist.is_main:
+        run.start(cfg, overwrite, extra={"data_manifest_sha256": manifest_sha256(cfg.data), "select": select})
     distributed.barrier()
-    return max(rows, key=lambda r: r[key])
+    return job, state
 
 
-def checkpoint(epoch, best, model, loss_fn, optimizer, scheduler, scaler) -> dict:
-    return {"epoch": epoch, "best": best, "model": model.state_dict(), "loss": loss_fn.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": torch.get_rng_state()}
+def start(job: Job, state: TrainState) -> dict:
+    """Epoch 0: proxies at the pretrained model's class means (if so configured); the start is scored and
+    competes for best."""
+    t0 = time.time()
+    if job.cfg.proxy_init == "class_mean":  # raw embeddings: the same space the momentum update works in
+        feats = embed_dataset(state.model, job.data.train_eval, job.device, batch_size=job.cfg.embed_batch_size,
+                              workers=job.cfg.workers, dist=job.dist, desc="init proxies", normalize=False)
+        init_proxies_from_class_means(state.loss_fn, torch.from_numpy(feats).to(job.device),
+                                      torch.tensor(job.data.train.labels, device=job.device))
+    row = {"epoch": 0, "train_loss": float("nan"), "lr": float("nan"), **score(job, state.model),
+           "seconds": time.time() - t0}
+    select_and_save(job, state, 0, [row])
+    return row
+
+
+def wrap_for_steps(job: Job, state: TrainState) -> nn.Module:
+    """The module each step calls: model + loss, compiled and/or wrapped in DDP as configured."""
+    step_fn = Trainee(state.model, state.loss_fn)
+    if job.cfg.compile:
+        step_fn = torch.compile(step_fn)
+    if job.dist.enabled:
+        step_fn = DistributedDataParallel(step_fn, device_ids=[job.device.index] if job.device.type == "cuda" else None,
+                                          find_unused_parameters=job.cfg.warmup_epochs > 0)
+    return step_fn
+
+
+def train_one_epoch(job: Job, state: TrainState, step_fn, loader, updater, epoch: int) -> float:
+    """One pass over the train split; returns the mean loss. The proxy update follows every optimizer step."""
+    cfg, device = job.cfg, job.device
+    loader.sampler.set_epoch(epoch)
+    frozen = epoch <= cfg.warmup_epochs
+    state.model.train()
+    total, steps, pending = torch.zeros((), device=device), 0, []
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not job.dist.is_main)
+    for i, (images, labels, _) in enumerate(bar):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        loss, emb = step_fn(images, labels, freeze_backbone=frozen, amp=cfg.amp)
+        state.scaler.scale(loss / cfg.grad_accum).backward()
+        pending.append((emb.detach(), labels))
+        if (i + 1) % cfg.grad_accum == 0:
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+            state.optimizer.zero_grad(set_to_none=True)
+            if updater is not None:  # every rank applies the same update from the global batch
+                emb_all = distributed.all_gather_cat(torch.cat([e for e, _ in pending]), same_size=True)
+                labels_all = distributed.all_gather_cat(torch.cat([y for _, y in pending]), same_size=True)
+                updater.update_loss(state.loss_fn, emb_all, labels_all)
+            pending.clear()
+        total += loss.detach()
+        steps += 1
+        if steps % cfg.log_every == 0:  # the only host sync in the step loop
+            running = (total / steps).item()
+            check_finite(running, epoch, job.run)
+            bar.set_postfix(loss=f"{running:.4f}")
+    state.optimizer.zero_grad(set_to_none=True)  # an incomplete accumulation at the epoch's end is dropped
+    state.scheduler.step()
+    if job.dist.enabled:
+        check_proxies_in_sync(state.loss_fn)
+    train_loss = (total / max(steps, 1)).item()
+    check_finite(train_loss, epoch, job.run)
+    return train_loss
+
+
+def evaluate_split(model: EmbeddingNet, split: EvalSplit, cfg: TrainConfig, device, dist, *, metrics=None,
+                   recalls=None) -> tuple[dict, np.ndarray]:
+    """Embed one evaluation split and compute its metrics (query/gallery mode when it has one)."""
+    feats = embed_dataset(model, split.dataset, device, batch_size=cfg.embed_batch_size, workers=cfg.workers,
+                          amp=cfg.amp, dist=dist, desc=f"embed {split.name}")
+    return evaluate_arrays(feats, split.labels, split.split, metrics=metrics or cfg.epoch_metrics(),
+                           recalls=recalls or cfg.epoch_recalls()), feats
+
+
+def score(job: Job, model: EmbeddingNet) -> dict:
+    """Per-epoch metrics, prefixed by split: val always when present, test only if selecting on it or asked."""
+    splits = [job.data.val] if job.data.val is not None else []
+    if job.select == "test" or job.cfg.test_every_epoch:
+        splits.append(job.data.test)
+    row = {}
+    for split in splits:
+        res, _ = evaluate_split(model, split, job.cfg, job.device, job.dist)
+        row.update({f"{split.name}_{k}": v for k, v in res.items()})
+    return row
+
+
+def select_and_save(job: Job, state: TrainState, epoch: int, rows: list[dict]) -> None:
+    """Keep `best.pt` for the selected epoch (argmax of the selection metric, or the last epoch) and `last.pt`."""
+    key = job.select_key
+    value = rows[-1][key] if key else float(epoch)
+    improved = value > state.best_score
+    if improved:
+        state.best_epoch, state.best_score = epoch, value
+    state.epoch = epoch
+    if job.dist.is_main:
+        checkpoint = state.state_dict()
+        if improved:
+            job.run.save_checkpoint(BEST, checkpoint)
+        job.run.save_checkpoint(LAST, checkpoint)  # last: a resume starts after this epoch
+        job.run.write_metrics(rows)
+        job.run.log(epoch_line(rows[-1], job), True)
+
+
+def finish(job: Job, state: TrainState) -> dict:
+    """Load the selected checkpoint, evaluate it once on the test split, write eval.json and embeddings.npz."""
+    cfg, dist = job.cfg, job.dist
+    model_state = distributed.broadcast_object(job.run.load_checkpoint(BEST)["model"] if dist.is_main else None)
+    state.model.load_state_dict(model_state)
+    res, feats = evaluate_split(state.model, job.data.test, cfg, job.device, dist,
+                                metrics=["recall", "precision@1", "r_precision", "map@r"], recalls=cfg.recalls)
+    summary = {"checkpoint": BEST, "epoch": state.best_epoch, "selected_on": job.select,
+               "select_metric": None if job.select == "last" else cfg.select_metric,
+               "selection_score": None if job.select == "last" else state.best_score,
+               "split": "test", "queries": job.data.test.num_queries, "test": res}
+    if job.select == "test":
+        summary["warning"] = "selected on test: the test figures are optimistic (only for reproducing tables)"
+    if dist.is_main:
+        job.run.write_eval(summary)
+        test = job.data.test
+        job.run.save_embeddings(feats, test.labels, [str(Path(cfg.data) / p) for p in test.frame["path"]],
+                                list(test.split), list(test.frame["class_name"]))
+        job.run.log(selection_line(summary), True)
+    distributed.barrier()
+    return summary
+
+
+def epoch_line(row: dict, job: Job) -> str:
+    shown = " ".join(f"{k}={v:.4f}" for k, v in row.items()
+                     if k not in ("epoch", "seconds", "lr") and not (k == "train_loss" and row["epoch"] == 0))
+    start = " (pretrained start)" if row["epoch"] == 0 else ""
+    return f"epoch {row['epoch']}{start}: {shown} ({row['seconds']:.0f}s)"
+
+
+def selection_line(summary: dict) -> str:
+    """What was selected, on which split and metric, and its test figures."""
+    epoch, how = summary["epoch"], summary["selected_on"]
+    if how == "last":
+        chosen = f"kept the last epoch ({epoch}); no val split to select on"
+    else:
+        chosen = (f"selected epoch {epoch} on {how} {summary['select_metric']}={summary['selection_score']:.4f}"
+                  + (" (the pretrained start remained best)" if epoch == 0 else ""))
+        if how == "test":
+            chosen += " [SELECTED ON TEST: optimistic]"
+    test = " ".join(f"{k}={v:.4f}" for k, v in summary["test"].items())
+    return f"{chosen}\ntest ({summary['queries']} queries, once, for the selected checkpoint): {test}"
 
 
 def check_proxies_in_sync(loss_fn: nn.Module) -> None:
@@ -224,17 +334,11 @@ def check_finite(value: float, epoch: int, run: RunDir) -> None:
                                f"{run / LAST} (try a lower --lr)")
 
 
-def report(row: dict, key: str, dist) -> None:
-    if dist.is_main:
-        shown = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds", "lr"))
-        tqdm.write(f"epoch {row['epoch']}: {shown} ({row['seconds']:.0f}s)")
-
-
 def resume(run_dir: str | Path) -> dict:
     """Continue a killed run from its last finished epoch."""
     run = RunDir(run_dir)
     cfg = run.config()
     if not (run / LAST).exists():
-        raise UserError(f"{run.path} has no checkpoint to resume from ({LAST})")
+        raise UserError(f"{run.path} has no checkpoint to resume from ({LAST}); start it again with train")
     cfg.out = str(run.path)
     return train(cfg, resume=True)

@@ -13,6 +13,12 @@ import torch
 from momentum_proxy import training
 from momentum_proxy.errors import UserError
 from momentum_proxy.losses import LOSSES, MomentumProxyUpdate, proxies_by_class, proxy_parameter
+from dataclasses import replace
+
+from momentum_proxy.config import TrainConfig
+from momentum_proxy.data.loading import load_datasets
+from momentum_proxy.evaluate import evaluate_arrays
+from momentum_proxy.inference import embed_dataset, load_model
 from momentum_proxy.runs import BEST, LAST, RunDir, load_embeddings
 
 OPTIMIZERS = ["adam*", "sgd*", "adam", "sgd"]
@@ -56,39 +62,156 @@ def test_every_loss_and_optimizer_mode_steps(tiny_config, loss_name, optimizer):
 
 
 def test_train_writes_a_complete_run_folder(tiny_config):
-    best = training.train(tiny_config)
+    tiny_config.epochs = 3
+    summary = training.train(tiny_config)
     run = RunDir(tiny_config.out)
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["optimizer"] == "adam*" and cfg["momentum"] == 0.5 and "torch" in cfg["versions"]
+    assert cfg["optimizer"] == "adam*" and cfg["select"] == "val" and "torch" in cfg["versions"]
     rows = run.metrics()
-    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
     assert np.isnan(rows[0]["train_loss"]) and all(np.isfinite(r["train_loss"]) for r in rows[1:])
-    assert {"recall@1", "recall@8", "map@r", "seconds"} <= set(rows[0])
-    assert best["recall@1"] == max(r["recall@1"] for r in rows)  # epoch 0 competes for best
-    for rel in (LAST, BEST):
-        state = torch.load(run / rel, weights_only=True)
-        assert {"model", "loss", "optimizer", "scheduler", "epoch", "rng"} <= set(state)
-    assert run.load_checkpoint(LAST)["epoch"] == 2
+    assert {"val_recall@1", "val_map@r", "seconds"} <= set(rows[0]) and not any(k.startswith("test") for k in rows[0])
+    # best.pt holds the argmax epoch on val (first one on ties), its weights reproduce that epoch's val figure
+    argmax = max(rows, key=lambda r: (r["val_map@r"], -r["epoch"]))["epoch"]
+    best = run.load_checkpoint(BEST)
+    assert best["epoch"] == summary["epoch"] == argmax
+    assert run.load_checkpoint(LAST)["epoch"] == 3
+    model, cfg_, _ = load_model(tiny_config.out, "cpu")
+    data = load_datasets(tiny_config.data, tiny_config.image_size)
+    val = evaluate_arrays(embed_dataset(model, data.val.dataset, torch.device("cpu")), data.val.labels, data.val.split,
+                          metrics=["map@r"])
+    assert val["map@r"] == pytest.approx(rows[argmax]["val_map@r"], abs=1e-6)
+    # embeddings.npz and eval.json come from best.pt, on the test split
     db = load_embeddings(run / "embeddings.npz")
-    assert db["features"].shape == (24, 512) and len(db["paths"]) == 24
-    np.testing.assert_allclose(np.linalg.norm(db["features"], axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(db["features"], embed_dataset(model, data.test.dataset, torch.device("cpu")), atol=1e-5)
+    assert db["features"].shape == (32, 512) and set(db["split"]) == {"test"} and len(db["class_names"]) == 32
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["selected_on"] == "val" and ev["epoch"] == argmax and ev["queries"] == 32
+    assert ev["test"]["map@r"] == pytest.approx(evaluate_arrays(db["features"], db["labels"], db["split"],
+                                                                metrics=["map@r"])["map@r"])
     assert not list(Path(tiny_config.out).rglob("*.tmp"))  # atomic writes leave no temporaries
+    log = (run / "train.log").read_text()
+    assert "epoch 3:" in log and "\r" not in log and "selected epoch" in log
+
+
+def test_test_labels_are_never_read_before_the_final_evaluation(tiny_config, tmp_path):
+    """Shuffling the test labels changes nothing but the final test figures."""
+    import shutil
+
+    import pandas as pd
+
+    training.train(tiny_config)
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(tiny_config.data, shuffled)
+    df = pd.read_csv(shuffled / "manifest.csv")
+    test = df["split"] == "test"
+    df.loc[test, "label"] = np.random.default_rng(0).permutation(df.loc[test, "label"].to_numpy())
+    df.to_csv(shuffled / "manifest.csv", index=False)
+    other = replace(tiny_config, data=str(shuffled), out=str(tmp_path / "other"))
+    training.train(other)
+    a, b = RunDir(tiny_config.out), RunDir(other.out)
+    val = lambda rows: [{k: v for k, v in r.items() if k.startswith("val_")} for r in rows]  # noqa: E731
+    assert val(a.metrics()) == val(b.metrics())
+    for name, value in a.load_checkpoint(BEST)["model"].items():
+        assert torch.equal(value, b.load_checkpoint(BEST)["model"][name]), name
+    assert a.eval()["test"] != b.eval()["test"]  # the final evaluation did read the (shuffled) labels
+
+
+def test_select_last_without_val_and_select_test_is_labelled(tiny_data, tmp_path, capsys):
+    import pandas as pd
+
+    from momentum_proxy.experiments import report
+
+    no_val = tmp_path / "noval"
+    no_val.mkdir()
+    df = pd.read_csv(tiny_data / "manifest.csv")
+    df["path"] = [str(tiny_data / p) for p in df["path"]]
+    df[df["split"] != "val"].to_csv(no_val / "manifest.csv", index=False)
+    base = TrainConfig(data=str(no_val), out=str(tmp_path / "last"), pretrained="none", image_size=64,
+                       batch_size=8, epochs=2, workers=0, warmup_epochs=0)
+    assert training.train(base)["selected_on"] == "last" and RunDir(base.out).load_checkpoint(BEST)["epoch"] == 2
+    with pytest.raises(UserError, match="needs a val split"):
+        training.train(replace(base, out=str(tmp_path / "v"), select="val"))
+    on_test = replace(base, out=str(tmp_path / "runs" / "test"), select="test")
+    summary = training.train(on_test)
+    assert summary["selected_on"] == "test" and "optimistic" in summary["warning"]
+    assert "test_map@r" in RunDir(on_test.out).metrics()[0]
+    assert "SELECTED ON TEST" in capsys.readouterr().out
+    assert "SELECTED ON TEST" in (RunDir(on_test.out) / "train.log").read_text()
+    assert "**test** (optimistic)" in report(tmp_path / "runs")
+
+
+def test_lr_column_is_the_rate_the_epoch_trained_with(tiny_config):
+    tiny_config.epochs = 3  # milestones int(1.5)=1, int(2.4)=2
+    training.train(tiny_config)
+    assert [r["lr"] for r in RunDir(tiny_config.out).metrics()[1:]] == pytest.approx([1e-4, 1e-5, 1e-6])
+
+
+def test_proxies_start_at_raw_class_means(tiny_config):
+    """Proxy initialisation and the momentum update work in the same (raw embedding) space."""
+    tiny_config.epochs = 1
+    job, state = training.setup(tiny_config, overwrite=False, resume=False)
+    training.start(job, state)
+    raw = embed_dataset(state.model, job.data.train_eval, torch.device("cpu"), normalize=False)
+    labels = np.asarray(job.data.train.labels)
+    expected = np.stack([raw[labels == c].mean(0) for c in range(2)])
+    np.testing.assert_allclose(proxies_by_class(state.loss_fn).numpy(), expected, rtol=1e-4, atol=1e-4)
+    assert np.linalg.norm(expected, axis=1).min() > 2  # raw, not unit-normalised
+
+
+def test_training_loop_applies_the_momentum_update(tiny_config, monkeypatch):
+    """Every optimizer step is followed by the loop's own proxy update, with the batch's embeddings."""
+    calls = []
+    real = MomentumProxyUpdate.update_loss
+
+    def spy(self, loss, emb, labels):
+        before = proxies_by_class(loss).clone()
+        real(self, loss, emb, labels)
+        calls.append((before, emb.clone(), labels.clone(), proxies_by_class(loss).clone(), self.momentum))
+
+    monkeypatch.setattr(MomentumProxyUpdate, "update_loss", spy)
+    tiny_config.epochs, tiny_config.momentum = 1, 0.3
+    training.train(tiny_config)
+    assert [c[4] for c in calls] == [1.0, 0.3, 0.3]  # proxy init (class means), then 2 steps (16 images, batch 8)
+    for before, emb, labels, after, m in calls[1:]:
+        for c in labels.unique():
+            torch.testing.assert_close(after[c], 0.7 * before[c] + 0.3 * emb[labels == c].mean(0))
+    saved = RunDir(tiny_config.out).load_checkpoint(LAST)["loss"]["W"].t()
+    assert torch.equal(saved, calls[-1][3])
 
 
 def _state(run_dir):
     return torch.load(Path(run_dir) / LAST, weights_only=True)
 
 
+
+def _assert_same(a, b, path=""):
+    """Nested checkpoint contents equal bit for bit."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    else:
+        assert a == b, path
+
+
 def test_resume_after_kill_ends_in_the_same_state(tiny_config, tmp_path):
-    """Kill a real training process after its first epoch, resume it, compare with an uninterrupted run."""
-    tiny_config.epochs = 3
+    """Kill a real training process after its warm-up epoch, resume it, compare with an uninterrupted run:
+    checkpoints (model, proxies, optimizer, scheduler, RNG), best.pt, metrics and embeddings."""
+    tiny_config.epochs, tiny_config.warmup_epochs = 3, 1
     straight = tiny_config.out
     training.train(tiny_config)
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "momentum_proxy", "train", "--data", tiny_config.data, "--out", str(killed),
            "--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--epochs", "3", "--workers", "0",
-           "--warmup-epochs", "0", "--metrics", "recall,map@r"]
+           "--warmup-epochs", "1", "--metrics", "recall,map@r"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -101,13 +224,14 @@ def test_resume_after_kill_ends_in_the_same_state(tiny_config, tmp_path):
     assert 1 <= epoch_killed < 3, "the process should die mid-run"
 
     training.resume(killed)
-    a, b = _state(straight), _state(killed)
-    assert a["epoch"] == b["epoch"] == 3
-    for key in ("model", "loss"):
-        for name in a[key]:
-            torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=0, msg=name)
-    with open(killed / "metrics.csv") as f:
-        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2, 3]
+    a, b = RunDir(straight), RunDir(killed)
+    for rel in (LAST, BEST):
+        _assert_same(a.load_checkpoint(rel), b.load_checkpoint(rel), rel)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(a.metrics()) == strip(b.metrics()) and [r["epoch"] for r in b.metrics()] == [0, 1, 2, 3]
+    ea, eb = load_embeddings(a / "embeddings.npz"), load_embeddings(b / "embeddings.npz")
+    assert np.array_equal(ea["features"], eb["features"]) and a.eval() == b.eval()
+    assert f"resuming from epoch {epoch_killed}" in (b / "train.log").read_text()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch):
@@ -127,12 +251,25 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch)
         assert torch.isfinite(value.float()).all()
 
 
-def test_refuses_to_overwrite_another_run(tiny_config):
+def test_refuses_to_overwrite_another_run_but_reuses_a_dead_end(tiny_config):
     tiny_config.epochs = 1
+    Path(tiny_config.out).mkdir()
+    (Path(tiny_config.out) / "config.json").write_text("{}")  # a run that died before its first checkpoint
     training.train(tiny_config)
     with pytest.raises(UserError, match="already holds a run"):
         training.train(tiny_config)
     training.train(tiny_config, overwrite=True)
+
+
+def test_bad_options_are_refused_before_anything_is_written(tiny_config):
+    for change, message in [({"metrics": ["foo"]}, "unknown --metrics"), ({"momentum": 2.0}, "momentum"),
+                            ({"proxy_update": "avg"}, "proxy-update"), ({"select": "best"}, "select"),
+                            ({"select_metric": "nmi"}, "select-metric"), ({"backbone": "nonet"}, "unknown backbone")]:
+        with pytest.raises(UserError, match=message):
+            training.train(replace(tiny_config, **change))
+        assert not Path(tiny_config.out).exists()
+    best = training.train(replace(tiny_config, metrics=["map@r"], epochs=1))  # no recall requested: no KeyError
+    assert "val_map@r" in RunDir(tiny_config.out).metrics()[0] and best["test"]["recall@1"] >= 0
 
 
 def test_grad_accumulation_equals_the_larger_batch(tiny_config, tmp_path):
@@ -150,10 +287,23 @@ def test_grad_accumulation_equals_the_larger_batch(tiny_config, tmp_path):
             torch.testing.assert_close(b[key][name], value, rtol=1e-3, atol=1e-5, msg=name)
 
 
-def test_bf16_autocast_on_cpu_and_fp16_refused(tiny_config):
+def test_bf16_autocast_on_cpu_and_fp16_refused(tiny_config, monkeypatch):
+    from momentum_proxy.models import EmbeddingNet
+
+    dtypes = []
+    real = EmbeddingNet.pooled
+
+    def spy(self, x):
+        out = real(self, x)
+        if self.training:
+            dtypes.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(EmbeddingNet, "pooled", spy)
     tiny_config.amp, tiny_config.epochs = "bf16", 1
     best = training.train(tiny_config)
-    assert np.isfinite(best["recall@1"])
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # the training forward ran in bf16
+    assert np.isfinite(best["test"]["recall@1"])
     state = _state(tiny_config.out)
     assert all(v.dtype != torch.bfloat16 for v in state["loss"].values())  # proxies stay float32
     tiny_config.amp = "fp16"

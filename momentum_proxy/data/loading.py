@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -175,17 +176,54 @@ def make_loader(dataset: ImageDataset, batch_size: int, *, train: bool, seed: in
                       prefetch_factor=4 if workers > 0 else None)
 
 
-def load_splits(root: str | Path, image_size: int) -> tuple[ImageDataset, ImageDataset, pd.DataFrame]:
-    """(train dataset with random augmentation, test dataset with the eval transform, the test frame)."""
+@dataclass
+class EvalSplit:
+    """An evaluation split (val or test) embedded in order: dataset, labels and each row's split name."""
+
+    name: str
+    frame: pd.DataFrame
+    dataset: ImageDataset
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.frame["label"].to_numpy()
+
+    @property
+    def split(self) -> np.ndarray:
+        return self.frame["split"].to_numpy()
+
+    @property
+    def num_queries(self) -> int:
+        """Queries of the evaluation: the query rows in query/gallery mode, else every row."""
+        return int((self.split == "query").sum()) or len(self.frame)
+
+
+@dataclass
+class DatasetSplits:
+    """A prepared dataset for training: augmented train set, the same images for embedding, val and test."""
+
+    train: ImageDataset
+    train_eval: ImageDataset
+    val: EvalSplit | None
+    test: EvalSplit
+
+
+def load_datasets(root: str | Path, image_size: int) -> DatasetSplits:
+    """Read and check a prepared dataset's splits (val is None when the manifest has none)."""
     df = read_manifest(root)
-    train, test = split_frame(df, "train"), split_frame(df, "test")
+    train, val, test = (split_frame(df, s) for s in ("train", "val", "test"))
+    where = Path(root) / "manifest.csv"
     if train.empty:
-        raise UserError(f"{Path(root) / 'manifest.csv'} has no train images")
+        raise UserError(f"{where} has no train images")
     if test.empty:
-        raise UserError(f"{Path(root) / 'manifest.csv'} has no test (or query/gallery) images")
+        raise UserError(f"{where} has no test (or query/gallery) images")
     if train["label"].nunique() < 2:
         raise UserError("the train split needs at least 2 classes")
-    return train_dataset(root, train, image_size), eval_dataset(root, test, image_size), test
+    if not val.empty and val["label"].value_counts().max() < 2:
+        raise UserError(f"{where}: no val class has 2 images; retrieval on val is undefined")
+    return DatasetSplits(train=train_dataset(root, train, image_size), train_eval=eval_dataset(root, train, image_size),
+                         val=None if val.empty else EvalSplit("val", val, eval_dataset(root, val, image_size)),
+                         test=EvalSplit("test", test, eval_dataset(root, test, image_size)))
 
 
 def train_dataset(root, frame: pd.DataFrame, image_size: int) -> ImageDataset:

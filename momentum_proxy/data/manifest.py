@@ -1,12 +1,17 @@
 """The prepared-dataset layout every command reads: a folder with images and `manifest.csv`.
 
 Columns: `path` (relative to the folder), `label` (int, one per class, unique across the dataset),
-`class_name`, `split` (train/test, or train/query/gallery for query-gallery datasets such as In-shop).
+`class_name`, `split`: train/test, or train/query/gallery for query-gallery datasets such as In-shop, plus
+`val` — validation classes disjoint from both train and test, on which models are chosen. Manifests without
+`val` rows (older ones, or prepared with `--val-classes 0`) stay valid.
 """
 from __future__ import annotations
 
+import hashlib
+import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from momentum_proxy.errors import UserError
@@ -14,7 +19,7 @@ from momentum_proxy.fileio import atomic_path
 
 MANIFEST = "manifest.csv"
 COLUMNS = ["path", "label", "class_name", "split"]
-SPLITS = {"train", "test", "query", "gallery"}
+SPLITS = {"train", "val", "test", "query", "gallery"}
 
 
 def write_manifest(root: str | Path, rows: pd.DataFrame | list[dict]) -> Path:
@@ -63,3 +68,59 @@ def split_frame(df: pd.DataFrame, split: str) -> pd.DataFrame:
     if split == "test" and "test" not in set(df["split"]):
         return df[df["split"].isin(["query", "gallery"])].reset_index(drop=True)
     return df[df["split"] == split].reset_index(drop=True)
+
+
+def has_split(df: pd.DataFrame, split: str) -> bool:
+    return not split_frame(df, split).empty
+
+
+def manifest_sha256(root: str | Path) -> str:
+    """Fingerprint of a prepared dataset's manifest (a run notices when its dataset changed)."""
+    return hashlib.sha256((Path(root) / MANIFEST).read_bytes()).hexdigest()
+
+
+def parse_val_classes(text: str | float | int | None) -> float | int:
+    """`--val-classes N|FRACTION`: an int count of classes (`5`), or a fraction of the train classes (`0.2`)."""
+    if text is None:
+        return 0
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"--val-classes must be a class count or a fraction, got {text!r}") from None
+    if value < 0 or (value >= 1 and value != int(value)):
+        raise UserError(f"--val-classes must be a class count (>= 0) or a fraction in (0, 1), got {text!r}")
+    return int(value) if value >= 1 or value == 0 else value
+
+
+def val_class_count(val_classes: float | int, n_train: int) -> int:
+    """How many of `n_train` train classes become validation classes.
+
+    A count is taken as given (at least 2: retrieval within one class is trivially perfect) and must leave 2
+    train classes. A fraction rounds, to at least 2 classes; when the train classes are too few for that,
+    no val split is made (with a note), so the default works on any dataset.
+    """
+    if isinstance(val_classes, int):
+        if val_classes == 1:
+            raise UserError("--val-classes 1: retrieval within one class is trivially perfect; use 0 or >= 2")
+        if val_classes and n_train - val_classes < 2:
+            raise UserError(f"--val-classes {val_classes} leaves {n_train - val_classes} train classes of "
+                            f"{n_train}; training needs at least 2")
+        return val_classes
+    n = max(2, round(val_classes * n_train))
+    if n_train - n < 2:
+        print(f"mproxy: note: {n_train} train classes are too few to carve val classes from; no val split made",
+              file=sys.stderr)
+        return 0
+    return n
+
+
+def carve_val(df: pd.DataFrame, val_classes: float | int, seed: int = 0) -> pd.DataFrame:
+    """Move `val_classes` (count or fraction) of the train classes, picked with `seed`, to the `val` split."""
+    train_labels = np.array(sorted(df.loc[df["split"] == "train", "label"].unique()))
+    n = val_class_count(val_classes, len(train_labels))
+    if n == 0:
+        return df
+    picked = np.random.default_rng(seed).choice(train_labels, size=n, replace=False)
+    df = df.copy()
+    df.loc[(df["split"] == "train") & df["label"].isin(picked), "split"] = "val"
+    return df

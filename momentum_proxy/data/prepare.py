@@ -3,12 +3,15 @@
 Each `prepare_*` function reads one official dataset layout, builds a list of `Record`s and hands it to
 `write_prepared`, which re-encodes every image once (RGB JPEG, quality 95, short side reduced to
 `short_side` when larger, optionally cropped to its box), skips unreadable or missing images with a
-warning, and writes `manifest.csv` and `prepare_report.json`. Originals are only read.
+warning, carves the validation classes out of the train classes (`val_classes`), and writes `manifest.csv`
+and `prepare_report.json`. Originals are only read; an output folder that already holds a prepared dataset is
+refused unless `overwrite`, and then cleared first.
 """
 from __future__ import annotations
 
+import os
 import shutil
-import warnings
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -19,7 +22,9 @@ from PIL import Image
 from scipy.io import loadmat
 from tqdm import tqdm
 
-from momentum_proxy.data.manifest import write_manifest
+import pandas as pd
+
+from momentum_proxy.data.manifest import MANIFEST, carve_val, write_manifest
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path, write_json
 
@@ -70,11 +75,15 @@ def write_prepared(
     short_side: int | None = 256,
     crop: bool = False,
     workers: int = 1,
+    val_classes: float | int = 0,
+    val_seed: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Cache `records` under `out/images/`, then write `out/manifest.csv` and `out/prepare_report.json`.
 
-    Missing or unreadable images are skipped with a warning and listed in the report. Raises UserError
-    when nothing could be written. Returns `out`.
+    Missing or unreadable images are skipped with a one-line warning and listed in the report.
+    `val_classes` (a count, or a fraction of the train classes) move to the `val` split, picked with
+    `val_seed`. Raises UserError when nothing could be written. Returns `out`.
     """
     records = list(records)
     out, source = Path(out), Path(source)
@@ -82,6 +91,7 @@ def write_prepared(
     if not 1 <= workers <= MAX_WORKERS:
         raise UserError(f"workers must be 1..{MAX_WORKERS}, got {workers}")
     _check_separate(source, out)
+    claim_output(out, overwrite)
 
     dsts = _destinations(records)
     jobs = [(r.src, out / d, r.box if crop else None, short_side) for r, d in zip(records, dsts)]
@@ -102,29 +112,41 @@ def write_prepared(
         first = f": {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
         raise UserError(f"no readable images for {dataset} in {source}{first}")
     if skipped:
-        warnings.warn(
-            f"skipped {len(skipped)} of {len(records)} images (see {out / REPORT}); "
-            f"first: {skipped[0]['path']}: {skipped[0]['reason']}",
-            stacklevel=3,
-        )
-
-    splits = sorted({row["split"] for row in rows})
-    write_manifest(out, rows)
-    write_json(
-        out / REPORT,
-        {
-            "dataset": dataset,
-            "source": str(source.resolve()),
-            "crop": crop,
-            "short_side": short_side or None,
-            "images": len(rows),
-            "classes": len({row["label"] for row in rows}),
-            "counts": {s: sum(row["split"] == s for row in rows) for s in splits},
-            "classes_per_split": {s: len({row["label"] for row in rows if row["split"] == s}) for s in splits},
-            "skipped": skipped,
-        },
-    )
+        print(f"mproxy: warning: skipped {len(skipped)} of {len(records)} unreadable images (listed in "
+              f"{out / REPORT}); first: {skipped[0]['path']}: {skipped[0]['reason']}", file=sys.stderr)
+    df = carve_val(pd.DataFrame(rows), val_classes, val_seed)
+    write_manifest(out, df)
+    write_json(out / REPORT, {"dataset": dataset, "source": str(source.resolve()), "crop": crop,
+                              "short_side": short_side or None, **split_counts(df), "skipped": skipped})
     return out
+
+
+def split_counts(df: pd.DataFrame) -> dict:
+    """Images and classes, in all and per split (the report's and `prepare`'s summary)."""
+    splits = [s for s in ("train", "val", "test", "query", "gallery") if s in set(df["split"])]
+    return {"images": len(df), "classes": int(df["label"].nunique()),
+            "counts": {s: int((df["split"] == s).sum()) for s in splits},
+            "classes_per_split": {s: int(df.loc[df["split"] == s, "label"].nunique()) for s in splits}}
+
+
+def claim_output(out: Path, overwrite: bool) -> None:
+    """Make `out` ready for a new prepared dataset: refuse a file, or a prepared dataset unless `overwrite`
+    (then its manifest, report and images are removed); other contents are left alone."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if (out / MANIFEST).exists():
+        if not overwrite:
+            raise UserError(f"{out} already holds a prepared dataset; use --overwrite to replace it, "
+                            "or choose another --out")
+        for name in (MANIFEST, REPORT):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / IMAGES, ignore_errors=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"{out} is not writable")
 
 
 def _check_short_side(short_side: int | None) -> None:
@@ -260,14 +282,18 @@ def prepare_folder(
     short_side: int | None = 256,
     *,
     workers: int = 1,
+    val_classes: float | int = 0.2,
+    val_seed: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Prepare an ImageFolder tree: `src/<class_name>/**/<image>` (jpg, png, bmp, gif, webp, tif, ppm/pgm).
 
     Classes are the sub-folders holding at least one image, sorted by name; label = index in that order.
-    Without `split_file` the first half (`n // 2`) are train and the rest test. `split_file` is a text
-    file with one `class_name,split` line per class (split: train or test); blank lines, `#` comments and
-    a `class_name,split` header are ignored, the name is everything before the last comma. It must list
-    every class and no others.
+    Without `split_file` the first half (`n // 2`) are train and the rest test, and `val_classes` of the
+    train classes become validation classes. `split_file` is a text file with one `class_name,split` line
+    per class (split: train, val or test); blank lines, `#` comments and a `class_name,split` header are
+    ignored, the name is everything before the last comma. It must list every class and no others; its
+    val classes are used as listed (`val_classes` applies only when it names none).
     """
     src = Path(src)
     if not src.is_dir():
@@ -286,12 +312,15 @@ def prepare_folder(
         splits = {name: "train" if i < len(names) // 2 else "test" for i, name in enumerate(names)}
     else:
         splits = _read_split_file(Path(split_file), names)
+        if "val" in splits.values():
+            val_classes = 0
     records = [
         Record(f, f.relative_to(src).as_posix(), label, name, splits[name])
         for label, name in enumerate(names)
         for f in classes[name]
     ]
-    return write_prepared(records, out, dataset="folder", source=src, short_side=short_side, workers=workers)
+    return write_prepared(records, out, dataset="folder", source=src, short_side=short_side, workers=workers,
+                          val_classes=val_classes, val_seed=val_seed, overwrite=overwrite)
 
 
 def _read_split_file(path: Path, classes: list[str]) -> dict[str, str]:
@@ -305,8 +334,8 @@ def _read_split_file(path: Path, classes: list[str]) -> dict[str, str]:
         name, sep, split = (s.strip() for s in line.rpartition(","))
         if not sep or not name:
             raise UserError(f"malformed {path} line {lineno}: expected 'class_name,split', got {line!r}")
-        if split not in ("train", "test"):
-            raise UserError(f"malformed {path} line {lineno}: split must be train or test, got {split!r}")
+        if split not in ("train", "val", "test"):
+            raise UserError(f"malformed {path} line {lineno}: split must be train, val or test, got {split!r}")
         if splits.setdefault(name, split) != split:
             raise UserError(f"{path} line {lineno}: class {name!r} listed with two splits")
     unknown = sorted(set(splits) - set(classes))
@@ -319,7 +348,8 @@ def _read_split_file(path: Path, classes: list[str]) -> dict[str, str]:
 
 
 def prepare_car(
-    src: str | Path, out: str | Path, crop: bool = False, short_side: int | None = 256, *, workers: int = 1
+    src: str | Path, out: str | Path, crop: bool = False, short_side: int | None = 256, *, workers: int = 1,
+    **options
 ) -> Path:
     """Prepare Stanford Cars (`src/cars_annos.mat` + `src/car_ims/`): classes 1-98 train, 99-196 test.
 
@@ -349,11 +379,13 @@ def prepare_car(
         box = (int(a["bbox_x1"]), int(a["bbox_y1"]), int(a["bbox_x2"]) + 1, int(a["bbox_y2"]) + 1)
         split = "train" if cls <= CAR_TRAIN_CLASSES else "test"
         records.append(Record(src / rel, rel, cls - 1, class_names[cls - 1], split, box))
-    return write_prepared(records, out, dataset="car", source=src, short_side=short_side, crop=crop, workers=workers)
+    return write_prepared(records, out, dataset="car", source=src, short_side=short_side, crop=crop,
+                          workers=workers, **options)
 
 
 def prepare_cub(
-    src: str | Path, out: str | Path, crop: bool = False, short_side: int | None = 256, *, workers: int = 1
+    src: str | Path, out: str | Path, crop: bool = False, short_side: int | None = 256, *, workers: int = 1,
+    **options
 ) -> Path:
     """Prepare CUB-200-2011 (`src` is the CUB_200_2011 folder or its parent): classes 1-100 train, 101-200 test.
 
@@ -396,10 +428,12 @@ def prepare_cub(
             box = (x, y, x + w, y + h)
         split = "train" if cls <= CUB_TRAIN_CLASSES else "test"
         records.append(Record(root / "images" / rel, rel, cls - 1, class_name, split, box))
-    return write_prepared(records, out, dataset="cub", source=root, short_side=short_side, crop=crop, workers=workers)
+    return write_prepared(records, out, dataset="cub", source=root, short_side=short_side, crop=crop,
+                          workers=workers, **options)
 
 
-def prepare_sop(src: str | Path, out: str | Path, short_side: int | None = 256, *, workers: int = 1) -> Path:
+def prepare_sop(src: str | Path, out: str | Path, short_side: int | None = 256, *, workers: int = 1,
+                **options) -> Path:
     """Prepare Stanford Online Products: `src/Ebay_train.txt` -> train, `src/Ebay_test.txt` -> test.
 
     Listing rows are `image_id class_id super_class_id path` after a header; label = class_id - 1,
@@ -418,10 +452,12 @@ def prepare_sop(src: str | Path, out: str | Path, short_side: int | None = 256, 
             cid = _int(class_id, path, lineno)
             super_name = rel.replace("\\", "/").split("/")[0].removesuffix("_final")
             records.append(Record(src / rel, rel, cid - 1, f"{super_name}_{cid}", split))
-    return write_prepared(records, out, dataset="sop", source=src, short_side=short_side, workers=workers)
+    return write_prepared(records, out, dataset="sop", source=src, short_side=short_side, workers=workers,
+                          **options)
 
 
-def prepare_isc(src: str | Path, out: str | Path, short_side: int | None = 256, *, workers: int = 1) -> Path:
+def prepare_isc(src: str | Path, out: str | Path, short_side: int | None = 256, *, workers: int = 1,
+                **options) -> Path:
     """Prepare In-shop Clothes Retrieval: `src/list_eval_partition.txt` + images under `src/img/`.
 
     The listing is a count line, the header `image_name item_id evaluation_status`, then one row per
@@ -445,7 +481,8 @@ def prepare_isc(src: str | Path, out: str | Path, short_side: int | None = 256, 
         raise UserError(f"malformed {path}: declares {count} images but lists {len(entries)} (truncated?)")
     labels = {item: i for i, item in enumerate(sorted({e[1] for e in entries}))}
     records = [Record(src / rel, rel, labels[item], item, status) for rel, item, status in entries]
-    return write_prepared(records, out, dataset="isc", source=src, short_side=short_side, workers=workers)
+    return write_prepared(records, out, dataset="isc", source=src, short_side=short_side, workers=workers,
+                          **options)
 
 
 PREPARERS: dict[str, Callable[..., Path]] = {

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from momentum_proxy.data.manifest import write_manifest
+from momentum_proxy.data.manifest import carve_val, val_class_count, write_manifest
+from momentum_proxy.data.prepare import claim_output
 from momentum_proxy.errors import UserError
 
 TAILS = ("fork", "round", "wedge", "square")
@@ -213,11 +215,13 @@ def render_image(sp: Species, rng: np.random.Generator, size: int) -> Image.Imag
 
 
 def generate_synthetic(
-    out: str | Path, classes: int = 40, per_class: int = 30, size: int = 128, seed: int = 0, progress: bool = True
+    out: str | Path, classes: int = 40, per_class: int = 30, size: int = 128, seed: int = 0, progress: bool = True,
+    val_classes: float | int = 0.2, overwrite: bool = False,
 ) -> Path:
     """Write the synthetic bird dataset to `out` (images + manifest.csv) and return `out`.
 
-    Classes `0 .. classes//2 - 1` form the train split, the rest the test split.
+    Classes `0 .. classes//2 - 1` form the train split, the rest the test split; `val_classes` (a count or a
+    fraction) of the train classes, picked with `seed`, become the validation split.
     """
     if classes < 2:
         raise UserError(f"classes must be at least 2, got {classes}")
@@ -228,6 +232,8 @@ def generate_synthetic(
     if seed < 0:
         raise UserError(f"seed must be non-negative, got {seed}")
     out = Path(out)
+    val_class_count(val_classes, classes // 2)  # refuse a bad split before drawing anything
+    claim_output(out, overwrite)
     width = max(2, len(str(classes - 1)))
     rows = []
     with tqdm(total=classes * per_class, desc="synthetic birds", unit="img", disable=not progress) as bar:
@@ -241,5 +247,5 @@ def generate_synthetic(
                 rows.append({"path": f"images/{name}/{i:04d}.jpg", "label": c, "class_name": name,
                              "split": "train" if c < classes // 2 else "test"})
                 bar.update()
-    write_manifest(out, rows)
+    write_manifest(out, carve_val(pd.DataFrame(rows), val_classes, seed))
     return out
