@@ -10,6 +10,7 @@ from pathlib import Path
 from momentum_proxy import __version__
 from momentum_proxy.config import LOSS_NAMES, RECIPES, run_folder_name
 from momentum_proxy.errors import UserError
+from momentum_proxy.fileio import check_writable_folder
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -71,8 +72,10 @@ def add_output_options(p, val_default: str) -> None:
 
 def run_prepare(a) -> None:
     from momentum_proxy.data.manifest import parse_val_classes
+    from momentum_proxy.data.prepare import check_output
 
     val = parse_val_classes(a.val_classes)
+    check_output(Path(a.out), a.overwrite)
     if a.kind == "synthetic":
         from momentum_proxy.data.synthetic import generate_synthetic
 
@@ -203,6 +206,7 @@ def run_train(a) -> None:
         out = a.resume
     else:
         cfg = config_from_args(a)
+        check_writable_folder(Path(cfg.out), "the run folder")
         from momentum_proxy import training
 
         summary = training.train(cfg, overwrite=a.overwrite)
@@ -229,6 +233,8 @@ def run_evaluate(a) -> None:
     unknown = [m for m in a.metrics or [] if m not in METRICS]
     if unknown:
         raise UserError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    if a.json and Path(a.json).is_dir():
+        raise UserError(f"--json {a.json} is a folder; a file is expected there")
     from momentum_proxy.evaluate import describe, evaluate_file, evaluate_run, format_table
 
     if a.embeddings:
@@ -267,8 +273,10 @@ def run_retrieve(a) -> None:
     from momentum_proxy.retrieval import ranked_list, resolve_database, retrieve, save_retrieval
 
     run_dir, database = resolve_database(a.run_dir, a.data_base)
+    out = Path(a.out or Path(run_dir) / "retrieval")
+    check_writable_folder(out, "the output folder")
     r = retrieve(run_dir, a.query, a.k, database=database, split=a.split, device=a.device)
-    png = save_retrieval(r.query, r.label, r.results, a.out or str(Path(run_dir) / "retrieval"),
+    png = save_retrieval(r.query, r.label, r.results, out,
                          collection=r.collection, label_name=r.label_name,
                          extra={"run": str(Path(run_dir).resolve()), "requested_k": a.k})
     print(f"searched {r.collection}" + (f"; -k {a.k} capped to the {len(r.results)} images there"
@@ -412,11 +420,10 @@ def _show_defaults(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from momentum_proxy.perf import flush_denormals, tune_allocator
+    from momentum_proxy.perf import tune_allocator
 
     args = parser().parse_args(argv)
     tune_allocator()
-    flush_denormals()
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
     try:
         COMMANDS[args.command][1](args)

@@ -53,7 +53,7 @@ def evaluate_run(run_dir: str | Path, *, metrics=None, recalls=None, json_out: s
                           workers=cfg.workers)
     res = evaluate_arrays(feats, test.labels, test.split, metrics=metrics, recalls=recalls or cfg.recalls)
     state = run.load_checkpoint(BEST)
-    summary = run.eval() or {"checkpoint": BEST, "epoch": state["epoch"], "selected_on": info.get("select", "?")}
+    summary = run.eval() or {"checkpoint": BEST, "epoch": state["epoch"], "selected_on": info.get("selection", "?")}
     summary.update(split="test", queries=test.num_queries, test={**summary.get("test", {}), **res})
     run.write_eval(summary)
     if json_out:

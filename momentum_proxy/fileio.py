@@ -47,6 +47,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def check_writable_folder(path: Path, what: str) -> None:
+    """UserError unless `path` is (or can become) a folder we can write: probed with a real temporary file in
+    its nearest existing ancestor, which is the only reliable test (root ignores permission bits)."""
+    for parent in [path, *Path(path).absolute().parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{parent} is a file; {what} {path} must be a folder")
+            try:
+                fd, probe = tempfile.mkstemp(dir=parent, prefix=".mproxy-probe-")
+            except OSError as e:
+                raise UserError(f"cannot write {what} {path}: {parent}: {e.strerror}") from None
+            os.close(fd)
+            os.unlink(probe)
+            return
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

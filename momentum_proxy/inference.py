@@ -15,10 +15,14 @@ from momentum_proxy.data.loading import (ImageDataset, eval_resize, eval_transfo
 from momentum_proxy.distributed import DistInfo, all_gather_cat
 from momentum_proxy.errors import UserError
 from momentum_proxy.models import EmbeddingNet
+from momentum_proxy.perf import flush_denormals
 from momentum_proxy.runs import BEST, RunDir, TrainConfig
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device for `auto | cpu | cuda[:N]`. Every torch job starts here, so it also applies the
+    process-wide CPU setting (denormals flushed, see perf.py)."""
+    flush_denormals()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from momentum_proxy.config import TrainConfig
 from momentum_proxy.errors import UserError
-from momentum_proxy.fileio import atomic_path, read_json, write_json, write_text
+from momentum_proxy.fileio import atomic_path, check_writable_folder, read_json, write_json, write_text
 
 CONFIG, METRICS, EMBEDDINGS, EVAL, LOG = "config.json", "metrics.csv", "embeddings.npz", "eval.json", "train.log"
 LAST, BEST = "checkpoints/last.pt", "checkpoints/best.pt"
@@ -52,13 +52,7 @@ class RunDir:
 
     def check_writable(self) -> None:
         """Refuse, before any work, a path that is a file, lies under a file, or cannot be written."""
-        for parent in [self.path, *self.path.absolute().parents]:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise UserError(f"{parent} is a file; the run folder {self.path} must be a folder")
-                if not os.access(parent, os.W_OK | os.X_OK):
-                    raise UserError(f"cannot write the run folder {self.path}: {parent} is not writable")
-                return
+        check_writable_folder(self.path, "the run folder")
 
     def start(self, cfg: TrainConfig, overwrite: bool, extra: dict | None = None) -> None:
         """Claim the folder for a new run; refuse one that holds a run unless `overwrite`."""

@@ -170,7 +170,7 @@ def setup(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> tuple[Job, Trai
         state.load_state_dict(run.load_checkpoint(LAST))
         run.log(f"resuming from epoch {state.epoch}", dist.is_main)
     elif dist.is_main:
-        run.start(cfg, overwrite, extra={"data_manifest_sha256": manifest_sha256(cfg.data), "select": select})
+        run.start(cfg, overwrite, extra={"data_manifest_sha256": manifest_sha256(cfg.data), "selection": select})
     distributed.barrier()
     return job, state
 

@@ -6,7 +6,7 @@ from momentum_proxy.data.synthetic import generate_synthetic
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A small prepared dataset: 8 synthetic species (2 train, 2 val, 4 test) x 8 images of 64 px."""
-    return generate_synthetic(tmp_path_factory.mktemp("tiny") / "data", classes=8, per_class=8, size=64,
+    return generate_synthetic(tmp_path_factory.mktemp("tiny") / "dåta with space", classes=8, per_class=8, size=64,
                               progress=False, val_classes=2)
 
 

@@ -1,5 +1,6 @@
 """The command line end to end on a tiny dataset, and its one-line errors."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ def run_cli(args, capsys):
 
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "run"
+    out = tmp_path_factory.mktemp("cli") / "rün folder"
     main(["train", "--data", str(tiny_data), "--out", str(out), *TRAIN])
     return out
 
@@ -36,16 +37,20 @@ def test_prepare_train_evaluate_retrieve(tiny_data, trained, tmp_path, capsys):
 
     code, out, _ = run_cli(["evaluate", trained, "--json", tmp_path / "e.json"], capsys)
     assert code == 0 and "map@r" in out
+    assert "checkpoints/best.pt (epoch 1, selected on val map@r) on the test split, 32 queries" in out
     res = json.loads((tmp_path / "e.json").read_text())
-    assert set(res) == {"recall@1", "recall@2", "recall@4", "recall@8", "precision@1", "r_precision", "map@r", "nmi"}
-    assert (trained / "eval.json").exists()
+    assert set(res["test"]) == {"recall@1", "recall@2", "recall@4", "recall@8", "precision@1", "r_precision",
+                                "map@r", "nmi"}
+    assert res["selected_on"] == "val" and json.loads((trained / "eval.json").read_text()) == res
 
     query = tiny_data / "images" / "species_04" / "0001.jpg"
     code, out, _ = run_cli(["retrieve", trained, "--query", query, "-k", 5, "--out", tmp_path / "ret"], capsys)
-    assert code == 0
+    assert code == 0 and "searched the test split of dåta with space (32 images)" in out
     results = json.loads((tmp_path / "ret" / "results.json").read_text())
     assert results["query_label"] == 4 and len(results["results"]) == 5
+    assert results["query_class_name"] == "species_04" and results["run"] == str(trained.resolve())
     assert all(r["correct"] == (r["label"] == 4) for r in results["results"])
+    assert all(r["class_name"] == f"species_{r['label']:02d}" and r["class_name"] in out for r in results["results"])
     sims = [r["similarity"] for r in results["results"]]
     assert sims == sorted(sims, reverse=True)
     assert str(query) not in [r["path"] for r in results["results"]]
@@ -73,9 +78,9 @@ def test_index_build_add_search(tiny_data, trained, tmp_path, capsys):
     (some / "broken.jpg").write_bytes(b"not a jpeg")
     idx = tmp_path / "idx"
     code, out, _ = run_cli(["index", trained, "--images", tiny_data, "--out", idx], capsys)
-    assert code == 0 and "total: 48" in out
+    assert code == 0 and "total: 64" in out
     code, out, _ = run_cli(["index", trained, "--images", some, "--out", idx], capsys)
-    assert code == 0 and "added: 4" in out and "total: 52" in out and "skipped: 1" in out
+    assert code == 0 and "added: 4" in out and "total: 68" in out and "skipped: 1" in out
     assert json.loads((idx / "skipped.json").read_text())[0]["path"].endswith("broken.jpg")
     query = tiny_data / "images" / "species_04" / "0002.jpg"
     code, _, err = run_cli(["retrieve", "--index", idx, "--query", query, "-k", 4, "--out", tmp_path / "q"], capsys)
@@ -94,7 +99,8 @@ def test_original_command_line_resolves_to_the_same_config(tmp_path):
                                "--device", "cpu"])
     a, b = config_from_args(new), config_from_args(old)
     assert a == b
-    assert a.out == str(Path("results") / "car_resnet50_proxy_anchor_sgd*_0.7")
+    assert a.out == str(Path("results") / "car_resnet50_proxy_anchor_sgd-momentum_0.7")  # no * in folder names
+    assert (a.sgd_momentum, a.select, a.select_metric) == (0.0, "test", "recall@1")  # the original's plain SGD
     defaults = config_from_args(parser().parse_args(["train", "--data_path", str(tmp_path), "--device", "cpu"]))
     assert (defaults.backbone, defaults.loss, defaults.optimizer, defaults.momentum, defaults.lr, defaults.recalls,
             defaults.batch_size, defaults.epochs) == ("resnet50", "proxy_nca", "adam*", 0.5, 1e-3, [1, 2, 4, 8], 64, 20)
@@ -118,8 +124,8 @@ def _bad_manifest(tmp_path, name, text):
     ("no_columns", "missing column"),
     ("bad_split", "unknown split"),
     ("unknown_backbone", "unknown backbone"),
-    ("unknown_loss", "unknown loss"),
-    ("unknown_optimizer", "unknown optimizer"),
+    ("unknown_loss", "unknown --loss"),
+    ("unknown_optimizer", "unknown --optimizer"),
     ("missing_query", "query image not found"),
     ("resume_nothing", "not a run folder"),
     ("existing_run", "already holds a run"),
@@ -132,7 +138,7 @@ def test_bad_input_gives_one_line_error(case, expected, tiny_data, trained, tmp_
         "missing_data": ["train", "--data", tmp_path / "nope", *TRAIN],
         "empty_data": ["train", "--data", empty, *TRAIN],
         "no_columns": ["train", "--data", _bad_manifest(tmp_path, "cols", "a,b\n1,2\n"), *TRAIN],
-        "bad_split": ["train", "--data", _bad_manifest(tmp_path, "split", "path,label,class_name,split\nx.jpg,0,a,val\n"),
+        "bad_split": ["train", "--data", _bad_manifest(tmp_path, "split", "path,label,class_name,split\nx.jpg,0,a,dev\n"),
                       *TRAIN],
         "unknown_backbone": ["train", "--data", data, "--backbone", "vgg99", "--out", tmp_path / "r", *TRAIN],
         "unknown_loss": ["train", "--data", data, "--loss", "triplet", "--out", tmp_path / "r", *TRAIN],
@@ -175,3 +181,120 @@ def test_evaluate_embeddings_file(tmp_path, capsys):
     np.savez(tmp_path / "bad.npz", feats=feats)
     code, _, err = run_cli(["evaluate", "--embeddings", tmp_path / "bad.npz"], capsys)
     assert code == 2 and "lacks the array 'features'" in err
+
+
+READ_ONLY = Path("/sys/mproxy-test") if os.geteuid() == 0 else None  # root ignores permission bits, not sysfs
+
+
+@pytest.fixture
+def places(tmp_path):
+    """Bad places to write to: an existing file, a path under a file, a read-only folder."""
+    file = tmp_path / "file.txt"
+    file.write_text("x")
+    read_only = READ_ONLY
+    if read_only is None:
+        read_only = tmp_path / "ro"
+        read_only.mkdir()
+        read_only.chmod(0o500)
+    return {"FILE": file, "UNDER_FILE": file / "sub", "READ_ONLY": read_only / "out", "DIR": tmp_path}
+
+
+BAD = [  # (command line with placeholders, expected text of the one-line error)
+    (["train", "--data", "DATA", "--out", "FILE", *TRAIN], "is a file"),
+    (["train", "--data", "DATA", "--out", "UNDER_FILE", *TRAIN], "is a file"),
+    (["train", "--data", "DATA", "--out", "READ_ONLY", *TRAIN], "cannot write the run folder"),
+    (["train", "--data", "FILE", "--out", "DIR/r", *TRAIN], "not a folder"),
+    (["train", "--data", "DATA", "--out", "DIR/r", "--metrics", "foo", *TRAIN], "unknown --metrics 'foo'"),
+    (["train", "--data", "DATA", "--out", "DIR/r", "--momentum", "2", *TRAIN], "--momentum must be in [0, 1]"),
+    (["train", "--data", "DATA", "--out", "DIR/r", "--select", "best", *TRAIN], "unknown --select"),
+    (["train", "--data", "DATA", "--out", "DIR/r", "--select-metric", "nmi", *TRAIN], "unknown --select-metric"),
+    (["train", "--data", "DATA", "--out", "DIR/r", "--proxy-update", "avg", *TRAIN], "unknown --proxy-update"),
+    (["train", "--data", "DATA", "--out", "DIR/r", "--epochs", "0", *TRAIN[:-4]], "--epochs must be >= 1"),
+    (["train", "--resume", "FILE"], "not a run folder"),
+    (["retrieve", "RUN", "--query", "QUERY", "--out", "FILE"], "is a file"),
+    (["retrieve", "RUN", "--query", "QUERY", "--out", "READ_ONLY"], "cannot write the output folder"),
+    (["retrieve", "RUN", "--query", "DIR", "--out", "DIR/r"], "query image not found"),
+    (["retrieve", "RUN", "--query", "QUERY", "-k", "0"], "-k must be at least 1"),
+    (["retrieve", "RUN", "--query", "QUERY", "--split", "dev", "--out", "DIR/r"], "unknown --split"),
+    (["retrieve", "FILE", "--query", "QUERY", "--out", "DIR/r"], "not a run folder"),
+    (["evaluate", "RUN", "--metrics", "foo"], "unknown metric 'foo'"),
+    (["evaluate", "RUN", "--json", "DIR"], "is a folder"),
+    (["prepare", "folder", "--src", "DATA", "--out", "FILE"], "is a file"),
+    (["prepare", "folder", "--src", "FILE", "--out", "DIR/p"], "source folder not found"),
+    (["prepare", "folder", "--src", "DATA", "--out", "READ_ONLY"], "cannot write the output folder"),
+    (["prepare", "synthetic", "--out", "FILE"], "is a file"),
+    (["prepare", "synthetic", "--out", "DIR/p", "--val-classes", "abc"], "--val-classes must be"),
+    (["prepare", "synthetic", "--out", "DATA"], "already holds a prepared dataset"),
+    (["sweep", "--data", "DATA", "--out", "DIR/s", "--momentum", "a,b", *TRAIN], "bad grid value"),
+    (["report", "DIR"], "no finished run"),
+    (["plot", "curves", "FILE"], "no metrics.csv"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", BAD, ids=[" ".join(a[:2]) + f" {i}" for i, (a, _) in enumerate(BAD)])
+def test_every_bad_path_or_option_is_one_line_and_writes_nothing(argv, expected, places, tiny_data, trained, capsys):
+    subst = {**places, "DATA": tiny_data, "RUN": trained, "QUERY": tiny_data / "images" / "species_04" / "0001.jpg"}
+    args = []
+    for a in argv:
+        head, _, tail = a.partition("/")
+        args.append(str(subst[head] / tail) if head in subst and tail else str(subst.get(a, a)))
+    before = {p: p.stat().st_mtime_ns for p in [*places["DIR"].rglob("*"), *trained.rglob("*"), *tiny_data.rglob("*")]}
+    code, out, err = run_cli(args, capsys)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mproxy: error:") and expected in lines[0], err
+    after = {p: p.stat().st_mtime_ns for p in [*places["DIR"].rglob("*"), *trained.rglob("*"), *tiny_data.rglob("*")]}
+    assert after == before  # nothing written, nothing changed
+
+
+def test_bad_options_fail_before_torch_is_imported(tiny_data, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from momentum_proxy.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    assert 'torch' not in sys.modules, 'torch was imported'; raise")
+    res = subprocess.run([sys.executable, "-c", code, "train", "--data", str(tiny_data), "--out", str(tmp_path / "r"),
+                          "--loss", "triplet"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "unknown --loss 'triplet'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_help_shows_defaults_and_version(capsys):
+    code, out, _ = run_cli(["train", "--help"], capsys)
+    assert code == 0 and "(default: 0.0001)" in out and "(default: normalized_softmax)" in out
+    code, out, _ = run_cli(["--version"], capsys)
+    assert code == 0 and out.startswith("mproxy 0.")
+
+
+def test_retrieve_large_k_is_capped_and_laid_out_in_rows(trained, tiny_data, tmp_path, capsys):
+    query = tiny_data / "images" / "species_04" / "0001.jpg"
+    code, out, _ = run_cli(["retrieve", trained, "--query", query, "-k", 1000, "--out", tmp_path / "r"], capsys)
+    assert code == 0 and "-k 1000 capped to the 31 images there" in out
+    with Image.open(tmp_path / "r" / "retrieval.png") as im:
+        assert im.height > im.width / 4  # 32 pictures in rows of 10, not one 32-wide strip
+    code, out, _ = run_cli(["retrieve", trained, "--query", query, "-k", 3, "--split", "all", "--out",
+                            tmp_path / "all"], capsys)
+    assert code == 0 and "searched all splits of dåta with space (64 images)" in out
+
+
+def test_evaluate_notices_a_changed_dataset(trained, capsys, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["data_manifest_sha256"] = "0" * 64
+    (run / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(["evaluate", run, "--metrics", "recall"], capsys)
+    assert code == 0 and "manifest.csv changed since this run was trained" in err
+
+
+def test_files_follow_the_umask(tmp_path):
+    from momentum_proxy.fileio import write_json
+
+    old = os.umask(0o027)
+    try:
+        write_json(tmp_path / "a.json", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640

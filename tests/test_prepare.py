@@ -74,10 +74,11 @@ def tree(tmp_path) -> Path:
     return src
 
 
-def test_folder_default_split_skips_corrupt_files(tree, tmp_path):
+def test_folder_default_split_skips_corrupt_files(tree, tmp_path, capsys):
     before = digests(tree)
-    with pytest.warns(UserWarning, match="skipped 2 of 10 images"):
-        out = prepare_folder(tree, tmp_path / "out")
+    out = prepare_folder(tree, tmp_path / "out")
+    warning = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert len(warning) == 1 and warning[0].startswith("mproxy: warning: skipped 2 of 10 unreadable images")
     assert digests(tree) == before  # originals untouched
     df = read_manifest(out)
     assert len(df) == 8
@@ -97,8 +98,7 @@ def test_folder_default_split_skips_corrupt_files(tree, tmp_path):
 def test_folder_split_file(tree, tmp_path):
     split_file = tmp_path / "splits.csv"
     split_file.write_text("class_name,split\n# comment\nant,test\nbee, train\n\ncat,train\ndog,test\n")
-    with pytest.warns(UserWarning):
-        out = prepare_folder(tree, tmp_path / "out", split_file=split_file)
+    out = prepare_folder(tree, tmp_path / "out", split_file=split_file)
     df = read_manifest(out)
     assert dict(zip(df["class_name"], df["split"])) == {"ant": "test", "bee": "train", "cat": "train", "dog": "test"}
     assert dict(zip(df["class_name"], df["label"]))["cat"] == 2
@@ -109,7 +109,7 @@ def test_folder_split_file(tree, tmp_path):
     [
         ("ant,train\nbee,train\ncat,test\n", "does not list 1 class folder.*'dog'"),
         ("ant,train\nbee,train\ncat,test\ndog,test\nemu,test\n", "no image folder.*'emu'"),
-        ("ant,train\nbee,train\ncat,test\ndog,val\n", "line 4: split must be train or test"),
+        ("ant,train\nbee,train\ncat,test\ndog,dev\n", "line 4: split must be train, val or test"),
         ("ant train\n", "line 1: expected 'class_name,split'"),
     ],
 )
@@ -176,10 +176,8 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def test_two_workers_match_one(tree, tmp_path):
-    with pytest.warns(UserWarning):
-        one = read_manifest(prepare_folder(tree, tmp_path / "one"))
-    with pytest.warns(UserWarning):
-        two = read_manifest(prepare_folder(tree, tmp_path / "two", workers=2))
+    one = read_manifest(prepare_folder(tree, tmp_path / "one"))
+    two = read_manifest(prepare_folder(tree, tmp_path / "two", workers=2))
     assert one.equals(two)
     with pytest.raises(UserError, match="workers"):
         prepare_folder(tree, tmp_path / "three", workers=3)
@@ -226,10 +224,10 @@ def test_cars_mat_round_trips_like_the_release(cars):
     assert mat["class_names"].shape == (1, 196) and mat["class_names"][0, 0][0] == "Car Model 1 2012"
 
 
-def test_car(cars, tmp_path):
+def test_car(cars, tmp_path, capsys):
     before = digests(cars)
-    with pytest.warns(UserWarning, match="skipped 1 of 5"):
-        out = prepare_car(cars, tmp_path / "out")
+    out = prepare_car(cars, tmp_path / "out")
+    assert "skipped 1 of 5" in capsys.readouterr().err
     assert digests(cars) == before
     df = read_manifest(out)
     assert list(df["label"]) == [0, 97, 98, 195]
@@ -242,8 +240,7 @@ def test_car(cars, tmp_path):
 
 
 def test_car_crop(cars, tmp_path):
-    with pytest.warns(UserWarning):
-        out = prepare_car(cars, tmp_path / "out", crop=True)
+    out = prepare_car(cars, tmp_path / "out", crop=True)
     df = read_manifest(out)
     sizes = [size_of(out, p) for p in df["path"]]
     assert sizes == [(20, 16), (40, 30), (30, 20), (30, 19)]
@@ -397,3 +394,59 @@ def test_isc_errors(tmp_path):
 def test_registry():
     assert PREPARERS == {"folder": prepare_folder, "car": prepare_car, "cub": prepare_cub,
                          "sop": prepare_sop, "isc": prepare_isc}
+
+
+# ---- validation split and output folders ---------------------------------------------------------
+
+
+@pytest.fixture
+def ten_classes(tmp_path) -> Path:
+    src = tmp_path / "ten"
+    for c in range(10):
+        for i in range(2):
+            jpeg(src / f"class_{c}" / f"{i}.jpg", size=(24, 20), seed=100 * c + i)
+    return src
+
+
+def test_folder_carves_seeded_val_classes_out_of_train(ten_classes, tmp_path):
+    df = read_manifest(prepare_folder(ten_classes, tmp_path / "a"))  # default: 20 % of the 5 train classes, >= 2
+    classes = {s: set(df.loc[df["split"] == s, "class_name"]) for s in ("train", "val", "test")}
+    assert len(classes["val"]) == 2 and len(classes["train"]) == 3
+    assert classes["test"] == {f"class_{c}" for c in range(5, 10)}  # test classes never change
+    assert not (classes["val"] & classes["train"]) and not (classes["val"] & classes["test"])
+    again = read_manifest(prepare_folder(ten_classes, tmp_path / "b"))
+    assert again.equals(df)  # seeded
+    picks = {frozenset(read_manifest(prepare_folder(ten_classes, tmp_path / f"s{seed}", val_seed=seed))
+                       .query("split == 'val'")["class_name"]) for seed in range(6)}
+    assert len(picks) > 1  # the seed decides which classes
+    assert read_manifest(prepare_folder(ten_classes, tmp_path / "c", val_classes=3))["split"].value_counts()["val"] == 6
+    assert "val" not in set(read_manifest(prepare_folder(ten_classes, tmp_path / "d", val_classes=0))["split"])
+    assert report(tmp_path / "a")["classes_per_split"] == {"train": 3, "val": 2, "test": 5}
+    for bad, message in [(1, "trivially perfect"), (4, "leaves 1 train classes")]:
+        with pytest.raises(UserError, match=message):
+            prepare_folder(ten_classes, tmp_path / "e", val_classes=bad)
+
+
+def test_split_file_names_val_classes(ten_classes, tmp_path):
+    split_file = tmp_path / "splits.csv"
+    split_file.write_text("".join(f"class_{c},{'train' if c < 4 else 'val' if c < 6 else 'test'}\n" for c in range(10)))
+    df = read_manifest(prepare_folder(ten_classes, tmp_path / "out", split_file=split_file))
+    assert set(df.loc[df["split"] == "val", "class_name"]) == {"class_4", "class_5"}  # as listed, nothing carved
+    assert df["split"].value_counts()["train"] == 8
+
+
+def test_paper_datasets_have_no_val_unless_asked(cub, tmp_path):
+    assert "val" not in set(read_manifest(prepare_cub(cub, tmp_path / "plain"))["split"])
+
+
+def test_prepare_refuses_to_replace_a_dataset_unless_overwrite(ten_classes, tree, tmp_path):
+    out = prepare_folder(ten_classes, tmp_path / "out")
+    with pytest.raises(UserError, match="already holds a prepared dataset"):
+        prepare_folder(tree, out)
+    assert len(read_manifest(out)) == 20
+    prepare_folder(tree, out, overwrite=True)
+    assert not (out / "images" / "class_0").exists()  # the old dataset's images are gone
+    assert set(read_manifest(out)["class_name"]) == {"ant", "bee", "cat", "dog"}
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        prepare_folder(tree, tmp_path / "file")

@@ -66,7 +66,7 @@ def test_train_writes_a_complete_run_folder(tiny_config):
     summary = training.train(tiny_config)
     run = RunDir(tiny_config.out)
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["optimizer"] == "adam*" and cfg["select"] == "val" and "torch" in cfg["versions"]
+    assert cfg["optimizer"] == "adam*" and cfg["selection"] == "val" and "torch" in cfg["versions"]
     rows = run.metrics()
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
     assert np.isnan(rows[0]["train_loss"]) and all(np.isfinite(r["train_loss"]) for r in rows[1:])
@@ -309,3 +309,13 @@ def test_bf16_autocast_on_cpu_and_fp16_refused(tiny_config, monkeypatch):
     tiny_config.amp = "fp16"
     with pytest.raises(UserError, match="fp16 needs CUDA"):
         training.train(tiny_config, overwrite=True)
+
+
+def test_original_recipe_optimizer_and_schedule(tiny_config):
+    """The original tool: SGD without momentum, milestones int(50 %) and int(80 %) of the epochs."""
+    cfg = TrainConfig.from_recipe("original", data=tiny_config.data, out=tiny_config.out, optimizer="sgd*",
+                                  pretrained="none")
+    model, loss = training.build(cfg, num_classes=2)
+    opt = training.make_optimizer(cfg, model, loss)
+    assert isinstance(opt, torch.optim.SGD) and all(g["momentum"] == 0 for g in opt.param_groups)
+    assert training.lr_milestones(7) == [3, 5] and training.lr_milestones(20) == [10, 16]

@@ -9,7 +9,6 @@ refused unless `overwrite`, and then cleared first.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -26,7 +25,7 @@ import pandas as pd
 
 from momentum_proxy.data.manifest import MANIFEST, carve_val, write_manifest
 from momentum_proxy.errors import UserError
-from momentum_proxy.fileio import atomic_path, write_json
+from momentum_proxy.fileio import atomic_path, check_writable_folder, write_json
 
 REPORT = "prepare_report.json"
 IMAGES = "images"
@@ -129,24 +128,24 @@ def split_counts(df: pd.DataFrame) -> dict:
             "classes_per_split": {s: int(df.loc[df["split"] == s, "label"].nunique()) for s in splits}}
 
 
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output that is a file, cannot be written, or holds a prepared dataset
+    (unless `overwrite`)."""
+    check_writable_folder(Path(out), "the output folder")
+    if (Path(out) / MANIFEST).exists() and not overwrite:
+        raise UserError(f"{out} already holds a prepared dataset; use --overwrite to replace it, "
+                        "or choose another --out")
+
+
 def claim_output(out: Path, overwrite: bool) -> None:
-    """Make `out` ready for a new prepared dataset: refuse a file, or a prepared dataset unless `overwrite`
-    (then its manifest, report and images are removed); other contents are left alone."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
+    """Make `out` ready for a new prepared dataset (see `check_output`); with `overwrite` an old dataset's
+    manifest, report and images are removed first; other contents are left alone."""
+    check_output(out, overwrite)
     if (out / MANIFEST).exists():
-        if not overwrite:
-            raise UserError(f"{out} already holds a prepared dataset; use --overwrite to replace it, "
-                            "or choose another --out")
         for name in (MANIFEST, REPORT):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / IMAGES, ignore_errors=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"{out} is not writable")
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _check_short_side(short_side: int | None) -> None:
