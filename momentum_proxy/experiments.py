@@ -178,7 +178,7 @@ def plot_momentum(folder: str | Path, out: str | Path | None = None) -> list[Pat
 
 def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     """Training loss and the per-epoch metrics of one run, with the selected epoch marked (PNG and PDF)."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, NullLocator
 
     run = RunDir(run_dir)
     rows = run.metrics()
@@ -201,5 +201,6 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> list[Path
     for ax, label in ((ax1, "epoch"), (ax2, "epoch (0 = pretrained start)")):
         ax.set_xlabel(label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_minor_locator(NullLocator())
     fig.tight_layout()
     return _save(fig, Path(out) if out else Path(run_dir) / "curves")
