@@ -151,6 +151,8 @@ def add_train_options(p, *, for_sweep: bool = False) -> None:
     p.add_argument("--recipe", choices=RECIPES, default=None,
                    help="default: the measured recipe; original: the original MP tool exactly (implied by "
                         "--data_path); explicit options override either")
+    p.add_argument("--config", help="options from a JSON or YAML file (e.g. `mproxy tune`'s best.json, a run's "
+                                    "config.json); command-line options override it")
     for name, flags, kind, text in TRAIN_OPTIONS:
         shown = f"{text} (default: {getattr(d, name)})"
         if for_sweep and name in SWEEP_LISTS:
@@ -175,18 +177,22 @@ def config_from_args(a):
 
     Needs no torch: bad options fail here, in a fraction of a second.
     """
-    from momentum_proxy.config import TrainConfig
+    from momentum_proxy.config import TrainConfig, read_config_file
 
+    from_file = read_config_file(a.config) if getattr(a, "config", None) else {}
     if a.data:
         data = a.data
     elif a.data_path:
         data = str(Path(a.data_path) / a.data_name)
+    elif from_file.get("data"):
+        data = from_file["data"]
     else:
         raise UserError("give the prepared dataset with --data DIR (or --data_path DIR --data_name NAME)")
     data = str(Path(data).absolute())  # a resume from another folder still finds the data
     recipe = a.recipe or ("original" if a.data_path and not a.data else "default")
     given = {name: getattr(a, name) for name, *_ in TRAIN_OPTIONS if getattr(a, name, None) is not None}
-    cfg = TrainConfig.from_recipe(recipe, data=data, out=getattr(a, "out", None) or "", **given)
+    out = getattr(a, "out", None) or from_file.get("out") or ""
+    cfg = TrainConfig.from_recipe(recipe, **{**from_file, **given, "data": data, "out": out})
     cfg.validate()
     if cfg.backbone == TrainConfig.backbone and "backbone" not in given and cfg.device != "cpu":
         from momentum_proxy.inference import resolve_device  # torch only when the device must be probed

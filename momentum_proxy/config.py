@@ -5,6 +5,7 @@ the user a one-line error, not a claimed run folder.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -146,6 +147,33 @@ class TrainConfig:
     def epoch_recalls(self) -> list[int]:
         ks = list(self.recalls)
         return ks if 1 in ks or not self.select_metric.startswith("recall@") else [1, *ks]
+
+
+def read_config_file(path: str | Path) -> dict:
+    """TrainConfig fields from a JSON or YAML file (`train --config FILE`); unknown keys are refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"cannot read {path}: {e}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path} must hold a mapping of option names to values")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known - {"versions", "data_manifest_sha256", "selection"})
+    if unknown:
+        raise UserError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    return {k: v for k, v in values.items() if k in known}
 
 
 def _choice(option: str, value, choices) -> None:

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from momentum_proxy.cli import config_from_args, main, parser
+from momentum_proxy.errors import UserError
 
 TRAIN = ["--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--epochs", "1", "--workers", "0"]
 
@@ -298,3 +299,13 @@ def test_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_train_config_file_with_flags_overriding(tmp_path, tiny_data):
+    (tmp_path / "c.yaml").write_text(f"data: {tiny_data}\nloss: cos_face\nlr: 0.003\nepochs: 7\n")
+    cfg = config_from_args(parser().parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "2",
+                                                "--out", str(tmp_path / "r")]))
+    assert (cfg.data, cfg.loss, cfg.lr, cfg.epochs) == (str(tiny_data), "cos_face", 0.003, 2)
+    (tmp_path / "c.json").write_text(json.dumps({"loss": "cos_face", "lrate": 1}))
+    with pytest.raises(UserError, match="unknown option.*lrate"):
+        config_from_args(parser().parse_args(["train", "--config", str(tmp_path / "c.json"), "--data", "x"]))
