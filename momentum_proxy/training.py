@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -121,8 +122,13 @@ class Job:
         return None if self.select == "last" else f"{self.select}_{self.cfg.select_metric}"
 
 
-def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False) -> dict:
-    """Train (or continue) the run described by `cfg`; returns the summary written to eval.json."""
+def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
+          on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Train (or continue) the run described by `cfg`; returns the summary written to eval.json.
+
+    `on_epoch(row)` is called with every epoch's metrics row once its checkpoints are saved (e.g. a tuner's
+    pruning check); an exception it raises stops the run there.
+    """
     job, state = setup(cfg, overwrite=overwrite, resume=resume)
     rows = job.run.metrics()[:state.epoch + 1] if resume else [start(job, state)]
     loader = make_loader(job.data.train, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.workers,
@@ -136,6 +142,8 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False) ->
         row = {"epoch": epoch, "train_loss": train_loss, "lr": lr, **score(job, state.model)}
         rows.append({**row, "seconds": time.time() - t0})
         select_and_save(job, state, epoch, rows)
+        if on_epoch is not None:
+            on_epoch(rows[-1])
     return finish(job, state)
 
 
