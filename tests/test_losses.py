@@ -77,3 +77,22 @@ def test_bad_arguments():
         MomentumProxyUpdate(0.5, "median")
     with pytest.raises(UserError, match="unknown loss"):
         create_loss("triplet", 3, 2)
+
+
+def original_tool_update(proxies, emb, labels, m):
+    """The original MP tool's three-line proxy update (index_select / index_copy_ / index_add_)."""
+    kept = proxies.index_select(0, labels) * (1 - m)
+    proxies.index_copy_(0, labels, kept)
+    proxies.index_add_(0, labels, m * emb)
+    return proxies
+
+
+def test_sum_update_equals_the_original_tools_update_with_repeated_labels():
+    g = torch.Generator().manual_seed(1)
+    p = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    emb = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    labels = torch.tensor([1, 1, 1, 4, 0, 4, 1, 0])  # repeated labels: the original adds m * f_i for each
+    expected = original_tool_update(p.clone(), emb, labels, 0.4)
+    torch.testing.assert_close(MomentumProxyUpdate(0.4, "sum")(p.clone(), emb, labels), expected, rtol=0, atol=1e-12)
+    mean = MomentumProxyUpdate(0.4, "mean")(p.clone(), emb, labels)
+    assert not torch.allclose(mean[1], expected[1])  # the default differs: one step of m per class

@@ -12,7 +12,6 @@ from PIL import Image
 
 from momentum_proxy.data.manifest import read_manifest
 from momentum_proxy.data.prepare import (
-    PREPARERS,
     REPORT,
     prepare_car,
     prepare_cub,
@@ -216,14 +215,6 @@ def cars(tmp_path) -> Path:
     return src
 
 
-def test_cars_mat_round_trips_like_the_release(cars):
-    mat = scipy.io.loadmat(cars / "cars_annos.mat")
-    assert mat["annotations"].shape == (1, 5) and mat["annotations"].dtype.names == tuple(CAR_FIELDS)
-    first = mat["annotations"][0, 0]
-    assert first["relative_im_path"][0] == "car_ims/000001.jpg" and first["class"][0, 0] == 1
-    assert mat["class_names"].shape == (1, 196) and mat["class_names"][0, 0][0] == "Car Model 1 2012"
-
-
 def test_car(cars, tmp_path, capsys):
     before = digests(cars)
     out = prepare_car(cars, tmp_path / "out")
@@ -391,9 +382,16 @@ def test_isc_errors(tmp_path):
         prepare_isc(src, tmp_path / "out")
 
 
-def test_registry():
-    assert PREPARERS == {"folder": prepare_folder, "car": prepare_car, "cub": prepare_cub,
-                         "sop": prepare_sop, "isc": prepare_isc}
+@pytest.mark.parametrize("kind,expected", [("folder", "no class sub-folders"), ("car", "cars_annos.mat"),
+                                           ("cub", "images.txt"), ("sop", "Ebay_train.txt"),
+                                           ("isc", "list_eval_partition.txt")])
+def test_cli_dispatches_each_kind_to_its_preparer(kind, expected, tmp_path, capsys):
+    from momentum_proxy.cli import main
+
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", kind, "--src", str(tmp_path / "raw"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and expected in capsys.readouterr().err
 
 
 # ---- validation split and output folders ---------------------------------------------------------

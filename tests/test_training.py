@@ -319,3 +319,61 @@ def test_original_recipe_optimizer_and_schedule(tiny_config):
     opt = training.make_optimizer(cfg, model, loss)
     assert isinstance(opt, torch.optim.SGD) and all(g["momentum"] == 0 for g in opt.param_groups)
     assert training.lr_milestones(7) == [3, 5] and training.lr_milestones(20) == [10, 16]
+
+
+def test_warmup_leaves_the_backbone_bit_identical_while_head_and_proxies_move(tiny_config):
+    tiny_config.warmup_epochs, tiny_config.epochs = 1, 2
+    job, state = training.setup(tiny_config, overwrite=False, resume=False)
+    training.start(job, state)
+    snapshot = {k: v.clone() for k, v in state.model.state_dict().items()}
+    proxies = proxies_by_class(state.loss_fn).clone()
+    loader = training.make_loader(job.data.train, 8, train=True, workers=0)
+    updater = MomentumProxyUpdate(tiny_config.momentum)
+    step_fn = training.wrap_for_steps(job, state)
+    training.train_one_epoch(job, state, step_fn, loader, updater, epoch=1)  # warm-up epoch
+    after = state.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in snapshot.items() if k.startswith("backbone."))
+    assert not torch.equal(after["fc.weight"], snapshot["fc.weight"])
+    assert not torch.equal(proxies_by_class(state.loss_fn), proxies)
+    training.train_one_epoch(job, state, step_fn, loader, updater, epoch=2)  # after the warm-up: all train
+    assert not all(torch.equal(state.model.state_dict()[k], v) for k, v in snapshot.items()
+                   if k.startswith("backbone.") and v.dtype.is_floating_point)
+
+
+def test_query_gallery_data_through_train_and_evaluate(tiny_data, tmp_path):
+    import pandas as pd
+
+    from momentum_proxy.evaluate import evaluate_run
+
+    qg = tmp_path / "qg"
+    qg.mkdir()
+    df = pd.read_csv(tiny_data / "manifest.csv")
+    df["path"] = [str(tiny_data / p) for p in df["path"]]
+    test = df.index[df["split"] == "test"]
+    df.loc[test, "split"] = ["query" if i % 2 else "gallery" for i in range(len(test))]
+    df.to_csv(qg / "manifest.csv", index=False)
+    cfg = TrainConfig(data=str(qg), out=str(tmp_path / "run"), pretrained="none", image_size=64, batch_size=8,
+                      epochs=1, workers=0, warmup_epochs=0)
+    summary = training.train(cfg)
+    db = load_embeddings(tmp_path / "run" / "embeddings.npz")
+    q, g = db["split"] == "query", db["split"] == "gallery"
+    from momentum_proxy.evaluation import evaluate_embeddings
+
+    expected = evaluate_embeddings(db["features"][g], db["labels"][g], query_features=db["features"][q],
+                                   query_labels=db["labels"][q], metrics=["recall", "map@r"], recalls=cfg.recalls)
+    assert summary["queries"] == 16 and summary["test"]["map@r"] == pytest.approx(expected["map@r"])
+    again = evaluate_run(cfg.out, device="cpu", metrics=["recall", "map@r"])
+    assert again["queries"] == 16 and again["test"]["recall@1"] == pytest.approx(expected["recall@1"])
+
+
+def test_original_recipe_end_to_end(tiny_data, tmp_path, capsys):
+    from momentum_proxy.cli import main
+
+    main(["train", "--data_path", str(tiny_data.parent), "--data_name", tiny_data.name, "--out", str(tmp_path / "o"),
+          "--pretrained", "none", "--image-size", "48", "--batch-size", "8", "--epochs", "1", "--workers", "0"])
+    run = RunDir(tmp_path / "o")
+    cfg = run.config()
+    assert (cfg.backbone, cfg.loss, cfg.lr, cfg.proxy_update, cfg.proxy_init, cfg.select) == (
+        "resnet50", "proxy_nca", 1e-3, "sum", "random", "test")
+    assert run.eval()["selected_on"] == "test" and "test_recall@1" in run.metrics()[0]
+    assert "SELECTED ON TEST" in capsys.readouterr().out
