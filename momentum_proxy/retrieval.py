@@ -65,6 +65,8 @@ def run_database(run_dir: str | Path, model, cfg, split: str = "test", database:
     if split != "test":
         df = read_manifest(cfg.data)
         df = df[df["split"].isin(["train", "val"] if split == "all" else [split])]
+        if df.empty and split != "all":
+            raise UserError(f"{cfg.data} has no {split} images to search")
         paths = [str(Path(cfg.data) / p) for p in df["path"]]
         feats, kept, skipped = embed_files(model, paths, cfg.image_size, next(model.parameters()).device)
         keep = np.isin(paths, kept)
