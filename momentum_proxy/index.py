@@ -112,7 +112,7 @@ class Snapshot:
         meta = dict(self.meta, index_file=name, index_sha256=sha,
                     paths=[_stored_path(p, folder) for p in self.meta["paths"]])
         write_json(folder / META_FILE, meta)
-        for old in folder.glob("index*.faiss"):
+        for old in [*folder.glob("index*.faiss"), *folder.glob(".index*.tmp")]:  # also those of killed saves
             if old.name != name:
                 old.unlink(missing_ok=True)
         return folder
