@@ -147,6 +147,16 @@ class Searcher:
     def decode(self, data: bytes) -> tuple[np.ndarray, str]:
         return decode_image(data, self.image_size, self.max_pixels)
 
+    def _decode_query(self, query) -> np.ndarray:
+        """A PIL image, an image file path or image bytes as the model's input."""
+        if isinstance(query, Image.Image):
+            return to_array(eval_transform(self.image_size)(query.convert("RGB")))
+        if isinstance(query, (str, Path)):
+            if not Path(query).is_file():
+                raise UserError(f"query image not found: {query}")
+            query = Path(query).read_bytes()
+        return self.decode(query)[0]
+
     def embed(self, arrays: list[np.ndarray]) -> np.ndarray:
         """Embeddings (n, d) of decoded images, batched with whatever other queries are waiting."""
         futures = [self.batcher.submit(a) for a in arrays]
@@ -154,35 +164,28 @@ class Searcher:
 
     # ------------------------------------------------------------------------------------------- search
     def search(self, query, k: int = 10, *, min_score: float | None = None) -> dict:
-        """Top-k of `query`: an item id (int), an embedding (1-D numpy array or list of floats wrapped in
-        np.asarray), image bytes, an image file path, or a PIL image. Returns {"query", "results", "timing_ms"}
-        (decode, embed and search milliseconds); results carry id, path, label, class_name, score."""
+        """Top-k of `query`: an item id (int), an embedding (numpy array, list or tuple of floats), image
+        bytes, an image file path, or a PIL image. Returns {"query", "results", "timing_ms"} (decode, embed and
+        search milliseconds); results carry rank, id, path, label, class_name, score, same_class. A query by id
+        or by the path of an indexed image leaves that item out of its results."""
         if not 1 <= int(k) <= MAX_K:
             raise UserError(f"k must be between 1 and {MAX_K}, got {k}")
         t0 = time.perf_counter()
-        query_id = query_path = None
-        if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
-            query_id = int(query)
+        query_id = int(query) if isinstance(query, (int, np.integer)) and not isinstance(query, bool) else None
+        query_path = Path(query) if isinstance(query, (str, Path)) else None
+        if query_id is not None:
             with self._lock:
                 features = self.index.vector(query_id) if self.index.exists(query_id) else None
             if features is None:
                 raise ItemNotFound(f"no item with id {query_id}")
             t1 = t2 = time.perf_counter()
-        elif isinstance(query, np.ndarray):
+        elif isinstance(query, (np.ndarray, list, tuple)):
             features = np.asarray(query, np.float32).reshape(1, -1)
             if features.shape[1] != self.index.feature_dim or not np.isfinite(features).all():
                 raise UserError(f"the embedding must be {self.index.feature_dim} finite numbers")
             t1 = t2 = time.perf_counter()
         else:
-            if isinstance(query, Image.Image):
-                array = to_array(eval_transform(self.image_size)(query.convert("RGB")))
-            else:
-                if isinstance(query, (str, Path)):
-                    query_path = Path(query)
-                    if not query_path.is_file():
-                        raise UserError(f"query image not found: {query_path}")
-                    query = query_path.read_bytes()
-                array = self.decode(query)[0]
+            array = self._decode_query(query)
             t1 = time.perf_counter()
             features = self.embed([array])
             t2 = time.perf_counter()

@@ -173,6 +173,8 @@ def test_add_delete_persist_and_ids_stable_across_restart(writable, tiny_data):
     hit = upload(c, red, k=1).json()["results"][0]
     assert hit["id"] == 48 and hit["score"] == pytest.approx(1.0, abs=1e-4)
     assert c.get("/items/48/image").content == red
+    assert (folder / "images").is_dir() and all(RetrievalIndex.load(folder).paths[i].startswith(str(folder / "images"))
+                                                 for i in (48, 49))
     again = c.post("/items", files=files[:1], headers=auth).json()  # the same image again: not duplicated
     assert again["items"][0]["id"] == 48 and not again["items"][0]["added"] and again["total"] == 50
     bad = [files[1], ("images", ("x.jpg", b"garbage", "image/jpeg"))]
@@ -184,6 +186,12 @@ def test_add_delete_persist_and_ids_stable_across_restart(writable, tiny_data):
     assert c.delete("/items/3", headers=auth).status_code == 404
     assert c.get("/items/3").status_code == 404
     assert all(r["id"] != 3 for r in c.post("/search", json={"id": 4, "k": 1000}).json()["results"])
+    # an image file gone from disk: its item answers 404 for the image, the rest goes on
+    blue_file = RetrievalIndex.load(folder).paths[49]
+    (folder / "images" / blue_file.rsplit("/", 1)[1]).rename(folder / "blue.jpg")
+    r = c.get("/items/49/image")
+    assert r.status_code == 404 and r.json()["error"] == f"the image file of item 49 is missing: {blue_file}"
+    assert c.post("/search", json={"id": 49, "k": 3}).status_code == 200
     before = {i: c.get(f"/items/{i}").json() for i in (0, 4, 48, 49)}
     with TestClient(create_app(folder)) as restarted:
         assert {i: restarted.get(f"/items/{i}").json() for i in (0, 4, 48, 49)} == before
