@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from momentum_proxy.cli import main
-from momentum_proxy.index import META_FILE, RetrievalIndex, file_sha256
+from momentum_proxy.index import RetrievalIndex, file_sha256
 from momentum_proxy.indexing import build_index, retrieve_from_index
 from momentum_proxy.runs import BEST
 from momentum_proxy.searcher import Searcher
