@@ -273,7 +273,8 @@ def run_retrieve(a) -> None:
     if a.index:
         from momentum_proxy.indexing import retrieve_from_index
 
-        png = retrieve_from_index(a.index, a.query, a.k, a.out or str(Path(a.index) / "retrieval"), device=a.device)
+        png = retrieve_from_index(a.index, a.query, a.k, a.out or str(Path(a.index) / "retrieval"),
+                                  run_dir=a.run_dir, device=a.device)
         print(f"retrieval picture: {png}")
         return
     from momentum_proxy.retrieval import ranked_list, resolve_database, retrieve, save_retrieval
@@ -295,8 +296,10 @@ def run_retrieve(a) -> None:
 def add_index(sub) -> None:
     p = sub.add_parser("index", help="embed an image collection with a trained model into a faiss index")
     p.add_argument("run_dir")
-    p.add_argument("--images", required=True, help="a folder of images or a prepared dataset")
+    p.add_argument("--images", help="a folder of images or a prepared dataset (paths already indexed are skipped)")
     p.add_argument("--out", required=True, help="index folder (an existing one is extended)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="make the index anew (from --images, or from its own images), replacing it atomically")
     p.add_argument("--kind", default="exact", help="exact | ivf | hnsw")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
@@ -305,9 +308,38 @@ def add_index(sub) -> None:
 def run_index(a) -> None:
     from momentum_proxy.indexing import build_index
 
-    summary = build_index(a.run_dir, a.images, a.out, kind=a.kind, batch_size=a.batch_size, device=a.device)
+    summary = build_index(a.run_dir, a.images, a.out, kind=a.kind, batch_size=a.batch_size, device=a.device,
+                          rebuild=a.rebuild)
     for k, v in summary.items():
         print(f"{k}: {v}")
+
+
+# ----------------------------------------------------------------------------------------------- serve
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP API and web page over a saved index (mproxy index)")
+    p.add_argument("index", help="index folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback a --token is required)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", default=None, help="write token for POST/DELETE /items (default: $MPROXY_TOKEN)")
+    p.add_argument("--run", default=None, help="the run that built the index (default: the one it records)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image (width x height)")
+    p.add_argument("--cors-origin", action="append", default=[], help="allow this origin (repeatable; off by default)")
+    p.add_argument("--max-batch", type=int, default=32, help="queries embedded together at most")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a query waits for others to batch")
+    p.add_argument("--device", default="auto")
+
+
+def run_serve(a) -> None:
+    import os
+
+    from momentum_proxy.service import TOKEN_ENV, serve
+
+    if a.max_upload_mb <= 0 or a.max_pixels < 1 or a.max_batch < 1 or a.batch_wait_ms < 0:
+        raise UserError("--max-upload-mb, --max-pixels and --max-batch must be positive, --batch-wait-ms >= 0")
+    serve(a.index, host=a.host, port=a.port, token=a.token or os.environ.get(TOKEN_ENV) or None, run_dir=a.run,
+          device=a.device, max_upload_bytes=int(a.max_upload_mb * 2**20), max_pixels=a.max_pixels,
+          cors_origins=a.cors_origin, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms)
 
 
 # ----------------------------------------------------------------------------------------------- demo
@@ -402,7 +434,7 @@ def run_bench(a) -> None:
 
 COMMANDS = {"prepare": (add_prepare, run_prepare), "train": (add_train, run_train),
             "evaluate": (add_evaluate, run_evaluate), "retrieve": (add_retrieve, run_retrieve),
-            "index": (add_index, run_index), "demo": (add_demo, run_demo), "sweep": (add_sweep, run_sweep),
+            "index": (add_index, run_index), "serve": (add_serve, run_serve), "demo": (add_demo, run_demo), "sweep": (add_sweep, run_sweep),
             "plot": (add_plot, run_plot), "report": (add_report, run_report), "bench": (add_bench, run_bench)}
 
 

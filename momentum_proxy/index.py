@@ -1,8 +1,20 @@
 """A saved retrieval index: faiss over L2-normalised embeddings (cosine), plus image paths, labels and model info.
 
-On disk, a folder holds `index.faiss` (faiss.write_index) and `meta.json` (kind, feature_dim, count,
-search parameters, the caller's `model` dict, paths and labels); both are written atomically, nothing
-is pickled. Kinds:
+On disk, a folder holds `index-<hash>.faiss` (faiss.write_index) and `meta.json` (kind, feature_dim, search
+parameters, the caller's `model` dict, paths, labels, class names, deleted ids). A save writes the faiss file
+under a new content-addressed name first, then replaces `meta.json` (the commit point, which names that file
+and records its sha256), then removes the previous faiss file: a save killed at any moment leaves the previous
+or the new index, never a mix. Nothing is pickled.
+
+Items are numbered in the order they were added (id = faiss position) and the numbers never change: a deleted
+item becomes a tombstone (its id is listed in `deleted`; its vector stays in the faiss file until a rebuild), and
+searches over-fetch k + number of tombstones and drop them. This works for every kind (hnsw cannot remove
+vectors). Image paths are stored absolute, except images inside the index folder (e.g. uploads of
+`mproxy serve`), stored relative to it; so an index works from any working directory, and the folder can move
+with the images it holds. Indexes of format 1 (paths as typed, relative to the directory they were built from)
+are read with their relative paths resolved against the current directory.
+
+Kinds:
 - `exact`: IndexFlatIP, exhaustive search;
 - `ivf`: IndexIVFFlat with nlist = 4·sqrt(N) lists (at most N/39, so every list has ~39 training points),
   trained once at build on the build data (faiss subsamples 256 points per list when there are more);
@@ -14,9 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
@@ -26,13 +38,15 @@ from momentum_proxy.evaluation import as_features, as_labels, knn, l2_normalize
 from momentum_proxy.fileio import atomic_path, read_json, write_json
 
 KINDS = ("exact", "ivf", "hnsw")
-INDEX_FILE = "index.faiss"
+LEGACY_INDEX_FILE = "index.faiss"  # format 1
 META_FILE = "meta.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 DEFAULT_EF_SEARCH = 64
 MIN_POINTS_PER_LIST = 39
+UNKNOWN = -1  # label of an item whose class is not known, in a labelled index
 
 
 def default_nlist(n: int) -> int:
@@ -61,37 +75,83 @@ def _items(paths, labels, n: int) -> tuple[list[str], list | None]:
     return paths, None if labels is None else as_labels(labels, n).tolist()
 
 
+def _stored_path(path: str, folder: Path) -> str:
+    """How `meta.json` records a path: relative to the index folder when inside it, else absolute."""
+    p = Path(os.path.abspath(path))
+    return str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p)
+
+
 @dataclass
 class Hit:
     """One search result."""
 
     rank: int
-    index: int
+    id: int
     score: float
     path: str
-    label: Any
+    label: int | None
+    class_name: str | None
+
+
+@dataclass
+class Snapshot:
+    """An index's state, taken in memory, to be written by `write` (e.g. outside a lock)."""
+
+    blob: np.ndarray
+    meta: dict
+
+    def write(self, folder: str | Path) -> Path:
+        """Write the faiss file, then commit `meta.json`, then remove older faiss files; return the folder."""
+        folder = Path(folder).absolute()
+        sha = hashlib.sha256(self.blob).hexdigest()
+        name = f"index-{sha[:16]}.faiss"
+        with atomic_path(folder / name) as tmp, open(tmp, "wb") as f:
+            f.write(self.blob.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        meta = dict(self.meta, index_file=name, index_sha256=sha,
+                    paths=[_stored_path(p, folder) for p in self.meta["paths"]])
+        write_json(folder / META_FILE, meta)
+        for old in [*folder.glob("index*.faiss"), *folder.glob(".index*.tmp")]:  # also those of killed saves
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        return folder
 
 
 class RetrievalIndex:
-    """Cosine retrieval over a faiss index, item i having `paths[i]` and `labels[i]` (labels optional)."""
+    """Cosine retrieval over a faiss index; item `i` (its id) has `paths[i]`, `labels[i]` (labels optional) and
+    class name `classes[labels[i]]` when known; ids in `deleted` are tombstones."""
 
     def __init__(self, index: faiss.Index, kind: str, paths: list[str], labels: list | None, model: dict,
-                 params: dict):
+                 params: dict, classes: dict[int, str] | None = None, deleted=(), sources=()):
         self.index, self.kind, self.paths, self.labels, self.model, self.params = (
             index, kind, paths, labels, model, params)
+        self.classes = dict(classes or {})
+        self.deleted = set(int(i) for i in deleted)
+        self.sources = list(sources)
+        self.path_ids = {p: i for i, p in enumerate(paths) if i not in self.deleted}
+        if kind == "ivf":
+            index.make_direct_map()  # `vector(id)` for queries by id
 
     @property
     def feature_dim(self) -> int:
         return self.index.d
 
-    def __len__(self) -> int:
+    @property
+    def ntotal(self) -> int:
+        """Items ever added, tombstones included (the next id)."""
         return self.index.ntotal
+
+    def __len__(self) -> int:
+        """Live items."""
+        return self.index.ntotal - len(self.deleted)
 
     @classmethod
     def build(cls, features, paths, labels=None, *, kind: str = "exact", model: dict | None = None,
-              nlist: int | None = None, nprobe: int | None = None,
+              classes: dict[int, str] | None = None, nlist: int | None = None, nprobe: int | None = None,
               ef_search: int = DEFAULT_EF_SEARCH, seed: int = 0) -> RetrievalIndex:
-        """Index `features` (n, d) for items `paths` (and `labels`); `model` describes the embedding model."""
+        """Index `features` (n, d) for items `paths` (and `labels`, named by `classes`); `model` describes the
+        embedding model."""
         if kind not in KINDS:
             raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
         x = l2_normalize(as_features(features))
@@ -118,26 +178,65 @@ class RetrievalIndex:
             index = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
             params = {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": int(ef_search)}
-        built = cls(index, kind, [], [] if labels is not None else None, dict(model or {}), params)
+        built = cls(index, kind, [], [] if labels is not None else None, dict(model or {}), params, classes)
         built._add(x, paths, labels)
         return built
 
-    def add(self, features, paths, labels=None) -> None:
-        """Append items without rebuilding (ivf: assigned to the lists trained at build)."""
+    def add(self, features, paths, labels=None) -> list[int]:
+        """Append items without rebuilding (ivf: assigned to the lists trained at build); return their ids."""
         x = as_features(features)
         if x.shape[1] != self.feature_dim:
             raise UserError(f"features have {x.shape[1]} dimensions, the index {self.feature_dim}")
-        self._add(l2_normalize(x), *_items(paths, labels, len(x)))
+        return self._add(l2_normalize(x), *_items(paths, labels, len(x)))
 
-    def _add(self, x: np.ndarray, paths: list[str], labels: list | None) -> None:
+    def _add(self, x: np.ndarray, paths: list[str], labels: list | None) -> list[int]:
         """Add normalised vectors with checked paths and labels."""
         if (labels is None) != (self.labels is None):
             raise UserError("labels must be given for every item or for none" if self.labels is not None
                             else "this index has no labels; add items without labels")
+        first = self.ntotal
         self.index.add(x)
         self.paths.extend(paths)
         if labels is not None:
             self.labels.extend(labels)
+        ids = list(range(first, self.ntotal))
+        self.path_ids.update(zip(paths, ids))
+        return ids
+
+    def label_for(self, class_name: str) -> int:
+        """The label of `class_name`, a new one when the index does not know it (an unlabelled index becomes
+        labelled, its items of unknown class)."""
+        if self.labels is None:
+            self.labels = [UNKNOWN] * self.ntotal
+        for label, name in self.classes.items():
+            if name == class_name:
+                return label
+        label = max([*self.classes, *self.labels, UNKNOWN]) + 1
+        self.classes[label] = class_name
+        return label
+
+    def remove(self, item_id: int) -> None:
+        """Delete an item (a tombstone: its id is never reused)."""
+        self.item(item_id)
+        self.deleted.add(int(item_id))
+        if self.path_ids.get(self.paths[item_id]) == item_id:
+            del self.path_ids[self.paths[item_id]]
+
+    def exists(self, item_id: int) -> bool:
+        return 0 <= item_id < self.ntotal and item_id not in self.deleted
+
+    def item(self, item_id: int) -> dict:
+        """An item's metadata: id, path, label, class_name (UserError for an unknown or deleted id)."""
+        if not self.exists(item_id):
+            raise UserError(f"no item with id {item_id}")
+        label = self.labels[item_id] if self.labels is not None else None
+        return {"id": int(item_id), "path": self.paths[item_id], "label": None if label == UNKNOWN else label,
+                "class_name": self.classes.get(label)}
+
+    def vector(self, item_id: int) -> np.ndarray:
+        """An item's stored (normalised) embedding, shape (1, d)."""
+        self.item(item_id)
+        return self.index.reconstruct(int(item_id))[None]
 
     def _set_search_params(self, k: int) -> None:
         # Attributes, not faiss SearchParameters: importing pytorch-metric-learning (faiss.contrib.torch_utils)
@@ -147,70 +246,101 @@ class RetrievalIndex:
         elif self.kind == "hnsw":
             self.index.hnsw.efSearch = max(self.params["ef_search"], k)
 
-    def search(self, query_features, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Cosine similarities and item indices of the k best items per query, each (n_queries, k).
+    def search(self, query_features, k: int, exclude=()) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine similarities and ids of the k best live items per query, each (n_queries, k); ids in
+        `exclude` are left out too.
 
-        k is clipped to the index size; an approximate index may return fewer, padded with index -1.
+        k is clipped to the number of live items; an approximate index may return fewer, padded with id -1.
         """
         q = as_features(query_features, "query features")
         if q.shape[1] != self.feature_dim:
             raise UserError(f"query features have {q.shape[1]} dimensions, the index {self.feature_dim}")
-        k = min(int(k), len(self))
+        hidden = self.deleted | {int(i) for i in exclude if self.exists(int(i))}
+        k = min(int(k), self.ntotal - len(hidden))
         if k < 1:
             raise UserError("k must be at least 1 and the index must not be empty")
-        self._set_search_params(k)
-        return self.index.search(l2_normalize(q), k)
+        fetch = min(self.ntotal, k + len(hidden))
+        self._set_search_params(fetch)
+        sims, idx = self.index.search(l2_normalize(q), fetch)
+        if not hidden:
+            return sims, idx
+        keep = (idx >= 0) & ~np.isin(idx, np.fromiter(hidden, np.int64, len(hidden)))
+        out_s = np.full((len(q), k), -np.inf, np.float32)
+        out_i = np.full((len(q), k), -1, np.int64)
+        for row in range(len(q)):
+            cols = np.flatnonzero(keep[row])[:k]
+            out_s[row, :len(cols)], out_i[row, :len(cols)] = sims[row, cols], idx[row, cols]
+        return out_s, out_i
 
     def hits(self, sims: np.ndarray, idx: np.ndarray) -> list[list[Hit]]:
-        """`search` results as lists of Hit (path, label, score), one list per query."""
-        return [[Hit(rank, int(i), float(s), self.paths[i], self.labels[i] if self.labels is not None else None)
-                 for rank, (s, i) in enumerate(zip(row_s, row_i)) if i >= 0]
-                for row_s, row_i in zip(sims, idx)]
+        """`search` results as lists of Hit (id, path, label, class name, score), one list per query."""
+        out = []
+        for row_s, row_i in zip(sims, idx):
+            items = [self.item(int(i)) for i in row_i if i >= 0]
+            out.append([Hit(rank, it["id"], float(s), it["path"], it["label"], it["class_name"])
+                        for rank, (s, it) in enumerate(zip(row_s, items))])
+        return out
 
     def recall_vs_exact(self, k: int = 10, num_queries: int = 1000, seed: int = 0) -> float:
-        """Fraction of the exact top-k found by this index's top-k, for up to `num_queries` stored items
+        """Fraction of the exact top-k found by this index's top-k, for up to `num_queries` live items
         (sampled with `seed`) used as queries. 1.0 for an exact index."""
-        k = min(int(k), len(self))
-        vectors = self.index.reconstruct_n(0, len(self))
+        live = np.array([i for i in range(self.ntotal) if i not in self.deleted])
+        k = min(int(k), len(live))
+        vectors = self.index.reconstruct_n(0, self.ntotal)[live]
         rng = np.random.default_rng(seed)
-        queries = vectors[np.sort(rng.choice(len(self), min(num_queries, len(self)), replace=False))]
-        exact = knn(queries, vectors, k)[1]
+        queries = vectors[np.sort(rng.choice(len(live), min(num_queries, len(live)), replace=False))]
+        exact = live[knn(queries, vectors, k)[1]]
         approx = self.search(queries, k)[1]
         found = [len(np.intersect1d(e, a)) for e, a in zip(exact, approx)]
         return float(np.sum(found) / exact.size)
 
-    def save(self, folder: str | Path) -> Path:
-        """Write `folder/index.faiss` then `folder/meta.json` (which records the former's sha256), each
-        atomically; return the folder."""
-        folder = Path(folder)
-        with atomic_path(folder / INDEX_FILE) as tmp:
-            faiss.write_index(self.index, str(tmp))
-            index_sha256 = file_sha256(tmp)
-        write_json(folder / META_FILE, {
+    def snapshot(self) -> Snapshot:
+        """The state to save, copied (cheap next to embedding: one memory copy of the vectors)."""
+        return Snapshot(faiss.serialize_index(self.index), {
             "format_version": FORMAT_VERSION, "kind": self.kind, "metric": "cosine",
-            "feature_dim": self.feature_dim, "count": len(self), "params": self.params, "model": self.model,
-            "index_sha256": index_sha256, "paths": self.paths, "labels": self.labels,
+            "feature_dim": self.feature_dim, "count": self.ntotal, "live": len(self), "params": self.params,
+            "model": self.model, "sources": list(self.sources), "paths": list(self.paths),
+            "labels": None if self.labels is None else list(self.labels),
+            "classes": {str(k): v for k, v in sorted(self.classes.items())}, "deleted": sorted(self.deleted),
         })
-        return folder
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the index into `folder` (see the module's notes: crash-safe); return the folder."""
+        return self.snapshot().write(folder)
 
     @classmethod
     def load(cls, folder: str | Path, expect_model: dict | None = None) -> RetrievalIndex:
         """Read an index saved by `save`; refuse it when a key of `expect_model` (e.g. backbone, checkpoint
         hash, feature_dim) differs from what it was built with."""
-        folder = Path(folder)
-        if not (folder / META_FILE).is_file() or not (folder / INDEX_FILE).is_file():
-            raise UserError(f"no retrieval index in {folder} (needs {INDEX_FILE} and {META_FILE})")
-        meta = read_json(folder / META_FILE)
-        if meta.get("format_version") != FORMAT_VERSION or meta.get("kind") not in KINDS:
-            raise UserError(f"{folder / META_FILE} is not a retrieval index of format {FORMAT_VERSION}")
+        folder = Path(folder).absolute()
+        meta = read_meta(folder)
         built_with = {**meta["model"], "feature_dim": meta["feature_dim"]}
         for key, value in (expect_model or {}).items():
             if key not in built_with or built_with[key] != value:
                 raise UserError(f"index in {folder} was built with {key}={built_with.get(key)!r}, "
                                 f"not {value!r}; rebuild it for this model")
-        if file_sha256(folder / INDEX_FILE) != meta["index_sha256"]:
-            raise UserError(f"{INDEX_FILE} in {folder} does not match {META_FILE} (interrupted save?); rebuild it")
-        index = faiss.read_index(str(folder / INDEX_FILE))
+        index_file = folder / meta.get("index_file", LEGACY_INDEX_FILE)
+        if not index_file.is_file() or file_sha256(index_file) != meta["index_sha256"]:
+            raise UserError(f"{index_file.name} in {folder} does not match {META_FILE} (interrupted save?); "
+                            "rebuild it")
+        index = faiss.read_index(str(index_file))
         if index.ntotal != meta["count"] or len(meta["paths"]) != meta["count"] or index.d != meta["feature_dim"]:
-            raise UserError(f"{INDEX_FILE} and {META_FILE} in {folder} disagree; rebuild the index")
-        return cls(index, meta["kind"], meta["paths"], meta["labels"], meta["model"], meta["params"])
+            raise UserError(f"{index_file.name} and {META_FILE} in {folder} disagree; rebuild the index")
+        base = folder if meta["format_version"] >= 2 else Path.cwd()
+        paths = [os.path.normpath(base / p) for p in meta["paths"]]
+        classes = {int(k): v for k, v in meta.get("classes", {}).items()}
+        return cls(index, meta["kind"], paths, meta["labels"], meta["model"], meta["params"], classes,
+                   meta.get("deleted", ()), meta.get("sources", ()))
+
+
+def read_meta(folder: str | Path) -> dict:
+    """`meta.json` of an index folder, checked to be of a format this version reads."""
+    folder = Path(folder)
+    if not (folder / META_FILE).is_file():
+        raise UserError(f"no retrieval index in {folder} (no {META_FILE})")
+    meta = read_json(folder / META_FILE)
+    if meta.get("format_version") not in READABLE_VERSIONS or meta.get("kind") not in KINDS:
+        raise UserError(f"{folder / META_FILE} is not a retrieval index of format "
+                        f"{' or '.join(map(str, READABLE_VERSIONS))}; rebuild it with "
+                        f"`mproxy index RUN --images DIR --out {folder} --rebuild`")
+    return meta

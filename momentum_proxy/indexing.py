@@ -1,100 +1,214 @@
 """Index jobs: embed any image collection with a trained model into a saved faiss index, and search it."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
+import numpy as np
 
 from momentum_proxy.data.manifest import MANIFEST, read_manifest
 from momentum_proxy.data.prepare import IMAGE_EXTS
 from momentum_proxy.errors import UserError
-from momentum_proxy.fileio import read_json, write_json
-from momentum_proxy.index import KINDS, RetrievalIndex, file_sha256
+from momentum_proxy.fileio import write_json
+from momentum_proxy.index import KINDS, META_FILE, UNKNOWN, Hit, RetrievalIndex, file_sha256, read_meta
 from momentum_proxy.inference import embed_files
-from momentum_proxy.retrieval import Result, is_query, known_label, load_model, save_retrieval
+from momentum_proxy.retrieval import Result, draw_results, is_query, load_model
 from momentum_proxy.runs import BEST, RunDir
 
-
-UNKNOWN = -1  # label of an indexed image whose class is not known
+MODEL_KEYS = ("backbone", "feature_dim", "checkpoint_sha256")  # what must match; the run's path may differ
 
 
 def model_identity(run_dir: str | Path) -> dict:
     """What an index records about the model that embedded it; a mismatch means the index is unusable."""
     run = RunDir(run_dir)
     cfg = run.config()
+    epoch = run.load_checkpoint(BEST)["epoch"]
     return {"run": str(run.path.resolve()), "backbone": cfg.backbone, "feature_dim": cfg.feature_dim,
-            "checkpoint_sha256": file_sha256(run / BEST)}
+            "checkpoint_sha256": file_sha256(run / BEST), "checkpoint_epoch": epoch}
 
 
-def collect_images(source: str | Path) -> tuple[list[str], list[int] | None]:
-    """Image paths (and labels) of a prepared dataset, or every image file below a folder (no labels)."""
-    source = Path(source)
+def describe_change(built: dict, now: dict) -> str | None:
+    """In words, why an index built with model `built` does not fit the model `now` (None when it does)."""
+    if built.get("backbone") != now["backbone"]:
+        return f"it was built with backbone {built.get('backbone')}, the run uses {now['backbone']}"
+    if built.get("feature_dim") != now["feature_dim"]:
+        return f"it holds {built.get('feature_dim')}-d features, the run makes {now['feature_dim']}-d"
+    if built.get("checkpoint_sha256") != now["checkpoint_sha256"]:
+        epochs = f"epoch {built.get('checkpoint_epoch', '?')} -> {now['checkpoint_epoch']}"
+        if built.get("run") != now["run"]:
+            return f"it was built with another run's model ({built.get('run')}, {epochs})"
+        return f"the run's best checkpoint changed since this index was built ({epochs}; retrained?)"
+    return None
+
+
+def rebuild_hint(run_dir, index_dir, sources) -> str:
+    images = f" --images {sources[0]}" if len(sources) == 1 else ""
+    return f"mproxy index {run_dir} --out {index_dir}{images} --rebuild"
+
+
+def check_model(index_dir, meta: dict, identity: dict, run_dir) -> None:
+    """Refuse an index that the run's model did not build, saying what changed and how to rebuild."""
+    built = {**meta["model"], "feature_dim": meta["feature_dim"]}
+    change = describe_change(built, identity)
+    if change:
+        raise UserError(f"the index {index_dir} is stale: {change}; rebuild it with "
+                        f"`{rebuild_hint(run_dir, index_dir, meta.get('sources', []))}`")
+
+
+def open_index(index_dir: str | Path, run_dir: str | Path | None = None) -> tuple[RetrievalIndex, str]:
+    """A saved index and the run whose model built it (`run_dir`, else the run recorded in the index),
+    refused with a worded reason when that model changed since."""
+    meta = read_meta(index_dir)
+    run_dir = str(run_dir or meta["model"].get("run") or "")
+    if not run_dir or not RunDir(run_dir).has_run():
+        raise UserError(f"the run that built {index_dir} ({run_dir or 'unknown'}) is not available; "
+                        "give it explicitly")
+    check_model(index_dir, meta, model_identity(run_dir), run_dir)
+    return RetrievalIndex.load(index_dir), run_dir
+
+
+def check_output(out: Path) -> None:
+    """Refuse an unusable index folder before any expensive work (a file in its place, no write access)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder for the index")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the index into {out}: {existing} is not a writable folder")
+
+
+def collect_images(source: str | Path) -> tuple[list[str], list[int] | None, dict[int, str]]:
+    """Absolute image paths (with labels and class names) of a prepared dataset, or every image file below a
+    folder (no labels)."""
+    source = Path(source).absolute()
     if (source / MANIFEST).exists():
-        df = read_manifest(source)
-        return [str(source / p) for p in df["path"]], df["label"].astype(int).tolist()
+        df = read_manifest(source).drop_duplicates("path")
+        classes = dict(zip(df["label"].astype(int), df["class_name"]))
+        return [os.path.normpath(source / p) for p in df["path"]], df["label"].astype(int).tolist(), classes
     if not source.is_dir():
         raise UserError(f"image folder not found: {source}")
     paths = sorted(str(p) for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not paths:
         raise UserError(f"no images found in {source}")
-    return paths, None
+    return paths, None, {}
 
 
-def build_index(run_dir: str | Path, images: str | Path, out: str | Path, *, kind: str = "exact",
-                batch_size: int = 64, device: str = "auto") -> dict:
-    """Embed `images` with the run's best model into the index at `out` (created, or extended when present)."""
+def _labels_for(index: RetrievalIndex, labels, classes: dict[int, str], n: int) -> list | None:
+    """Labels of new items in the index's numbering: by class name, UNKNOWN for unlabelled images."""
+    if labels is None:
+        return None if index.labels is None else [UNKNOWN] * n
+    mapping = {y: index.label_for(name) for y, name in classes.items()}
+    return [mapping[y] for y in labels]
+
+
+def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path, *, kind: str = "exact",
+                batch_size: int = 64, device: str = "auto", rebuild: bool = False) -> dict:
+    """Embed `images` with the run's best model into the index at `out`: created, extended when present (paths
+    already indexed are skipped), or, with `rebuild`, made anew (from `images`, or from the index's own items
+    when `images` is None) and replacing the old one atomically."""
     if kind not in KINDS:
         raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
-    identity = model_identity(run_dir)
     out = Path(out)
-    existing = RetrievalIndex.load(out, expect_model=identity) if (out / "meta.json").exists() else None
-    paths, labels = collect_images(images)
-    model, cfg, _ = load_model(run_dir, device)
-    feats, kept, skipped = embed_files(model, paths, cfg.image_size, next(model.parameters()).device, batch_size)
-    if not kept:
-        raise UserError(f"none of the {len(paths)} images in {images} could be read")
-    if labels is not None:
-        keep = set(kept)
-        labels = [y for p, y in zip(paths, labels) if p in keep]
+    check_output(out)
+    identity = model_identity(run_dir)
+    present = (out / META_FILE).exists()
+    existing = None
+    if present and not rebuild:
+        check_model(out, read_meta(out), identity, run_dir)
+        existing = RetrievalIndex.load(out)
+    if images is None:
+        if not (rebuild and present):
+            raise UserError("give the images to index with --images (only --rebuild of an existing index may "
+                            "omit them)")
+        old = RetrievalIndex.load(out)
+        live = [i for i in range(old.ntotal) if old.exists(i)]
+        paths, sources = [old.paths[i] for i in live], old.sources
+        labels = None if old.labels is None else [old.labels[i] for i in live]
+        classes = old.classes
+    else:
+        paths, labels, classes = collect_images(images)
+        sources = [str(Path(images).absolute())]
+    if not paths:
+        raise UserError(f"the index {out} has no items to rebuild from; give --images")
+    already = 0
+    if existing is not None:
+        new = [i for i, p in enumerate(paths) if p not in existing.path_ids]
+        already = len(paths) - len(new)
+        paths = [paths[i] for i in new]
+        labels = None if labels is None else [labels[i] for i in new]
+    kept, skipped = [], []
+    if paths:
+        model, cfg, _ = load_model(run_dir, device)
+        feats, kept, skipped = embed_files(model, paths, cfg.image_size, next(model.parameters()).device,
+                                           batch_size)
+        if not kept:
+            raise UserError(f"none of the {len(paths)} images in {images} could be read")
+        if labels is not None:
+            keep = set(kept)
+            labels = [y for p, y in zip(paths, labels) if p in keep]
     if existing is None:
-        index = RetrievalIndex.build(feats, kept, labels, kind=kind, model=identity)
-    else:  # items without a known class get label -1 in a labelled index
+        index = RetrievalIndex.build(feats, kept, labels, kind=kind, model=identity, classes=classes)
+        index.sources = list(sources)
+    else:
         index = existing
-        if index.labels is None:
-            labels = None
-        elif labels is None:
-            labels = [UNKNOWN] * len(kept)
-        index.add(feats, kept, labels)
+        if kept:
+            index.add(feats, kept, _labels_for(index, labels, classes, len(kept)))
+        index.sources += [s for s in sources if s not in index.sources]
     index.save(out)
     if skipped:
         write_json(out / "skipped.json", [{"path": p, "reason": r} for p, r in skipped])
-    summary = {"index": str(out), "kind": index.kind, "added": len(kept), "total": len(index),
-               "skipped": len(skipped)}
+    summary = {"index": str(out), "kind": index.kind, "added": len(kept), "already_indexed": already,
+               "total": len(index), "skipped": len(skipped)}
     if index.kind != "exact":
         summary["recall@10_vs_exact"] = round(index.recall_vs_exact(10), 4)
     return summary
 
 
+def search_hits(index: RetrievalIndex, features: np.ndarray, k: int, *, query_path=None, query_id=None,
+                min_score: float | None = None) -> tuple[dict | None, list[Hit]]:
+    """Top-k of one query embedding: (the query's item when it is indexed, its hits). The query's own item
+    (given by id, or by path) is not among its results, as in `mproxy retrieve`."""
+    exclude = set() if query_id is None else {query_id}
+    if query_path is not None:
+        exclude |= {int(i) for i in np.flatnonzero(is_query(Path(query_path), index.paths))}
+    own = next((index.item(i) for i in sorted(exclude) if index.exists(i)), None)
+    hits = index.hits(*index.search(features, k, exclude=exclude))[0]
+    if min_score is not None:
+        hits = [h for h in hits if h.score >= min_score]
+    return own, hits
+
+
 def retrieve_from_index(index_dir: str | Path, query: str | Path, k: int, out_dir: str | Path, *,
-                        device: str = "auto") -> Path:
-    """Top-k of a query image in a saved index: `out_dir/retrieval.png` + `out_dir/results.json`."""
+                        run_dir: str | Path | None = None, device: str = "auto") -> Path:
+    """Top-k of a query image in a saved index: `out_dir/retrieval.png` + `out_dir/results.json` (which also
+    records the model and the index). `run_dir` must be the model that built the index (default: the run it
+    recorded). Results whose image file is missing are kept in results.json (`missing`), left out of the
+    picture, and reported on stderr."""
     query = Path(query)
     if not query.is_file():
         raise UserError(f"query image not found: {query}")
-    meta_path = Path(index_dir) / "meta.json"
-    if not meta_path.is_file():
-        raise UserError(f"no retrieval index in {index_dir}")
-    run_dir = read_json(meta_path)["model"].get("run")
-    if not run_dir or not RunDir(run_dir).has_run():
-        raise UserError(f"the run that built {index_dir} ({run_dir}) is not available")
-    index = RetrievalIndex.load(index_dir, expect_model=model_identity(run_dir))
+    index, run_dir = open_index(index_dir, run_dir)
     model, cfg, _ = load_model(run_dir, device)
     feats, _, skipped = embed_files(model, [query], cfg.image_size, next(model.parameters()).device)
     if skipped:
         raise UserError(f"cannot read query image {query}: {skipped[0][1]}")
-    same = is_query(query, index.paths)
-    label = known_label(same, index.labels)
-    label = None if label == UNKNOWN else label
-    hits = [h for h in index.hits(*index.search(feats, k + 1))[0] if not same[h.index]][:k]
-    results = [Result(i + 1, h.path, h.label, h.score, None if label is None or h.label == UNKNOWN else h.label == label)
-               for i, h in enumerate(hits)]
-    return save_retrieval(query, label, results, out_dir)
+    own, hits = search_hits(index, feats, k, query_path=query)
+    label = own["label"] if own else None
+    rows = [{"rank": h.rank + 1, "id": h.id, "path": h.path, "label": h.label, "class_name": h.class_name,
+             "similarity": h.score, "correct": None if label is None or h.label is None else h.label == label,
+             "missing": not os.path.isfile(h.path)} for h in hits]
+    missing = [r["path"] for r in rows if r["missing"]]
+    if missing:
+        print(f"mproxy: warning: {len(missing)} of {len(rows)} result images are missing (moved or deleted?), "
+              f"e.g. {missing[0]}; they are listed in results.json, not drawn", file=sys.stderr)
+    out_dir = Path(out_dir)
+    shown = [Result(r["rank"], r["path"], r["label"], r["similarity"], r["correct"]) for r in rows if not r["missing"]]
+    png = draw_results(query, shown, out_dir / "retrieval.png", label)
+    model_info = {"run": str(Path(run_dir).resolve()),
+                  **{key: index.model.get(key) for key in ("backbone", "checkpoint_sha256", "checkpoint_epoch")}}
+    write_json(out_dir / "results.json", {
+        "query": str(query), "query_label": label, "query_class_name": own["class_name"] if own else None,
+        "k": len(rows), "model": model_info,
+        "index": {"path": str(Path(index_dir).absolute()), "kind": index.kind, "items": len(index)},
+        "results": rows})
+    return png

@@ -17,3 +17,24 @@ def tiny_config(tiny_data, tmp_path):
 
     return TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), pretrained="none", image_size=64,
                        batch_size=8, epochs=2, workers=0, warmup_epochs=0, metrics=["recall", "map@r"])
+
+
+def make_run(out, data, *, epoch: int = 0, seed: int = 0):
+    """A run folder with a random-weight model as its best checkpoint (no training): Lite0, 64 px, 32-d."""
+    import torch
+
+    from momentum_proxy.models import EmbeddingNet
+    from momentum_proxy.runs import BEST, RunDir, TrainConfig
+
+    cfg = TrainConfig(data=str(data), out=str(out), pretrained="none", image_size=64, feature_dim=32)
+    run = RunDir(out)
+    run.start(cfg, overwrite=True)
+    torch.manual_seed(seed)
+    run.save_checkpoint(BEST, {"epoch": epoch, "model": EmbeddingNet(cfg.backbone, 32, weights=None).state_dict()})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory):
+    """`make_run` on `tiny_data` (shared: tests must not change it)."""
+    return make_run(tmp_path_factory.mktemp("serve") / "run", tiny_data)

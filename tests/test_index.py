@@ -1,11 +1,13 @@
 """RetrievalIndex: build/add/save/load round trips, model checks and approximate recall."""
 import json
+import os
 
+import faiss
 import numpy as np
 import pytest
 
 from momentum_proxy.errors import UserError
-from momentum_proxy.index import INDEX_FILE, META_FILE, RetrievalIndex, default_nlist
+from momentum_proxy.index import META_FILE, RetrievalIndex, default_nlist
 
 MODEL = {"run": "runs/cub-r50", "backbone": "resnet50", "feature_dim": 32, "checkpoint_sha256": "ab12"}
 
@@ -29,10 +31,10 @@ def test_save_load_add_round_trip_equals_building_at_once(tmp_path):
     q = x[::37] + 0.01
     for a, b in zip(whole.search(q, 7), again.search(q, 7)):
         np.testing.assert_array_equal(a, b)
-    assert again.paths == paths and again.labels == y.tolist() and len(again) == 600
+    assert again.paths == [os.path.abspath(p) for p in paths] and again.labels == y.tolist() and len(again) == 600
     meta = json.loads((tmp_path / "idx" / META_FILE).read_text())
     assert meta["kind"] == "exact" and meta["feature_dim"] == 32 and meta["model"] == MODEL
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [INDEX_FILE, META_FILE]  # no temporaries
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [meta["index_file"], META_FILE]  # no temporaries
 
 
 def test_search_returns_paths_labels_and_cosine():
@@ -79,7 +81,8 @@ def test_corrupt_or_missing_index_refused(tmp_path):
     x, y, paths = clustered(100)
     RetrievalIndex.build(x, paths, y).save(tmp_path)
     RetrievalIndex.build(x[:50], paths[:50], y[:50]).save(tmp_path / "other")
-    (tmp_path / "other" / INDEX_FILE).replace(tmp_path / INDEX_FILE)  # e.g. an interrupted save
+    current = json.loads((tmp_path / META_FILE).read_text())["index_file"]
+    next((tmp_path / "other").glob("*.faiss")).replace(tmp_path / current)  # e.g. a file changed behind its back
     with pytest.raises(UserError, match="does not match"):
         RetrievalIndex.load(tmp_path)
 
@@ -120,3 +123,70 @@ def test_build_rejects_bad_input(kwargs, message):
     args = dict(features=x, paths=paths, labels=y) | kwargs
     with pytest.raises(UserError, match=message):
         RetrievalIndex.build(args.pop("features"), args.pop("paths"), args.pop("labels"), **args)
+
+
+@pytest.mark.parametrize("kind", ["exact", "ivf", "hnsw"])
+def test_deleted_items_keep_ids_and_never_come_back(kind, tmp_path):
+    x, y, paths = clustered(600)
+    index = RetrievalIndex.build(x, paths, y, kind=kind, nlist=4, nprobe=4)
+    sims, idx = index.search(x[:3], 5)
+    gone = {int(i) for i in idx[:, :2].ravel()}  # each query's two best, itself included
+    for i in gone:
+        index.remove(i)
+    index.save(tmp_path)
+    loaded = RetrievalIndex.load(tmp_path)
+    assert len(loaded) == 600 - len(gone) and loaded.ntotal == 600 and loaded.deleted == gone
+    sims2, idx2 = loaded.search(x[:3], 5)
+    assert not gone & set(idx2.ravel().tolist()) and (idx2 >= 0).all()
+    # the survivors keep their ids and order: the old top-5 minus the deleted ones lead the new list
+    for old, new in zip(idx, idx2):
+        survivors = [i for i in old if i not in gone]
+        assert new[:len(survivors)].tolist() == survivors
+    assert loaded.search(x[:1], 5, exclude=[int(idx2[0, 0])])[1][0, 0] == idx2[0, 1]
+    new_ids = loaded.add(x[:2] + 0.01, ["new/a.jpg", "new/b.jpg"], [0, 1])
+    assert new_ids == [600, 601] and loaded.item(600)["path"].endswith("new/a.jpg")
+    with pytest.raises(UserError, match="no item with id"):
+        loaded.item(next(iter(gone)))
+
+
+def test_save_is_crash_safe_and_paths_work_from_anywhere(tmp_path, monkeypatch):
+    x, y, paths = clustered(50)
+    folder = tmp_path / "idx"
+    inside = [str(folder / "images" / f"{i}.jpg") for i in range(50)]
+    monkeypatch.chdir(tmp_path)
+    index = RetrievalIndex.build(x, inside, y, classes={int(c): f"class {c}" for c in set(y)})
+    index.save("idx")
+    meta = json.loads((folder / META_FILE).read_text())
+    assert meta["paths"][0] == os.path.join("images", "0.jpg")  # inside the folder: relative to it
+    # a save killed after writing its faiss file but before committing meta.json leaves the previous index
+    index.add(x[:5], ["/elsewhere/a.jpg"] * 5, y[:5])
+    snapshot = index.snapshot()
+    (folder / "index-0123456789abcdef.faiss").write_bytes(faiss.serialize_index(index.index).tobytes())
+    monkeypatch.chdir("/")
+    again = RetrievalIndex.load(folder)
+    assert len(again) == 50 and again.paths == inside and again.item(3)["class_name"] == f"class {y[3]}"
+    snapshot.write(folder)
+    assert len(RetrievalIndex.load(folder)) == 55 and RetrievalIndex.load(folder).paths[-1] == "/elsewhere/a.jpg"
+    assert sorted(p.name for p in folder.iterdir()) == [json.loads((folder / META_FILE).read_text())["index_file"],
+                                                        META_FILE]
+
+
+def test_format_1_is_read_and_unknown_formats_refused(tmp_path, monkeypatch):
+    x, y, paths = clustered(40)
+    faiss.write_index(faiss.IndexFlatIP(32), str(tmp_path / "index.faiss"))
+    flat = faiss.read_index(str(tmp_path / "index.faiss"))
+    flat.add(x / np.linalg.norm(x, axis=1, keepdims=True))
+    faiss.write_index(flat, str(tmp_path / "index.faiss"))
+    from momentum_proxy.index import file_sha256
+
+    v1 = {"format_version": 1, "kind": "exact", "metric": "cosine", "feature_dim": 32, "count": 40, "params": {},
+          "model": MODEL, "index_sha256": file_sha256(tmp_path / "index.faiss"), "paths": paths, "labels": y.tolist()}
+    (tmp_path / META_FILE).write_text(json.dumps(v1))
+    monkeypatch.chdir(tmp_path)
+    old = RetrievalIndex.load(tmp_path)
+    assert old.paths[0] == str(tmp_path / "img" / "00000.jpg") and old.search(x[:1], 1)[1][0, 0] == 0
+    old.save(tmp_path)  # upgraded in place to the current format
+    assert not (tmp_path / "index.faiss").exists() and RetrievalIndex.load(tmp_path).paths == old.paths
+    (tmp_path / META_FILE).write_text(json.dumps({**v1, "format_version": 9}))
+    with pytest.raises(UserError, match="not a retrieval index of format 1 or 2; rebuild it with `mproxy index"):
+        RetrievalIndex.load(tmp_path)

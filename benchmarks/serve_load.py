@@ -1,0 +1,269 @@
+"""Load test of `mproxy serve` (a measurement, not a timed test).
+
+Starts the server on 127.0.0.1 over a copy of INDEX, then for each concurrency level (default 1, 4, 16 clients)
+sends image searches for a bounded time while one more client adds an image every `--add-every` seconds.
+Reports throughput, p50/p95/p99 latency and errors per level, checks afterwards that every acknowledged add is
+found by its own image, and measures, in the same run, the bare model's batch-1 time and its best batched
+embedding rate (before the server starts, so the two never share the cores).
+
+    python benchmarks/serve_load.py --index index/flowers12 [--seconds 20 --levels 1,4,16 --json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "load-test"
+
+
+def bare_model(index_dir: Path, images: list[bytes], device: str) -> dict:
+    """The model alone on pre-decoded inputs, run in the main thread and in a worker thread (as the server's
+    batcher runs it; on a busy 2-core machine the two differ a lot): the better batch-1 time and batched rate."""
+    runs = [measure_model(index_dir, images, device)]
+    worker = threading.Thread(target=lambda: runs.append(measure_model(index_dir, images, device)))
+    worker.start()
+    worker.join()
+    best = {k: (min if k == "batch1_ms" else max)(r[k] for r in runs) for k in runs[0]}
+    return {**best, "main_thread": runs[0], "worker_thread": runs[1]}
+
+
+def measure_model(index_dir: Path, images: list[bytes], device: str, batches=(1, 8, 16, 32, 64)) -> dict:
+    """Median batch-1 time (ms) and the best images/s over batch sizes."""
+    import torch
+
+    from momentum_proxy.data.loading import to_batch
+    from momentum_proxy.indexing import open_index
+    from momentum_proxy.retrieval import load_model
+    from momentum_proxy.searcher import decode_image
+
+    _, run_dir = open_index(index_dir)
+    model, cfg, _ = load_model(run_dir, device)
+    dev = next(model.parameters()).device
+    arrays = [decode_image(b, cfg.image_size)[0] for b in images[:64]]
+    out = {"image_size": cfg.image_size}
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        for b in batches:
+            batch = to_batch((arrays * (b // len(arrays) + 1))[:b])
+            for _ in range(2):
+                model(batch.to(dev))
+            sync()
+            times = []
+            for _ in range(max(3, 48 // b)):
+                t0 = time.perf_counter()
+                model(batch.to(dev)).cpu()
+                sync()
+                times.append(time.perf_counter() - t0)
+            if b == 1:
+                out["batch1_ms"] = 1000 * float(np.median(times))
+            out[f"batch{b}_ips"] = b / float(np.median(times))
+    out["best_ips"] = max(v for k, v in out.items() if k.endswith("_ips"))
+    return out
+
+
+def start_server(index_dir: Path, port: int, log: Path, device: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-m", "momentum_proxy", "serve", str(index_dir), "--port", str(port),
+                             "--token", TOKEN, "--device", device], env=env, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.5)
+    proc.kill()
+    sys.exit("server did not start")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def search_loop(url: str, images: list[bytes], until: float, seed: int, latencies: list, errors: list) -> None:
+    rng = random.Random(seed)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        while time.perf_counter() < until:
+            data = rng.choice(images)
+            t0 = time.perf_counter()
+            try:
+                r = client.post("/search", files={"image": ("q.jpg", data, "image/jpeg")}, data={"k": "10"})
+                ok = r.status_code == 200 and len(r.json()["results"]) == 10
+            except httpx.HTTPError as e:
+                ok, r = False, e
+            (latencies if ok else errors).append(time.perf_counter() - t0 if ok else str(r))
+
+
+def add_loop(url: str, stop: threading.Event, every: float, acked: list, errors: list, seed: int) -> None:
+    """Add new images (distinct: random pixels on a flower) until stopped; record what was acknowledged."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        while not stop.wait(every):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+            try:
+                r = client.post("/items", files={"images": ("new.jpg", buf.getvalue(), "image/jpeg")})
+                if r.status_code == 200:
+                    acked.append((r.json()["items"][0]["id"], buf.getvalue()))
+                else:
+                    errors.append(f"add: {r.status_code} {r.text[:200]}")
+            except httpx.HTTPError as e:
+                errors.append(f"add: {e}")
+
+
+def batch_totals(url: str) -> tuple[float, float]:
+    """(queries embedded, batches run) so far, from the server's /metrics."""
+    lines = httpx.get(f"{url}/metrics", timeout=30).text.splitlines()
+    value = {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("mproxy_embed_batch_size_")}
+    return value.get("mproxy_embed_batch_size_sum", 0.0), value.get("mproxy_embed_batch_size_count", 0.0)
+
+
+def run_level(url: str, clients: int, seconds: float, images: list[bytes], add_every: float) -> dict:
+    latencies, errors, acked = [], [], []
+    embedded, batches = batch_totals(url)
+    stop = threading.Event()
+    adder = threading.Thread(target=add_loop, args=(url, stop, add_every, acked, errors, clients))
+    until = time.perf_counter() + seconds
+    threads = [threading.Thread(target=search_loop, args=(url, images, until, i, latencies, errors))
+               for i in range(clients)]
+    t0 = time.perf_counter()
+    adder.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    adder.join()
+    ms = 1000 * np.array(latencies)
+    embedded_after, batches_after = batch_totals(url)
+    return {"clients": clients, "seconds": round(elapsed, 1), "searches": len(latencies),
+            "throughput": len(latencies) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
+            "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)),
+            "errors": len(errors), "error_examples": errors[:3], "adds": len(acked), "acked": acked,
+            "mean_batch": (embedded_after - embedded) / max(1.0, batches_after - batches)}
+
+
+def check_adds(url: str, acked: list) -> int:
+    """How many acknowledged adds are not found first by their own image (should be 0)."""
+    missing = 0
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for item_id, data in acked:
+            best = client.post("/search", files={"image": ("a.jpg", data, "image/jpeg")},
+                               data={"k": "1"}).json()["results"][0]
+            missing += best["id"] != item_id
+    return missing
+
+
+def cpu_name() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    return f"{name} ({os.cpu_count()} cores{', avx512_vnni' if 'avx512_vnni' in info else ''})"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--index", required=True, help="an index built by `mproxy index`")
+    p.add_argument("--queries", help="folder of query images (default: up to 200 of the index's own images)")
+    p.add_argument("--levels", default="1,4,16")
+    p.add_argument("--seconds", type=float, default=20.0, help="per level")
+    p.add_argument("--add-every", type=float, default=1.0, help="seconds between two adds")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="write the figures here")
+    a = p.parse_args()
+
+    from momentum_proxy.index import RetrievalIndex
+    from momentum_proxy.perf import flush_denormals, tune_allocator
+
+    tune_allocator()  # as in the server process (`mproxy` does this at start)
+    flush_denormals()
+    a.load_before = f"{os.getloadavg()[0]:.1f}"
+    index = RetrievalIndex.load(a.index)
+    files = sorted(Path(a.queries).rglob("*.jpg")) if a.queries else [Path(x) for x in index.paths]
+    files = random.Random(0).sample(files, min(200, len(files)))
+    images = [f.read_bytes() for f in files]
+    bare = bare_model(Path(a.index), images, a.device)
+    print(f"bare model: batch-1 {bare['batch1_ms']:.1f} ms, best batched {bare['best_ips']:.1f} img/s", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
+        copy = Path(tmp) / "index"
+        shutil.copytree(a.index, copy)
+        port = free_port()
+        proc = start_server(copy, port, Path(tmp) / "server.log", a.device)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            run_level(url, 2, 3, images, 100)  # warm-up
+            levels = []
+            for clients in [int(c) for c in a.levels.split(",")]:
+                levels.append(run_level(url, clients, a.seconds, images, a.add_every))
+                print(f"{clients:3d} clients: {levels[-1]['throughput']:.1f} req/s, p50 {levels[-1]['p50_ms']:.0f} ms, "
+                      f"errors {levels[-1]['errors']}", flush=True)
+            acked = [x for level in levels for x in level["acked"]]
+            not_found = check_adds(url, acked)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    report(a, bare, levels, len(acked), not_found)
+
+
+def report(a, bare: dict, levels: list[dict], adds: int, not_found: int) -> None:
+    print(f"\nCPU: {cpu_name()}; index {a.index} ({bare['image_size']} px); {a.seconds:g} s per level, "
+          f"one add every {a.add_every:g} s meanwhile")
+    print(f"bare model: batch-1 {bare['batch1_ms']:.1f} ms; best batched {bare['best_ips']:.1f} img/s "
+          f"({', '.join(f'b{k[5:-4]} {v:.0f}' for k, v in bare.items() if k.startswith('batch') and k.endswith('_ips'))}; "
+          f"best of main thread: {bare['main_thread']['batch1_ms']:.0f} ms, {bare['main_thread']['best_ips']:.0f} img/s "
+          f"and worker thread: {bare['worker_thread']['batch1_ms']:.0f} ms, {bare['worker_thread']['best_ips']:.0f} img/s)")
+    print(f"load average before / after: {a.load_before} / {os.getloadavg()[0]:.1f} (other jobs share the machine)\n")
+    print("| clients | searches/s | vs best batched model | p50 ms | p95 ms | p99 ms | errors | adds | mean batch |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in levels:
+        print(f"| {r['clients']} | {r['throughput']:.1f} | {r['throughput'] / bare['best_ips']:.0%} | {r['p50_ms']:.0f} | "
+              f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | {r['adds']} | {r['mean_batch']:.1f} |")
+    top, one = max(levels, key=lambda r: r["clients"]), min(levels, key=lambda r: r["clients"])
+    goal_tp = top["throughput"] >= 0.8 * bare["best_ips"]
+    goal_p50 = one["p50_ms"] <= 2 * bare["batch1_ms"]
+    print(f"\nacknowledged adds: {adds}, not found by their own image afterwards: {not_found}")
+    print(f"goal {top['clients']} clients >= 80% of best batched rate: {'met' if goal_tp else 'NOT met'} "
+          f"({top['throughput'] / bare['best_ips']:.0%})")
+    print(f"goal {one['clients']} client p50 <= 2x batch-1 time: {'met' if goal_p50 else 'NOT met'} "
+          f"({one['p50_ms'] / bare['batch1_ms']:.2f}x)")
+    for r in levels:
+        for e in r["error_examples"]:
+            print(f"error ({r['clients']} clients): {e}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"cpu": cpu_name(), "bare": bare, "load_before": a.load_before, "adds": adds, "not_found": not_found,
+                                            "levels": [{k: v for k, v in r.items() if k != "acked"} for r in levels]},
+                                           indent=2))
+
+
+if __name__ == "__main__":
+    main()

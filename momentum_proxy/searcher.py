@@ -1,0 +1,281 @@
+"""Search and edit a saved index with the model that built it, without HTTP (the service's engine).
+
+```python
+from momentum_proxy.searcher import Searcher
+s = Searcher("index/mine")
+s.search("photo.jpg", k=8)["results"]      # or an embedding (numpy), an item id (int), image bytes, a PIL image
+```
+
+Queries that arrive together from several threads are embedded as one batch (`Batcher`: the first query
+waits at most `batch_wait_ms` for others, up to `max_batch`). Searches run while items are added or removed:
+a lock guards the in-memory index only for the search itself and for each change; changes are written one at a
+time, crash-safe (see `index.py`), before they are acknowledged.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from momentum_proxy.data.loading import eval_resize, eval_transform, read_image, to_array, to_batch
+from momentum_proxy.errors import UserError
+from momentum_proxy.fileio import atomic_path
+from momentum_proxy.index import UNKNOWN, RetrievalIndex, Snapshot
+from momentum_proxy.indexing import open_index, search_hits
+from momentum_proxy.retrieval import load_model
+
+MAX_K = 1000
+DEFAULT_MAX_PIXELS = 40_000_000
+UPLOADS = "images"  # uploaded images are kept in INDEX/images/, named by content hash
+SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+class BadImage(UserError):
+    """Not an image, or a corrupt one."""
+
+
+class ImageTooLarge(UserError):
+    """An image over the pixel limit (decompression bombs included)."""
+
+
+class ItemNotFound(UserError):
+    """No such item (unknown or deleted id, or its image file is gone)."""
+
+
+def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
+    """Image bytes -> (the model's input as HWC uint8, exactly as `embed_files` makes it from a file; format).
+
+    The pixel count is checked from the header before anything is decoded."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            (w, h), fmt = im.size, im.format
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(str(e).splitlines()[0]) from None
+    except Exception:  # Pillow raises several types for non-images
+        raise BadImage("not an image file (or an unsupported format)") from None
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"image of {w}x{h} pixels is over the limit of {max_pixels:,} pixels")
+    try:
+        return to_array(eval_transform(image_size)(read_image(io.BytesIO(data), eval_resize(image_size)))), fmt
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(str(e).splitlines()[0]) from None
+    except Exception as e:
+        raise BadImage(f"corrupt image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+class Batcher:
+    """One thread that runs `fn` on batches of submitted items: dynamic batching."""
+
+    def __init__(self, fn: Callable[[list], np.ndarray], max_batch: int = 32, wait_ms: float = 2.0,
+                 on_batch: Callable[[int], None] | None = None):
+        self.fn, self.max_batch, self.wait, self.on_batch = fn, max_batch, wait_ms / 1000, on_batch
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="mproxy-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, item) -> Future:
+        future: Future = Future()
+        self.queue.put((item, future))
+        return future
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+
+    def _collect(self, first) -> list:
+        batch, deadline = [first], time.monotonic() + self.wait
+        while len(batch) < self.max_batch:
+            try:
+                entry = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if entry is None:
+                self.queue.put(None)  # close after this batch
+                break
+            batch.append(entry)
+        return batch
+
+    def _run(self) -> None:
+        while (first := self.queue.get()) is not None:
+            batch = self._collect(first)
+            items, futures = zip(*batch)
+            try:
+                out = self.fn(list(items))
+            except Exception as e:  # every waiting caller gets the error
+                for f in futures:
+                    f.set_exception(e)
+                continue
+            if self.on_batch:
+                self.on_batch(len(batch))
+            for f, row in zip(futures, out):
+                f.set_result(row)
+
+
+class Searcher:
+    """A saved index plus the model that built it: search, add, remove (thread-safe)."""
+
+    def __init__(self, index_dir: str | Path, *, run_dir: str | Path | None = None, device: str = "auto",
+                 max_batch: int = 32, batch_wait_ms: float = 2.0, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 on_batch: Callable[[int], None] | None = None):
+        self.folder = Path(index_dir).absolute()
+        self.index, self.run_dir = open_index(self.folder, run_dir)
+        self.model, cfg, _ = load_model(self.run_dir, device)
+        self.image_size, self.max_pixels = cfg.image_size, max_pixels
+        self.device = next(self.model.parameters()).device
+        self.batcher = Batcher(self._embed_batch, max_batch, batch_wait_ms, on_batch)
+        self._lock = threading.Lock()  # the in-memory index
+        self._write_lock = threading.Lock()  # one change (and its save) at a time
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    # ------------------------------------------------------------------------------------------- embedding
+    @torch.inference_mode()
+    def _embed_batch(self, arrays: list[np.ndarray]) -> np.ndarray:
+        return F.normalize(self.model(to_batch(arrays).to(self.device)).float(), dim=1).cpu().numpy()
+
+    def decode(self, data: bytes) -> tuple[np.ndarray, str]:
+        return decode_image(data, self.image_size, self.max_pixels)
+
+    def _decode_query(self, query) -> np.ndarray:
+        """A PIL image, an image file path or image bytes as the model's input."""
+        if isinstance(query, Image.Image):
+            return to_array(eval_transform(self.image_size)(query.convert("RGB")))
+        if isinstance(query, (str, Path)):
+            if not Path(query).is_file():
+                raise UserError(f"query image not found: {query}")
+            query = Path(query).read_bytes()
+        return self.decode(query)[0]
+
+    def embed(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """Embeddings (n, d) of decoded images, batched with whatever other queries are waiting."""
+        futures = [self.batcher.submit(a) for a in arrays]
+        return np.stack([f.result() for f in futures])
+
+    # ------------------------------------------------------------------------------------------- search
+    def search(self, query, k: int = 10, *, min_score: float | None = None) -> dict:
+        """Top-k of `query`: an item id (int), an embedding (numpy array, list or tuple of floats), image
+        bytes, an image file path, or a PIL image. Returns {"query", "results", "timing_ms"} (decode, embed and
+        search milliseconds); results carry rank, id, path, label, class_name, score, same_class. A query by id
+        or by the path of an indexed image leaves that item out of its results."""
+        if not 1 <= int(k) <= MAX_K:
+            raise UserError(f"k must be between 1 and {MAX_K}, got {k}")
+        t0 = time.perf_counter()
+        query_id = int(query) if isinstance(query, (int, np.integer)) and not isinstance(query, bool) else None
+        query_path = Path(query) if isinstance(query, (str, Path)) else None
+        if query_id is not None:
+            with self._lock:
+                features = self.index.vector(query_id) if self.index.exists(query_id) else None
+            if features is None:
+                raise ItemNotFound(f"no item with id {query_id}")
+            t1 = t2 = time.perf_counter()
+        elif isinstance(query, (np.ndarray, list, tuple)):
+            features = np.asarray(query, np.float32).reshape(1, -1)
+            if features.shape[1] != self.index.feature_dim or not np.isfinite(features).all():
+                raise UserError(f"the embedding must be {self.index.feature_dim} finite numbers")
+            t1 = t2 = time.perf_counter()
+        else:
+            array = self._decode_query(query)
+            t1 = time.perf_counter()
+            features = self.embed([array])
+            t2 = time.perf_counter()
+        with self._lock:
+            own, hits = search_hits(self.index, features, k, query_path=query_path, query_id=query_id,
+                                    min_score=min_score)
+        t3 = time.perf_counter()
+        label = own["label"] if own else None
+        return {
+            "query": own or {"id": None, "path": None, "label": None, "class_name": None},
+            "results": [{"rank": h.rank + 1, "id": h.id, "path": h.path, "label": h.label,
+                         "class_name": h.class_name, "score": h.score,
+                         "same_class": None if label is None or h.label is None else h.label == label}
+                        for h in hits],
+            "timing_ms": {"decode": 1000 * (t1 - t0), "embed": 1000 * (t2 - t1), "search": 1000 * (t3 - t2)},
+        }
+
+    # ------------------------------------------------------------------------------------------- items
+    def item(self, item_id: int) -> dict:
+        with self._lock:
+            if not self.index.exists(item_id):
+                raise ItemNotFound(f"no item with id {item_id}")
+            return self.index.item(item_id)
+
+    def image_path(self, item_id: int) -> Path:
+        """The image file of a live item (ItemNotFound when the id is unknown or the file is missing)."""
+        path = Path(self.item(item_id)["path"])
+        if not path.is_file():
+            raise ItemNotFound(f"the image file of item {item_id} is missing: {path}")
+        return path
+
+    def add(self, images: list[bytes], class_name: str | None = None) -> list[dict]:
+        """Embed and add image files (bytes; kept in INDEX/images/), all with `class_name` if given, and save
+        the index before returning. An image already in the index is not added again: its item is returned
+        with "added": false. Nothing is added when any image is bad."""
+        if not images:
+            raise UserError("no images to add")
+        decoded = [self.decode(data) for data in images]  # all checked before anything is written
+        features = self.embed([a for a, _ in decoded])
+        with self._write_lock:
+            paths = [self._store(data, fmt) for data, (_, fmt) in zip(images, decoded)]
+            with self._lock:
+                new = [i for i, p in enumerate(paths) if p not in self.index.path_ids and p not in paths[:i]]
+                if new:
+                    self.index.add(features[new], [paths[i] for i in new],
+                                   self._labels(self.index, class_name, len(new)))
+                    snapshot = self.index.snapshot()
+                items = [{**self.index.item(self.index.path_ids[p]), "added": i in new} for i, p in enumerate(paths)]
+            if new:
+                self._write(snapshot)
+        return items
+
+    def remove(self, item_id: int) -> None:
+        """Delete an item and save the index before returning."""
+        with self._write_lock:
+            with self._lock:
+                if not self.index.exists(item_id):
+                    raise ItemNotFound(f"no item with id {item_id}")
+                self.index.remove(item_id)
+                snapshot = self.index.snapshot()
+            self._write(snapshot)
+
+    @staticmethod
+    def _labels(index: RetrievalIndex, class_name: str | None, n: int) -> list | None:
+        if class_name:
+            return [index.label_for(class_name)] * n
+        return None if index.labels is None else [UNKNOWN] * n
+
+    def _store(self, data: bytes, fmt: str) -> str:
+        """Keep an uploaded image in the index folder (atomically, named by its content)."""
+        path = self.folder / UPLOADS / (hashlib.sha256(data).hexdigest()[:24] + SUFFIXES.get(fmt, ".img"))
+        if not path.exists():
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+        return str(path)
+
+    def _write(self, snapshot: Snapshot) -> None:
+        """Save a change (outside the search lock); on failure, return to what is on disk."""
+        try:
+            snapshot.write(self.folder)
+        except BaseException:
+            with self._lock:
+                self.index = RetrievalIndex.load(self.folder)
+            raise
+
+    # ------------------------------------------------------------------------------------------- info
+    def stats(self) -> dict:
+        with self._lock:
+            index = self.index
+            return {"items": len(index), "deleted": len(index.deleted), "kind": index.kind, "params": index.params,
+                    "feature_dim": index.feature_dim, "classes": len(index.classes), "image_size": self.image_size,
+                    "device": str(self.device), "model": {"run": self.run_dir, **{
+                        k: index.model.get(k) for k in ("backbone", "checkpoint_sha256", "checkpoint_epoch")}}}

@@ -1,0 +1,121 @@
+"""Index folders that never surprise: any working directory, moved images, duplicates, stale models, bad --out."""
+import json
+import shutil
+
+import pytest
+from conftest import make_run
+
+from momentum_proxy import indexing
+from momentum_proxy.cli import main
+from momentum_proxy.errors import UserError
+from momentum_proxy.index import META_FILE, RetrievalIndex
+from momentum_proxy.indexing import build_index, retrieve_from_index
+
+
+def run_cli(args, capsys):
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def images(tiny_data, tmp_path):
+    """A copy of two species of the tiny dataset as a plain folder (one sub-folder each)."""
+    dst = tmp_path / "photos"
+    for species in ("species_03", "species_04"):
+        shutil.copytree(tiny_data / "images" / species, dst / species)
+    return dst
+
+
+def test_index_works_from_any_directory_and_reports_moved_images(tiny_run, images, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    build_index(tiny_run, "photos", "idx")  # relative paths, as typed
+    meta = json.loads((tmp_path / "idx" / META_FILE).read_text())
+    assert all(p.startswith("/") for p in meta["paths"]) and meta["sources"] == [str(images)]
+    query = images / "species_03" / "0001.jpg"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run_cli(["retrieve", "--index", tmp_path / "idx", "--query", query, "-k", 3, "--out", "r"], capsys)
+    assert code == 0 and err == ""
+    first = json.loads((elsewhere / "r" / "results.json").read_text())
+    assert not any(r["missing"] for r in first["results"])
+    # move one result's image away: the retrieval still works and reports it
+    moved = first["results"][0]["path"]
+    shutil.move(moved, tmp_path / "moved.jpg")
+    code, _, err = run_cli(["retrieve", "--index", tmp_path / "idx", "--query", query, "-k", 3, "--out", "r2"],
+                           capsys)
+    assert code == 0
+    assert err.count("\n") == 1 and "1 of 3 result images are missing" in err and moved in err
+    results = json.loads((elsewhere / "r2" / "results.json").read_text())["results"]
+    assert [r["path"] for r in results] == [r["path"] for r in first["results"]]
+    assert [r["missing"] for r in results] == [True, False, False]
+
+
+def test_reindexing_skips_paths_already_indexed(tiny_run, images, tmp_path):
+    first = build_index(tiny_run, images, tmp_path / "idx")
+    assert first["added"] == 16 and first["already_indexed"] == 0
+    shutil.copy(images / "species_03" / "0001.jpg", images / "species_03" / "extra.jpg")
+    again = build_index(tiny_run, images, tmp_path / "idx")
+    assert (again["added"], again["already_indexed"], again["total"]) == (1, 16, 17)
+    index = RetrievalIndex.load(tmp_path / "idx")
+    assert len(set(index.paths)) == len(index.paths) == 17
+
+
+def test_stale_index_says_what_changed_and_rebuild_fixes_it(tiny_data, images, tmp_path, capsys):
+    run = make_run(tmp_path / "run", tiny_data, epoch=3)
+    idx = tmp_path / "idx"
+    build_index(run, images, idx)
+    make_run(tmp_path / "run", tiny_data, epoch=5, seed=1)  # retrained with --overwrite
+    code, _, err = run_cli(["index", run, "--images", images, "--out", idx], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "the run's best checkpoint changed since this index was built (epoch 3 -> 5" in err
+    assert f"mproxy index {run} --out {idx} --images {images} --rebuild" in err
+    query = images / "species_04" / "0002.jpg"
+    code, _, err = run_cli(["retrieve", "--index", idx, "--query", query, "--out", tmp_path / "q"], capsys)
+    assert code == 2 and "--rebuild" in err
+    code, out, err = run_cli(["index", run, "--out", idx, "--rebuild"], capsys)  # from the index's own images
+    assert code == 0 and "added: 16" in out, err
+    index = RetrievalIndex.load(idx)
+    assert index.model["checkpoint_epoch"] == 5 and len(index) == 16
+
+
+def test_output_path_checked_before_embedding(tiny_run, images, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(indexing, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    a_file = tmp_path / "index.txt"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        code, _, err = run_cli(["index", tiny_run, "--images", images, "--out", out], capsys)
+        assert code == 2 and err.startswith("mproxy: error:") and len(err.strip().splitlines()) == 1
+        assert "index.txt" in err
+    assert a_file.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["index.txt", "photos"]
+
+
+def test_retrieve_checks_the_run_against_the_index_and_records_both(tiny_data, tiny_run, tmp_path, capsys):
+    idx = tmp_path / "idx"
+    build_index(tiny_run, tiny_data, idx)
+    query = tiny_data / "images" / "species_01" / "0003.jpg"
+    other = make_run(tmp_path / "other", tiny_data, seed=7)
+    code, _, err = run_cli(["retrieve", other, "--index", idx, "--query", query, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "built with another run's model" in err and "--rebuild" in err
+    code, _, err = run_cli(["retrieve", tiny_run, "--index", idx, "--query", query, "-k", 4, "--out", tmp_path / "q"],
+                           capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "q" / "results.json").read_text())
+    meta = json.loads((idx / META_FILE).read_text())
+    assert res["model"]["run"] == str(tiny_run.resolve())
+    assert res["model"]["checkpoint_sha256"] == meta["model"]["checkpoint_sha256"]
+    assert res["index"]["path"] == str(idx) and res["index"]["items"] == 64
+    # class names come from the prepared dataset's manifest; the query (an indexed image) is not its own result
+    assert res["query_class_name"] == "species_01" and all(r["class_name"].startswith("species_") for r in res["results"])
+    assert str(query) not in [r["path"] for r in res["results"]]
+    assert [r["correct"] for r in res["results"]] == [r["class_name"] == "species_01" for r in res["results"]]
+
+
+def test_unreadable_index_folder_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="no retrieval index"):
+        retrieve_from_index(tmp_path, __file__, 3, tmp_path / "out")

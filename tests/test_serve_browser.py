@@ -1,0 +1,131 @@
+"""The web page in headless Chromium (Selenium): upload a photo, see K results, click one, keyboard, phone width."""
+import os
+import shutil
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@contextmanager
+def running_server(index_dir, **options):
+    """The service on a free 127.0.0.1 port (uvicorn in a thread); yields its URL."""
+    import uvicorn
+
+    from momentum_proxy.service import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(index_dir, **options), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the server did not start"
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@contextmanager
+def chromium(profile: Path, width: int = 1100, height: int = 900):
+    """Headless Chromium driven by the system chromedriver (Selenium downloads nothing)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in [*FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def search_and_click(driver, url: str, photo: Path, k: int, screenshot: Path, timeout: float = 90) -> dict:
+    """Load the page, upload `photo`, wait for k results, click the second, wait for its results, screenshot.
+    Returns what was seen."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, timeout)
+    driver.get(url)
+    wait.until(lambda d: "images" in d.find_element(By.ID, "stats").text)
+    k_input = driver.find_element(By.ID, "k")
+    k_input.clear()
+    k_input.send_keys(str(k))
+    driver.find_element(By.ID, "file").send_keys(str(photo))
+    wait.until(lambda d: "results in" in d.find_element(By.ID, "status").text)
+    first = [(h.get_attribute("data-id"), h.find_element(By.CLASS_NAME, "score").text)
+             for h in driver.find_elements(By.CLASS_NAME, "hit")]
+    target = driver.find_elements(By.CLASS_NAME, "hit")[1]
+    target_id = target.get_attribute("data-id")
+    target.click()
+    wait.until(lambda d: d.find_element(By.ID, "preview-text").text.startswith(f"item {target_id}"))
+    wait.until(lambda d: "results in" in d.find_element(By.ID, "status").text)
+    wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
+                             for img in d.find_elements(By.CSS_SELECTOR, ".hit img")))
+    hits = driver.find_elements(By.CLASS_NAME, "hit")
+    seen = {"first": first, "target": target_id, "second": [h.get_attribute("data-id") for h in hits],
+            "frames": [h.get_attribute("class") for h in hits],
+            "preview": driver.find_element(By.ID, "preview-text").text,
+            "status": driver.find_element(By.ID, "status").text}
+    driver.save_screenshot(str(screenshot))
+    return seen
+
+
+@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)), reason=(
+    f"chromium not installed: {CHROMIUM} and {CHROMEDRIVER} are needed "
+    "(apt-get install -y chromium chromium-driver)"))
+def test_page_search_click_keyboard_phone(tiny_data, tiny_run, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from momentum_proxy.index import RetrievalIndex
+    from momentum_proxy.indexing import build_index
+
+    build_index(tiny_run, tiny_data, tmp_path / "idx")
+    index = RetrievalIndex.load(tmp_path / "idx")
+    photo = tmp_path / "photo.jpg"
+    shutil.copy(tiny_data / "images" / "species_03" / "0005.jpg", photo)
+    with running_server(tmp_path / "idx") as url, chromium(tmp_path / "profile") as driver:
+        seen = search_and_click(driver, url, photo, 6, tmp_path / "serve.png")
+        assert len(seen["first"]) == 6 and all(0 < float(score) <= 1.0001 for _, score in seen["first"])
+        assert seen["first"][0][0] == str(index.path_ids[str(tiny_data / "images" / "species_03" / "0005.jpg")])
+        # searching by a clicked result: its class is known, every result framed green or red accordingly
+        target = index.item(int(seen["target"]))
+        assert seen["preview"] == f"item {target['id']} · {target['class_name']}"
+        assert len(seen["second"]) == 6 and seen["target"] not in seen["second"]
+        expected = ["same" if index.item(int(i))["label"] == target["label"] else "diff" for i in seen["second"]]
+        assert [f.split()[-1] for f in seen["frames"]] == expected
+        assert "results in" in seen["status"] and "embed" in seen["status"]
+        assert (tmp_path / "serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # keyboard: Enter on a focused result searches with it
+        hit = driver.find_elements(By.CLASS_NAME, "hit")[2]
+        next_id = hit.get_attribute("data-id")
+        hit.send_keys(Keys.ENTER)
+        WebDriverWait(driver, 60).until(
+            lambda d: d.find_element(By.ID, "preview-text").text.startswith(f"item {next_id}"))
+        # an error is shown, not swallowed
+        bad = tmp_path / "bad.jpg"
+        bad.write_bytes(b"not an image at all")
+        driver.find_element(By.ID, "file").send_keys(str(bad))
+        WebDriverWait(driver, 60).until(lambda d: "not an image file" in d.find_element(By.ID, "status").text)
+        # readable on a phone: nothing wider than the screen
+        driver.set_window_size(390, 844)
+        assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")

@@ -1,0 +1,107 @@
+"""A real `mproxy serve` process: killed with SIGKILL during a stream of adds, restarted, nothing acknowledged lost."""
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from momentum_proxy.index import RetrievalIndex
+from momentum_proxy.indexing import build_index
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "kill-test-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(index_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """`python -m momentum_proxy serve INDEX` on a free loopback port, the token in the environment; wait until
+    /health answers."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "MPROXY_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "momentum_proxy", "serve", str(index_dir), "--port", str(port),
+                             "--device", "cpu"], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.3)
+    proc.kill()
+    pytest.fail("server did not start within 180 s")
+
+
+def image_bytes(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_sigkill_during_adds_loses_no_acknowledged_item(tiny_data, tiny_run, tmp_path):
+    folder = tmp_path / "idx"
+    build_index(tiny_run, tiny_data, folder)
+    log = tmp_path / "server.log"
+    proc, url = start_server(folder, log)
+    acked: dict[int, bytes] = {}
+    stop = threading.Event()
+
+    def stream_adds():
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
+            seed = 0
+            while not stop.is_set():
+                data = image_bytes(seed)
+                try:
+                    r = client.post("/items", files={"images": (f"{seed}.png", data, "image/png")})
+                except httpx.TransportError:
+                    return  # the server died mid-request: this add was never acknowledged
+                assert r.status_code == 200, r.text
+                acked[r.json()["items"][0]["id"]] = data
+                seed += 1
+
+    adder = threading.Thread(target=stream_adds)
+    adder.start()
+    try:
+        deadline = time.monotonic() + 120
+        while len(acked) < 6 and time.monotonic() < deadline and adder.is_alive():
+            time.sleep(0.01)
+        assert len(acked) >= 6, log.read_text()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)  # while the adder keeps sending
+        proc.wait(timeout=30)
+    finally:
+        stop.set()
+        adder.join(timeout=60)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+
+    index = RetrievalIndex.load(folder)  # never half-written
+    assert len(acked) <= len(index) - 64 <= len(acked) + 1  # at most the one add in flight beyond the acked
+    proc, url = start_server(folder, log)
+    try:
+        for item_id, data in acked.items():
+            assert httpx.get(f"{url}/items/{item_id}").json()["id"] == item_id
+            assert httpx.get(f"{url}/items/{item_id}/image").content == data
+        best = httpx.post(f"{url}/search", files={"image": ("q.png", next(iter(acked.values())), "image/png")},
+                          data={"k": "1"}).json()["results"][0]
+        assert best["id"] == next(iter(acked)) and best["score"] == pytest.approx(1.0, abs=1e-4)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

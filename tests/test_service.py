@@ -1,0 +1,295 @@
+"""`mproxy serve`: every endpoint and error of the HTTP API (FastAPI TestClient), and the Searcher behind it."""
+import io
+import json
+import threading
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from momentum_proxy.cli import main
+from momentum_proxy.index import RetrievalIndex, file_sha256
+from momentum_proxy.indexing import build_index, retrieve_from_index
+from momentum_proxy.runs import BEST
+from momentum_proxy.searcher import Searcher
+from momentum_proxy.service import create_app
+
+TOKEN = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def index_dir(tiny_data, tiny_run, tmp_path_factory):
+    """A pristine index of the tiny dataset (64 images, labelled, class names)."""
+    idx = tmp_path_factory.mktemp("svc") / "idx"
+    build_index(tiny_run, tiny_data, idx)
+    return idx
+
+
+@pytest.fixture(scope="module")
+def client(index_dir):
+    """A read-only client on the pristine index (tests that write use `writable`)."""
+    with TestClient(create_app(index_dir)) as c:
+        yield c
+
+
+@pytest.fixture
+def writable(index_dir, tmp_path):
+    """A copy of the index served with a write token; yields (client, folder)."""
+    import shutil
+
+    folder = tmp_path / "idx"
+    shutil.copytree(index_dir, folder)
+    with TestClient(create_app(folder, token=TOKEN), raise_server_exceptions=False) as c:
+        yield c, folder
+
+
+def jpeg_bytes(size=(80, 60), colour=(200, 30, 30), seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((size[1], size[0], 3)) * 60 + np.array(colour) * 0.7).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def upload(client, data: bytes, **fields):
+    return client.post("/search", files={"image": ("q.jpg", data, "image/jpeg")},
+                       data={k: str(v) for k, v in fields.items()})
+
+
+def assert_same_results(api_results, retrieve_results):
+    assert [r["path"] for r in api_results] == [r["path"] for r in retrieve_results]
+    assert [r["label"] for r in api_results] == [r["label"] for r in retrieve_results]
+    np.testing.assert_allclose([r["score"] for r in api_results], [r["similarity"] for r in retrieve_results],
+                               atol=1e-5)
+
+
+def test_search_equals_mproxy_retrieve_index(client, index_dir, tiny_data, tmp_path):
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(jpeg_bytes())
+    indexed = tiny_data / "images" / "species_02" / "0004.jpg"
+    retrieve_from_index(index_dir, outside, 7, tmp_path / "outside")
+    got = upload(client, outside.read_bytes(), k=7)
+    assert got.status_code == 200, got.text
+    assert_same_results(got.json()["results"], json.loads((tmp_path / "outside" / "results.json").read_text())["results"])
+    retrieve_from_index(index_dir, indexed, 6, tmp_path / "indexed")
+    expected = json.loads((tmp_path / "indexed" / "results.json").read_text())["results"]
+    # an upload is anonymous bytes: the copy of an indexed image finds that item first, then retrieve's list
+    item_id = RetrievalIndex.load(index_dir).path_ids[str(indexed)]
+    copy = upload(client, indexed.read_bytes(), k=7).json()["results"]
+    assert copy[0]["id"] == item_id and copy[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert_same_results(copy[1:], expected)
+    # by id: the indexed image's item, itself excluded as by `retrieve`; its class known, results framed
+    by_id = client.post("/search", json={"id": item_id, "k": 6}).json()
+    assert_same_results(by_id["results"], expected)
+    assert by_id["query"] == {"id": item_id, "path": str(indexed), "label": 2, "class_name": "species_02"}
+    assert [r["same_class"] for r in by_id["results"]] == [r["label"] == 2 for r in by_id["results"]]
+    assert set(by_id["results"][0]) == {"rank", "id", "path", "label", "class_name", "score", "same_class"}
+    assert set(by_id["timing_ms"]) == {"decode", "embed", "search", "total"}
+    # by embedding: the item's own vector finds the item itself first, then the same list
+    vector = RetrievalIndex.load(index_dir).vector(item_id)[0].tolist()
+    by_vec = client.post("/search", json={"embedding": vector, "k": 7}).json()["results"]
+    assert by_vec[0]["id"] == item_id and by_vec[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert [r["id"] for r in by_vec[1:]] == [r["id"] for r in by_id["results"]]
+
+
+def test_k_default_max_and_min_score(client):
+    assert len(client.post("/search", json={"id": 0}).json()["results"]) == 10
+    assert len(client.post("/search", json={"id": 0, "k": 1000}).json()["results"]) == 63  # all but itself
+    scores = [r["score"] for r in client.post("/search", json={"id": 0, "k": 63}).json()["results"]]
+    cut = scores[5]
+    kept = client.post("/search", json={"id": 0, "k": 63, "min_score": cut}).json()["results"]
+    assert [r["score"] for r in kept] == [s for s in scores if s >= cut]
+    assert len(upload(client, jpeg_bytes(), k=3, min_score=1.0).json()["results"]) == 0
+
+
+@pytest.mark.parametrize("request_kwargs, message", [
+    (dict(json={"id": 0, "k": 1001}), "k: Input should be less than or equal to 1000"),
+    (dict(json={"id": 0, "k": 0}), "k: Input should be greater than or equal to 1"),
+    (dict(json={"id": 0, "k": "many"}), "k: Input should be a valid integer"),
+    (dict(json={"id": 0, "embedding": [0.1] * 32}), "give one query"),
+    (dict(json={"k": 3}), "give one query"),
+    (dict(json={"embedding": [0.1] * 5}), "the embedding must be 32 finite numbers"),
+    (dict(json={"id": 0, "colour": "red"}), "colour: Extra inputs are not permitted"),
+    (dict(json=[1, 2]), "must be a JSON object"),
+    (dict(content=b"{not json", headers={"content-type": "application/json"}), "must be JSON"),
+    (dict(files={"other": ("a.jpg", b"x", "image/jpeg")}), "needs an image file in the field 'image'"),
+    (dict(files={"image": ("a.jpg", jpeg_bytes(), "image/jpeg")}, data={"k": "2000"}), "less than or equal to 1000"),
+])
+def test_bad_parameters_are_422_with_one_line(client, request_kwargs, message):
+    r = client.post("/search", **request_kwargs)
+    assert r.status_code == 422 and message in r.json()["error"] and "\n" not in r.json()["error"]
+
+
+def test_bad_images_400_and_too_large_413(index_dir):
+    with TestClient(create_app(index_dir, max_upload_bytes=100_000, max_pixels=500_000)) as c:
+        r = upload(c, b"%PDF-1.4 not an image")
+        assert r.status_code == 400 and r.json() == {"error": "not an image file (or an unsupported format)"}
+        whole = jpeg_bytes((200, 200))
+        truncated = whole[:len(whole) // 2]
+        r = upload(c, truncated)
+        assert r.status_code == 400 and r.json()["error"].startswith("corrupt image")
+        r = upload(c, bytes(200_000))
+        assert r.status_code == 413 and "over the limit of 100,000 bytes" in r.json()["error"]
+        # a decompression bomb: a tiny PNG file of 9,000 x 9,000 pixels
+        buf = io.BytesIO()
+        Image.new("L", (9_000, 9_000)).save(buf, "PNG")
+        assert len(buf.getvalue()) < 100_000
+        r = upload(c, buf.getvalue())
+        assert r.status_code == 413 and "9000x9000 pixels is over the limit of 500,000" in r.json()["error"]
+        assert c.get("/health").status_code == 200  # still serving
+
+
+def test_items_metadata_and_image_files(client, index_dir):
+    index = RetrievalIndex.load(index_dir)
+    item = client.get("/items/5").json()
+    assert item == {"id": 5, "path": index.paths[5], "label": index.labels[5], "class_name": index.classes[index.labels[5]]}
+    r = client.get("/items/5/image")
+    assert r.status_code == 200 and r.content == open(index.paths[5], "rb").read()
+    assert r.headers["content-type"] == "image/jpeg"
+    for path in ("/items/64", "/items/-1", "/items/64/image", "/items/99999999999999999999/image"):
+        r = client.get(path)
+        assert r.status_code == 404 and r.json()["error"].startswith("no item with id")
+    assert client.get("/items/abc").status_code == 422
+    for path in ("/items/..%2F..%2Fetc%2Fpasswd/image", "/items/5/../../meta.json", "/meta.json", "/images/x.jpg"):
+        assert client.get(path).status_code in (404, 422)
+
+
+def test_add_delete_persist_and_ids_stable_across_restart(writable, tiny_data):
+    c, folder = writable
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    red, blue = jpeg_bytes(seed=1), jpeg_bytes(colour=(20, 40, 220), seed=2)
+    files = [("images", ("red.jpg", red, "image/jpeg")), ("images", ("blue.jpg", blue, "image/jpeg"))]
+    assert c.post("/items", files=files).status_code == 401
+    assert c.post("/items", files=files, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    r = c.post("/items", files=files, data={"class_name": "my flowers"}, headers=auth)
+    assert r.status_code == 200, r.text
+    added = r.json()["items"]
+    assert [it["id"] for it in added] == [64, 65] and all(it["added"] for it in added)
+    assert added[0]["class_name"] == "my flowers" and added[0]["label"] == added[1]["label"] == 6
+    assert r.json()["total"] == 66
+    # persisted before the answer, searchable, served
+    assert len(RetrievalIndex.load(folder)) == 66
+    hit = upload(c, red, k=1).json()["results"][0]
+    assert hit["id"] == 64 and hit["score"] == pytest.approx(1.0, abs=1e-4)
+    assert c.get("/items/64/image").content == red
+    assert (folder / "images").is_dir() and all(RetrievalIndex.load(folder).paths[i].startswith(str(folder / "images"))
+                                                 for i in (64, 65))
+    again = c.post("/items", files=files[:1], headers=auth).json()  # the same image again: not duplicated
+    assert again["items"][0]["id"] == 64 and not again["items"][0]["added"] and again["total"] == 66
+    bad = [files[1], ("images", ("x.jpg", b"garbage", "image/jpeg"))]
+    assert c.post("/items", files=bad, headers=auth).status_code == 400
+    assert len(RetrievalIndex.load(folder)) == 66  # nothing half-added
+    # delete: gone from results and items, ids of the others unchanged
+    assert c.delete("/items/3").status_code == 401
+    assert c.delete("/items/3", headers=auth).json() == {"deleted": 3, "total": 65}
+    assert c.delete("/items/3", headers=auth).status_code == 404
+    assert c.get("/items/3").status_code == 404
+    assert all(r["id"] != 3 for r in c.post("/search", json={"id": 4, "k": 1000}).json()["results"])
+    # an image file gone from disk: its item answers 404 for the image, the rest goes on
+    blue_file = RetrievalIndex.load(folder).paths[65]
+    (folder / "images" / blue_file.rsplit("/", 1)[1]).rename(folder / "blue.jpg")
+    r = c.get("/items/65/image")
+    assert r.status_code == 404 and r.json()["error"] == f"the image file of item 65 is missing: {blue_file}"
+    assert c.post("/search", json={"id": 65, "k": 3}).status_code == 200
+    before = {i: c.get(f"/items/{i}").json() for i in (0, 4, 64, 65)}
+    with TestClient(create_app(folder)) as restarted:
+        assert {i: restarted.get(f"/items/{i}").json() for i in (0, 4, 64, 65)} == before
+        assert restarted.get("/items/3").status_code == 404 and restarted.get("/health").json()["items"] == 65
+
+
+def test_health_stats_metrics_docs_page(client, index_dir, tiny_run):
+    assert client.get("/health").json() == {"status": "ok", "items": 64}
+    stats = client.get("/stats").json()
+    assert stats["items"] == 64 and stats["kind"] == "exact" and stats["feature_dim"] == 32
+    assert stats["model"]["checkpoint_sha256"] == file_sha256(tiny_run / BEST)
+    assert stats["model"]["backbone"] == "efficientnet_lite0" and stats["model"]["run"] == str(tiny_run.resolve())
+    client.post("/search", json={"id": 1})
+    client.get("/items/999")
+    text = client.get("/metrics").text
+    assert 'mproxy_requests_total{method="POST",route="/search",status="200"}' in text
+    assert 'mproxy_requests_total{method="GET",route="/items/{item_id}",status="404"}' in text
+    assert 'mproxy_request_seconds_bucket{le="0.1",method="POST",route="/search"}' in text
+    assert "mproxy_index_items 64.0" in text
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/search", "/items", "/items/{item_id}", "/items/{item_id}/image", "/health", "/stats"} <= set(paths)
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "://" not in page.text  # no CDN: works offline
+    assert client.options("/search", headers={"Origin": "http://evil.example",
+                                              "Access-Control-Request-Method": "POST"}).headers.get(
+        "access-control-allow-origin") is None  # CORS off by default
+
+
+def test_internal_error_is_500_without_details_and_server_goes_on(writable, monkeypatch):
+    c, _ = writable
+    searcher = c.app.state.searcher
+    monkeypatch.setattr(searcher, "search", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("secret detail")))
+    r = c.post("/search", json={"id": 1})
+    assert r.status_code == 500 and r.json() == {"error": "internal error (see the server log)"}
+    monkeypatch.undo()
+    assert c.post("/search", json={"id": 1}).status_code == 200
+
+
+def test_concurrent_queries_are_batched_while_items_are_added(index_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "idx"
+    shutil.copytree(index_dir, folder)
+    sizes = []
+    searcher = Searcher(folder, batch_wait_ms=20, on_batch=sizes.append)
+    try:
+        queries = [jpeg_bytes(seed=s) for s in range(8)]
+        alone = [searcher.search(q, 5) for q in queries]
+        assert max(sizes) == 1
+        results, errors = [None] * 8, []
+
+        def run(i):
+            try:
+                results[i] = searcher.search(queries[i], 5)
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        adder = threading.Thread(target=lambda: searcher.add([jpeg_bytes(seed=100 + i) for i in range(3)]))
+        for t in [*threads, adder]:
+            t.start()
+        for t in [*threads, adder]:
+            t.join()
+        assert not errors and max(sizes) > 1  # embedded together
+        for a, b in zip(alone, results):
+            ids_a = [r["id"] for r in a["results"]]
+            ids_b = [r["id"] for r in b["results"] if r["id"] < 64]
+            assert ids_b == ids_a[:len(ids_b)]
+            np.testing.assert_allclose([r["score"] for r in b["results"] if r["id"] < 64],
+                                       [r["score"] for r in a["results"]][:len(ids_b)], atol=1e-4)
+        assert len(RetrievalIndex.load(folder)) == 67
+    finally:
+        searcher.close()
+
+
+def test_searcher_without_http(index_dir, tiny_data):
+    from PIL import Image as PILImage
+
+    searcher = Searcher(index_dir)
+    try:
+        path = tiny_data / "images" / "species_05" / "0000.jpg"
+        by_path = searcher.search(path, 5)
+        assert by_path["query"]["class_name"] == "species_05" and str(path) not in [r["path"] for r in by_path["results"]]
+        by_id = searcher.search(by_path["query"]["id"], 5)
+        assert [r["id"] for r in by_id["results"]] == [r["id"] for r in by_path["results"]]
+        with PILImage.open(path) as im:
+            by_image = searcher.search(im, 6)
+        assert by_image["results"][0]["path"] == str(path)
+    finally:
+        searcher.close()
+
+
+def test_serve_refuses_open_address_without_token(index_dir, capsys, monkeypatch):
+    monkeypatch.delenv("MPROXY_TOKEN", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(index_dir), "--host", "0.0.0.0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "refusing to serve on 0.0.0.0 without a write token: pass --token or set MPROXY_TOKEN" in err
