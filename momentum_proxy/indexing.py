@@ -61,7 +61,7 @@ def open_index(index_dir: str | Path, run_dir: str | Path | None = None) -> tupl
     refused with a worded reason when that model changed since."""
     meta = read_meta(index_dir)
     run_dir = str(run_dir or meta["model"].get("run") or "")
-    if not run_dir or not RunDir(run_dir).has_run():
+    if not run_dir or not RunDir(run_dir).has_model():
         raise UserError(f"the run that built {index_dir} ({run_dir or 'unknown'}) is not available; "
                         "give it explicitly")
     check_model(index_dir, meta, model_identity(run_dir), run_dir)

@@ -50,6 +50,10 @@ class RunDir:
         """A run: its config and at least one checkpoint."""
         return (self / CONFIG).exists() and (self / LAST).exists()
 
+    def has_model(self) -> bool:
+        """A trained model to embed with: the config and the selected checkpoint."""
+        return (self / CONFIG).exists() and (self / BEST).exists()
+
     def check_writable(self) -> None:
         """Refuse, before any work, a path that is a file, lies under a file, or cannot be written."""
         check_writable_folder(self.path, "the run folder")

@@ -166,7 +166,7 @@ def test_add_delete_persist_and_ids_stable_across_restart(writable, tiny_data):
     assert r.status_code == 200, r.text
     added = r.json()["items"]
     assert [it["id"] for it in added] == [64, 65] and all(it["added"] for it in added)
-    assert added[0]["class_name"] == "my flowers" and added[0]["label"] == added[1]["label"] == 6
+    assert added[0]["class_name"] == "my flowers" and added[0]["label"] == added[1]["label"] == 8
     assert r.json()["total"] == 66
     # persisted before the answer, searchable, served
     assert len(RetrievalIndex.load(folder)) == 66
