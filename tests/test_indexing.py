@@ -115,7 +115,8 @@ def test_retrieve_checks_the_run_against_the_index_and_records_both(tiny_data, t
     assert res["model"]["checkpoint_sha256"] == meta["model"]["checkpoint_sha256"]
     assert res["index"]["path"] == str(idx) and res["index"]["items"] == 48
     # class names come from the prepared dataset's manifest; the query (an indexed image) is not its own result
-    assert res["query_class_name"] == "species_01" and all(r["class_name"].startswith("species_") for r in res["results"])
+    assert res["query_class_name"] == "species_01"
+    assert all(r["class_name"].startswith("species_") for r in res["results"])
     assert str(query) not in [r["path"] for r in res["results"]]
     assert [r["correct"] for r in res["results"]] == [r["class_name"] == "species_01" for r in res["results"]]
 
