@@ -238,16 +238,18 @@ def main() -> None:
 def report(a, bare: dict, levels: list[dict], adds: int, not_found: int) -> None:
     print(f"\nCPU: {cpu_name()}; index {a.index} ({bare['image_size']} px); {a.seconds:g} s per level, "
           f"one add every {a.add_every:g} s meanwhile")
-    print(f"bare model: batch-1 {bare['batch1_ms']:.1f} ms; best batched {bare['best_ips']:.1f} img/s "
-          f"({', '.join(f'b{k[5:-4]} {v:.0f}' for k, v in bare.items() if k.startswith('batch') and k.endswith('_ips'))}; "
-          f"best of main thread: {bare['main_thread']['batch1_ms']:.0f} ms, {bare['main_thread']['best_ips']:.0f} img/s "
-          f"and worker thread: {bare['worker_thread']['batch1_ms']:.0f} ms, {bare['worker_thread']['best_ips']:.0f} img/s)")
+    sizes = ", ".join(f"b{k[5:-4]} {v:.0f}" for k, v in bare.items() if k.startswith("batch") and k.endswith("_ips"))
+    main_t, worker_t = bare["main_thread"], bare["worker_thread"]
+    print(f"bare model: batch-1 {bare['batch1_ms']:.1f} ms; best batched {bare['best_ips']:.1f} img/s ({sizes}; "
+          f"best of main thread: {main_t['batch1_ms']:.0f} ms, {main_t['best_ips']:.0f} img/s "
+          f"and worker thread: {worker_t['batch1_ms']:.0f} ms, {worker_t['best_ips']:.0f} img/s)")
     print(f"load average before / after: {a.load_before} / {os.getloadavg()[0]:.1f} (other jobs share the machine)\n")
     print("| clients | searches/s | vs best batched model | p50 ms | p95 ms | p99 ms | errors | adds | mean batch |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in levels:
-        print(f"| {r['clients']} | {r['throughput']:.1f} | {r['throughput'] / bare['best_ips']:.0%} | {r['p50_ms']:.0f} | "
-              f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | {r['adds']} | {r['mean_batch']:.1f} |")
+        print(f"| {r['clients']} | {r['throughput']:.1f} | {r['throughput'] / bare['best_ips']:.0%} | "
+              f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | {r['adds']} | "
+              f"{r['mean_batch']:.1f} |")
     top, one = max(levels, key=lambda r: r["clients"]), min(levels, key=lambda r: r["clients"])
     goal_tp = top["throughput"] >= 0.8 * bare["best_ips"]
     goal_p50 = one["p50_ms"] <= 2 * bare["batch1_ms"]
@@ -260,9 +262,9 @@ def report(a, bare: dict, levels: list[dict], adds: int, not_found: int) -> None
         for e in r["error_examples"]:
             print(f"error ({r['clients']} clients): {e}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"cpu": cpu_name(), "bare": bare, "load_before": a.load_before, "adds": adds, "not_found": not_found,
-                                            "levels": [{k: v for k, v in r.items() if k != "acked"} for r in levels]},
-                                           indent=2))
+        levels = [{k: v for k, v in r.items() if k != "acked"} for r in levels]
+        Path(a.json).write_text(json.dumps({"cpu": cpu_name(), "bare": bare, "load_before": a.load_before,
+                                            "adds": adds, "not_found": not_found, "levels": levels}, indent=2))
 
 
 if __name__ == "__main__":

@@ -434,7 +434,8 @@ def run_bench(a) -> None:
 
 COMMANDS = {"prepare": (add_prepare, run_prepare), "train": (add_train, run_train),
             "evaluate": (add_evaluate, run_evaluate), "retrieve": (add_retrieve, run_retrieve),
-            "index": (add_index, run_index), "serve": (add_serve, run_serve), "demo": (add_demo, run_demo), "sweep": (add_sweep, run_sweep),
+            "index": (add_index, run_index), "demo": (add_demo, run_demo), "sweep": (add_sweep, run_sweep),
+            "serve": (add_serve, run_serve),
             "plot": (add_plot, run_plot), "report": (add_report, run_report), "bench": (add_bench, run_bench)}
 
 

@@ -190,3 +190,15 @@ def test_format_1_is_read_and_unknown_formats_refused(tmp_path, monkeypatch):
     (tmp_path / META_FILE).write_text(json.dumps({**v1, "format_version": 9}))
     with pytest.raises(UserError, match="not a retrieval index of format 1 or 2; rebuild it with `mproxy index"):
         RetrievalIndex.load(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["exact", "ivf", "hnsw"])
+def test_vector_of_an_item_after_save_load_and_add(kind, tmp_path):
+    x, y, paths = clustered(300)
+    index = RetrievalIndex.build(x[:200], paths[:200], y[:200], kind=kind)
+    index.add(x[200:], paths[200:], y[200:])
+    index.save(tmp_path)
+    loaded = RetrievalIndex.load(tmp_path)
+    loaded.add(x[:1] + 1, ["new.jpg"], [0])
+    for i, row in ((250, x[250]), (300, x[0] + 1)):
+        np.testing.assert_allclose(loaded.vector(i)[0], row / np.linalg.norm(row), atol=1e-5)

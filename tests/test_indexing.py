@@ -93,6 +93,10 @@ def test_output_path_checked_before_embedding(tiny_run, images, tmp_path, monkey
         assert code == 2 and err.startswith("mproxy: error:") and len(err.strip().splitlines()) == 1
         assert "index.txt" in err
     assert a_file.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["index.txt", "photos"]
+    monkeypatch.setattr(indexing.os, "access", lambda path, mode: False)  # a read-only place (root may write anywhere)
+    code, _, err = run_cli(["index", tiny_run, "--images", images, "--out", tmp_path / "new" / "idx"], capsys)
+    assert code == 2 and f"{tmp_path} is not a writable folder" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.txt", "photos"]
 
 
 def test_retrieve_checks_the_run_against_the_index_and_records_both(tiny_data, tiny_run, tmp_path, capsys):
@@ -111,7 +115,8 @@ def test_retrieve_checks_the_run_against_the_index_and_records_both(tiny_data, t
     assert res["model"]["checkpoint_sha256"] == meta["model"]["checkpoint_sha256"]
     assert res["index"]["path"] == str(idx) and res["index"]["items"] == 64
     # class names come from the prepared dataset's manifest; the query (an indexed image) is not its own result
-    assert res["query_class_name"] == "species_01" and all(r["class_name"].startswith("species_") for r in res["results"])
+    assert res["query_class_name"] == "species_01"
+    assert all(r["class_name"].startswith("species_") for r in res["results"])
     assert str(query) not in [r["path"] for r in res["results"]]
     assert [r["correct"] for r in res["results"]] == [r["class_name"] == "species_01" for r in res["results"]]
 

@@ -71,7 +71,8 @@ def test_search_equals_mproxy_retrieve_index(client, index_dir, tiny_data, tmp_p
     retrieve_from_index(index_dir, outside, 7, tmp_path / "outside")
     got = upload(client, outside.read_bytes(), k=7)
     assert got.status_code == 200, got.text
-    assert_same_results(got.json()["results"], json.loads((tmp_path / "outside" / "results.json").read_text())["results"])
+    expected = json.loads((tmp_path / "outside" / "results.json").read_text())["results"]
+    assert_same_results(got.json()["results"], expected)
     retrieve_from_index(index_dir, indexed, 6, tmp_path / "indexed")
     expected = json.loads((tmp_path / "indexed" / "results.json").read_text())["results"]
     # an upload is anonymous bytes: the copy of an indexed image finds that item first, then retrieve's list
@@ -143,7 +144,8 @@ def test_bad_images_400_and_too_large_413(index_dir):
 def test_items_metadata_and_image_files(client, index_dir):
     index = RetrievalIndex.load(index_dir)
     item = client.get("/items/5").json()
-    assert item == {"id": 5, "path": index.paths[5], "label": index.labels[5], "class_name": index.classes[index.labels[5]]}
+    label = index.labels[5]
+    assert item == {"id": 5, "path": index.paths[5], "label": label, "class_name": index.classes[label]}
     r = client.get("/items/5/image")
     assert r.status_code == 200 and r.content == open(index.paths[5], "rb").read()
     assert r.headers["content-type"] == "image/jpeg"
@@ -276,7 +278,8 @@ def test_searcher_without_http(index_dir, tiny_data):
     try:
         path = tiny_data / "images" / "species_05" / "0000.jpg"
         by_path = searcher.search(path, 5)
-        assert by_path["query"]["class_name"] == "species_05" and str(path) not in [r["path"] for r in by_path["results"]]
+        assert by_path["query"]["class_name"] == "species_05"
+        assert str(path) not in [r["path"] for r in by_path["results"]]
         by_id = searcher.search(by_path["query"]["id"], 5)
         assert [r["id"] for r in by_id["results"]] == [r["id"] for r in by_path["results"]]
         with PILImage.open(path) as im:
