@@ -186,6 +186,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--recalls", type=int_list, default=None)
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--device", default="auto")
+    p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
 
 
 def run_evaluate(a) -> None:
@@ -196,7 +197,8 @@ def run_evaluate(a) -> None:
     if a.embeddings:
         res = evaluate_file(a.embeddings, metrics=a.metrics, recalls=a.recalls, json_out=a.json)
     else:
-        res = evaluate_run(a.run_dir, metrics=a.metrics, recalls=a.recalls, json_out=a.json, device=a.device)
+        res = evaluate_run(a.run_dir, metrics=a.metrics, recalls=a.recalls, json_out=a.json, device=a.device,
+                           runtime=a.runtime)
     print(format_table(res))
 
 
@@ -211,6 +213,7 @@ def add_retrieve(sub) -> None:
     p.add_argument("--index", help="search a saved index (mproxy index) instead of the run's database")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/retrieval)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
 
 
 def run_retrieve(a) -> None:
@@ -229,12 +232,13 @@ def run_retrieve(a) -> None:
     if a.index:
         from momentum_proxy.indexing import retrieve_from_index
 
-        png = retrieve_from_index(a.index, a.query, a.k, a.out or str(Path(a.index) / "retrieval"), device=a.device)
+        png = retrieve_from_index(a.index, a.query, a.k, a.out or str(Path(a.index) / "retrieval"), device=a.device,
+                                  runtime=a.runtime)
     else:
         if not run_dir:
             raise UserError("give a run folder (or --data_base, or --index)")
         png = retrieve_and_draw(run_dir, a.query, a.k, a.out or str(Path(run_dir) / "retrieval"),
-                                database=database, device=a.device)
+                                database=database, device=a.device, runtime=a.runtime)
     print(f"retrieval picture: {png}")
 
 
@@ -247,14 +251,37 @@ def add_index(sub) -> None:
     p.add_argument("--kind", default="exact", help="exact | ivf | hnsw")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
 
 
 def run_index(a) -> None:
     from momentum_proxy.indexing import build_index
 
-    summary = build_index(a.run_dir, a.images, a.out, kind=a.kind, batch_size=a.batch_size, device=a.device)
+    summary = build_index(a.run_dir, a.images, a.out, kind=a.kind, batch_size=a.batch_size, device=a.device,
+                          runtime=a.runtime)
     for k, v in summary.items():
         print(f"{k}: {v}")
+
+
+# ----------------------------------------------------------------------------------------------- export
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a run's best model to ONNX or TorchScript (verified, with a sidecar)")
+    p.add_argument("run_dir")
+    p.add_argument("--format", dest="fmt", default="onnx", help="onnx | torchscript")
+    p.add_argument("--out", required=True, help="model file; its description goes to FILE.json")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default: the run's)")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise the output inside the model")
+
+
+def run_export(a) -> None:
+    from momentum_proxy.export import export_run, sidecar_path
+
+    info = export_run(a.run_dir, a.out, fmt=a.fmt, image_size=a.image_size, normalize=a.normalize)
+    check = info["check"]
+    print(f"exported {info['backbone']} ({info['image_size']} px -> {info['feature_dim']}-d) to {a.out} "
+          f"and {sidecar_path(a.out)}")
+    print(f"check on {check['images']} test images: min cosine {check['min_cosine']:.6f}, "
+          f"top-{check['k']} neighbours identical")
 
 
 # ----------------------------------------------------------------------------------------------- demo
@@ -349,7 +376,7 @@ def run_bench(a) -> None:
 COMMANDS = {"prepare": (add_prepare, run_prepare), "train": (add_train, run_train),
             "evaluate": (add_evaluate, run_evaluate), "retrieve": (add_retrieve, run_retrieve),
             "index": (add_index, run_index), "demo": (add_demo, run_demo), "sweep": (add_sweep, run_sweep),
-            "plot": (add_plot, run_plot), "report": (add_report, run_report), "bench": (add_bench, run_bench)}
+            "export": (add_export, run_export), "plot": (add_plot, run_plot), "report": (add_report, run_report), "bench": (add_bench, run_bench)}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ from momentum_proxy.data.manifest import read_manifest, split_frame
 from momentum_proxy.evaluation import ALL_METRICS, evaluate_embeddings
 from momentum_proxy.fileio import write_json
 from momentum_proxy.inference import embed_dataset
-from momentum_proxy.retrieval import load_model
+from momentum_proxy.runtime import load_embedder
 from momentum_proxy.runs import RunDir, load_embeddings
 
 
@@ -37,12 +37,14 @@ def evaluate_file(path: str | Path, *, metrics=None, recalls=None, json_out: str
 
 
 def evaluate_run(run_dir: str | Path, *, metrics=None, recalls=None, json_out: str | None = None,
-                 device: str = "auto") -> dict:
-    """All metrics (or `metrics`) of the run's best checkpoint; written to RUN_DIR/eval.json (and `json_out`)."""
-    model, cfg, _ = load_model(run_dir, device)
+                 device: str = "auto", runtime: str = "torch") -> dict:
+    """All metrics (or `metrics`) of the run's best checkpoint, embedded by `runtime` (torch | onnx); written
+    to RUN_DIR/eval.json (and `json_out`)."""
+    embedder = load_embedder(run_dir, runtime, device)
+    cfg = RunDir(run_dir).config()
     test = split_frame(read_manifest(cfg.data), "test")
-    feats = embed_dataset(model, eval_dataset(cfg.data, test, cfg.image_size),
-                          next(model.parameters()).device, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+    feats = embed_dataset(embedder, eval_dataset(cfg.data, test, embedder.image_size),
+                          embedder.device, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                           workers=cfg.workers)
     res = evaluate_arrays(feats, test["label"].to_numpy(), test["split"].to_numpy(), metrics=metrics,
                           recalls=recalls or cfg.recalls)

@@ -10,7 +10,7 @@ from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import read_json, write_json
 from momentum_proxy.index import KINDS, RetrievalIndex, file_sha256
 from momentum_proxy.inference import embed_files
-from momentum_proxy.retrieval import Result, is_query, known_label, load_model, save_retrieval
+from momentum_proxy.retrieval import Result, is_query, known_label, save_retrieval
 from momentum_proxy.runs import BEST, RunDir
 
 
@@ -40,25 +40,31 @@ def collect_images(source: str | Path) -> tuple[list[str], list[int] | None]:
 
 
 def build_index(run_dir: str | Path, images: str | Path, out: str | Path, *, kind: str = "exact",
-                batch_size: int = 64, device: str = "auto") -> dict:
-    """Embed `images` with the run's best model into the index at `out` (created, or extended when present)."""
+                batch_size: int = 64, device: str = "auto", runtime: str = "torch") -> dict:
+    """Embed `images` with the run's best model (in `runtime`) into the index at `out` (created, or extended
+    when present; runtimes mix only as `runtime.check_mix` allows)."""
+    from momentum_proxy.runtime import check_mix, load_embedder
+
     if kind not in KINDS:
         raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
     identity = model_identity(run_dir)
     out = Path(out)
     existing = RetrievalIndex.load(out, expect_model=identity) if (out / "meta.json").exists() else None
     paths, labels = collect_images(images)
-    model, cfg, _ = load_model(run_dir, device)
-    feats, kept, skipped = embed_files(model, paths, cfg.image_size, next(model.parameters()).device, batch_size)
+    embedder = load_embedder(run_dir, runtime, device)
+    mixed = check_mix(existing.model, embedder.identity) if existing is not None else runtime
+    feats, kept, skipped = embed_files(embedder, paths, embedder.image_size, embedder.device, batch_size)
     if not kept:
         raise UserError(f"none of the {len(paths)} images in {images} could be read")
     if labels is not None:
         keep = set(kept)
         labels = [y for p, y in zip(paths, labels) if p in keep]
     if existing is None:
-        index = RetrievalIndex.build(feats, kept, labels, kind=kind, model=identity)
+        index = RetrievalIndex.build(feats, kept, labels, kind=kind,
+                                     model={**identity, "runtime": runtime, "verified": embedder.identity["verified"]})
     else:  # items without a known class get label -1 in a labelled index
         index = existing
+        index.model["runtime"] = mixed
         if index.labels is None:
             labels = None
         elif labels is None:
@@ -75,8 +81,10 @@ def build_index(run_dir: str | Path, images: str | Path, out: str | Path, *, kin
 
 
 def retrieve_from_index(index_dir: str | Path, query: str | Path, k: int, out_dir: str | Path, *,
-                        device: str = "auto") -> Path:
+                        device: str = "auto", runtime: str = "torch") -> Path:
     """Top-k of a query image in a saved index: `out_dir/retrieval.png` + `out_dir/results.json`."""
+    from momentum_proxy.runtime import check_mix, load_embedder
+
     query = Path(query)
     if not query.is_file():
         raise UserError(f"query image not found: {query}")
@@ -87,8 +95,9 @@ def retrieve_from_index(index_dir: str | Path, query: str | Path, k: int, out_di
     if not run_dir or not RunDir(run_dir).has_run():
         raise UserError(f"the run that built {index_dir} ({run_dir}) is not available")
     index = RetrievalIndex.load(index_dir, expect_model=model_identity(run_dir))
-    model, cfg, _ = load_model(run_dir, device)
-    feats, _, skipped = embed_files(model, [query], cfg.image_size, next(model.parameters()).device)
+    embedder = load_embedder(run_dir, runtime, device)
+    check_mix(index.model, embedder.identity)
+    feats, _, skipped = embed_files(embedder, [query], embedder.image_size, embedder.device)
     if skipped:
         raise UserError(f"cannot read query image {query}: {skipped[0][1]}")
     same = is_query(query, index.paths)

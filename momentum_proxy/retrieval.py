@@ -46,14 +46,17 @@ def known_label(same: np.ndarray, labels) -> int | None:
 
 
 def retrieve(run_dir: str | Path, query: str | Path, k: int = 8, *, database: str | Path | None = None,
-             device: str = "auto") -> tuple[int | None, list[Result]]:
-    """Top-k of `query` in the run's embeddings database (or another `database` .npz); the query is excluded."""
+             device: str = "auto", runtime: str = "torch") -> tuple[int | None, list[Result]]:
+    """Top-k of `query` in the run's embeddings database (or another `database` .npz); the query is excluded.
+    `runtime` (torch | onnx) embeds the query (see `runtime.load_embedder`)."""
+    from momentum_proxy.runtime import load_embedder
+
     query = Path(query)
     if not query.is_file():
         raise UserError(f"query image not found: {query}")
-    model, cfg, _ = load_model(run_dir, device)
+    embedder = load_embedder(run_dir, runtime, device)
     db = load_embeddings(database or RunDir(run_dir) / EMBEDDINGS)
-    feats, _, skipped = embed_files(model, [query], cfg.image_size, next(model.parameters()).device)
+    feats, _, skipped = embed_files(embedder, [query], embedder.image_size, embedder.device)
     if skipped:
         raise UserError(f"cannot read query image {query}: {skipped[0][1]}")
     paths, labels = db["paths"], db["labels"]
@@ -115,7 +118,8 @@ def save_retrieval(query, label: int | None, results: list[Result], out_dir) -> 
     return png
 
 
-def retrieve_and_draw(run_dir, query, k: int, out_dir, *, database=None, device: str = "auto") -> Path:
+def retrieve_and_draw(run_dir, query, k: int, out_dir, *, database=None, device: str = "auto",
+                      runtime: str = "torch") -> Path:
     """`retrieve` + `save_retrieval`."""
-    label, results = retrieve(run_dir, query, k, database=database, device=device)
+    label, results = retrieve(run_dir, query, k, database=database, device=device, runtime=runtime)
     return save_retrieval(query, label, results, out_dir)
