@@ -350,12 +350,14 @@ def run_report(a) -> None:
 
 # ----------------------------------------------------------------------------------------------- bench
 def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="images/s of the training and embedding pipelines vs the bare model")
+    p = sub.add_parser("bench", help="images/s of the training and embedding pipelines vs the bare model, and of "
+                                     "embedding in PyTorch vs onnxruntime (interleaved repeats)")
     p.add_argument("--data", help="prepared dataset (default: generate full-size JPEGs and prepare them)")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10, help="steps per measurement")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved repeats of every measurement")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="none")
@@ -367,16 +369,20 @@ def run_bench(a) -> None:
     from momentum_proxy.bench import bench
 
     res = bench(data=a.data, backbone=a.backbone, image_size=a.image_size, batch_size=a.batch_size,
-                steps=a.steps, device=a.device, workers=a.workers, compile=a.compile, amp=a.amp, json_out=a.json)
-    for k in ("train", "embed"):
-        print(f"{k:5s}: pipeline {res[f'{k}_pipeline_ips']:8.1f} img/s   model {res[f'{k}_model_ips']:8.1f} img/s"
-              f"   efficiency {res[f'{k}_efficiency']:.3f}")
+                steps=a.steps, rounds=a.rounds, device=a.device, workers=a.workers, compile=a.compile, amp=a.amp,
+                json_out=a.json)
+    print(f"img/s, median of {res['rounds']} interleaved rounds [min-max]")
+    for name, (low, high) in res["spread"].items():
+        print(f"{name:16s} {res[f'{name}_ips']:8.1f}  [{low:.1f}-{high:.1f}]")
+    print(f"train efficiency {res['train_efficiency']:.3f}   embed efficiency {res['embed_efficiency']:.3f}   "
+          f"onnxruntime / torch {res['onnx_speedup']:.3f}")
 
 
 COMMANDS = {"prepare": (add_prepare, run_prepare), "train": (add_train, run_train),
             "evaluate": (add_evaluate, run_evaluate), "retrieve": (add_retrieve, run_retrieve),
             "index": (add_index, run_index), "demo": (add_demo, run_demo), "sweep": (add_sweep, run_sweep),
-            "export": (add_export, run_export), "plot": (add_plot, run_plot), "report": (add_report, run_report), "bench": (add_bench, run_bench)}
+            "plot": (add_plot, run_plot), "report": (add_report, run_report), "bench": (add_bench, run_bench),
+            "export": (add_export, run_export)}
 
 
 def parser() -> argparse.ArgumentParser:
