@@ -1,7 +1,7 @@
 """Throughput benchmark: the whole training/embedding pipeline against the bare model on pre-made tensors.
 
 Pipeline efficiency = pipeline images/s / model images/s, measured in one run; embedding is also timed in
-onnxruntime (the exported model) against PyTorch eager. Every measurement is repeated in interleaved rounds and
+onnxruntime (the exported model, fp32 and static int8) against PyTorch eager. Every measurement is repeated in interleaved rounds and
 reported as median and spread; ratios are ratios of medians. Without `data`, a temporary dataset of full-size
 (500x375) JPEGs is generated and prepared as a user would (resize-once cache).
 """
@@ -71,14 +71,18 @@ def summarise(values: dict[str, list[float]]) -> dict:
     return out
 
 
-def _onnx_embedder(model: torch.nn.Module, folder: Path, image_size: int, dev: torch.device):
-    """`images -> normalised embeddings` through onnxruntime for the current weights of `model`."""
+def _onnx_embedders(model: torch.nn.Module, folder: Path, image_size: int, dev: torch.device, data: str,
+                    calibration_images: int) -> dict:
+    """{"embed_onnx": fp32, "embed_onnx_int8": static int8 (calibrated on `data`'s training images)}, each a
+    function `images -> normalised embeddings` through onnxruntime for the current weights of `model`."""
     from momentum_proxy.export import ExportNet, INPUT_NAME, export_onnx, onnx_session
+    from momentum_proxy.int8 import calibration_batches, quantize
 
-    path = folder / "model.onnx"
-    export_onnx(ExportNet(copy.deepcopy(model).cpu().eval(), normalize=True), path, image_size)
-    session = onnx_session(path, str(dev))
-    return lambda images: session.run(None, {INPUT_NAME: images})[0]
+    fp32, int8 = folder / "model.onnx", folder / "model_int8.onnx"
+    export_onnx(ExportNet(copy.deepcopy(model).cpu().eval(), normalize=True), fp32, image_size)
+    quantize(fp32, int8, calibration_batches(data, image_size, calibration_images), INPUT_NAME)
+    sessions = {"embed_onnx": onnx_session(fp32, str(dev)), "embed_onnx_int8": onnx_session(int8, str(dev))}
+    return {name: (lambda images, s=session: s.run(None, {INPUT_NAME: images})[0]) for name, s in sessions.items()}
 
 
 def bench(*, data: str | None = None, backbone: str = "efficientnet_lite0", image_size: int = 224,
@@ -128,7 +132,7 @@ def bench(*, data: str | None = None, backbone: str = "efficientnet_lite0", imag
         n_eval = min(len(test_set), eval_bs * (steps + 1))
         subset = torch.utils.data.Subset(test_set, range(n_eval))
         embed_steps = max(2, n_eval // eval_bs)
-        onnx_embed = _onnx_embedder(model, Path(tmp), image_size, dev)
+        onnx_embed = _onnx_embedders(model, Path(tmp), image_size, dev, data, 2 * eval_bs)
 
         def train_model():
             trainee.train()
@@ -154,21 +158,23 @@ def bench(*, data: str | None = None, backbone: str = "efficientnet_lite0", imag
             model.eval()
             return _rate(torch_embed_step, embed_steps, eval_bs)
 
-        def embed_onnx():
-            return _rate(lambda _: onnx_embed(eval_numpy), embed_steps, eval_bs)
+        def onnx_rate(name):
+            return lambda: _rate(lambda _: onnx_embed[name](eval_numpy), embed_steps, eval_bs)
 
         embed_dataset(model, torch.utils.data.Subset(test_set, range(eval_bs)), dev, batch_size=eval_bs,
                       workers=workers, amp=amp, progress=False)  # warm-up (thread pool, allocator)
         values = interleave({"train_pipeline": train_pipeline, "train_model": train_model,
                              "embed_pipeline": embed_pipeline, "embed_model": embed_model,
-                             "embed_onnx": embed_onnx}, rounds)
+                             "embed_onnx": onnx_rate("embed_onnx"),
+                             "embed_onnx_int8": onnx_rate("embed_onnx_int8")}, rounds)
     res = {"backbone": backbone, "image_size": image_size, "batch_size": batch_size, "steps": steps,
            "rounds": rounds, "device": str(dev), "threads": torch.get_num_threads(), "compile": compile, "amp": amp,
            **summarise(values)}
     med = {name: float(np.median(v)) for name, v in values.items()}
     res.update(train_efficiency=round(med["train_pipeline"] / med["train_model"], 3),
                embed_efficiency=round(med["embed_pipeline"] / med["embed_model"], 3),
-               onnx_speedup=round(med["embed_onnx"] / med["embed_model"], 3))
+               onnx_speedup=round(med["embed_onnx"] / med["embed_model"], 3),
+               onnx_int8_speedup=round(med["embed_onnx_int8"] / med["embed_model"], 3))
     if json_out:
         write_json(json_out, res)
     return res

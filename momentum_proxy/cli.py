@@ -271,17 +271,26 @@ def add_export(sub) -> None:
     p.add_argument("--out", required=True, help="model file; its description goes to FILE.json")
     p.add_argument("--image-size", type=int, default=None, help="input size (default: the run's)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise the output inside the model")
+    p.add_argument("--int8", action="store_true", help="static int8 (QDQ) ONNX model, kept only if it pays off")
+    p.add_argument("--calibration", metavar="DATA", help="prepared dataset whose training images calibrate --int8")
 
 
 def run_export(a) -> None:
     from momentum_proxy.export import export_run, sidecar_path
 
-    info = export_run(a.run_dir, a.out, fmt=a.fmt, image_size=a.image_size, normalize=a.normalize)
+    info = export_run(a.run_dir, a.out, fmt=a.fmt, image_size=a.image_size, normalize=a.normalize, int8=a.int8,
+                      calibration=a.calibration)
     check = info["check"]
     print(f"exported {info['backbone']} ({info['image_size']} px -> {info['feature_dim']}-d) to {a.out} "
           f"and {sidecar_path(a.out)}")
     print(f"check on {check['images']} test images: min cosine {check['min_cosine']:.6f}, "
           f"top-{check['k']} neighbours identical")
+    if a.int8:
+        q = info["int8"]
+        print(f"int8 vs fp32 on {q['images']} images, split {q['split']}: mean cosine {q['mean_cosine_to_fp32']}, R@1 "
+              f"{100 * q['recall@1']['int8']:.2f} ({100 * q['recall@1_change']:+.2f}), MAP@R "
+              f"{100 * q['map@r']['int8']:.2f} ({100 * q['map@r_change']:+.2f}), "
+              f"{q['images_per_second']['int8']} vs {q['images_per_second']['fp32']} img/s (x{q['speedup']})")
 
 
 # ----------------------------------------------------------------------------------------------- demo
@@ -375,7 +384,7 @@ def run_bench(a) -> None:
     for name, (low, high) in res["spread"].items():
         print(f"{name:16s} {res[f'{name}_ips']:8.1f}  [{low:.1f}-{high:.1f}]")
     print(f"train efficiency {res['train_efficiency']:.3f}   embed efficiency {res['embed_efficiency']:.3f}   "
-          f"onnxruntime / torch {res['onnx_speedup']:.3f}")
+          f"onnxruntime fp32 / torch {res['onnx_speedup']:.3f}   int8 / torch {res['onnx_int8_speedup']:.3f}")
 
 
 COMMANDS = {"prepare": (add_prepare, run_prepare), "train": (add_train, run_train),

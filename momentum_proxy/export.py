@@ -7,11 +7,13 @@ on torch 2.14.1 the dynamo exporter emits opset 18 and cannot convert EfficientN
 
 Every export embeds a sample of the run's test images with PyTorch and with the exported file and is kept
 only when the minimum cosine is >= MIN_COSINE and every query's top-10 neighbours (within the sample) are
-identical; model and sidecar are written to temporary files and renamed only after that check.
+identical (up to float32 ties); model and sidecar are written to temporary files and renamed only after that
+check. `int8` quantises the checked model (see `int8.py`), which is then judged by retrieval quality and speed.
 """
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -192,13 +194,34 @@ def describe(cfg: TrainConfig, fmt: str, image_size: int, normalize: bool, ident
     }
 
 
-def _validate(fmt: str, out: Path, image_size: int | None) -> None:
+def _validate(fmt: str, out: Path, image_size: int | None, int8: bool, calibration) -> None:
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     if out.is_dir() or str(out).endswith(("/", "\\")):
         raise UserError(f"--out must be a file path, not a folder: {out}")
     if image_size is not None and image_size < 16:
         raise UserError(f"--image-size must be at least 16, got {image_size}")
+    if int8 and (fmt != "onnx" or not calibration):
+        raise UserError("--int8 needs --format onnx and --calibration DATA (a prepared dataset)")
+    if calibration and not int8:
+        raise UserError("--calibration is only used with --int8")
+    if calibration:
+        read_manifest(calibration)  # a one-line error when it is not a prepared dataset
+
+
+def _quantize(fp32: Path, out: Path, calibration: str, cfg: TrainConfig, image_size: int) -> dict:
+    """The int8 model of `fp32` at `out`, and its report; refused (UserError) when it does not pay off."""
+    from momentum_proxy.int8 import calibration_batches, compare, quantize
+
+    settings = quantize(fp32, out, calibration_batches(calibration, image_size), INPUT_NAME)
+    report = compare(onnx_session(fp32), onnx_session(out), INPUT_NAME, cfg.data, image_size)
+    if not report["passed"]:
+        ips = report["images_per_second"]
+        raise UserError(f"int8 model not kept: R@1 {100 * report['recall@1_change']:+.2f} points, MAP@R "
+                        f"{100 * report['map@r_change']:+.2f} on {report['images']} {report['split']} images, "
+                        f"{ips['int8']} img/s vs fp32 {ips['fp32']} (needs R@1 within -0.5 and faster); "
+                        "nothing written")
+    return {**settings, "calibration_data": str(calibration), **report}
 
 
 def _write(fmt: str, model: nn.Module, path: Path, image_size: int, backbone: str) -> None:
@@ -211,21 +234,29 @@ def _write(fmt: str, model: nn.Module, path: Path, image_size: int, backbone: st
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, fmt: str = "onnx", image_size: int | None = None,
-               normalize: bool = False, check_images: int = CHECK_IMAGES) -> dict:
-    """Export the run's best model to `out` (+ `out.json`), verified against PyTorch; returns the sidecar."""
+               normalize: bool = False, int8: bool = False, calibration: str | Path | None = None,
+               check_images: int = CHECK_IMAGES) -> dict:
+    """Export the run's best model to `out` (+ `out.json`), verified against PyTorch; returns the sidecar.
+
+    With `int8`, the verified fp32 ONNX model is quantised (calibrated on the training images of the prepared
+    dataset `calibration`) and kept only if it passes `int8.compare` on the run's dataset."""
     out = Path(out)
-    _validate(fmt, out, image_size)
+    _validate(fmt, out, image_size, int8, calibration)
     net, cfg, identity = load_for_export(run_dir)
     size = image_size or cfg.image_size
     model = ExportNet(net, normalize).eval()
     batches = check_batches(cfg, size, check_images)
-    with atomic_path(out) as tmp_model, atomic_path(sidecar_path(out)) as tmp_json:
-        _write(fmt, model, tmp_model, size, cfg.backbone)
-        check = verify(model, exported_runner(tmp_model, fmt), batches)
+    with atomic_path(out) as tmp_model, atomic_path(sidecar_path(out)) as tmp_json, \
+            tempfile.TemporaryDirectory() as tmp:
+        exported = Path(tmp) / "fp32.onnx" if int8 else tmp_model
+        _write(fmt, model, exported, size, cfg.backbone)
+        check = verify(model, exported_runner(exported, fmt), batches)
         if not check["passed"]:
             raise UserError(f"export check failed on {check['images']} test images: min cosine "
                             f"{check['min_cosine']:.6f} (needs >= {MIN_COSINE}), identical top-{check['k']} neighbours: "
                             f"{check['topk_identical']}; nothing written")
         info = describe(cfg, fmt, size, normalize, identity, check)
+        if int8:
+            info["int8"] = _quantize(exported, tmp_model, str(calibration), cfg, size)
         write_json(tmp_json, {**info, "file": out.name})
     return info

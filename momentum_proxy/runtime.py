@@ -54,7 +54,8 @@ def cached_export(run_dir: str | Path, checkpoint_sha256: str) -> Path:
     if path.is_file() and meta.is_file():
         info = read_json(meta)
         if (info.get("checkpoint_sha256") == checkpoint_sha256 and info.get("check", {}).get("passed")
-                and info.get("image_size") == RunDir(run_dir).config().image_size and info.get("format") == "onnx"):
+                and info.get("image_size") == RunDir(run_dir).config().image_size and info.get("format") == "onnx"
+                and "int8" not in info):
             return path
     export_run(run_dir, path, fmt="onnx")
     return path

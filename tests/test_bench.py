@@ -4,7 +4,7 @@ import numpy as np
 
 from momentum_proxy.cli import main
 
-NAMES = ("train_pipeline", "train_model", "embed_pipeline", "embed_model", "embed_onnx")
+NAMES = ("train_pipeline", "train_model", "embed_pipeline", "embed_model", "embed_onnx", "embed_onnx_int8")
 
 
 def test_bench_reports_medians_of_interleaved_rounds_and_their_ratios(tmp_path, capsys):
@@ -19,7 +19,8 @@ def test_bench_reports_medians_of_interleaved_rounds_and_their_ratios(tmp_path, 
         assert res["spread"][name] == [min(runs), max(runs)]
     for ratio, (num, den) in {"train_efficiency": ("train_pipeline", "train_model"),
                               "embed_efficiency": ("embed_pipeline", "embed_model"),
-                              "onnx_speedup": ("embed_onnx", "embed_model")}.items():
+                              "onnx_speedup": ("embed_onnx", "embed_model"),
+                              "onnx_int8_speedup": ("embed_onnx_int8", "embed_model")}.items():
         expected = np.median(res["repeats"][num]) / np.median(res["repeats"][den])
         assert abs(res[ratio] - expected) <= 1e-3 * expected + 5e-4  # the repeats are rounded to 0.01
-    assert "onnxruntime / torch" in capsys.readouterr().out
+    assert "int8 / torch" in capsys.readouterr().out

@@ -132,6 +132,10 @@ def test_a_sabotaged_export_fails_its_check_and_leaves_nothing(tiny_data, tmp_pa
     (["--format", "tflite", "--out", "{tmp}/m.onnx"], "unknown export format 'tflite'"),
     (["--out", "{tmp}"], "--out must be a file path, not a folder"),
     (["--image-size", "8", "--out", "{tmp}/m.onnx"], "--image-size must be at least 16"),
+    (["--int8", "--out", "{tmp}/m.onnx"], "--int8 needs --format onnx and --calibration DATA"),
+    (["--int8", "--calibration", "{tmp}", "--format", "torchscript", "--out", "{tmp}/m.pt"], "--int8 needs"),
+    (["--calibration", "{tmp}", "--out", "{tmp}/m.onnx"], "--calibration is only used with --int8"),
+    (["--int8", "--calibration", "{tmp}", "--out", "{tmp}/m.onnx"], "no manifest.csv"),
 ])
 def test_bad_export_requests_are_one_line_errors(args, expected, tiny_data, tmp_path, capsys):
     run = make_run(tiny_data, tmp_path / "run")
@@ -202,3 +206,38 @@ def test_onnx_embedder_exports_once_per_checkpoint(tiny_data, tmp_path):
     assert again.identity["checkpoint_sha256"] != first.identity["checkpoint_sha256"]
     with pytest.raises(UserError, match="unknown runtime"):
         load_embedder(run, "tensorrt")
+
+
+def test_int8_model_is_quantised_and_its_report_is_consistent(tiny_data, tmp_path):
+    import onnx
+
+    from momentum_proxy.export import INPUT_NAME, onnx_session
+    from momentum_proxy.int8 import MAX_R1_DROP, calibration_batches, compare, quantize
+
+    run = make_run(tiny_data, tmp_path / "run")
+    export_run(run, tmp_path / "fp32.onnx")
+    batches = calibration_batches(str(tiny_data), 64)
+    assert sum(len(b) for b in batches) == 24  # every training image (fewer than 256)
+    settings = quantize(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", batches, INPUT_NAME)
+    ops = {n.op_type for n in onnx.load(tmp_path / "int8.onnx").graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and settings["calibration_images"] == 24
+    report = compare(onnx_session(tmp_path / "fp32.onnx"), onnx_session(tmp_path / "int8.onnx"), INPUT_NAME,
+                     str(tiny_data), 64)
+    r1 = report["recall@1"]
+    assert report["images"] == 24 and report["split"].startswith("test")
+    assert report["recall@1_change"] == pytest.approx(r1["int8"] - r1["fp32"], abs=2e-4)
+    assert 0 < report["mean_cosine_to_fp32"] <= 1.0001
+    ips = report["images_per_second"]
+    assert report["passed"] == (r1["fp32"] - r1["int8"] <= MAX_R1_DROP + 1e-4 and ips["int8"] > ips["fp32"])
+
+
+def test_int8_export_is_kept_only_with_a_passing_report(tiny_data, tmp_path):
+    run = make_run(tiny_data, tmp_path / "run")
+    (tmp_path / "out").mkdir()
+    try:
+        info = export_run(run, tmp_path / "out" / "m.onnx", int8=True, calibration=tiny_data)
+    except UserError as e:
+        assert "int8 model not kept" in str(e) and list((tmp_path / "out").iterdir()) == []
+    else:
+        assert info["int8"]["passed"] and info["int8"]["calibration_data"] == str(tiny_data)
+        assert json.loads((tmp_path / "out" / "m.onnx.json").read_text())["int8"] == info["int8"]
