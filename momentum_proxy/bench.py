@@ -1,8 +1,8 @@
 """Throughput benchmark: the whole training/embedding pipeline against the bare model on pre-made tensors.
 
 Pipeline efficiency = pipeline images/s / model images/s, measured in one run; embedding is also timed in
-onnxruntime (the exported model, fp32 and static int8) against PyTorch eager. Every measurement is repeated in interleaved rounds and
-reported as median and spread; ratios are ratios of medians. Without `data`, a temporary dataset of full-size
+onnxruntime (the exported model, fp32 and static int8) against PyTorch eager. Every measurement is repeated in
+interleaved rounds and reported as median and spread; ratios are ratios of medians. Without `data`, a temporary dataset of full-size
 (500x375) JPEGs is generated and prepared as a user would (resize-once cache).
 """
 from __future__ import annotations

@@ -253,10 +253,10 @@ def export_run(run_dir: str | Path, out: str | Path, *, fmt: str = "onnx", image
         check = verify(model, exported_runner(exported, fmt), batches)
         if not check["passed"]:
             raise UserError(f"export check failed on {check['images']} test images: min cosine "
-                            f"{check['min_cosine']:.6f} (needs >= {MIN_COSINE}), identical top-{check['k']} neighbours: "
-                            f"{check['topk_identical']}; nothing written")
-        info = describe(cfg, fmt, size, normalize, identity, check)
+                            f"{check['min_cosine']:.6f} (needs >= {MIN_COSINE}), identical top-{check['k']} "
+                            f"neighbours: {check['topk_identical']}; nothing written")
+        info = {**describe(cfg, fmt, size, normalize, identity, check), "file": out.name}
         if int8:
             info["int8"] = _quantize(exported, tmp_model, str(calibration), cfg, size)
-        write_json(tmp_json, {**info, "file": out.name})
+        write_json(tmp_json, info)
     return info
