@@ -82,7 +82,7 @@ def _onnx_embedders(model: torch.nn.Module, folder: Path, image_size: int, dev: 
     export_onnx(ExportNet(copy.deepcopy(model).cpu().eval(), normalize=True), fp32, image_size)
     quantize(fp32, int8, calibration_batches(data, image_size, calibration_images), INPUT_NAME)
     sessions = {"embed_onnx": onnx_session(fp32, str(dev)), "embed_onnx_int8": onnx_session(int8, str(dev))}
-    return {name: (lambda images, s=session: s.run(None, {INPUT_NAME: images})[0]) for name, s in sessions.items()}
+    return {name: (lambda images, s=s: s.run(None, {INPUT_NAME: images})[0]) for name, s in sessions.items()}
 
 
 def bench(*, data: str | None = None, backbone: str = "efficientnet_lite0", image_size: int = 224,

@@ -217,7 +217,8 @@ def _quantize(fp32: Path, out: Path, calibration: str, cfg: TrainConfig, image_s
     report = compare(onnx_session(fp32), onnx_session(out), INPUT_NAME, cfg.data, image_size)
     if not report["passed"]:
         ips = report["images_per_second"]
-        raise UserError(f"int8 model not kept: R@1 {100 * report['recall@1_change']:+.2f} points, MAP@R "
+        raise UserError(f"int8 model not kept: mean cosine to fp32 {report['mean_cosine_to_fp32']}, R@1 "
+                        f"{100 * report['recall@1_change']:+.2f} points, MAP@R "
                         f"{100 * report['map@r_change']:+.2f} on {report['images']} {report['split']} images, "
                         f"{ips['int8']} img/s vs fp32 {ips['fp32']} (needs R@1 within -0.5 and faster); "
                         "nothing written")
