@@ -229,6 +229,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--recalls", type=int_list, default=None)
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--device", default="auto")
+    p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
 
 
 def run_evaluate(a) -> None:
@@ -246,7 +247,8 @@ def run_evaluate(a) -> None:
     if a.embeddings:
         res = evaluate_file(a.embeddings, metrics=a.metrics, recalls=a.recalls, json_out=a.json)
     else:
-        summary = evaluate_run(a.run_dir, metrics=a.metrics, recalls=a.recalls, json_out=a.json, device=a.device)
+        summary = evaluate_run(a.run_dir, metrics=a.metrics, recalls=a.recalls, json_out=a.json, device=a.device,
+                               runtime=a.runtime)
         print(describe(summary, a.run_dir))
         res = summary["test"]
     print(format_table(res))
@@ -265,6 +267,7 @@ def add_retrieve(sub) -> None:
     p.add_argument("--index", help="search a saved index (mproxy index) instead of the run's database")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/retrieval)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
 
 
 def run_retrieve(a) -> None:
@@ -274,7 +277,7 @@ def run_retrieve(a) -> None:
         from momentum_proxy.indexing import retrieve_from_index
 
         png = retrieve_from_index(a.index, a.query, a.k, a.out or str(Path(a.index) / "retrieval"),
-                                  run_dir=a.run_dir, device=a.device)
+                                  run_dir=a.run_dir, device=a.device, runtime=a.runtime)
         print(f"retrieval picture: {png}")
         return
     from momentum_proxy.retrieval import ranked_list, resolve_database, retrieve, save_retrieval
@@ -282,7 +285,8 @@ def run_retrieve(a) -> None:
     run_dir, database = resolve_database(a.run_dir, a.data_base)
     out = Path(a.out or Path(run_dir) / "retrieval")
     check_writable_folder(out, "the output folder")
-    r = retrieve(run_dir, a.query, a.k, database=database, split=a.split, device=a.device)
+    r = retrieve(run_dir, a.query, a.k, database=database, split=a.split, device=a.device,
+                 runtime=a.runtime)
     png = save_retrieval(r.query, r.label, r.results, out,
                          collection=r.collection, label_name=r.label_name,
                          extra={"run": str(Path(run_dir).resolve()), "requested_k": a.k})
@@ -303,13 +307,14 @@ def add_index(sub) -> None:
     p.add_argument("--kind", default="exact", help="exact | ivf | hnsw")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
 
 
 def run_index(a) -> None:
     from momentum_proxy.indexing import build_index
 
     summary = build_index(a.run_dir, a.images, a.out, kind=a.kind, batch_size=a.batch_size, device=a.device,
-                          rebuild=a.rebuild)
+                          rebuild=a.rebuild, runtime=a.runtime)
     for k, v in summary.items():
         print(f"{k}: {v}")
 
@@ -340,6 +345,36 @@ def run_serve(a) -> None:
     serve(a.index, host=a.host, port=a.port, token=a.token or os.environ.get(TOKEN_ENV) or None, run_dir=a.run,
           device=a.device, max_upload_bytes=int(a.max_upload_mb * 2**20), max_pixels=a.max_pixels,
           cors_origins=a.cors_origin, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms)
+
+
+# ----------------------------------------------------------------------------------------------- export
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a run's best model to ONNX or TorchScript (verified, with a sidecar)")
+    p.add_argument("run_dir")
+    p.add_argument("--format", dest="fmt", default="onnx", help="onnx | torchscript")
+    p.add_argument("--out", required=True, help="model file; its description goes to FILE.json")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default: the run's)")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise the output inside the model")
+    p.add_argument("--int8", action="store_true", help="static int8 (QDQ) ONNX model, kept only if it pays off")
+    p.add_argument("--calibration", metavar="DATA", help="prepared dataset whose training images calibrate --int8")
+
+
+def run_export(a) -> None:
+    from momentum_proxy.export import export_run, sidecar_path
+
+    info = export_run(a.run_dir, a.out, fmt=a.fmt, image_size=a.image_size, normalize=a.normalize, int8=a.int8,
+                      calibration=a.calibration)
+    check = info["check"]
+    print(f"exported {info['backbone']} ({info['image_size']} px -> {info['feature_dim']}-d) to {a.out} "
+          f"and {sidecar_path(a.out)}")
+    print(f"check on {check['images']} test images: min cosine {check['min_cosine']:.6f}, "
+          f"top-{check['k']} neighbours identical")
+    if a.int8:
+        q = info["int8"]
+        print(f"int8 vs fp32 on {q['images']} images, split {q['split']}: mean cosine {q['mean_cosine_to_fp32']}, R@1 "
+              f"{100 * q['recall@1']['int8']:.2f} ({100 * q['recall@1_change']:+.2f}), MAP@R "
+              f"{100 * q['map@r']['int8']:.2f} ({100 * q['map@r_change']:+.2f}), "
+              f"{q['images_per_second']['int8']} vs {q['images_per_second']['fp32']} img/s (x{q['speedup']})")
 
 
 # ----------------------------------------------------------------------------------------------- demo
@@ -409,12 +444,14 @@ def run_report(a) -> None:
 
 # ----------------------------------------------------------------------------------------------- bench
 def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="images/s of the training and embedding pipelines vs the bare model")
+    p = sub.add_parser("bench", help="images/s of the training and embedding pipelines vs the bare model, and of "
+                                     "embedding in PyTorch vs onnxruntime (interleaved repeats)")
     p.add_argument("--data", help="prepared dataset (default: generate full-size JPEGs and prepare them)")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10, help="steps per measurement")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved repeats of every measurement")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="none")
@@ -426,16 +463,19 @@ def run_bench(a) -> None:
     from momentum_proxy.bench import bench
 
     res = bench(data=a.data, backbone=a.backbone, image_size=a.image_size, batch_size=a.batch_size,
-                steps=a.steps, device=a.device, workers=a.workers, compile=a.compile, amp=a.amp, json_out=a.json)
-    for k in ("train", "embed"):
-        print(f"{k:5s}: pipeline {res[f'{k}_pipeline_ips']:8.1f} img/s   model {res[f'{k}_model_ips']:8.1f} img/s"
-              f"   efficiency {res[f'{k}_efficiency']:.3f}")
+                steps=a.steps, rounds=a.rounds, device=a.device, workers=a.workers, compile=a.compile, amp=a.amp,
+                json_out=a.json)
+    print(f"img/s, median of {res['rounds']} interleaved rounds [min-max]")
+    for name, (low, high) in res["spread"].items():
+        print(f"{name:16s} {res[f'{name}_ips']:8.1f}  [{low:.1f}-{high:.1f}]")
+    print(f"train efficiency {res['train_efficiency']:.3f}   embed efficiency {res['embed_efficiency']:.3f}   "
+          f"onnxruntime fp32 / torch {res['onnx_speedup']:.3f}   int8 / torch {res['onnx_int8_speedup']:.3f}")
 
 
 COMMANDS = {"prepare": (add_prepare, run_prepare), "train": (add_train, run_train),
             "evaluate": (add_evaluate, run_evaluate), "retrieve": (add_retrieve, run_retrieve),
             "index": (add_index, run_index), "demo": (add_demo, run_demo), "sweep": (add_sweep, run_sweep),
-            "serve": (add_serve, run_serve),
+            "serve": (add_serve, run_serve), "export": (add_export, run_export),
             "plot": (add_plot, run_plot), "report": (add_report, run_report), "bench": (add_bench, run_bench)}
 
 

@@ -10,8 +10,9 @@ from momentum_proxy.data.loading import EvalSplit, eval_dataset
 from momentum_proxy.data.manifest import manifest_sha256, read_manifest, split_frame
 from momentum_proxy.evaluation import ALL_METRICS, evaluate_embeddings
 from momentum_proxy.fileio import write_json
-from momentum_proxy.inference import embed_dataset, load_model
+from momentum_proxy.inference import embed_dataset
 from momentum_proxy.runs import BEST, RunDir, load_embeddings
+from momentum_proxy.runtime import load_embedder
 
 
 def evaluate_arrays(features: np.ndarray, labels: np.ndarray, split: np.ndarray | None, *, metrics=None,
@@ -37,24 +38,25 @@ def evaluate_file(path: str | Path, *, metrics=None, recalls=None, json_out: str
 
 
 def evaluate_run(run_dir: str | Path, *, metrics=None, recalls=None, json_out: str | None = None,
-                 device: str = "auto") -> dict:
-    """All metrics (or `metrics`) of the run's selected checkpoint on its test split, merged into
-    RUN_DIR/eval.json (and written to `json_out`). Returns eval.json's content: checkpoint, epoch, how it was
-    selected, split, number of queries, and the metric values under "test"."""
+                 device: str = "auto", runtime: str = "torch") -> dict:
+    """All metrics (or `metrics`) of the run's selected checkpoint on its test split, embedded by `runtime`
+    (torch | onnx), merged into RUN_DIR/eval.json (and written to `json_out`). Returns eval.json's content:
+    checkpoint, epoch, how it was selected, split, number of queries, runtime, and the values under "test"."""
     run = RunDir(run_dir)
     info = run.info()
-    model, cfg, _ = load_model(run_dir, device)
+    cfg = run.config()
+    embedder = load_embedder(run_dir, runtime, device)
     if info.get("data_manifest_sha256") not in (None, manifest_sha256(cfg.data)):
         print(f"mproxy: warning: {Path(cfg.data) / 'manifest.csv'} changed since this run was trained; "
               "these figures are not comparable with the run's own", file=sys.stderr)
     frame = split_frame(read_manifest(cfg.data), "test")
-    test = EvalSplit("test", frame, eval_dataset(cfg.data, frame, cfg.image_size))
-    feats = embed_dataset(model, test.dataset, next(model.parameters()).device, batch_size=cfg.embed_batch_size,
+    test = EvalSplit("test", frame, eval_dataset(cfg.data, frame, embedder.image_size))
+    feats = embed_dataset(embedder, test.dataset, embedder.device, batch_size=cfg.embed_batch_size,
                           workers=cfg.workers)
     res = evaluate_arrays(feats, test.labels, test.split, metrics=metrics, recalls=recalls or cfg.recalls)
     state = run.load_checkpoint(BEST)
     summary = run.eval() or {"checkpoint": BEST, "epoch": state["epoch"], "selected_on": info.get("selection", "?")}
-    summary.update(split="test", queries=test.num_queries, test={**summary.get("test", {}), **res})
+    summary.update(split="test", queries=test.num_queries, runtime=runtime, test={**summary.get("test", {}), **res})
     run.write_eval(summary)
     if json_out:
         write_json(json_out, summary)

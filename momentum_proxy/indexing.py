@@ -13,7 +13,7 @@ from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import write_json
 from momentum_proxy.index import KINDS, META_FILE, UNKNOWN, Hit, RetrievalIndex, file_sha256, read_meta
 from momentum_proxy.inference import embed_files
-from momentum_proxy.retrieval import Result, draw_results, is_query, load_model
+from momentum_proxy.retrieval import Result, draw_results, is_query
 from momentum_proxy.runs import BEST, RunDir
 
 MODEL_KEYS = ("backbone", "feature_dim", "checkpoint_sha256")  # what must match; the run's path may differ
@@ -102,10 +102,13 @@ def _labels_for(index: RetrievalIndex, labels, classes: dict[int, str], n: int) 
 
 
 def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path, *, kind: str = "exact",
-                batch_size: int = 64, device: str = "auto", rebuild: bool = False) -> dict:
-    """Embed `images` with the run's best model into the index at `out`: created, extended when present (paths
-    already indexed are skipped), or, with `rebuild`, made anew (from `images`, or from the index's own items
-    when `images` is None) and replacing the old one atomically."""
+                batch_size: int = 64, device: str = "auto", rebuild: bool = False, runtime: str = "torch") -> dict:
+    """Embed `images` with the run's best model (in `runtime`) into the index at `out`: created, extended when
+    present (paths already indexed are skipped; runtimes mix only as `runtime.check_mix` allows), or, with
+    `rebuild`, made anew (from `images`, or from the index's own items when `images` is None) and replacing the
+    old one atomically."""
+    from momentum_proxy.runtime import check_mix, load_embedder
+
     if kind not in KINDS:
         raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
     out = Path(out)
@@ -137,20 +140,22 @@ def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path,
         paths = [paths[i] for i in new]
         labels = None if labels is None else [labels[i] for i in new]
     kept, skipped = [], []
+    embedder = load_embedder(run_dir, runtime, device)
+    mixed = check_mix(existing.model, embedder.identity) if existing is not None else runtime
     if paths:
-        model, cfg, _ = load_model(run_dir, device)
-        feats, kept, skipped = embed_files(model, paths, cfg.image_size, next(model.parameters()).device,
-                                           batch_size)
+        feats, kept, skipped = embed_files(embedder, paths, embedder.image_size, embedder.device, batch_size)
         if not kept:
             raise UserError(f"none of the {len(paths)} images in {images} could be read")
         if labels is not None:
             keep = set(kept)
             labels = [y for p, y in zip(paths, labels) if p in keep]
     if existing is None:
-        index = RetrievalIndex.build(feats, kept, labels, kind=kind, model=identity, classes=classes)
+        index = RetrievalIndex.build(feats, kept, labels, kind=kind, classes=classes,
+                                     model={**identity, "runtime": runtime, "verified": embedder.identity["verified"]})
         index.sources = list(sources)
     else:
         index = existing
+        index.model["runtime"] = mixed
         if kept:
             index.add(feats, kept, _labels_for(index, labels, classes, len(kept)))
         index.sources += [s for s in sources if s not in index.sources]
@@ -179,7 +184,7 @@ def search_hits(index: RetrievalIndex, features: np.ndarray, k: int, *, query_pa
 
 
 def retrieve_from_index(index_dir: str | Path, query: str | Path, k: int, out_dir: str | Path, *,
-                        run_dir: str | Path | None = None, device: str = "auto") -> Path:
+                        run_dir: str | Path | None = None, device: str = "auto", runtime: str = "torch") -> Path:
     """Top-k of a query image in a saved index: `out_dir/retrieval.png` + `out_dir/results.json` (which also
     records the model and the index). `run_dir` must be the model that built the index (default: the run it
     recorded). Results whose image file is missing are kept in results.json (`missing`), left out of the
@@ -187,9 +192,12 @@ def retrieve_from_index(index_dir: str | Path, query: str | Path, k: int, out_di
     query = Path(query)
     if not query.is_file():
         raise UserError(f"query image not found: {query}")
+    from momentum_proxy.runtime import check_mix, load_embedder
+
     index, run_dir = open_index(index_dir, run_dir)
-    model, cfg, _ = load_model(run_dir, device)
-    feats, _, skipped = embed_files(model, [query], cfg.image_size, next(model.parameters()).device)
+    embedder = load_embedder(run_dir, runtime, device)
+    check_mix(index.model, embedder.identity)
+    feats, _, skipped = embed_files(embedder, [query], embedder.image_size, embedder.device)
     if skipped:
         raise UserError(f"cannot read query image {query}: {skipped[0][1]}")
     own, hits = search_hits(index, feats, k, query_path=query)
@@ -202,13 +210,15 @@ def retrieve_from_index(index_dir: str | Path, query: str | Path, k: int, out_di
         print(f"mproxy: warning: {len(missing)} of {len(rows)} result images are missing (moved or deleted?), "
               f"e.g. {missing[0]}; they are listed in results.json, not drawn", file=sys.stderr)
     out_dir = Path(out_dir)
-    shown = [Result(r["rank"], r["path"], r["label"], r["similarity"], r["correct"]) for r in rows if not r["missing"]]
-    png = draw_results(query, shown, out_dir / "retrieval.png", label)
+    shown = [Result(r["rank"], r["path"], r["label"], r["similarity"], r["correct"], r["class_name"])
+             for r in rows if not r["missing"]]
+    png = draw_results(query, shown, out_dir / "retrieval.png", label, title=f"top {len(rows)} in the index {index_dir}",
+                       label_name=own["class_name"] if own else None)
     model_info = {"run": str(Path(run_dir).resolve()),
                   **{key: index.model.get(key) for key in ("backbone", "checkpoint_sha256", "checkpoint_epoch")}}
     write_json(out_dir / "results.json", {
         "query": str(query), "query_label": label, "query_class_name": own["class_name"] if own else None,
-        "k": len(rows), "model": model_info,
+        "k": len(rows), "model": {**model_info, "runtime": runtime},
         "index": {"path": str(Path(index_dir).absolute()), "kind": index.kind, "items": len(index)},
         "results": rows})
     return png

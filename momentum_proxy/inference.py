@@ -50,43 +50,57 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def embed_batch(model, images: torch.Tensor, device: torch.device, amp: str = "none",
+                normalize: bool = True) -> torch.Tensor:
+    """L2-normalised embeddings of a uint8 batch by a torch model or an embedder (`runtime.load_embedder`);
+    a torch model's raw embeddings with `normalize=False`."""
+    if hasattr(model, "embed"):
+        return torch.from_numpy(model.embed(images)).to(device)
+    with autocast(device, amp):
+        out = model(images.to(device, non_blocking=True)).float()
+    return F.normalize(out, dim=1) if normalize else out
+
+
 @torch.inference_mode()
-def embed_dataset(model: torch.nn.Module, dataset: ImageDataset, device: torch.device, *, batch_size: int = 128,
+def embed_dataset(model, dataset: ImageDataset, device: torch.device, *, batch_size: int = 128,
                   workers: int | None = None, amp: str = "none", dist: DistInfo = DistInfo(),
                   progress: bool = True, desc: str = "embed", normalize: bool = True) -> np.ndarray:
-    """L2-normalised (or, with `normalize=False`, raw) float32 embeddings of every image of `dataset`, in order.
+    """L2-normalised float32 embeddings of every image of `dataset`, in order, by a torch model or an embedder
+    (a torch model's raw embeddings with `normalize=False`).
 
     Under torchrun each rank embeds an interleaved shard and the shards are gathered on every rank.
     """
-    was_training = model.training
-    model.eval()
+    was_training = getattr(model, "training", False)
+    if was_training:
+        model.eval()
     shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size)) if dist.enabled else dataset
     loader = make_loader(shard, batch_size, train=False, workers=workers, pin_memory=device.type == "cuda")
     feats, idx = [], []
     for images, _, index in tqdm(loader, desc=desc, leave=False, disable=not (progress and dist.is_main)):
-        with autocast(device, amp):
-            out = model(images.to(device, non_blocking=True))
-        feats.append(F.normalize(out.float(), dim=1) if normalize else out.float())
+        feats.append(embed_batch(model, images, device, amp, normalize))
         idx.append(index.to(device))
     feats, idx = torch.cat(feats), torch.cat(idx)
     if dist.enabled:
         feats, idx = all_gather_cat(feats), all_gather_cat(idx)
         feats = feats[torch.argsort(idx)]
-    model.train(was_training)
+    if was_training:
+        model.train()
     return feats.cpu().numpy()
 
 
 @torch.inference_mode()
-def embed_files(model: torch.nn.Module, paths: list[str | Path], image_size: int, device: torch.device,
+def embed_files(model, paths: list[str | Path], image_size: int, device: torch.device,
                 batch_size: int = 64) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
-    """Embed image files; returns (features of the readable ones, their paths, [(path, reason)] skipped)."""
-    model.eval()
+    """Embed image files with a torch model or an embedder; returns (features of the readable ones, their paths,
+    [(path, reason)] skipped)."""
+    if isinstance(model, torch.nn.Module):
+        model.eval()
     tf = eval_transform(image_size)
     feats, ok, skipped, batch = [], [], [], []
 
     def flush():
         if batch:
-            feats.append(F.normalize(model(to_batch(batch).to(device)).float(), dim=1).cpu())
+            feats.append(embed_batch(model, to_batch(batch), device).cpu())
             batch.clear()
 
     for p in tqdm(paths, desc="embed", leave=False, disable=len(paths) < 2 * batch_size):
@@ -99,5 +113,5 @@ def embed_files(model: torch.nn.Module, paths: list[str | Path], image_size: int
         if len(batch) == batch_size:
             flush()
     flush()
-    dim = model.fc.out_features if hasattr(model, "fc") else 0
+    dim = getattr(model, "feature_dim", None) or (model.fc.out_features if hasattr(model, "fc") else 0)
     return (torch.cat(feats).numpy() if feats else np.zeros((0, dim), np.float32)), ok, skipped

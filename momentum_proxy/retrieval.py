@@ -50,9 +50,10 @@ def known_label(same: np.ndarray, labels) -> int | None:
     return int(np.asarray(labels)[same][0]) if labels is not None and same.any() else None
 
 
-def run_database(run_dir: str | Path, model, cfg, split: str = "test", database: str | Path | None = None) -> Database:
+def run_database(run_dir: str | Path, embedder, split: str = "test", database: str | Path | None = None) -> Database:
     """The run's test embeddings (embeddings.npz, or another `database` .npz), plus, for `split` train, val or
-    all, those images of the run's dataset embedded now with the run's model."""
+    all, those images of the run's dataset embedded now by `embedder` (the run's model)."""
+    cfg = RunDir(run_dir).config()
     if split not in SPLITS:
         raise UserError(f"unknown --split {split!r}; choose from {', '.join(SPLITS)}")
     if database is not None:
@@ -68,7 +69,7 @@ def run_database(run_dir: str | Path, model, cfg, split: str = "test", database:
         if df.empty and split != "all":
             raise UserError(f"{cfg.data} has no {split} images to search")
         paths = [str(Path(cfg.data) / p) for p in df["path"]]
-        feats, kept, skipped = embed_files(model, paths, cfg.image_size, next(model.parameters()).device)
+        feats, kept, skipped = embed_files(embedder, paths, embedder.image_size, embedder.device)
         keep = np.isin(paths, kept)
         parts.append((feats, df["label"].to_numpy()[keep], np.asarray(kept), df["class_name"].to_numpy()[keep]))
     features, labels, paths, names = (np.concatenate([p[i] for p in parts]) if all(p[i] is not None for p in parts)
@@ -91,17 +92,19 @@ class Retrieval:
 
 
 def retrieve(run_dir: str | Path, query: str | Path, k: int = 8, *, database: str | Path | None = None,
-             split: str = "test", device: str = "auto") -> Retrieval:
+             split: str = "test", device: str = "auto", runtime: str = "torch") -> Retrieval:
     """Top-k of `query` among the run's embeddings of `split` (or another `database` .npz); the query itself
-    is excluded."""
+    is excluded. `runtime` (torch | onnx) embeds (see `runtime.load_embedder`)."""
+    from momentum_proxy.runtime import load_embedder
+
     query = Path(query)
     if not query.is_file():
         raise UserError(f"query image not found: {query}")
     if k < 1:
         raise UserError("-k must be at least 1")
-    model, cfg, _ = load_model(run_dir, device)
-    db = run_database(run_dir, model, cfg, split, database)
-    feats, _, skipped = embed_files(model, [query], cfg.image_size, next(model.parameters()).device)
+    embedder = load_embedder(run_dir, runtime, device)
+    db = run_database(run_dir, embedder, split, database)
+    feats, _, skipped = embed_files(embedder, [query], embedder.image_size, embedder.device)
     if skipped:
         raise UserError(f"cannot read query image {query}: {skipped[0][1]}")
     if feats.shape[1] != db.features.shape[1]:
@@ -194,9 +197,9 @@ def resolve_database(run_dir: str | None, data_base: str | None) -> tuple[str, P
 
 
 def retrieve_and_draw(run_dir, query, k: int, out_dir, *, database=None, split: str = "test",
-                      device: str = "auto") -> Path:
+                      device: str = "auto", runtime: str = "torch") -> Path:
     """`retrieve` + `save_retrieval` (results.json also records the run that searched)."""
-    r = retrieve(run_dir, query, k, database=database, split=split, device=device)
+    r = retrieve(run_dir, query, k, database=database, split=split, device=device, runtime=runtime)
     return save_retrieval(r.query, r.label, r.results, out_dir, collection=r.collection, label_name=r.label_name,
                           extra={"run": str(Path(run_dir).resolve()), "requested_k": k})
 

@@ -1,14 +1,26 @@
 import json
 
+import numpy as np
+
 from momentum_proxy.cli import main
 
+NAMES = ("train_pipeline", "train_model", "embed_pipeline", "embed_model", "embed_onnx", "embed_onnx_int8")
 
-def test_bench_reports_both_rates_and_their_ratio(tmp_path, capsys):
+
+def test_bench_reports_medians_of_interleaved_rounds_and_their_ratios(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    main(["bench", "--image-size", "64", "--batch-size", "8", "--steps", "2", "--json", str(out)])
+    main(["bench", "--image-size", "64", "--batch-size", "8", "--steps", "2", "--rounds", "2", "--json", str(out)])
     res = json.loads(out.read_text())
-    for kind in ("train", "embed"):
-        pipeline, model = res[f"{kind}_pipeline_ips"], res[f"{kind}_model_ips"]
-        assert pipeline > 0 and model > 0
-        assert abs(res[f"{kind}_efficiency"] - pipeline / model) < 0.02 * pipeline / model + 0.005  # rounding
-    assert "efficiency" in capsys.readouterr().out
+    assert res["rounds"] == 2 and set(res["repeats"]) == set(res["spread"]) == set(NAMES)
+    for name in NAMES:
+        runs = res["repeats"][name]
+        assert len(runs) == 2 and min(runs) > 0
+        assert res[f"{name}_ips"] == round(float(np.median(runs)), 2)
+        assert res["spread"][name] == [min(runs), max(runs)]
+    for ratio, (num, den) in {"train_efficiency": ("train_pipeline", "train_model"),
+                              "embed_efficiency": ("embed_pipeline", "embed_model"),
+                              "onnx_speedup": ("embed_onnx", "embed_model"),
+                              "onnx_int8_speedup": ("embed_onnx_int8", "embed_model")}.items():
+        expected = np.median(res["repeats"][num]) / np.median(res["repeats"][den])
+        assert abs(res[ratio] - expected) <= 1e-3 * expected + 5e-4  # the repeats are rounded to 0.01
+    assert "int8 / torch" in capsys.readouterr().out

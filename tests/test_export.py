@@ -1,0 +1,243 @@
+"""`mproxy export` (ONNX, TorchScript), its self-check and sidecar, and the `--runtime onnx` embedder."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from momentum_proxy.cli import main
+from momentum_proxy.data.manifest import read_manifest
+from momentum_proxy.errors import UserError
+from momentum_proxy.evaluation import knn
+from momentum_proxy.export import MIN_COSINE, export_run, same_neighbours, sidecar_path
+from momentum_proxy.index import file_sha256
+from momentum_proxy.inference import embed_files
+from momentum_proxy.models import EmbeddingNet
+from momentum_proxy.runs import BEST, RunDir, TrainConfig
+from momentum_proxy.runtime import EXPORT_FILE, check_mix, load_embedder
+
+
+def make_run(data, out: Path, backbone: str = "efficientnet_lite0", seed: int = 0) -> Path:
+    """A run folder holding a random-weight model as its best checkpoint (64 px, 32-d)."""
+    cfg = TrainConfig(data=str(data), out=str(out), backbone=backbone, pretrained="none", image_size=64,
+                      feature_dim=32)
+    RunDir(out).start(cfg, overwrite=True)
+    torch.manual_seed(seed)
+    RunDir(out).save_checkpoint(BEST, {"model": EmbeddingNet(backbone, 32, weights=None).state_dict(), "epoch": 0})
+    return out
+
+
+def split_images(data) -> list[str]:
+    df = read_manifest(data)
+    return [str(Path(data) / p) for p in df[df["split"] == "test"]["path"]]
+
+
+def assert_agree(reference: np.ndarray, other: np.ndarray):
+    """Cosine >= MIN_COSINE row by row, and the same top-10 neighbours (float32 ties aside)."""
+    cosine = np.sum(reference * other, axis=1) / np.linalg.norm(other, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cosine.min() >= MIN_COSINE
+    assert same_neighbours(reference, other, 10)
+
+
+def onnx_embed(path, images: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": images})[0]
+
+
+def torch_batch(data, size=64) -> np.ndarray:
+    """The test split as one uint8 NCHW array, through the evaluation transform."""
+    from momentum_proxy.data.loading import eval_resize, eval_transform, read_image, to_array
+
+    tf = eval_transform(size)
+    arrays = [to_array(tf(read_image(p, eval_resize(size)))) for p in split_images(data)]
+    return np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet50", "googlenet", "inception", "timm:resnet18"])
+def test_every_backbone_exports_to_onnx_and_agrees_with_pytorch(backbone, tiny_data, tmp_path):
+    run = make_run(tiny_data, tmp_path / "run", backbone)
+    info = export_run(run, tmp_path / "m.onnx")
+    assert info["check"]["passed"] and info["check"]["k"] == 10
+    images = torch_batch(tiny_data)
+    model = load_embedder(run, "torch", "cpu").model
+    with torch.inference_mode():
+        reference = model(torch.from_numpy(images)).numpy()
+    exported = onnx_embed(tmp_path / "m.onnx", images)
+    assert exported.shape == reference.shape == (len(images), 32)
+    assert_agree(reference, exported)
+    import onnx
+
+    assert {o.domain or "ai.onnx": o.version for o in onnx.load(tmp_path / "m.onnx").opset_import}["ai.onnx"] == 17
+
+
+def test_torchscript_export_agrees_and_takes_any_batch(tiny_data, tmp_path):
+    run = make_run(tiny_data, tmp_path / "run", "resnet50")
+    info = export_run(run, tmp_path / "m.pt", fmt="torchscript", normalize=True)
+    assert info["format"] == "torchscript" and info["output"]["l2_normalized"]
+    images = torch.from_numpy(torch_batch(tiny_data))
+    loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    with torch.inference_mode():
+        reference = load_embedder(run, "torch", "cpu").model(images).numpy()
+        out = loaded(images).numpy()
+        assert loaded(images[:3]).shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    assert_agree(reference, out)
+
+
+def test_sidecar_describes_the_input_and_is_enough_to_embed_a_photo(tiny_data, tmp_path):
+    """Follow only the sidecar (Pillow + numpy + onnxruntime, as in the README) and get the package's embedding."""
+    from PIL import Image
+
+    run = make_run(tiny_data, tmp_path / "run")
+    export_run(run, tmp_path / "out" / "model.onnx", image_size=56)
+    meta = json.loads(sidecar_path(tmp_path / "out" / "model.onnx").read_text())
+    assert meta["checkpoint_sha256"] == file_sha256(run / BEST) and meta["opset"] == 17
+    assert meta["input"]["shape"] == ["batch", 3, 56, 56] and meta["input"]["dtype"] == "uint8"
+    assert meta["feature_dim"] == 32 and meta["image_size"] == 56 and meta["backbone"] == "efficientnet_lite0"
+    assert meta["package_version"] and not meta["output"]["l2_normalized"] and meta["file"] == "model.onnx"
+
+    photo = split_images(tiny_data)[0]
+    size, short = meta["image_size"], meta["preprocessing"]["resize"]["short_side"]
+    im = Image.open(photo).convert("RGB")
+    w, h = im.size
+    im = im.resize((short, int(short * h / w)) if w <= h else (int(short * w / h), short), Image.BILINEAR)
+    left, top = round((im.width - size) / 2), round((im.height - size) / 2)
+    x = np.asarray(im.crop((left, top, left + size, top + size)), np.uint8).transpose(2, 0, 1)[None]
+    emb = onnx_embed(tmp_path / "out" / "model.onnx", np.ascontiguousarray(x))[0]
+
+    embedder = load_embedder(run, "torch", "cpu")
+    expected = embed_files(embedder.model, [photo], 56, torch.device("cpu"))[0][0]
+    assert np.dot(emb / np.linalg.norm(emb), expected) >= MIN_COSINE
+
+
+def test_a_sabotaged_export_fails_its_check_and_leaves_nothing(tiny_data, tmp_path, monkeypatch):
+    run = make_run(tiny_data, tmp_path / "run")
+    forward = EmbeddingNet.forward
+
+    def drifts_when_exported(self, x):
+        out = forward(self, x)
+        return out + 0.05 * out.flip(0) if torch.onnx.is_in_onnx_export() else out
+
+    monkeypatch.setattr(EmbeddingNet, "forward", drifts_when_exported)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UserError, match="export check failed"):
+        export_run(run, tmp_path / "out" / "model.onnx")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--format", "tflite", "--out", "{tmp}/m.onnx"], "unknown export format 'tflite'"),
+    (["--out", "{tmp}"], "--out must be a file path, not a folder"),
+    (["--image-size", "8", "--out", "{tmp}/m.onnx"], "--image-size must be at least 16"),
+    (["--int8", "--out", "{tmp}/m.onnx"], "--int8 needs --format onnx and --calibration DATA"),
+    (["--int8", "--calibration", "{tmp}", "--format", "torchscript", "--out", "{tmp}/m.pt"], "--int8 needs"),
+    (["--calibration", "{tmp}", "--out", "{tmp}/m.onnx"], "--calibration is only used with --int8"),
+    (["--int8", "--calibration", "{tmp}", "--out", "{tmp}/m.onnx"], "no manifest.csv"),
+])
+def test_bad_export_requests_are_one_line_errors(args, expected, tiny_data, tmp_path, capsys):
+    run = make_run(tiny_data, tmp_path / "run")
+    (tmp_path / "o").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(run), *[a.format(tmp=tmp_path / "o") for a in args]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and expected in err and len(err.strip().splitlines()) == 1
+    assert list((tmp_path / "o").iterdir()) == []
+
+
+def test_a_backbone_that_cannot_export_is_refused_in_one_line(tiny_data, tmp_path):
+    run = make_run(tiny_data, tmp_path / "run", "timm:vit_tiny_patch16_224")  # a ViT takes 224 px only
+    with pytest.raises(UserError, match="timm:vit_tiny_patch16_224 cannot be exported to onnx: Input height") as e:
+        export_run(run, tmp_path / "m.onnx")
+    assert "\n" not in str(e.value) and not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_export_reports_the_check(tiny_data, tmp_path, capsys):
+    run = make_run(tiny_data, tmp_path / "run")
+    main(["export", str(run), "--out", str(tmp_path / "m.onnx")])
+    out = capsys.readouterr().out
+    assert "min cosine" in out and (tmp_path / "m.onnx.json").is_file()
+
+
+def test_onnx_runtime_index_equals_torch_index_and_runtimes_mix(tiny_data, tmp_path):
+    from momentum_proxy.index import RetrievalIndex
+    from momentum_proxy.indexing import build_index
+
+    run = make_run(tiny_data, tmp_path / "run")
+    build_index(run, tiny_data, tmp_path / "torch", runtime="torch", device="cpu")
+    build_index(run, tiny_data, tmp_path / "onnx", runtime="onnx", device="cpu")
+    a, b = RetrievalIndex.load(tmp_path / "torch"), RetrievalIndex.load(tmp_path / "onnx")
+    assert a.paths == b.paths and a.model["runtime"] == "torch" and b.model["runtime"] == "onnx"
+    fa, fb = a.index.reconstruct_n(0, len(a)), b.index.reconstruct_n(0, len(b))
+    assert_agree(fa, fb)
+    np.testing.assert_array_equal(knn(fa, None, 10, exclude_self=True)[1], knn(fb, None, 10, exclude_self=True)[1])
+
+    build_index(run, tiny_data, tmp_path / "torch", runtime="onnx", device="cpu")  # extend: verified export
+    mixed = RetrievalIndex.load(tmp_path / "torch")
+    assert len(mixed) == 2 * len(a) and mixed.model["runtime"] == "onnx,torch"
+
+
+def test_mixing_runtimes_needs_a_verified_export_of_the_same_checkpoint():
+    built = {"checkpoint_sha256": "ab", "runtime": "torch", "verified": True}
+    onnx = {"checkpoint_sha256": "ab", "runtime": "onnx", "verified": True}
+    assert check_mix(built, onnx) == "onnx,torch"
+    assert check_mix({**built, "runtime": "onnx"}, onnx) == "onnx"
+    with pytest.raises(UserError, match="did not pass its check"):
+        check_mix(built, {**onnx, "verified": False})
+    with pytest.raises(UserError, match="did not pass its check"):
+        check_mix({**built, "runtime": "onnx", "verified": False}, {**onnx, "runtime": "torch"})
+    with pytest.raises(UserError, match="another checkpoint"):
+        check_mix(built, {**onnx, "checkpoint_sha256": "cd"})
+
+
+def test_onnx_embedder_exports_once_per_checkpoint(tiny_data, tmp_path):
+    run = make_run(tiny_data, tmp_path / "run")
+    first = load_embedder(run, "onnx", "cpu")
+    assert first.image_size == 64 and first.feature_dim == 32 and first.identity["runtime"] == "onnx"
+    stamp = (run / EXPORT_FILE).stat().st_mtime_ns
+    assert load_embedder(run, "onnx", "cpu").identity == first.identity
+    assert (run / EXPORT_FILE).stat().st_mtime_ns == stamp  # reused
+    make_run(tiny_data, run, seed=1)  # a new best checkpoint
+    again = load_embedder(run, "onnx", "cpu")
+    meta = json.loads(sidecar_path(run / EXPORT_FILE).read_text())
+    assert meta["checkpoint_sha256"] == file_sha256(run / BEST) == again.identity["checkpoint_sha256"]
+    assert again.identity["checkpoint_sha256"] != first.identity["checkpoint_sha256"]
+    with pytest.raises(UserError, match="unknown runtime"):
+        load_embedder(run, "tensorrt")
+
+
+def test_int8_model_is_quantised_and_its_report_is_consistent(tiny_data, tmp_path):
+    import onnx
+
+    from momentum_proxy.export import INPUT_NAME, onnx_session
+    from momentum_proxy.int8 import MAX_R1_DROP, calibration_batches, compare, quantize
+
+    run = make_run(tiny_data, tmp_path / "run")
+    export_run(run, tmp_path / "fp32.onnx")
+    batches = calibration_batches(str(tiny_data), 64)
+    assert sum(len(b) for b in batches) == 24  # every training image (fewer than 256)
+    settings = quantize(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", batches, INPUT_NAME)
+    ops = {n.op_type for n in onnx.load(tmp_path / "int8.onnx").graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and settings["calibration_images"] == 24
+    report = compare(onnx_session(tmp_path / "fp32.onnx"), onnx_session(tmp_path / "int8.onnx"), INPUT_NAME,
+                     str(tiny_data), 64)
+    r1 = report["recall@1"]
+    assert report["images"] == 24 and report["split"].startswith("test")
+    assert report["recall@1_change"] == pytest.approx(r1["int8"] - r1["fp32"], abs=2e-4)
+    assert 0 < report["mean_cosine_to_fp32"] <= 1.0001
+    ips = report["images_per_second"]
+    assert report["passed"] == (r1["fp32"] - r1["int8"] <= MAX_R1_DROP + 1e-4 and ips["int8"] > ips["fp32"])
+
+
+def test_int8_export_is_kept_only_with_a_passing_report(tiny_data, tmp_path):
+    run = make_run(tiny_data, tmp_path / "run")
+    (tmp_path / "out").mkdir()
+    try:
+        info = export_run(run, tmp_path / "out" / "m.onnx", int8=True, calibration=tiny_data)
+    except UserError as e:
+        assert "int8 model not kept" in str(e) and list((tmp_path / "out").iterdir()) == []
+    else:
+        assert info["int8"]["passed"] and info["int8"]["calibration_data"] == str(tiny_data)
+        assert json.loads((tmp_path / "out" / "m.onnx.json").read_text())["int8"] == info["int8"]
