@@ -174,9 +174,13 @@ def test_onnx_runtime_index_equals_torch_index_and_runtimes_mix(tiny_data, tmp_p
     assert_agree(fa, fb)
     np.testing.assert_array_equal(knn(fa, None, 10, exclude_self=True)[1], knn(fb, None, 10, exclude_self=True)[1])
 
-    build_index(run, tiny_data, tmp_path / "torch", runtime="onnx", device="cpu")  # extend: verified export
+    more = tmp_path / "more"  # new images (paths already indexed are skipped)
+    more.mkdir()
+    for p in sorted((tiny_data / "images" / "species_05").glob("*.jpg"))[:3]:
+        (more / p.name).write_bytes(p.read_bytes())
+    build_index(run, more, tmp_path / "torch", runtime="onnx", device="cpu")  # extend: verified export
     mixed = RetrievalIndex.load(tmp_path / "torch")
-    assert len(mixed) == 2 * len(a) and mixed.model["runtime"] == "onnx,torch"
+    assert len(mixed) == len(a) + 3 and mixed.model["runtime"] == "onnx,torch"
 
 
 def test_mixing_runtimes_needs_a_verified_export_of_the_same_checkpoint():
