@@ -190,7 +190,7 @@ def study_lock(out: Path) -> Iterator[None]:
         yield
 
 
-def open_study(out: Path, identity: dict) -> optuna.Study:
+def open_study(out: Path, identity: dict) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
     """Create or reopen OUT/study.db; refuse a study made with another dataset, space, budget or seed."""
     storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'study.db').absolute()}")
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
@@ -202,7 +202,7 @@ def open_study(out: Path, identity: dict) -> optuna.Study:
     elif stored != identity:
         changed = ", ".join(k for k in identity if stored.get(k) != identity[k])
         raise UserError(f"{out} holds a study with another {changed}; rerun with its options or use another --out")
-    return study
+    return study, storage
 
 
 def identity_of(cfg: TrainConfig, space: Space) -> dict:
@@ -211,17 +211,19 @@ def identity_of(cfg: TrainConfig, space: Space) -> dict:
     return json.loads(json.dumps({"data": cfg.data, "space": entries, "epochs": cfg.epochs, "seed": cfg.seed}))
 
 
-def retire_stale_trials(study: optuna.Study) -> list[int]:
-    """Mark trials left RUNNING by a killed tuner as failed and queue their parameters to be tried again."""
-    storage = study._storage
+def retry_interrupted_trials(study: optuna.Study, storage: optuna.storages.RDBStorage) -> list[int]:
+    """Mark trials left running by a killed tuner (or failed by Ctrl-C) as failed and interrupted, and queue
+    their parameters to be tried again."""
     study_id = storage.get_study_id_from_name(study.study_name)
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for t in stale:
+    interrupted = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL))
+                   if not t.user_attrs.get(FINISHED) and not t.user_attrs.get("interrupted")]
+    for t in interrupted:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-        storage.set_trial_user_attr(trial_id, "killed", True)
-        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        storage.set_trial_user_attr(trial_id, "interrupted", True)
+        if t.state == TrialState.RUNNING:
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-    return [t.number for t in stale]
+    return [t.number for t in interrupted]
 
 
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -323,9 +325,9 @@ def tune(data: str | Path, out: str | Path, trials: int, space: str | Path | dic
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial instead
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     with study_lock(out):
-        study = open_study(out, identity_of(base, space))
-        for number in retire_stale_trials(study):
-            print(f"trial {number} was left running by a killed tuner: marked failed, its parameters queued again")
+        study, storage = open_study(out, identity_of(base, space))
+        for number in retry_interrupted_trials(study, storage):
+            print(f"trial {number} was interrupted (its tuner killed): marked failed, its parameters queued again")
         objective = Objective(base, space, out)
         while len(finished_trials(study)) < trials:
             # seeded by trial count: a continued study draws what an uninterrupted one would
@@ -391,6 +393,7 @@ def report(study: optuna.Study, out: Path, base: TrainConfig, imp: dict[str, flo
         lines += ["## Pruned and failed trials", ""] + [f"- {trial_line_short(t)}" for t in others] + [""]
     if imp:
         lines += ["## Parameter importances (fANOVA, over the complete trials)", "",
+                  f"From {states[TrialState.COMPLETE]} complete trials: rough with few trials.", "",
                   "| parameter | importance |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in imp.items()] + ["", "![importances](importances.png)", ""]
     if complete:
@@ -459,6 +462,8 @@ def plot_importances(imp: dict[str, float], path: Path) -> None:
 
 def plot_params(study: optuna.Study, names: list[str], path: Path, top: int = 4) -> None:
     """val MAP@R of the complete trials against each of the `top` first parameters (log axis for log ranges)."""
+    from matplotlib.ticker import NullFormatter
+
     from momentum_proxy.experiments import _save, _style
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -471,10 +476,14 @@ def plot_params(study: optuna.Study, names: list[str], path: Path, top: int = 4)
         if isinstance(dist, optuna.distributions.CategoricalDistribution):
             ax.scatter([dist.choices.index(p) for p, _, _ in points], [v for _, v, _ in points])
             ax.set_xticks(range(len(dist.choices)), [str(c) for c in dist.choices], rotation=45, fontsize=5)
-        else:
+            ax.set_xlim(-0.5, len(dist.choices) - 0.5)
+        else:  # the axis spans the searched range, labelled at its ends
             ax.scatter([p for p, _, _ in points], [v for _, v, _ in points])
             if dist.log:
                 ax.set_xscale("log")
+            ax.set_xlim(dist.low, dist.high)
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xticks([dist.low, dist.high], [f"{dist.low:.3g}", f"{dist.high:.3g}"], fontsize=5)
         ax.set_xlabel(name)
     axes[0][0].set_ylabel("val MAP@R (%)")
     fig.tight_layout()

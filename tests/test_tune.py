@@ -139,9 +139,9 @@ def test_killed_tune_resumes_without_rerunning_finished_trials(tiny_data, tmp_pa
     tune.tune(tiny_data, out, trials=2, space=space)
     trials = load(out).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
-    assert trials[1].user_attrs["killed"] and trials[2].params == trials[1].params  # the killed one, retried
+    assert trials[1].user_attrs["interrupted"] and trials[2].params == trials[1].params  # the killed one, retried
     assert trials[0].value == first[0].value and (out / "trials" / "0" / "metrics.csv").stat().st_mtime_ns == log0
-    assert "trial 1 was left running by a killed tuner" in capsys.readouterr().out
+    assert "trial 1 was interrupted" in capsys.readouterr().out
     assert json.loads((out / "best.json").read_text())["lr"] == max(
         (trials[0], trials[2]), key=lambda t: t.value).user_attrs["options"]["lr"]
 
