@@ -212,15 +212,17 @@ def identity_of(cfg: TrainConfig, space: Space) -> dict:
 
 
 def retry_interrupted_trials(study: optuna.Study, storage: optuna.storages.RDBStorage) -> list[int]:
-    """Mark trials left running by a killed tuner (or failed by Ctrl-C) as failed and interrupted, and queue
-    their parameters to be tried again."""
+    """Queue again the parameters of every trial that was interrupted (left running by a killed tuner, which
+    is marked failed and interrupted here, or failed by Ctrl-C) and not yet queued again."""
     study_id = storage.get_study_id_from_name(study.study_name)
-    interrupted = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL))
-                   if not t.user_attrs.get(FINISHED) and not t.user_attrs.get("interrupted")]
+    trials = study.get_trials(deepcopy=False)
+    queued = {t.user_attrs.get("retry_of") for t in trials}
+    interrupted = [t for t in trials if t.state in (TrialState.RUNNING, TrialState.FAIL)
+                   and not t.user_attrs.get(FINISHED) and t.number not in queued]
     for t in interrupted:
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-        storage.set_trial_user_attr(trial_id, "interrupted", True)
         if t.state == TrialState.RUNNING:
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            storage.set_trial_user_attr(trial_id, "interrupted", True)
             storage.set_trial_state_values(trial_id, TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
     return [t.number for t in interrupted]
@@ -327,10 +329,10 @@ def tune(data: str | Path, out: str | Path, trials: int, space: str | Path | dic
     with study_lock(out):
         study, storage = open_study(out, identity_of(base, space))
         for number in retry_interrupted_trials(study, storage):
-            print(f"trial {number} was interrupted (its tuner killed): marked failed, its parameters queued again")
+            print(f"trial {number} was interrupted: marked failed, its parameters queued again")
         objective = Objective(base, space, out)
         while len(finished_trials(study)) < trials:
-            # seeded by trial count: a continued study draws what an uninterrupted one would
+            # seeded per trial: a restarted tuner must not replay the draws its predecessor made
             study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
             study.optimize(objective, n_trials=1, catch=(UserError,), gc_after_trial=True,
                            callbacks=[lambda s, t: print(trial_line(s, t), flush=True)])

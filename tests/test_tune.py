@@ -257,3 +257,28 @@ def test_new_options_on_the_command_line(tiny_data):
     a = cli.parser().parse_args(["train", "--data", str(tiny_data), "--schedule", "cosine", "--aug-scale-min", "0.3"])
     cfg = cli.config_from_args(a)
     assert (cfg.schedule, cfg.aug_scale_min) == ("cosine", 0.3)
+
+
+def test_interrupted_trials_are_failed_and_queued_again_once(tmp_path):
+    study, storage = tune.open_study(tmp_path, {"space": {}})
+    lr = {"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3)}
+    killed = study.ask(lr)  # left RUNNING
+    ctrl_c = study.ask(lr)
+    study.tell(ctrl_c, state=optuna.trial.TrialState.FAIL)
+    failed = study.ask(lr)
+    failed.set_user_attr(tune.FINISHED, True)  # a bad combination: finished, not retried
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    assert tune.retry_interrupted_trials(study, storage) == [killed.number, ctrl_c.number]
+    assert tune.retry_interrupted_trials(study, storage) == []
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL", "FAIL", "WAITING", "WAITING"]
+    assert [t.user_attrs["retry_of"] for t in trials[3:]] == [killed.number, ctrl_c.number]
+    for retried in (killed, ctrl_c):  # the queued trials come next, with the interrupted ones' parameters
+        assert study.ask().suggest_float("lr", 1e-5, 1e-3) == retried.params["lr"]
+
+
+def test_a_second_tuner_on_the_same_folder_is_refused(tiny_data, tmp_path):
+    with tune.study_lock(tmp_path / "study"):
+        with pytest.raises(UserError, match="being tuned by another process"):
+            tune.tune(tiny_data, tmp_path / "study", trials=1, space=SPACE)
+    assert not (tmp_path / "study" / "study.db").exists()
