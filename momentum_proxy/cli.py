@@ -119,6 +119,9 @@ TRAIN_OPTIONS = [
     ("lr", ["--lr"], float, "head learning rate"),
     ("backbone_lr_mult", ["--backbone-lr-mult"], float, "backbone learning rate = lr x this"),
     ("warmup_epochs", ["--warmup-epochs"], int, "first epochs train head and proxies only"),
+    ("schedule", ["--schedule"], str, "learning-rate schedule: multistep (x0.1 at 50%% and 80%% of the epochs) | "
+     "cosine"),
+    ("aug_scale_min", ["--aug-scale-min"], float, "smallest area fraction of the random-resized training crop"),
     ("pooling", ["--pooling"], str, "max | avgmax"),
     ("feature_dim", ["--feature-dim"], int, "embedding size"),
     ("recalls", ["--recalls"], "int_list", "K of Recall@K"),
@@ -128,7 +131,7 @@ TRAIN_OPTIONS = [
     ("select_metric", ["--select-metric"], str, "recall@1 | precision@1 | r_precision | map@r (selection)"),
     ("test_every_epoch", ["--test-every-epoch"], "flag", "also report test metrics every epoch (never selects)"),
     ("batch_size", ["--batch-size", "--batch_size"], int, "batch size per process"),
-    ("epochs", ["--epochs", "--num_epochs", "--num-epochs"], int, "epochs; MultiStepLR x0.1 at 50%% and 80%%"),
+    ("epochs", ["--epochs", "--num_epochs", "--num-epochs"], int, "epochs"),
     ("image_size", ["--image-size"], int, "input size in pixels"),
     ("seed", ["--seed"], int, "random seed"),
     ("device", ["--device"], str, "auto | cpu | cuda"),
@@ -442,6 +445,25 @@ def run_report(a) -> None:
     print(report(a.folder, a.out))
 
 
+# ----------------------------------------------------------------------------------------------- tune
+def add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="search training options on the validation split with Optuna (resumable)")
+    p.add_argument("--data", required=True, help="prepared dataset folder with a val split")
+    p.add_argument("--out", required=True, help="study folder: study.db, trials/N/, best.json, report.md, plots")
+    p.add_argument("--trials", type=int, required=True,
+                   help="finished trials wanted in total; running the command again continues the study")
+    p.add_argument("--space", help="JSON or YAML search space put over the default one (README, 'Tune')")
+    p.add_argument("--budget-epochs", type=int, default=None,
+                   help="epochs of every trial and of best.json (default: the space's epochs, 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial's training")
+
+
+def run_tune(a) -> None:
+    from momentum_proxy.tune import tune
+
+    tune(a.data, a.out, a.trials, space=a.space, budget_epochs=a.budget_epochs, seed=a.seed)
+
+
 # ----------------------------------------------------------------------------------------------- bench
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="images/s of the training and embedding pipelines vs the bare model, and of "
@@ -475,7 +497,7 @@ def run_bench(a) -> None:
 COMMANDS = {"prepare": (add_prepare, run_prepare), "train": (add_train, run_train),
             "evaluate": (add_evaluate, run_evaluate), "retrieve": (add_retrieve, run_retrieve),
             "index": (add_index, run_index), "demo": (add_demo, run_demo), "sweep": (add_sweep, run_sweep),
-            "serve": (add_serve, run_serve), "export": (add_export, run_export),
+            "serve": (add_serve, run_serve), "export": (add_export, run_export), "tune": (add_tune, run_tune),
             "plot": (add_plot, run_plot), "report": (add_report, run_report), "bench": (add_bench, run_bench)}
 
 

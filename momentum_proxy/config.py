@@ -18,6 +18,7 @@ METRICS = ("recall", "precision@1", "r_precision", "map@r", "nmi")
 RETRIEVAL_METRICS = ("recall", "precision@1", "r_precision", "map@r")
 SELECT_METRICS = ("recall@1", "precision@1", "r_precision", "map@r")
 SELECTIONS = ("val", "last", "test")
+SCHEDULES = ("multistep", "cosine")
 
 # The original MP tool's behaviour, for exact reproduction (`--recipe original`, implied by its spelling
 # `--data_path/--data_name`): ResNet-50, ProxyNCA, one learning rate, plain SGD (no momentum) or Adam,
@@ -56,6 +57,8 @@ class TrainConfig:
     lr: float = 1e-4
     backbone_lr_mult: float = 0.1
     warmup_epochs: int = 1  # epochs that train only head and proxies, backbone frozen
+    schedule: str = "multistep"  # multistep (x0.1 at 50 % and 80 % of the epochs) | cosine (to 0 at the end)
+    aug_scale_min: float = 0.16  # lower bound of the random-resized crop's area fraction
     batch_size: int = 64
     epochs: int = 20
     recalls: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
@@ -63,6 +66,7 @@ class TrainConfig:
     select: str | None = None  # val | last | test; None: val when the data has a val split, else last
     select_metric: str = "map@r"
     test_every_epoch: bool = False  # per-epoch test columns for curves; never used for selection
+    final_test: bool = True  # evaluate the selected checkpoint on test at the end (off: tuning trials)
     image_size: int = 224
     seed: int = 0
     device: str = "auto"
@@ -110,6 +114,7 @@ class TrainConfig:
         _choice("proxy-init", self.proxy_init, ("class_mean", "random"))
         _choice("proxy-update", self.proxy_update, ("mean", "sum"))
         _choice("pooling", self.pooling, POOLINGS)
+        _choice("schedule", self.schedule, SCHEDULES)
         _choice("select-metric", self.select_metric, SELECT_METRICS)
         if self.select is not None:
             _choice("select", self.select, SELECTIONS)
@@ -120,6 +125,8 @@ class TrainConfig:
             raise UserError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         if not 0.0 <= self.momentum <= 1.0:
             raise UserError(f"--momentum must be in [0, 1], got {self.momentum}")
+        if not 0.0 < self.aug_scale_min <= 1.0:
+            raise UserError(f"--aug-scale-min must be in (0, 1], got {self.aug_scale_min}")
         if not 0.0 <= self.sgd_momentum < 1.0:
             raise UserError(f"--sgd-momentum must be in [0, 1), got {self.sgd_momentum}")
         if not self.lr > 0 or not self.backbone_lr_mult >= 0:
@@ -152,8 +159,19 @@ class TrainConfig:
 def read_config_file(path: str | Path) -> dict:
     """TrainConfig fields from a JSON or YAML file (`train --config FILE`); unknown keys are refused."""
     path = Path(path)
+    values = read_mapping_file(path, "config file")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known - {"versions", "data_manifest_sha256", "selection"})
+    if unknown:
+        raise UserError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    return {k: v for k, v in values.items() if k in known}
+
+
+def read_mapping_file(path: str | Path, what: str = "file") -> dict:
+    """A mapping from a JSON or YAML file (by suffix: .yaml/.yml, else JSON), or a one-line UserError."""
+    path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+        raise UserError(f"{what} not found: {path}")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
@@ -169,11 +187,7 @@ def read_config_file(path: str | Path) -> dict:
             raise UserError(f"cannot read {path}: {e}") from None
     if not isinstance(values, dict):
         raise UserError(f"{path} must hold a mapping of option names to values")
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known - {"versions", "data_manifest_sha256", "selection"})
-    if unknown:
-        raise UserError(f"{path}: unknown option(s) {', '.join(unknown)}")
-    return {k: v for k, v in values.items() if k in known}
+    return values
 
 
 def _choice(option: str, value, choices) -> None:

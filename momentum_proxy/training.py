@@ -77,6 +77,13 @@ def lr_milestones(epochs: int) -> list[int]:
     return sorted({max(1, int(epochs * f)) for f in (0.5, 0.8)})
 
 
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch learning-rate schedule: `multistep` (x0.1 at `lr_milestones`) or `cosine` (annealed to 0)."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(cfg.epochs), gamma=0.1)
+
+
 @dataclass
 class TrainState:
     """Everything a resume needs: model, proxies, optimizer, scheduler, scaler, progress and RNG."""
@@ -155,7 +162,7 @@ def setup(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> tuple[Job, Trai
         raise UserError("--amp fp16 needs CUDA; on CPU use --amp bf16")
     run = RunDir(cfg.out)
     run.check_writable()
-    data = load_datasets(cfg.data, cfg.image_size)
+    data = load_datasets(cfg.data, cfg.image_size, cfg.aug_scale_min)
     select = cfg.select or ("val" if data.val is not None else "last")
     if select == "val" and data.val is None:
         raise UserError(f"--select val needs a val split in {cfg.data} (prepare it with --val-classes N)")
@@ -170,7 +177,7 @@ def setup(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> tuple[Job, Trai
     model.to(device)
     loss_fn.to(device)
     optimizer = make_optimizer(cfg, model, loss_fn)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(cfg.epochs), gamma=0.1)
+    scheduler = make_scheduler(cfg, optimizer)
     state = TrainState(model, loss_fn, optimizer, scheduler, torch.amp.GradScaler(device.type,
                                                                                   enabled=cfg.amp == "fp16"))
     job = Job(cfg, data, device, dist, run, select)
@@ -285,8 +292,18 @@ def select_and_save(job: Job, state: TrainState, epoch: int, rows: list[dict]) -
 
 
 def finish(job: Job, state: TrainState) -> dict:
-    """Load the selected checkpoint, evaluate it once on the test split, write eval.json and embeddings.npz."""
+    """Load the selected checkpoint, evaluate it once on the test split, write eval.json and embeddings.npz.
+
+    With `final_test` off (tuning trials) the test split is never embedded and nothing more is written; the
+    selection alone is returned (`test` None)."""
     cfg, dist = job.cfg, job.dist
+    if not cfg.final_test:
+        summary = {"checkpoint": BEST, "epoch": state.best_epoch, "selected_on": job.select,
+                   "select_metric": None if job.select == "last" else cfg.select_metric,
+                   "selection_score": None if job.select == "last" else state.best_score, "test": None}
+        job.run.log(f"selected epoch {state.best_epoch} on {job.select}; test not evaluated (final_test off)",
+                    dist.is_main)
+        return summary
     model_state = distributed.broadcast_object(job.run.load_checkpoint(BEST)["model"] if dist.is_main else None)
     state.model.load_state_dict(model_state)
     res, feats = evaluate_split(state.model, job.data.test, cfg, job.device, dist,

@@ -56,8 +56,9 @@ class TrainAugment:
         return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
 
 
-def train_transform(size: int) -> TrainAugment:
-    return TrainAugment(size)
+def train_transform(size: int, scale_min: float = 0.16) -> TrainAugment:
+    """Training augmentation: random-resized crop of `scale_min` to all of the image's area, then a flip."""
+    return TrainAugment(size, scale=(scale_min, 1.0))
 
 
 def eval_resize(size: int) -> int:
@@ -208,8 +209,9 @@ class DatasetSplits:
     test: EvalSplit
 
 
-def load_datasets(root: str | Path, image_size: int) -> DatasetSplits:
-    """Read and check a prepared dataset's splits (val is None when the manifest has none)."""
+def load_datasets(root: str | Path, image_size: int, aug_scale_min: float = 0.16) -> DatasetSplits:
+    """Read and check a prepared dataset's splits (val is None when the manifest has none); `aug_scale_min` is
+    the training crops' smallest area fraction."""
     df = read_manifest(root)
     train, val, test = (split_frame(df, s) for s in ("train", "val", "test"))
     where = Path(root) / "manifest.csv"
@@ -221,13 +223,13 @@ def load_datasets(root: str | Path, image_size: int) -> DatasetSplits:
         raise UserError("the train split needs at least 2 classes")
     if not val.empty and val["label"].value_counts().max() < 2:
         raise UserError(f"{where}: no val class has 2 images; retrieval on val is undefined")
-    return DatasetSplits(train=train_dataset(root, train, image_size), train_eval=eval_dataset(root, train, image_size),
+    return DatasetSplits(train=train_dataset(root, train, image_size, aug_scale_min), train_eval=eval_dataset(root, train, image_size),
                          val=None if val.empty else EvalSplit("val", val, eval_dataset(root, val, image_size)),
                          test=EvalSplit("test", test, eval_dataset(root, test, image_size)))
 
 
-def train_dataset(root, frame: pd.DataFrame, image_size: int) -> ImageDataset:
-    return ImageDataset(root, frame, train_transform(image_size))
+def train_dataset(root, frame: pd.DataFrame, image_size: int, aug_scale_min: float = 0.16) -> ImageDataset:
+    return ImageDataset(root, frame, train_transform(image_size, aug_scale_min))
 
 
 def eval_dataset(root, frame: pd.DataFrame, image_size: int) -> ImageDataset:

@@ -1,0 +1,493 @@
+"""Hyperparameter search on the validation split with Optuna (`mproxy tune`).
+
+Every trial is an ordinary run folder `OUT/trials/<number>/`, selected on the class-disjoint val split by val
+MAP@R and trained without the final test evaluation (`final_test=False`): no trial ever embeds the test split.
+The objective is the best val MAP@R over the trained epochs (1..E): the pretrained start (epoch 0) still
+competes for a run's best.pt, but would tie every configuration that does not beat it, so it is only reported.
+The study lives in `OUT/study.db` (SQLite). Running the same command again continues it: a trial left running
+by a killed process is marked failed and its parameters are tried again, and the study goes on until it holds
+`trials` finished ones (complete, pruned, or failed on a bad option combination). At the end: `best.json` (a
+config for `mproxy train --config`), `report.md` and its plots.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import shlex
+import warnings
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+from typing import Iterator
+
+import optuna
+from optuna.trial import TrialState
+
+from momentum_proxy.config import LOSS_NAMES, TrainConfig, read_mapping_file
+from momentum_proxy.errors import UserError
+from momentum_proxy.fileio import check_writable_folder, write_json, write_text
+
+OBJECTIVE = "val_map@r"  # maximised: the best trained epoch's val MAP@R
+STUDY_NAME = "mproxy-tune"
+DEFAULT_EPOCHS = 3
+TUNER_OWNED = ("data", "out", "select", "select_metric", "test_every_epoch", "final_test")
+NOT_RESULT_OPTIONS = ("workers", "device", "log_every", "eval_batch_size")  # may change on a resume
+FINISHED = "finished"  # user attribute of every trial that counts towards --trials
+
+# The default search space: what measurably matters for proxy losses on a pretrained backbone (README,
+# "Training recipe"). Scale and margin ranges are per loss: their meaning differs (ArcFace's margin is in
+# degrees, NormalizedSoftmax's scale is 1/temperature); a loss without a margin gets none.
+DEFAULT_SPACE = {
+    "lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+    "backbone_lr_mult": {"type": "float", "low": 0.01, "high": 1.0, "log": True},
+    "warmup_epochs": {"type": "int", "low": 0, "high": 2},
+    "schedule": {"type": "categorical", "choices": ["multistep", "cosine"]},
+    "loss": {"type": "categorical", "choices": list(LOSS_NAMES)},
+    "loss_scale": {"per_loss": {
+        "proxy_nca": {"type": "float", "low": 1.0, "high": 32.0, "log": True},
+        "normalized_softmax": {"type": "float", "low": 8.0, "high": 64.0, "log": True},
+        "cos_face": {"type": "float", "low": 8.0, "high": 64.0, "log": True},
+        "arc_face": {"type": "float", "low": 8.0, "high": 64.0, "log": True},
+        "proxy_anchor": {"type": "float", "low": 8.0, "high": 64.0, "log": True}}},
+    "margin": {"per_loss": {
+        "cos_face": {"type": "float", "low": 0.1, "high": 0.5},
+        "arc_face": {"type": "float", "low": 10.0, "high": 40.0},
+        "proxy_anchor": {"type": "float", "low": 0.05, "high": 0.3}}},
+    "momentum": {"type": "float", "low": 0.05, "high": 0.95},
+    "proxy_update": {"type": "categorical", "choices": ["mean", "sum"]},
+    "proxy_init": {"type": "categorical", "choices": ["class_mean", "random"]},
+    "image_size": {"type": "categorical", "choices": [160, 192, 224]},
+    "feature_dim": {"type": "categorical", "choices": [128, 256, 512]},
+    "pooling": {"type": "categorical", "choices": ["max", "avgmax"]},
+    "aug_scale_min": {"type": "float", "low": 0.08, "high": 0.6},
+    "epochs": DEFAULT_EPOCHS,
+}
+
+
+# ----------------------------------------------------------------------------------------------- the space
+class Space:
+    """Searched options (`{"type": float|int|categorical, ...}` or `{"per_loss": {LOSS: spec}}`) and fixed
+    ones (plain values), keyed by TrainConfig field."""
+
+    def __init__(self, entries: dict):
+        known = {f.name for f in fields(TrainConfig)}
+        for name, spec in entries.items():
+            if name not in known:
+                raise UserError(f"search space: unknown option {name!r}")
+            if name in TUNER_OWNED:
+                raise UserError(f"search space: {name!r} is set by the tuner")
+            if isinstance(spec, dict):
+                check_spec(name, spec)
+        if isinstance(entries.get("epochs", DEFAULT_EPOCHS), dict):
+            raise UserError("search space: epochs is the budget of every trial; give a number, not a range")
+        self.entries = entries
+
+    @property
+    def fixed(self) -> dict:
+        return {k: v for k, v in self.entries.items() if not isinstance(v, dict)}
+
+    @property
+    def searched(self) -> dict:
+        return {k: v for k, v in self.entries.items() if isinstance(v, dict)}
+
+    def suggest(self, trial: optuna.Trial) -> dict:
+        """Draw one configuration: the chosen options by TrainConfig field (the loss first: others depend on it)."""
+        from momentum_proxy.losses import HAS_MARGIN
+
+        searched = self.searched
+        options = {}
+        if "loss" in searched:
+            options["loss"] = suggest_one(trial, "loss", searched["loss"])
+        loss = options.get("loss", self.fixed.get("loss", TrainConfig.loss))
+        for name, spec in searched.items():
+            if name == "loss" or (name == "margin" and loss not in HAS_MARGIN):
+                continue
+            if "per_loss" in spec:
+                if loss in spec["per_loss"]:
+                    options[name] = suggest_one(trial, f"{name}[{loss}]", spec["per_loss"][loss])
+            else:
+                options[name] = suggest_one(trial, name, spec)
+        return options
+
+
+def check_spec(name: str, spec: dict, per_loss_allowed: bool = True) -> None:
+    """UserError unless `spec` is a well-formed range, choice list, or per-loss table of them."""
+    where = f"search space: {name}"
+    if per_loss_allowed and set(spec) == {"per_loss"} and isinstance(spec["per_loss"], dict):
+        for loss, sub in spec["per_loss"].items():
+            if loss not in LOSS_NAMES:
+                raise UserError(f"{where}: unknown loss {loss!r}; choose from {', '.join(LOSS_NAMES)}")
+            if not isinstance(sub, dict):
+                raise UserError(f"{where}[{loss}]: expected a range or choices, got {sub!r}")
+            check_spec(f"{name}[{loss}]", sub, per_loss_allowed=False)
+        return
+    kind = spec.get("type")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if set(spec) != {"type", "choices"} or not isinstance(choices, list) or not choices:
+            raise UserError(f"{where}: categorical needs exactly a non-empty list 'choices'")
+        if not all(c is None or isinstance(c, (bool, int, float, str)) for c in choices):
+            raise UserError(f"{where}: choices must be numbers, strings, booleans or null")
+    elif kind in ("float", "int"):
+        extra = set(spec) - {"type", "low", "high", "log", "step"}
+        low, high = spec.get("low"), spec.get("high")
+        number = int if kind == "int" else (int, float)
+        if extra or not all(isinstance(v, number) and not isinstance(v, bool) for v in (low, high)):
+            raise UserError(f"{where}: {kind} needs numbers 'low' and 'high' (optional 'log', 'step')")
+        if not low < high:
+            raise UserError(f"{where}: low must be below high, got {low} and {high}")
+        if spec.get("log") and low <= 0:
+            raise UserError(f"{where}: a log range needs low > 0, got {low}")
+    else:
+        raise UserError(f"{where}: give a plain value, or a dict with 'type' float, int or categorical "
+                        "(or 'per_loss'), got {spec!r}")
+
+
+def suggest_one(trial: optuna.Trial, param: str, spec: dict):
+    if spec["type"] == "categorical":
+        return trial.suggest_categorical(param, spec["choices"])
+    suggest = trial.suggest_int if spec["type"] == "int" else trial.suggest_float
+    kwargs = {"log": bool(spec.get("log", False))}
+    if "step" in spec:
+        kwargs["step"] = spec["step"]
+    return suggest(param, spec["low"], spec["high"], **kwargs)
+
+
+def load_space(space: str | Path | dict | None = None) -> Space:
+    """The default space with the entries of `space` (a JSON/YAML file or a dict) put over it."""
+    entries = read_mapping_file(space, "space file") if isinstance(space, (str, Path)) else (space or {})
+    return Space({**DEFAULT_SPACE, **entries})
+
+
+# ----------------------------------------------------------------------------------------------- the study
+def base_config(data: str | Path, space: Space, epochs: int, seed: int) -> TrainConfig:
+    """The fixed part of every trial: the space's plain values, val selection on MAP@R, no test at all."""
+    cfg = TrainConfig(data=str(Path(data).absolute()), out="", **{**space.fixed, "epochs": epochs, "seed": seed})
+    cfg.select, cfg.select_metric, cfg.test_every_epoch, cfg.final_test = "val", "map@r", False, False
+    cfg.metrics = list(dict.fromkeys([*cfg.metrics, "recall", "map@r"]))
+    cfg.recalls = cfg.recalls if 1 in cfg.recalls else [1, *cfg.recalls]
+    cfg.validate()
+    return cfg
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """The dataset must load and have a val split (trials select on it; the test split is never used)."""
+    from momentum_proxy.data.loading import load_datasets
+
+    if load_datasets(cfg.data, cfg.image_size).val is None:
+        raise UserError(f"tune needs a val split in {cfg.data} (prepare it with --val-classes N)")
+
+
+@contextmanager
+def study_lock(out: Path) -> Iterator[None]:
+    """One tuner per study folder; the lock dies with its process, so a killed tuner leaves none behind."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".tune.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{out} is being tuned by another process") from None
+        yield
+
+
+def open_study(out: Path, identity: dict) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
+    """Create or reopen OUT/study.db; refuse a study made with another dataset, space, budget or seed."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'study.db').absolute()}")
+    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
+                                load_if_exists=True)
+    stored = study.user_attrs.get("identity")
+    if stored is None:
+        study.set_user_attr("identity", identity)
+    elif stored != identity:
+        changed = ", ".join(k for k in identity if stored.get(k) != identity[k])
+        raise UserError(f"{out} holds a study with another {changed}; rerun with its options or use another --out")
+    return study, storage
+
+
+def identity_of(cfg: TrainConfig, space: Space) -> dict:
+    """What a resumed study must share with the one it continues (JSON-normalised for comparison)."""
+    entries = {k: v for k, v in space.entries.items() if k not in NOT_RESULT_OPTIONS}
+    return json.loads(json.dumps({"data": cfg.data, "space": entries, "epochs": cfg.epochs, "seed": cfg.seed}))
+
+
+def retry_interrupted_trials(study: optuna.Study, storage: optuna.storages.RDBStorage) -> list[int]:
+    """Queue again the parameters of every trial that was interrupted (left running by a killed tuner, which
+    is marked failed and interrupted here, or failed by Ctrl-C) and not yet queued again."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trials = study.get_trials(deepcopy=False)
+    queued = {t.user_attrs.get("retry_of") for t in trials}
+    interrupted = [t for t in trials if t.state in (TrialState.RUNNING, TrialState.FAIL)
+                   and not t.user_attrs.get(FINISHED) and t.number not in queued]
+    for t in interrupted:
+        if t.state == TrialState.RUNNING:
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            storage.set_trial_user_attr(trial_id, "interrupted", True)
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+    return [t.number for t in interrupted]
+
+
+def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(FINISHED)]
+
+
+def trial_dir(out: Path, number: int) -> Path:
+    return out / "trials" / str(number)
+
+
+class Objective:
+    """Train one trial's run folder; report each epoch's val MAP@R to the pruner."""
+
+    def __init__(self, base: TrainConfig, space: Space, out: Path):
+        self.base, self.space, self.out = base, space, out
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        from momentum_proxy import training
+
+        options = self.space.suggest(trial)
+        trial.set_user_attr("options", options)
+        cfg = self.base.with_(**options, out=str(trial_dir(self.out, trial.number)))
+        try:
+            training.train(cfg, overwrite=True, on_epoch=lambda row: self.on_epoch(trial, cfg, row))
+        except optuna.TrialPruned:
+            trial.set_user_attr(FINISHED, True)
+            raise
+        except training.TrainingDiverged as e:
+            trial.set_user_attr(FINISHED, True)
+            trial.set_user_attr("diverged", str(e))
+            raise optuna.TrialPruned(str(e)) from None
+        except UserError as e:  # a bad combination of options: this trial fails, the study goes on
+            trial.set_user_attr(FINISHED, True)
+            trial.set_user_attr("error", str(e))
+            raise
+        finally:
+            record_val_figures(trial, cfg.out)
+        trial.set_user_attr(FINISHED, True)
+        return trial.user_attrs[OBJECTIVE]
+
+    @staticmethod
+    def on_epoch(trial: optuna.Trial, cfg: TrainConfig, row: dict) -> None:
+        trial.report(row[OBJECTIVE], row["epoch"])
+        if row["epoch"] < cfg.epochs and trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {row['epoch']}")
+
+
+def record_val_figures(trial: optuna.Trial, run_dir: str) -> None:
+    """User attributes of the trial: the val figures of its best trained epoch (the first on ties) and its
+    pretrained start's val MAP@R."""
+    from momentum_proxy.runs import RunDir
+
+    rows = RunDir(run_dir).metrics()
+    if rows:
+        trial.set_user_attr("start_map@r", rows[0][OBJECTIVE])
+    trained = [r for r in rows if r["epoch"] >= 1]
+    if trained:
+        best = max(trained, key=lambda r: (r[OBJECTIVE], -r["epoch"]))
+        trial.set_user_attr("best_epoch", best["epoch"])
+        for key in (OBJECTIVE, "val_recall@1"):
+            trial.set_user_attr(key, best[key])
+
+
+def trial_line(study: optuna.Study, t: optuna.trial.FrozenTrial) -> str:
+    """One progress line: the trial's outcome, its val figures and options, and the best so far."""
+    attrs = t.user_attrs
+    if attrs.get("diverged"):
+        outcome = f"diverged ({attrs['diverged'].split(';')[0]})"
+    elif attrs.get("error"):
+        outcome = f"failed: {attrs['error']}"
+    elif t.state == TrialState.PRUNED:
+        outcome = f"pruned after epoch {t.last_step}"
+    else:
+        outcome = "complete"
+    figures = (f" val MAP@R {100 * attrs[OBJECTIVE]:.2f} R@1 {100 * attrs['val_recall@1']:.2f} "
+               f"(epoch {attrs['best_epoch']})" if attrs.get(OBJECTIVE) is not None else "")
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    best = (f"; best: trial {study.best_trial.number} val MAP@R {100 * study.best_value:.2f}" if complete else "")
+    return f"trial {t.number} {outcome}:{figures}{best} | {format_options(attrs.get('options', {}))}"
+
+
+def format_options(options: dict) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items())
+
+
+def tune(data: str | Path, out: str | Path, trials: int, space: str | Path | dict | None = None,
+         budget_epochs: int | None = None, seed: int = 0) -> dict:
+    """Run (or continue) a study of `trials` finished trials in `out`; returns best.json's content."""
+    if trials < 1:
+        raise UserError(f"--trials must be >= 1, got {trials}")
+    if budget_epochs is not None and budget_epochs < 1:
+        raise UserError(f"--budget-epochs must be >= 1, got {budget_epochs}")
+    space = load_space(space)
+    epochs = budget_epochs or space.fixed.get("epochs", DEFAULT_EPOCHS)
+    base = base_config(data, space, epochs, seed)
+    out = Path(out)
+    check_writable_folder(out, "the study folder")
+    check_data(base)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial instead
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    with study_lock(out):
+        study, storage = open_study(out, identity_of(base, space))
+        for number in retry_interrupted_trials(study, storage):
+            print(f"trial {number} was interrupted: marked failed, its parameters queued again")
+        objective = Objective(base, space, out)
+        while len(finished_trials(study)) < trials:
+            # seeded per trial: a restarted tuner must not replay the draws its predecessor made
+            study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
+            study.optimize(objective, n_trials=1, catch=(UserError,), gc_after_trial=True,
+                           callbacks=[lambda s, t: print(trial_line(s, t), flush=True)])
+        return write_outputs(study, out, base, space)
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+def best_config(study: optuna.Study, base: TrainConfig, space: Space) -> dict:
+    """best.json: the dataset, the fixed options, the best trial's options and the budget's epochs."""
+    best = study.best_trial
+    return {"data": base.data, **{k: v for k, v in space.fixed.items() if k != "epochs"},
+            **best.user_attrs["options"], "epochs": base.epochs, "seed": base.seed}
+
+
+def write_outputs(study: optuna.Study, out: Path, base: TrainConfig, space: Space) -> dict:
+    """best.json, report.md and the plots; UserError (after the report) when no trial completed."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    best = best_config(study, base, space) if complete else None
+    imp = importances(study, base.seed)
+    if best is not None:
+        write_json(out / "best.json", best)
+        plots(study, out, imp, study.best_trial)
+    write_text(out / "report.md", report(study, out, base, imp))
+    if best is None:
+        raise UserError(f"no trial completed; see {out / 'report.md'}")
+    print(f"best: trial {study.best_trial.number} val MAP@R {100 * study.best_value:.2f}; {out / 'report.md'}; "
+          f"train it with: mproxy train --config {shlex.quote(str(out / 'best.json'))}")
+    return best
+
+
+def importances(study: optuna.Study, seed: int) -> dict[str, float]:
+    """fANOVA importances of the parameters every complete trial has (empty below 2 complete trials)."""
+    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 2:
+        return {}
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+    try:
+        return optuna.importance.get_param_importances(study, evaluator=evaluator)
+    except (ValueError, RuntimeError):  # e.g. no parameter varies across the complete trials
+        return {}
+
+
+def report(study: optuna.Study, out: Path, base: TrainConfig, imp: dict[str, float]) -> str:
+    """report.md: the top trials, the other trials' outcomes, importances, and the plots."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(FINISHED)]
+    complete = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
+    states = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    lines = [f"# Tuning study: {Path(base.data).name}", "",
+             f"{len(trials)} trials of {base.epochs} epoch(s) ({states[TrialState.COMPLETE]} complete, "
+             f"{states[TrialState.PRUNED]} pruned or diverged, {states[TrialState.FAIL]} failed); objective: "
+             "val MAP@R of each trial's best trained epoch (class-disjoint validation split; the test split "
+             "was never evaluated); 'start' is the pretrained start's (epoch 0), which a run keeps when training "
+             "does not beat it. Values in %.", ""]
+    if complete:
+        lines += top_table(complete[:10]) + [
+            "", f"Best: trial {complete[0].number}; train it with "
+                f"`mproxy train --config {shlex.quote(str(out / 'best.json'))}`.",
+            "", "![validation curve of the best trial](best_curves.png)", ""]
+    others = [t for t in trials if t.state != TrialState.COMPLETE]
+    if others:
+        lines += ["## Pruned and failed trials", ""] + [f"- {trial_line_short(t)}" for t in others] + [""]
+    if imp:
+        lines += ["## Parameter importances (fANOVA, over the complete trials)", "",
+                  f"From {states[TrialState.COMPLETE]} complete trials: rough with few trials.", "",
+                  "| parameter | importance |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in imp.items()] + ["", "![importances](importances.png)", ""]
+    if complete:
+        lines += ["## Plots", "", "![optimisation history](history.png)", "",
+                  "![val MAP@R against the top parameters](params.png)", ""]
+    return "\n".join(lines)
+
+
+def top_table(complete: list) -> list[str]:
+    names = list(dict.fromkeys(k for t in complete for k in t.user_attrs["options"]))
+    lines = ["## Top trials", "", "| trial | val MAP@R | val R@1 | epoch | start | " + " | ".join(names) + " |",
+             "|" + "---|" * (5 + len(names))]
+    for t in complete:
+        a, opts = t.user_attrs, t.user_attrs["options"]
+        cells = [t.number, f"{100 * t.value:.2f}", f"{100 * a['val_recall@1']:.2f}", a["best_epoch"],
+                 f"{100 * a['start_map@r']:.2f}"]
+        cells += [format_options({k: opts[k]}).split("=", 1)[1] if k in opts else "" for k in names]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return lines
+
+
+def trial_line_short(t) -> str:
+    a = t.user_attrs
+    why = a.get("diverged") or a.get("error") or f"pruned after epoch {t.last_step}"
+    return f"trial {t.number} ({t.state.name.lower()}): {why} | {format_options(a.get('options', {}))}"
+
+
+# ----------------------------------------------------------------------------------------------- plots
+def plots(study: optuna.Study, out: Path, imp: dict[str, float], best) -> None:
+    """history, importances (when computed), params and the best trial's validation curve (PNG + PDF)."""
+    from momentum_proxy.experiments import plot_curves
+
+    plot_history(study, out / "history")
+    if imp:
+        plot_importances(imp, out / "importances")
+    plot_params(study, list(imp) or list(best.params), out / "params")
+    plot_curves(trial_dir(out, best.number), out / "best_curves")
+
+
+def plot_history(study: optuna.Study, path: Path) -> None:
+    from momentum_proxy.experiments import _save, _style
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    x = [t.number for t in complete]
+    y = [100 * t.value for t in complete]
+    plt = _style()
+    fig, ax = plt.subplots(figsize=(4.0, 3.0))
+    ax.plot(x, y, "o", label="complete trial")
+    ax.step(x, [max(y[:i + 1]) for i in range(len(y))], where="post", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("val MAP@R (%)")
+    ax.legend(fontsize=6)
+    _save(fig, path)
+
+
+def plot_importances(imp: dict[str, float], path: Path) -> None:
+    from momentum_proxy.experiments import _save, _style
+
+    plt = _style()
+    fig, ax = plt.subplots(figsize=(4.0, 0.4 + 0.25 * len(imp)))
+    names = list(imp)[::-1]
+    ax.barh(names, [imp[n] for n in names])
+    ax.set_xlabel("importance (fANOVA)")
+    _save(fig, path)
+
+
+def plot_params(study: optuna.Study, names: list[str], path: Path, top: int = 4) -> None:
+    """val MAP@R of the complete trials against each of the `top` first parameters (log axis for log ranges)."""
+    from matplotlib.ticker import NullFormatter
+
+    from momentum_proxy.experiments import _save, _style
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    names = names[:top]
+    plt = _style()
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(2.2 * max(1, len(names)), 2.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        points = [(t.params[name], 100 * t.value, t.distributions[name]) for t in complete if name in t.params]
+        dist = points[0][2]
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            ax.scatter([dist.choices.index(p) for p, _, _ in points], [v for _, v, _ in points])
+            ax.set_xticks(range(len(dist.choices)), [str(c) for c in dist.choices], rotation=45, fontsize=5)
+            ax.set_xlim(-0.5, len(dist.choices) - 0.5)
+        else:  # the axis spans the searched range, labelled at its ends
+            ax.scatter([p for p, _, _ in points], [v for _, v, _ in points])
+            if dist.log:
+                ax.set_xscale("log")
+            ax.set_xlim(dist.low, dist.high)
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xticks([dist.low, dist.high], [f"{dist.low:.3g}", f"{dist.high:.3g}"], fontsize=5)
+        ax.set_xlabel(name)
+    axes[0][0].set_ylabel("val MAP@R (%)")
+    fig.tight_layout()
+    _save(fig, path)
+
