@@ -9,7 +9,6 @@ import torch
 from momentum_proxy.cli import main
 from momentum_proxy.data.manifest import read_manifest
 from momentum_proxy.errors import UserError
-from momentum_proxy.evaluation import knn
 from momentum_proxy.export import MIN_COSINE, export_run, same_neighbours, sidecar_path
 from momentum_proxy.index import file_sha256
 from momentum_proxy.inference import embed_files
@@ -170,9 +169,9 @@ def test_onnx_runtime_index_equals_torch_index_and_runtimes_mix(tiny_data, tmp_p
     build_index(run, tiny_data, tmp_path / "onnx", runtime="onnx", device="cpu")
     a, b = RetrievalIndex.load(tmp_path / "torch"), RetrievalIndex.load(tmp_path / "onnx")
     assert a.paths == b.paths and a.model["runtime"] == "torch" and b.model["runtime"] == "onnx"
-    fa, fb = a.index.reconstruct_n(0, len(a)), b.index.reconstruct_n(0, len(b))
-    assert_agree(fa, fb)
-    np.testing.assert_array_equal(knn(fa, None, 10, exclude_self=True)[1], knn(fb, None, 10, exclude_self=True)[1])
+    # np.asarray: with pytorch-metric-learning imported, faiss may hand back torch tensors
+    fa, fb = np.asarray(a.index.reconstruct_n(0, len(a))), np.asarray(b.index.reconstruct_n(0, len(b)))
+    assert_agree(fa, fb)  # cosine >= 0.9999 and the same top-10 neighbours
 
     more = tmp_path / "more"  # new images (paths already indexed are skipped)
     more.mkdir()
