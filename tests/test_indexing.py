@@ -85,7 +85,7 @@ def test_stale_index_says_what_changed_and_rebuild_fixes_it(tiny_data, images, t
 
 
 def test_output_path_checked_before_embedding(tiny_run, images, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(indexing, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("momentum_proxy.runtime.load_embedder", lambda *a, **k: pytest.fail("the model was loaded"))
     a_file = tmp_path / "index.txt"
     a_file.write_text("x")
     for out in (a_file, a_file / "sub"):
