@@ -132,6 +132,8 @@ TRAIN_OPTIONS = [
     ("test_every_epoch", ["--test-every-epoch"], "flag", "also report test metrics every epoch (never selects)"),
     ("batch_size", ["--batch-size", "--batch_size"], int, "batch size per process"),
     ("epochs", ["--epochs", "--num_epochs", "--num-epochs"], int, "epochs"),
+    ("milestone_rounding", ["--milestone-rounding"], str, "round | floor (the original tool's int()) of the "
+     "multistep milestones"),
     ("image_size", ["--image-size"], int, "input size in pixels"),
     ("seed", ["--seed"], int, "random seed"),
     ("device", ["--device"], str, "auto | cpu | cuda"),

@@ -25,7 +25,7 @@ SCHEDULES = ("multistep", "cosine")
 # milestones at int(50%) and int(80%) of the epochs, random proxies, no warm-up, its proxy update that adds
 # m * f_i for every sample, and the best epoch chosen on the test split as its published tables were.
 ORIGINAL_RECIPE = dict(backbone="resnet50", loss="proxy_nca", lr=1e-3, backbone_lr_mult=1.0, warmup_epochs=0,
-                       proxy_init="random", proxy_update="sum", sgd_momentum=0.0, select="test",
+                       proxy_init="random", proxy_update="sum", sgd_momentum=0.0, milestone_rounding="floor", select="test",
                        select_metric="recall@1")
 RECIPES = ("default", "original")
 
@@ -57,6 +57,7 @@ class TrainConfig:
     lr: float = 1e-4
     backbone_lr_mult: float = 0.1
     warmup_epochs: int = 1  # epochs that train only head and proxies, backbone frozen
+    milestone_rounding: str = "round"  # round | floor (the original tool's int()) for the multistep milestones
     schedule: str = "multistep"  # multistep (x0.1 at 50 % and 80 % of the epochs) | cosine (to 0 at the end)
     aug_scale_min: float = 0.16  # lower bound of the random-resized crop's area fraction
     batch_size: int = 64
@@ -115,6 +116,7 @@ class TrainConfig:
         _choice("proxy-update", self.proxy_update, ("mean", "sum"))
         _choice("pooling", self.pooling, POOLINGS)
         _choice("schedule", self.schedule, SCHEDULES)
+        _choice("milestone-rounding", self.milestone_rounding, ("round", "floor"))
         _choice("select-metric", self.select_metric, SELECT_METRICS)
         if self.select is not None:
             _choice("select", self.select, SELECTIONS)

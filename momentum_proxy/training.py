@@ -72,16 +72,18 @@ def make_optimizer(cfg: TrainConfig, model: EmbeddingNet, loss: nn.Module) -> to
     return torch.optim.SGD(groups, momentum=cfg.sgd_momentum)
 
 
-def lr_milestones(epochs: int) -> list[int]:
-    """MultiStepLR milestones: the original tool's int(50%) and int(80%) of the epochs."""
-    return sorted({max(1, int(epochs * f)) for f in (0.5, 0.8)})
+def lr_milestones(epochs: int, rounding: str = "round") -> list[int]:
+    """MultiStepLR milestones at 50 % and 80 % of the epochs, rounded (`floor`: the original tool's int())."""
+    whole = int if rounding == "floor" else round
+    return sorted({max(1, whole(epochs * f)) for f in (0.5, 0.8)})
 
 
 def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-epoch learning-rate schedule: `multistep` (x0.1 at `lr_milestones`) or `cosine` (annealed to 0)."""
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(cfg.epochs), gamma=0.1)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(cfg.epochs, cfg.milestone_rounding),
+                                                gamma=0.1)
 
 
 @dataclass

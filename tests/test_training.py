@@ -142,7 +142,7 @@ def test_select_last_without_val_and_select_test_is_labelled(tiny_data, tmp_path
 
 
 def test_lr_column_is_the_rate_the_epoch_trained_with(tiny_config):
-    tiny_config.epochs = 3  # milestones int(1.5)=1, int(2.4)=2
+    tiny_config.epochs, tiny_config.milestone_rounding = 3, "floor"  # milestones int(1.5)=1, int(2.4)=2
     training.train(tiny_config)
     assert [r["lr"] for r in RunDir(tiny_config.out).metrics()[1:]] == pytest.approx([1e-4, 1e-5, 1e-6])
 
@@ -318,7 +318,8 @@ def test_original_recipe_optimizer_and_schedule(tiny_config):
     model, loss = training.build(cfg, num_classes=2)
     opt = training.make_optimizer(cfg, model, loss)
     assert isinstance(opt, torch.optim.SGD) and all(g["momentum"] == 0 for g in opt.param_groups)
-    assert training.lr_milestones(7) == [3, 5] and training.lr_milestones(20) == [10, 16]
+    assert cfg.milestone_rounding == "floor" and training.lr_milestones(7, "floor") == [3, 5]
+    assert training.lr_milestones(7) == [4, 6] and training.lr_milestones(20, "floor") == [10, 16]
 
 
 def test_warmup_leaves_the_backbone_bit_identical_while_head_and_proxies_move(tiny_config):
