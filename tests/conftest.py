@@ -38,3 +38,16 @@ def make_run(out, data, *, epoch: int = 0, seed: int = 0):
 def tiny_run(tiny_data, tmp_path_factory):
     """`make_run` on `tiny_data` (shared: tests must not change it)."""
     return make_run(tmp_path_factory.mktemp("serve") / "run", tiny_data)
+
+
+def run_cli(args, capsys):
+    """Run `mproxy ARGS` in-process; return (exit code, stdout, stderr)."""
+    from momentum_proxy.cli import main
+
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

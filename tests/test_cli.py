@@ -7,21 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_cli
+
 from momentum_proxy.cli import config_from_args, main, parser
 from momentum_proxy.errors import UserError
 
 TRAIN = ["--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--epochs", "1", "--workers", "0"]
-
-
-def run_cli(args, capsys):
-    """Run `mproxy ARGS`; return (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

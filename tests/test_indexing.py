@@ -3,23 +3,12 @@ import json
 import shutil
 
 import pytest
-from conftest import make_run
+from conftest import make_run, run_cli
 
 from momentum_proxy import indexing
-from momentum_proxy.cli import main
 from momentum_proxy.errors import UserError
 from momentum_proxy.index import META_FILE, RetrievalIndex
 from momentum_proxy.indexing import build_index, retrieve_from_index
-
-
-def run_cli(args, capsys):
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
