@@ -337,6 +337,7 @@ def add_serve(sub) -> None:
     p.add_argument("--cors-origin", action="append", default=[], help="allow this origin (repeatable; off by default)")
     p.add_argument("--max-batch", type=int, default=32, help="queries embedded together at most")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a query waits for others to batch")
+    p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
     p.add_argument("--device", default="auto")
 
 
@@ -349,7 +350,7 @@ def run_serve(a) -> None:
         raise UserError("--max-upload-mb, --max-pixels and --max-batch must be positive, --batch-wait-ms >= 0")
     serve(a.index, host=a.host, port=a.port, token=a.token or os.environ.get(TOKEN_ENV) or None, run_dir=a.run,
           device=a.device, max_upload_bytes=int(a.max_upload_mb * 2**20), max_pixels=a.max_pixels,
-          cors_origins=a.cors_origin, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms)
+          cors_origins=a.cors_origin, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms, runtime=a.runtime)
 
 
 # ----------------------------------------------------------------------------------------------- export

@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from momentum_proxy.data.loading import eval_resize, eval_transform, read_image, to_array, to_batch
@@ -32,7 +30,6 @@ from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path
 from momentum_proxy.index import UNKNOWN, RetrievalIndex, Snapshot
 from momentum_proxy.indexing import open_index, search_hits
-from momentum_proxy.retrieval import load_model
 
 MAX_K = 1000
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -126,12 +123,15 @@ class Searcher:
 
     def __init__(self, index_dir: str | Path, *, run_dir: str | Path | None = None, device: str = "auto",
                  max_batch: int = 32, batch_wait_ms: float = 2.0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, runtime: str = "torch"):
+        from momentum_proxy.runtime import check_mix, load_embedder
+
         self.folder = Path(index_dir).absolute()
         self.index, self.run_dir = open_index(self.folder, run_dir)
-        self.model, cfg, _ = load_model(self.run_dir, device)
-        self.image_size, self.max_pixels = cfg.image_size, max_pixels
-        self.device = next(self.model.parameters()).device
+        self.embedder = load_embedder(self.run_dir, runtime, device)  # torch, or the run's verified ONNX export
+        self.index.model["runtime"] = check_mix(self.index.model, self.embedder.identity)  # recorded on the next add
+        self.image_size, self.max_pixels = self.embedder.image_size, max_pixels
+        self.device = self.embedder.device
         self.batcher = Batcher(self._embed_batch, max_batch, batch_wait_ms, on_batch)
         self._lock = threading.Lock()  # the in-memory index
         self._write_lock = threading.Lock()  # one change (and its save) at a time
@@ -140,9 +140,8 @@ class Searcher:
         self.batcher.close()
 
     # ------------------------------------------------------------------------------------------- embedding
-    @torch.inference_mode()
     def _embed_batch(self, arrays: list[np.ndarray]) -> np.ndarray:
-        return F.normalize(self.model(to_batch(arrays).to(self.device)).float(), dim=1).cpu().numpy()
+        return self.embedder.embed(to_batch(arrays))
 
     def decode(self, data: bytes) -> tuple[np.ndarray, str]:
         return decode_image(data, self.image_size, self.max_pixels)
@@ -277,5 +276,5 @@ class Searcher:
             index = self.index
             return {"items": len(index), "deleted": len(index.deleted), "kind": index.kind, "params": index.params,
                     "feature_dim": index.feature_dim, "classes": len(index.classes), "image_size": self.image_size,
-                    "device": str(self.device), "model": {"run": self.run_dir, **{
+                    "device": str(self.device), "runtime": self.embedder.runtime, "model": {"run": self.run_dir, **{
                         k: index.model.get(k) for k in ("backbone", "checkpoint_sha256", "checkpoint_epoch")}}}

@@ -132,13 +132,14 @@ class Metrics:
 def create_app(index_dir: str | Path | None = None, *, searcher: Searcher | None = None, run_dir=None,
                device: str = "auto", token: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int | None = None, cors_origins: list[str] = (), max_batch: int = 32,
-               batch_wait_ms: float = 2.0) -> FastAPI:
-    """The service over the index in `index_dir` (or an open `searcher`). With `token`, writes need the header
-    `Authorization: Bearer TOKEN`; `cors_origins` turns CORS on for those origins."""
+               batch_wait_ms: float = 2.0, runtime: str = "torch") -> FastAPI:
+    """The service over the index in `index_dir` (or an open `searcher`), embedding with `runtime` (torch | onnx).
+    With `token`, writes need the header `Authorization: Bearer TOKEN`; `cors_origins` turns CORS on for those
+    origins."""
     metrics = Metrics()
     if searcher is None:
         extra = {} if max_pixels is None else {"max_pixels": max_pixels}
-        searcher = Searcher(index_dir, run_dir=run_dir, device=device, max_batch=max_batch,
+        searcher = Searcher(index_dir, run_dir=run_dir, device=device, max_batch=max_batch, runtime=runtime,
                             batch_wait_ms=batch_wait_ms, on_batch=metrics.batch.observe, **extra)
     @asynccontextmanager
     async def lifespan(app):

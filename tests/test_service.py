@@ -296,3 +296,18 @@ def test_serve_refuses_open_address_without_token(index_dir, capsys, monkeypatch
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert "refusing to serve on 0.0.0.0 without a write token: pass --token or set MPROXY_TOKEN" in err
+
+
+def test_onnx_runtime_serves_the_same_results(index_dir, tiny_run, tiny_data, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"  # the onnx runtime writes its verified export into the run folder: use a copy
+    shutil.copytree(tiny_run, run)
+    query = (tiny_data / "images" / "species_02" / "0004.jpg").read_bytes()
+    with TestClient(create_app(index_dir, run_dir=run)) as a, \
+            TestClient(create_app(index_dir, run_dir=run, runtime="onnx")) as b:
+        ra, rb = upload(a, query, k=5).json()["results"], upload(b, query, k=5).json()["results"]
+        assert [r["id"] for r in ra] == [r["id"] for r in rb]
+        np.testing.assert_allclose([r["score"] for r in ra], [r["score"] for r in rb], atol=1e-4)
+        assert b.get("/stats").json()["runtime"] == "onnx" and a.get("/stats").json()["runtime"] == "torch"
+    assert (run / "export" / "model.onnx").is_file()
