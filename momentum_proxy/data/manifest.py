@@ -70,10 +70,6 @@ def split_frame(df: pd.DataFrame, split: str) -> pd.DataFrame:
     return df[df["split"] == split].reset_index(drop=True)
 
 
-def has_split(df: pd.DataFrame, split: str) -> bool:
-    return not split_frame(df, split).empty
-
-
 def manifest_sha256(root: str | Path) -> str:
     """Fingerprint of a prepared dataset's manifest (a run notices when its dataset changed)."""
     return hashlib.sha256((Path(root) / MANIFEST).read_bytes()).hexdigest()
