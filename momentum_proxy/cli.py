@@ -336,7 +336,8 @@ def add_serve(sub) -> None:
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image (width x height)")
     p.add_argument("--cors-origin", action="append", default=[], help="allow this origin (repeatable; off by default)")
     p.add_argument("--max-batch", type=int, default=32, help="queries embedded together at most")
-    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a query waits for others to batch")
+    p.add_argument("--batch-wait-ms", type=float, default=50.0,
+                   help="how long a batch waits for concurrent queries still being decoded (a lone query never waits)")
     p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
     p.add_argument("--device", default="auto")
 

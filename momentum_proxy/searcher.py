@@ -6,8 +6,9 @@ s = Searcher("index/mine")
 s.search("photo.jpg", k=8)["results"]      # or an embedding (numpy), an item id (int), image bytes, a PIL image
 ```
 
-Queries that arrive together from several threads are embedded as one batch (`Batcher`: the first query
-waits at most `batch_wait_ms` for others, up to `max_batch`). Searches run while items are added or removed:
+Queries that arrive together from several threads are embedded as one batch (`Batcher`: a query announces
+itself before it is decoded, and a batch waits for announced queries, at most `batch_wait_ms` after its first
+one, up to `max_batch`; a lone query does not wait). Searches run while items are added or removed:
 a lock guards the in-memory index only for the search itself and for each change; changes are written one at a
 time, crash-safe (see `index.py`), before they are acknowledged.
 """
@@ -19,6 +20,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -71,14 +73,51 @@ def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIX
 
 
 class Batcher:
-    """One thread that runs `fn` on batches of submitted items: dynamic batching."""
+    """One thread that runs a batch function on batches of submitted items: dynamic batching.
 
-    def __init__(self, fn: Callable[[list], np.ndarray], max_batch: int = 32, wait_ms: float = 2.0,
+    Callers may announce an item before they have it ready (`with batcher.arriving() as submit: ...decode...;
+    submit(item)`). A batch waits, at most `wait_ms` after its first item, for announced items and until it
+    holds as many items as the last round saw (the last batch plus what queued while it ran): a lone client's
+    query is embedded at once, while concurrent clients' queries join one batch instead of being cut into
+    small, slow ones.
+
+    `setup()` runs in the batcher's thread and returns the batch function (items -> rows), so a model is loaded
+    and run by one thread only. That matters on CPU: GNU OpenMP gives every thread that runs PyTorch operations
+    its own worker pool, and once a process holds more OpenMP threads than cores its workers stop spinning and
+    sleep between operations, which doubled the batch-1 latency of Lite0 when the model was loaded in another
+    thread (README, "Serve")."""
+
+    def __init__(self, setup: Callable[[], Callable[[list], np.ndarray]], max_batch: int = 32, wait_ms: float = 20.0,
                  on_batch: Callable[[int], None] | None = None):
-        self.fn, self.max_batch, self.wait, self.on_batch = fn, max_batch, wait_ms / 1000, on_batch
+        self.max_batch, self.wait, self.on_batch = max_batch, wait_ms / 1000, on_batch
         self.queue: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name="mproxy-batcher", daemon=True)
+        self.announced, self._count_lock = 0, threading.Lock()
+        self.demand = 1  # queries seen in the last round: those answered and those that queued meanwhile
+        ready: Future = Future()
+        self.thread = threading.Thread(target=self._run, args=(setup, ready), name="mproxy-batcher", daemon=True)
         self.thread.start()
+        ready.result()  # re-raises what setup raised
+
+    @contextmanager
+    def arriving(self, n: int = 1):
+        """Announce `n` items; the block gets a `submit` for them. Those not submitted when it ends are given up."""
+        left = [n]
+        with self._count_lock:
+            self.announced += n
+
+        def submit(item) -> Future:
+            future = self.submit(item)
+            with self._count_lock:
+                if left[0] > 0:
+                    left[0] -= 1
+                    self.announced -= 1
+            return future
+
+        try:
+            yield submit
+        finally:
+            with self._count_lock:
+                self.announced -= left[0]
 
     def submit(self, item) -> Future:
         future: Future = Future()
@@ -93,25 +132,38 @@ class Batcher:
         batch, deadline = [first], time.monotonic() + self.wait
         while len(batch) < self.max_batch:
             try:
-                entry = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                entry = self.queue.get_nowait()
             except queue.Empty:
-                break
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.announced == 0 and len(batch) >= self.demand):  # nobody else expected
+                    break
+                try:
+                    entry = self.queue.get(timeout=min(left, 0.001))
+                except queue.Empty:
+                    continue
             if entry is None:
                 self.queue.put(None)  # close after this batch
                 break
             batch.append(entry)
         return batch
 
-    def _run(self) -> None:
+    def _run(self, setup, ready: Future) -> None:
+        try:
+            fn = setup()
+        except BaseException as e:
+            ready.set_exception(e)
+            return
+        ready.set_result(None)
         while (first := self.queue.get()) is not None:
             batch = self._collect(first)
             items, futures = zip(*batch)
             try:
-                out = self.fn(list(items))
+                out = fn(list(items))
             except Exception as e:  # every waiting caller gets the error
                 for f in futures:
                     f.set_exception(e)
                 continue
+            self.demand = len(batch) + self.queue.qsize()
             if self.on_batch:
                 self.on_batch(len(batch))
             for f, row in zip(futures, out):
@@ -122,17 +174,22 @@ class Searcher:
     """A saved index plus the model that built it: search, add, remove (thread-safe)."""
 
     def __init__(self, index_dir: str | Path, *, run_dir: str | Path | None = None, device: str = "auto",
-                 max_batch: int = 32, batch_wait_ms: float = 2.0, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_batch: int = 32, batch_wait_ms: float = 20.0, max_pixels: int = DEFAULT_MAX_PIXELS,
                  on_batch: Callable[[int], None] | None = None, runtime: str = "torch"):
         from momentum_proxy.runtime import check_mix, load_embedder
 
         self.folder = Path(index_dir).absolute()
         self.index, self.run_dir = open_index(self.folder, run_dir)
-        self.embedder = load_embedder(self.run_dir, runtime, device)  # torch, or the run's verified ONNX export
+        self.embedder = None  # torch, or the run's verified ONNX export; loaded by the batcher's thread
+
+        def setup():
+            self.embedder = load_embedder(self.run_dir, runtime, device)
+            return lambda arrays: self.embedder.embed(to_batch(arrays))
+
+        self.batcher = Batcher(setup, max_batch, batch_wait_ms, on_batch)
         self.index.model["runtime"] = check_mix(self.index.model, self.embedder.identity)  # recorded on the next add
         self.image_size, self.max_pixels = self.embedder.image_size, max_pixels
         self.device = self.embedder.device
-        self.batcher = Batcher(self._embed_batch, max_batch, batch_wait_ms, on_batch)
         self._lock = threading.Lock()  # the in-memory index
         self._write_lock = threading.Lock()  # one change (and its save) at a time
 
@@ -140,9 +197,6 @@ class Searcher:
         self.batcher.close()
 
     # ------------------------------------------------------------------------------------------- embedding
-    def _embed_batch(self, arrays: list[np.ndarray]) -> np.ndarray:
-        return self.embedder.embed(to_batch(arrays))
-
     def decode(self, data: bytes) -> tuple[np.ndarray, str]:
         return decode_image(data, self.image_size, self.max_pixels)
 
@@ -184,9 +238,11 @@ class Searcher:
                 raise UserError(f"the embedding must be {self.index.feature_dim} finite numbers")
             t1 = t2 = time.perf_counter()
         else:
-            array = self._decode_query(query)
-            t1 = time.perf_counter()
-            features = self.embed([array])
+            with self.batcher.arriving() as submit:  # concurrent queries still decoding join its batch
+                array = self._decode_query(query)
+                t1 = time.perf_counter()
+                future = submit(array)
+            features = future.result()[None]
             t2 = time.perf_counter()
         with self._lock:
             own, hits = search_hits(self.index, features, k, query_path=query_path, query_id=query_id,
@@ -222,8 +278,10 @@ class Searcher:
         with "added": false. Nothing is added when any image is bad."""
         if not images:
             raise UserError("no images to add")
-        decoded = [self.decode(data) for data in images]  # all checked before anything is written
-        features = self.embed([a for a, _ in decoded])
+        with self.batcher.arriving(len(images)) as submit:
+            decoded = [self.decode(data) for data in images]  # all checked before anything is written
+            futures = [submit(a) for a, _ in decoded]
+        features = np.stack([f.result() for f in futures])
         with self._write_lock:
             paths = [self._store(data, fmt) for data, (_, fmt) in zip(images, decoded)]
             with self._lock:

@@ -132,7 +132,7 @@ class Metrics:
 def create_app(index_dir: str | Path | None = None, *, searcher: Searcher | None = None, run_dir=None,
                device: str = "auto", token: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int | None = None, cors_origins: list[str] = (), max_batch: int = 32,
-               batch_wait_ms: float = 2.0, runtime: str = "torch") -> FastAPI:
+               batch_wait_ms: float = 20.0, runtime: str = "torch") -> FastAPI:
     """The service over the index in `index_dir` (or an open `searcher`), embedding with `runtime` (torch | onnx).
     With `token`, writes need the header `Authorization: Bearer TOKEN`; `cors_origins` turns CORS on for those
     origins."""
@@ -282,11 +282,14 @@ def serve(index_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, t
     """Run the service with uvicorn; refuse to listen beyond loopback without a write token."""
     import uvicorn
 
+    from momentum_proxy.perf import share_heap
+
     if not is_loopback(host) and not token:
         raise UserError(f"refusing to serve on {host} without a write token: pass --token or set {TOKEN_ENV} "
                         "(or bind 127.0.0.1)")
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be 0-65535, got {port}")
+    share_heap()  # before the batcher thread starts: it runs the model
     app = create_app(index_dir, token=token, **options)
     print(f"serving {index_dir} ({len(app.state.searcher.index)} items) on http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

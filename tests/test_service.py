@@ -2,6 +2,8 @@
 import io
 import json
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -311,3 +313,58 @@ def test_onnx_runtime_serves_the_same_results(index_dir, tiny_run, tiny_data, tm
         np.testing.assert_allclose([r["score"] for r in ra], [r["score"] for r in rb], atol=1e-4)
         assert b.get("/stats").json()["runtime"] == "onnx" and a.get("/stats").json()["runtime"] == "torch"
     assert (run / "export" / "model.onnx").is_file()
+
+
+def test_batcher_sets_up_and_runs_in_its_own_thread_and_reports_setup_errors():
+    from momentum_proxy.searcher import Batcher
+
+    threads = []
+
+    def setup():
+        threads.append(threading.current_thread())
+        return lambda items: (threads.append(threading.current_thread()), np.array(items) * 2)[1]
+
+    batcher = Batcher(setup)
+    try:
+        assert [batcher.submit(i).result() for i in (1, 2)] == [2, 4]
+        assert len(set(threads)) == 1 and threads[0] is batcher.thread is not threading.current_thread()
+    finally:
+        batcher.close()
+
+    def broken():
+        raise ValueError("no model here")
+
+    with pytest.raises(ValueError, match="no model here"):
+        Batcher(broken)
+
+
+def test_batcher_waits_for_announced_queries_but_never_for_a_lone_one():
+    from momentum_proxy.searcher import Batcher
+
+    sizes = []
+    batcher = Batcher(lambda: lambda items: np.array(items), wait_ms=5000, on_batch=sizes.append)
+    try:
+        t0 = time.perf_counter()
+        assert batcher.submit(1).result() == 1
+        assert time.perf_counter() - t0 < 1  # nobody announced: no wait for the 5 s window
+        release = threading.Event()
+
+        def late_query():
+            with batcher.arriving() as submit:  # announced, still "decoding"
+                release.wait()
+                return submit(3)
+
+        with ThreadPoolExecutor(1) as pool:
+            late = pool.submit(late_query)
+            time.sleep(0.2)
+            early = batcher.submit(2)
+            time.sleep(0.3)
+            assert not early.done()  # waiting for the announced query
+            release.set()
+            assert early.result() == 2 and late.result().result() == 3
+        assert sizes == [1, 2]
+        with batcher.arriving(2) as submit:  # given up: nothing is waited for afterwards
+            pass
+        assert batcher.announced == 0
+    finally:
+        batcher.close()
