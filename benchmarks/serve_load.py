@@ -47,8 +47,8 @@ def measure_model(index_dir: Path, images: list[bytes], device: str, batches=(1,
     import torch
 
     from momentum_proxy.data.loading import to_batch
-    from momentum_proxy.indexing import open_index
-    from momentum_proxy.retrieval import load_model
+    from momentum_proxy.inference import load_model
+    from momentum_proxy.retrieval import open_index
     from momentum_proxy.searcher import decode_image
 
     _, run_dir = open_index(index_dir)

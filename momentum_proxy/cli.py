@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 from momentum_proxy import __version__
@@ -213,14 +212,14 @@ def run_train(a) -> None:
     if a.resume:
         from momentum_proxy import training
 
-        summary = training.resume(a.resume)
+        training.resume(a.resume)
         out = a.resume
     else:
         cfg = config_from_args(a)
         check_writable_folder(Path(cfg.out), "the run folder")
         from momentum_proxy import training
 
-        summary = training.train(cfg, overwrite=a.overwrite)
+        training.train(cfg, overwrite=a.overwrite)
         out = cfg.out
     print(f"run folder: {out}")
 
@@ -276,25 +275,10 @@ def add_retrieve(sub) -> None:
 
 
 def run_retrieve(a) -> None:
-    if a.k < 1:
-        raise UserError("-k must be at least 1")
-    if a.index:
-        from momentum_proxy.indexing import retrieve_from_index
+    from momentum_proxy.retrieval import ranked_list, retrieve_and_draw
 
-        png = retrieve_from_index(a.index, a.query, a.k, a.out or str(Path(a.index) / "retrieval"),
-                                  run_dir=a.run_dir, device=a.device, runtime=a.runtime)
-        print(f"retrieval picture: {png}")
-        return
-    from momentum_proxy.retrieval import ranked_list, resolve_database, retrieve, save_retrieval
-
-    run_dir, database = resolve_database(a.run_dir, a.data_base)
-    out = Path(a.out or Path(run_dir) / "retrieval")
-    check_writable_folder(out, "the output folder")
-    r = retrieve(run_dir, a.query, a.k, database=database, split=a.split, device=a.device,
-                 runtime=a.runtime)
-    png = save_retrieval(r.query, r.label, r.results, out,
-                         collection=r.collection, label_name=r.label_name,
-                         extra={"run": str(Path(run_dir).resolve()), "requested_k": a.k})
+    r, png = retrieve_and_draw(a.query, a.k, a.out, run_dir=a.run_dir, index_dir=a.index, data_base=a.data_base,
+                               split=a.split, device=a.device, runtime=a.runtime)
     print(f"searched {r.collection}" + (f"; -k {a.k} capped to the {len(r.results)} images there"
                                          if len(r.results) < a.k else ""))
     print(ranked_list(r.results))
@@ -316,7 +300,7 @@ def add_index(sub) -> None:
 
 
 def run_index(a) -> None:
-    from momentum_proxy.indexing import build_index
+    from momentum_proxy.retrieval import build_index
 
     summary = build_index(a.run_dir, a.images, a.out, kind=a.kind, batch_size=a.batch_size, device=a.device,
                           rebuild=a.rebuild, runtime=a.runtime)

@@ -27,7 +27,7 @@ def demo(out: str | Path = "runs/demo", *, epochs: int = 3, device: str = "auto"
                       device=device, test_every_epoch=True)
     summary = train(cfg, overwrite=True)
     test = split_frame(read_manifest(data), "test")
-    png = retrieve_and_draw(cfg.out, data / test["path"].iloc[0], 8, out / "retrieval", device=device)
+    _, png = retrieve_and_draw(data / test["path"].iloc[0], 8, out / "retrieval", run_dir=cfg.out, device=device)
     start = RunDir(cfg.out).metrics()[0]
     res = {"recall@1_before": start["test_recall@1"], "recall@1_after": summary["test"]["recall@1"],
            "map@r_before": start["test_map@r"], "map@r_after": summary["test"]["map@r"], "picture": str(png)}

@@ -8,7 +8,7 @@ import numpy as np
 
 from momentum_proxy.data.loading import EvalSplit, eval_dataset
 from momentum_proxy.data.manifest import manifest_sha256, read_manifest, split_frame
-from momentum_proxy.evaluation import ALL_METRICS, evaluate_embeddings
+from momentum_proxy.metrics import ALL_METRICS, evaluate_embeddings
 from momentum_proxy.fileio import write_json
 from momentum_proxy.inference import embed_dataset
 from momentum_proxy.runs import BEST, RunDir, load_embeddings

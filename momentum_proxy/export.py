@@ -26,7 +26,7 @@ from torch import nn
 from momentum_proxy.data.loading import eval_dataset, eval_resize, make_loader
 from momentum_proxy.data.manifest import read_manifest, split_frame
 from momentum_proxy.errors import UserError
-from momentum_proxy.evaluation import knn, l2_normalize
+from momentum_proxy.metrics import knn, l2_normalize
 from momentum_proxy.fileio import atomic_path, write_json
 from momentum_proxy.index import file_sha256
 from momentum_proxy.runs import BEST, RunDir, TrainConfig
@@ -79,7 +79,7 @@ def load_for_export(run_dir: str | Path) -> tuple[nn.Module, TrainConfig, dict]:
     and {checkpoint_sha256}."""
     import timm.layers
 
-    from momentum_proxy.retrieval import load_model
+    from momentum_proxy.inference import load_model
 
     run = RunDir(run_dir)
     with timm.layers.set_layer_config(exportable=True):

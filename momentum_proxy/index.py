@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 
 from momentum_proxy.errors import UserError
-from momentum_proxy.evaluation import as_features, as_labels, knn, l2_normalize
+from momentum_proxy.metrics import as_features, as_labels, knn, l2_normalize
 from momentum_proxy.fileio import atomic_path, read_json, write_json
 
 KINDS = ("exact", "ivf", "hnsw")

@@ -19,7 +19,7 @@ import numpy as np
 from momentum_proxy.data.loading import eval_dataset, make_loader
 from momentum_proxy.data.manifest import read_manifest, split_frame
 from momentum_proxy.errors import UserError
-from momentum_proxy.evaluation import evaluate_embeddings, l2_normalize
+from momentum_proxy.metrics import evaluate_embeddings, l2_normalize
 
 CALIBRATION_IMAGES = 256
 MAX_R1_DROP = 0.005  # 0.5 points of R@1

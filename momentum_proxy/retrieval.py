@@ -1,21 +1,33 @@
-"""Retrieval for a query image: load a run's trained model, embed the query, search, draw the result grid."""
+"""Retrieval with a run's model, one search path for every caller.
+
+- `build_index` embeds an image collection into a saved faiss index (`index.RetrievalIndex`), or extends or
+  rebuilds one; `open_index` opens a saved index with the run whose model built it (refusing a stale one).
+- `run_index` makes a run's own embeddings (or another embeddings file, or a split embedded now) an exact index
+  in memory, so that searching a run and searching a saved index are the same code.
+- `search_hits` searches an index with a query embedding, leaving the query's own item out (the service uses it);
+  `search_image` embeds a query image first and builds the results; `retrieve_and_draw` is the `mproxy
+  retrieve` job: the picture (`figures.draw_results`) and `results.json`.
+"""
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from momentum_proxy.data.manifest import read_manifest
+from momentum_proxy.data.manifest import MANIFEST, read_manifest
+from momentum_proxy.data.prepare import IMAGE_EXTS
 from momentum_proxy.errors import UserError
-from momentum_proxy.evaluation import knn
-from momentum_proxy.fileio import atomic_path, write_json
-from momentum_proxy.inference import embed_files, load_model
-from momentum_proxy.runs import EMBEDDINGS, RunDir, load_embeddings
-
+from momentum_proxy.figures import draw_results
+from momentum_proxy.fileio import check_writable_folder, write_json
+from momentum_proxy.index import KINDS, META_FILE, UNKNOWN, Hit, RetrievalIndex, file_sha256, read_meta
+from momentum_proxy.inference import embed_files
+from momentum_proxy.runs import BEST, EMBEDDINGS, RunDir, load_embeddings
 
 SPLITS = ("test", "val", "train", "all")
-PER_ROW = 10  # pictures per row of the retrieval grid
+MODEL_KEYS = ("backbone", "feature_dim", "checkpoint_sha256")  # what must match; the run's path may differ
 
 
 @dataclass
@@ -29,14 +41,16 @@ class Result:
 
 
 @dataclass
-class Database:
-    """What a query is searched against: features, labels, paths, class names, and a description."""
+class Retrieval:
+    """A query's results (and their ids in the searched index) and what was searched."""
 
-    features: np.ndarray
-    labels: np.ndarray
-    paths: np.ndarray
-    class_names: np.ndarray | None
+    query: Path
+    label: int | None
+    label_name: str | None
+    results: list[Result]
+    ids: list[int]
     collection: str
+    requested_k: int
 
 
 def is_query(query: Path, paths) -> np.ndarray:
@@ -45,50 +59,222 @@ def is_query(query: Path, paths) -> np.ndarray:
     return np.array([str(Path(p).resolve()) == target for p in paths], dtype=bool)
 
 
-def known_label(same: np.ndarray, labels) -> int | None:
-    """The query's class when it is a database image, else None."""
-    return int(np.asarray(labels)[same][0]) if labels is not None and same.any() else None
+def model_identity(run_dir: str | Path) -> dict:
+    """What an index records about the model that embedded it; a mismatch means the index is unusable."""
+    run = RunDir(run_dir)
+    cfg = run.config()
+    epoch = run.load_checkpoint(BEST)["epoch"]
+    return {"run": str(run.path.resolve()), "backbone": cfg.backbone, "feature_dim": cfg.feature_dim,
+            "checkpoint_sha256": file_sha256(run / BEST), "checkpoint_epoch": epoch}
 
 
-def run_database(run_dir: str | Path, embedder, split: str = "test", database: str | Path | None = None) -> Database:
-    """The run's test embeddings (embeddings.npz, or another `database` .npz), plus, for `split` train, val or
-    all, those images of the run's dataset embedded now by `embedder` (the run's model)."""
+def describe_change(built: dict, now: dict) -> str | None:
+    """In words, why an index built with model `built` does not fit the model `now` (None when it does)."""
+    if built.get("backbone") != now["backbone"]:
+        return f"it was built with backbone {built.get('backbone')}, the run uses {now['backbone']}"
+    if built.get("feature_dim") != now["feature_dim"]:
+        return f"it holds {built.get('feature_dim')}-d features, the run makes {now['feature_dim']}-d"
+    if built.get("checkpoint_sha256") != now["checkpoint_sha256"]:
+        epochs = f"epoch {built.get('checkpoint_epoch', '?')} -> {now['checkpoint_epoch']}"
+        if built.get("run") != now["run"]:
+            return f"it was built with another run's model ({built.get('run')}, {epochs})"
+        return f"the run's best checkpoint changed since this index was built ({epochs}; retrained?)"
+    return None
+
+
+def rebuild_hint(run_dir, index_dir, sources) -> str:
+    images = f" --images {sources[0]}" if len(sources) == 1 else ""
+    return f"mproxy index {run_dir} --out {index_dir}{images} --rebuild"
+
+
+def check_model(index_dir, meta: dict, identity: dict, run_dir) -> None:
+    """Refuse an index that the run's model did not build, saying what changed and how to rebuild."""
+    built = {**meta["model"], "feature_dim": meta["feature_dim"]}
+    change = describe_change(built, identity)
+    if change:
+        raise UserError(f"the index {index_dir} is stale: {change}; rebuild it with "
+                        f"`{rebuild_hint(run_dir, index_dir, meta.get('sources', []))}`")
+
+
+def open_index(index_dir: str | Path, run_dir: str | Path | None = None) -> tuple[RetrievalIndex, str]:
+    """A saved index and the run whose model built it (`run_dir`, else the run recorded in the index),
+    refused with a worded reason when that model changed since."""
+    meta = read_meta(index_dir)
+    run_dir = str(run_dir or meta["model"].get("run") or "")
+    if not run_dir or not RunDir(run_dir).has_model():
+        raise UserError(f"the run that built {index_dir} ({run_dir or 'unknown'}) is not available; "
+                        "give it explicitly")
+    check_model(index_dir, meta, model_identity(run_dir), run_dir)
+    return RetrievalIndex.load(index_dir), run_dir
+
+
+def check_output(out: Path) -> None:
+    """Refuse an unusable index folder before any expensive work (a file in its place, no write access)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder for the index")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the index into {out}: {existing} is not a writable folder")
+
+
+def collect_images(source: str | Path) -> tuple[list[str], list[int] | None, dict[int, str]]:
+    """Absolute image paths (with labels and class names) of a prepared dataset, or every image file below a
+    folder (no labels)."""
+    source = Path(source).absolute()
+    if (source / MANIFEST).exists():
+        df = read_manifest(source).drop_duplicates("path")
+        classes = dict(zip(df["label"].astype(int), df["class_name"]))
+        return [os.path.normpath(source / p) for p in df["path"]], df["label"].astype(int).tolist(), classes
+    if not source.is_dir():
+        raise UserError(f"image folder not found: {source}")
+    paths = sorted(str(p) for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not paths:
+        raise UserError(f"no images found in {source}")
+    return paths, None, {}
+
+
+def _labels_for(index: RetrievalIndex, labels, classes: dict[int, str], n: int) -> list | None:
+    """Labels of new items in the index's numbering: by class name, UNKNOWN for unlabelled images."""
+    if labels is None:
+        return None if index.labels is None else [UNKNOWN] * n
+    mapping = {y: index.label_for(name) for y, name in classes.items()}
+    return [mapping[y] for y in labels]
+
+
+def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path, *, kind: str = "exact",
+                batch_size: int = 64, device: str = "auto", rebuild: bool = False, runtime: str = "torch") -> dict:
+    """Embed `images` with the run's best model (in `runtime`) into the index at `out`: created, extended when
+    present (paths already indexed are skipped; runtimes mix only as `runtime.check_mix` allows), or, with
+    `rebuild`, made anew (from `images`, or from the index's own items when `images` is None) and replacing the
+    old one atomically."""
+    from momentum_proxy.runtime import check_mix, load_embedder
+
+    if kind not in KINDS:
+        raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
+    out = Path(out)
+    check_output(out)
+    identity = model_identity(run_dir)
+    present = (out / META_FILE).exists()
+    existing = None
+    if present and not rebuild:
+        check_model(out, read_meta(out), identity, run_dir)
+        existing = RetrievalIndex.load(out)
+    if images is None:
+        if not (rebuild and present):
+            raise UserError("give the images to index with --images (only --rebuild of an existing index may "
+                            "omit them)")
+        old = RetrievalIndex.load(out)
+        live = [i for i in range(old.ntotal) if old.exists(i)]
+        paths, sources = [old.paths[i] for i in live], old.sources
+        labels = None if old.labels is None else [old.labels[i] for i in live]
+        classes = old.classes
+    else:
+        paths, labels, classes = collect_images(images)
+        sources = [str(Path(images).absolute())]
+    if not paths:
+        raise UserError(f"the index {out} has no items to rebuild from; give --images")
+    already = 0
+    if existing is not None:
+        new = [i for i, p in enumerate(paths) if p not in existing.path_ids]
+        already = len(paths) - len(new)
+        paths = [paths[i] for i in new]
+        labels = None if labels is None else [labels[i] for i in new]
+    kept, skipped = [], []
+    embedder = load_embedder(run_dir, runtime, device)
+    mixed = check_mix(existing.model, embedder.identity) if existing is not None else runtime
+    if paths:
+        feats, kept, skipped = embed_files(embedder, paths, embedder.image_size, embedder.device, batch_size)
+        if not kept:
+            raise UserError(f"none of the {len(paths)} images in {images} could be read")
+        if labels is not None:
+            keep = set(kept)
+            labels = [y for p, y in zip(paths, labels) if p in keep]
+    if existing is None:
+        index = RetrievalIndex.build(feats, kept, labels, kind=kind, classes=classes,
+                                     model={**identity, "runtime": runtime, "verified": embedder.identity["verified"]})
+        index.sources = list(sources)
+    else:
+        index = existing
+        index.model["runtime"] = mixed
+        if kept:
+            index.add(feats, kept, _labels_for(index, labels, classes, len(kept)))
+        index.sources += [s for s in sources if s not in index.sources]
+    index.save(out)
+    if skipped:
+        write_json(out / "skipped.json", [{"path": p, "reason": r} for p, r in skipped])
+    summary = {"index": str(out), "kind": index.kind, "added": len(kept), "already_indexed": already,
+               "total": len(index), "skipped": len(skipped)}
+    if index.kind != "exact":
+        summary["recall@10_vs_exact"] = round(index.recall_vs_exact(10), 4)
+    return summary
+
+
+def search_hits(index: RetrievalIndex, features: np.ndarray, k: int, *, query_path=None, query_id=None,
+                min_score: float | None = None) -> tuple[dict | None, list[Hit]]:
+    """Top-k of one query embedding: (the query's item when it is indexed, its hits). The query's own item
+    (given by id, or by path) is not among its results, as in `mproxy retrieve`."""
+    exclude = set() if query_id is None else {query_id}
+    if query_path is not None:
+        exclude |= {int(i) for i in np.flatnonzero(is_query(Path(query_path), index.paths))}
+    own = next((index.item(i) for i in sorted(exclude) if index.exists(i)), None)
+    hits = index.hits(*index.search(features, k, exclude=exclude))[0]
+    if min_score is not None:
+        hits = [h for h in hits if h.score >= min_score]
+    return own, hits
+
+
+def run_index(run_dir: str | Path, embedder, split: str = "test",
+              database: str | Path | None = None) -> tuple[RetrievalIndex, str]:
+    """(an exact in-memory index, its description) of the run's test embeddings (embeddings.npz, or another
+    `database` .npz), plus, for `split` train, val or all, those images of the run's dataset embedded now by
+    `embedder` (the run's model)."""
     cfg = RunDir(run_dir).config()
     if split not in SPLITS:
         raise UserError(f"unknown --split {split!r}; choose from {', '.join(SPLITS)}")
     if database is not None:
-        db = load_embeddings(database)
-        return Database(db["features"], db["labels"], db["paths"], db.get("class_names"), f"database {database}")
-    parts = []
-    if split in ("test", "all"):
-        db = load_embeddings(RunDir(run_dir) / EMBEDDINGS)
-        parts.append((db["features"], db["labels"], db["paths"], db.get("class_names")))
-    if split != "test":
-        df = read_manifest(cfg.data)
-        df = df[df["split"].isin(["train", "val"] if split == "all" else [split])]
-        if df.empty and split != "all":
-            raise UserError(f"{cfg.data} has no {split} images to search")
-        paths = [str(Path(cfg.data) / p) for p in df["path"]]
-        feats, kept, skipped = embed_files(embedder, paths, embedder.image_size, embedder.device)
-        keep = np.isin(paths, kept)
-        parts.append((feats, df["label"].to_numpy()[keep], np.asarray(kept), df["class_name"].to_numpy()[keep]))
-    features, labels, paths, names = (np.concatenate([p[i] for p in parts]) if all(p[i] is not None for p in parts)
-                                      else None for i in range(4))
-    what = {"test": "the test split", "val": "the val split", "train": "the train split",
-            "all": "all splits"}[split]
-    return Database(features, labels, paths, names, f"{what} of {Path(cfg.data).name} ({len(paths)} images)")
+        parts, what = [load_embeddings(database)], f"database {database}"
+    else:
+        parts = [load_embeddings(RunDir(run_dir) / EMBEDDINGS)] if split in ("test", "all") else []
+        if split != "test":
+            parts.append(_embed_splits(cfg.data, embedder, ["train", "val"] if split == "all" else [split]))
+        names = {"test": "the test split", "val": "the val split", "train": "the train split", "all": "all splits"}
+        what = f"{names[split]} of {Path(cfg.data).name} ({sum(len(p['paths']) for p in parts)} images)"
+    features = np.concatenate([p["features"] for p in parts])
+    if features.shape[1] != embedder.feature_dim:
+        raise UserError(f"the database holds {features.shape[1]}-d features, the model makes "
+                        f"{embedder.feature_dim}-d")
+    labels = [int(y) for p in parts for y in p["labels"]]
+    paths = [str(x) for p in parts for x in p["paths"]]
+    named = all(p.get("class_names") is not None for p in parts)
+    classes = {int(y): str(n) for p in parts for y, n in zip(p["labels"], p["class_names"])} if named else None
+    return RetrievalIndex.build(features, paths, labels, classes=classes), what
 
 
-@dataclass
-class Retrieval:
-    """A query's results and what was searched."""
+def _embed_splits(data: str | Path, embedder, splits: list[str]) -> dict:
+    """Embeddings of a dataset's `splits`, as `load_embeddings` returns them (unreadable images left out)."""
+    df = read_manifest(data)
+    df = df[df["split"].isin(splits)]
+    if df.empty and len(splits) == 1:
+        raise UserError(f"{data} has no {splits[0]} images to search")
+    paths = [str(Path(data) / p) for p in df["path"]]
+    feats, kept, _ = embed_files(embedder, paths, embedder.image_size, embedder.device)
+    keep = np.isin(paths, kept)
+    return {"features": feats, "labels": df["label"].to_numpy()[keep], "paths": np.asarray(kept),
+            "class_names": df["class_name"].to_numpy()[keep]}
 
-    query: Path
-    label: int | None
-    label_name: str | None
-    results: list[Result]
-    collection: str
-    requested_k: int
+
+def search_image(index: RetrievalIndex, embedder, query: str | Path, k: int, collection: str) -> Retrieval:
+    """Top-k of a query image in `index`, embedded by `embedder`; the query's own item is left out."""
+    check_query(query, k)
+    query = Path(query)
+    feats, _, skipped = embed_files(embedder, [query], embedder.image_size, embedder.device)
+    if skipped:
+        raise UserError(f"cannot read query image {query}: {skipped[0][1]}")
+    own, hits = search_hits(index, feats, k, query_path=query)
+    label = own["label"] if own else None
+    results = [Result(h.rank + 1, h.path, h.label, h.score,
+                      None if label is None or h.label is None else h.label == label, h.class_name) for h in hits]
+    return Retrieval(query, label, own["class_name"] if own else None, results, [h.id for h in hits], collection, k)
 
 
 def retrieve(run_dir: str | Path, query: str | Path, k: int = 8, *, database: str | Path | None = None,
@@ -97,86 +283,66 @@ def retrieve(run_dir: str | Path, query: str | Path, k: int = 8, *, database: st
     is excluded. `runtime` (torch | onnx) embeds (see `runtime.load_embedder`)."""
     from momentum_proxy.runtime import load_embedder
 
-    query = Path(query)
-    if not query.is_file():
+    check_query(query, k)
+    embedder = load_embedder(run_dir, runtime, device)
+    index, collection = run_index(run_dir, embedder, split, database)
+    return search_image(index, embedder, query, k, collection)
+
+
+def check_query(query: str | Path, k: int) -> None:
+    """Refuse a missing query image or a k below 1 before any model is loaded."""
+    if not Path(query).is_file():
         raise UserError(f"query image not found: {query}")
     if k < 1:
         raise UserError("-k must be at least 1")
+
+
+def retrieve_and_draw(query: str | Path, k: int, out_dir: str | Path | None = None, *, run_dir: str | None = None,
+                      index_dir: str | None = None, data_base: str | None = None, split: str = "test",
+                      device: str = "auto", runtime: str = "torch") -> tuple[Retrieval, Path]:
+    """`mproxy retrieve`: search a saved index (`index_dir`, with the run that built it, or `run_dir`), else the
+    run's embeddings of `split` (`data_base`: the original tool's run folder or embeddings file), and write
+    `out_dir` (default: INDEX/retrieval or RUN/retrieval) /retrieval.png + results.json."""
+    from momentum_proxy.runtime import check_mix, load_embedder
+
+    check_query(query, k)
+    if index_dir:
+        index, run_dir = open_index(index_dir, run_dir)
+        collection = f"the index {index_dir}"
+        extra = {"index": {"path": str(Path(index_dir).absolute()), "kind": index.kind, "items": len(index)}}
+    else:
+        run_dir, database = resolve_database(run_dir, data_base)
+        extra = {}
+    out_dir = Path(out_dir or Path(index_dir or run_dir) / "retrieval")
+    check_writable_folder(out_dir, "the output folder")
     embedder = load_embedder(run_dir, runtime, device)
-    db = run_database(run_dir, embedder, split, database)
-    feats, _, skipped = embed_files(embedder, [query], embedder.image_size, embedder.device)
-    if skipped:
-        raise UserError(f"cannot read query image {query}: {skipped[0][1]}")
-    if feats.shape[1] != db.features.shape[1]:
-        raise UserError(f"the database holds {db.features.shape[1]}-d features, the model makes {feats.shape[1]}-d")
-    same = is_query(query, db.paths)
-    label = known_label(same, db.labels)
-    label_name = None if label is None or db.class_names is None else str(db.class_names[same][0])
-    sims, idx = knn(feats, db.features, min(k + int(same.any()), len(db.paths)))
-    results = []
-    for s, i in zip(sims[0], idx[0]):
-        if same[i] or len(results) == k:
-            continue
-        y = int(db.labels[i])
-        results.append(Result(len(results) + 1, str(db.paths[i]), y, float(s), None if label is None else y == label,
-                              None if db.class_names is None else str(db.class_names[i])))
-    return Retrieval(query, label, label_name, results, db.collection, k)
+    if index_dir:
+        check_mix(index.model, embedder.identity)
+    else:
+        index, collection = run_index(run_dir, embedder, split, database)
+    r = search_image(index, embedder, query, k, collection)
+    identity = model_identity(run_dir)
+    model = {"run": identity["run"], "runtime": runtime,
+             **{key: identity[key] for key in ("backbone", "checkpoint_sha256", "checkpoint_epoch")}}
+    return r, save_retrieval(r, out_dir, {"model": model, **extra})
 
 
-def draw_results(query: str | Path, results: list[Result], out_png: str | Path, label: int | None = None,
-                 title: str | None = None, label_name: str | None = None) -> Path:
-    """One PNG: the query, then the results in rank order with their similarity and class, in rows of
-    PER_ROW; green/red borders when the query's class is known. A missing image is drawn as a grey cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    n = len(results) + 1
-    cols = min(n, PER_ROW)
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.5 * rows), squeeze=False)
-    query_text = "query" if label is None else f"query: {label_name or f'class {label}'}"
-    entries = [(query, query_text, "black")]
-    for r in results:
-        colour = "gray" if r.correct is None else ("#1a9850" if r.correct else "#d73027")
-        name = r.class_name or ("" if r.label is None else f"class {r.label}")
-        entries.append((r.path, f"#{r.rank} {r.similarity:.3f}\n{name}", colour))
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, (path, text, colour) in zip(axes.ravel(), entries):
-        ax.axis("on")
-        try:
-            with Image.open(path) as im:
-                ax.imshow(im.convert("RGB"))
-        except OSError:
-            ax.text(0.5, 0.5, "image missing", ha="center", va="center", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(text[:60], fontsize=8)
-        for spine in ax.spines.values():
-            spine.set_edgecolor(colour)
-            spine.set_linewidth(5 if colour != "black" else 1.5)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return out_png
-
-
-def save_retrieval(query, label: int | None, results: list[Result], out_dir, *, collection: str | None = None,
-                   label_name: str | None = None, extra: dict | None = None) -> Path:
-    """Write `out_dir/retrieval.png` (the picture) and `out_dir/results.json`; return the picture's path."""
+def save_retrieval(r: Retrieval, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write `out_dir/retrieval.png` and `out_dir/results.json`; return the picture's path. Results whose image
+    file is missing are kept in results.json (`missing`), left out of the picture, and reported on stderr."""
+    rows = [{"id": i, **res.__dict__, "missing": not os.path.isfile(res.path)} for i, res in zip(r.ids, r.results)]
+    missing = [row["path"] for row in rows if row["missing"]]
+    if missing:
+        print(f"mproxy: warning: {len(missing)} of {len(rows)} result images are missing (moved or deleted?), "
+              f"e.g. {missing[0]}; they are listed in results.json, not drawn", file=sys.stderr)
     out_dir = Path(out_dir)
-    png = draw_results(query, results, out_dir / "retrieval.png", label,
-                       title=f"top {len(results)} in {collection}" if collection else None, label_name=label_name)
-    write_json(out_dir / "results.json", {"query": str(query), "query_label": label, "query_class_name": label_name,
-                                          "searched": collection, "k": len(results), **(extra or {}),
-                                          "results": [r.__dict__ for r in results]})
+    shown = [res for res, row in zip(r.results, rows) if not row["missing"]]
+    png = draw_results(r.query, shown, out_dir / "retrieval.png", r.label, title=f"top {len(rows)} in {r.collection}",
+                       label_name=r.label_name)
+    write_json(out_dir / "results.json", {"query": str(r.query), "query_label": r.label,
+                                          "query_class_name": r.label_name, "searched": r.collection,
+                                          "k": len(rows), "requested_k": r.requested_k, **(extra or {}),
+                                          "results": rows})
     return png
 
 
@@ -194,14 +360,6 @@ def resolve_database(run_dir: str | None, data_base: str | None) -> tuple[str, P
     if not run_dir:
         raise UserError("give a run folder (or --data_base, or --index)")
     return run_dir, database
-
-
-def retrieve_and_draw(run_dir, query, k: int, out_dir, *, database=None, split: str = "test",
-                      device: str = "auto", runtime: str = "torch") -> Path:
-    """`retrieve` + `save_retrieval` (results.json also records the run that searched)."""
-    r = retrieve(run_dir, query, k, database=database, split=split, device=device, runtime=runtime)
-    return save_retrieval(r.query, r.label, r.results, out_dir, collection=r.collection, label_name=r.label_name,
-                          extra={"run": str(Path(run_dir).resolve()), "requested_k": k})
 
 
 def ranked_list(results: list[Result]) -> str:

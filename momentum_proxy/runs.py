@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import shutil
 from importlib import metadata
 from pathlib import Path

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import read_json
 from momentum_proxy.index import file_sha256
-from momentum_proxy.indexing import model_identity
-from momentum_proxy.retrieval import load_model
+from momentum_proxy.inference import load_model
+from momentum_proxy.retrieval import model_identity
 from momentum_proxy.runs import RunDir
 
 RUNTIMES = ("torch", "onnx")

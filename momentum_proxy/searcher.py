@@ -31,7 +31,7 @@ from momentum_proxy.data.loading import eval_resize, eval_transform, read_image,
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path
 from momentum_proxy.index import UNKNOWN, RetrievalIndex, Snapshot
-from momentum_proxy.indexing import open_index, search_hits
+from momentum_proxy.retrieval import open_index, search_hits
 
 MAX_K = 1000
 DEFAULT_MAX_PIXELS = 40_000_000

@@ -40,7 +40,7 @@ def test_prepare_train_evaluate_retrieve(tiny_data, trained, tmp_path, capsys):
     assert code == 0 and "searched the test split of dåta with space (32 images)" in out
     results = json.loads((tmp_path / "ret" / "results.json").read_text())
     assert results["query_label"] == 4 and len(results["results"]) == 5
-    assert results["query_class_name"] == "species_04" and results["run"] == str(trained.resolve())
+    assert results["query_class_name"] == "species_04" and results["model"]["run"] == str(trained.resolve())
     assert all(r["correct"] == (r["label"] == 4) for r in results["results"])
     assert all(r["class_name"] == f"species_{r['label']:02d}" and r["class_name"] in out for r in results["results"])
     sims = [r["similarity"] for r in results["results"]]
@@ -162,7 +162,7 @@ def test_evaluate_embeddings_file(tmp_path, capsys):
     assert code == 0
     res = json.loads((tmp_path / "r.json").read_text())
     assert set(res) == {"recall@1", "recall@5", "map@r"} and all(0 <= v <= 1 for v in res.values())
-    from momentum_proxy.evaluation import evaluate_embeddings
+    from momentum_proxy.metrics import evaluate_embeddings
 
     q, g = split == "query", split == "gallery"
     expected = evaluate_embeddings(feats[g], labels[g], query_features=feats[q], query_labels=labels[q],

@@ -162,7 +162,7 @@ def test_cli_export_reports_the_check(tiny_data, tmp_path, capsys):
 
 def test_onnx_runtime_index_equals_torch_index_and_runtimes_mix(tiny_data, tmp_path):
     from momentum_proxy.index import RetrievalIndex
-    from momentum_proxy.indexing import build_index
+    from momentum_proxy.retrieval import build_index
 
     run = make_run(tiny_data, tmp_path / "run")
     build_index(run, tiny_data, tmp_path / "torch", runtime="torch", device="cpu")

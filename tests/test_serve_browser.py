@@ -97,7 +97,7 @@ def test_page_search_click_keyboard_phone(tiny_data, tiny_run, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     from momentum_proxy.index import RetrievalIndex
-    from momentum_proxy.indexing import build_index
+    from momentum_proxy.retrieval import build_index
 
     build_index(tiny_run, tiny_data, tmp_path / "idx")
     index = RetrievalIndex.load(tmp_path / "idx")

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from momentum_proxy.index import RetrievalIndex
-from momentum_proxy.indexing import build_index
+from momentum_proxy.retrieval import build_index
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "kill-test-token"

@@ -12,7 +12,7 @@ from PIL import Image
 
 from momentum_proxy.cli import main
 from momentum_proxy.index import RetrievalIndex, file_sha256
-from momentum_proxy.indexing import build_index, retrieve_from_index
+from momentum_proxy.retrieval import build_index, retrieve_and_draw
 from momentum_proxy.runs import BEST
 from momentum_proxy.searcher import Searcher
 from momentum_proxy.service import create_app
@@ -70,12 +70,12 @@ def test_search_equals_mproxy_retrieve_index(client, index_dir, tiny_data, tmp_p
     outside = tmp_path / "outside.jpg"
     outside.write_bytes(jpeg_bytes())
     indexed = tiny_data / "images" / "species_02" / "0004.jpg"
-    retrieve_from_index(index_dir, outside, 7, tmp_path / "outside")
+    retrieve_and_draw(outside, 7, tmp_path / "outside", index_dir=index_dir)
     got = upload(client, outside.read_bytes(), k=7)
     assert got.status_code == 200, got.text
     expected = json.loads((tmp_path / "outside" / "results.json").read_text())["results"]
     assert_same_results(got.json()["results"], expected)
-    retrieve_from_index(index_dir, indexed, 6, tmp_path / "indexed")
+    retrieve_and_draw(indexed, 6, tmp_path / "indexed", index_dir=index_dir)
     expected = json.loads((tmp_path / "indexed" / "results.json").read_text())["results"]
     # an upload is anonymous bytes: the copy of an indexed image finds that item first, then retrieve's list
     item_id = RetrievalIndex.load(index_dir).path_ids[str(indexed)]
@@ -363,7 +363,7 @@ def test_batcher_waits_for_announced_queries_but_never_for_a_lone_one():
             release.set()
             assert early.result() == 2 and late.result().result() == 3
         assert sizes == [1, 2]
-        with batcher.arriving(2) as submit:  # given up: nothing is waited for afterwards
+        with batcher.arriving(2):  # given up: nothing is waited for afterwards
             pass
         assert batcher.announced == 0
     finally:

@@ -1,4 +1,3 @@
-import csv
 import json
 import signal
 import subprocess
@@ -358,7 +357,7 @@ def test_query_gallery_data_through_train_and_evaluate(tiny_data, tmp_path):
     summary = training.train(cfg)
     db = load_embeddings(tmp_path / "run" / "embeddings.npz")
     q, g = db["split"] == "query", db["split"] == "gallery"
-    from momentum_proxy.evaluation import evaluate_embeddings
+    from momentum_proxy.metrics import evaluate_embeddings
 
     expected = evaluate_embeddings(db["features"][g], db["labels"][g], query_features=db["features"][q],
                                    query_labels=db["labels"][q], metrics=["recall", "map@r"], recalls=cfg.recalls)

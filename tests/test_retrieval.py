@@ -5,10 +5,10 @@ import shutil
 import pytest
 from conftest import make_run, run_cli
 
-from momentum_proxy import indexing
+from momentum_proxy import retrieval
 from momentum_proxy.errors import UserError
 from momentum_proxy.index import META_FILE, RetrievalIndex
-from momentum_proxy.indexing import build_index, retrieve_from_index
+from momentum_proxy.retrieval import build_index, retrieve_and_draw
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_output_path_checked_before_embedding(tiny_run, images, tmp_path, monkey
         assert code == 2 and err.startswith("mproxy: error:") and len(err.strip().splitlines()) == 1
         assert "index.txt" in err
     assert a_file.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["index.txt", "photos"]
-    monkeypatch.setattr(indexing.os, "access", lambda path, mode: False)  # a read-only place (root may write anywhere)
+    monkeypatch.setattr(retrieval.os, "access", lambda path, mode: False)  # a read-only place (root may write anywhere)
     code, _, err = run_cli(["index", tiny_run, "--images", images, "--out", tmp_path / "new" / "idx"], capsys)
     assert code == 2 and f"{tmp_path} is not a writable folder" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.txt", "photos"]
@@ -112,4 +112,4 @@ def test_retrieve_checks_the_run_against_the_index_and_records_both(tiny_data, t
 
 def test_unreadable_index_folder_is_one_line(tmp_path):
     with pytest.raises(UserError, match="no retrieval index"):
-        retrieve_from_index(tmp_path, __file__, 3, tmp_path / "out")
+        retrieve_and_draw(__file__, 3, tmp_path / "out", index_dir=tmp_path)
