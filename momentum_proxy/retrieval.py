@@ -141,6 +141,31 @@ def _labels_for(index: RetrievalIndex, labels, classes: dict[int, str], n: int) 
     return [mapping[y] for y in labels]
 
 
+@dataclass
+class Collection:
+    """Images to index: absolute paths, labels (or None) named by `classes`, and the folders they came from."""
+
+    paths: list[str]
+    labels: list[int] | None
+    classes: dict[int, str]
+    sources: list[str]
+
+
+def images_to_index(images: str | Path | None, out: Path, rebuild: bool) -> Collection:
+    """What `build_index` embeds: the images below `images`, or, for a rebuild without them, the index's own
+    live items."""
+    if images is not None:
+        return Collection(*collect_images(images), [str(Path(images).absolute())])
+    if not (rebuild and (out / META_FILE).exists()):
+        raise UserError("give the images to index with --images (only --rebuild of an existing index may omit them)")
+    old = RetrievalIndex.load(out)
+    live = [i for i in range(old.ntotal) if old.exists(i)]
+    if not live:
+        raise UserError(f"the index {out} has no items to rebuild from; give --images")
+    labels = None if old.labels is None else [old.labels[i] for i in live]
+    return Collection([old.paths[i] for i in live], labels, old.classes, list(old.sources))
+
+
 def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path, *, kind: str = "exact",
                 batch_size: int = 64, device: str = "auto", rebuild: bool = False, runtime: str = "torch") -> dict:
     """Embed `images` with the run's best model (in `runtime`) into the index at `out`: created, extended when
@@ -154,56 +179,36 @@ def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path,
     out = Path(out)
     check_output(out)
     identity = model_identity(run_dir)
-    present = (out / META_FILE).exists()
     existing = None
-    if present and not rebuild:
+    if (out / META_FILE).exists() and not rebuild:
         check_model(out, read_meta(out), identity, run_dir)
         existing = RetrievalIndex.load(out)
-    if images is None:
-        if not (rebuild and present):
-            raise UserError("give the images to index with --images (only --rebuild of an existing index may "
-                            "omit them)")
-        old = RetrievalIndex.load(out)
-        live = [i for i in range(old.ntotal) if old.exists(i)]
-        paths, sources = [old.paths[i] for i in live], old.sources
-        labels = None if old.labels is None else [old.labels[i] for i in live]
-        classes = old.classes
-    else:
-        paths, labels, classes = collect_images(images)
-        sources = [str(Path(images).absolute())]
-    if not paths:
-        raise UserError(f"the index {out} has no items to rebuild from; give --images")
-    already = 0
-    if existing is not None:
-        new = [i for i, p in enumerate(paths) if p not in existing.path_ids]
-        already = len(paths) - len(new)
-        paths = [paths[i] for i in new]
-        labels = None if labels is None else [labels[i] for i in new]
-    kept, skipped = [], []
+    todo = images_to_index(images, out, rebuild)
+    if not todo.paths:
+        raise UserError(f"no images to index in {images}")
+    new = [i for i, p in enumerate(todo.paths) if existing is None or p not in existing.path_ids]
     embedder = load_embedder(run_dir, runtime, device)
     mixed = check_mix(existing.model, embedder.identity) if existing is not None else runtime
-    if paths:
-        feats, kept, skipped = embed_files(embedder, paths, embedder.image_size, embedder.device, batch_size)
-        if not kept:
-            raise UserError(f"none of the {len(paths)} images in {images} could be read")
-        if labels is not None:
-            keep = set(kept)
-            labels = [y for p, y in zip(paths, labels) if p in keep]
+    feats, kept, skipped = embed_files(embedder, [todo.paths[i] for i in new], embedder.image_size,
+                                       embedder.device, batch_size) if new else (None, [], [])
+    if new and not kept:
+        raise UserError(f"none of the {len(new)} images in {images} could be read")
+    by_path = dict(zip(todo.paths, todo.labels or []))
+    labels = None if todo.labels is None else [by_path[p] for p in kept]
     if existing is None:
-        index = RetrievalIndex.build(feats, kept, labels, kind=kind, classes=classes,
+        index = RetrievalIndex.build(feats, kept, labels, kind=kind, classes=todo.classes,
                                      model={**identity, "runtime": runtime, "verified": embedder.identity["verified"]})
-        index.sources = list(sources)
     else:
         index = existing
         index.model["runtime"] = mixed
         if kept:
-            index.add(feats, kept, _labels_for(index, labels, classes, len(kept)))
-        index.sources += [s for s in sources if s not in index.sources]
+            index.add(feats, kept, _labels_for(index, labels, todo.classes, len(kept)))
+    index.sources += [s for s in todo.sources if s not in index.sources]
     index.save(out)
     if skipped:
         write_json(out / "skipped.json", [{"path": p, "reason": r} for p, r in skipped])
-    summary = {"index": str(out), "kind": index.kind, "added": len(kept), "already_indexed": already,
-               "total": len(index), "skipped": len(skipped)}
+    summary = {"index": str(out), "kind": index.kind, "added": len(kept),
+               "already_indexed": len(todo.paths) - len(new), "total": len(index), "skipped": len(skipped)}
     if index.kind != "exact":
         summary["recall@10_vs_exact"] = round(index.recall_vs_exact(10), 4)
     return summary
