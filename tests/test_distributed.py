@@ -81,7 +81,7 @@ def _assert_identical(a, b, where="") -> None:
         for i, (x, y) in enumerate(zip(a, b)):
             _assert_identical(x, y, f"{where}[{i}]")
     elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b) or torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), where
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=where)
     else:
         assert a == b or a != a and b != b, f"{where}: {a!r} != {b!r}"
 
