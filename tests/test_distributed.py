@@ -1,4 +1,5 @@
 """Distributed training on CPU with torchrun and the gloo backend (2 processes)."""
+import contextlib
 import json
 import os
 import signal
@@ -34,6 +35,16 @@ def _run(args, nproc, log, port, wait=True):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
+
+
+def _kill(proc, log, nproc):
+    """SIGKILL the torchrun launcher and its workers (each in a session of its own: not in the launcher's group)."""
+    workers = [int(Path(f"{log}.rank{rank}.pid").read_text()) for rank in range(nproc)]
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):  # it finished already
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _last(out):
@@ -97,8 +108,7 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_run(tiny_data, tmp_
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:  # header + epochs 0 and 1
             break
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill(proc, tmp_path / "w", 2)
     assert 1 <= _last(out)["epoch"] < 3
     _run(["train", "--resume", str(out)], 2, tmp_path / "w", 29614)
     assert _last(out)["epoch"] == 3
