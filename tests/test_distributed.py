@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same
 
 from momentum_proxy.losses import proxy_parameter
 from momentum_proxy.runs import BEST, EMBEDDINGS, LAST, METRICS, RunDir, load_embeddings
@@ -80,23 +81,6 @@ def test_two_processes_match_one_process_with_double_batch(tiny_data, tmp_path, 
     assert rank1 == [] and any(p.endswith("last.pt") for p in rank0) and any(p.endswith("metrics.csv") for p in rank0)
 
 
-def _assert_identical(a, b, where="") -> None:
-    """Nested dicts/lists of tensors and plain values are equal to the bit (NaN equals NaN)."""
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_identical(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_identical(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=where)
-    else:
-        assert a == b or a != a and b != b, f"{where}: {a!r} != {b!r}"
-
-
 def test_killed_two_process_run_resumes_to_the_uninterrupted_run(tiny_data, tmp_path, two_process_run):
     """Killed after epoch 1 and resumed, the run ends bit-identical to one that was never interrupted: same
     ranks, seed and thread count compute the same floats in the same order, so no tolerance is needed."""
@@ -113,9 +97,9 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_run(tiny_data, tmp_
     _run(["train", "--resume", str(out)], 2, tmp_path / "w", 29614)
     assert _last(out)["epoch"] == 3
     for rel in (LAST, BEST):
-        _assert_identical(torch.load(out / rel, weights_only=True), torch.load(ref / rel, weights_only=True), rel)
+        assert_same(torch.load(out / rel, weights_only=True), torch.load(ref / rel, weights_only=True), rel)
     metrics = [[{k: v for k, v in row.items() if k != "seconds"} for row in RunDir(d).metrics()] for d in (out, ref)]
-    _assert_identical(*metrics, METRICS)
+    assert_same(*metrics, METRICS)
     assert RunDir(out).eval() == RunDir(ref).eval()
     embeddings = [load_embeddings(d / EMBEDDINGS) for d in (out, ref)]
     assert embeddings[0].keys() == embeddings[1].keys()
