@@ -81,21 +81,17 @@ def measure_model(index_dir: Path, images: list[bytes], device: str, batches=(1,
 
 
 def start_server(index_dir: Path, port: int, log: Path, device: str) -> subprocess.Popen:
+    from momentum_proxy.service import wait_until_healthy
+
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-m", "momentum_proxy", "serve", str(index_dir), "--port", str(port),
                              "--token", TOKEN, "--device", device], env=env, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.5)
-    proc.kill()
-    sys.exit("server did not start")
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", proc, timeout=300, log=log)
+    except RuntimeError as e:
+        sys.exit(str(e))
+    return proc
 
 
 def free_port() -> int:

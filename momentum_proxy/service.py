@@ -10,7 +10,9 @@ import hmac
 import ipaddress
 import json
 import logging
+import subprocess
 import time
+import urllib.request
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -293,3 +295,27 @@ def serve(index_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, t
     app = create_app(index_dir, token=token, **options)
     print(f"serving {index_dir} ({len(app.state.searcher.index)} items) on http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Path | None = None) -> None:
+    """Wait until the server `proc`, started at `url`, answers GET /health.
+
+    Raises RuntimeError, ending with the tail of the server's `log`, when `proc` exits first or (then killed)
+    after `timeout` seconds.
+    """
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}{_tail(log)}")
+        try:
+            no_proxy.open(f"{url}/health", timeout=2).close()
+            return
+        except OSError:  # not listening yet, an error status, or too slow to answer
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"server did not start within {timeout:g} s{_tail(log)}")
+
+
+def _tail(log: Path | None) -> str:
+    return f": {log.read_text(errors='replace')[-2000:]}" if log else ""

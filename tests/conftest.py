@@ -34,6 +34,24 @@ def make_run(out, data, *, epoch: int = 0, seed: int = 0):
     return out
 
 
+def assert_same(a, b, path=""):
+    """Nested checkpoint contents (dicts, lists, tensors, numbers) equal bit for bit; NaN equals NaN."""
+    import torch
+
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    else:
+        assert a == b or a != a and b != b, f"{path}: {a!r} != {b!r}"
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory):
     """`make_run` on `tiny_data` (shared: tests must not change it)."""

@@ -16,6 +16,7 @@ from PIL import Image
 
 from momentum_proxy.index import RetrievalIndex
 from momentum_proxy.retrieval import build_index
+from momentum_proxy.service import wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "kill-test-token"
@@ -35,17 +36,22 @@ def start_server(index_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "momentum_proxy", "serve", str(index_dir), "--port", str(port),
                              "--device", "cpu"], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.3)
-    proc.kill()
-    pytest.fail("server did not start within 180 s")
+    wait_until_healthy(url, proc, timeout=180, log=log)
+    return proc, url
+
+
+def test_wait_until_healthy_reports_a_server_that_exits_or_never_answers(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("boom: no index\n")
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    exits = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    exits.wait()
+    with pytest.raises(RuntimeError, match="server exited with 3: boom: no index"):
+        wait_until_healthy(url, exits, timeout=60, log=log)
+    hangs = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with pytest.raises(RuntimeError, match="did not start within 1 s"):
+        wait_until_healthy(url, hangs, timeout=1)
+    assert hangs.wait(timeout=10) == -signal.SIGKILL
 
 
 def image_bytes(seed: int) -> bytes:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same
 
 from momentum_proxy import training
 from momentum_proxy.errors import UserError
@@ -183,23 +184,6 @@ def _state(run_dir):
     return torch.load(Path(run_dir) / LAST, weights_only=True)
 
 
-
-def _assert_same(a, b, path=""):
-    """Nested checkpoint contents equal bit for bit."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    else:
-        assert a == b, path
-
-
 def test_resume_after_kill_ends_in_the_same_state(tiny_config, tmp_path):
     """Kill a real training process after its warm-up epoch, resume it, compare with an uninterrupted run:
     checkpoints (model, proxies, optimizer, scheduler, RNG), best.pt, metrics and embeddings."""
@@ -225,7 +209,7 @@ def test_resume_after_kill_ends_in_the_same_state(tiny_config, tmp_path):
     training.resume(killed)
     a, b = RunDir(straight), RunDir(killed)
     for rel in (LAST, BEST):
-        _assert_same(a.load_checkpoint(rel), b.load_checkpoint(rel), rel)
+        assert_same(a.load_checkpoint(rel), b.load_checkpoint(rel), rel)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(a.metrics()) == strip(b.metrics()) and [r["epoch"] for r in b.metrics()] == [0, 1, 2, 3]
     ea, eb = load_embeddings(a / "embeddings.npz"), load_embeddings(b / "embeddings.npz")
