@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from momentum_proxy.data.loading import load_datasets, make_loader
+from momentum_proxy.data.loading import ImageDataset, load_datasets, make_loader
 from momentum_proxy.data.prepare import prepare_folder
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import write_json
@@ -131,8 +131,8 @@ def _uint8_batch(n: int, image_size: int) -> torch.Tensor:
     return torch.randint(0, 256, (n, image_size, image_size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
 
 
-def _training_measures(cfg: TrainConfig, train_set, model: torch.nn.Module, loss_fn: torch.nn.Module,
-                       dev: torch.device, steps: int) -> dict[str, Callable[[], float]]:
+def _training_measures(cfg: TrainConfig, train_set: ImageDataset, model: torch.nn.Module,
+                       loss_fn: torch.nn.Module, dev: torch.device, steps: int) -> dict[str, Callable[[], float]]:
     """Training steps (forward, backward, optimiser, proxy update) fed by the loader (`train_pipeline`) and
     by one pre-made batch (`train_model`)."""
     optimizer = make_optimizer(cfg, model, loss_fn)
@@ -166,8 +166,8 @@ def _training_measures(cfg: TrainConfig, train_set, model: torch.nn.Module, loss
     return {"train_pipeline": train_pipeline, "train_model": train_model}
 
 
-def _embedding_measures(cfg: TrainConfig, test_set, model: torch.nn.Module, dev: torch.device, steps: int,
-                        tmp: Path) -> dict[str, Callable[[], float]]:
+def _embedding_measures(cfg: TrainConfig, test_set: ImageDataset, model: torch.nn.Module, dev: torch.device,
+                        steps: int, tmp: Path) -> dict[str, Callable[[], float]]:
     """Embedding of the first test images by the pipeline (`embed_pipeline`), and of one pre-made batch in
     PyTorch (`embed_model`) and onnxruntime fp32 and int8 (`embed_onnx`, `embed_onnx_int8`); warms up the
     pipeline once."""
