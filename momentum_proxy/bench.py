@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from momentum_proxy.data.loading import load_datasets, make_loader
+from momentum_proxy.data.loading import ImageDataset, load_datasets, make_loader
 from momentum_proxy.data.prepare import prepare_folder
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import write_json
@@ -95,87 +95,118 @@ def bench(*, data: str | None = None, backbone: str = "efficientnet_lite0", imag
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory() as tmp:
         if data is None:
-            # 4 train classes give steps + 2 training batches; 4 test classes give steps + 1 embedding batches
-            per_class = max(8, (steps + 2) * 2 * batch_size // 4 + 1)
-            raw = make_photo_dataset(Path(tmp) / "raw", classes=8, per_class=per_class)
-            data = str(prepare_folder(raw, Path(tmp) / "prepared", short_side=256))
+            data = _generated_data(Path(tmp), steps, batch_size)
         cfg = TrainConfig(data=data, out="", backbone=backbone, pretrained="none",  # speed does not depend on weights
                           image_size=image_size, batch_size=batch_size,
                           workers=workers, device=str(dev), compile=compile, amp=amp, warmup_epochs=0)
-        splits = load_datasets(data, image_size)
-        train_set, test_set = splits.train, splits.test.dataset
-        model, loss_fn = build(cfg, len(train_set.label_map))
-        model.to(dev)
-        loss_fn.to(dev)
-        optimizer = make_optimizer(cfg, model, loss_fn)
-        updater = MomentumProxyUpdate(cfg.momentum)
-        trainee = Trainee(model, loss_fn)
-        step_fn = torch.compile(trainee) if compile else trainee
-
-        def train_step(images, labels):
-            loss, emb = step_fn(images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True), amp=amp)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            updater.update_loss(loss_fn, emb, labels.to(dev))
-
-        loader = make_loader(train_set, batch_size, train=True, workers=workers, pin_memory=dev.type == "cuda")
-        need = steps + 1
-        if len(loader) < need:
-            raise UserError(f"the train split gives {len(loader)} batches; {need} needed (lower --steps)")
-
-        # pre-made batches in the loader's layout (HWC memory, NCHW view)
-        fixed = torch.randint(0, 256, (batch_size, image_size, image_size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
-        fixed_labels = torch.arange(batch_size) % len(train_set.label_map)
-        eval_bs = 2 * batch_size
-        eval_fixed = torch.randint(0, 256, (eval_bs, image_size, image_size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
-        eval_numpy = np.ascontiguousarray(eval_fixed.numpy())  # onnxruntime takes contiguous NCHW
-        n_eval = min(len(test_set), eval_bs * (steps + 1))
-        subset = torch.utils.data.Subset(test_set, range(n_eval))
-        embed_steps = max(2, n_eval // eval_bs)
-        onnx_embed = _onnx_embedders(model, Path(tmp), image_size, dev, data, 2 * eval_bs)
-
-        def train_model():
-            trainee.train()
-            return _rate(lambda _: train_step(fixed, fixed_labels), steps, batch_size)
-
-        def train_pipeline():
-            trainee.train()
-            batches = iter(loader)  # started only now, so no loading overlaps another measurement
-            return _rate(lambda _: train_step(*next(batches)[:2]), steps, batch_size)
-
-        def embed_pipeline():
-            t0 = time.perf_counter()
-            embed_dataset(model, subset, dev, batch_size=eval_bs, workers=workers, amp=amp, progress=False)
-            return n_eval / (time.perf_counter() - t0)
-
-        @torch.inference_mode()
-        def torch_embed_step(_):
-            with autocast(dev, amp):
-                out = model(eval_fixed.to(dev))
-            torch.nn.functional.normalize(out.float(), dim=1).cpu()
-
-        def embed_model():
-            model.eval()
-            return _rate(torch_embed_step, embed_steps, eval_bs)
-
-        def onnx_rate(name):
-            return lambda: _rate(lambda _: onnx_embed[name](eval_numpy), embed_steps, eval_bs)
-
-        embed_dataset(model, torch.utils.data.Subset(test_set, range(eval_bs)), dev, batch_size=eval_bs,
-                      workers=workers, amp=amp, progress=False)  # warm-up (thread pool, allocator)
-        values = interleave({"train_pipeline": train_pipeline, "train_model": train_model,
-                             "embed_pipeline": embed_pipeline, "embed_model": embed_model,
-                             "embed_onnx": onnx_rate("embed_onnx"),
-                             "embed_onnx_int8": onnx_rate("embed_onnx_int8")}, rounds)
+        values = interleave(_measures(cfg, dev, steps, Path(tmp)), rounds)
     res = {"backbone": backbone, "image_size": image_size, "batch_size": batch_size, "steps": steps,
            "rounds": rounds, "device": str(dev), "threads": torch.get_num_threads(), "compile": compile, "amp": amp,
-           **summarise(values)}
-    med = {name: float(np.median(v)) for name, v in values.items()}
-    res.update(train_efficiency=round(med["train_pipeline"] / med["train_model"], 3),
-               embed_efficiency=round(med["embed_pipeline"] / med["embed_model"], 3),
-               onnx_speedup=round(med["embed_onnx"] / med["embed_model"], 3),
-               onnx_int8_speedup=round(med["embed_onnx_int8"] / med["embed_model"], 3))
+           **summarise(values), **_ratios(values)}
     if json_out:
         write_json(json_out, res)
     return res
+
+
+def _generated_data(root: Path, steps: int, batch_size: int) -> str:
+    """A dataset of full-size photo-like JPEGs, prepared under `root` as a user would (resize-once cache)."""
+    # 4 train classes give steps + 2 training batches; 4 test classes give steps + 1 embedding batches
+    per_class = max(8, (steps + 2) * 2 * batch_size // 4 + 1)
+    raw = make_photo_dataset(root / "raw", classes=8, per_class=per_class)
+    return str(prepare_folder(raw, root / "prepared", short_side=256))
+
+
+def _measures(cfg: TrainConfig, dev: torch.device, steps: int, tmp: Path) -> dict[str, Callable[[], float]]:
+    """The six measurements (each returns images/s) of a model built from `cfg` on `cfg.data`, in report order."""
+    splits = load_datasets(cfg.data, cfg.image_size)
+    model, loss_fn = build(cfg, len(splits.train.label_map))
+    model.to(dev)
+    loss_fn.to(dev)
+    return {**_training_measures(cfg, splits.train, model, loss_fn, dev, steps),
+            **_embedding_measures(cfg, splits.test.dataset, model, dev, steps, tmp)}
+
+
+def _uint8_batch(n: int, image_size: int) -> torch.Tensor:
+    """`n` random uint8 images in the loader's layout (HWC memory, NCHW view)."""
+    return torch.randint(0, 256, (n, image_size, image_size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+
+
+def _training_measures(cfg: TrainConfig, train_set: ImageDataset, model: torch.nn.Module,
+                       loss_fn: torch.nn.Module, dev: torch.device, steps: int) -> dict[str, Callable[[], float]]:
+    """Training steps (forward, backward, optimiser, proxy update) fed by the loader (`train_pipeline`) and
+    by one pre-made batch (`train_model`)."""
+    optimizer = make_optimizer(cfg, model, loss_fn)
+    updater = MomentumProxyUpdate(cfg.momentum)
+    trainee = Trainee(model, loss_fn)
+    step_fn = torch.compile(trainee) if cfg.compile else trainee
+
+    def train_step(images, labels):
+        loss, emb = step_fn(images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True), amp=cfg.amp)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        updater.update_loss(loss_fn, emb, labels.to(dev))
+
+    loader = make_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers, pin_memory=dev.type == "cuda")
+    need = steps + 1
+    if len(loader) < need:
+        raise UserError(f"the train split gives {len(loader)} batches; {need} needed (lower --steps)")
+    fixed = _uint8_batch(cfg.batch_size, cfg.image_size)
+    fixed_labels = torch.arange(cfg.batch_size) % len(train_set.label_map)
+
+    def train_model():
+        trainee.train()
+        return _rate(lambda _: train_step(fixed, fixed_labels), steps, cfg.batch_size)
+
+    def train_pipeline():
+        trainee.train()
+        batches = iter(loader)  # started only now, so no loading overlaps another measurement
+        return _rate(lambda _: train_step(*next(batches)[:2]), steps, cfg.batch_size)
+
+    return {"train_pipeline": train_pipeline, "train_model": train_model}
+
+
+def _embedding_measures(cfg: TrainConfig, test_set: ImageDataset, model: torch.nn.Module, dev: torch.device,
+                        steps: int, tmp: Path) -> dict[str, Callable[[], float]]:
+    """Embedding of the first test images by the pipeline (`embed_pipeline`), and of one pre-made batch in
+    PyTorch (`embed_model`) and onnxruntime fp32 and int8 (`embed_onnx`, `embed_onnx_int8`); warms up the
+    pipeline once."""
+    eval_bs = 2 * cfg.batch_size
+    eval_fixed = _uint8_batch(eval_bs, cfg.image_size)
+    eval_numpy = np.ascontiguousarray(eval_fixed.numpy())  # onnxruntime takes contiguous NCHW
+    n_eval = min(len(test_set), eval_bs * (steps + 1))
+    subset = torch.utils.data.Subset(test_set, range(n_eval))
+    embed_steps = max(2, n_eval // eval_bs)
+    onnx_embed = _onnx_embedders(model, tmp, cfg.image_size, dev, cfg.data, 2 * eval_bs)
+
+    def embed_pipeline():
+        t0 = time.perf_counter()
+        embed_dataset(model, subset, dev, batch_size=eval_bs, workers=cfg.workers, amp=cfg.amp, progress=False)
+        return n_eval / (time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def torch_embed_step(_):
+        with autocast(dev, cfg.amp):
+            out = model(eval_fixed.to(dev))
+        torch.nn.functional.normalize(out.float(), dim=1).cpu()
+
+    def embed_model():
+        model.eval()
+        return _rate(torch_embed_step, embed_steps, eval_bs)
+
+    def onnx_rate(name):
+        return lambda: _rate(lambda _: onnx_embed[name](eval_numpy), embed_steps, eval_bs)
+
+    embed_dataset(model, torch.utils.data.Subset(test_set, range(eval_bs)), dev, batch_size=eval_bs,
+                  workers=cfg.workers, amp=cfg.amp, progress=False)  # warm-up (thread pool, allocator)
+    return {"embed_pipeline": embed_pipeline, "embed_model": embed_model,
+            "embed_onnx": onnx_rate("embed_onnx"), "embed_onnx_int8": onnx_rate("embed_onnx_int8")}
+
+
+def _ratios(values: dict[str, list[float]]) -> dict:
+    """Pipeline efficiencies and onnxruntime speed-ups over PyTorch: ratios of medians."""
+    med = {name: float(np.median(v)) for name, v in values.items()}
+    return {"train_efficiency": round(med["train_pipeline"] / med["train_model"], 3),
+            "embed_efficiency": round(med["embed_pipeline"] / med["embed_model"], 3),
+            "onnx_speedup": round(med["embed_onnx"] / med["embed_model"], 3),
+            "onnx_int8_speedup": round(med["embed_onnx_int8"] / med["embed_model"], 3)}

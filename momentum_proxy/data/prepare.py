@@ -91,22 +91,10 @@ def write_prepared(
         raise UserError(f"workers must be 1..{MAX_WORKERS}, got {workers}")
     _check_separate(source, out)
     claim_output(out, overwrite)
-
     dsts = _destinations(records)
     jobs = [(r.src, out / d, r.box if crop else None, short_side) for r, d in zip(records, dsts)]
-    bar = dict(total=len(jobs), desc=f"prepare {dataset}", unit="img")
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            reasons = list(tqdm(pool.map(_cache_job, jobs, chunksize=16), **bar))
-    else:
-        reasons = [_cache_job(j) for j in tqdm(jobs, **bar)]
-
-    rows, skipped = [], []
-    for r, dst, reason in zip(records, dsts, reasons):
-        if reason is None:
-            rows.append({"path": dst, "label": r.label, "class_name": r.class_name, "split": r.split})
-        else:
-            skipped.append({"path": str(r.src), "reason": reason})
+    reasons = _cache_all(jobs, workers, desc=f"prepare {dataset}")
+    rows, skipped = _sort_out(records, dsts, reasons)
     if not rows:
         first = f": {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
         raise UserError(f"no readable images for {dataset} in {source}{first}")
@@ -118,6 +106,26 @@ def write_prepared(
     write_json(out / REPORT, {"dataset": dataset, "source": str(source.resolve()), "crop": crop,
                               "short_side": short_side or None, **split_counts(df), "skipped": skipped})
     return out
+
+
+def _cache_all(jobs: list[tuple], workers: int, desc: str) -> list[str | None]:
+    """`_cache_job` of every job, in order, with a progress bar; in `workers` processes when more than one."""
+    bar = dict(total=len(jobs), desc=desc, unit="img")
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            return list(tqdm(pool.map(_cache_job, jobs, chunksize=16), **bar))
+    return [_cache_job(j) for j in tqdm(jobs, **bar)]
+
+
+def _sort_out(records: list[Record], dsts: list[str], reasons: list[str | None]) -> tuple[list[dict], list[dict]]:
+    """The manifest rows of the cached images, and the skipped ones (source path and reason)."""
+    rows, skipped = [], []
+    for r, dst, reason in zip(records, dsts, reasons):
+        if reason is None:
+            rows.append({"path": dst, "label": r.label, "class_name": r.class_name, "split": r.split})
+        else:
+            skipped.append({"path": str(r.src), "reason": reason})
+    return rows, skipped
 
 
 def split_counts(df: pd.DataFrame) -> dict:

@@ -74,82 +74,126 @@ def _rgb(hsv: tuple[float, float, float], rng: np.random.Generator) -> tuple[int
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+@dataclass(frozen=True)
+class _Pen:
+    """Draws on a square canvas in drawing units: the canvas is 100 x 100 units of `u` pixels."""
+
+    draw: ImageDraw.ImageDraw
+    u: float
+
+    def pt(self, x: float, y: float) -> tuple[float, float]:
+        """The pixel coordinates of point (x, y)."""
+        return x * self.u, y * self.u
+
+    def box(self, cx: float, cy: float, rx: float, ry: float) -> list[float]:
+        """The pixel bounding box of an ellipse centred on (cx, cy) with radii rx, ry."""
+        return [(cx - rx) * self.u, (cy - ry) * self.u, (cx + rx) * self.u, (cy + ry) * self.u]
+
+    def width(self, w: float) -> int:
+        """A line width of `w` units in pixels, at least 1."""
+        return max(1, int(w * self.u))
+
+
+@dataclass(frozen=True)
+class _Trunk:
+    """The body ellipse: centre (x, y) and radii (rx, ry), in drawing units."""
+
+    x: float
+    y: float
+    rx: float
+    ry: float
+
+
 def draw_bird(sp: Species, rng: np.random.Generator, canvas: int) -> Image.Image:
     """Render one bird of species `sp`, facing right, centred on a transparent square RGBA canvas.
 
     The bird fits in the inscribed circle, so it can be rotated without clipping.
     """
     im = Image.new("RGBA", (canvas, canvas), (0, 0, 0, 0))
-    d = ImageDraw.Draw(im)
-    u = canvas / 100.0  # drawing unit: the canvas is 100 x 100 units
-
-    def P(x: float, y: float) -> tuple[float, float]:
-        return x * u, y * u
-
-    def box(cx: float, cy: float, rx: float, ry: float) -> list[float]:
-        return [(cx - rx) * u, (cy - ry) * u, (cx + rx) * u, (cy + ry) * u]
-
+    pen = _Pen(ImageDraw.Draw(im), canvas / 100.0)
     body, belly, wing = _rgb(sp.body, rng), _rgb(sp.belly, rng), _rgb(sp.wing, rng)
-    dark = (30, 25, 20)
-    bx, by, brx, bry = 54.0, 54.0, 22.0 * sp.body_aspect, 14.0 / sp.body_aspect
-    hx, hy, hr = 74.0, 38.0, 10.0
+    trunk = _Trunk(54.0, 54.0, 22.0 * sp.body_aspect, 14.0 / sp.body_aspect)
+    _draw_legs(pen, trunk)  # legs and tail first: both are behind the body
+    _draw_tail(pen, sp, trunk, wing)
+    _draw_body(pen, sp, rng, trunk, body, belly)
+    _draw_wing(pen, sp, trunk, wing)
+    _draw_head(pen, sp, body)
+    return im
 
-    # Legs, then tail: both behind the body.
-    for lx in (bx - 4, bx + 4):
-        d.line([P(lx, by + bry - 2), P(lx - 2, by + bry + 10)], fill=(70, 55, 40), width=max(1, int(1.5 * u)))
-    tl, tx, ty = 24.0 * sp.tail_len, bx - brx + 6, by - 2
+
+def _draw_legs(pen: _Pen, t: _Trunk) -> None:
+    """Two legs hanging from the underside of the body."""
+    for lx in (t.x - 4, t.x + 4):
+        pen.draw.line([pen.pt(lx, t.y + t.ry - 2), pen.pt(lx - 2, t.y + t.ry + 10)], fill=(70, 55, 40),
+                      width=pen.width(1.5))
+
+
+def _draw_tail(pen: _Pen, sp: Species, t: _Trunk, colour: tuple[int, int, int]) -> None:
+    """The tail, of the species' shape and length, from the back of the body."""
+    tl, tx, ty = 24.0 * sp.tail_len, t.x - t.rx + 6, t.y - 2
     if sp.tail == "fork":
-        tail = [P(tx, ty - 5), P(tx - tl, ty - 10), P(tx - 0.6 * tl, ty + 1), P(tx - tl, ty + 10), P(tx, ty + 5)]
+        outline = [(tx, ty - 5), (tx - tl, ty - 10), (tx - 0.6 * tl, ty + 1), (tx - tl, ty + 10), (tx, ty + 5)]
     elif sp.tail == "round":
-        tail = [P(tx, ty - 5), P(tx - 0.8 * tl, ty - 8), P(tx - tl, ty - 3), P(tx - tl, ty + 3),
-                P(tx - 0.8 * tl, ty + 8), P(tx, ty + 5)]
+        outline = [(tx, ty - 5), (tx - 0.8 * tl, ty - 8), (tx - tl, ty - 3), (tx - tl, ty + 3),
+                   (tx - 0.8 * tl, ty + 8), (tx, ty + 5)]
     elif sp.tail == "wedge":
-        tail = [P(tx, ty - 5), P(tx - 1.1 * tl, ty), P(tx, ty + 5)]
-    else:
-        tail = [P(tx, ty - 5), P(tx - tl, ty - 6), P(tx - tl, ty + 6), P(tx, ty + 5)]
-    d.polygon(tail, fill=wing)
+        outline = [(tx, ty - 5), (tx - 1.1 * tl, ty), (tx, ty + 5)]
+    else:  # square
+        outline = [(tx, ty - 5), (tx - tl, ty - 6), (tx - tl, ty + 6), (tx, ty + 5)]
+    pen.draw.polygon([pen.pt(x, y) for x, y in outline], fill=colour)
 
-    # Body with a pale belly (lower half) and its breast pattern.
-    d.ellipse(box(bx, by, brx, bry), fill=body)
-    d.chord(box(bx, by, brx, bry), 0, 180, fill=belly)
+
+def _draw_body(pen: _Pen, sp: Species, rng: np.random.Generator, t: _Trunk, body: tuple[int, int, int],
+               belly: tuple[int, int, int]) -> None:
+    """The body with a pale belly (lower half) and the species' breast pattern in a darker body colour."""
+    pen.draw.ellipse(pen.box(t.x, t.y, t.rx, t.ry), fill=body)
+    pen.draw.chord(pen.box(t.x, t.y, t.rx, t.ry), 0, 180, fill=belly)
     mark = tuple(int(c * 0.55) for c in body)
     if sp.breast == "spots":
         for _ in range(9):
-            x, y = bx + rng.uniform(-0.3, 0.75) * brx, by + rng.uniform(0.15, 0.75) * bry
-            d.ellipse(box(x, y, 1.8, 1.8), fill=mark)
+            x, y = t.x + rng.uniform(-0.3, 0.75) * t.rx, t.y + rng.uniform(0.15, 0.75) * t.ry
+            pen.draw.ellipse(pen.box(x, y, 1.8, 1.8), fill=mark)
     elif sp.breast == "streaks":
         for k in range(5):
-            x = bx + (k / 4 * 0.9 - 0.2) * brx
-            d.line([P(x, by + 0.2 * bry), P(x - 2, by + 0.75 * bry)], fill=mark, width=max(1, int(1.6 * u)))
+            x = t.x + (k / 4 * 0.9 - 0.2) * t.rx
+            pen.draw.line([pen.pt(x, t.y + 0.2 * t.ry), pen.pt(x - 2, t.y + 0.75 * t.ry)], fill=mark,
+                          width=pen.width(1.6))
     elif sp.breast == "bars":
         for k in range(3):
-            y = by + (0.25 + 0.22 * k) * bry
-            d.line([P(bx - 0.1 * brx, y), P(bx + 0.75 * brx, y)], fill=mark, width=max(1, int(1.6 * u)))
+            y = t.y + (0.25 + 0.22 * k) * t.ry
+            pen.draw.line([pen.pt(t.x - 0.1 * t.rx, y), pen.pt(t.x + 0.75 * t.rx, y)], fill=mark, width=pen.width(1.6))
 
-    # Wing: an ellipse on the back, with bars and an optional pale spot.
-    wx, wy, wrx, wry = bx - 4, by - 3, 0.75 * brx, 0.5 * bry
-    d.ellipse(box(wx, wy, wrx, wry), fill=wing)
+
+def _draw_wing(pen: _Pen, sp: Species, t: _Trunk, colour: tuple[int, int, int]) -> None:
+    """The wing: an ellipse on the back, with the species' bars and optional pale spot."""
+    wx, wy, wrx, wry = t.x - 4, t.y - 3, 0.75 * t.rx, 0.5 * t.ry
+    pen.draw.ellipse(pen.box(wx, wy, wrx, wry), fill=colour)
     for k in range(sp.wing_bars):
         x = wx + (0.35 - 0.3 * k) * wrx
-        d.line([P(x, wy - 0.8 * wry), P(x - 2, wy + 0.8 * wry)], fill=(235, 230, 215), width=max(1, int(1.6 * u)))
+        pen.draw.line([pen.pt(x, wy - 0.8 * wry), pen.pt(x - 2, wy + 0.8 * wry)], fill=(235, 230, 215),
+                      width=pen.width(1.6))
     if sp.wing_spot:
-        d.ellipse(box(wx - 0.6 * wrx, wy + 0.1 * wry, 3.0, 3.0), fill=(240, 235, 220))
+        pen.draw.ellipse(pen.box(wx - 0.6 * wrx, wy + 0.1 * wry, 3.0, 3.0), fill=(240, 235, 220))
 
-    # Head: crest, cap, eye (with an optional stripe), beak.
+
+def _draw_head(pen: _Pen, sp: Species, body: tuple[int, int, int]) -> None:
+    """The head: crest, cap, eye (with an optional stripe) and beak."""
+    hx, hy, hr = 74.0, 38.0, 10.0
+    dark = (30, 25, 20)
     if sp.crest:
         h = 7.0 * sp.crest
-        d.polygon([P(hx - 7, hy - 5), P(hx - 6 - 0.6 * h, hy - 8 - h), P(hx + 2, hy - 8)], fill=sp.cap or body)
-    d.ellipse(box(hx, hy, hr, hr), fill=body)
+        pen.draw.polygon([pen.pt(hx - 7, hy - 5), pen.pt(hx - 6 - 0.6 * h, hy - 8 - h), pen.pt(hx + 2, hy - 8)],
+                         fill=sp.cap or body)
+    pen.draw.ellipse(pen.box(hx, hy, hr, hr), fill=body)
     if sp.cap:
-        d.chord(box(hx, hy, hr, hr), 180, 360, fill=sp.cap)
+        pen.draw.chord(pen.box(hx, hy, hr, hr), 180, 360, fill=sp.cap)
     if sp.eye_stripe:
-        d.line([P(hx - hr + 1, hy + 1), P(hx + hr - 1, hy + 1)], fill=dark, width=max(1, int(2 * u)))
-    d.ellipse(box(hx + 3, hy, 2.2, 2.2), fill=(245, 245, 240))
-    d.ellipse(box(hx + 3.4, hy, 1.3, 1.3), fill=dark)
+        pen.draw.line([pen.pt(hx - hr + 1, hy + 1), pen.pt(hx + hr - 1, hy + 1)], fill=dark, width=pen.width(2))
+    pen.draw.ellipse(pen.box(hx + 3, hy, 2.2, 2.2), fill=(245, 245, 240))
+    pen.draw.ellipse(pen.box(hx + 3.4, hy, 1.3, 1.3), fill=dark)
     bl = 9.0 * sp.beak_len
-    d.polygon([P(hx + hr - 1.5, hy - 2.5), P(hx + hr - 1.5 + bl, hy + 1.5), P(hx + hr - 1.5, hy + 3.5)],
-              fill=(60, 50, 40))
-    return im
+    pen.draw.polygon([pen.pt(hx + hr - 1.5, hy - 2.5), pen.pt(hx + hr - 1.5 + bl, hy + 1.5),
+                      pen.pt(hx + hr - 1.5, hy + 3.5)], fill=(60, 50, 40))
 
 
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
