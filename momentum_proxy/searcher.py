@@ -87,7 +87,7 @@ class Batcher:
     sleep between operations, which doubled the batch-1 latency of Lite0 when the model was loaded in another
     thread (README, "Serve")."""
 
-    def __init__(self, setup: Callable[[], Callable[[list], np.ndarray]], max_batch: int = 32, wait_ms: float = 20.0,
+    def __init__(self, setup: Callable[[], Callable[[list], np.ndarray]], max_batch: int = 32, wait_ms: float = 50.0,
                  on_batch: Callable[[int], None] | None = None):
         self.max_batch, self.wait, self.on_batch = max_batch, wait_ms / 1000, on_batch
         self.queue: queue.Queue = queue.Queue()
@@ -174,7 +174,7 @@ class Searcher:
     """A saved index plus the model that built it: search, add, remove (thread-safe)."""
 
     def __init__(self, index_dir: str | Path, *, run_dir: str | Path | None = None, device: str = "auto",
-                 max_batch: int = 32, batch_wait_ms: float = 20.0, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_batch: int = 32, batch_wait_ms: float = 50.0, max_pixels: int = DEFAULT_MAX_PIXELS,
                  on_batch: Callable[[int], None] | None = None, runtime: str = "torch"):
         from momentum_proxy.runtime import check_mix, load_embedder
 

@@ -22,6 +22,7 @@ from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
@@ -134,7 +135,7 @@ class Metrics:
 def create_app(index_dir: str | Path | None = None, *, searcher: Searcher | None = None, run_dir=None,
                device: str = "auto", token: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int | None = None, cors_origins: list[str] = (), max_batch: int = 32,
-               batch_wait_ms: float = 20.0, runtime: str = "torch") -> FastAPI:
+               batch_wait_ms: float = 50.0, runtime: str = "torch") -> FastAPI:
     """The service over the index in `index_dir` (or an open `searcher`), embedding with `runtime` (torch | onnx).
     With `token`, writes need the header `Authorization: Bearer TOKEN`; `cors_origins` turns CORS on for those
     origins."""
@@ -148,8 +149,8 @@ def create_app(index_dir: str | Path | None = None, *, searcher: Searcher | None
         yield
         searcher.close()
 
-    app = FastAPI(title="mproxy serve", description="Fine-grained image retrieval over a saved index",
-                  version="1", lifespan=lifespan)
+    app = FastAPIOffline(title="mproxy serve", description="Fine-grained image retrieval over a saved index",
+                         version="1", lifespan=lifespan)  # /docs and /redoc with their scripts served here
     app.state.searcher = searcher
     register_errors(app)
     app.add_route("/", lambda request: HTMLResponse(page()), include_in_schema=False)

@@ -1,6 +1,7 @@
 """`mproxy serve`: every endpoint and error of the HTTP API (FastAPI TestClient), and the Searcher behind it."""
 import io
 import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -215,7 +216,11 @@ def test_health_stats_metrics_docs_page(client, index_dir, tiny_run):
     assert 'mproxy_requests_total{method="GET",route="/items/{item_id}",status="404"}' in text
     assert 'mproxy_request_seconds_bucket{le="0.1",method="POST",route="/search"}' in text
     assert "mproxy_index_items 64.0" in text
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "cdn" not in docs.text.lower()  # works offline: scripts served here
+    for asset in re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', docs.text):
+        assert client.get(asset).status_code == 200, asset
+    assert len(re.findall(r'\.(?:js|css)"', docs.text)) == 2
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/search", "/items", "/items/{item_id}", "/items/{item_id}/image", "/health", "/stats"} <= set(paths)
     page = client.get("/")
