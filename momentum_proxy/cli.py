@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 from momentum_proxy import __version__
-from momentum_proxy.config import LOSS_NAMES, RECIPES, run_folder_name
+from momentum_proxy.config import RECIPES, run_folder_name
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import check_writable_folder
 
@@ -100,52 +100,29 @@ def run_prepare(a) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- train
-# Each TrainConfig field with its flags (new spelling first, then the original MP tool's), type and help. The
-# default shown in --help is the default recipe's (`--recipe original` changes some; explicit flags win).
-TRAIN_OPTIONS = [
-    ("backbone", ["--backbone", "--backbone_type"], str, "efficientnet_lite0 | resnet50 | inception | googlenet | "
-     "timm:NAME (default: efficientnet_lite0 on CPU, resnet50 on CUDA)"),
-    ("pretrained", ["--pretrained"], str, "default (ImageNet weights) | none"),
-    ("weights", ["--weights"], str, "pretrained backbone weights file (.pth/.safetensors)"),
-    ("loss", ["--loss", "--loss_name"], str, " | ".join(LOSS_NAMES)),
-    ("loss_scale", ["--loss-scale"], float, "inverse temperature of the loss's logits (None: the library's)"),
-    ("margin", ["--margin"], float, "margin of cos_face, arc_face, proxy_anchor (None: the library's)"),
-    ("optimizer", ["--optimizer", "--optimizer_type"], str, "adam* | sgd* (momentum proxies) | adam | sgd"),
-    ("sgd_momentum", ["--sgd-momentum"], float, "momentum of the SGD optimizer"),
-    ("momentum", ["--momentum"], float, "proxy momentum m in the * modes"),
-    ("proxy_update", ["--proxy-update"], str, "mean (class mean) | sum (the original tool)"),
-    ("proxy_init", ["--proxy-init"], str, "class_mean | random"),
-    ("lr", ["--lr"], float, "head learning rate"),
-    ("backbone_lr_mult", ["--backbone-lr-mult"], float, "backbone learning rate = lr x this"),
-    ("warmup_epochs", ["--warmup-epochs"], int, "first epochs train head and proxies only"),
-    ("schedule", ["--schedule"], str, "learning-rate schedule: multistep (x0.1 at 50%% and 80%% of the epochs) | "
-     "cosine"),
-    ("aug_scale_min", ["--aug-scale-min"], float, "smallest area fraction of the random-resized training crop"),
-    ("pooling", ["--pooling"], str, "max | avgmax"),
-    ("feature_dim", ["--feature-dim"], int, "embedding size"),
-    ("recalls", ["--recalls"], "int_list", "K of Recall@K"),
-    ("metrics", ["--metrics"], "str_list", "per-epoch metrics: recall,precision@1,r_precision,map@r,nmi"),
-    ("select", ["--select"], str, "val | last | test: which epoch becomes best.pt (None: val when the data has a "
-     "val split, else last; test only to reproduce published tables)"),
-    ("select_metric", ["--select-metric"], str, "recall@1 | precision@1 | r_precision | map@r (selection)"),
-    ("test_every_epoch", ["--test-every-epoch"], "flag", "also report test metrics every epoch (never selects)"),
-    ("batch_size", ["--batch-size", "--batch_size"], int, "batch size per process"),
-    ("epochs", ["--epochs", "--num_epochs", "--num-epochs"], int, "epochs"),
-    ("milestone_rounding", ["--milestone-rounding"], str, "round | floor (the original tool's int()) of the "
-     "multistep milestones"),
-    ("image_size", ["--image-size"], int, "input size in pixels"),
-    ("seed", ["--seed"], int, "random seed"),
-    ("device", ["--device"], str, "auto | cpu | cuda"),
-    ("workers", ["--workers"], int, "loader processes (None: 0 on <= 2 CPU cores, else cores - 1)"),
-    ("amp", ["--amp"], str, "none | bf16 | fp16 (CUDA) mixed precision"),
-    ("grad_accum", ["--grad-accum"], int, "gradient accumulation steps"),
-    ("compile", ["--compile"], "flag", "torch.compile the model"),
-]
+# The options are TrainConfig's fields declared with `config.option` (help and the original spellings in the
+# field's metadata). The default shown in --help is the default recipe's (`--recipe original` changes some;
+# explicit flags win).
+OPTION_TYPES = {"bool": "flag", "list[int]": "int_list", "list[str]": "str_list", "int": int, "float": float,
+                "str": str}
+
+
+def train_options() -> list[tuple[str, list[str], object, str]]:
+    """(field, flags, type, help) of every `TrainConfig` field that is an `mproxy train` option."""
+    from dataclasses import fields
+
+    from momentum_proxy.config import TrainConfig
+
+    return [(f.name, ["--" + f.name.replace("_", "-"), *f.metadata["aliases"]],
+             OPTION_TYPES[f.type.split(" | ")[0]], f.metadata["help"].replace("%", "%%"))
+            for f in fields(TrainConfig) if "help" in f.metadata]
+
+
 SWEEP_LISTS = ("backbone", "feature_dim", "momentum")  # comma-separated grids in `sweep`
 
 
 def add_train_options(p, *, for_sweep: bool = False) -> None:
-    """The training options, generated from TRAIN_OPTIONS (all default to None: "not given")."""
+    """The training options, generated from `train_options()` (all default to None: "not given")."""
     from momentum_proxy.config import TrainConfig
 
     d = TrainConfig(data="", out="")
@@ -157,7 +134,7 @@ def add_train_options(p, *, for_sweep: bool = False) -> None:
                         "--data_path); explicit options override either")
     p.add_argument("--config", help="options from a JSON or YAML file (e.g. `mproxy tune`'s best.json, a run's "
                                     "config.json); command-line options override it")
-    for name, flags, kind, text in TRAIN_OPTIONS:
+    for name, flags, kind, text in train_options():
         shown = f"{text} (default: {getattr(d, name)})"
         if for_sweep and name in SWEEP_LISTS:
             p.add_argument(*flags, dest=name, type=str_list, default=None, help=f"comma-separated grid; {shown}")
@@ -194,7 +171,7 @@ def config_from_args(a):
         raise UserError("give the prepared dataset with --data DIR (or --data_path DIR --data_name NAME)")
     data = str(Path(data).absolute())  # a resume from another folder still finds the data
     recipe = a.recipe or ("original" if a.data_path and not a.data else "default")
-    given = {name: getattr(a, name) for name, *_ in TRAIN_OPTIONS if getattr(a, name, None) is not None}
+    given = {name: getattr(a, name) for name, *_ in train_options() if getattr(a, name, None) is not None}
     out = getattr(a, "out", None) or from_file.get("out") or ""
     cfg = TrainConfig.from_recipe(recipe, **{**from_file, **given, "data": data, "out": out})
     cfg.validate()

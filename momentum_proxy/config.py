@@ -30,6 +30,13 @@ ORIGINAL_RECIPE = dict(backbone="resnet50", loss="proxy_nca", lr=1e-3, backbone_
 RECIPES = ("default", "original")
 
 
+def option(default=None, help: str = "", *, aliases: list[str] = (), factory=None):
+    """A `TrainConfig` field that is also an `mproxy train` option: `--name-with-dashes`, then `aliases` (the
+    original tool's spellings), with `help`; its type comes from the field's annotation."""
+    meta = {"help": help, "aliases": list(aliases)}
+    return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
     """Every option of a training run (`mproxy train` options map 1:1 onto these fields).
@@ -41,40 +48,43 @@ class TrainConfig:
 
     data: str
     out: str
-    backbone: str = "efficientnet_lite0"
-    pretrained: str = "default"  # default | none
-    weights: str | None = None  # explicit pretrained weights file
-    feature_dim: int = 512
-    pooling: str = "max"
-    loss: str = "normalized_softmax"
-    loss_scale: float | None = None  # None: the library's default scale / temperature
-    margin: float | None = None
-    optimizer: str = "adam*"
-    sgd_momentum: float = 0.9  # momentum of the SGD optimizer (the original tool: none)
-    momentum: float = 0.5  # proxy momentum m
-    proxy_update: str = "mean"  # mean | sum (the original tool)
-    proxy_init: str = "class_mean"  # class_mean | random
-    lr: float = 1e-4
-    backbone_lr_mult: float = 0.1
-    warmup_epochs: int = 1  # epochs that train only head and proxies, backbone frozen
-    milestone_rounding: str = "round"  # round | floor (the original tool's int()) for the multistep milestones
-    schedule: str = "multistep"  # multistep (x0.1 at 50 % and 80 % of the epochs) | cosine (to 0 at the end)
-    aug_scale_min: float = 0.16  # lower bound of the random-resized crop's area fraction
-    batch_size: int = 64
-    epochs: int = 20
-    recalls: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    metrics: list[str] = field(default_factory=lambda: ["recall", "map@r"])
-    select: str | None = None  # val | last | test; None: val when the data has a val split, else last
-    select_metric: str = "map@r"
-    test_every_epoch: bool = False  # per-epoch test columns for curves; never used for selection
+    backbone: str = option("efficientnet_lite0", "efficientnet_lite0 | resnet50 | inception | googlenet | timm:NAME "
+                           "(on CUDA, when not given: resnet50)", aliases=["--backbone_type"])
+    pretrained: str = option("default", "default (ImageNet weights) | none")
+    weights: str | None = option(None, "pretrained backbone weights file (.pth/.safetensors)")
+    feature_dim: int = option(512, "embedding size")
+    pooling: str = option("max", "max | avgmax")
+    loss: str = option("normalized_softmax", " | ".join(LOSS_NAMES), aliases=["--loss_name"])
+    loss_scale: float | None = option(None, "inverse temperature of the loss's logits (None: the library's)")
+    margin: float | None = option(None, "margin of cos_face, arc_face, proxy_anchor (None: the library's)")
+    optimizer: str = option("adam*", "adam* | sgd* (momentum proxies) | adam | sgd", aliases=["--optimizer_type"])
+    sgd_momentum: float = option(0.9, "momentum of the SGD optimizer (the original tool: none)")
+    momentum: float = option(0.5, "proxy momentum m in the * modes")
+    proxy_update: str = option("mean", "mean (class mean) | sum (the original tool)")
+    proxy_init: str = option("class_mean", "class_mean | random")
+    lr: float = option(1e-4, "head learning rate")
+    backbone_lr_mult: float = option(0.1, "backbone learning rate = lr x this")
+    warmup_epochs: int = option(1, "first epochs train head and proxies only (backbone frozen)")
+    milestone_rounding: str = option("round", "round | floor (the original tool's int()) of the multistep milestones")
+    schedule: str = option("multistep", "learning-rate schedule: multistep (x0.1 at 50% and 80% of the epochs) | "
+                           "cosine (to 0 at the end)")
+    aug_scale_min: float = option(0.16, "smallest area fraction of the random-resized training crop")
+    batch_size: int = option(64, "batch size per process", aliases=["--batch_size"])
+    epochs: int = option(20, "epochs", aliases=["--num_epochs", "--num-epochs"])
+    recalls: list[int] = option(help="K of Recall@K", factory=lambda: [1, 2, 4, 8])
+    metrics: list[str] = option(help="per-epoch metrics: " + ",".join(METRICS), factory=lambda: ["recall", "map@r"])
+    select: str | None = option(None, "val | last | test: which epoch becomes best.pt (None: val when the data has a "
+                                "val split, else last; test only to reproduce published tables)")
+    select_metric: str = option("map@r", " | ".join(SELECT_METRICS) + " (selection)")
+    test_every_epoch: bool = option(False, "also report test metrics every epoch (never selects)")
     final_test: bool = True  # evaluate the selected checkpoint on test at the end (off: tuning trials)
-    image_size: int = 224
-    seed: int = 0
-    device: str = "auto"
-    workers: int | None = None
-    amp: str = "none"  # none | bf16 | fp16
-    grad_accum: int = 1
-    compile: bool = False
+    image_size: int = option(224, "input size in pixels")
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "auto | cpu | cuda")
+    workers: int | None = option(None, "loader processes (None: 0 on <= 2 CPU cores, else cores - 1)")
+    amp: str = option("none", "none | bf16 | fp16 (CUDA) mixed precision")
+    grad_accum: int = option(1, "gradient accumulation steps")
+    compile: bool = option(False, "torch.compile the model")
     eval_batch_size: int | None = None
     log_every: int = 10
 
