@@ -24,10 +24,14 @@ SCHEDULES = ("multistep", "cosine")
 # `--data_path/--data_name`): ResNet-50, ProxyNCA, one learning rate, plain SGD (no momentum) or Adam,
 # milestones at int(50%) and int(80%) of the epochs, random proxies, no warm-up, its proxy update that adds
 # m * f_i for every sample, and the best epoch chosen on the test split as its published tables were.
-ORIGINAL_RECIPE = dict(backbone="resnet50", loss="proxy_nca", lr=1e-3, backbone_lr_mult=1.0, warmup_epochs=0,
-                       proxy_init="random", proxy_update="sum", sgd_momentum=0.0, milestone_rounding="floor", select="test",
-                       select_metric="recall@1")
+ORIGINAL_RECIPE = dict(backbone="resnet50", loss="proxy_nca", loss_scale=None, margin=None, lr=1e-3,
+                       backbone_lr_mult=1.0, warmup_epochs=0, proxy_init="random", proxy_update="sum", momentum=0.5,
+                       sgd_momentum=0.0, schedule="multistep", milestone_rounding="floor", pooling="max",
+                       aug_scale_min=0.16, select="test", select_metric="recall@1")
 RECIPES = ("default", "original")
+# The default recipe's loss parameters, found by `mproxy tune` on birds50 (README, "Tune"); a loss not listed
+# here (the original recipe's ProxyNCA among them) uses pytorch-metric-learning's defaults.
+LOSS_DEFAULTS = {"cos_face": {"loss_scale": 30.7, "margin": 0.216}}
 
 
 def option(default=None, help: str = "", *, aliases: list[str] = (), factory=None):
@@ -41,9 +45,10 @@ def option(default=None, help: str = "", *, aliases: list[str] = (), factory=Non
 class TrainConfig:
     """Every option of a training run (`mproxy train` options map 1:1 onto these fields).
 
-    The defaults are the recipe measured on real fine-grained photos with validation selection (README,
-    "Training recipe"): NormalizedSoftmax with momentum proxies initialised at the class means, one warm-up
-    epoch of head and proxies, and the backbone at a tenth of the head's learning rate.
+    The defaults are the recipe `mproxy tune` found on real fine-grained photos (birds50, selected and compared
+    on validation; README, "Tune"): CosFace (scale 30.7, margin 0.216) with momentum proxies (m 0.637)
+    initialised at the class means, avg+max pooling, one warm-up epoch of head and proxies, lr 2.15e-5 with the
+    backbone at 0.332 of it, a cosine schedule, and crops of at least half the image. Rounded to 3 digits.
     """
 
     data: str
@@ -53,22 +58,24 @@ class TrainConfig:
     pretrained: str = option("default", "default (ImageNet weights) | none")
     weights: str | None = option(None, "pretrained backbone weights file (.pth/.safetensors)")
     feature_dim: int = option(512, "embedding size")
-    pooling: str = option("max", "max | avgmax")
-    loss: str = option("normalized_softmax", " | ".join(LOSS_NAMES), aliases=["--loss_name"])
-    loss_scale: float | None = option(None, "inverse temperature of the loss's logits (None: the library's)")
-    margin: float | None = option(None, "margin of cos_face, arc_face, proxy_anchor (None: the library's)")
+    pooling: str = option("avgmax", "max | avgmax (max + mean pooling)")
+    loss: str = option("cos_face", " | ".join(LOSS_NAMES), aliases=["--loss_name"])
+    loss_scale: float | None = option(None, "inverse temperature of the loss's logits (None: 30.7 for cos_face, "
+                                      "as tuned; the library's for the others)")
+    margin: float | None = option(None, "margin of cos_face, arc_face, proxy_anchor (None: 0.216 for cos_face, as "
+                                  "tuned; the library's for the others)")
     optimizer: str = option("adam*", "adam* | sgd* (momentum proxies) | adam | sgd", aliases=["--optimizer_type"])
     sgd_momentum: float = option(0.9, "momentum of the SGD optimizer (the original tool: none)")
-    momentum: float = option(0.5, "proxy momentum m in the * modes")
+    momentum: float = option(0.637, "proxy momentum m in the * modes")
     proxy_update: str = option("mean", "mean (class mean) | sum (the original tool)")
     proxy_init: str = option("class_mean", "class_mean | random")
-    lr: float = option(1e-4, "head learning rate")
-    backbone_lr_mult: float = option(0.1, "backbone learning rate = lr x this")
+    lr: float = option(2.15e-5, "head learning rate")
+    backbone_lr_mult: float = option(0.332, "backbone learning rate = lr x this")
     warmup_epochs: int = option(1, "first epochs train head and proxies only (backbone frozen)")
     milestone_rounding: str = option("round", "round | floor (the original tool's int()) of the multistep milestones")
-    schedule: str = option("multistep", "learning-rate schedule: multistep (x0.1 at 50% and 80% of the epochs) | "
+    schedule: str = option("cosine", "learning-rate schedule: multistep (x0.1 at 50% and 80% of the epochs) | "
                            "cosine (to 0 at the end)")
-    aug_scale_min: float = option(0.16, "smallest area fraction of the random-resized training crop")
+    aug_scale_min: float = option(0.501, "smallest area fraction of the random-resized training crop")
     batch_size: int = option(64, "batch size per process", aliases=["--batch_size"])
     epochs: int = option(20, "epochs", aliases=["--num_epochs", "--num-epochs"])
     recalls: list[int] = option(help="K of Recall@K", factory=lambda: [1, 2, 4, 8])
@@ -87,6 +94,14 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model")
     eval_batch_size: int | None = None
     log_every: int = 10
+
+    @property
+    def loss_params(self) -> tuple[float | None, float | None]:
+        """(scale, margin) of the loss: the given ones, else the default recipe's for this loss (None: the
+        library's)."""
+        tuned = LOSS_DEFAULTS.get(self.loss, {})
+        return (self.loss_scale if self.loss_scale is not None else tuned.get("loss_scale"),
+                self.margin if self.margin is not None else tuned.get("margin"))
 
     @property
     def momentum_mode(self) -> bool:

@@ -55,7 +55,8 @@ class Trainee(nn.Module):
 def build(cfg: TrainConfig, num_classes: int) -> tuple[EmbeddingNet, nn.Module]:
     weights = None if cfg.pretrained == "none" else (cfg.weights or "default")
     model = EmbeddingNet(cfg.backbone, cfg.feature_dim, weights=weights, pooling=cfg.pooling)
-    loss = create_loss(cfg.loss, num_classes, cfg.feature_dim, scale=cfg.loss_scale, margin=cfg.margin)
+    scale, margin = cfg.loss_params
+    loss = create_loss(cfg.loss, num_classes, cfg.feature_dim, scale=scale, margin=margin)
     if cfg.momentum_mode:
         proxy_parameter(loss)[0].requires_grad_(False)
     return model, loss

@@ -99,8 +99,11 @@ def test_original_command_line_resolves_to_the_same_config(tmp_path):
     assert (defaults.proxy_update, defaults.proxy_init, defaults.warmup_epochs) == ("sum", "random", 0)
     assert defaults.data == str(tmp_path / "car")
     recipe = config_from_args(parser().parse_args(["train", "--data", str(tmp_path / "car"), "--device", "cpu"]))
-    assert (recipe.backbone, recipe.loss, recipe.lr, recipe.proxy_init) == (
-        "efficientnet_lite0", "normalized_softmax", 1e-4, "class_mean")
+    assert (recipe.backbone, recipe.loss, recipe.lr, recipe.proxy_init, recipe.loss_params) == (
+        "efficientnet_lite0", "cos_face", 2.15e-5, "class_mean", (30.7, 0.216))
+    # the original recipe keeps the original tool's settings whatever the defaults are
+    assert (defaults.pooling, defaults.schedule, defaults.aug_scale_min, defaults.loss_params) == (
+        "max", "multistep", 0.16, (None, None))
 
 
 def _bad_manifest(tmp_path, name, text):
@@ -253,7 +256,7 @@ def test_bad_options_fail_before_torch_is_imported(tiny_data, tmp_path):
 
 def test_help_shows_defaults_and_version(capsys):
     code, out, _ = run_cli(["train", "--help"], capsys)
-    assert code == 0 and "(default: 0.0001)" in out and "(default: normalized_softmax)" in out
+    assert code == 0 and "(default: 2.15e-05)" in out and "(default: cos_face)" in out
     code, out, _ = run_cli(["--version"], capsys)
     assert code == 0 and out.startswith("mproxy 0.")
 
