@@ -12,7 +12,7 @@ from conftest import run_cli
 from momentum_proxy.cli import config_from_args, main, parser
 from momentum_proxy.errors import UserError
 
-TRAIN = ["--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--epochs", "1", "--workers", "0"]
+TRAIN = ["--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--lr", "1e-4", "--epochs", "1", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")

@@ -143,6 +143,7 @@ def test_select_last_without_val_and_select_test_is_labelled(tiny_data, tmp_path
 
 def test_lr_column_is_the_rate_the_epoch_trained_with(tiny_config):
     tiny_config.epochs, tiny_config.milestone_rounding = 3, "floor"  # milestones int(1.5)=1, int(2.4)=2
+    tiny_config.schedule, tiny_config.lr = "multistep", 1e-4
     training.train(tiny_config)
     assert [r["lr"] for r in RunDir(tiny_config.out).metrics()[1:]] == pytest.approx([1e-4, 1e-5, 1e-6])
 
