@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,12 @@ import torch
 from conftest import assert_same
 
 from momentum_proxy import training
-from momentum_proxy.errors import UserError
-from momentum_proxy.losses import LOSSES, MomentumProxyUpdate, proxies_by_class, proxy_parameter
-from dataclasses import replace
-
 from momentum_proxy.config import TrainConfig
 from momentum_proxy.data.loading import load_datasets
+from momentum_proxy.errors import UserError
 from momentum_proxy.evaluate import evaluate_arrays
 from momentum_proxy.inference import embed_dataset, load_model
+from momentum_proxy.losses import LOSSES, MomentumProxyUpdate, proxies_by_class, proxy_parameter
 from momentum_proxy.runs import BEST, LAST, RunDir, load_embeddings
 
 OPTIMIZERS = ["adam*", "sgd*", "adam", "sgd"]
@@ -362,3 +361,16 @@ def test_original_recipe_end_to_end(tiny_data, tmp_path, capsys):
         "resnet50", "proxy_nca", 1e-3, "sum", "random", "test")
     assert run.eval()["selected_on"] == "test" and "test_recall@1" in run.metrics()[0]
     assert "SELECTED ON TEST" in capsys.readouterr().out
+
+
+def test_default_recipe_loss_parameters_reach_the_loss_and_only_for_cos_face(tiny_data, tmp_path):
+    from pytorch_metric_learning import losses
+
+    cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path), pretrained="none", feature_dim=16)
+    loss = training.build(cfg, num_classes=2)[1]
+    assert (cfg.loss, loss.scale, loss.margin) == ("cos_face", 30.7, 0.216)  # the tuned recipe
+    arc = training.build(replace(cfg, loss="arc_face"), num_classes=2)[1]
+    library = losses.ArcFaceLoss(num_classes=2, embedding_size=16)
+    assert (arc.scale, arc.margin) == (library.scale, library.margin)  # other losses: the library's
+    given = training.build(replace(cfg, loss_scale=8.0, margin=0.1), num_classes=2)[1]
+    assert (given.scale, given.margin) == (8.0, 0.1)
