@@ -23,13 +23,7 @@ def tune_allocator() -> bool:
     page-faults its activations in again: on 2 cores this doubled inference time (kernel time 12 s vs 3.5 s for
     the same work). Returns whether the settings were applied (glibc on Linux only).
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
-    except (OSError, AttributeError):
-        return False
+    return mallopt(M_MMAP_THRESHOLD, KEEP_BYTES) and mallopt(M_TRIM_THRESHOLD, KEEP_BYTES)
 
 
 def share_heap() -> bool:
@@ -39,9 +33,14 @@ def share_heap() -> bool:
     a model run by a worker thread (the service's batcher) page-faults its activations in again on every batch:
     Lite0 at 224 px embedded a batch of 8 in 122 ms there against 91 ms with this setting (README, "Serve").
     Returns whether it was applied (glibc on Linux only)."""
+    return mallopt(M_ARENA_MAX, 1)
+
+
+def mallopt(param: int, value: int) -> bool:
+    """glibc's `mallopt(param, value)`; False where it is not available (not Linux, not glibc) or refused."""
     if not sys.platform.startswith("linux"):
         return False
     try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 1))
+        return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
     except (OSError, AttributeError):
         return False

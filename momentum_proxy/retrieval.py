@@ -313,11 +313,12 @@ def retrieve_and_draw(query: str | Path, k: int, out_dir: str | Path | None = No
     check_query(query, k)
     if index_dir:
         index, run_dir = open_index(index_dir, run_dir)
+        identity = index.model  # open_index checked that it is the run's current checkpoint
         collection = f"the index {index_dir}"
         extra = {"index": {"path": str(Path(index_dir).absolute()), "kind": index.kind, "items": len(index)}}
     else:
         run_dir, database = resolve_database(run_dir, data_base)
-        extra = {}
+        identity, extra = model_identity(run_dir), {}
     out_dir = Path(out_dir or Path(index_dir or run_dir) / "retrieval")
     check_writable_folder(out_dir, "the output folder")
     embedder = load_embedder(run_dir, runtime, device)
@@ -326,9 +327,8 @@ def retrieve_and_draw(query: str | Path, k: int, out_dir: str | Path | None = No
     else:
         index, collection = run_index(run_dir, embedder, split, database)
     r = search_image(index, embedder, query, k, collection)
-    identity = model_identity(run_dir)
-    model = {"run": identity["run"], "runtime": runtime,
-             **{key: identity[key] for key in ("backbone", "checkpoint_sha256", "checkpoint_epoch")}}
+    model = {"run": str(Path(run_dir).resolve()), "runtime": runtime,
+             **{key: identity.get(key) for key in ("backbone", "checkpoint_sha256", "checkpoint_epoch")}}
     return r, save_retrieval(r, out_dir, {"model": model, **extra})
 
 

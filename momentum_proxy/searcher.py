@@ -196,7 +196,7 @@ class Searcher:
     def close(self) -> None:
         self.batcher.close()
 
-    # ------------------------------------------------------------------------------------------- embedding
+    # ------------------------------------------------------------------------------------------- decoding
     def decode(self, data: bytes) -> tuple[np.ndarray, str]:
         return decode_image(data, self.image_size, self.max_pixels)
 
@@ -209,11 +209,6 @@ class Searcher:
                 raise UserError(f"query image not found: {query}")
             query = Path(query).read_bytes()
         return self.decode(query)[0]
-
-    def embed(self, arrays: list[np.ndarray]) -> np.ndarray:
-        """Embeddings (n, d) of decoded images, batched with whatever other queries are waiting."""
-        futures = [self.batcher.submit(a) for a in arrays]
-        return np.stack([f.result() for f in futures])
 
     # ------------------------------------------------------------------------------------------- search
     def search(self, query, k: int = 10, *, min_score: float | None = None) -> dict:
