@@ -108,15 +108,6 @@ def open_index(index_dir: str | Path, run_dir: str | Path | None = None) -> tupl
     return RetrievalIndex.load(index_dir), run_dir
 
 
-def check_output(out: Path) -> None:
-    """Refuse an unusable index folder before any expensive work (a file in its place, no write access)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder for the index")
-    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write the index into {out}: {existing} is not a writable folder")
-
-
 def collect_images(source: str | Path) -> tuple[list[str], list[int] | None, dict[int, str]]:
     """Absolute image paths (with labels and class names) of a prepared dataset, or every image file below a
     folder (no labels)."""
@@ -177,7 +168,7 @@ def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path,
     if kind not in KINDS:
         raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
     out = Path(out)
-    check_output(out)
+    check_writable_folder(out, "the index folder")  # before any expensive work
     identity = model_identity(run_dir)
     existing = None
     if (out / META_FILE).exists() and not rebuild:

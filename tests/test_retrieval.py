@@ -1,11 +1,12 @@
 """Index folders that never surprise: any working directory, moved images, duplicates, stale models, bad --out."""
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import make_run, run_cli
 
-from momentum_proxy import retrieval
 from momentum_proxy.errors import UserError
 from momentum_proxy.index import META_FILE, RetrievalIndex
 from momentum_proxy.retrieval import build_index, retrieve_and_draw
@@ -82,10 +83,15 @@ def test_output_path_checked_before_embedding(tiny_run, images, tmp_path, monkey
         assert code == 2 and err.startswith("mproxy: error:") and len(err.strip().splitlines()) == 1
         assert "index.txt" in err
     assert a_file.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["index.txt", "photos"]
-    monkeypatch.setattr(retrieval.os, "access", lambda path, mode: False)  # a read-only place (root may write anywhere)
-    code, _, err = run_cli(["index", tiny_run, "--images", images, "--out", tmp_path / "new" / "idx"], capsys)
-    assert code == 2 and f"{tmp_path} is not a writable folder" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.txt", "photos"]
+    if os.geteuid() == 0:
+        read_only = Path("/sys")  # root ignores permission bits, not sysfs
+    else:
+        read_only = tmp_path / "ro"
+        read_only.mkdir(mode=0o500)
+    code, _, err = run_cli(["index", tiny_run, "--images", images, "--out", read_only / "new" / "idx"], capsys)
+    assert code == 2 and f"cannot write the index folder {read_only / 'new' / 'idx'}: {read_only}" in err
+    assert len(err.strip().splitlines()) == 1 and not (read_only / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p != read_only) == ["index.txt", "photos"]
 
 
 def test_retrieve_checks_the_run_against_the_index_and_records_both(tiny_data, tiny_run, tmp_path, capsys):
