@@ -229,7 +229,7 @@ class RetrievalIndex:
         """An item's metadata: id, path, label, class_name (UserError for an unknown or deleted id)."""
         if not self.exists(item_id):
             raise UserError(f"no item with id {item_id}")
-        label = self.labels[item_id] if self.labels is not None else None
+        label = int(self.labels[item_id]) if self.labels is not None else None
         return {"id": int(item_id), "path": self.paths[item_id], "label": None if label == UNKNOWN else label,
                 "class_name": self.classes.get(label)}
 

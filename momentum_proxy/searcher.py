@@ -4,6 +4,7 @@
 from momentum_proxy.searcher import Searcher
 s = Searcher("index/mine")
 s.search("photo.jpg", k=8)["results"]      # or an embedding (numpy), an item id (int), image bytes, a PIL image
+await s.asearch(image_bytes, k=8)           # the same in an event loop (the service's path)
 ```
 
 Queries that arrive together from several threads are embedded as one batch (`Batcher`: a query announces
@@ -14,6 +15,7 @@ time, crash-safe (see `index.py`), before they are acknowledged.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import queue
@@ -34,9 +36,20 @@ from momentum_proxy.index import UNKNOWN, RetrievalIndex, Snapshot
 from momentum_proxy.retrieval import open_index, search_hits
 
 MAX_K = 1000
+INLINE_SEARCH_ITEMS = 5_000  # an exact search over more items (a millisecond and up) runs off the event loop
 DEFAULT_MAX_PIXELS = 40_000_000
 UPLOADS = "images"  # uploaded images are kept in INDEX/images/, named by content hash
 SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+def check_k(k: int) -> None:
+    if not 1 <= int(k) <= MAX_K:
+        raise UserError(f"k must be between 1 and {MAX_K}, got {k}")
+
+
+def is_image_query(query) -> bool:
+    """An image (bytes, a file path or a PIL image) rather than an item id or an embedding."""
+    return isinstance(query, (bytes, bytearray, str, Path, Image.Image))
 
 
 class BadImage(UserError):
@@ -155,7 +168,10 @@ class Batcher:
             return
         ready.set_result(None)
         while (first := self.queue.get()) is not None:
-            batch = self._collect(first)
+            # a caller that gave up (a cancelled future) is left out; the others can no longer be cancelled
+            batch = [(item, f) for item, f in self._collect(first) if f.set_running_or_notify_cancel()]
+            if not batch:
+                continue
             items, futures = zip(*batch)
             try:
                 out = fn(list(items))
@@ -216,29 +232,54 @@ class Searcher:
         bytes, an image file path, or a PIL image. Returns {"query", "results", "timing_ms"} (decode, embed and
         search milliseconds); results carry rank, id, path, label, class_name, score, same_class. A query by id
         or by the path of an indexed image leaves that item out of its results."""
-        if not 1 <= int(k) <= MAX_K:
-            raise UserError(f"k must be between 1 and {MAX_K}, got {k}")
+        check_k(k)
         t0 = time.perf_counter()
-        query_id = int(query) if isinstance(query, (int, np.integer)) and not isinstance(query, bool) else None
-        query_path = Path(query) if isinstance(query, (str, Path)) else None
-        if query_id is not None:
+        if not is_image_query(query):
+            return self._answer(query, self._features(query), k, min_score, t0, t0)
+        with self.batcher.arriving() as submit:  # concurrent queries still decoding join its batch
+            array = self._decode_query(query)
+            t1 = time.perf_counter()
+            future = submit(array)
+        return self._answer(query, future.result()[None], k, min_score, t0, t1)
+
+    async def asearch(self, query, k: int = 10, *, min_score: float | None = None) -> dict:
+        """`search` for an event loop (the service's): an image is decoded in a worker thread, and its batch is
+        awaited without holding a thread, so that the answers of a batch go out at once instead of through
+        one woken thread each (README, "Serve"). The search itself runs in the loop's thread where it is fast
+        (an approximate index, or an exact one of up to `INLINE_SEARCH_ITEMS` items), else in a worker."""
+        if not is_image_query(query):
+            return await asyncio.to_thread(self.search, query, k, min_score=min_score)
+        check_k(k)
+        t0 = time.perf_counter()
+        with self.batcher.arriving() as submit:
+            array = await asyncio.to_thread(self._decode_query, query)
+            t1 = time.perf_counter()
+            future = submit(array)
+        features = (await asyncio.wrap_future(future))[None]
+        if self.index.kind == "exact" and self.index.ntotal > INLINE_SEARCH_ITEMS:
+            return await asyncio.to_thread(self._answer, query, features, k, min_score, t0, t1)
+        return self._answer(query, features, k, min_score, t0, t1)
+
+    def _features(self, query) -> np.ndarray:
+        """The embedding of an id or embedding query, shape (1, d)."""
+        if isinstance(query, bool) or not isinstance(query, (int, np.integer, np.ndarray, list, tuple)):
+            raise UserError(f"a query is an item id, an embedding, image bytes, an image path or a PIL image, "
+                            f"not {type(query).__name__}")
+        if isinstance(query, (int, np.integer)):
             with self._lock:
-                features = self.index.vector(query_id) if self.index.exists(query_id) else None
-            if features is None:
-                raise ItemNotFound(f"no item with id {query_id}")
-            t1 = t2 = time.perf_counter()
-        elif isinstance(query, (np.ndarray, list, tuple)):
-            features = np.asarray(query, np.float32).reshape(1, -1)
-            if features.shape[1] != self.index.feature_dim or not np.isfinite(features).all():
-                raise UserError(f"the embedding must be {self.index.feature_dim} finite numbers")
-            t1 = t2 = time.perf_counter()
-        else:
-            with self.batcher.arriving() as submit:  # concurrent queries still decoding join its batch
-                array = self._decode_query(query)
-                t1 = time.perf_counter()
-                future = submit(array)
-            features = future.result()[None]
-            t2 = time.perf_counter()
+                if not self.index.exists(int(query)):
+                    raise ItemNotFound(f"no item with id {query}")
+                return self.index.vector(int(query))
+        features = np.asarray(query, np.float32).reshape(1, -1)
+        if features.shape[1] != self.index.feature_dim or not np.isfinite(features).all():
+            raise UserError(f"the embedding must be {self.index.feature_dim} finite numbers")
+        return features
+
+    def _answer(self, query, features: np.ndarray, k: int, min_score: float | None, t0: float, t1: float) -> dict:
+        """The search's response for a query embedded by `t1` (started at `t0`)."""
+        t2 = time.perf_counter()
+        query_id = int(query) if isinstance(query, (int, np.integer)) else None
+        query_path = Path(query) if isinstance(query, (str, Path)) else None
         with self._lock:
             own, hits = search_hits(self.index, features, k, query_path=query_path, query_id=query_id,
                                     min_score=min_score)

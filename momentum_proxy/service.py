@@ -241,9 +241,9 @@ def add_routes(app: FastAPI, searcher: Searcher, metrics: Metrics, can_write) ->
         params, image = await read_search(request)
         query = image if image is not None else (params.id if params.id is not None
                                                  else np.asarray(params.embedding, np.float32))
-        result = await run_in_threadpool(searcher.search, query, params.k, min_score=params.min_score)
+        result = await searcher.asearch(query, params.k, min_score=params.min_score)
         result["timing_ms"]["total"] = 1000 * (time.perf_counter() - start)
-        return result
+        return JSONResponse(result)  # plain JSON types already: FastAPI's encoder pass is skipped
 
     @app.get("/items/{item_id}", summary="an item's metadata")
     async def item(item_id: int):
@@ -285,7 +285,7 @@ def serve(index_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, t
     """Run the service with uvicorn; refuse to listen beyond loopback without a write token."""
     import uvicorn
 
-    from momentum_proxy.perf import share_heap
+    from momentum_proxy.perf import freeze_gc, share_heap
 
     if not is_loopback(host) and not token:
         raise UserError(f"refusing to serve on {host} without a write token: pass --token or set {TOKEN_ENV} "
@@ -294,6 +294,7 @@ def serve(index_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, t
         raise UserError(f"--port must be 0-65535, got {port}")
     share_heap()  # before the batcher thread starts: it runs the model
     app = create_app(index_dir, token=token, **options)
+    freeze_gc()
     print(f"serving {index_dir} ({len(app.state.searcher.index)} items) on http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

@@ -296,6 +296,47 @@ def test_searcher_without_http(index_dir, tiny_data):
         searcher.close()
 
 
+def test_asearch_in_an_event_loop_batches_and_equals_search(index_dir, tiny_data, monkeypatch):
+    """The service's path: concurrent awaited searches share one batch and answer as `search` does; the search
+    step runs in the loop's thread for a small exact index and in a worker thread over INLINE_SEARCH_ITEMS."""
+    import asyncio
+
+    from momentum_proxy import searcher as searcher_module
+    from momentum_proxy.errors import UserError
+
+    sizes = []
+    searcher = Searcher(index_dir, batch_wait_ms=2000, on_batch=sizes.append)  # a busy machine decodes slowly
+    threads = []
+    answer = searcher._answer
+    monkeypatch.setattr(searcher, "_answer", lambda *a: threads.append(
+        (searcher_module.is_image_query(a[0]), threading.current_thread())) or answer(*a))
+    try:
+        path = tiny_data / "images" / "species_05" / "0000.jpg"
+        queries = [jpeg_bytes(seed=s) for s in range(6)] + [path, 3, searcher.index.vector(9)[0]]
+
+        async def together():
+            return threading.current_thread(), await asyncio.gather(*(searcher.asearch(q, 5) for q in queries))
+
+        loop_thread, awaited = asyncio.run(together())
+        images = [t for is_image, t in threads if is_image]
+        assert max(sizes) == 7 and images == [loop_thread] * 7  # six uploads and the path: one batch
+        for q, a in zip(queries, awaited):
+            b = searcher.search(q, 5)
+            assert a["query"] == b["query"] and [r["id"] for r in a["results"]] == [r["id"] for r in b["results"]]
+            np.testing.assert_allclose([r["score"] for r in a["results"]], [r["score"] for r in b["results"]],
+                                       atol=1e-5)
+        monkeypatch.setattr(searcher_module, "INLINE_SEARCH_ITEMS", 10)
+        threads.clear()
+        loop_thread, _ = asyncio.run(together())
+        assert loop_thread not in [t for _, t in threads]
+        with pytest.raises(UserError, match="k must be between 1 and 1000"):
+            asyncio.run(searcher.asearch(queries[0], 0))
+        with pytest.raises(UserError, match="not dict"):
+            asyncio.run(searcher.asearch({"id": 3}, 5))
+    finally:
+        searcher.close()
+
+
 def test_serve_refuses_open_address_without_token(index_dir, capsys, monkeypatch):
     monkeypatch.delenv("MPROXY_TOKEN", raising=False)
     with pytest.raises(SystemExit) as e:
@@ -303,6 +344,22 @@ def test_serve_refuses_open_address_without_token(index_dir, capsys, monkeypatch
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert "refusing to serve on 0.0.0.0 without a write token: pass --token or set MPROXY_TOKEN" in err
+
+
+def test_serve_freezes_startup_objects_out_of_the_collector(index_dir, monkeypatch):
+    import gc
+
+    import uvicorn
+
+    from momentum_proxy.service import serve
+
+    frozen = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: frozen.append(gc.get_freeze_count()))
+    try:
+        serve(index_dir, port=0)
+        assert frozen and frozen[0] > 10_000  # the model and libraries, frozen before requests are served
+    finally:
+        gc.unfreeze()
 
 
 def test_onnx_runtime_serves_the_same_results(index_dir, tiny_run, tiny_data, tmp_path):
@@ -372,4 +429,45 @@ def test_batcher_waits_for_announced_queries_but_never_for_a_lone_one():
             pass
         assert batcher.announced == 0
     finally:
+        batcher.close()
+
+
+def test_batcher_leaves_out_cancelled_queries_and_goes_on():
+    """A caller that gives up (an awaiting request cancelled, e.g. at shutdown) cancels its future; the batch
+    must skip it instead of failing to set its result, which would stop the batcher for everyone."""
+    import asyncio
+
+    from momentum_proxy.searcher import Batcher
+
+    batches, running, release = [], threading.Event(), threading.Event()
+
+    def run(items):
+        batches.append(list(items))
+        running.set()
+        release.wait()
+        return np.array(items) * 10
+
+    batcher = Batcher(lambda: run, wait_ms=0)
+    try:
+        first = batcher.submit(1)
+        running.wait()  # the first batch is running; the next two queue behind it
+        gone, kept = batcher.submit(2), batcher.submit(3)
+        assert gone.cancel() and not first.cancel()  # a running batch's futures cannot be cancelled
+        release.set()
+        assert first.result() == 10 and kept.result() == 30 and batches == [[1], [3]]
+
+        async def give_up():
+            task = asyncio.ensure_future(asyncio.wrap_future(batcher.submit(4)))
+            await asyncio.sleep(0)
+            task.cancel()  # cancels the batcher's future too (asyncio.wrap_future)
+
+        release.clear()
+        running.clear()
+        blocker = batcher.submit(5)
+        running.wait()
+        asyncio.run(give_up())
+        release.set()
+        assert blocker.result() == 50 and batcher.submit(6).result() == 60 and [4] not in batches
+    finally:
+        release.set()
         batcher.close()
