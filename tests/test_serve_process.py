@@ -108,6 +108,18 @@ def test_sigkill_during_adds_loses_no_acknowledged_item(tiny_data, tiny_run, tmp
         best = httpx.post(f"{url}/search", files={"image": ("q.png", next(iter(acked.values())), "image/png")},
                           data={"k": "1"}).json()["results"][0]
         assert best["id"] == next(iter(acked)) and best["score"] == pytest.approx(1.0, abs=1e-4)
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import serve_load  # the load test's own client, on uvicorn's real stack
+
+        latencies, errors = [], []
+        bodies = [serve_load.multipart(data, {"k": "10"}) for data in acked.values()]
+        clients = [threading.Thread(target=serve_load.search_loop,
+                                    args=(url, bodies, time.perf_counter() + 1, i, latencies, errors)) for i in range(3)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+        assert latencies and not errors
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
