@@ -234,9 +234,10 @@ class RetrievalIndex:
                 "class_name": self.classes.get(label)}
 
     def vector(self, item_id: int) -> np.ndarray:
-        """An item's stored (normalised) embedding, shape (1, d)."""
+        """An item's stored (normalised) embedding, shape (1, d). (numpy even once pytorch-metric-learning has
+        imported faiss.contrib.torch_utils, whose `reconstruct` returns torch tensors.)"""
         self.item(item_id)
-        return self.index.reconstruct(int(item_id))[None]
+        return np.asarray(self.index.reconstruct(int(item_id)))[None]
 
     def _set_search_params(self, k: int) -> None:
         # Attributes, not faiss SearchParameters: importing pytorch-metric-learning (faiss.contrib.torch_utils)
@@ -286,7 +287,7 @@ class RetrievalIndex:
         (sampled with `seed`) used as queries. 1.0 for an exact index."""
         live = np.array([i for i in range(self.ntotal) if i not in self.deleted])
         k = min(int(k), len(live))
-        vectors = self.index.reconstruct_n(0, self.ntotal)[live]
+        vectors = np.asarray(self.index.reconstruct_n(0, self.ntotal))[live]
         rng = np.random.default_rng(seed)
         queries = vectors[np.sort(rng.choice(len(live), min(num_queries, len(live)), replace=False))]
         exact = live[knn(queries, vectors, k)[1]]

@@ -202,3 +202,12 @@ def test_vector_of_an_item_after_save_load_and_add(kind, tmp_path):
     loaded.add(x[:1] + 1, ["new.jpg"], [0])
     for i, row in ((250, x[250]), (300, x[0] + 1)):
         np.testing.assert_allclose(loaded.vector(i)[0], row / np.linalg.norm(row), atol=1e-5)
+
+
+def test_vectors_stay_numpy_after_pytorch_metric_learning_patches_faiss():
+    import faiss.contrib.torch_utils  # noqa: F401  (what pytorch-metric-learning imports: torch-returning methods)
+
+    x, y, paths = clustered(50)
+    index = RetrievalIndex.build(x, paths, y)
+    assert isinstance(index.vector(3), np.ndarray) and index.vector(3).shape == (1, x.shape[1])
+    assert index.recall_vs_exact(k=5) == 1.0
