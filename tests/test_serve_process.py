@@ -113,8 +113,9 @@ def test_sigkill_during_adds_loses_no_acknowledged_item(tiny_data, tiny_run, tmp
 
         latencies, errors = [], []
         bodies = [serve_load.multipart(data, {"k": "10"}) for data in acked.values()]
-        clients = [threading.Thread(target=serve_load.search_loop,
-                                    args=(url, bodies, time.perf_counter() + 1, i, latencies, errors)) for i in range(3)]
+        until = time.perf_counter() + 1
+        clients = [threading.Thread(target=serve_load.search_loop, args=(url, bodies, until, i, latencies, errors))
+                   for i in range(3)]
         for c in clients:
             c.start()
         for c in clients:
