@@ -4,7 +4,8 @@ Starts the server on 127.0.0.1 over a copy of INDEX, then for each concurrency l
 sends image searches for a bounded time while one more client adds an image every `--add-every` seconds.
 Reports throughput, p50/p95/p99 latency and errors per level, checks afterwards that every acknowledged add is
 found by its own image, and measures, in the same run, the bare model's batch-1 time and its best batched
-embedding rate (before the server starts, so the two never share the cores).
+embedding rate (before the server starts and after it stops, so the two never share the cores; the goals use
+the fastest). `--runs N` repeats all of it.
 
     python benchmarks/serve_load.py --index index/flowers12 [--seconds 20 --levels 1,4,16 --runs 3 --json out.json]
 """
@@ -176,10 +177,9 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_level(url: str, clients: int, seconds: float, images: list[bytes], add_every: float,
+def run_level(url: str, clients: int, seconds: float, bodies: list[tuple[bytes, str]], add_every: float,
               server_pid: int) -> dict:
     latencies, errors, acked = [], [], []
-    bodies = [multipart(data, {"k": "10"}) for data in images]
     embedded, batches = batch_totals(url)
     stop = threading.Event()
     adder = threading.Thread(target=add_loop, args=(url, stop, add_every, acked, errors, clients))
@@ -239,22 +239,53 @@ def main() -> None:
     p.add_argument("--json", help="write the figures here")
     a = p.parse_args()
 
-    from momentum_proxy.index import RetrievalIndex
+    from momentum_proxy.errors import UserError
+    from momentum_proxy.fileio import write_json
     from momentum_proxy.perf import flush_denormals, tune_allocator
 
+    try:  # every bad option before anything is measured, as one line
+        files = check_options(a)
+    except UserError as e:
+        print(f"serve_load: error: {e}", file=sys.stderr)
+        sys.exit(2)
     tune_allocator()  # as in the server process (`mproxy` does this at start)
     flush_denormals()
-    index = RetrievalIndex.load(a.index)
-    files = sorted(Path(a.queries).rglob("*.jpg")) if a.queries else [Path(x) for x in index.paths]
-    files = random.Random(0).sample(files, min(200, len(files)))
-    images = [f.read_bytes() for f in files]
+    images = [f.read_bytes() for f in random.Random(0).sample(files, min(200, len(files)))]
     runs = [one_run(a, images) for _ in range(a.runs)]
     if a.runs > 1:
         summary(runs)
     if a.json:
         for run in runs:
             run["levels"] = [{k: v for k, v in r.items() if k != "acked"} for r in run["levels"]]
-        Path(a.json).write_text(json.dumps({"cpu": cpu_name(), "runs": runs}, indent=2))
+        write_json(a.json, {"cpu": cpu_name(), "runs": runs})
+
+
+def check_options(a) -> list[Path]:
+    """The query images (from --queries, else the index's own), with `a.levels` parsed; UserError for a bad
+    option."""
+    from momentum_proxy.errors import UserError
+    from momentum_proxy.fileio import check_writable_folder
+    from momentum_proxy.index import RetrievalIndex
+
+    try:
+        a.levels = [int(c) for c in a.levels.split(",")]
+    except ValueError:
+        raise UserError(f"--levels must be comma-separated client counts, got {a.levels!r}") from None
+    if min(a.levels) < 1 or a.runs < 1 or a.seconds <= 0 or a.add_every <= 0:
+        raise UserError("--levels and --runs must be at least 1, --seconds and --add-every above 0")
+    if a.json:
+        if Path(a.json).is_dir():
+            raise UserError(f"--json {a.json} is a folder; give a file name")
+        check_writable_folder(Path(a.json).absolute().parent, "the folder of --json")
+    index = RetrievalIndex.load(a.index)
+    if not a.queries:
+        return [Path(x) for x in index.paths]
+    if not Path(a.queries).is_dir():
+        raise UserError(f"--queries {a.queries} is not a folder")
+    files = sorted(Path(a.queries).rglob("*.jpg"))
+    if not files:
+        raise UserError(f"no .jpg images below --queries {a.queries}")
+    return files
 
 
 def one_run(a, images: list[bytes]) -> dict:
@@ -269,10 +300,11 @@ def one_run(a, images: list[bytes]) -> dict:
         proc = start_server(copy, port, Path(tmp) / "server.log", a.device)
         url = f"http://127.0.0.1:{port}"
         try:
-            run_level(url, 2, 3, images, 100, proc.pid)  # warm-up
+            bodies = [multipart(data, {"k": "10"}) for data in images]
+            run_level(url, 2, 3, bodies, 100, proc.pid)  # warm-up
             levels = []
-            for clients in [int(c) for c in a.levels.split(",")]:
-                levels.append(run_level(url, clients, a.seconds, images, a.add_every, proc.pid))
+            for clients in a.levels:
+                levels.append(run_level(url, clients, a.seconds, bodies, a.add_every, proc.pid))
                 print(f"{clients:3d} clients: {levels[-1]['throughput']:.1f} req/s, p50 {levels[-1]['p50_ms']:.0f} ms, "
                       f"errors {levels[-1]['errors']}", flush=True)
             acked = [x for level in levels for x in level["acked"]]
@@ -333,13 +365,12 @@ def summary(runs: list[dict]) -> None:
     print("| run | bare batch-1 ms | bare best img/s | lowest level p50 | top level searches/s | vs bare best | errors "
           "| adds found |")
     print("|---|---|---|---|---|---|---|---|")
-    for i, run in enumerate(runs, 1):
-        g, bare = goals(run), run["bare"]
-        errors = sum(r["errors"] for r in run["levels"])
+    met = [goals(run) for run in runs]
+    for i, (run, g) in enumerate(zip(runs, met), 1):
+        bare, errors = run["bare"], sum(r["errors"] for r in run["levels"])
         print(f"| {i} | {bare['batch1_ms']:.1f} | {bare['best_ips']:.1f} | {g['one']['p50_ms']:.0f} ms "
               f"({g['times']:.2f}x) | {g['top']['throughput']:.1f} | {g['ratio']:.0%} | {errors} | "
               f"{run['adds'] - run['not_found']} of {run['adds']} |")
-    met = [goals(run) for run in runs]
     ratios = sorted(g["ratio"] for g in met)
     print(f"\nthroughput goal met in {sum(g['ratio_met'] for g in met)} of {len(runs)} runs (median "
           f"{ratios[len(ratios) // 2]:.0%}); latency goal met in {sum(g['times_met'] for g in met)} of {len(runs)}")
