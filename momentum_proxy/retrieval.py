@@ -260,8 +260,8 @@ def _embed_splits(data: str | Path, embedder, splits: list[str]) -> dict:
 
 
 def search_image(index: RetrievalIndex, embedder, query: str | Path, k: int, collection: str) -> Retrieval:
-    """Top-k of a query image in `index`, embedded by `embedder`; the query's own item is left out."""
-    check_query(query, k)
+    """Top-k of a query image in `index`, embedded by `embedder`; the query's own item is left out. (Its callers
+    `check_query` first, before a model is loaded.)"""
     query = Path(query)
     feats, _, skipped = embed_files(embedder, [query], embedder.image_size, embedder.device)
     if skipped:
