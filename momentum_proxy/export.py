@@ -104,12 +104,13 @@ def export_torchscript(model: nn.Module, path: Path, image_size: int) -> None:
 
 
 def onnx_session(path: str | Path, device: str = "cpu"):
-    """An onnxruntime session: CUDAExecutionProvider when `device` is cuda and onnxruntime has it, else CPU."""
+    """An onnxruntime session: CUDAExecutionProvider when `device` is cuda and onnxruntime has it (in full
+    float32, no TF32, as `inference.load_model`), else CPU."""
     import onnxruntime as ort
 
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
+        providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
     return ort.InferenceSession(str(path), providers=providers)
 
 

@@ -33,14 +33,22 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def load_model(run_dir: str | Path, device: str = "auto") -> tuple[EmbeddingNet, TrainConfig, str]:
-    """A run's best model in eval mode on `device`, its config, and a fingerprint of the checkpoint."""
+    """A run's best model in eval mode on `device`, its config, and a fingerprint of the checkpoint.
+
+    On CUDA this turns TF32 off for cuDNN convolutions in the process: with TF32 (PyTorch's default there) an
+    image embedded alone (a query) and in a batch (an index, or a served batch) differ by about 1e-4, enough
+    to reorder near ties between `mproxy retrieve`, the service and a query by id; in full float32 they agree
+    as on a CPU."""
     run = RunDir(run_dir)
     cfg = run.config()
     state = run.load_checkpoint(BEST)
     model = EmbeddingNet(cfg.backbone, cfg.feature_dim, weights=None, pooling=cfg.pooling)
     model.load_state_dict(state["model"])
     fingerprint = f"{Path(run.path).resolve()}#epoch{state['epoch']}"
-    return model.to(resolve_device(device)).eval(), cfg, fingerprint
+    device = resolve_device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+    return model.to(device).eval(), cfg, fingerprint
 
 
 def autocast(device: torch.device, amp: str):
