@@ -186,6 +186,22 @@ class Batcher:
                 f.set_result(row)
 
 
+def bucketed(run: Callable[[list], np.ndarray], max_batch: int, blank) -> Callable[[list], np.ndarray]:
+    """`run` on batches padded with `blank` to the next power of two (or `max_batch`), each size run once now.
+
+    For CUDA: cuDNN plans its convolutions for every new input shape the first time it meets it, which stalled
+    the served batches of each new size for seconds in a measured run (README, "Serve"); padded, a server
+    meets only these few sizes, all planned before it answers."""
+    sizes = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
+    for size in sizes:
+        run([blank] * size)
+
+    def padded(items: list) -> np.ndarray:
+        size = next(s for s in sizes if s >= len(items))
+        return run(list(items) + [blank] * (size - len(items)))[:len(items)]
+    return padded
+
+
 class Searcher:
     """A saved index plus the model that built it: search, add, remove (thread-safe)."""
 
@@ -200,7 +216,13 @@ class Searcher:
 
         def setup():
             self.embedder = load_embedder(self.run_dir, runtime, device)
-            return lambda arrays: self.embedder.embed(to_batch(arrays))
+
+            def run(arrays: list) -> np.ndarray:
+                return self.embedder.embed(to_batch(arrays))
+            if self.embedder.device.type != "cuda":
+                return run
+            blank = np.zeros((self.embedder.image_size, self.embedder.image_size, 3), np.uint8)
+            return bucketed(run, max_batch, blank)
 
         self.batcher = Batcher(setup, max_batch, batch_wait_ms, on_batch)
         self.index.model["runtime"] = check_mix(self.index.model, self.embedder.identity)  # recorded on the next add

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -274,6 +275,59 @@ def test_concurrent_queries_are_batched_while_items_are_added(index_dir, tmp_pat
             np.testing.assert_allclose([r["score"] for r in b["results"] if r["id"] < 64],
                                        [r["score"] for r in a["results"]][:len(ids_b)], atol=1e-4)
         assert len(RetrievalIndex.load(folder)) == 67
+    finally:
+        searcher.close()
+
+
+def test_cuda_batches_are_padded_to_sizes_planned_at_start():
+    from momentum_proxy.searcher import bucketed
+
+    calls = []
+
+    def run(items):
+        calls.append(len(items))
+        return np.array([[-1.0] if item == "blank" else [float(item)] for item in items])
+
+    padded = bucketed(run, 12, "blank")
+    assert calls == [1, 2, 4, 8, 12]  # every size run once before any query
+    assert padded([5, 6, 7]).tolist() == [[5.0], [6.0], [7.0]] and calls[-1] == 4
+    assert padded(list(range(9))).tolist() == [[float(i)] for i in range(9)] and calls[-1] == 12
+    assert padded([3]).tolist() == [[3.0]] and calls[-1] == 1
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_searcher_pads_batches_on_cuda_only(index_dir, tmp_path, monkeypatch, device):
+    """A model that reports CUDA (run on the CPU here) gets padded, pre-planned batch sizes; rows still belong
+    to their own images: each added image then finds itself first."""
+    import shutil
+
+    from momentum_proxy import runtime
+
+    load, seen = runtime.load_embedder, []
+
+    class Reporting:
+        def __init__(self, inner):
+            self.inner, self.device = inner, torch.device(device)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def embed(self, images):
+            seen.append(len(images))
+            return self.inner.embed(images)
+
+    monkeypatch.setattr(runtime, "load_embedder", lambda *a, **k: Reporting(load(*a, **k)))
+    folder = tmp_path / "idx"
+    shutil.copytree(index_dir, folder)
+    searcher = Searcher(folder, max_batch=8, device="cpu")
+    try:
+        assert seen == ([1, 2, 4, 8] if device == "cuda" else [])
+        images = [jpeg_bytes(seed=200 + i) for i in range(3)]
+        added = searcher.add(images)  # one batch of 3
+        assert seen[-1] == (4 if device == "cuda" else 3)
+        for image, item in zip(images, added):
+            best = searcher.search(image, 1)["results"][0]
+            assert best["id"] == item["id"] and best["score"] == pytest.approx(1.0, abs=1e-5)
     finally:
         searcher.close()
 
