@@ -5,7 +5,8 @@ sends image searches for a bounded time while one more client adds an image ever
 Reports throughput, p50/p95/p99 latency and errors per level, checks afterwards that every acknowledged add is
 found by its own image, and measures, in the same run, the bare model's batch-1 time and its best batched
 embedding rate (before the server starts and after it stops, so the two never share the cores; the goals use
-the fastest). `--runs N` repeats all of it.
+the fastest). On a multi-core CPU it also measures two model copies embedding side by side, a context figure
+that the goals do not use (the server runs one copy). `--runs N` repeats all of it.
 
     python benchmarks/serve_load.py --index index/flowers12 [--seconds 20 --levels 1,4,16 --runs 3 --json out.json]
 """
@@ -36,12 +37,79 @@ TOKEN = "load-test"
 
 def bare_model(index_dir: Path, images: list[bytes], device: str) -> dict:
     """The model alone on pre-decoded inputs, run in the main thread and in a worker thread (as the server's
-    batcher runs it; on a busy 2-core machine the two differ a lot): the better batch-1 time and batched rate."""
+    batcher runs it; on a busy 2-core machine the two differ a lot): the better batch-1 time and batched rate.
+    On a multi-core CPU also the joint rate of two model copies side by side (`measure_copies`), which the
+    goals do not use: the server runs one copy."""
     runs = [measure_model(index_dir, images, device)]
     worker = threading.Thread(target=lambda: runs.append(measure_model(index_dir, images, device)))
     worker.start()
     worker.join()
-    return {**best_of(runs), "main_thread": runs[0], "worker_thread": runs[1]}
+    out = {**best_of(runs), "main_thread": runs[0], "worker_thread": runs[1]}
+    from momentum_proxy.inference import resolve_device
+
+    if resolve_device(device).type == "cpu" and (os.cpu_count() or 1) >= 2:
+        out["copies"] = in_fresh_process("measure_copies", str(index_dir), device)
+        out["copies_ips"] = out["copies"]["best_ips"]
+    return out
+
+
+def in_fresh_process(name: str, *args):
+    """`name(*args)` of this module in a new Python process (JSON in and out), whose threads start from
+    nothing, as in a newly started server."""
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import serve_load; "
+            f"print(json.dumps(serve_load.{name}(*json.loads(sys.argv[1]))))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    if out.returncode:
+        sys.exit(f"{name} failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def measure_copies(index_dir: str, device: str, copies: int = 2, batches=(4, 8, 16), seconds: float = 2.0) -> dict:
+    """The joint images/s of `copies` copies of the model embedding side by side, each in its own thread with
+    an equal share of the CPU threads (set before it runs anything, so that GNU OpenMP never holds more
+    threads than cores), per batch size of each copy."""
+    import torch
+
+    from momentum_proxy.data.loading import to_batch
+    from momentum_proxy.inference import load_model
+    from momentum_proxy.perf import share_heap, tune_allocator
+    from momentum_proxy.retrieval import open_index
+    from momentum_proxy.searcher import decode_image
+
+    tune_allocator()
+    share_heap()
+    index, run_dir = open_index(Path(index_dir))
+    threads = max(1, torch.get_num_threads() // copies)
+    start, counts = threading.Barrier(copies), []
+
+    def copy() -> None:
+        torch.set_num_threads(threads)
+        model, cfg, _ = load_model(run_dir, device)
+        arrays = [decode_image(Path(p).read_bytes(), cfg.image_size)[0] for p in index.paths[:16]]
+        with torch.inference_mode():
+            for b in batches:
+                batch = to_batch((arrays * b)[:b])
+                model(batch)
+                start.wait()
+                t0, n = time.perf_counter(), 0
+                while time.perf_counter() - t0 < seconds:
+                    model(batch)
+                    n += b
+                counts.append((b, n, time.perf_counter() - t0))
+                start.wait()
+
+    workers = [threading.Thread(target=copy) for _ in range(copies)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    out = {"copies": copies, "threads_each": threads}
+    for b in batches:
+        done = [(n, t) for size, n, t in counts if size == b]
+        out[f"batch{b}_ips"] = sum(n for n, _ in done) / max(t for _, t in done)
+    out["best_ips"] = max(v for k, v in out.items() if k.endswith("_ips"))
+    return out
 
 
 def best_of(runs: list[dict]) -> dict:
@@ -341,6 +409,11 @@ def report(a, run: dict) -> None:
         m, w = bare[when]["main_thread"], bare[when]["worker_thread"]
         print(f"  {when}: main thread {m['batch1_ms']:.0f} ms, {m['best_ips']:.0f} img/s; "
               f"worker thread {w['batch1_ms']:.0f} ms, {w['best_ips']:.0f} img/s")
+    if "copies_ips" in bare:
+        c = bare["before"]["copies"]
+        print(f"two model copies side by side ({c['threads_each']} thread(s) each; the fastest of before and after): "
+              f"{bare['copies_ips']:.1f} img/s, {bare['copies_ips'] / bare['best_ips']:.2f}x one copy's best "
+              f"(not used by the goals: the server runs one copy)")
     print(f"load average before / after: {run['load_before']} / {run['load_after']} (other jobs share the machine)\n")
     print("| clients | searches/s | vs best batched model | p50 ms | p95 ms | p99 ms | errors | adds | mean batch "
           "| CPU ms/search: server | load generator |")
@@ -354,6 +427,9 @@ def report(a, run: dict) -> None:
           f"{'met' if g['ratio_met'] else 'NOT met'} ({g['ratio']:.0%})")
     print(f"goal {g['one']['clients']} client p50 <= 2x batch-1 time: {'met' if g['times_met'] else 'NOT met'} "
           f"({g['times']:.2f}x)")
+    if "copies_ips" in bare:
+        print(f"{g['top']['clients']} clients against two model copies side by side: "
+              f"{g['top']['throughput'] / bare['copies_ips']:.0%}")
     for r in levels:
         for e in r["error_examples"]:
             print(f"error ({r['clients']} clients): {e}")
@@ -363,14 +439,16 @@ def summary(runs: list[dict]) -> None:
     """One row per run, and how many runs met each goal."""
     print(f"\n{len(runs)} runs:\n")
     print("| run | bare batch-1 ms | bare best img/s | lowest level p50 | top level searches/s | vs bare best | errors "
-          "| adds found |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| adds found | two copies img/s | top level vs two copies |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     met = [goals(run) for run in runs]
     for i, (run, g) in enumerate(zip(runs, met), 1):
         bare, errors = run["bare"], sum(r["errors"] for r in run["levels"])
         print(f"| {i} | {bare['batch1_ms']:.1f} | {bare['best_ips']:.1f} | {g['one']['p50_ms']:.0f} ms "
               f"({g['times']:.2f}x) | {g['top']['throughput']:.1f} | {g['ratio']:.0%} | {errors} | "
-              f"{run['adds'] - run['not_found']} of {run['adds']} |")
+              f"{run['adds'] - run['not_found']} of {run['adds']} | " + (
+                  f"{bare['copies_ips']:.1f} | {g['top']['throughput'] / bare['copies_ips']:.0%} |"
+                  if "copies_ips" in bare else "- | - |"))
     ratios = sorted(g["ratio"] for g in met)
     print(f"\nthroughput goal met in {sum(g['ratio_met'] for g in met)} of {len(runs)} runs (median "
           f"{ratios[len(ratios) // 2]:.0%}); latency goal met in {sum(g['times_met'] for g in met)} of {len(runs)}")
