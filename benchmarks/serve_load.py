@@ -341,6 +341,9 @@ def check_options(a) -> list[Path]:
         raise UserError(f"--levels must be comma-separated client counts, got {a.levels!r}") from None
     if min(a.levels) < 1 or a.runs < 1 or a.seconds <= 0 or a.add_every <= 0:
         raise UserError("--levels and --runs must be at least 1, --seconds and --add-every above 0")
+    from momentum_proxy.inference import resolve_device
+
+    resolve_device(a.device)  # an unknown device, or cuda without CUDA
     if a.json:
         if Path(a.json).is_dir():
             raise UserError(f"--json {a.json} is a folder; give a file name")
