@@ -84,26 +84,32 @@ def measure_copies(index_dir: str, device: str, copies: int = 2, batches=(4, 8, 
     start, counts = threading.Barrier(copies), []
 
     def copy() -> None:
-        torch.set_num_threads(threads)
-        model, cfg, _ = load_model(run_dir, device)
-        arrays = [decode_image(Path(p).read_bytes(), cfg.image_size)[0] for p in index.paths[:16]]
-        with torch.inference_mode():
-            for b in batches:
-                batch = to_batch((arrays * b)[:b])
-                model(batch)
-                start.wait()
-                t0, n = time.perf_counter(), 0
-                while time.perf_counter() - t0 < seconds:
+        try:
+            torch.set_num_threads(threads)
+            model, cfg, _ = load_model(run_dir, device)
+            arrays = [decode_image(Path(p).read_bytes(), cfg.image_size)[0] for p in index.paths[:16]]
+            with torch.inference_mode():
+                for b in batches:
+                    batch = to_batch((arrays * b)[:b])
                     model(batch)
-                    n += b
-                counts.append((b, n, time.perf_counter() - t0))
-                start.wait()
+                    start.wait()
+                    t0, n = time.perf_counter(), 0
+                    while time.perf_counter() - t0 < seconds:
+                        model(batch)
+                        n += b
+                    counts.append((b, n, time.perf_counter() - t0))
+                    start.wait()
+        except BaseException:
+            start.abort()  # the other copies stop waiting for this one
+            raise
 
     workers = [threading.Thread(target=copy) for _ in range(copies)]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
+    if len(counts) != copies * len(batches):
+        raise RuntimeError("a model copy failed (see above)")
     out = {"copies": copies, "threads_each": threads}
     for b in batches:
         done = [(n, t) for size, n, t in counts if size == b]

@@ -124,3 +124,18 @@ def test_sigkill_during_adds_loses_no_acknowledged_item(tiny_data, tiny_run, tmp
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_load_test_measures_two_model_copies_side_by_side_in_a_fresh_process(tiny_data, tiny_run, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import serve_load
+
+    folder = tmp_path / "idx"
+    build_index(tiny_run, tiny_data, folder)
+    out = serve_load.in_fresh_process("measure_copies", str(folder), "cpu", 2, [2, 4], 0.2)
+    assert out["copies"] == 2 and out["threads_each"] >= 1
+    assert out["batch2_ips"] > 0 and out["batch4_ips"] > 0
+    assert out["best_ips"] == max(out["batch2_ips"], out["batch4_ips"])
+    with pytest.raises(SystemExit, match="measure_copies failed"):  # an index without its run
+        (folder / "meta.json").write_text((folder / "meta.json").read_text().replace(str(tiny_run), "/nonexistent"))
+        serve_load.in_fresh_process("measure_copies", str(folder), "cpu", 2, [2], 0.2)
