@@ -40,13 +40,13 @@ def bare_model(index_dir: Path, images: list[bytes], device: str) -> dict:
     batcher runs it; on a busy 2-core machine the two differ a lot): the better batch-1 time and batched rate.
     On a multi-core CPU also the joint rate of two model copies side by side (`measure_copies`), which the
     goals do not use: the server runs one copy."""
+    from momentum_proxy.inference import resolve_device
+
     runs = [measure_model(index_dir, images, device)]
     worker = threading.Thread(target=lambda: runs.append(measure_model(index_dir, images, device)))
     worker.start()
     worker.join()
     out = {**best_of(runs), "main_thread": runs[0], "worker_thread": runs[1]}
-    from momentum_proxy.inference import resolve_device
-
     if resolve_device(device).type == "cpu" and (os.cpu_count() or 1) >= 2:
         out["copies"] = in_fresh_process("measure_copies", str(index_dir), device)
         out["copies_ips"] = out["copies"]["best_ips"]
@@ -340,6 +340,7 @@ def check_options(a) -> list[Path]:
     from momentum_proxy.errors import UserError
     from momentum_proxy.fileio import check_writable_folder
     from momentum_proxy.index import RetrievalIndex
+    from momentum_proxy.inference import resolve_device
 
     try:
         a.levels = [int(c) for c in a.levels.split(",")]
@@ -347,8 +348,6 @@ def check_options(a) -> list[Path]:
         raise UserError(f"--levels must be comma-separated client counts, got {a.levels!r}") from None
     if min(a.levels) < 1 or a.runs < 1 or a.seconds <= 0 or a.add_every <= 0:
         raise UserError("--levels and --runs must be at least 1, --seconds and --add-every above 0")
-    from momentum_proxy.inference import resolve_device
-
     resolve_device(a.device)  # an unknown device, or cuda without CUDA
     if a.json:
         if Path(a.json).is_dir():

@@ -136,6 +136,6 @@ def test_load_test_measures_two_model_copies_side_by_side_in_a_fresh_process(tin
     assert out["copies"] == 2 and out["threads_each"] >= 1
     assert out["batch2_ips"] > 0 and out["batch4_ips"] > 0
     assert out["best_ips"] == max(out["batch2_ips"], out["batch4_ips"])
+    (folder / "meta.json").write_text((folder / "meta.json").read_text().replace(str(tiny_run), "/nonexistent"))
     with pytest.raises(SystemExit, match="measure_copies failed"):  # an index without its run
-        (folder / "meta.json").write_text((folder / "meta.json").read_text().replace(str(tiny_run), "/nonexistent"))
         serve_load.in_fresh_process("measure_copies", str(folder), "cpu", 2, [2], 0.2)
