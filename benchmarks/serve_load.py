@@ -162,12 +162,12 @@ def measure_model(index_dir: Path, images: list[bytes], device: str, batches=(1,
     return out
 
 
-def start_server(index_dir: Path, port: int, log: Path, device: str) -> subprocess.Popen:
+def start_server(index_dir: Path, port: int, log: Path, device: str, workers: str) -> subprocess.Popen:
     from momentum_proxy.service import wait_until_healthy
 
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-m", "momentum_proxy", "serve", str(index_dir), "--port", str(port),
-                             "--token", TOKEN, "--device", device], env=env, stdout=log.open("wb"),
+                             "--token", TOKEN, "--device", device, "--workers", workers], env=env, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT)
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}", proc, timeout=300, log=log)
@@ -244,11 +244,19 @@ def batch_totals(url: str) -> tuple[float, float]:
 
 
 def cpu_seconds(pid: int | None = None) -> float:
-    """CPU time (user + system) used so far by process `pid` (default: this one)."""
+    """CPU time (user + system) used so far by process `pid` and its child processes (the server's model
+    processes), or by this process."""
     if pid is None:
         return time.process_time()
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def run_level(url: str, clients: int, seconds: float, bodies: list[tuple[bytes, str]], add_every: float,
@@ -310,6 +318,7 @@ def main() -> None:
     p.add_argument("--add-every", type=float, default=1.0, help="seconds between two adds")
     p.add_argument("--runs", type=int, default=1, help="repeat the whole measurement (bare model, server, bare model)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--workers", default="auto", help="the server's --workers (model processes)")
     p.add_argument("--json", help="write the figures here")
     a = p.parse_args()
 
@@ -341,6 +350,7 @@ def check_options(a) -> list[Path]:
     from momentum_proxy.fileio import check_writable_folder
     from momentum_proxy.index import RetrievalIndex
     from momentum_proxy.inference import resolve_device
+    from momentum_proxy.searcher import check_workers
 
     try:
         a.levels = [int(c) for c in a.levels.split(",")]
@@ -349,6 +359,7 @@ def check_options(a) -> list[Path]:
     if min(a.levels) < 1 or a.runs < 1 or a.seconds <= 0 or a.add_every <= 0:
         raise UserError("--levels and --runs must be at least 1, --seconds and --add-every above 0")
     resolve_device(a.device)  # an unknown device, or cuda without CUDA
+    check_workers(a.workers, a.device, "torch")
     if a.json:
         if Path(a.json).is_dir():
             raise UserError(f"--json {a.json} is a folder; give a file name")
@@ -373,7 +384,7 @@ def one_run(a, images: list[bytes]) -> dict:
         copy = Path(tmp) / "index"
         shutil.copytree(a.index, copy)
         port = free_port()
-        proc = start_server(copy, port, Path(tmp) / "server.log", a.device)
+        proc = start_server(copy, port, Path(tmp) / "server.log", a.device, a.workers)
         url = f"http://127.0.0.1:{port}"
         try:
             bodies = [multipart(data, {"k": "10"}) for data in images]

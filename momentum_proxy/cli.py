@@ -301,6 +301,9 @@ def add_serve(sub) -> None:
                    help="how long a batch waits for concurrent queries still being decoded (a lone query never waits)")
     p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--workers", default="auto",
+                   help="model processes beside the server's (CPU, torch): auto is 2 on a CPU with 2+ cores, else 0 "
+                        "(the model runs in the server's process)")
 
 
 def run_serve(a) -> None:
@@ -312,7 +315,8 @@ def run_serve(a) -> None:
         raise UserError("--max-upload-mb, --max-pixels and --max-batch must be positive, --batch-wait-ms >= 0")
     serve(a.index, host=a.host, port=a.port, token=a.token or os.environ.get(TOKEN_ENV) or None, run_dir=a.run,
           device=a.device, max_upload_bytes=int(a.max_upload_mb * 2**20), max_pixels=a.max_pixels,
-          cors_origins=a.cors_origin, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms, runtime=a.runtime)
+          cors_origins=a.cors_origin, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms, runtime=a.runtime,
+          workers=a.workers)
 
 
 # ----------------------------------------------------------------------------------------------- export

@@ -9,7 +9,8 @@ await s.asearch(image_bytes, k=8)           # the same in an event loop (the ser
 
 Queries that arrive together from several threads are embedded as one batch (`Batcher`: a query announces
 itself before it is decoded, and a batch waits for announced queries, at most `batch_wait_ms` after its first
-one, up to `max_batch`; a lone query does not wait). Searches run while items are added or removed:
+one, up to `max_batch`; a lone query does not wait). With `workers=N` the model runs in N child processes
+(`workers.py`), each fed its share of the batches. Searches run while items are added or removed:
 a lock guards the in-memory index only for the search itself and for each change; changes are written one at a
 time, crash-safe (see `index.py`), before they are acknowledged.
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from PIL import Image
 
 from momentum_proxy.data.loading import eval_resize, eval_transform, read_image, to_array, to_batch
@@ -34,6 +36,7 @@ from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path
 from momentum_proxy.index import UNKNOWN, RetrievalIndex, Snapshot
 from momentum_proxy.retrieval import open_index, search_hits
+from momentum_proxy.workers import ModelProcess, ThreadBudget, auto_workers
 
 MAX_K = 1000
 INLINE_SEARCH_ITEMS = 5_000  # an exact search over more items (a millisecond and up) runs off the event loop
@@ -86,30 +89,41 @@ def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIX
 
 
 class Batcher:
-    """One thread that runs a batch function on batches of submitted items: dynamic batching.
+    """Runner threads (one by default) that run a batch function on batches of submitted items: dynamic batching.
 
     Callers may announce an item before they have it ready (`with batcher.arriving() as submit: ...decode...;
     submit(item)`). A batch waits, at most `wait_ms` after its first item, for announced items and until it
     holds as many items as the last round saw (the last batch plus what queued while it ran): a lone client's
     query is embedded at once, while concurrent clients' queries join one batch instead of being cut into
-    small, slow ones.
+    small, slow ones. With several `runners`, one gathers a batch at a time, and a batch is cut at its share of
+    the last round (the items then queued or running), so that the runners run side by side (the model
+    processes of `workers.py`) instead of taking turns.
 
-    `setup()` runs in the batcher's thread and returns the batch function (items -> rows), so a model is loaded
+    `setup()` runs in each runner's thread and returns the batch function (items -> rows), so a model is loaded
     and run by one thread only. That matters on CPU: GNU OpenMP gives every thread that runs PyTorch operations
     its own worker pool, and once a process holds more OpenMP threads than cores its workers stop spinning and
     sleep between operations, which doubled the batch-1 latency of Lite0 when the model was loaded in another
     thread (README, "Serve")."""
 
     def __init__(self, setup: Callable[[], Callable[[list], np.ndarray]], max_batch: int = 32, wait_ms: float = 50.0,
-                 on_batch: Callable[[int], None] | None = None):
-        self.max_batch, self.wait, self.on_batch = max_batch, wait_ms / 1000, on_batch
+                 on_batch: Callable[[int], None] | None = None, runners: int = 1):
+        self.max_batch, self.wait, self.on_batch, self.runners = max_batch, wait_ms / 1000, on_batch, runners
         self.queue: queue.Queue = queue.Queue()
         self.announced, self._count_lock = 0, threading.Lock()
         self.demand = 1  # queries seen in the last round: those answered and those that queued meanwhile
-        ready: Future = Future()
-        self.thread = threading.Thread(target=self._run, args=(setup, ready), name="mproxy-batcher", daemon=True)
-        self.thread.start()
-        ready.result()  # re-raises what setup raised
+        self.running = 0  # queries in the batches being run
+        self._collecting = threading.Lock()  # one runner gathers a batch at a time
+        readies = [Future() for _ in range(runners)]
+        self.threads = [threading.Thread(target=self._run, args=(setup, ready), name=f"mproxy-batcher-{i}",
+                                         daemon=True) for i, ready in enumerate(readies)]
+        for thread in self.threads:
+            thread.start()
+        try:
+            for ready in readies:
+                ready.result()  # re-raises what setup raised
+        except BaseException:
+            self.close()
+            raise
 
     @contextmanager
     def arriving(self, n: int = 1):
@@ -139,16 +153,20 @@ class Batcher:
 
     def close(self) -> None:
         self.queue.put(None)
-        self.thread.join()
+        for thread in self.threads:
+            thread.join()
 
     def _collect(self, first) -> list:
         batch, deadline = [first], time.monotonic() + self.wait
+        share = -(-self.demand // self.runners)  # several runners: each takes its share of the last round
         while len(batch) < self.max_batch:
+            if self.runners > 1 and len(batch) >= share:
+                break
             try:
                 entry = self.queue.get_nowait()
             except queue.Empty:
                 left = deadline - time.monotonic()
-                if left <= 0 or (self.announced == 0 and len(batch) >= self.demand):  # nobody else expected
+                if left <= 0 or (self.announced == 0 and len(batch) >= share):  # nobody else expected
                     break
                 try:
                     entry = self.queue.get(timeout=min(left, 0.001))
@@ -167,23 +185,35 @@ class Batcher:
             ready.set_exception(e)
             return
         ready.set_result(None)
-        while (first := self.queue.get()) is not None:
-            # a caller that gave up (a cancelled future) is left out; the others can no longer be cancelled
-            batch = [(item, f) for item, f in self._collect(first) if f.set_running_or_notify_cancel()]
-            if not batch:
-                continue
-            items, futures = zip(*batch)
+        while True:
+            with self._collecting:
+                if (first := self.queue.get()) is None:
+                    self.queue.put(None)  # the other runners stop too
+                    return
+                # a caller that gave up (a cancelled future) is left out; the others can no longer be cancelled
+                batch = [(item, f) for item, f in self._collect(first) if f.set_running_or_notify_cancel()]
+                with self._count_lock:
+                    self.running += len(batch)
             try:
-                out = fn(list(items))
-            except Exception as e:  # every waiting caller gets the error
-                for f in futures:
-                    f.set_exception(e)
-                continue
-            self.demand = len(batch) + self.queue.qsize()
-            if self.on_batch:
-                self.on_batch(len(batch))
-            for f, row in zip(futures, out):
-                f.set_result(row)
+                if batch:
+                    self._run_batch(fn, batch)
+            finally:
+                with self._count_lock:
+                    self.running -= len(batch)
+
+    def _run_batch(self, fn, batch: list) -> None:
+        items, futures = zip(*batch)
+        try:
+            out = fn(list(items))
+        except Exception as e:  # every waiting caller gets the error
+            for f in futures:
+                f.set_exception(e)
+            return
+        self.demand = self.running + self.queue.qsize()
+        if self.on_batch:
+            self.on_batch(len(batch))
+        for f, row in zip(futures, out):
+            f.set_result(row)
 
 
 def bucketed(run: Callable[[list], np.ndarray], max_batch: int, blank) -> Callable[[list], np.ndarray]:
@@ -202,19 +232,43 @@ def bucketed(run: Callable[[list], np.ndarray], max_batch: int, blank) -> Callab
     return padded
 
 
+def check_workers(workers: int | str, device: str, runtime: str) -> int:
+    """The number of model processes for `workers` (a count, or "auto"); UserError where they cannot be used."""
+    from momentum_proxy.inference import resolve_device
+
+    kind = resolve_device(device).type
+    if workers == "auto":
+        return auto_workers(kind, runtime)
+    if not str(workers).isdigit():
+        raise UserError(f"--workers must be auto or a count of model processes (0: none), got {workers!r}")
+    if int(workers) and (kind != "cpu" or runtime != "torch"):
+        raise UserError(f"model processes (--workers) run the torch runtime on the CPU; "
+                        f"with --device {device} --runtime {runtime} use --workers 0")
+    return int(workers)
+
+
 class Searcher:
     """A saved index plus the model that built it: search, add, remove (thread-safe)."""
 
     def __init__(self, index_dir: str | Path, *, run_dir: str | Path | None = None, device: str = "auto",
                  max_batch: int = 32, batch_wait_ms: float = 50.0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 on_batch: Callable[[int], None] | None = None, runtime: str = "torch"):
+                 on_batch: Callable[[int], None] | None = None, runtime: str = "torch", workers: int | str = 0):
         from momentum_proxy.runtime import check_mix, load_embedder
 
         self.folder = Path(index_dir).absolute()
         self.index, self.run_dir = open_index(self.folder, run_dir)
+        self.workers = check_workers(workers, device, runtime)
+        self.processes: list[ModelProcess] = []
         self.embedder = None  # torch, or the run's verified ONNX export; loaded by the batcher's thread
 
         def setup():
+            if self.workers:
+                self.processes.append(process := ModelProcess(self.run_dir, budget.each))
+
+                def run_in_process(arrays: list) -> np.ndarray:
+                    with budget.take(len(arrays)) as threads:
+                        return process.embed(arrays, threads)
+                return run_in_process
             self.embedder = load_embedder(self.run_dir, runtime, device)
 
             def run(arrays: list) -> np.ndarray:
@@ -224,15 +278,25 @@ class Searcher:
             blank = np.zeros((self.embedder.image_size, self.embedder.image_size, 3), np.uint8)
             return bucketed(run, max_batch, blank)
 
-        self.batcher = Batcher(setup, max_batch, batch_wait_ms, on_batch)
+        cores = torch.get_num_threads()
+        budget = ThreadBudget(cores, max(1, cores // max(1, self.workers)))
+        try:
+            self.batcher = Batcher(setup, max_batch, batch_wait_ms, on_batch, runners=max(1, self.workers))
+        except BaseException:
+            for process in self.processes:
+                process.close()
+            raise
+        self.embedder = self.embedder or self.processes[0]
         self.index.model["runtime"] = check_mix(self.index.model, self.embedder.identity)  # recorded on the next add
         self.image_size, self.max_pixels = self.embedder.image_size, max_pixels
-        self.device = self.embedder.device
+        self.device = torch.device("cpu") if self.workers else self.embedder.device
         self._lock = threading.Lock()  # the in-memory index
         self._write_lock = threading.Lock()  # one change (and its save) at a time
 
     def close(self) -> None:
         self.batcher.close()
+        for process in self.processes:
+            process.close()
 
     # ------------------------------------------------------------------------------------------- decoding
     def decode(self, data: bytes) -> tuple[np.ndarray, str]:
@@ -392,5 +456,6 @@ class Searcher:
             index = self.index
             return {"items": len(index), "deleted": len(index.deleted), "kind": index.kind, "params": index.params,
                     "feature_dim": index.feature_dim, "classes": len(index.classes), "image_size": self.image_size,
-                    "device": str(self.device), "runtime": self.embedder.runtime, "model": {"run": self.run_dir, **{
+                    "device": str(self.device), "runtime": self.embedder.runtime, "model_processes": self.workers,
+                    "model": {"run": self.run_dir, **{
                         k: index.model.get(k) for k in ("backbone", "checkpoint_sha256", "checkpoint_epoch")}}}

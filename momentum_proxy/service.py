@@ -135,7 +135,7 @@ class Metrics:
 def create_app(index_dir: str | Path | None = None, *, searcher: Searcher | None = None, run_dir=None,
                device: str = "auto", token: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int | None = None, cors_origins: list[str] = (), max_batch: int = 32,
-               batch_wait_ms: float = 50.0, runtime: str = "torch") -> FastAPI:
+               batch_wait_ms: float = 50.0, runtime: str = "torch", workers: int = 0) -> FastAPI:
     """The service over the index in `index_dir` (or an open `searcher`), embedding with `runtime` (torch | onnx).
     With `token`, writes need the header `Authorization: Bearer TOKEN`; `cors_origins` turns CORS on for those
     origins."""
@@ -143,7 +143,7 @@ def create_app(index_dir: str | Path | None = None, *, searcher: Searcher | None
     if searcher is None:
         extra = {} if max_pixels is None else {"max_pixels": max_pixels}
         searcher = Searcher(index_dir, run_dir=run_dir, device=device, max_batch=max_batch, runtime=runtime,
-                            batch_wait_ms=batch_wait_ms, on_batch=metrics.batch.observe, **extra)
+                            batch_wait_ms=batch_wait_ms, on_batch=metrics.batch.observe, workers=workers, **extra)
     @asynccontextmanager
     async def lifespan(app):
         yield
