@@ -6,7 +6,7 @@ Reports throughput, p50/p95/p99 latency and errors per level, checks afterwards 
 found by its own image, and measures, in the same run, the bare model's batch-1 time and its best batched
 embedding rate (before the server starts and after it stops, so the two never share the cores; the goals use
 the fastest). On a multi-core CPU it also measures two model copies embedding side by side, a context figure
-that the goals do not use (the server runs one copy). `--runs N` repeats all of it.
+that the goals do not use (they are set against one copy; the server's two model processes are such a pair). `--runs N` repeats all of it.
 
     python benchmarks/serve_load.py --index index/flowers12 [--seconds 20 --levels 1,4,16 --runs 3 --json out.json]
 """
@@ -39,7 +39,7 @@ def bare_model(index_dir: Path, images: list[bytes], device: str) -> dict:
     """The model alone on pre-decoded inputs, run in the main thread and in a worker thread (as the server's
     batcher runs it; on a busy 2-core machine the two differ a lot): the better batch-1 time and batched rate.
     On a multi-core CPU also the joint rate of two model copies side by side (`measure_copies`), which the
-    goals do not use: the server runs one copy."""
+    goals do not use: they are set against one copy (the server's two model processes are such a pair)."""
     from momentum_proxy.inference import resolve_device
 
     runs = [measure_model(index_dir, images, device)]
@@ -432,7 +432,7 @@ def report(a, run: dict) -> None:
         c = bare["before"]["copies"]
         print(f"two model copies side by side ({c['threads_each']} thread(s) each; the fastest of before and after): "
               f"{bare['copies_ips']:.1f} img/s, {bare['copies_ips'] / bare['best_ips']:.2f}x one copy's best "
-              f"(not used by the goals: the server runs one copy)")
+              f"(not used by the goals, which are set against one copy)")
     print(f"load average before / after: {run['load_before']} / {run['load_after']} (other jobs share the machine)\n")
     print("| clients | searches/s | vs best batched model | p50 ms | p95 ms | p99 ms | errors | adds | mean batch "
           "| CPU ms/search: server | load generator |")
