@@ -214,12 +214,12 @@ async def read_search(request: Request) -> tuple[SearchParams, bytes | None]:
     """The search's parameters and uploaded image, from a JSON body or a multipart form."""
     try:
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await request.form()
-            image = form.get("image")
-            if not hasattr(image, "read"):
-                raise HTTPException(422, "the form needs an image file in the field 'image'")
-            fields = {k: v for k, v in form.items() if k in ("k", "min_score") and v != ""}
-            return SearchParams.model_validate(fields), await image.read()
+            async with request.form() as form:  # closes the uploads' spooled files
+                image = form.get("image")
+                if not hasattr(image, "read"):
+                    raise HTTPException(422, "the form needs an image file in the field 'image'")
+                fields = {k: v for k, v in form.items() if k in ("k", "min_score") and v != ""}
+                return SearchParams.model_validate(fields), await image.read()
         try:
             body = json.loads(await request.body() or b"null")
         except ValueError:
