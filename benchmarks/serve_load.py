@@ -6,7 +6,8 @@ Reports throughput, p50/p95/p99 latency and errors per level, checks afterwards 
 found by its own image, and measures, in the same run, the bare model's batch-1 time and its best batched
 embedding rate (before the server starts and after it stops, so the two never share the cores; the goals use
 the fastest). On a multi-core CPU it also measures two model copies embedding side by side, a context figure
-that the goals do not use (they are set against one copy; the server's two model processes are such a pair). `--runs N` repeats all of it.
+that the goals do not use (they are set against one copy; the server's two model processes are such a pair).
+`--runs N` repeats all of it.
 
     python benchmarks/serve_load.py --index index/flowers12 [--seconds 20 --levels 1,4,16 --runs 3 --json out.json]
 """
@@ -167,8 +168,8 @@ def start_server(index_dir: Path, port: int, log: Path, device: str, workers: st
 
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-m", "momentum_proxy", "serve", str(index_dir), "--port", str(port),
-                             "--token", TOKEN, "--device", device, "--workers", workers], env=env, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT)
+                             "--token", TOKEN, "--device", device, "--workers", workers], env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}", proc, timeout=300, log=log)
     except RuntimeError as e:
@@ -350,7 +351,7 @@ def check_options(a) -> list[Path]:
     from momentum_proxy.fileio import check_writable_folder
     from momentum_proxy.index import RetrievalIndex
     from momentum_proxy.inference import resolve_device
-    from momentum_proxy.searcher import check_workers
+    from momentum_proxy.workers import check_workers
 
     try:
         a.levels = [int(c) for c in a.levels.split(",")]

@@ -36,7 +36,7 @@ from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path
 from momentum_proxy.index import UNKNOWN, RetrievalIndex, Snapshot
 from momentum_proxy.retrieval import open_index, search_hits
-from momentum_proxy.workers import ModelProcess, ThreadBudget, auto_workers
+from momentum_proxy.workers import ModelProcess, ThreadBudget, check_workers
 
 MAX_K = 1000
 INLINE_SEARCH_ITEMS = 5_000  # an exact search over more items (a millisecond and up) runs off the event loop
@@ -232,21 +232,6 @@ def bucketed(run: Callable[[list], np.ndarray], max_batch: int, blank) -> Callab
     return padded
 
 
-def check_workers(workers: int | str, device: str, runtime: str) -> int:
-    """The number of model processes for `workers` (a count, or "auto"); UserError where they cannot be used."""
-    from momentum_proxy.inference import resolve_device
-
-    kind = resolve_device(device).type
-    if workers == "auto":
-        return auto_workers(kind, runtime)
-    if not str(workers).isdigit():
-        raise UserError(f"--workers must be auto or a count of model processes (0: none), got {workers!r}")
-    if int(workers) and (kind != "cpu" or runtime != "torch"):
-        raise UserError(f"model processes (--workers) run the torch runtime on the CPU; "
-                        f"with --device {device} --runtime {runtime} use --workers 0")
-    return int(workers)
-
-
 class Searcher:
     """A saved index plus the model that built it: search, add, remove (thread-safe)."""
 
@@ -289,7 +274,7 @@ class Searcher:
         self.embedder = self.embedder or self.processes[0]
         self.index.model["runtime"] = check_mix(self.index.model, self.embedder.identity)  # recorded on the next add
         self.image_size, self.max_pixels = self.embedder.image_size, max_pixels
-        self.device = torch.device("cpu") if self.workers else self.embedder.device
+        self.device = self.embedder.device
         self._lock = threading.Lock()  # the in-memory index
         self._write_lock = threading.Lock()  # one change (and its save) at a time
 

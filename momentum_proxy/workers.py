@@ -25,8 +25,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from momentum_proxy.errors import UserError
+from momentum_proxy.inference import resolve_device
 
 REQUEST = struct.Struct("<IIII")  # images, height, width, CPU threads to use
 REPLY = struct.Struct("<iQ")  # rows (-1: a one-line error follows), payload bytes
@@ -35,6 +37,19 @@ REPLY = struct.Struct("<iQ")  # rows (-1: a one-line error follows), payload byt
 def auto_workers(device_type: str, runtime: str) -> int:
     """`--workers auto`: two model processes on a CPU with two or more cores (torch runtime), else none."""
     return 2 if device_type == "cpu" and runtime == "torch" and (os.cpu_count() or 1) >= 2 else 0
+
+
+def check_workers(workers: int | str, device: str, runtime: str) -> int:
+    """The number of model processes for `workers` (a count, or "auto"); UserError where they cannot be used."""
+    kind = resolve_device(device).type
+    if workers == "auto":
+        return auto_workers(kind, runtime)
+    if not str(workers).isdigit():
+        raise UserError(f"--workers must be auto or a count of model processes (0: none), got {workers!r}")
+    if int(workers) and (kind != "cpu" or runtime != "torch"):
+        raise UserError(f"model processes (--workers) run the torch runtime on the CPU; "
+                        f"with --device {device} --runtime {runtime} use --workers 0")
+    return int(workers)
 
 
 class ThreadBudget:
@@ -74,7 +89,7 @@ class ModelProcess:
         self.restarts = -1
         info = self._start()
         self.image_size, self.feature_dim = info["image_size"], info["feature_dim"]
-        self.identity, self.runtime = info["identity"], "torch"
+        self.identity, self.runtime, self.device = info["identity"], "torch", torch.device("cpu")
 
     def _start(self) -> dict:
         root = str(Path(__file__).resolve().parents[1])
@@ -121,8 +136,6 @@ class ModelProcess:
 
 def child(run_dir: str, threads: int) -> None:
     """The child's loop: load the run's model, say what it is, then embed batches until stdin closes."""
-    import torch
-
     from momentum_proxy.data.loading import to_batch
     from momentum_proxy.perf import tune_allocator
     from momentum_proxy.runtime import TorchEmbedder

@@ -443,7 +443,8 @@ def test_batcher_sets_up_and_runs_in_its_own_thread_and_reports_setup_errors():
     batcher = Batcher(setup)
     try:
         assert [batcher.submit(i).result() for i in (1, 2)] == [2, 4]
-        assert len(set(threads)) == 1 and [threads[0]] == batcher.threads and threads[0] is not threading.current_thread()
+        assert len(set(threads)) == 1 and [threads[0]] == batcher.threads
+        assert threads[0] is not threading.current_thread()
     finally:
         batcher.close()
 

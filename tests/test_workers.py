@@ -12,8 +12,8 @@ import pytest
 from momentum_proxy.data.loading import to_batch
 from momentum_proxy.errors import UserError
 from momentum_proxy.retrieval import build_index
-from momentum_proxy.searcher import Batcher, Searcher, check_workers
-from momentum_proxy.workers import ThreadBudget, auto_workers
+from momentum_proxy.searcher import Batcher, Searcher
+from momentum_proxy.workers import ThreadBudget, auto_workers, check_workers
 
 
 @pytest.fixture(scope="module")
