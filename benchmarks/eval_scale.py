@@ -56,7 +56,7 @@ def reset_peak_rss() -> None:
 def child(method: str, n: int, dim: int, metrics: list[str], recalls: list[int], query_sample: int) -> dict:
     """Run one measurement in this (fresh) process and return its figures."""
     if method == "chunked":
-        from momentum_proxy.metrics import evaluate_embeddings
+        from momentum_proxy.evaluation.metrics import evaluate_embeddings
     else:
         import torch
         from pytorch_metric_learning.distances import CosineSimilarity

@@ -41,7 +41,7 @@ def bare_model(index_dir: Path, images: list[bytes], device: str) -> dict:
     batcher runs it; on a busy 2-core machine the two differ a lot): the better batch-1 time and batched rate.
     On a multi-core CPU also the joint rate of two model copies side by side (`measure_copies`), which the
     goals do not use: they are set against one copy (the server's two model processes are such a pair)."""
-    from momentum_proxy.inference import resolve_device
+    from momentum_proxy.embedding.inference import resolve_device
 
     runs = [measure_model(index_dir, images, device)]
     worker = threading.Thread(target=lambda: runs.append(measure_model(index_dir, images, device)))
@@ -73,10 +73,10 @@ def measure_copies(index_dir: str, device: str, copies: int = 2, batches=(4, 8, 
     import torch
 
     from momentum_proxy.data.loading import to_batch
-    from momentum_proxy.inference import load_model
+    from momentum_proxy.embedding.inference import load_model
     from momentum_proxy.perf import share_heap, tune_allocator
-    from momentum_proxy.retrieval import open_index
-    from momentum_proxy.searcher import decode_image
+    from momentum_proxy.retrieval.search import open_index
+    from momentum_proxy.serving.searcher import decode_image
 
     tune_allocator()
     share_heap()
@@ -130,9 +130,9 @@ def measure_model(index_dir: Path, images: list[bytes], device: str, batches=(1,
     import torch
 
     from momentum_proxy.data.loading import to_batch
-    from momentum_proxy.inference import load_model
-    from momentum_proxy.retrieval import open_index
-    from momentum_proxy.searcher import decode_image
+    from momentum_proxy.embedding.inference import load_model
+    from momentum_proxy.retrieval.search import open_index
+    from momentum_proxy.serving.searcher import decode_image
 
     _, run_dir = open_index(index_dir)
     model, cfg, _ = load_model(run_dir, device)
@@ -164,7 +164,7 @@ def measure_model(index_dir: Path, images: list[bytes], device: str, batches=(1,
 
 
 def start_server(index_dir: Path, port: int, log: Path, device: str, workers: str) -> subprocess.Popen:
-    from momentum_proxy.service import wait_until_healthy
+    from momentum_proxy.serving.app import wait_until_healthy
 
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-m", "momentum_proxy", "serve", str(index_dir), "--port", str(port),
@@ -347,11 +347,11 @@ def main() -> None:
 def check_options(a) -> list[Path]:
     """The query images (from --queries, else the index's own), with `a.levels` parsed; UserError for a bad
     option."""
+    from momentum_proxy.embedding.inference import resolve_device
+    from momentum_proxy.embedding.processes import check_workers
     from momentum_proxy.errors import UserError
     from momentum_proxy.fileio import check_writable_folder
-    from momentum_proxy.index import RetrievalIndex
-    from momentum_proxy.inference import resolve_device
-    from momentum_proxy.workers import check_workers
+    from momentum_proxy.retrieval.faiss_store import FaissStore
 
     try:
         a.levels = [int(c) for c in a.levels.split(",")]
@@ -365,7 +365,7 @@ def check_options(a) -> list[Path]:
         if Path(a.json).is_dir():
             raise UserError(f"--json {a.json} is a folder; give a file name")
         check_writable_folder(Path(a.json).absolute().parent, "the folder of --json")
-    index = RetrievalIndex.load(a.index)
+    index = FaissStore.load(a.index)
     if not a.queries:
         return [Path(x) for x in index.paths]
     if not Path(a.queries).is_dir():

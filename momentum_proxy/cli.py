@@ -176,7 +176,7 @@ def config_from_args(a):
     cfg = TrainConfig.from_recipe(recipe, **{**from_file, **given, "data": data, "out": out})
     cfg.validate()
     if cfg.backbone == TrainConfig.backbone and "backbone" not in given and cfg.device != "cpu":
-        from momentum_proxy.inference import resolve_device  # torch only when the device must be probed
+        from momentum_proxy.embedding.inference import resolve_device  # torch only when the device must be probed
 
         if resolve_device(cfg.device).type == "cuda":
             cfg.backbone = "resnet50"
@@ -187,14 +187,14 @@ def config_from_args(a):
 
 def run_train(a) -> None:
     if a.resume:
-        from momentum_proxy import training
+        from momentum_proxy.training import loop as training
 
         training.resume(a.resume)
         out = a.resume
     else:
         cfg = config_from_args(a)
         check_writable_folder(Path(cfg.out), "the run folder")
-        from momentum_proxy import training
+        from momentum_proxy.training import loop as training
 
         training.train(cfg, overwrite=a.overwrite)
         out = cfg.out
@@ -223,7 +223,7 @@ def run_evaluate(a) -> None:
         raise UserError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
     if a.json and Path(a.json).is_dir():
         raise UserError(f"--json {a.json} is a folder; a file is expected there")
-    from momentum_proxy.evaluate import describe, evaluate_file, evaluate_run, format_table
+    from momentum_proxy.evaluation.jobs import describe, evaluate_file, evaluate_run, format_table
 
     if a.embeddings:
         res = evaluate_file(a.embeddings, metrics=a.metrics, recalls=a.recalls, json_out=a.json)
@@ -252,7 +252,7 @@ def add_retrieve(sub) -> None:
 
 
 def run_retrieve(a) -> None:
-    from momentum_proxy.retrieval import ranked_list, retrieve_and_draw
+    from momentum_proxy.retrieval.search import ranked_list, retrieve_and_draw
 
     r, png = retrieve_and_draw(a.query, a.k, a.out, run_dir=a.run_dir, index_dir=a.index, data_base=a.data_base,
                                split=a.split, device=a.device, runtime=a.runtime)
@@ -277,7 +277,7 @@ def add_index(sub) -> None:
 
 
 def run_index(a) -> None:
-    from momentum_proxy.retrieval import build_index
+    from momentum_proxy.retrieval.search import build_index
 
     summary = build_index(a.run_dir, a.images, a.out, kind=a.kind, batch_size=a.batch_size, device=a.device,
                           rebuild=a.rebuild, runtime=a.runtime)
@@ -309,7 +309,7 @@ def add_serve(sub) -> None:
 def run_serve(a) -> None:
     import os
 
-    from momentum_proxy.service import TOKEN_ENV, serve
+    from momentum_proxy.serving.app import TOKEN_ENV, serve
 
     if a.max_upload_mb <= 0 or a.max_pixels < 1 or a.max_batch < 1 or a.batch_wait_ms < 0:
         raise UserError("--max-upload-mb, --max-pixels and --max-batch must be positive, --batch-wait-ms >= 0")
@@ -332,7 +332,7 @@ def add_export(sub) -> None:
 
 
 def run_export(a) -> None:
-    from momentum_proxy.export import export_run, sidecar_path
+    from momentum_proxy.deploy.export import export_run, sidecar_path
 
     info = export_run(a.run_dir, a.out, fmt=a.fmt, image_size=a.image_size, normalize=a.normalize, int8=a.int8,
                       calibration=a.calibration)
@@ -372,7 +372,7 @@ def add_sweep(sub) -> None:
 
 
 def run_sweep(a) -> None:
-    from momentum_proxy.experiments import sweep
+    from momentum_proxy.experiments.sweep import sweep
 
     grid = {}
     try:
@@ -396,7 +396,7 @@ def add_plot(sub) -> None:
 
 
 def run_plot(a) -> None:
-    from momentum_proxy.experiments import plot_curves, plot_momentum
+    from momentum_proxy.experiments.sweep import plot_curves, plot_momentum
 
     paths = (plot_momentum if a.what == "momentum" else plot_curves)(a.folder, a.out)
     print("\n".join(str(p) for p in paths))
@@ -409,7 +409,7 @@ def add_report(sub) -> None:
 
 
 def run_report(a) -> None:
-    from momentum_proxy.experiments import report
+    from momentum_proxy.experiments.sweep import report
 
     print(report(a.folder, a.out))
 
@@ -428,7 +428,7 @@ def add_tune(sub) -> None:
 
 
 def run_tune(a) -> None:
-    from momentum_proxy.tune import tune
+    from momentum_proxy.experiments.tune import tune
 
     tune(a.data, a.out, a.trials, space=a.space, budget_epochs=a.budget_epochs, seed=a.seed)
 
@@ -451,7 +451,7 @@ def add_bench(sub) -> None:
 
 
 def run_bench(a) -> None:
-    from momentum_proxy.bench import bench
+    from momentum_proxy.experiments.bench import bench
 
     res = bench(data=a.data, backbone=a.backbone, image_size=a.image_size, batch_size=a.batch_size,
                 steps=a.steps, rounds=a.rounds, device=a.device, workers=a.workers, compile=a.compile, amp=a.amp,

@@ -1,6 +1,7 @@
-"""Atomic file writes: write to a temporary file in the same folder, then rename over the target."""
+"""Files: atomic writes (a temporary file in the same folder, renamed over the target), JSON, hashing."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -74,3 +75,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()

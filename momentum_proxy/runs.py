@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from momentum_proxy.config import TrainConfig
 from momentum_proxy.errors import UserError
-from momentum_proxy.fileio import atomic_path, check_writable_folder, read_json, write_json, write_text
+from momentum_proxy.fileio import atomic_path, check_writable_folder, file_sha256, read_json, write_json, write_text
 
 CONFIG, METRICS, EMBEDDINGS, EVAL, LOG = "config.json", "metrics.csv", "embeddings.npz", "eval.json", "train.log"
 LAST, BEST = "checkpoints/last.pt", "checkpoints/best.pt"
@@ -149,3 +149,12 @@ def load_embeddings(path: str | Path) -> dict[str, np.ndarray]:
     if data["features"].ndim != 2 or len(data["features"]) != len(data["labels"]):
         raise UserError(f"{path}: features must be N x d with one label per row")
     return data
+
+
+def model_identity(run_dir: str | Path) -> dict:
+    """What an index records about the model that embedded it; a mismatch means the index is unusable."""
+    run = RunDir(run_dir)
+    cfg = run.config()
+    epoch = run.load_checkpoint(BEST)["epoch"]
+    return {"run": str(run.path.resolve()), "backbone": cfg.backbone, "feature_dim": cfg.feature_dim,
+            "checkpoint_sha256": file_sha256(run / BEST), "checkpoint_epoch": epoch}

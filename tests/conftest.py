@@ -23,7 +23,7 @@ def make_run(out, data, *, epoch: int = 0, seed: int = 0):
     """A run folder with a random-weight model as its best checkpoint (no training): Lite0, 64 px, 32-d."""
     import torch
 
-    from momentum_proxy.models import EmbeddingNet
+    from momentum_proxy.models.net import EmbeddingNet
     from momentum_proxy.runs import BEST, RunDir, TrainConfig
 
     cfg = TrainConfig(data=str(data), out=str(out), pretrained="none", image_size=64, feature_dim=32)

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import run_cli
+from PIL import Image
 
 from momentum_proxy.cli import config_from_args, main, parser
 from momentum_proxy.errors import UserError
@@ -41,9 +40,9 @@ def test_prepare_train_evaluate_retrieve(tiny_data, trained, tmp_path, capsys):
     results = json.loads((tmp_path / "ret" / "results.json").read_text())
     assert results["query_label"] == 4 and len(results["results"]) == 5
     assert results["query_class_name"] == "species_04" and results["model"]["run"] == str(trained.resolve())
-    assert all(r["correct"] == (r["label"] == 4) for r in results["results"])
+    assert all(r["same_class"] == (r["label"] == 4) for r in results["results"])
     assert all(r["class_name"] == f"species_{r['label']:02d}" and r["class_name"] in out for r in results["results"])
-    sims = [r["similarity"] for r in results["results"]]
+    sims = [r["score"] for r in results["results"]]
     assert sims == sorted(sims, reverse=True)
     assert str(query) not in [r["path"] for r in results["results"]]
     with Image.open(tmp_path / "ret" / "retrieval.png") as im:
@@ -59,7 +58,7 @@ def test_retrieve_any_image_and_original_spelling(trained, tmp_path, capsys):
     assert code == 0, err
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["query_label"] is None and len(results["results"]) == 3
-    assert all(r["correct"] is None for r in results["results"])
+    assert all(r["same_class"] is None for r in results["results"])
 
 
 def test_index_build_add_search(tiny_data, trained, tmp_path, capsys):
@@ -165,7 +164,7 @@ def test_evaluate_embeddings_file(tmp_path, capsys):
     assert code == 0
     res = json.loads((tmp_path / "r.json").read_text())
     assert set(res) == {"recall@1", "recall@5", "map@r"} and all(0 <= v <= 1 for v in res.values())
-    from momentum_proxy.metrics import evaluate_embeddings
+    from momentum_proxy.evaluation.metrics import evaluate_embeddings
 
     q, g = split == "query", split == "gallery"
     expected = evaluate_embeddings(feats[g], labels[g], query_features=feats[q], query_labels=labels[q],

@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import assert_same
 
-from momentum_proxy.losses import proxy_parameter
 from momentum_proxy.runs import BEST, EMBEDDINGS, LAST, METRICS, RunDir, load_embeddings
-from momentum_proxy.training import build
+from momentum_proxy.training.loop import build
+from momentum_proxy.training.proxies import proxy_parameter
 
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
 

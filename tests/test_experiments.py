@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from momentum_proxy.cli import main
-from momentum_proxy.experiments import collect_runs, mean_ci
+from momentum_proxy.experiments.sweep import collect_runs, mean_ci
 from momentum_proxy.runs import RunDir
 
 SMALL = ["--pretrained", "none", "--image-size", "48", "--batch-size", "8", "--epochs", "1", "--workers", "0",

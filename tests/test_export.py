@@ -8,13 +8,14 @@ import torch
 
 from momentum_proxy.cli import main
 from momentum_proxy.data.manifest import read_manifest
+from momentum_proxy.deploy.export import MIN_COSINE, export_run, same_neighbours, sidecar_path
+from momentum_proxy.deploy.runtimes import EXPORT_FILE, load_embedder
+from momentum_proxy.embedding.inference import embed_files
 from momentum_proxy.errors import UserError
-from momentum_proxy.export import MIN_COSINE, export_run, same_neighbours, sidecar_path
-from momentum_proxy.index import file_sha256
-from momentum_proxy.inference import embed_files
-from momentum_proxy.models import EmbeddingNet
+from momentum_proxy.fileio import file_sha256
+from momentum_proxy.models.net import EmbeddingNet
+from momentum_proxy.retrieval.store import check_mix
 from momentum_proxy.runs import BEST, RunDir, TrainConfig
-from momentum_proxy.runtime import EXPORT_FILE, check_mix, load_embedder
 
 
 def make_run(data, out: Path, backbone: str = "efficientnet_lite0", seed: int = 0) -> Path:
@@ -161,13 +162,13 @@ def test_cli_export_reports_the_check(tiny_data, tmp_path, capsys):
 
 
 def test_onnx_runtime_index_equals_torch_index_and_runtimes_mix(tiny_data, tmp_path):
-    from momentum_proxy.index import RetrievalIndex
-    from momentum_proxy.retrieval import build_index
+    from momentum_proxy.retrieval.faiss_store import FaissStore
+    from momentum_proxy.retrieval.search import build_index
 
     run = make_run(tiny_data, tmp_path / "run")
     build_index(run, tiny_data, tmp_path / "torch", runtime="torch", device="cpu")
     build_index(run, tiny_data, tmp_path / "onnx", runtime="onnx", device="cpu")
-    a, b = RetrievalIndex.load(tmp_path / "torch"), RetrievalIndex.load(tmp_path / "onnx")
+    a, b = FaissStore.load(tmp_path / "torch"), FaissStore.load(tmp_path / "onnx")
     assert a.paths == b.paths and a.model["runtime"] == "torch" and b.model["runtime"] == "onnx"
     # np.asarray: with pytorch-metric-learning imported, faiss may hand back torch tensors
     fa, fb = np.asarray(a.index.reconstruct_n(0, len(a))), np.asarray(b.index.reconstruct_n(0, len(b)))
@@ -178,7 +179,7 @@ def test_onnx_runtime_index_equals_torch_index_and_runtimes_mix(tiny_data, tmp_p
     for p in sorted((tiny_data / "images" / "species_05").glob("*.jpg"))[:3]:
         (more / p.name).write_bytes(p.read_bytes())
     build_index(run, more, tmp_path / "torch", runtime="onnx", device="cpu")  # extend: verified export
-    mixed = RetrievalIndex.load(tmp_path / "torch")
+    mixed = FaissStore.load(tmp_path / "torch")
     assert len(mixed) == len(a) + 3 and mixed.model["runtime"] == "onnx,torch"
 
 
@@ -214,8 +215,8 @@ def test_onnx_embedder_exports_once_per_checkpoint(tiny_data, tmp_path):
 def test_int8_model_is_quantised_and_its_report_is_consistent(tiny_data, tmp_path):
     import onnx
 
-    from momentum_proxy.export import INPUT_NAME, onnx_session
-    from momentum_proxy.int8 import MAX_R1_DROP, calibration_batches, compare, quantize
+    from momentum_proxy.deploy.export import INPUT_NAME, onnx_session
+    from momentum_proxy.deploy.int8 import MAX_R1_DROP, calibration_batches, compare, quantize
 
     run = make_run(tiny_data, tmp_path / "run")
     export_run(run, tmp_path / "fp32.onnx")

@@ -2,8 +2,13 @@ import pytest
 import torch
 
 from momentum_proxy.errors import UserError
-from momentum_proxy.losses import (LOSSES, MomentumProxyUpdate, create_loss, init_proxies_from_class_means,
-                                   proxies_by_class, proxy_parameter)
+from momentum_proxy.training.losses import LOSSES, create_loss
+from momentum_proxy.training.proxies import (
+    MomentumProxyUpdate,
+    init_proxies_from_class_means,
+    proxies_by_class,
+    proxy_parameter,
+)
 
 
 def reference_update(p, emb, labels, m, reduction):

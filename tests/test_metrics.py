@@ -6,7 +6,8 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import FaissKMeans
 
 from momentum_proxy.errors import UserError
-from momentum_proxy.metrics import ALL_METRICS, cluster_nmi, evaluate_embeddings, knn
+from momentum_proxy.evaluation.metrics import ALL_METRICS, cluster_nmi, evaluate_embeddings
+from momentum_proxy.vectors import knn
 
 RETRIEVAL = ("recall", "precision@1", "r_precision", "map@r")
 PML_NAMES = {"precision@1": "precision_at_1", "r_precision": "r_precision", "map@r": "mean_average_precision_at_r",
@@ -108,7 +109,7 @@ def test_chunked_equals_unchunked(chunk_size, monkeypatch):
     x, y = clustered(150)
     whole = evaluate_embeddings(x, y, metrics=RETRIEVAL, chunk_size=len(x))
     assert evaluate_embeddings(x, y, metrics=RETRIEVAL, chunk_size=chunk_size) == whole
-    monkeypatch.setattr("momentum_proxy.metrics.MAX_CHUNK_NEIGHBOURS", 40)  # large k shrinks the chunk
+    monkeypatch.setattr("momentum_proxy.vectors.MAX_CHUNK_NEIGHBOURS", 40)  # large k shrinks the chunk
     assert evaluate_embeddings(x, y, metrics=RETRIEVAL, chunk_size=chunk_size) == whole
     sims, idx = knn(x, x, 10, exclude_self=True, chunk_size=len(x))
     sims_c, idx_c = knn(x, x, 10, exclude_self=True, chunk_size=chunk_size)

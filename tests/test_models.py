@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from momentum_proxy import weights as W
 from momentum_proxy.errors import UserError
-from momentum_proxy.models import BACKBONES, EmbeddingNet
+from momentum_proxy.models import weights as W
+from momentum_proxy.models.backbones import BACKBONES
+from momentum_proxy.models.net import EmbeddingNet
 
 
 def test_pretrained_lite0_recognises_a_real_photo():

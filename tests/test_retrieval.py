@@ -8,8 +8,8 @@ import pytest
 from conftest import make_run, run_cli
 
 from momentum_proxy.errors import UserError
-from momentum_proxy.index import META_FILE, RetrievalIndex
-from momentum_proxy.retrieval import build_index, retrieve_and_draw
+from momentum_proxy.retrieval.faiss_store import META_FILE, FaissStore
+from momentum_proxy.retrieval.search import build_index, retrieve_and_draw
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def test_reindexing_skips_paths_already_indexed(tiny_run, images, tmp_path):
     shutil.copy(images / "species_03" / "0001.jpg", images / "species_03" / "extra.jpg")
     again = build_index(tiny_run, images, tmp_path / "idx")
     assert (again["added"], again["already_indexed"], again["total"]) == (1, 16, 17)
-    index = RetrievalIndex.load(tmp_path / "idx")
+    index = FaissStore.load(tmp_path / "idx")
     assert len(set(index.paths)) == len(index.paths) == 17
 
 
@@ -70,12 +70,12 @@ def test_stale_index_says_what_changed_and_rebuild_fixes_it(tiny_data, images, t
     assert code == 2 and "--rebuild" in err
     code, out, err = run_cli(["index", run, "--out", idx, "--rebuild"], capsys)  # from the index's own images
     assert code == 0 and "added: 16" in out, err
-    index = RetrievalIndex.load(idx)
+    index = FaissStore.load(idx)
     assert index.model["checkpoint_epoch"] == 5 and len(index) == 16
 
 
 def test_output_path_checked_before_embedding(tiny_run, images, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("momentum_proxy.runtime.load_embedder", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("momentum_proxy.retrieval.search.load_embedder", lambda *a, **k: pytest.fail("the model was loaded"))
     a_file = tmp_path / "index.txt"
     a_file.write_text("x")
     for out in (a_file, a_file / "sub"):
@@ -113,7 +113,7 @@ def test_retrieve_checks_the_run_against_the_index_and_records_both(tiny_data, t
     assert res["query_class_name"] == "species_01"
     assert all(r["class_name"].startswith("species_") for r in res["results"])
     assert str(query) not in [r["path"] for r in res["results"]]
-    assert [r["correct"] for r in res["results"]] == [r["class_name"] == "species_01" for r in res["results"]]
+    assert [r["same_class"] for r in res["results"]] == [r["class_name"] == "species_01" for r in res["results"]]
 
 
 def test_unreadable_index_folder_is_one_line(tmp_path):

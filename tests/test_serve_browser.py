@@ -19,7 +19,7 @@ def running_server(index_dir, **options):
     """The service on a free 127.0.0.1 port (uvicorn in a thread); yields its URL."""
     import uvicorn
 
-    from momentum_proxy.service import create_app
+    from momentum_proxy.serving.app import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,11 +96,11 @@ def test_page_search_click_keyboard_phone(tiny_data, tiny_run, tmp_path):
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from momentum_proxy.index import RetrievalIndex
-    from momentum_proxy.retrieval import build_index
+    from momentum_proxy.retrieval.faiss_store import FaissStore
+    from momentum_proxy.retrieval.search import build_index
 
     build_index(tiny_run, tiny_data, tmp_path / "idx")
-    index = RetrievalIndex.load(tmp_path / "idx")
+    index = FaissStore.load(tmp_path / "idx")
     photo = tmp_path / "photo.jpg"
     shutil.copy(tiny_data / "images" / "species_03" / "0005.jpg", photo)
     with running_server(tmp_path / "idx") as url, chromium(tmp_path / "profile") as driver:

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from momentum_proxy.index import RetrievalIndex
-from momentum_proxy.retrieval import build_index
-from momentum_proxy.service import wait_until_healthy
+from momentum_proxy.retrieval.faiss_store import FaissStore
+from momentum_proxy.retrieval.search import build_index
+from momentum_proxy.serving.app import wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "kill-test-token"
@@ -98,7 +98,7 @@ def test_sigkill_during_adds_loses_no_acknowledged_item(tiny_data, tiny_run, tmp
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
 
-    index = RetrievalIndex.load(folder)  # never half-written
+    index = FaissStore.load(folder)  # never half-written
     assert len(acked) <= len(index) - 64 <= len(acked) + 1  # at most the one add in flight beyond the acked
     proc, url = start_server(folder, log)
     try:

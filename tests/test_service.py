@@ -13,11 +13,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from momentum_proxy.cli import main
-from momentum_proxy.index import RetrievalIndex, file_sha256
-from momentum_proxy.retrieval import build_index, retrieve_and_draw
+from momentum_proxy.fileio import file_sha256
+from momentum_proxy.retrieval.faiss_store import FaissStore
+from momentum_proxy.retrieval.search import build_index, retrieve_and_draw
 from momentum_proxy.runs import BEST
-from momentum_proxy.searcher import Searcher
-from momentum_proxy.service import create_app
+from momentum_proxy.serving.app import create_app
+from momentum_proxy.serving.searcher import Searcher
 
 TOKEN = "s3cret"
 
@@ -64,7 +65,7 @@ def upload(client, data: bytes, **fields):
 def assert_same_results(api_results, retrieve_results):
     assert [r["path"] for r in api_results] == [r["path"] for r in retrieve_results]
     assert [r["label"] for r in api_results] == [r["label"] for r in retrieve_results]
-    np.testing.assert_allclose([r["score"] for r in api_results], [r["similarity"] for r in retrieve_results],
+    np.testing.assert_allclose([r["score"] for r in api_results], [r["score"] for r in retrieve_results],
                                atol=1e-5)
 
 
@@ -80,7 +81,7 @@ def test_search_equals_mproxy_retrieve_index(client, index_dir, tiny_data, tmp_p
     retrieve_and_draw(indexed, 6, tmp_path / "indexed", index_dir=index_dir)
     expected = json.loads((tmp_path / "indexed" / "results.json").read_text())["results"]
     # an upload is anonymous bytes: the copy of an indexed image finds that item first, then retrieve's list
-    item_id = RetrievalIndex.load(index_dir).path_ids[str(indexed)]
+    item_id = FaissStore.load(index_dir).path_ids[str(indexed)]
     copy = upload(client, indexed.read_bytes(), k=7).json()["results"]
     assert copy[0]["id"] == item_id and copy[0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert_same_results(copy[1:], expected)
@@ -92,7 +93,7 @@ def test_search_equals_mproxy_retrieve_index(client, index_dir, tiny_data, tmp_p
     assert set(by_id["results"][0]) == {"rank", "id", "path", "label", "class_name", "score", "same_class"}
     assert set(by_id["timing_ms"]) == {"decode", "embed", "search", "total"}
     # by embedding: the item's own vector finds the item itself first, then the same list
-    vector = RetrievalIndex.load(index_dir).vector(item_id)[0].tolist()
+    vector = FaissStore.load(index_dir).vector(item_id)[0].tolist()
     by_vec = client.post("/search", json={"embedding": vector, "k": 7}).json()["results"]
     assert by_vec[0]["id"] == item_id and by_vec[0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert [r["id"] for r in by_vec[1:]] == [r["id"] for r in by_id["results"]]
@@ -146,7 +147,7 @@ def test_bad_images_400_and_too_large_413(index_dir):
 
 
 def test_items_metadata_and_image_files(client, index_dir):
-    index = RetrievalIndex.load(index_dir)
+    index = FaissStore.load(index_dir)
     item = client.get("/items/5").json()
     label = index.labels[5]
     assert item == {"id": 5, "path": index.paths[5], "label": label, "class_name": index.classes[label]}
@@ -175,17 +176,17 @@ def test_add_delete_persist_and_ids_stable_across_restart(writable, tiny_data):
     assert added[0]["class_name"] == "my flowers" and added[0]["label"] == added[1]["label"] == 8
     assert r.json()["total"] == 66
     # persisted before the answer, searchable, served
-    assert len(RetrievalIndex.load(folder)) == 66
+    assert len(FaissStore.load(folder)) == 66
     hit = upload(c, red, k=1).json()["results"][0]
     assert hit["id"] == 64 and hit["score"] == pytest.approx(1.0, abs=1e-4)
     assert c.get("/items/64/image").content == red
-    assert (folder / "images").is_dir() and all(RetrievalIndex.load(folder).paths[i].startswith(str(folder / "images"))
+    assert (folder / "images").is_dir() and all(FaissStore.load(folder).paths[i].startswith(str(folder / "images"))
                                                  for i in (64, 65))
     again = c.post("/items", files=files[:1], headers=auth).json()  # the same image again: not duplicated
     assert again["items"][0]["id"] == 64 and not again["items"][0]["added"] and again["total"] == 66
     bad = [files[1], ("images", ("x.jpg", b"garbage", "image/jpeg"))]
     assert c.post("/items", files=bad, headers=auth).status_code == 400
-    assert len(RetrievalIndex.load(folder)) == 66  # nothing half-added
+    assert len(FaissStore.load(folder)) == 66  # nothing half-added
     # delete: gone from results and items, ids of the others unchanged
     assert c.delete("/items/3").status_code == 401
     assert c.delete("/items/3", headers=auth).json() == {"deleted": 3, "total": 65}
@@ -193,7 +194,7 @@ def test_add_delete_persist_and_ids_stable_across_restart(writable, tiny_data):
     assert c.get("/items/3").status_code == 404
     assert all(r["id"] != 3 for r in c.post("/search", json={"id": 4, "k": 1000}).json()["results"])
     # an image file gone from disk: its item answers 404 for the image, the rest goes on
-    blue_file = RetrievalIndex.load(folder).paths[65]
+    blue_file = FaissStore.load(folder).paths[65]
     (folder / "images" / blue_file.rsplit("/", 1)[1]).rename(folder / "blue.jpg")
     r = c.get("/items/65/image")
     assert r.status_code == 404 and r.json()["error"] == f"the image file of item 65 is missing: {blue_file}"
@@ -274,13 +275,13 @@ def test_concurrent_queries_are_batched_while_items_are_added(index_dir, tmp_pat
             assert ids_b == ids_a[:len(ids_b)]
             np.testing.assert_allclose([r["score"] for r in b["results"] if r["id"] < 64],
                                        [r["score"] for r in a["results"]][:len(ids_b)], atol=1e-4)
-        assert len(RetrievalIndex.load(folder)) == 67
+        assert len(FaissStore.load(folder)) == 67
     finally:
         searcher.close()
 
 
 def test_cuda_batches_are_padded_to_sizes_planned_at_start():
-    from momentum_proxy.searcher import bucketed
+    from momentum_proxy.serving.searcher import bucketed
 
     calls = []
 
@@ -301,9 +302,9 @@ def test_searcher_pads_batches_on_cuda_only(index_dir, tmp_path, monkeypatch, de
     to their own images: each added image then finds itself first."""
     import shutil
 
-    from momentum_proxy import runtime
+    from momentum_proxy.serving import searcher as served
 
-    load, seen = runtime.load_embedder, []
+    load, seen = served.load_embedder, []
 
     class Reporting:
         def __init__(self, inner):
@@ -316,7 +317,7 @@ def test_searcher_pads_batches_on_cuda_only(index_dir, tmp_path, monkeypatch, de
             seen.append(len(images))
             return self.inner.embed(images)
 
-    monkeypatch.setattr(runtime, "load_embedder", lambda *a, **k: Reporting(load(*a, **k)))
+    monkeypatch.setattr(served, "load_embedder", lambda *a, **k: Reporting(load(*a, **k)))
     folder = tmp_path / "idx"
     shutil.copytree(index_dir, folder)
     searcher = Searcher(folder, max_batch=8, device="cpu")
@@ -355,8 +356,8 @@ def test_asearch_in_an_event_loop_batches_and_equals_search(index_dir, tiny_data
     step runs in the loop's thread for a small exact index and in a worker thread over INLINE_SEARCH_ITEMS."""
     import asyncio
 
-    from momentum_proxy import searcher as searcher_module
     from momentum_proxy.errors import UserError
+    from momentum_proxy.serving import searcher as searcher_module
 
     sizes = []
     searcher = Searcher(index_dir, batch_wait_ms=2000, on_batch=sizes.append)  # a busy machine decodes slowly
@@ -405,7 +406,7 @@ def test_serve_freezes_startup_objects_out_of_the_collector(index_dir, monkeypat
 
     import uvicorn
 
-    from momentum_proxy.service import serve
+    from momentum_proxy.serving.app import serve
 
     frozen = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: frozen.append(gc.get_freeze_count()))
@@ -432,7 +433,7 @@ def test_onnx_runtime_serves_the_same_results(index_dir, tiny_run, tiny_data, tm
 
 
 def test_batcher_sets_up_and_runs_in_its_own_thread_and_reports_setup_errors():
-    from momentum_proxy.searcher import Batcher
+    from momentum_proxy.serving.searcher import Batcher
 
     threads = []
 
@@ -456,7 +457,7 @@ def test_batcher_sets_up_and_runs_in_its_own_thread_and_reports_setup_errors():
 
 
 def test_batcher_waits_for_announced_queries_but_never_for_a_lone_one():
-    from momentum_proxy.searcher import Batcher
+    from momentum_proxy.serving.searcher import Batcher
 
     sizes = []
     batcher = Batcher(lambda: lambda items: np.array(items), wait_ms=5000, on_batch=sizes.append)
@@ -492,7 +493,7 @@ def test_batcher_leaves_out_cancelled_queries_and_goes_on():
     must skip it instead of failing to set its result, which would stop the batcher for everyone."""
     import asyncio
 
-    from momentum_proxy.searcher import Batcher
+    from momentum_proxy.serving.searcher import Batcher
 
     batches, running, release = [], threading.Event(), threading.Event()
 

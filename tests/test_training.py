@@ -11,14 +11,15 @@ import pytest
 import torch
 from conftest import assert_same
 
-from momentum_proxy import training
 from momentum_proxy.config import TrainConfig
 from momentum_proxy.data.loading import load_datasets
+from momentum_proxy.embedding.inference import embed_dataset, load_model
 from momentum_proxy.errors import UserError
-from momentum_proxy.evaluate import evaluate_arrays
-from momentum_proxy.inference import embed_dataset, load_model
-from momentum_proxy.losses import LOSSES, MomentumProxyUpdate, proxies_by_class, proxy_parameter
+from momentum_proxy.evaluation.jobs import evaluate_arrays
 from momentum_proxy.runs import BEST, LAST, RunDir, load_embeddings
+from momentum_proxy.training import loop as training
+from momentum_proxy.training.losses import LOSSES
+from momentum_proxy.training.proxies import MomentumProxyUpdate, proxies_by_class, proxy_parameter
 
 OPTIMIZERS = ["adam*", "sgd*", "adam", "sgd"]
 
@@ -119,7 +120,7 @@ def test_test_labels_are_never_read_before_the_final_evaluation(tiny_config, tmp
 def test_select_last_without_val_and_select_test_is_labelled(tiny_data, tmp_path, capsys):
     import pandas as pd
 
-    from momentum_proxy.experiments import report
+    from momentum_proxy.experiments.sweep import report
 
     no_val = tmp_path / "noval"
     no_val.mkdir()
@@ -271,7 +272,7 @@ def test_grad_accumulation_equals_the_larger_batch(tiny_config, tmp_path):
 
 
 def test_bf16_autocast_on_cpu_and_fp16_refused(tiny_config, monkeypatch):
-    from momentum_proxy.models import EmbeddingNet
+    from momentum_proxy.models.net import EmbeddingNet
 
     dtypes = []
     real = EmbeddingNet.pooled
@@ -327,7 +328,7 @@ def test_warmup_leaves_the_backbone_bit_identical_while_head_and_proxies_move(ti
 def test_query_gallery_data_through_train_and_evaluate(tiny_data, tmp_path):
     import pandas as pd
 
-    from momentum_proxy.evaluate import evaluate_run
+    from momentum_proxy.evaluation.jobs import evaluate_run
 
     qg = tmp_path / "qg"
     qg.mkdir()
@@ -341,7 +342,7 @@ def test_query_gallery_data_through_train_and_evaluate(tiny_data, tmp_path):
     summary = training.train(cfg)
     db = load_embeddings(tmp_path / "run" / "embeddings.npz")
     q, g = db["split"] == "query", db["split"] == "gallery"
-    from momentum_proxy.metrics import evaluate_embeddings
+    from momentum_proxy.evaluation.metrics import evaluate_embeddings
 
     expected = evaluate_embeddings(db["features"][g], db["labels"][g], query_features=db["features"][q],
                                    query_labels=db["labels"][q], metrics=["recall", "map@r"], recalls=cfg.recalls)

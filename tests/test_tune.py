@@ -14,11 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from momentum_proxy import cli, training, tune
+from momentum_proxy import cli
 from momentum_proxy.config import TrainConfig
 from momentum_proxy.data.loading import load_datasets, train_transform
 from momentum_proxy.errors import UserError
+from momentum_proxy.experiments import tune
 from momentum_proxy.runs import RunDir
+from momentum_proxy.training import loop as training
 
 # Tiny trials: random weights, 48 px, one epoch of 2 steps with the backbone frozen, random proxies (no start
 # embedding of train); the rest of the default space is searched.

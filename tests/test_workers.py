@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from momentum_proxy.data.loading import to_batch
+from momentum_proxy.embedding.processes import ThreadBudget, auto_workers, check_workers
 from momentum_proxy.errors import UserError
-from momentum_proxy.retrieval import build_index
-from momentum_proxy.searcher import Batcher, Searcher
-from momentum_proxy.workers import ThreadBudget, auto_workers, check_workers
+from momentum_proxy.retrieval.search import build_index
+from momentum_proxy.serving.searcher import Batcher, Searcher
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_model_processes_give_the_in_process_results_and_restart_after_a_kill(in
 
 
 def test_a_model_process_exits_when_its_parent_closes_the_pipe(index_dir, tiny_run):
-    from momentum_proxy.workers import ModelProcess
+    from momentum_proxy.embedding.processes import ModelProcess
 
     process = ModelProcess(tiny_run)
     process.proc.stdin.close()  # what a parent killed with kill -9 leaves behind

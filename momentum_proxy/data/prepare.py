@@ -17,11 +17,10 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from scipy.io import loadmat
 from tqdm import tqdm
-
-import pandas as pd
 
 from momentum_proxy.data.manifest import MANIFEST, carve_val, write_manifest
 from momentum_proxy.errors import UserError

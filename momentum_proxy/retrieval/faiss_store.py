@@ -34,8 +34,9 @@ import faiss
 import numpy as np
 
 from momentum_proxy.errors import UserError
-from momentum_proxy.metrics import as_features, as_labels, knn, l2_normalize
-from momentum_proxy.fileio import atomic_path, read_json, write_json
+from momentum_proxy.fileio import atomic_path, file_sha256, read_json, write_json
+from momentum_proxy.retrieval.store import IndexStore
+from momentum_proxy.vectors import as_features, as_labels, knn, l2_normalize
 
 KINDS = ("exact", "ivf", "hnsw")
 LEGACY_INDEX_FILE = "index.faiss"  # format 1
@@ -59,14 +60,6 @@ def default_nprobe(nlist: int) -> int:
     return min(nlist, max(16, nlist // 8))
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _items(paths, labels, n: int) -> tuple[list[str], list | None]:
     """Paths as strings and labels as JSON-ready values, each checked to number n."""
     paths = [str(p) for p in paths]
@@ -81,18 +74,6 @@ def _stored_path(path: str, inside: str) -> str:
     23 ms of the event loop's time per add at 1,000 items."""
     path = os.path.abspath(path)
     return path[len(inside):] if path.startswith(inside) else path
-
-
-@dataclass
-class Hit:
-    """One search result."""
-
-    rank: int
-    id: int
-    score: float
-    path: str
-    label: int | None
-    class_name: str | None
 
 
 @dataclass
@@ -121,7 +102,7 @@ class Snapshot:
         return folder
 
 
-class RetrievalIndex:
+class FaissStore(IndexStore):
     """Cosine retrieval over a faiss index; item `i` (its id) has `paths[i]`, `labels[i]` (labels optional) and
     class name `classes[labels[i]]` when known; ids in `deleted` are tombstones."""
 
@@ -152,7 +133,7 @@ class RetrievalIndex:
     @classmethod
     def build(cls, features, paths, labels=None, *, kind: str = "exact", model: dict | None = None,
               classes: dict[int, str] | None = None, nlist: int | None = None, nprobe: int | None = None,
-              ef_search: int = DEFAULT_EF_SEARCH, seed: int = 0) -> RetrievalIndex:
+              ef_search: int = DEFAULT_EF_SEARCH, seed: int = 0) -> FaissStore:
         """Index `features` (n, d) for items `paths` (and `labels`, named by `classes`); `model` describes the
         embedding model."""
         if kind not in KINDS:
@@ -276,15 +257,6 @@ class RetrievalIndex:
             out_s[row, :len(cols)], out_i[row, :len(cols)] = sims[row, cols], idx[row, cols]
         return out_s, out_i
 
-    def hits(self, sims: np.ndarray, idx: np.ndarray) -> list[list[Hit]]:
-        """`search` results as lists of Hit (id, path, label, class name, score), one list per query."""
-        out = []
-        for row_s, row_i in zip(sims, idx):
-            items = [self.item(int(i)) for i in row_i if i >= 0]
-            out.append([Hit(rank, it["id"], float(s), it["path"], it["label"], it["class_name"])
-                        for rank, (s, it) in enumerate(zip(row_s, items))])
-        return out
-
     def recall_vs_exact(self, k: int = 10, num_queries: int = 1000, seed: int = 0) -> float:
         """Fraction of the exact top-k found by this index's top-k, for up to `num_queries` live items
         (sampled with `seed`) used as queries. 1.0 for an exact index."""
@@ -308,12 +280,8 @@ class RetrievalIndex:
             "classes": {str(k): v for k, v in sorted(self.classes.items())}, "deleted": sorted(self.deleted),
         })
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the index into `folder` (see the module's notes: crash-safe); return the folder."""
-        return self.snapshot().write(folder)
-
     @classmethod
-    def load(cls, folder: str | Path, expect_model: dict | None = None) -> RetrievalIndex:
+    def load(cls, folder: str | Path, expect_model: dict | None = None) -> FaissStore:
         """Read an index saved by `save`; refuse it when a key of `expect_model` (e.g. backbone, checkpoint
         hash, feature_dim) differs from what it was built with."""
         folder = Path(folder).absolute()

@@ -28,9 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from starlette.concurrency import run_in_threadpool
 
 from momentum_proxy.errors import UserError
-from momentum_proxy.searcher import MAX_K, BadImage, ImageTooLarge, ItemNotFound, Searcher
+from momentum_proxy.serving.searcher import MAX_K, BadImage, ImageTooLarge, ItemNotFound, Searcher
 
-log = logging.getLogger("momentum_proxy.service")
+log = logging.getLogger("momentum_proxy.serving.app")
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
 TOKEN_ENV = "MPROXY_TOKEN"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 2.5, 5, 10)
@@ -164,7 +164,7 @@ def create_app(index_dir: str | Path | None = None, *, searcher: Searcher | None
 
 
 def page() -> str:
-    return resources.files("momentum_proxy").joinpath("web/index.html").read_text()
+    return resources.files("momentum_proxy").joinpath("serving/web/index.html").read_text()
 
 
 def writer_check(token: str | None):

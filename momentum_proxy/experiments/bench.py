@@ -19,12 +19,12 @@ from PIL import Image
 
 from momentum_proxy.data.loading import ImageDataset, load_datasets, make_loader
 from momentum_proxy.data.prepare import prepare_folder
+from momentum_proxy.embedding.inference import autocast, embed_dataset, resolve_device
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import write_json
-from momentum_proxy.inference import autocast, embed_dataset, resolve_device
-from momentum_proxy.losses import MomentumProxyUpdate
 from momentum_proxy.runs import TrainConfig
-from momentum_proxy.training import Trainee, build, make_optimizer
+from momentum_proxy.training.loop import Trainee, build, make_optimizer
+from momentum_proxy.training.proxies import MomentumProxyUpdate
 
 
 def make_photo_dataset(root: Path, classes: int = 8, per_class: int = 40, size=(500, 375), seed: int = 0) -> Path:
@@ -75,8 +75,8 @@ def _onnx_embedders(model: torch.nn.Module, folder: Path, image_size: int, dev: 
                     calibration_images: int) -> dict:
     """{"embed_onnx": fp32, "embed_onnx_int8": static int8 (calibrated on `data`'s training images)}, each a
     function `images -> normalised embeddings` through onnxruntime for the current weights of `model`."""
-    from momentum_proxy.export import ExportNet, INPUT_NAME, export_onnx, onnx_session
-    from momentum_proxy.int8 import calibration_batches, quantize
+    from momentum_proxy.deploy.export import INPUT_NAME, ExportNet, export_onnx, onnx_session
+    from momentum_proxy.deploy.int8 import calibration_batches, quantize
 
     fp32, int8 = folder / "model.onnx", folder / "model_int8.onnx"
     export_onnx(ExportNet(copy.deepcopy(model).cpu().eval(), normalize=True), fp32, image_size)

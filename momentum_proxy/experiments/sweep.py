@@ -14,7 +14,8 @@ import pandas as pd
 
 from momentum_proxy.config import TrainConfig
 from momentum_proxy.errors import UserError
-from momentum_proxy.fileio import atomic_path, write_text
+from momentum_proxy.fileio import write_text
+from momentum_proxy.plots import curves_figure, momentum_figure
 from momentum_proxy.runs import RunDir
 
 # Options that do not change what a run computes: a sweep re-run may differ in them and still resume.
@@ -40,7 +41,7 @@ def sweep(base: TrainConfig, out: str | Path, grid: dict[str, list]) -> list[Pat
     A finished run with the same configuration is skipped, a killed one resumes, and a run whose stored
     configuration differs (e.g. other --epochs) is trained again from scratch, saying what changed.
     """
-    from momentum_proxy import training
+    from momentum_proxy.training import loop as training
 
     cells = [base.with_(**dict(zip(grid, values))) for values in itertools.product(*grid.values())]
     for cfg in cells:
@@ -130,77 +131,19 @@ def report(folder: str | Path, out: str | Path | None = None) -> str:
     return text
 
 
-def _style():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import scienceplots  # noqa: F401  (registers the 'science' styles)
-
-    plt.style.use(["science", "no-latex", "grid"])
-    return plt
-
-
-def _save(fig, out: Path, formats=("png", "pdf")) -> list[Path]:
-    """Write the figure atomically in each format, then close it."""
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for fmt in formats:
-        path = out.with_suffix(f".{fmt}")
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=200)
-        paths.append(path)
-    plt.close(fig)
-    return paths
-
-
 def plot_momentum(folder: str | Path, out: str | Path | None = None) -> list[Path]:
-    """Test R@1 (%) against proxy momentum, one line per backbone/feature size, mean ± 95 % CI over seeds."""
+    """Test R@1 (%) against proxy momentum over the sweep below `folder` (PNG and PDF; see `plots.momentum_figure`)."""
     table = summarize(collect_runs(folder))
     table = table[table["optimizer"].str.endswith("*")]
     if table.empty:
         raise UserError(f"no momentum-mode runs (adam*, sgd*) below {folder}")
-    plt = _style()
-    fig, ax = plt.subplots(figsize=(4.0, 3.0))
-    for (backbone, dim), g in table.groupby(["backbone", "feature_dim"]):
-        g = g.sort_values("momentum")
-        ax.errorbar(g["momentum"], 100 * g["recall@1"], yerr=100 * g["recall@1_ci"].fillna(0), marker="o",
-                    capsize=2, label=f"{backbone} ({dim})")
-    seeds = sorted(set(table["seeds"]))
-    selected = ", ".join(sorted(set(table["selected_on"])))
-    ax.set_xlabel("proxy momentum $m$")
-    ax.set_ylabel("test R@1 (%)")
-    ax.set_title(f"selected on {selected}; {'/'.join(map(str, seeds))} seed(s), mean ± 95% CI", fontsize=6)
-    ax.legend(fontsize=6)
-    return _save(fig, Path(out) if out else Path(folder) / "momentum")
+    return momentum_figure(table, Path(out) if out else Path(folder) / "momentum")
 
 
 def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
-    """Training loss and the per-epoch metrics of one run, with the selected epoch marked (PNG and PDF)."""
-    from matplotlib.ticker import MaxNLocator, NullLocator
-
+    """Training loss and the per-epoch metrics of one run, the selected epoch marked (see `plots.curves_figure`)."""
     run = RunDir(run_dir)
     rows = run.metrics()
     if not rows:
         raise UserError(f"no metrics.csv in {run_dir}")
-    df = pd.DataFrame(rows)
-    summary = run.eval()
-    plt = _style()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(7.0, 2.8))
-    trained = df[df["epoch"] > 0]
-    ax1.plot(trained["epoch"], trained["train_loss"], marker="o")
-    ax1.set_ylabel("train loss")
-    for col in [c for c in df.columns if c.startswith(("val_", "test_"))]:
-        ax2.plot(df["epoch"], 100 * df[col], marker=".", label=col, linestyle="-" if col.startswith("val_") else ":")
-    ax2.set_ylabel("metric (%)")
-    if summary is not None:
-        ax2.axvline(summary["epoch"], color="gray", linestyle="--", linewidth=0.8,
-                    label=f"selected (on {summary['selected_on']})")
-    ax2.legend(fontsize=5, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    for ax, label in ((ax1, "epoch"), (ax2, "epoch (0 = pretrained start)")):
-        ax.set_xlabel(label)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.xaxis.set_minor_locator(NullLocator())
-    fig.tight_layout()
-    return _save(fig, Path(out) if out else Path(run_dir) / "curves")
+    return curves_figure(pd.DataFrame(rows), run.eval(), Path(out) if out else Path(run_dir) / "curves")

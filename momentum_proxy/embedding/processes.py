@@ -1,7 +1,7 @@
 """Model processes: a run's embedder in a child process, so that the server's Python work and the model never
 compete for one interpreter lock or one OpenMP team.
 
-`ModelProcess(run_dir)` starts `python -m momentum_proxy.workers` and talks to it over the child's stdin and
+`ModelProcess(run_dir)` starts `python -m momentum_proxy.embedding.processes` and talks to it over the child's stdin and
 stdout: a batch of HWC uint8 arrays in, L2-normalised float32 rows out, raw bytes behind fixed headers (nothing is
 pickled). The child embeds exactly as the in-process torch embedder does (the same `to_batch` layout, the same
 model), with as many CPU threads as the parent asks for per batch. It exits when its stdin closes, so it never
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from momentum_proxy.embedding.inference import resolve_device
 from momentum_proxy.errors import UserError
-from momentum_proxy.inference import resolve_device
 
 REQUEST = struct.Struct("<IIII")  # images, height, width, CPU threads to use
 REPLY = struct.Struct("<iQ")  # rows (-1: a one-line error follows), payload bytes
@@ -94,7 +94,7 @@ class ModelProcess:
     def _start(self) -> dict:
         root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen([sys.executable, "-m", "momentum_proxy.workers", self.run_dir, str(self.threads)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "momentum_proxy.embedding.processes", self.run_dir, str(self.threads)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.restarts += 1
         return json.loads(self._reply())
@@ -137,8 +137,8 @@ class ModelProcess:
 def child(run_dir: str, threads: int) -> None:
     """The child's loop: load the run's model, say what it is, then embed batches until stdin closes."""
     from momentum_proxy.data.loading import to_batch
+    from momentum_proxy.deploy.runtimes import TorchEmbedder
     from momentum_proxy.perf import tune_allocator
-    from momentum_proxy.runtime import TorchEmbedder
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which then closes our stdin
     out = os.fdopen(os.dup(1), "wb")  # replies only; whatever a library prints goes to stderr

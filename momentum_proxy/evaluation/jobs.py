@@ -8,11 +8,11 @@ import numpy as np
 
 from momentum_proxy.data.loading import EvalSplit, eval_dataset
 from momentum_proxy.data.manifest import manifest_sha256, read_manifest, split_frame
-from momentum_proxy.metrics import ALL_METRICS, evaluate_embeddings
+from momentum_proxy.deploy.runtimes import load_embedder
+from momentum_proxy.embedding.inference import embed_dataset
+from momentum_proxy.evaluation.metrics import ALL_METRICS, evaluate_embeddings
 from momentum_proxy.fileio import write_json
-from momentum_proxy.inference import embed_dataset
 from momentum_proxy.runs import BEST, RunDir, load_embeddings
-from momentum_proxy.runtime import load_embedder
 
 
 def evaluate_arrays(features: np.ndarray, labels: np.ndarray, split: np.ndarray | None, *, metrics=None,

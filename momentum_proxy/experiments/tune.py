@@ -25,7 +25,9 @@ from optuna.trial import TrialState
 
 from momentum_proxy.config import LOSS_NAMES, TrainConfig, read_mapping_file
 from momentum_proxy.errors import UserError
+from momentum_proxy.experiments.sweep import plot_curves
 from momentum_proxy.fileio import check_writable_folder, write_json, write_text
+from momentum_proxy.plots import history_figure, importances_figure, params_figure
 
 OBJECTIVE = "val_map@r"  # maximised: the best trained epoch's val MAP@R
 STUDY_NAME = "mproxy-tune"
@@ -92,7 +94,7 @@ class Space:
 
     def suggest(self, trial: optuna.Trial) -> dict:
         """Draw one configuration: the chosen options by TrainConfig field (the loss first: others depend on it)."""
-        from momentum_proxy.losses import HAS_MARGIN
+        from momentum_proxy.training.losses import HAS_MARGIN
 
         searched = self.searched
         options = {}
@@ -243,7 +245,7 @@ class Objective:
         self.base, self.space, self.out = base, space, out
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from momentum_proxy import training
+        from momentum_proxy.training import loop as training
 
         options = self.space.suggest(trial)
         trial.set_user_attr("options", options)
@@ -426,68 +428,9 @@ def trial_line_short(t) -> str:
 # ----------------------------------------------------------------------------------------------- plots
 def plots(study: optuna.Study, out: Path, imp: dict[str, float], best) -> None:
     """history, importances (when computed), params and the best trial's validation curve (PNG + PDF)."""
-    from momentum_proxy.experiments import plot_curves
-
-    plot_history(study, out / "history")
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    history_figure([t.number for t in complete], [100 * t.value for t in complete], out / "history")
     if imp:
-        plot_importances(imp, out / "importances")
-    plot_params(study, list(imp) or list(best.params), out / "params")
+        importances_figure(imp, out / "importances")
+    params_figure(complete, list(imp) or list(best.params), out / "params")
     plot_curves(trial_dir(out, best.number), out / "best_curves")
-
-
-def plot_history(study: optuna.Study, path: Path) -> None:
-    from momentum_proxy.experiments import _save, _style
-
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    x = [t.number for t in complete]
-    y = [100 * t.value for t in complete]
-    plt = _style()
-    fig, ax = plt.subplots(figsize=(4.0, 3.0))
-    ax.plot(x, y, "o", label="complete trial")
-    ax.step(x, [max(y[:i + 1]) for i in range(len(y))], where="post", label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("val MAP@R (%)")
-    ax.legend(fontsize=6)
-    _save(fig, path)
-
-
-def plot_importances(imp: dict[str, float], path: Path) -> None:
-    from momentum_proxy.experiments import _save, _style
-
-    plt = _style()
-    fig, ax = plt.subplots(figsize=(4.0, 0.4 + 0.25 * len(imp)))
-    names = list(imp)[::-1]
-    ax.barh(names, [imp[n] for n in names])
-    ax.set_xlabel("importance (fANOVA)")
-    _save(fig, path)
-
-
-def plot_params(study: optuna.Study, names: list[str], path: Path, top: int = 4) -> None:
-    """val MAP@R of the complete trials against each of the `top` first parameters (log axis for log ranges)."""
-    from matplotlib.ticker import NullFormatter
-
-    from momentum_proxy.experiments import _save, _style
-
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    names = names[:top]
-    plt = _style()
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(2.2 * max(1, len(names)), 2.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        points = [(t.params[name], 100 * t.value, t.distributions[name]) for t in complete if name in t.params]
-        dist = points[0][2]
-        if isinstance(dist, optuna.distributions.CategoricalDistribution):
-            ax.scatter([dist.choices.index(p) for p, _, _ in points], [v for _, v, _ in points])
-            ax.set_xticks(range(len(dist.choices)), [str(c) for c in dist.choices], rotation=45, fontsize=5)
-            ax.set_xlim(-0.5, len(dist.choices) - 0.5)
-        else:  # the axis spans the searched range, labelled at its ends
-            ax.scatter([p for p, _, _ in points], [v for _, v, _ in points])
-            if dist.log:
-                ax.set_xscale("log")
-            ax.set_xlim(dist.low, dist.high)
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_xticks([dist.low, dist.high], [f"{dist.low:.3g}", f"{dist.high:.3g}"], fontsize=5)
-        ax.set_xlabel(name)
-    axes[0][0].set_ylabel("val MAP@R (%)")
-    fig.tight_layout()
-    _save(fig, path)
-

@@ -25,11 +25,11 @@ from torch import nn
 
 from momentum_proxy.data.loading import eval_dataset, eval_resize, make_loader
 from momentum_proxy.data.manifest import read_manifest, split_frame
+from momentum_proxy.embedding.onnx import INPUT_NAME, OUTPUT_NAME, onnx_session
 from momentum_proxy.errors import UserError
-from momentum_proxy.metrics import knn, l2_normalize
-from momentum_proxy.fileio import atomic_path, write_json
-from momentum_proxy.index import file_sha256
+from momentum_proxy.fileio import atomic_path, file_sha256, write_json
 from momentum_proxy.runs import BEST, RunDir, TrainConfig
+from momentum_proxy.vectors import knn, l2_normalize
 
 FORMATS = ("onnx", "torchscript")
 OPSET = 17
@@ -37,7 +37,6 @@ MIN_COSINE = 0.9999
 TOP_K = 10
 TIE = 1e-6  # reference similarities this close are ties: their order is float noise
 CHECK_IMAGES = 64
-INPUT_NAME, OUTPUT_NAME = "images", "embedding"
 
 
 class ExportNet(nn.Module):
@@ -79,7 +78,7 @@ def load_for_export(run_dir: str | Path) -> tuple[nn.Module, TrainConfig, dict]:
     and {checkpoint_sha256}."""
     import timm.layers
 
-    from momentum_proxy.inference import load_model
+    from momentum_proxy.embedding.inference import load_model
 
     run = RunDir(run_dir)
     with timm.layers.set_layer_config(exportable=True):
@@ -101,17 +100,6 @@ def export_torchscript(model: nn.Module, path: Path, image_size: int) -> None:
     example = torch.randint(0, 256, (2, 3, image_size, image_size), dtype=torch.uint8)
     with _quiet(), torch.no_grad():
         torch.jit.trace(model, example).save(str(path))
-
-
-def onnx_session(path: str | Path, device: str = "cpu"):
-    """An onnxruntime session: CUDAExecutionProvider when `device` is cuda and onnxruntime has it (in full
-    float32, no TF32, as `inference.load_model`), else CPU."""
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
-    return ort.InferenceSession(str(path), providers=providers)
 
 
 def exported_runner(path: Path, fmt: str):
@@ -212,7 +200,7 @@ def _validate(fmt: str, out: Path, image_size: int | None, int8: bool, calibrati
 
 def _quantize(fp32: Path, out: Path, calibration: str, cfg: TrainConfig, image_size: int) -> dict:
     """The int8 model of `fp32` at `out`, and its report; refused (UserError) when it does not pay off."""
-    from momentum_proxy.int8 import calibration_batches, compare, quantize
+    from momentum_proxy.deploy.int8 import calibration_batches, compare, quantize
 
     settings = quantize(fp32, out, calibration_batches(calibration, image_size), INPUT_NAME)
     report = compare(onnx_session(fp32), onnx_session(out), INPUT_NAME, cfg.data, image_size)

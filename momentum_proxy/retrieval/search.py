@@ -1,6 +1,6 @@
 """Retrieval with a run's model, one search path for every caller.
 
-- `build_index` embeds an image collection into a saved faiss index (`index.RetrievalIndex`), or extends or
+- `build_index` embeds an image collection into a saved faiss index (`index.FaissStore`), or extends or
   rebuilds one; `open_index` opens a saved index with the run whose model built it (refusing a stale one).
 - `run_index` makes a run's own embeddings (or another embeddings file, or a split embedded now) an exact index
   in memory, so that searching a run and searching a saved index are the same code.
@@ -19,36 +19,28 @@ import numpy as np
 
 from momentum_proxy.data.manifest import MANIFEST, read_manifest
 from momentum_proxy.data.prepare import IMAGE_EXTS
+from momentum_proxy.deploy.runtimes import load_embedder
+from momentum_proxy.embedding.inference import embed_files
 from momentum_proxy.errors import UserError
-from momentum_proxy.figures import draw_results
 from momentum_proxy.fileio import check_writable_folder, write_json
-from momentum_proxy.index import KINDS, META_FILE, UNKNOWN, Hit, RetrievalIndex, file_sha256, read_meta
-from momentum_proxy.inference import embed_files
-from momentum_proxy.runs import BEST, EMBEDDINGS, RunDir, load_embeddings
+from momentum_proxy.plots import draw_results
+from momentum_proxy.retrieval.faiss_store import KINDS, META_FILE, UNKNOWN, FaissStore, read_meta
+from momentum_proxy.retrieval.hits import Hit, judged
+from momentum_proxy.retrieval.store import check_mix
+from momentum_proxy.runs import EMBEDDINGS, RunDir, load_embeddings, model_identity
 
 SPLITS = ("test", "val", "train", "all")
 MODEL_KEYS = ("backbone", "feature_dim", "checkpoint_sha256")  # what must match; the run's path may differ
 
 
 @dataclass
-class Result:
-    rank: int
-    path: str
-    label: int | None
-    similarity: float
-    correct: bool | None
-    class_name: str | None = None
-
-
-@dataclass
 class Retrieval:
-    """A query's results (and their ids in the searched index) and what was searched."""
+    """A query's results and what was searched."""
 
     query: Path
     label: int | None
     label_name: str | None
-    results: list[Result]
-    ids: list[int]
+    results: list[Hit]
     collection: str
     requested_k: int
 
@@ -57,15 +49,6 @@ def is_query(query: Path, paths) -> np.ndarray:
     """Which database paths are the query's own file (a query from the database is not its own result)."""
     target = str(query.resolve())
     return np.array([str(Path(p).resolve()) == target for p in paths], dtype=bool)
-
-
-def model_identity(run_dir: str | Path) -> dict:
-    """What an index records about the model that embedded it; a mismatch means the index is unusable."""
-    run = RunDir(run_dir)
-    cfg = run.config()
-    epoch = run.load_checkpoint(BEST)["epoch"]
-    return {"run": str(run.path.resolve()), "backbone": cfg.backbone, "feature_dim": cfg.feature_dim,
-            "checkpoint_sha256": file_sha256(run / BEST), "checkpoint_epoch": epoch}
 
 
 def describe_change(built: dict, now: dict) -> str | None:
@@ -96,7 +79,7 @@ def check_model(index_dir, meta: dict, identity: dict, run_dir) -> None:
                         f"`{rebuild_hint(run_dir, index_dir, meta.get('sources', []))}`")
 
 
-def open_index(index_dir: str | Path, run_dir: str | Path | None = None) -> tuple[RetrievalIndex, str]:
+def open_index(index_dir: str | Path, run_dir: str | Path | None = None) -> tuple[FaissStore, str]:
     """A saved index and the run whose model built it (`run_dir`, else the run recorded in the index),
     refused with a worded reason when that model changed since."""
     meta = read_meta(index_dir)
@@ -105,7 +88,7 @@ def open_index(index_dir: str | Path, run_dir: str | Path | None = None) -> tupl
         raise UserError(f"the run that built {index_dir} ({run_dir or 'unknown'}) is not available; "
                         "give it explicitly")
     check_model(index_dir, meta, model_identity(run_dir), run_dir)
-    return RetrievalIndex.load(index_dir), run_dir
+    return FaissStore.load(index_dir), run_dir
 
 
 def collect_images(source: str | Path) -> tuple[list[str], list[int] | None, dict[int, str]]:
@@ -124,7 +107,7 @@ def collect_images(source: str | Path) -> tuple[list[str], list[int] | None, dic
     return paths, None, {}
 
 
-def _labels_for(index: RetrievalIndex, labels, classes: dict[int, str], n: int) -> list | None:
+def _labels_for(index: FaissStore, labels, classes: dict[int, str], n: int) -> list | None:
     """Labels of new items in the index's numbering: by class name, UNKNOWN for unlabelled images."""
     if labels is None:
         return None if index.labels is None else [UNKNOWN] * n
@@ -149,7 +132,7 @@ def images_to_index(images: str | Path | None, out: Path, rebuild: bool) -> Coll
         return Collection(*collect_images(images), [str(Path(images).absolute())])
     if not (rebuild and (out / META_FILE).exists()):
         raise UserError("give the images to index with --images (only --rebuild of an existing index may omit them)")
-    old = RetrievalIndex.load(out)
+    old = FaissStore.load(out)
     live = [i for i in range(old.ntotal) if old.exists(i)]
     if not live:
         raise UserError(f"the index {out} has no items to rebuild from; give --images")
@@ -163,8 +146,6 @@ def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path,
     present (paths already indexed are skipped; runtimes mix only as `runtime.check_mix` allows), or, with
     `rebuild`, made anew (from `images`, or from the index's own items when `images` is None) and replacing the
     old one atomically."""
-    from momentum_proxy.runtime import check_mix, load_embedder
-
     if kind not in KINDS:
         raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
     out = Path(out)
@@ -173,7 +154,7 @@ def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path,
     existing = None
     if (out / META_FILE).exists() and not rebuild:
         check_model(out, read_meta(out), identity, run_dir)
-        existing = RetrievalIndex.load(out)
+        existing = FaissStore.load(out)
     todo = images_to_index(images, out, rebuild)
     if not todo.paths:
         raise UserError(f"no images to index in {images}")
@@ -187,7 +168,7 @@ def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path,
     by_path = dict(zip(todo.paths, todo.labels or []))
     labels = None if todo.labels is None else [by_path[p] for p in kept]
     if existing is None:
-        index = RetrievalIndex.build(feats, kept, labels, kind=kind, classes=todo.classes,
+        index = FaissStore.build(feats, kept, labels, kind=kind, classes=todo.classes,
                                      model={**identity, "runtime": runtime, "verified": embedder.identity["verified"]})
     else:
         index = existing
@@ -205,7 +186,7 @@ def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path,
     return summary
 
 
-def search_hits(index: RetrievalIndex, features: np.ndarray, k: int, *, query_path=None, query_id=None,
+def search_hits(index: FaissStore, features: np.ndarray, k: int, *, query_path=None, query_id=None,
                 min_score: float | None = None) -> tuple[dict | None, list[Hit]]:
     """Top-k of one query embedding: (the query's item when it is indexed, its hits). The query's own item
     (given by id, or by path) is not among its results, as in `mproxy retrieve`."""
@@ -220,7 +201,7 @@ def search_hits(index: RetrievalIndex, features: np.ndarray, k: int, *, query_pa
 
 
 def run_index(run_dir: str | Path, embedder, split: str = "test",
-              database: str | Path | None = None) -> tuple[RetrievalIndex, str]:
+              database: str | Path | None = None) -> tuple[FaissStore, str]:
     """(an exact in-memory index, its description) of the run's test embeddings (embeddings.npz, or another
     `database` .npz), plus, for `split` train, val or all, those images of the run's dataset embedded now by
     `embedder` (the run's model)."""
@@ -243,7 +224,7 @@ def run_index(run_dir: str | Path, embedder, split: str = "test",
     paths = [str(x) for p in parts for x in p["paths"]]
     named = all(p.get("class_names") is not None for p in parts)
     classes = {int(y): str(n) for p in parts for y, n in zip(p["labels"], p["class_names"])} if named else None
-    return RetrievalIndex.build(features, paths, labels, classes=classes), what
+    return FaissStore.build(features, paths, labels, classes=classes), what
 
 
 def _embed_splits(data: str | Path, embedder, splits: list[str]) -> dict:
@@ -259,7 +240,7 @@ def _embed_splits(data: str | Path, embedder, splits: list[str]) -> dict:
             "class_names": df["class_name"].to_numpy()[keep]}
 
 
-def search_image(index: RetrievalIndex, embedder, query: str | Path, k: int, collection: str) -> Retrieval:
+def search_image(index: FaissStore, embedder, query: str | Path, k: int, collection: str) -> Retrieval:
     """Top-k of a query image in `index`, embedded by `embedder`; the query's own item is left out. (Its callers
     `check_query` first, before a model is loaded.)"""
     query = Path(query)
@@ -268,17 +249,14 @@ def search_image(index: RetrievalIndex, embedder, query: str | Path, k: int, col
         raise UserError(f"cannot read query image {query}: {skipped[0][1]}")
     own, hits = search_hits(index, feats, k, query_path=query)
     label = own["label"] if own else None
-    results = [Result(h.rank + 1, h.path, h.label, h.score,
-                      None if label is None or h.label is None else h.label == label, h.class_name) for h in hits]
-    return Retrieval(query, label, own["class_name"] if own else None, results, [h.id for h in hits], collection, k)
+    results = judged(hits, label)
+    return Retrieval(query, label, own["class_name"] if own else None, results, collection, k)
 
 
 def retrieve(run_dir: str | Path, query: str | Path, k: int = 8, *, database: str | Path | None = None,
              split: str = "test", device: str = "auto", runtime: str = "torch") -> Retrieval:
     """Top-k of `query` among the run's embeddings of `split` (or another `database` .npz); the query itself
     is excluded. `runtime` (torch | onnx) embeds (see `runtime.load_embedder`)."""
-    from momentum_proxy.runtime import load_embedder
-
     check_query(query, k)
     embedder = load_embedder(run_dir, runtime, device)
     index, collection = run_index(run_dir, embedder, split, database)
@@ -299,8 +277,6 @@ def retrieve_and_draw(query: str | Path, k: int, out_dir: str | Path | None = No
     """`mproxy retrieve`: search a saved index (`index_dir`, with the run that built it, or `run_dir`), else the
     run's embeddings of `split` (`data_base`: the original tool's run folder or embeddings file), and write
     `out_dir` (default: INDEX/retrieval or RUN/retrieval) /retrieval.png + results.json."""
-    from momentum_proxy.runtime import check_mix, load_embedder
-
     check_query(query, k)
     if index_dir:
         index, run_dir = open_index(index_dir, run_dir)
@@ -326,7 +302,7 @@ def retrieve_and_draw(query: str | Path, k: int, out_dir: str | Path | None = No
 def save_retrieval(r: Retrieval, out_dir: str | Path, extra: dict | None = None) -> Path:
     """Write `out_dir/retrieval.png` and `out_dir/results.json`; return the picture's path. Results whose image
     file is missing are kept in results.json (`missing`), left out of the picture, and reported on stderr."""
-    rows = [{"id": i, **res.__dict__, "missing": not os.path.isfile(res.path)} for i, res in zip(r.ids, r.results)]
+    rows = [{**res.to_dict(), "missing": not os.path.isfile(res.path)} for res in r.results]
     missing = [row["path"] for row in rows if row["missing"]]
     if missing:
         print(f"mproxy: warning: {len(missing)} of {len(rows)} result images are missing (moved or deleted?), "
@@ -358,8 +334,8 @@ def resolve_database(run_dir: str | None, data_base: str | None) -> tuple[str, P
     return run_dir, database
 
 
-def ranked_list(results: list[Result]) -> str:
+def ranked_list(results: list[Hit]) -> str:
     """The results as text lines: rank, similarity, class, path (and a mark when the query's class is known)."""
     mark = {True: "  same class", False: "  other class", None: ""}
-    return "\n".join(f"#{r.rank:<3d} {r.similarity:.3f}  {r.class_name or r.label}  {r.path}{mark[r.correct]}"
+    return "\n".join(f"#{r.rank:<3d} {r.score:.3f}  {r.class_name or r.label}  {r.path}{mark[r.same_class]}"
                      for r in results)

@@ -26,12 +26,13 @@ from momentum_proxy import distributed
 from momentum_proxy.config import TrainConfig
 from momentum_proxy.data.loading import DatasetSplits, EvalSplit, load_datasets, make_loader
 from momentum_proxy.data.manifest import manifest_sha256
+from momentum_proxy.embedding.inference import autocast, embed_dataset, resolve_device
 from momentum_proxy.errors import UserError
-from momentum_proxy.evaluate import evaluate_arrays
-from momentum_proxy.inference import autocast, embed_dataset, resolve_device
-from momentum_proxy.losses import MomentumProxyUpdate, create_loss, init_proxies_from_class_means, proxy_parameter
-from momentum_proxy.models import EmbeddingNet
+from momentum_proxy.evaluation.jobs import evaluate_arrays
+from momentum_proxy.models.net import EmbeddingNet
 from momentum_proxy.runs import BEST, LAST, RunDir
+from momentum_proxy.training.losses import create_loss
+from momentum_proxy.training.proxies import MomentumProxyUpdate, init_proxies_from_class_means, proxy_parameter
 
 
 class TrainingDiverged(UserError):

@@ -1,4 +1,5 @@
-"""Embedding images with a trained model: loading a run's model, embedding datasets and image files."""
+"""Embedding images with a trained model in PyTorch: loading a run's model (`TorchEmbedder`, the reference
+`Embedder`), embedding datasets and image files."""
 from __future__ import annotations
 
 import contextlib
@@ -10,13 +11,20 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from momentum_proxy.data.loading import (ImageDataset, eval_resize, eval_transform, make_loader, read_image, to_array,
-                                         to_batch)
+from momentum_proxy.data.loading import (
+    ImageDataset,
+    eval_resize,
+    eval_transform,
+    make_loader,
+    read_image,
+    to_array,
+    to_batch,
+)
 from momentum_proxy.distributed import DistInfo, all_gather_cat
 from momentum_proxy.errors import UserError
-from momentum_proxy.models import EmbeddingNet
+from momentum_proxy.models.net import EmbeddingNet
 from momentum_proxy.perf import flush_denormals
-from momentum_proxy.runs import BEST, RunDir, TrainConfig
+from momentum_proxy.runs import BEST, RunDir, TrainConfig, model_identity
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -49,6 +57,23 @@ def load_model(run_dir: str | Path, device: str = "auto") -> tuple[EmbeddingNet,
     if device.type == "cuda":
         torch.backends.cudnn.allow_tf32 = False
     return model.to(device).eval(), cfg, fingerprint
+
+
+class TorchEmbedder:
+    """The run's best checkpoint in PyTorch: the reference `Embedder`."""
+
+    runtime = "torch"
+
+    def __init__(self, run_dir: str | Path, device: str = "auto"):
+        self.model, cfg, _ = load_model(run_dir, device)
+        self.device = next(self.model.parameters()).device
+        self.image_size, self.feature_dim = cfg.image_size, cfg.feature_dim
+        self.identity = {**model_identity(run_dir), "runtime": self.runtime, "verified": True}
+
+    @torch.inference_mode()
+    def embed(self, images) -> np.ndarray:
+        out = self.model(torch.as_tensor(images).to(self.device, non_blocking=True))
+        return F.normalize(out.float(), dim=1).cpu().numpy()
 
 
 def autocast(device: torch.device, amp: str):

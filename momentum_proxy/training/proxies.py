@@ -1,55 +1,24 @@
-"""Proxy-based losses (pytorch-metric-learning's) and the momentum proxy update.
+"""The momentum proxy update, the method's central idea, as one composable piece.
 
-`MomentumProxyUpdate` is a small standalone piece: give it the proxy tensor, the batch's embeddings and labels,
-and it moves every proxy of a class in the batch toward that class's embeddings,
+`MomentumProxyUpdate` moves every proxy of a class in the batch toward that class's batch embeddings,
     p_c <- (1 - m) * p_c + m * f_c,
 with f_c the mean of the class's batch embeddings (`reduction="mean"`) or, as in the original MP tool, their
-sum (`reduction="sum"`). It works with both proxy layouts of pytorch-metric-learning: classes x dim
-(ProxyNCA, ProxyAnchor: `.proxies`) and dim x classes (NormalizedSoftmax, CosFace, ArcFace: `.W`).
+sum (`reduction="sum"`). Like a pytorch-metric-learning regulariser it attaches to any proxy loss of that
+library, whatever its proxy layout: classes x dim (ProxyNCA, ProxyAnchor: `.proxies`) or dim x classes
+(NormalizedSoftmax, CosFace, ArcFace: `.W`):
+
+    loss_fn = losses.CosFaceLoss(num_classes=100, embedding_size=512)
+    update = MomentumProxyUpdate(momentum=0.5).attach(loss_fn)   # proxies get no gradient from now on
+    ...
+    loss_fn(embeddings, labels).backward(); optimizer.step()       # optimizer over the model only
+    update.step(embeddings, labels)                                # proxies move toward the batch
 """
 from __future__ import annotations
 
 import torch
-from pytorch_metric_learning import losses as pml_losses
 from torch import nn
 
-from momentum_proxy.config import LOSS_NAMES
 from momentum_proxy.errors import UserError
-
-LOSSES = {  # keyed by config.LOSS_NAMES (checked below), so options are validated without importing torch
-    "proxy_nca": pml_losses.ProxyNCALoss,
-    "normalized_softmax": pml_losses.NormalizedSoftmaxLoss,
-    "cos_face": pml_losses.CosFaceLoss,
-    "arc_face": pml_losses.ArcFaceLoss,
-    "proxy_anchor": pml_losses.ProxyAnchorLoss,
-}
-
-assert tuple(LOSSES) == LOSS_NAMES
-
-# How a common `scale` (inverse temperature of the logits) maps onto each loss's own parameter.
-SCALE_PARAMS = {"proxy_nca": ("softmax_scale", lambda s: s), "normalized_softmax": ("temperature", lambda s: 1 / s),
-                "cos_face": ("scale", lambda s: s), "arc_face": ("scale", lambda s: s),
-                "proxy_anchor": ("alpha", lambda s: s)}
-HAS_MARGIN = ("cos_face", "arc_face", "proxy_anchor")
-
-
-def create_loss(name: str, num_classes: int, embedding_size: int, scale: float | None = None,
-                margin: float | None = None) -> nn.Module:
-    """A pytorch-metric-learning proxy loss by name. `scale`/`margin` override the library's defaults
-    (ProxyNCA softmax_scale 1, NormalizedSoftmax 1/temperature 20, CosFace/ArcFace scale 64, ProxyAnchor alpha 32)."""
-    if name not in LOSSES:
-        raise UserError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
-    kwargs = {}
-    if scale is not None:
-        if scale <= 0:
-            raise UserError(f"--loss-scale must be positive, got {scale}")
-        param, convert = SCALE_PARAMS[name]
-        kwargs[param] = convert(scale)
-    if margin is not None:
-        if name not in HAS_MARGIN:
-            raise UserError(f"{name} has no margin; --margin applies to {', '.join(HAS_MARGIN)}")
-        kwargs["margin"] = margin
-    return LOSSES[name](num_classes=num_classes, embedding_size=embedding_size, **kwargs)
 
 
 def proxy_parameter(loss: nn.Module) -> tuple[nn.Parameter, int]:
@@ -101,6 +70,20 @@ class MomentumProxyUpdate:
         """Apply the update to a pytorch-metric-learning loss's proxies, whatever their layout."""
         param, class_dim = proxy_parameter(loss)
         self(param.data, embeddings, labels, class_dim)
+
+    def attach(self, loss: nn.Module) -> "MomentumProxyUpdate":
+        """Take over `loss`'s proxies: they stop requiring gradients (keep them out of the optimizer), and
+        `step(embeddings, labels)` updates them. Returns self."""
+        param, _ = proxy_parameter(loss)
+        param.requires_grad_(False)
+        self.loss = loss
+        return self
+
+    def step(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """After an optimizer step: move the attached loss's proxies toward this batch's embeddings."""
+        if getattr(self, "loss", None) is None:
+            raise UserError("attach the update to a loss first: MomentumProxyUpdate(m).attach(loss)")
+        self.update_loss(self.loss, embeddings, labels)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Search and edit a saved index with the model that built it, without HTTP (the service's engine).
 
 ```python
-from momentum_proxy.searcher import Searcher
+from momentum_proxy.serving.searcher import Searcher
 s = Searcher("index/mine")
 s.search("photo.jpg", k=8)["results"]      # or an embedding (numpy), an item id (int), image bytes, a PIL image
 await s.asearch(image_bytes, k=8)           # the same in an event loop (the service's path)
@@ -32,11 +32,14 @@ import torch
 from PIL import Image
 
 from momentum_proxy.data.loading import eval_resize, eval_transform, read_image, to_array, to_batch
+from momentum_proxy.deploy.runtimes import load_embedder
+from momentum_proxy.embedding.processes import ModelProcess, ThreadBudget, check_workers
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path
-from momentum_proxy.index import UNKNOWN, RetrievalIndex, Snapshot
-from momentum_proxy.retrieval import open_index, search_hits
-from momentum_proxy.workers import ModelProcess, ThreadBudget, check_workers
+from momentum_proxy.retrieval.faiss_store import UNKNOWN, FaissStore, Snapshot
+from momentum_proxy.retrieval.hits import judged
+from momentum_proxy.retrieval.search import open_index, search_hits
+from momentum_proxy.retrieval.store import check_mix
 
 MAX_K = 1000
 INLINE_SEARCH_ITEMS = 5_000  # an exact search over more items (a millisecond and up) runs off the event loop
@@ -238,8 +241,6 @@ class Searcher:
     def __init__(self, index_dir: str | Path, *, run_dir: str | Path | None = None, device: str = "auto",
                  max_batch: int = 32, batch_wait_ms: float = 50.0, max_pixels: int = DEFAULT_MAX_PIXELS,
                  on_batch: Callable[[int], None] | None = None, runtime: str = "torch", workers: int | str = 0):
-        from momentum_proxy.runtime import check_mix, load_embedder
-
         self.folder = Path(index_dir).absolute()
         self.index, self.run_dir = open_index(self.folder, run_dir)
         self.workers = check_workers(workers, device, runtime)
@@ -358,10 +359,7 @@ class Searcher:
         label = own["label"] if own else None
         return {
             "query": own or {"id": None, "path": None, "label": None, "class_name": None},
-            "results": [{"rank": h.rank + 1, "id": h.id, "path": h.path, "label": h.label,
-                         "class_name": h.class_name, "score": h.score,
-                         "same_class": None if label is None or h.label is None else h.label == label}
-                        for h in hits],
+            "results": [h.to_dict() for h in judged(hits, label)],
             "timing_ms": {"decode": 1000 * (t1 - t0), "embed": 1000 * (t2 - t1), "search": 1000 * (t3 - t2)},
         }
 
@@ -413,7 +411,7 @@ class Searcher:
             self._write(snapshot)
 
     @staticmethod
-    def _labels(index: RetrievalIndex, class_name: str | None, n: int) -> list | None:
+    def _labels(index: FaissStore, class_name: str | None, n: int) -> list | None:
         if class_name:
             return [index.label_for(class_name)] * n
         return None if index.labels is None else [UNKNOWN] * n
@@ -432,7 +430,7 @@ class Searcher:
             snapshot.write(self.folder)
         except BaseException:
             with self._lock:
-                self.index = RetrievalIndex.load(self.folder)
+                self.index = FaissStore.load(self.folder)
             raise
 
     # ------------------------------------------------------------------------------------------- info

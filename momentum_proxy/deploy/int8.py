@@ -19,7 +19,8 @@ import numpy as np
 from momentum_proxy.data.loading import eval_dataset, make_loader
 from momentum_proxy.data.manifest import read_manifest, split_frame
 from momentum_proxy.errors import UserError
-from momentum_proxy.metrics import evaluate_embeddings, l2_normalize
+from momentum_proxy.evaluation.metrics import evaluate_embeddings
+from momentum_proxy.vectors import l2_normalize
 
 CALIBRATION_IMAGES = 256
 MAX_R1_DROP = 0.005  # 0.5 points of R@1
@@ -43,8 +44,13 @@ def calibration_batches(data: str, image_size: int, count: int = CALIBRATION_IMA
 
 def quantize(fp32: Path, out: Path, batches: list, input_name: str) -> dict:
     """Write the QDQ int8 model of `fp32` to `out`, calibrated on `batches`; returns the settings used."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):

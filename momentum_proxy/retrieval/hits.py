@@ -1,0 +1,27 @@
+"""The one result type of a search, shared by `retrieve`, the Python API and the service."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: 1-based `rank`, the item (`id`, `path`, `label`, `class_name`), its cosine `score`,
+    and `same_class`: whether its class is the query's (None when either class is unknown)."""
+
+    rank: int
+    id: int
+    score: float
+    path: str
+    label: int | None
+    class_name: str | None
+    same_class: bool | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def judged(hits: list[Hit], query_label: int | None) -> list[Hit]:
+    """`hits` with `same_class` set against the query's label (None where either label is unknown)."""
+    return [replace(h, same_class=None if query_label is None or h.label is None else h.label == query_label)
+            for h in hits]

@@ -1,0 +1,96 @@
+"""The index-store interface: what every store of embedded images (faiss today) offers the search code.
+
+Items are numbered in the order they were added (id = position) and ids never change: a removed item becomes a
+tombstone. Each item has a path, an optional label and class name. Scores are cosine similarities. A store
+records the `model` that embedded its items (checkpoint sha256, backbone, runtime), so a stale store is refused.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from momentum_proxy.errors import UserError
+from momentum_proxy.retrieval.hits import Hit
+
+
+class IndexStore(ABC):
+    """Cosine search over embedded items, with their metadata. Implementations: `faiss_store.FaissStore`."""
+
+    model: dict  # what embedded the items (see `runs.model_identity` and the embedder's identity)
+
+    @property
+    @abstractmethod
+    def feature_dim(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def ntotal(self) -> int:
+        """Items ever added, tombstones included (the next id)."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Live items."""
+
+    @abstractmethod
+    def add(self, features, paths: list[str], labels: list | None = None) -> list[int]:
+        """Add items (features are L2-normalised here); return their new ids."""
+
+    @abstractmethod
+    def remove(self, item_id: int) -> None:
+        """Delete an item (UserError for an unknown id)."""
+
+    @abstractmethod
+    def exists(self, item_id: int) -> bool: ...
+
+    @abstractmethod
+    def item(self, item_id: int) -> dict:
+        """id, path, label, class_name of a live item (UserError otherwise)."""
+
+    @abstractmethod
+    def vector(self, item_id: int) -> np.ndarray:
+        """The item's stored unit embedding, shape (1, feature_dim)."""
+
+    @abstractmethod
+    def label_for(self, class_name: str) -> int:
+        """The label of `class_name`, a new one when the store does not know it."""
+
+    @abstractmethod
+    def search(self, query_features, k: int, exclude=()) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each (n_queries, k), of the best live items not in `exclude`; ids -1 pad short rows."""
+
+    @abstractmethod
+    def snapshot(self):
+        """The state to persist, taken under the caller's lock; its `.write(location)` persists it atomically."""
+
+    def save(self, location: str | Path) -> Path:
+        """Persist the store (crash-safe: a save killed at any moment leaves the previous or the new state)."""
+        return self.snapshot().write(location)
+
+    def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
+        """`search` results as lists of `Hit` (rank from 1), one list per query."""
+        out = []
+        for row_s, row_i in zip(scores, ids):
+            items = [self.item(int(i)) for i in row_i if i >= 0]
+            out.append([Hit(rank, it["id"], float(s), it["path"], it["label"], it["class_name"])
+                        for rank, (s, it) in enumerate(zip(row_s, items), start=1)])
+        return out
+
+
+def check_mix(built_with: dict, identity: dict) -> str:
+    """Whether embeddings of `identity` (an embedder's) may join those recorded in `built_with` (a store's
+    model dict); returns the combined runtime record ("onnx,torch"), or raises UserError.
+
+    Runtimes mix only for the same checkpoint and when every runtime involved is verified (torch is the
+    reference; an exported runtime passed its agreement check against it for that checkpoint)."""
+    had = set(str(built_with.get("runtime", "torch")).split(","))
+    runtime = identity["runtime"]
+    if had == {runtime}:
+        return runtime
+    if built_with.get("checkpoint_sha256") != identity["checkpoint_sha256"]:
+        raise UserError("the index was built from another checkpoint; rebuild it for this model")
+    if not (built_with.get("verified", True) and identity["verified"]):
+        raise UserError(f"refusing to mix runtimes {','.join(sorted(had))} and {runtime}: an export of this "
+                        "checkpoint did not pass its check against PyTorch")
+    return ",".join(sorted(had | {runtime}))
