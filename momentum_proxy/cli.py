@@ -228,8 +228,10 @@ def run_evaluate(a) -> None:
     if a.embeddings:
         res = evaluate_file(a.embeddings, metrics=a.metrics, recalls=a.recalls, json_out=a.json)
     else:
-        summary = evaluate_run(a.run_dir, metrics=a.metrics, recalls=a.recalls, json_out=a.json, device=a.device,
-                               runtime=a.runtime)
+        from momentum_proxy.deploy.runtimes import load_embedder
+
+        summary = evaluate_run(a.run_dir, metrics=a.metrics, recalls=a.recalls, json_out=a.json,
+                               embedder=load_embedder(a.run_dir, a.runtime, a.device))
         print(describe(summary, a.run_dir))
         res = summary["test"]
     print(format_table(res))

@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from momentum_proxy.embedding.inference import resolve_device
+from momentum_proxy.data.loading import to_batch
+from momentum_proxy.embedding.inference import TorchEmbedder, resolve_device
 from momentum_proxy.errors import UserError
+from momentum_proxy.perf import tune_allocator
 
 REQUEST = struct.Struct("<IIII")  # images, height, width, CPU threads to use
 REPLY = struct.Struct("<iQ")  # rows (-1: a one-line error follows), payload bytes
@@ -136,10 +138,6 @@ class ModelProcess:
 
 def child(run_dir: str, threads: int) -> None:
     """The child's loop: load the run's model, say what it is, then embed batches until stdin closes."""
-    from momentum_proxy.data.loading import to_batch
-    from momentum_proxy.deploy.runtimes import TorchEmbedder
-    from momentum_proxy.perf import tune_allocator
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which then closes our stdin
     out = os.fdopen(os.dup(1), "wb")  # replies only; whatever a library prints goes to stderr
     os.dup2(2, 1)

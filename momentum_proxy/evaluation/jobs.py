@@ -8,8 +8,8 @@ import numpy as np
 
 from momentum_proxy.data.loading import EvalSplit, eval_dataset
 from momentum_proxy.data.manifest import manifest_sha256, read_manifest, split_frame
-from momentum_proxy.deploy.runtimes import load_embedder
-from momentum_proxy.embedding.inference import embed_dataset
+from momentum_proxy.embedding.base import Embedder
+from momentum_proxy.embedding.inference import TorchEmbedder, embed_dataset
 from momentum_proxy.evaluation.metrics import ALL_METRICS, evaluate_embeddings
 from momentum_proxy.fileio import write_json
 from momentum_proxy.runs import BEST, RunDir, load_embeddings
@@ -38,14 +38,15 @@ def evaluate_file(path: str | Path, *, metrics=None, recalls=None, json_out: str
 
 
 def evaluate_run(run_dir: str | Path, *, metrics=None, recalls=None, json_out: str | None = None,
-                 device: str = "auto", runtime: str = "torch") -> dict:
-    """All metrics (or `metrics`) of the run's selected checkpoint on its test split, embedded by `runtime`
-    (torch | onnx), merged into RUN_DIR/eval.json (and written to `json_out`). Returns eval.json's content:
-    checkpoint, epoch, how it was selected, split, number of queries, runtime, and the values under "test"."""
+                 device: str = "auto", embedder: Embedder | None = None) -> dict:
+    """All metrics (or `metrics`) of the run's selected checkpoint on its test split, embedded by `embedder`
+    (default: the run's model in PyTorch on `device`; `deploy.runtimes.load_embedder` gives the others), merged
+    into RUN_DIR/eval.json (and written to `json_out`). Returns eval.json's content: checkpoint, epoch, how it
+    was selected, split, number of queries, runtime, and the values under "test"."""
     run = RunDir(run_dir)
     info = run.info()
     cfg = run.config()
-    embedder = load_embedder(run_dir, runtime, device)
+    embedder = embedder or TorchEmbedder(run_dir, device)
     if info.get("data_manifest_sha256") not in (None, manifest_sha256(cfg.data)):
         print(f"mproxy: warning: {Path(cfg.data) / 'manifest.csv'} changed since this run was trained; "
               "these figures are not comparable with the run's own", file=sys.stderr)
@@ -56,7 +57,7 @@ def evaluate_run(run_dir: str | Path, *, metrics=None, recalls=None, json_out: s
     res = evaluate_arrays(feats, test.labels, test.split, metrics=metrics, recalls=recalls or cfg.recalls)
     state = run.load_checkpoint(BEST)
     summary = run.eval() or {"checkpoint": BEST, "epoch": state["epoch"], "selected_on": info.get("selection", "?")}
-    summary.update(split="test", queries=test.num_queries, runtime=runtime, test={**summary.get("test", {}), **res})
+    summary.update(split="test", queries=test.num_queries, runtime=embedder.runtime, test={**summary.get("test", {}), **res})
     run.write_eval(summary)
     if json_out:
         write_json(json_out, summary)
