@@ -1,15 +1,21 @@
-"""The `mproxy` command line: a thin layer over the Python API (one sub-command per job)."""
+"""The `mproxy` command line: a thin layer over the Python API (one sub-command per job).
+
+Each command imports its job inside its `run_*` function ("# job" marks them): parsing options and
+refusing bad ones then takes a fraction of a second, with no torch, pandas or optional extra imported."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 from momentum_proxy import __version__
-from momentum_proxy.config import RECIPES, run_folder_name
+from momentum_proxy.config import METRICS, RECIPES, TrainConfig, read_config_file, run_folder_name
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import check_writable_folder
+from momentum_proxy.perf import tune_allocator
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -70,18 +76,18 @@ def add_output_options(p, val_default: str) -> None:
 
 
 def run_prepare(a) -> None:
-    from momentum_proxy.data.manifest import parse_val_classes
-    from momentum_proxy.data.prepare import check_output
+    from momentum_proxy.data.manifest import parse_val_classes  # job
+    from momentum_proxy.data.prepare import check_output  # job
 
     val = parse_val_classes(a.val_classes)
     check_output(Path(a.out), a.overwrite)
     if a.kind == "synthetic":
-        from momentum_proxy.data.synthetic import generate_synthetic
+        from momentum_proxy.data.synthetic import generate_synthetic  # job
 
         out = generate_synthetic(a.out, classes=a.classes, per_class=a.per_class, size=a.size, seed=a.seed,
                                  val_classes=val, overwrite=a.overwrite)
     else:
-        from momentum_proxy.data.prepare import PREPARERS
+        from momentum_proxy.data.prepare import PREPARERS  # job
 
         kwargs = {"short_side": a.short_side or None, "workers": a.workers, "val_classes": val,
                   "val_seed": a.val_seed, "overwrite": a.overwrite}
@@ -90,8 +96,8 @@ def run_prepare(a) -> None:
         if a.kind == "folder":
             kwargs["split_file"] = a.split_file
         out = PREPARERS[a.kind](a.src, a.out, **kwargs)
-    from momentum_proxy.data.manifest import read_manifest
-    from momentum_proxy.data.prepare import split_counts
+    from momentum_proxy.data.manifest import read_manifest  # job
+    from momentum_proxy.data.prepare import split_counts  # job
 
     counts = split_counts(read_manifest(out))
     per_split = ", ".join(f"{s} {n} images / {counts['classes_per_split'][s]} classes"
@@ -109,10 +115,6 @@ OPTION_TYPES = {"bool": "flag", "list[int]": "int_list", "list[str]": "str_list"
 
 def train_options() -> list[tuple[str, list[str], object, str]]:
     """(field, flags, type, help) of every `TrainConfig` field that is an `mproxy train` option."""
-    from dataclasses import fields
-
-    from momentum_proxy.config import TrainConfig
-
     return [(f.name, ["--" + f.name.replace("_", "-"), *f.metadata["aliases"]],
              OPTION_TYPES[f.type.split(" | ")[0]], f.metadata["help"].replace("%", "%%"))
             for f in fields(TrainConfig) if "help" in f.metadata]
@@ -123,8 +125,6 @@ SWEEP_LISTS = ("backbone", "feature_dim", "momentum")  # comma-separated grids i
 
 def add_train_options(p, *, for_sweep: bool = False) -> None:
     """The training options, generated from `train_options()` (all default to None: "not given")."""
-    from momentum_proxy.config import TrainConfig
-
     d = TrainConfig(data="", out="")
     p.add_argument("--data", help="prepared dataset folder")
     p.add_argument("--data_path", "--data-path", help="(original) folder holding prepared datasets by name")
@@ -158,8 +158,6 @@ def config_from_args(a):
 
     Needs no torch: bad options fail here, in a fraction of a second.
     """
-    from momentum_proxy.config import TrainConfig, read_config_file
-
     from_file = read_config_file(a.config) if getattr(a, "config", None) else {}
     if a.data:
         data = a.data
@@ -187,14 +185,14 @@ def config_from_args(a):
 
 def run_train(a) -> None:
     if a.resume:
-        from momentum_proxy.training import loop as training
+        from momentum_proxy.training import loop as training  # job
 
         training.resume(a.resume)
         out = a.resume
     else:
         cfg = config_from_args(a)
         check_writable_folder(Path(cfg.out), "the run folder")
-        from momentum_proxy.training import loop as training
+        from momentum_proxy.training import loop as training  # job
 
         training.train(cfg, overwrite=a.overwrite)
         out = cfg.out
@@ -214,8 +212,6 @@ def add_evaluate(sub) -> None:
 
 
 def run_evaluate(a) -> None:
-    from momentum_proxy.config import METRICS
-
     if bool(a.run_dir) == bool(a.embeddings):
         raise UserError("give a run folder or --embeddings FILE.npz (one of them)")
     unknown = [m for m in a.metrics or [] if m not in METRICS]
@@ -223,12 +219,12 @@ def run_evaluate(a) -> None:
         raise UserError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
     if a.json and Path(a.json).is_dir():
         raise UserError(f"--json {a.json} is a folder; a file is expected there")
-    from momentum_proxy.evaluation.jobs import describe, evaluate_file, evaluate_run, format_table
+    from momentum_proxy.evaluation.jobs import describe, evaluate_file, evaluate_run, format_table  # job
 
     if a.embeddings:
         res = evaluate_file(a.embeddings, metrics=a.metrics, recalls=a.recalls, json_out=a.json)
     else:
-        from momentum_proxy.deploy.runtimes import load_embedder
+        from momentum_proxy.deploy.runtimes import load_embedder  # job
 
         summary = evaluate_run(a.run_dir, metrics=a.metrics, recalls=a.recalls, json_out=a.json,
                                embedder=load_embedder(a.run_dir, a.runtime, a.device))
@@ -254,7 +250,7 @@ def add_retrieve(sub) -> None:
 
 
 def run_retrieve(a) -> None:
-    from momentum_proxy.retrieval.search import ranked_list, retrieve_and_draw
+    from momentum_proxy.retrieval.search import ranked_list, retrieve_and_draw  # job
 
     r, png = retrieve_and_draw(a.query, a.k, a.out, run_dir=a.run_dir, index_dir=a.index, data_base=a.data_base,
                                split=a.split, device=a.device, runtime=a.runtime)
@@ -279,7 +275,7 @@ def add_index(sub) -> None:
 
 
 def run_index(a) -> None:
-    from momentum_proxy.retrieval.search import build_index
+    from momentum_proxy.retrieval.search import build_index  # job
 
     summary = build_index(a.run_dir, a.images, a.out, kind=a.kind, batch_size=a.batch_size, device=a.device,
                           rebuild=a.rebuild, runtime=a.runtime)
@@ -309,9 +305,7 @@ def add_serve(sub) -> None:
 
 
 def run_serve(a) -> None:
-    import os
-
-    from momentum_proxy.serving.app import TOKEN_ENV, serve
+    from momentum_proxy.serving.app import TOKEN_ENV, serve  # job
 
     if a.max_upload_mb <= 0 or a.max_pixels < 1 or a.max_batch < 1 or a.batch_wait_ms < 0:
         raise UserError("--max-upload-mb, --max-pixels and --max-batch must be positive, --batch-wait-ms >= 0")
@@ -334,7 +328,7 @@ def add_export(sub) -> None:
 
 
 def run_export(a) -> None:
-    from momentum_proxy.deploy.export import export_run, sidecar_path
+    from momentum_proxy.deploy.export import export_run, sidecar_path  # job
 
     info = export_run(a.run_dir, a.out, fmt=a.fmt, image_size=a.image_size, normalize=a.normalize, int8=a.int8,
                       calibration=a.calibration)
@@ -360,7 +354,7 @@ def add_demo(sub) -> None:
 
 
 def run_demo(a) -> None:
-    from momentum_proxy.demo import demo
+    from momentum_proxy.demo import demo  # job
 
     demo(a.out, epochs=a.epochs, device=a.device)
 
@@ -374,7 +368,7 @@ def add_sweep(sub) -> None:
 
 
 def run_sweep(a) -> None:
-    from momentum_proxy.experiments.sweep import sweep
+    from momentum_proxy.experiments.sweep import sweep  # job
 
     grid = {}
     try:
@@ -398,7 +392,7 @@ def add_plot(sub) -> None:
 
 
 def run_plot(a) -> None:
-    from momentum_proxy.experiments.sweep import plot_curves, plot_momentum
+    from momentum_proxy.experiments.sweep import plot_curves, plot_momentum  # job
 
     paths = (plot_momentum if a.what == "momentum" else plot_curves)(a.folder, a.out)
     print("\n".join(str(p) for p in paths))
@@ -411,7 +405,7 @@ def add_report(sub) -> None:
 
 
 def run_report(a) -> None:
-    from momentum_proxy.experiments.sweep import report
+    from momentum_proxy.experiments.sweep import report  # job
 
     print(report(a.folder, a.out))
 
@@ -430,7 +424,7 @@ def add_tune(sub) -> None:
 
 
 def run_tune(a) -> None:
-    from momentum_proxy.experiments.tune import tune
+    from momentum_proxy.experiments.tune import tune  # job
 
     tune(a.data, a.out, a.trials, space=a.space, budget_epochs=a.budget_epochs, seed=a.seed)
 
@@ -453,7 +447,7 @@ def add_bench(sub) -> None:
 
 
 def run_bench(a) -> None:
-    from momentum_proxy.experiments.bench import bench
+    from momentum_proxy.experiments.bench import bench  # job
 
     res = bench(data=a.data, backbone=a.backbone, image_size=a.image_size, batch_size=a.batch_size,
                 steps=a.steps, rounds=a.rounds, device=a.device, workers=a.workers, compile=a.compile, amp=a.amp,
@@ -492,8 +486,6 @@ def _show_defaults(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from momentum_proxy.perf import tune_allocator
-
     args = parser().parse_args(argv)
     tune_allocator()
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
