@@ -1,7 +1,60 @@
-"""momentum-proxy: fine-grained image retrieval with momentum-updated class proxies."""
+"""momentum-proxy: fine-grained image retrieval with momentum-updated class proxies.
+
+The objects a notebook needs, importable from here (each is loaded on first use, so `import momentum_proxy`
+stays cheap and imports no torch):
+
+    from momentum_proxy import TrainConfig, train, evaluate_run, load_embedder, build_index, retrieve
+
+    cfg = TrainConfig(data="data/flowers", out="runs/flowers", epochs=10)
+    train(cfg)                                  # val-selected checkpoint, test evaluated once
+    hits = retrieve("runs/flowers", "photo.jpg", k=8).results
+
+Every other piece lives in the subpackage named after its concern (see the docs' Layout page).
+"""
+import importlib
 import os
 
 # Weights come from local files only (pip packages, --weights, local caches); never from the network at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    # data
+    "prepare_folder": "momentum_proxy.data.prepare",
+    "generate_synthetic": "momentum_proxy.data.synthetic",
+    # configuration and training
+    "TrainConfig": "momentum_proxy.config",
+    "train": "momentum_proxy.training.loop",
+    "resume": "momentum_proxy.training.loop",
+    "MomentumProxyUpdate": "momentum_proxy.training.proxies",
+    "create_loss": "momentum_proxy.training.losses",
+    "EmbeddingNet": "momentum_proxy.models.net",
+    # evaluation
+    "evaluate_embeddings": "momentum_proxy.evaluation.metrics",
+    "evaluate_run": "momentum_proxy.evaluation.jobs",
+    # embedding and deployment
+    "Embedder": "momentum_proxy.embedding.base",
+    "load_embedder": "momentum_proxy.deploy.runtimes",
+    "export_run": "momentum_proxy.deploy.export",
+    # retrieval
+    "IndexStore": "momentum_proxy.retrieval.store",
+    "FaissStore": "momentum_proxy.retrieval.faiss_store",
+    "Hit": "momentum_proxy.retrieval.hits",
+    "build_index": "momentum_proxy.retrieval.search",
+    "open_index": "momentum_proxy.retrieval.search",
+    "retrieve": "momentum_proxy.retrieval.search",
+}
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'momentum_proxy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -9,6 +9,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import yaml
+
 from momentum_proxy.errors import UserError
 
 LOSS_NAMES = ("proxy_nca", "normalized_softmax", "cos_face", "arc_face", "proxy_anchor")
@@ -201,8 +203,6 @@ def read_mapping_file(path: str | Path, what: str = "file") -> dict:
         raise UserError(f"{what} not found: {path}")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
         try:
             values = yaml.safe_load(text)
         except yaml.YAMLError as e:

@@ -12,7 +12,7 @@ KEEP_BYTES = 1 << 30
 def flush_denormals() -> bool:
     """Treat denormal floats as zero on the CPU (x86 FTZ/DAZ): tiny activations and gradients otherwise take
     a slow microcode path."""
-    import torch
+    import torch  # lazy: the CLI imports this module before parsing options
 
     return torch.set_flush_denormal(True)
 

@@ -1,10 +1,15 @@
 """Every figure of the toolkit, in one style: the retrieval picture (the query and its top-K framed green/red by
 class, as the original tool drew it), R@1 against momentum, a run's curves, and a tuning study's plots.
 
-matplotlib is imported inside the functions, so that importing this module (the CLI does) stays cheap."""
+Figures are drawn headless (matplotlib's Agg backend), selected in `pyplot()` when the first figure is drawn, not
+when this module is imported, so importing the package never changes the backend of a notebook."""
 from __future__ import annotations
 
 from pathlib import Path
+
+import scienceplots  # noqa: F401  (registers the 'science' styles)
+from matplotlib.ticker import MaxNLocator, NullFormatter, NullLocator
+from PIL import Image
 
 from momentum_proxy.fileio import atomic_path
 
@@ -15,12 +20,7 @@ def draw_results(query: str | Path, results: list, out_png: str | Path, label: i
                  title: str | None = None, label_name: str | None = None) -> Path:
     """One PNG: the query, then the results in rank order with their similarity and class, in rows of
     PER_ROW; green/red borders when the query's class is known. A missing image is drawn as a grey cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
+    plt = pyplot()
     n = len(results) + 1
     cols = min(n, PER_ROW)
     rows = -(-n // cols)
@@ -56,22 +56,26 @@ def draw_results(query: str | Path, results: list, out_png: str | Path, label: i
     return out_png
 
 
-def style():
-    """pyplot in the project's one style (SciencePlots 'science' + grid, no LaTeX), headless."""
-    import matplotlib
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend."""
+    import matplotlib  # lazy: the backend is chosen when a figure is drawn, not on import (see above)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import scienceplots  # noqa: F401  (registers the 'science' styles)
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
+    return plt
+
+
+def style():
+    """pyplot in the project's one style (SciencePlots 'science' + grid, no LaTeX), headless."""
+    plt = pyplot()
     plt.style.use(["science", "no-latex", "grid"])
     return plt
 
 
 def save(fig, out: Path, formats=("png", "pdf")) -> list[Path]:
     """Write the figure atomically in each format, then close it."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     paths = []
     for fmt in formats:
         path = out.with_suffix(f".{fmt}")
@@ -103,8 +107,6 @@ def momentum_figure(table, out: Path) -> list[Path]:
 def curves_figure(df, summary: dict | None, out: Path) -> list[Path]:
     """Training loss and the per-epoch metrics (`metrics.csv` as a DataFrame) of one run, with the selected epoch
     of `summary` (eval.json) marked."""
-    from matplotlib.ticker import MaxNLocator, NullLocator
-
     plt = style()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(7.0, 2.8))
     trained = df[df["epoch"] > 0]
@@ -149,8 +151,6 @@ def importances_figure(imp: dict[str, float], path: Path) -> None:
 
 def params_figure(complete: list, names: list[str], path: Path, top: int = 4) -> None:
     """val MAP@R of complete Optuna trials against each of the `top` first parameters (log axis for log ranges)."""
-    from matplotlib.ticker import NullFormatter
-
     names = names[:top]
     plt = style()
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(2.2 * max(1, len(names)), 2.2), squeeze=False)

@@ -8,7 +8,7 @@ on torch 2.14.1 the dynamo exporter emits opset 18 and cannot convert EfficientN
 Every export embeds a sample of the run's test images with PyTorch and with the exported file and is kept
 only when the minimum cosine is >= MIN_COSINE and every query's top-10 neighbours (within the sample) are
 identical (up to float32 ties); model and sidecar are written to temporary files and renamed only after that
-check. `int8` quantises the checked model (see `int8.py`), which is then judged by retrieval quality and speed.
+check. `int8` quantises the checked model (see `deploy.int8`), which is then judged by retrieval quality and speed.
 """
 from __future__ import annotations
 
@@ -19,12 +19,15 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import timm.layers
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from momentum_proxy.data.loading import eval_dataset, eval_resize, make_loader
 from momentum_proxy.data.manifest import read_manifest, split_frame
+from momentum_proxy.deploy.int8 import calibration_batches, compare, quantize
+from momentum_proxy.embedding.inference import load_model
 from momentum_proxy.embedding.onnx import INPUT_NAME, OUTPUT_NAME, onnx_session
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path, file_sha256, write_json
@@ -59,10 +62,8 @@ def sidecar_path(model_file: str | Path) -> Path:
 def package_version() -> str:
     try:
         return metadata.version("momentum-proxy")
-    except metadata.PackageNotFoundError:
-        from momentum_proxy import __version__
-
-        return __version__
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 @contextlib.contextmanager
@@ -76,10 +77,6 @@ def _quiet():
 def load_for_export(run_dir: str | Path) -> tuple[nn.Module, TrainConfig, dict]:
     """The run's best model on the CPU in eval mode (timm layers in their exportable variants), its config,
     and {checkpoint_sha256}."""
-    import timm.layers
-
-    from momentum_proxy.embedding.inference import load_model
-
     run = RunDir(run_dir)
     with timm.layers.set_layer_config(exportable=True):
         model, cfg, _ = load_model(run_dir, "cpu")
@@ -200,8 +197,6 @@ def _validate(fmt: str, out: Path, image_size: int | None, int8: bool, calibrati
 
 def _quantize(fp32: Path, out: Path, calibration: str, cfg: TrainConfig, image_size: int) -> dict:
     """The int8 model of `fp32` at `out`, and its report; refused (UserError) when it does not pay off."""
-    from momentum_proxy.deploy.int8 import calibration_batches, compare, quantize
-
     settings = quantize(fp32, out, calibration_batches(calibration, image_size), INPUT_NAME)
     report = compare(onnx_session(fp32), onnx_session(out), INPUT_NAME, cfg.data, image_size)
     if not report["passed"]:

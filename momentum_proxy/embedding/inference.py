@@ -85,7 +85,7 @@ def autocast(device: torch.device, amp: str):
 
 def embed_batch(model, images: torch.Tensor, device: torch.device, amp: str = "none",
                 normalize: bool = True) -> torch.Tensor:
-    """L2-normalised embeddings of a uint8 batch by a torch model or an embedder (`runtime.load_embedder`);
+    """L2-normalised embeddings of a uint8 batch by a torch model or an `Embedder` (`deploy.runtimes.load_embedder`);
     a torch model's raw embeddings with `normalize=False`."""
     if hasattr(model, "embed"):
         return torch.from_numpy(model.embed(images)).to(device)

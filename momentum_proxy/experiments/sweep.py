@@ -11,12 +11,14 @@ import math
 from pathlib import Path
 
 import pandas as pd
+from scipy import stats
 
 from momentum_proxy.config import TrainConfig
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import write_text
 from momentum_proxy.plots import curves_figure, momentum_figure
 from momentum_proxy.runs import RunDir
+from momentum_proxy.training import loop as training
 
 # Options that do not change what a run computes: a sweep re-run may differ in them and still resume.
 NOT_RESULT_OPTIONS = ("out", "workers", "device", "log_every", "eval_batch_size")
@@ -41,8 +43,6 @@ def sweep(base: TrainConfig, out: str | Path, grid: dict[str, list]) -> list[Pat
     A finished run with the same configuration is skipped, a killed one resumes, and a run whose stored
     configuration differs (e.g. other --epochs) is trained again from scratch, saying what changed.
     """
-    from momentum_proxy.training import loop as training
-
     cells = [base.with_(**dict(zip(grid, values))) for values in itertools.product(*grid.values())]
     for cfg in cells:
         cfg.out = str(Path(out) / run_name(cfg))
@@ -86,8 +86,6 @@ CONFIG_COLUMNS = ["data", "backbone", "feature_dim", "loss", "optimizer", "momen
 
 def mean_ci(values: pd.Series) -> tuple[float, float]:
     """Mean and the half-width of its 95 % confidence interval (Student t; NaN for a single value)."""
-    from scipy import stats
-
     n = len(values)
     if n < 2:
         return float(values.mean()), math.nan

