@@ -32,7 +32,7 @@ def test_model_processes_give_the_in_process_results_and_restart_after_a_kill(in
         arrays = [local.decode(b)[0] for b in images]
         want = local.embedder.embed(to_batch(arrays))
         for threads in (1, 2):
-            np.testing.assert_allclose(remote.processes[0].embed(arrays, threads), want, atol=1e-5)
+            np.testing.assert_allclose(remote.processes[0].embed(to_batch(arrays), threads), want, atol=1e-5)
         for data in images[:3]:
             assert remote.search(data, 5)["results"] == local.search(data, 5)["results"]
         killed = remote.processes[0]

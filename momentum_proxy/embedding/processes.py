@@ -83,7 +83,8 @@ class ThreadBudget:
 
 
 class ModelProcess:
-    """A run's torch embedder in a child process: `.embed(arrays, threads)` -> (n, d) float32 rows."""
+    """A run's torch model in a child process, as an `Embedder`: `.embed(images, threads)` -> (n, d) float32 unit
+    rows, `threads` (default: the process's own) being the CPU threads this batch may use."""
 
     def __init__(self, run_dir: str | Path, threads: int = 1):
         self.run_dir, self.threads = str(run_dir), threads
@@ -94,16 +95,18 @@ class ModelProcess:
         self.identity, self.runtime, self.device = info["identity"], "torch", torch.device("cpu")
 
     def _start(self) -> dict:
-        root = str(Path(__file__).resolve().parents[1])
+        root = str(Path(__file__).resolve().parents[2])  # the folder holding the package
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen([sys.executable, "-m", "momentum_proxy.embedding.processes", self.run_dir, str(self.threads)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.restarts += 1
         return json.loads(self._reply())
 
-    def embed(self, arrays: list[np.ndarray], threads: int) -> np.ndarray:
-        batch = np.ascontiguousarray(np.stack(arrays), dtype=np.uint8)
+    def embed(self, images, threads: int | None = None) -> np.ndarray:
+        """`images`: uint8 N x 3 x S x S (tensor or array); sent as N x S x S x 3 (no copy when channels-last)."""
+        batch = np.ascontiguousarray(torch.as_tensor(images).permute(0, 2, 3, 1).numpy(), dtype=np.uint8)
         n, h, w, _ = batch.shape
+        threads = self.threads if threads is None else threads
         with self._lock:
             if self.proc.poll() is not None:  # died since the last batch (killed, out of memory)
                 self._start()

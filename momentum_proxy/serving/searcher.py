@@ -253,7 +253,7 @@ class Searcher:
 
                 def run_in_process(arrays: list) -> np.ndarray:
                     with budget.take(len(arrays)) as threads:
-                        return process.embed(arrays, threads)
+                        return process.embed(to_batch(arrays), threads)
                 return run_in_process
             self.embedder = load_embedder(self.run_dir, runtime, device)
 

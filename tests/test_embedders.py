@@ -1,0 +1,29 @@
+"""One `Embedder` interface: PyTorch, onnxruntime and a model process embed the same batch to the same unit rows."""
+import numpy as np
+import torch
+
+from momentum_proxy.data.loading import to_batch
+from momentum_proxy.deploy.runtimes import load_embedder
+from momentum_proxy.embedding.base import Embedder
+from momentum_proxy.embedding.processes import ModelProcess
+
+
+def test_every_runtime_is_an_embedder_and_they_agree(tiny_run):
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    batch = to_batch(arrays)
+    torch_embedder = load_embedder(tiny_run, "torch", "cpu")
+    reference = torch_embedder.embed(batch)
+    process = ModelProcess(tiny_run, threads=1)
+    try:
+        for embedder in (torch_embedder, load_embedder(tiny_run, "onnx", "cpu"), process):
+            assert isinstance(embedder, Embedder), type(embedder).__name__
+            assert (embedder.image_size, embedder.feature_dim) == (64, 32)
+            assert embedder.identity["checkpoint_sha256"] == torch_embedder.identity["checkpoint_sha256"]
+            rows = embedder.embed(batch)
+            assert rows.shape == (3, 32) and rows.dtype == np.float32
+            np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
+            np.testing.assert_allclose(rows, reference, atol=1e-4)
+    finally:
+        process.close()
+    assert not isinstance(torch.nn.Linear(2, 2), Embedder)
