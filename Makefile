@@ -1,19 +1,21 @@
-# The README's two commands: `make demo` and `make test`. Both install first.
+# The README's two commands: `make demo` and `make test`. Both install first: `demo` the package with every runtime
+# extra (the whole CLI), `test` also the test and docs tools (pyproject.toml's extras; versions from constraints.txt).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+EXTRAS_all := all
+EXTRAS_dev := all,test,docs
 
 .PHONY: install demo test
-install: $(STAMP)
+install: $(VENV)/.installed-dev
 
-$(STAMP): pyproject.toml constraints.txt
+$(VENV)/.installed-%: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,docs]'
-	touch $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[$(EXTRAS_$*)]'
+	touch $@
 
-demo: install
+demo: $(VENV)/.installed-all
 	$(BIN)/mproxy demo
 
-test: install
+test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q

@@ -163,13 +163,13 @@ def measure_model(index_dir: Path, images: list[bytes], device: str, batches=(1,
     return out
 
 
-def start_server(index_dir: Path, port: int, log: Path, device: str, workers: str) -> subprocess.Popen:
+def start_server(index_dir: Path, port: int, log: Path, device: str, model_processes: str) -> subprocess.Popen:
     from momentum_proxy.serving.app import wait_until_healthy
 
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-m", "momentum_proxy", "serve", str(index_dir), "--port", str(port),
-                             "--token", TOKEN, "--device", device, "--workers", workers], env=env,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+                             "--token", TOKEN, "--device", device, "--model-processes", model_processes],
+                            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}", proc, timeout=300, log=log)
     except RuntimeError as e:
@@ -319,7 +319,7 @@ def main() -> None:
     p.add_argument("--add-every", type=float, default=1.0, help="seconds between two adds")
     p.add_argument("--runs", type=int, default=1, help="repeat the whole measurement (bare model, server, bare model)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--workers", default="auto", help="the server's --workers (model processes)")
+    p.add_argument("--model-processes", default="auto", help="the server's --model-processes")
     p.add_argument("--json", help="write the figures here")
     a = p.parse_args()
 
@@ -348,7 +348,7 @@ def check_options(a) -> list[Path]:
     """The query images (from --queries, else the index's own), with `a.levels` parsed; UserError for a bad
     option."""
     from momentum_proxy.embedding.inference import resolve_device
-    from momentum_proxy.embedding.processes import check_workers
+    from momentum_proxy.embedding.processes import check_model_processes
     from momentum_proxy.errors import UserError
     from momentum_proxy.fileio import check_writable_folder
     from momentum_proxy.retrieval.faiss_store import FaissStore
@@ -360,7 +360,7 @@ def check_options(a) -> list[Path]:
     if min(a.levels) < 1 or a.runs < 1 or a.seconds <= 0 or a.add_every <= 0:
         raise UserError("--levels and --runs must be at least 1, --seconds and --add-every above 0")
     resolve_device(a.device)  # an unknown device, or cuda without CUDA
-    check_workers(a.workers, a.device, "torch")
+    check_model_processes(a.model_processes, a.device, "torch")
     if a.json:
         if Path(a.json).is_dir():
             raise UserError(f"--json {a.json} is a folder; give a file name")
@@ -385,7 +385,7 @@ def one_run(a, images: list[bytes]) -> dict:
         copy = Path(tmp) / "index"
         shutil.copytree(a.index, copy)
         port = free_port()
-        proc = start_server(copy, port, Path(tmp) / "server.log", a.device, a.workers)
+        proc = start_server(copy, port, Path(tmp) / "server.log", a.device, a.model_processes)
         url = f"http://127.0.0.1:{port}"
         try:
             bodies = [multipart(data, {"k": "10"}) for data in images]

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 from dataclasses import fields
 from pathlib import Path
+from typing import get_args, get_origin, get_type_hints
+
+import jsonargparse
 
 from momentum_proxy import __version__
 from momentum_proxy.config import METRICS, RECIPES, TrainConfig, read_config_file, run_folder_name
-from momentum_proxy.errors import UserError
+from momentum_proxy.errors import UserError, require_extra
 from momentum_proxy.fileio import check_writable_folder
 from momentum_proxy.perf import tune_allocator
 
@@ -25,18 +29,25 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
+class CommaList:
+    """An option type: comma-separated `item`s ("1,2,4"); a list (a default, a config file's value) passes."""
 
+    def __init__(self, item: type):
+        self.item = item
 
-def str_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+    def __call__(self, value) -> list:
+        items = value if isinstance(value, list) else [v.strip() for v in str(value).split(",") if v.strip()]
+        try:
+            values = [self.item(v) if isinstance(v, str) else v for v in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {self.item.__name__} values, got {value!r}"
+                                             ) from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one {self.item.__name__} value")
+        return values
+
+    def __repr__(self) -> str:  # the type that --help shows
+        return f"{self.item.__name__},..."
 
 
 # ----------------------------------------------------------------------------------------------- prepare
@@ -106,26 +117,65 @@ def run_prepare(a) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- train
-# The options are TrainConfig's fields declared with `config.option` (help and the original spellings in the
-# field's metadata). The default shown in --help is the default recipe's (`--recipe original` changes some;
-# explicit flags win).
-OPTION_TYPES = {"bool": "flag", "list[int]": "int_list", "list[str]": "str_list", "int": int, "float": float,
-                "str": str}
+# `train` and `sweep` take every TrainConfig field declared with `config.option` as an option (help and original
+# spellings from the field's metadata), parsed by jsonargparse by the field's type; the other commands are plain
+# argparse. --recipe and --config give the values that explicit options override.
+OPTIONS = {f.name: f for f in fields(TrainConfig) if "help" in f.metadata}
+SWEEP_GRIDS = ("backbone", "feature_dim", "proxy_momentum")  # comma-separated grids in `sweep`
 
 
-def train_options() -> list[tuple[str, list[str], object, str]]:
-    """(field, flags, type, help) of every `TrainConfig` field that is an `mproxy train` option."""
-    return [(f.name, ["--" + f.name.replace("_", "-"), *f.metadata["aliases"]],
-             OPTION_TYPES[f.type.split(" | ")[0]], f.metadata["help"].replace("%", "%%"))
-            for f in fields(TrainConfig) if "help" in f.metadata]
+class OptionParser(jsonargparse.ArgumentParser):
+    """The parser of `train` and `sweep` (jsonargparse), a sub-command of the plain argparse `mproxy` parser.
+
+    It parses twice: what --recipe, --data_path and --config give (`option_values`), found by the first pass, is
+    the base of the second, so explicit options override it wherever they stand and a config file's values are
+    type-checked like the command line's. `grids`: the options that take comma-separated grids (`sweep`)."""
+
+    def __init__(self, *args, grids: tuple[str, ...] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grids = grids
+
+    def parse_args(self, args=None):
+        first = super().parse_args(args)
+        settable = {action.dest for action in self._actions if not action.required}
+        try:
+            base = {k: v for k, v in option_values(first, self.grids).items() if k in settable}
+        except UserError as e:
+            self.error(str(e))
+        return super().parse_args(args, namespace=jsonargparse.Namespace(**base))
+
+    def parse_known_args(self, args=None, namespace=None):
+        """As an argparse sub-command: every remaining argument is this parser's (an unknown one is an error)."""
+        return self.parse_args(args), []
+
+    def error(self, message: str, ex: Exception | None = None):
+        """One line, `mproxy: error: ...`, and exit status 2 (jsonargparse words a bad value in several)."""
+        bad = re.match(r'Parser key "(\w+)":.*?(?:Got|Given) value: ([^\n]*)', message, re.S)
+        if bad and bad[1] in OPTIONS:
+            message = f"--{bad[1].replace('_', '-')} takes {OPTIONS[bad[1]].type}, got {bad[2]!r}"
+        self.exit(2, f"mproxy: error: {' '.join(message.split())}\n")
 
 
-SWEEP_LISTS = ("backbone", "feature_dim", "momentum")  # comma-separated grids in `sweep`
+def option_values(a, grids: tuple[str, ...] = ()) -> dict:
+    """What --recipe (original where --data_path implies it) and --config give: every option (the `grids` as
+    one-value lists), and the file's data and out."""
+    from_file = read_config_file(a.config) if a.config else {}
+    recipe = a.recipe or ("original" if a.data_path and not a.data else "default")
+    values = TrainConfig.from_recipe(recipe, **from_file).to_dict()
+    return {k: [v] if k in grids else v for k, v in values.items() if k in OPTIONS or k in from_file}
 
 
-def add_train_options(p, *, for_sweep: bool = False) -> None:
-    """The training options, generated from `train_options()` (all default to None: "not given")."""
-    d = TrainConfig(data="", out="")
+def option_type(hint, grid: bool = False):
+    """The parsing type of an option whose field is annotated `hint`: lists and grids are comma-separated."""
+    if get_origin(hint) is list:
+        return CommaList(get_args(hint)[0])
+    if grid:  # the grid of an optional value (backbone: str | None) holds values
+        return CommaList(next(t for t in get_args(hint) or [hint] if t is not type(None)))
+    return hint
+
+
+def add_train_options(p: OptionParser) -> None:
+    """The data, recipe and config options, and one option per TrainConfig option field (`OPTIONS`)."""
     p.add_argument("--data", help="prepared dataset folder")
     p.add_argument("--data_path", "--data-path", help="(original) folder holding prepared datasets by name")
     p.add_argument("--data_name", "--data-name", default="car", help="(original) dataset name under --data_path")
@@ -134,52 +184,53 @@ def add_train_options(p, *, for_sweep: bool = False) -> None:
                         "--data_path); explicit options override either")
     p.add_argument("--config", help="options from a JSON or YAML file (e.g. `mproxy tune`'s best.json, a run's "
                                     "config.json); command-line options override it")
-    for name, flags, kind, text in train_options():
-        shown = f"{text} (default: {getattr(d, name)})"
-        if for_sweep and name in SWEEP_LISTS:
-            p.add_argument(*flags, dest=name, type=str_list, default=None, help=f"comma-separated grid; {shown}")
-        elif kind == "flag":
-            p.add_argument(*flags, dest=name, action="store_true", default=None, help=text)
+    p.add_argument("--optimizer_type", help="(original) adam* | sgd* (momentum proxies) | adam | sgd (learned "
+                                            "proxies): sets --optimizer and --proxy-update")
+    defaults, hints = TrainConfig(data="", out=""), get_type_hints(TrainConfig)
+    for name, f in OPTIONS.items():
+        flags, text = ["--" + name.replace("_", "-"), *f.metadata["aliases"]], f.metadata["help"].replace("%", "%%")
+        default = getattr(defaults, name)
+        if hints[name] is bool:
+            p.add_argument(*flags, dest=name, action=jsonargparse.ActionYesNo(no_prefix="no-"), default=default,
+                           help=text)
+        elif name in p.grids:
+            p.add_argument(*flags, dest=name, type=option_type(hints[name], grid=True), default=[default],
+                           help=f"comma-separated grid of: {text}")
         else:
-            types = {"int_list": int_list, "str_list": str_list}
-            p.add_argument(*flags, dest=name, type=types.get(kind, kind), default=None, help=shown)
+            p.add_argument(*flags, dest=name, type=option_type(hints[name]), default=default, help=text)
 
 
 def add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model into a run folder", formatter_class=HelpFormatter)
+    p = sub.add_parser("train", help="train a model into a run folder", options=True)
     add_train_options(p)
-    p.add_argument("--out", help="run folder (default results/<data>_<backbone>_<loss>_<optimizer>_<momentum>)")
+    p.add_argument("--out", help="run folder (default: results/<data>_<backbone>_<loss>_<optimizer>[-momentum]_<m>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last finished epoch")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
 
 
-def config_from_args(a):
-    """A validated TrainConfig from parsed `train` options (both spellings resolve to the same configuration).
+def config_from_args(a) -> TrainConfig:
+    """A validated TrainConfig from parsed `train` options (every spelling resolves to the same configuration).
 
-    Needs no torch: bad options fail here, in a fraction of a second.
+    Needs no torch, unless the device must be probed to name the run folder after its default backbone.
     """
-    from_file = read_config_file(a.config) if getattr(a, "config", None) else {}
     if a.data:
         data = a.data
     elif a.data_path:
         data = str(Path(a.data_path) / a.data_name)
-    elif from_file.get("data"):
-        data = from_file["data"]
     else:
         raise UserError("give the prepared dataset with --data DIR (or --data_path DIR --data_name NAME)")
     data = str(Path(data).absolute())  # a resume from another folder still finds the data
-    recipe = a.recipe or ("original" if a.data_path and not a.data else "default")
-    given = {name: getattr(a, name) for name, *_ in train_options() if getattr(a, name, None) is not None}
-    out = getattr(a, "out", None) or from_file.get("out") or ""
-    cfg = TrainConfig.from_recipe(recipe, **{**from_file, **given, "data": data, "out": out})
+    cfg = TrainConfig.from_dict({**{name: getattr(a, name) for name in OPTIONS}, "optimizer_type": a.optimizer_type,
+                                 "data": data, "out": a.out or ""})
     cfg.validate()
-    if cfg.backbone == TrainConfig.backbone and "backbone" not in given and cfg.device != "cpu":
-        from momentum_proxy.embedding.inference import resolve_device  # torch only when the device must be probed
+    if not cfg.out:  # named after the backbone, which may depend on the device
+        kind = cfg.device.split(":")[0]
+        if cfg.backbone is None and kind == "auto":
+            from momentum_proxy.embedding.inference import resolve_device  # torch only when the device must be probed
 
-        if resolve_device(cfg.device).type == "cuda":
-            cfg.backbone = "resnet50"
-    if not cfg.out:
-        cfg.out = str(Path("results") / run_folder_name(data, cfg.backbone, cfg.loss, cfg.optimizer, cfg.momentum))
+            kind = resolve_device(cfg.device).type
+        cfg = cfg.for_device(kind)
+        cfg.out = str(Path("results") / run_folder_name(cfg))
     return cfg
 
 
@@ -204,8 +255,8 @@ def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="all retrieval metrics of a run's best checkpoint or of an embeddings file")
     p.add_argument("run_dir", nargs="?", help="run folder")
     p.add_argument("--embeddings", help="evaluate a .npz (arrays features, labels, optional split) instead")
-    p.add_argument("--metrics", type=str_list, default=None, help="recall,precision@1,r_precision,map@r,nmi")
-    p.add_argument("--recalls", type=int_list, default=None)
+    p.add_argument("--metrics", type=CommaList(str), default=None, help="recall,precision@1,r_precision,map@r,nmi")
+    p.add_argument("--recalls", type=CommaList(int), default=None)
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--device", default="auto")
     p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
@@ -269,6 +320,9 @@ def add_index(sub) -> None:
     p.add_argument("--rebuild", action="store_true",
                    help="make the index anew (from --images, or from its own images), replacing it atomically")
     p.add_argument("--kind", default="exact", help="exact | ivf | hnsw")
+    p.add_argument("--labels", default="auto",
+                   help="class names: auto (a prepared dataset's, or the sub-folder names of a folder of class "
+                        "folders) | folders | none | a CSV file of 'path,class_name' lines")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
@@ -278,7 +332,7 @@ def run_index(a) -> None:
     from momentum_proxy.retrieval.search import build_index  # job
 
     summary = build_index(a.run_dir, a.images, a.out, kind=a.kind, batch_size=a.batch_size, device=a.device,
-                          rebuild=a.rebuild, runtime=a.runtime)
+                          rebuild=a.rebuild, runtime=a.runtime, labels=a.labels)
     for k, v in summary.items():
         print(f"{k}: {v}")
 
@@ -299,7 +353,7 @@ def add_serve(sub) -> None:
                    help="how long a batch waits for concurrent queries still being decoded (a lone query never waits)")
     p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--workers", default="auto",
+    p.add_argument("--model-processes", default="auto",
                    help="model processes beside the server's (CPU, torch): auto is 2 on a CPU with 2+ cores, else 0 "
                         "(the model runs in the server's process)")
 
@@ -312,7 +366,7 @@ def run_serve(a) -> None:
     serve(a.index, host=a.host, port=a.port, token=a.token or os.environ.get(TOKEN_ENV) or None, run_dir=a.run,
           device=a.device, max_upload_bytes=int(a.max_upload_mb * 2**20), max_pixels=a.max_pixels,
           cors_origins=a.cors_origin, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms, runtime=a.runtime,
-          workers=a.workers)
+          model_processes=a.model_processes)
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -361,25 +415,20 @@ def run_demo(a) -> None:
 
 # ----------------------------------------------------------------------------------------------- experiments
 def add_sweep(sub) -> None:
-    p = sub.add_parser("sweep", help="train a grid of runs (resumable: finished runs are skipped)")
-    add_train_options(p, for_sweep=True)
-    p.add_argument("--seeds", type=int_list, default=None, help="comma-separated seeds; every cell runs each")
+    p = sub.add_parser("sweep", help="train a grid of runs (resumable: finished runs are skipped)", options=True,
+                       grids=SWEEP_GRIDS)
+    add_train_options(p)
+    p.add_argument("--seeds", type=CommaList(int), default=None, help="comma-separated seeds; every cell runs each")
     p.add_argument("--out", required=True, help="folder for the grid's run folders")
 
 
 def run_sweep(a) -> None:
     from momentum_proxy.experiments.sweep import sweep  # job
 
-    grid = {}
-    try:
-        for name, convert in (("backbone", str), ("feature_dim", int), ("momentum", float)):
-            if getattr(a, name):
-                grid[name] = [convert(v) for v in getattr(a, name)]
-    except ValueError as e:
-        raise UserError(f"bad grid value: {e}") from None
+    grid = {name: getattr(a, name) for name in SWEEP_GRIDS}  # one value each unless swept
+    base = config_from_args(argparse.Namespace(**{**vars(a), **{name: values[0] for name, values in grid.items()}}))
     if a.seeds:
         grid["seed"] = a.seeds
-    base = config_from_args(argparse.Namespace(**{**vars(a), **{k: None for k in grid}}))
     folders = sweep(base, a.out, grid)
     print(f"{len(folders)} runs in {a.out}")
 
@@ -439,7 +488,7 @@ def add_bench(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="steps per measurement")
     p.add_argument("--rounds", type=int, default=5, help="interleaved repeats of every measurement")
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--loader-workers", type=int, default=None, help="data-loader processes (default: as train's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="none")
     p.add_argument("--compile", action="store_true")
@@ -450,13 +499,23 @@ def run_bench(a) -> None:
     from momentum_proxy.experiments.bench import bench  # job
 
     res = bench(data=a.data, backbone=a.backbone, image_size=a.image_size, batch_size=a.batch_size,
-                steps=a.steps, rounds=a.rounds, device=a.device, workers=a.workers, compile=a.compile, amp=a.amp,
-                json_out=a.json)
+                steps=a.steps, rounds=a.rounds, device=a.device, loader_workers=a.loader_workers, compile=a.compile,
+                amp=a.amp, json_out=a.json)
     print(f"img/s, median of {res['rounds']} interleaved rounds [min-max]")
     for name, (low, high) in res["spread"].items():
         print(f"{name:16s} {res[f'{name}_ips']:8.1f}  [{low:.1f}-{high:.1f}]")
     print(f"train efficiency {res['train_efficiency']:.3f}   embed efficiency {res['embed_efficiency']:.3f}   "
           f"onnxruntime fp32 / torch {res['onnx_speedup']:.3f}   int8 / torch {res['onnx_int8_speedup']:.3f}")
+
+
+def needed_extras(a) -> list[tuple[str, str]]:
+    """(extra, what needs it) for each optional extra (pyproject.toml) the parsed command line needs."""
+    needs = [(a.command, f"mproxy {a.command}")] if a.command in ("serve", "tune") else []
+    if a.command == "bench" or a.command == "export" and a.fmt != "torchscript":
+        needs.append(("export", f"mproxy {a.command}"))
+    if getattr(a, "runtime", None) == "onnx":
+        needs.append(("export", f"mproxy {a.command} --runtime onnx"))
+    return needs
 
 
 COMMANDS = {"prepare": (add_prepare, run_prepare), "train": (add_train, run_train),
@@ -468,7 +527,7 @@ COMMANDS = {"prepare": (add_prepare, run_prepare), "train": (add_train, run_trai
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mproxy", description="Momentum-proxy fine-grained image retrieval toolkit")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=command_parser)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     for add, _ in COMMANDS.values():
         add(sub)
@@ -476,8 +535,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def command_parser(*, options: bool = False, grids: tuple[str, ...] = (), **kwargs) -> argparse.ArgumentParser:
+    """A sub-command's parser: an `OptionParser` for the training options (`options`), else plain argparse."""
+    return OptionParser(grids=grids, **kwargs) if options else argparse.ArgumentParser(**kwargs)
+
+
 def _show_defaults(p: argparse.ArgumentParser) -> None:
-    """Give every (sub-)parser the formatter that prints defaults."""
+    """Give every plain argparse (sub-)parser the formatter that prints defaults (an OptionParser prints its own)."""
+    if isinstance(p, OptionParser):
+        return
     p.formatter_class = HelpFormatter
     for action in p._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -490,6 +556,8 @@ def main(argv: list[str] | None = None) -> None:
     tune_allocator()
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
     try:
+        for extra, what in needed_extras(args):
+            require_extra(extra, what)
         COMMANDS[args.command][1](args)
     except UserError as e:
         print(f"mproxy: error: {e}", file=sys.stderr)

@@ -14,7 +14,9 @@ import yaml
 from momentum_proxy.errors import UserError
 
 LOSS_NAMES = ("proxy_nca", "normalized_softmax", "cos_face", "arc_face", "proxy_anchor")
-OPTIMIZERS = ("adam*", "sgd*", "adam", "sgd")
+OPTIMIZERS = ("adam", "sgd")
+PROXY_UPDATES = ("momentum", "gradient")
+MOMENTUM_TARGETS = ("mean", "sum")
 POOLINGS = ("max", "avgmax")
 METRICS = ("recall", "precision@1", "r_precision", "map@r", "nmi")
 RETRIEVAL_METRICS = ("recall", "precision@1", "r_precision", "map@r")
@@ -27,13 +29,17 @@ SCHEDULES = ("multistep", "cosine")
 # milestones at int(50%) and int(80%) of the epochs, random proxies, no warm-up, its proxy update that adds
 # m * f_i for every sample, and the best epoch chosen on the test split as its published tables were.
 ORIGINAL_RECIPE = dict(backbone="resnet50", loss="proxy_nca", loss_scale=None, margin=None, lr=1e-3,
-                       backbone_lr_mult=1.0, warmup_epochs=0, proxy_init="random", proxy_update="sum", momentum=0.5,
-                       sgd_momentum=0.0, schedule="multistep", milestone_rounding="floor", pooling="max",
-                       aug_scale_min=0.16, select="test", select_metric="recall@1")
+                       backbone_lr_mult=1.0, warmup_epochs=0, proxy_init="random", momentum_target="sum",
+                       proxy_momentum=0.5, sgd_momentum=0.0, schedule="multistep", milestone_rounding="floor",
+                       pooling="max", aug_scale_min=0.16, select="test", select_metric="recall@1")
 RECIPES = ("default", "original")
 # The default recipe's loss parameters, found by `mproxy tune` on birds50 (README, "Tune"); a loss not listed
 # here (the original recipe's ProxyNCA among them) uses pytorch-metric-learning's defaults.
 LOSS_DEFAULTS = {"cos_face": {"loss_scale": 30.7, "margin": 0.216}}
+# The backbone when none is given, by the type of the device that trains (`TrainConfig.for_device`).
+DEFAULT_BACKBONES = {"cpu": "efficientnet_lite0", "cuda": "resnet50"}
+# Earlier names of options (config.json of older runs, `tune` files, this tool's earlier flags).
+RENAMED = {"momentum": "proxy_momentum", "workers": "loader_workers"}
 
 
 def option(default=None, help: str = "", *, aliases: list[str] = (), factory=None):
@@ -51,12 +57,14 @@ class TrainConfig:
     on validation; README, "Tune"): CosFace (scale 30.7, margin 0.216) with momentum proxies (m 0.637)
     initialised at the class means, avg+max pooling, one warm-up epoch of head and proxies, lr 2.15e-5 with the
     backbone at 0.332 of it, a cosine schedule, and crops of at least half the image. Rounded to 3 digits.
+    A backbone not given is decided by the device (`for_device`: EfficientNet-Lite0, ResNet-50 on CUDA) when
+    training starts, for the command line and the Python API alike, and recorded in the run's config.json.
     """
 
     data: str
     out: str
-    backbone: str = option("efficientnet_lite0", "efficientnet_lite0 | resnet50 | inception | googlenet | timm:NAME "
-                           "(on CUDA, when not given: resnet50)", aliases=["--backbone_type"])
+    backbone: str | None = option(None, "efficientnet_lite0 | resnet50 | inception | googlenet | timm:NAME (None: "
+                                  "efficientnet_lite0, or resnet50 on CUDA)", aliases=["--backbone_type"])
     pretrained: str = option("default", "default (ImageNet weights) | none")
     weights: str | None = option(None, "pretrained backbone weights file (.pth/.safetensors)")
     feature_dim: int = option(512, "embedding size")
@@ -66,11 +74,14 @@ class TrainConfig:
                                       "as tuned; the library's for the others)")
     margin: float | None = option(None, "margin of cos_face, arc_face, proxy_anchor (None: 0.216 for cos_face, as "
                                   "tuned; the library's for the others)")
-    optimizer: str = option("adam*", "adam* | sgd* (momentum proxies) | adam | sgd", aliases=["--optimizer_type"])
-    sgd_momentum: float = option(0.9, "momentum of the SGD optimizer (the original tool: none)")
-    momentum: float = option(0.637, "proxy momentum m in the * modes")
-    proxy_update: str = option("mean", "mean (class mean) | sum (the original tool)")
+    proxy_update: str = option("momentum", "how proxies are updated: momentum (after every step, p <- (1 - m) p + m f; "
+                               "not learned) | gradient (learned by the optimizer)")
+    proxy_momentum: float = option(0.637, "m of the momentum update", aliases=["--momentum"])
+    momentum_target: str = option("mean", "f of the momentum update: mean (of the class's batch embeddings) | sum "
+                                  "(the original tool)")
     proxy_init: str = option("class_mean", "class_mean | random")
+    optimizer: str = option("adam", " | ".join(OPTIMIZERS))
+    sgd_momentum: float = option(0.9, "momentum of the SGD optimizer (the original tool: none)")
     lr: float = option(2.15e-5, "head learning rate")
     backbone_lr_mult: float = option(0.332, "backbone learning rate = lr x this")
     warmup_epochs: int = option(1, "first epochs train head and proxies only (backbone frozen)")
@@ -86,16 +97,17 @@ class TrainConfig:
                                 "val split, else last; test only to reproduce published tables)")
     select_metric: str = option("map@r", " | ".join(SELECT_METRICS) + " (selection)")
     test_every_epoch: bool = option(False, "also report test metrics every epoch (never selects)")
-    final_test: bool = True  # evaluate the selected checkpoint on test at the end (off: tuning trials)
+    final_test: bool = option(True, "evaluate the selected checkpoint on the test split at the end (off: tuning "
+                              "trials)")
     image_size: int = option(224, "input size in pixels")
     seed: int = option(0, "random seed")
     device: str = option("auto", "auto | cpu | cuda")
-    workers: int | None = option(None, "loader processes (None: 0 on <= 2 CPU cores, else cores - 1)")
+    loader_workers: int | None = option(None, "data-loader processes (None: 0 on <= 2 CPU cores, else cores - 1)")
     amp: str = option("none", "none | bf16 | fp16 (CUDA) mixed precision")
     grad_accum: int = option(1, "gradient accumulation steps")
     compile: bool = option(False, "torch.compile the model")
-    eval_batch_size: int | None = None
-    log_every: int = 10
+    eval_batch_size: int | None = option(None, "batch size of embedding (None: twice --batch-size)")
+    log_every: int = option(10, "steps between checks of the running loss (the step loop's only host sync)")
 
     @property
     def loss_params(self) -> tuple[float | None, float | None]:
@@ -107,7 +119,20 @@ class TrainConfig:
 
     @property
     def momentum_mode(self) -> bool:
-        return self.optimizer.endswith("*")
+        """Proxies moved by `MomentumProxyUpdate`, not learned."""
+        return self.proxy_update == "momentum"
+
+    @property
+    def optimizer_label(self) -> str:
+        """The optimizer and, with momentum proxies, `-momentum` (run-folder names, reports)."""
+        return f"{self.optimizer}-momentum" if self.momentum_mode else self.optimizer
+
+    def for_device(self, device_type: str) -> "TrainConfig":
+        """This configuration with the backbone decided for a `device_type` ("cpu", "cuda") when not given:
+        efficientnet_lite0, or resnet50 on CUDA."""
+        if self.backbone is not None:
+            return self
+        return self.with_(backbone=DEFAULT_BACKBONES.get(device_type, DEFAULT_BACKBONES["cpu"]))
 
     @property
     def embed_batch_size(self) -> int:
@@ -116,8 +141,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """The configuration of a mapping in any spelling (`upgrade_options`); keys that are no field are left out."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: v for k, v in upgrade_options(d).items() if k in known})
 
     @classmethod
     def from_recipe(cls, name: str = "default", **overrides) -> "TrainConfig":
@@ -137,10 +163,11 @@ class TrainConfig:
         """Raise UserError for any bad option (no torch import, nothing written)."""
         _choice("loss", self.loss, LOSS_NAMES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("proxy-update", self.proxy_update, PROXY_UPDATES)
+        _choice("momentum-target", self.momentum_target, MOMENTUM_TARGETS)
         _choice("pretrained", self.pretrained, ("default", "none"))
         _choice("amp", self.amp, ("none", "bf16", "fp16"))
         _choice("proxy-init", self.proxy_init, ("class_mean", "random"))
-        _choice("proxy-update", self.proxy_update, ("mean", "sum"))
         _choice("pooling", self.pooling, POOLINGS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("milestone-rounding", self.milestone_rounding, ("round", "floor"))
@@ -152,8 +179,8 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.warmup_epochs < 0:
             raise UserError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
-        if not 0.0 <= self.momentum <= 1.0:
-            raise UserError(f"--momentum must be in [0, 1], got {self.momentum}")
+        if not 0.0 <= self.proxy_momentum <= 1.0:
+            raise UserError(f"--proxy-momentum must be in [0, 1], got {self.proxy_momentum}")
         if not 0.0 < self.aug_scale_min <= 1.0:
             raise UserError(f"--aug-scale-min must be in (0, 1], got {self.aug_scale_min}")
         if not 0.0 <= self.sgd_momentum < 1.0:
@@ -172,8 +199,8 @@ class TrainConfig:
             raise UserError("--recalls must be positive integers, e.g. 1,2,4,8")
         if self.weights is not None and not Path(self.weights).is_file():
             raise UserError(f"weights file not found: {self.weights}")
-        if self.workers is not None and self.workers < 0:
-            raise UserError(f"--workers must be >= 0, got {self.workers}")
+        if self.loader_workers is not None and self.loader_workers < 0:
+            raise UserError(f"--loader-workers must be >= 0, got {self.loader_workers}")
 
     def epoch_metrics(self) -> list[str]:
         """The metrics computed every epoch: the requested ones plus the one selection needs."""
@@ -185,10 +212,41 @@ class TrainConfig:
         return ks if 1 in ks or not self.select_metric.startswith("recall@") else [1, *ks]
 
 
+def upgrade_options(values: dict) -> dict:
+    """`values` (TrainConfig fields) in today's spelling; the one place that reads the earlier ones.
+
+    `momentum` and `workers` become proxy_momentum and loader_workers; proxy_update `mean`/`sum` becomes
+    momentum_target (with momentum proxies); an optimizer `adam*`/`sgd*` (`*`: momentum proxies) becomes
+    adam/sgd with proxy_update momentum. A plain adam/sgd meant learned proxies (proxy_update gradient) in the
+    original tool's `optimizer_type` and in the earlier layout (a `momentum` key), while today it names only the
+    optimizer.
+    """
+    v = dict(values)
+    earlier = "momentum" in v and "proxy_momentum" not in v
+    for old, new in RENAMED.items():
+        if old in v:
+            v.setdefault(new, v.pop(old))
+    if _earlier_target(v.get("proxy_update")):  # the proxy_update default, momentum, is the mode it meant
+        v["momentum_target"] = v.pop("proxy_update")
+    packed = v.pop("optimizer_type", None)
+    if packed is None and (earlier or str(v.get("optimizer")).endswith("*")):
+        packed = v.get("optimizer")
+    if isinstance(packed, str):
+        v["optimizer"], v["proxy_update"] = packed.rstrip("*"), "momentum" if packed.endswith("*") else "gradient"
+    return v
+
+
+def _earlier_target(value) -> bool:
+    """proxy_update's earlier values (mean, sum), or a `tune` space's choice among them."""
+    choices = value.get("choices") if isinstance(value, dict) else [value]
+    return isinstance(choices, list) and bool(choices) and all(c in MOMENTUM_TARGETS for c in choices)
+
+
 def read_config_file(path: str | Path) -> dict:
-    """TrainConfig fields from a JSON or YAML file (`train --config FILE`); unknown keys are refused."""
+    """TrainConfig fields from a JSON or YAML file (`train --config FILE`), in any spelling (`upgrade_options`);
+    unknown keys are refused."""
     path = Path(path)
-    values = read_mapping_file(path, "config file")
+    values = upgrade_options(read_mapping_file(path, "config file"))
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known - {"versions", "data_manifest_sha256", "selection"})
     if unknown:
@@ -222,7 +280,7 @@ def _choice(option: str, value, choices) -> None:
         raise UserError(f"unknown --{option} {value!r}; choose from {', '.join(map(str, choices))}")
 
 
-def run_folder_name(data: str, backbone: str, loss: str, optimizer: str, momentum: float) -> str:
-    """Default run-folder name: no shell-special characters (`adam*` becomes `adam-momentum`)."""
-    opt = optimizer.replace("*", "-momentum")
-    return f"{Path(data).name}_{backbone.replace(':', '-')}_{loss}_{opt}_{momentum:g}"
+def run_folder_name(cfg: TrainConfig) -> str:
+    """Default run-folder name, e.g. `cub_resnet50_proxy_nca_adam-momentum_0.5` (`-momentum`: momentum proxies)."""
+    return (f"{Path(cfg.data).name}_{cfg.backbone.replace(':', '-')}_{cfg.loss}_{cfg.optimizer_label}"
+            f"_{cfg.proxy_momentum:g}")

@@ -4,6 +4,7 @@ Everything degrades to single-process behaviour when not launched by torchrun (n
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -38,8 +39,24 @@ def init_distributed(device: torch.device) -> DistInfo:
 
 
 def cleanup() -> None:
-    if dist.is_initialized():
+    """Leave and destroy the process group (no-op when there is none)."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def ends_process_group(fn):
+    """Decorate a job that may `init_distributed`: the process group it created is destroyed (`cleanup`) when
+    it returns or raises. A group that existed before the call (the caller's own) is left alone."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        existed = dist.is_available() and dist.is_initialized()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if not existed:
+                cleanup()
+
+    return run
 
 
 def all_gather_cat(tensor: torch.Tensor, same_size: bool = False) -> torch.Tensor:

@@ -1,5 +1,22 @@
-"""The one exception type the CLI turns into a one-line error message."""
+"""The one exception type the CLI turns into a one-line error message, and the check for optional extras."""
+import importlib
+
+# The optional extras of pyproject.toml, each with the top-level modules the code needs from it.
+EXTRAS = {
+    "serve": ("fastapi", "fastapi_offline", "starlette", "pydantic", "uvicorn", "prometheus_client"),
+    "export": ("onnx", "onnxruntime"),
+    "tune": ("optuna",),
+}
 
 
 class UserError(Exception):
     """Bad input from the user (missing file, unknown option, ...): reported in one line, no traceback."""
+
+
+def require_extra(extra: str, what: str) -> None:
+    """Raise a UserError naming the extra to install when one of `extra`'s modules cannot be imported."""
+    for module in EXTRAS[extra]:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError:
+            raise UserError(f"{what} needs the [{extra}] extra: pip install 'momentum-proxy[{extra}]'") from None

@@ -1,6 +1,7 @@
 """Files: atomic writes (a temporary file in the same folder, renamed over the target), JSON, hashing."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -84,3 +85,27 @@ def file_sha256(path: str | os.PathLike) -> str:
         while block := f.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, name: str, what: str, job: str) -> Iterator[None]:
+    """Hold `folder/name` locked (flock) for the block, on behalf of `job` (e.g. "mproxy serve"): a second
+    holder is refused with a one-line UserError saying that `folder` is `what` by which pid and job. The kernel
+    drops the lock when its process dies, so a killed process never leaves it stuck."""
+    folder = Path(folder)
+    with open(folder / name, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"{folder} is {what} by {holder}; stop it first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} ({job})")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()

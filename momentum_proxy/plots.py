@@ -14,6 +14,7 @@ from PIL import Image
 from momentum_proxy.fileio import atomic_path
 
 PER_ROW = 10  # pictures per row of the retrieval grid
+MAX_DRAWN = 49  # results drawn at most: with the query, 5 rows (about 2000 x 1250 px)
 
 
 def draw_results(query: str | Path, results: list, out_png: str | Path, label: int | None = None,
@@ -92,8 +93,8 @@ def momentum_figure(table, out: Path) -> list[Path]:
     plt = style()
     fig, ax = plt.subplots(figsize=(4.0, 3.0))
     for (backbone, dim), g in table.groupby(["backbone", "feature_dim"]):
-        g = g.sort_values("momentum")
-        ax.errorbar(g["momentum"], 100 * g["recall@1"], yerr=100 * g["recall@1_ci"].fillna(0), marker="o",
+        g = g.sort_values("proxy_momentum")
+        ax.errorbar(g["proxy_momentum"], 100 * g["recall@1"], yerr=100 * g["recall@1_ci"].fillna(0), marker="o",
                     capsize=2, label=f"{backbone} ({dim})")
     seeds = sorted(set(table["seeds"]))
     selected = ", ".join(sorted(set(table["selected_on"])))
@@ -134,6 +135,8 @@ def history_figure(x: list[int], y: list[float], path: Path) -> None:
     ax.plot(x, y, "o", label="complete trial")
     ax.step(x, [max(y[:i + 1]) for i in range(len(y))], where="post", label="best so far")
     ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are numbered, never 0.2
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_ylabel("val MAP@R (%)")
     ax.legend(fontsize=6)
     save(fig, path)

@@ -15,8 +15,9 @@ def tiny_config(tiny_data, tmp_path):
     """A fast training configuration on `tiny_data` (random-weight Lite0, 64 px, 3 steps an epoch)."""
     from momentum_proxy.runs import TrainConfig
 
-    return TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), pretrained="none", image_size=64,
-                       batch_size=8, epochs=2, workers=0, warmup_epochs=0, metrics=["recall", "map@r"])
+    return TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), backbone="efficientnet_lite0",
+                       pretrained="none", image_size=64, batch_size=8, epochs=2, loader_workers=0, warmup_epochs=0,
+                       metrics=["recall", "map@r"])
 
 
 def make_run(out, data, *, epoch: int = 0, seed: int = 0):
@@ -26,7 +27,8 @@ def make_run(out, data, *, epoch: int = 0, seed: int = 0):
     from momentum_proxy.models.net import EmbeddingNet
     from momentum_proxy.runs import BEST, RunDir, TrainConfig
 
-    cfg = TrainConfig(data=str(data), out=str(out), pretrained="none", image_size=64, feature_dim=32)
+    cfg = TrainConfig(data=str(data), out=str(out), backbone="efficientnet_lite0", pretrained="none", image_size=64,
+                      feature_dim=32)
     run = RunDir(out)
     run.start(cfg, overwrite=True)
     torch.manual_seed(seed)

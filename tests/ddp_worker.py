@@ -2,6 +2,8 @@
 
 The rank's pid goes to `$WRITES_LOG.rankN.pid` first: torchrun starts every worker in a session of its own, so
 killing the launcher's process group leaves the workers running; a test that kills a run kills them by pid.
+Whether a torch.distributed process group is still initialised when `mproxy` returns or raises goes to
+`$WRITES_LOG.rankN.group` ("initialised" or "none").
 """
 import json
 import os
@@ -27,3 +29,7 @@ try:
 finally:
     with open(log, "w") as f:
         json.dump(written, f)
+    import torch.distributed as dist
+
+    with open(log + ".group", "w") as f:
+        f.write("initialised" if dist.is_initialized() else "none")

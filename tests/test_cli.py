@@ -1,6 +1,8 @@
 """The command line end to end on a tiny dataset, and its one-line errors."""
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +11,11 @@ from conftest import run_cli
 from PIL import Image
 
 from momentum_proxy.cli import config_from_args, main, parser
-from momentum_proxy.errors import UserError
+from momentum_proxy.config import TrainConfig
+from momentum_proxy.runs import RunDir
 
-TRAIN = ["--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--lr", "1e-4", "--epochs", "1", "--workers", "0"]
+TRAIN = ["--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--lr", "1e-4", "--epochs", "1",
+         "--loader-workers", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +97,10 @@ def test_original_command_line_resolves_to_the_same_config(tmp_path):
     assert a.out == str(Path("results") / "car_resnet50_proxy_anchor_sgd-momentum_0.7")  # no * in folder names
     assert (a.sgd_momentum, a.select, a.select_metric) == (0.0, "test", "recall@1")  # the original's plain SGD
     defaults = config_from_args(parser().parse_args(["train", "--data_path", str(tmp_path), "--device", "cpu"]))
-    assert (defaults.backbone, defaults.loss, defaults.optimizer, defaults.momentum, defaults.lr, defaults.recalls,
-            defaults.batch_size, defaults.epochs) == ("resnet50", "proxy_nca", "adam*", 0.5, 1e-3, [1, 2, 4, 8], 64, 20)
-    assert (defaults.proxy_update, defaults.proxy_init, defaults.warmup_epochs) == ("sum", "random", 0)
+    assert (defaults.backbone, defaults.loss, defaults.optimizer, defaults.proxy_update, defaults.proxy_momentum,
+            defaults.lr, defaults.recalls, defaults.batch_size, defaults.epochs) == (
+        "resnet50", "proxy_nca", "adam", "momentum", 0.5, 1e-3, [1, 2, 4, 8], 64, 20)  # the original's adam*
+    assert (defaults.momentum_target, defaults.proxy_init, defaults.warmup_epochs) == ("sum", "random", 0)
     assert defaults.data == str(tmp_path / "car")
     recipe = config_from_args(parser().parse_args(["train", "--data", str(tmp_path / "car"), "--device", "cpu"]))
     assert (recipe.backbone, recipe.loss, recipe.lr, recipe.proxy_init, recipe.loss_params) == (
@@ -103,6 +108,113 @@ def test_original_command_line_resolves_to_the_same_config(tmp_path):
     # the original recipe keeps the original tool's settings whatever the defaults are
     assert (defaults.pooling, defaults.schedule, defaults.aug_scale_min, defaults.loss_params) == (
         "max", "multistep", 0.16, (None, None))
+
+
+def _train_config(*argv) -> TrainConfig:
+    return config_from_args(parser().parse_args(["train", *map(str, argv)]))
+
+
+# (an original tool's or this tool's earlier spelling, today's explicit flags, end of the run folder's name)
+EARLIER_SPELLINGS = [
+    (["--optimizer_type", "adam*"], ["--optimizer", "adam", "--proxy-update", "momentum"], "adam-momentum_0.5"),
+    (["--optimizer_type", "sgd*"], ["--optimizer", "sgd", "--proxy-update", "momentum"], "sgd-momentum_0.5"),
+    (["--optimizer_type", "adam"], ["--optimizer", "adam", "--proxy-update", "gradient"], "adam_0.5"),
+    (["--optimizer_type", "sgd"], ["--optimizer", "sgd", "--proxy-update", "gradient"], "sgd_0.5"),
+    (["--optimizer", "sgd*"], ["--optimizer", "sgd", "--proxy-update", "momentum"], "sgd-momentum_0.5"),
+    (["--proxy-update", "mean"], ["--momentum-target", "mean", "--proxy-update", "momentum"], "adam-momentum_0.5"),
+    (["--optimizer", "sgd*", "--proxy-update", "sum"], ["--optimizer", "sgd", "--momentum-target", "sum"],
+     "sgd-momentum_0.5"),
+    (["--momentum", "0.7"], ["--proxy-momentum", "0.7"], "adam-momentum_0.7"),
+    (["--backbone_type", "googlenet", "--loss_name", "arc_face", "--batch_size", "32", "--num_epochs", "5"],
+     ["--backbone", "googlenet", "--loss", "arc_face", "--batch-size", "32", "--epochs", "5"], "adam-momentum_0.5"),
+]
+
+
+@pytest.mark.parametrize("earlier,explicit,name", EARLIER_SPELLINGS, ids=[" ".join(e[0]) for e in EARLIER_SPELLINGS])
+def test_every_earlier_spelling_means_what_it_meant(earlier, explicit, name, tmp_path):
+    """`adam*` is Adam with momentum proxies, a plain `adam` of --optimizer_type learns them; the run folder keeps
+    its earlier name (`adam-momentum`). The original tool's spelling `--data_path` implies the original recipe."""
+    old = _train_config("--data_path", tmp_path, "--data_name", "cub", "--device", "cpu", *earlier)
+    new = _train_config("--data", tmp_path / "cub", "--recipe", "original", "--device", "cpu", *explicit)
+    assert old == new and old.out.endswith(f"_{name}")
+    assert old.momentum_mode == ("momentum" in name)
+
+
+def test_explicit_proxy_and_optimizer_options(tmp_path):
+    cfg = _train_config("--data", tmp_path, "--out", tmp_path / "r", "--proxy-update", "gradient", "--optimizer",
+                        "sgd", "--sgd-momentum", "0.5", "--proxy-momentum", "0.3", "--momentum-target", "sum",
+                        "--loader-workers", "3", "--no-final-test", "--eval-batch-size", "5", "--select", "null")
+    assert (cfg.proxy_update, cfg.optimizer, cfg.sgd_momentum, cfg.proxy_momentum, cfg.momentum_target) == (
+        "gradient", "sgd", 0.5, 0.3, "sum")
+    assert (cfg.momentum_mode, cfg.loader_workers, cfg.final_test, cfg.embed_batch_size, cfg.select) == (
+        False, 3, False, 5, None)
+    defaults = _train_config("--data", tmp_path, "--out", tmp_path / "r")
+    assert (defaults.proxy_update, defaults.optimizer, defaults.proxy_momentum, defaults.momentum_target) == (
+        "momentum", "adam", 0.637, "mean")
+    assert (defaults.loader_workers, defaults.final_test, defaults.backbone) == (None, True, None)
+
+
+def test_command_line_overrides_a_config_file_wherever_it_stands(tmp_path):
+    (tmp_path / "c.yaml").write_text("proxy_update: gradient\nproxy_momentum: 0.2\nepochs: 7\n")
+    config = ["--config", tmp_path / "c.yaml"]
+    for argv in (["--epochs", "2", *config], [*config, "--epochs", "2"]):
+        cfg = _train_config("--data", tmp_path, "--out", tmp_path / "r", *argv)
+        assert (cfg.proxy_update, cfg.proxy_momentum, cfg.epochs) == ("gradient", 0.2, 2)
+    cfg = _train_config("--data", tmp_path, "--out", tmp_path / "r", *config, "--optimizer", "adam*")
+    assert (cfg.optimizer, cfg.proxy_update) == ("adam", "momentum")  # an earlier flag overrides the file too
+
+
+# config.json of a run of the earlier layout, as its train command wrote it (only the options that matter here)
+EARLIER_CONFIG = {"optimizer": "sgd", "momentum": 0.3, "proxy_update": "sum", "workers": 0, "sgd_momentum": 0.9}
+
+
+@pytest.mark.parametrize("optimizer,mode", [("sgd*", "momentum"), ("sgd", "gradient")])
+def test_config_files_of_the_earlier_layout_load(optimizer, mode, tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({**EARLIER_CONFIG, "optimizer": optimizer,
+                                                      "data": str(tmp_path), "out": str(tmp_path / "o")}))
+    from_run = RunDir(tmp_path).config()
+    from_flag = _train_config("--config", tmp_path / "config.json", "--device", "cpu")
+    for cfg in (from_run, from_flag):
+        assert (cfg.optimizer, cfg.proxy_update, cfg.proxy_momentum, cfg.momentum_target, cfg.loader_workers) == (
+            "sgd", mode, 0.3, "sum", 0)
+    # tune's best.json: the searched options and the space's fixed ones (no optimizer: the default adam*)
+    (tmp_path / "best.json").write_text(json.dumps({"data": str(tmp_path), "momentum": 0.6, "proxy_update": "mean",
+                                                    "workers": 0, "lr": 1e-4}))
+    best = _train_config("--config", tmp_path / "best.json", "--out", tmp_path / "b")
+    assert (best.optimizer, best.proxy_update, best.proxy_momentum, best.momentum_target, best.lr) == (
+        "adam", "momentum", 0.6, "mean", 1e-4)
+
+
+def test_runs_of_the_earlier_layout_are_reported_plotted_and_swept(trained, tmp_path, capsys):
+    from momentum_proxy.experiments.sweep import config_changes
+
+    run = tmp_path / "old" / "run"
+    shutil.copytree(trained, run)
+    stored = json.loads((run / "config.json").read_text())
+    today = RunDir(run).config()
+    for key in ("proxy_momentum", "momentum_target", "loader_workers"):
+        stored.pop(key)
+    stored.update(optimizer="adam*", momentum=today.proxy_momentum, proxy_update=today.momentum_target, workers=0)
+    (run / "config.json").write_text(json.dumps(stored))
+    assert config_changes(RunDir(run), today) == []  # a sweep finds it finished
+    code, out, err = run_cli(["report", tmp_path / "old"], capsys)
+    assert code == 0, err
+    assert "| optimizer | proxies | m |" in out and f"| adam | momentum | {today.proxy_momentum:g} |" in out
+    code, _, err = run_cli(["plot", "momentum", tmp_path / "old"], capsys)
+    assert code == 0 and (tmp_path / "old" / "momentum.png").stat().st_size > 1000, err
+
+
+def test_cli_and_python_api_decide_the_default_backbone_alike(tmp_path):
+    """No backbone given: EfficientNet-Lite0, ResNet-50 on CUDA, decided by the configuration for both entry points
+    (the training loop calls `for_device` with the device it trains on)."""
+    from_cli = _train_config("--data", tmp_path, "--out", tmp_path / "r")
+    from_api = TrainConfig(data=str(tmp_path), out=str(tmp_path / "r"))
+    assert from_cli.backbone is None and from_api.backbone is None
+    for device_type, backbone in [("cpu", "efficientnet_lite0"), ("cuda", "resnet50")]:
+        assert from_cli.for_device(device_type).backbone == from_api.for_device(device_type).backbone == backbone
+    assert from_api.with_(backbone="googlenet").for_device("cuda").backbone == "googlenet"  # a given one stays
+    named = _train_config("--data", tmp_path / "cub", "--device", "cuda")  # the run folder is named after it
+    assert named.out == str(Path("results") / "cub_resnet50_cos_face_adam-momentum_0.637")
 
 
 def _bad_manifest(tmp_path, name, text):
@@ -199,7 +311,7 @@ BAD = [  # (command line with placeholders, expected text of the one-line error)
     (["train", "--data", "DATA", "--out", "READ_ONLY", *TRAIN], "cannot write the run folder"),
     (["train", "--data", "FILE", "--out", "DIR/r", *TRAIN], "not a folder"),
     (["train", "--data", "DATA", "--out", "DIR/r", "--metrics", "foo", *TRAIN], "unknown --metrics 'foo'"),
-    (["train", "--data", "DATA", "--out", "DIR/r", "--momentum", "2", *TRAIN], "--momentum must be in [0, 1]"),
+    (["train", "--data", "DATA", "--out", "DIR/r", "--momentum", "2", *TRAIN], "--proxy-momentum must be in [0, 1]"),
     (["train", "--data", "DATA", "--out", "DIR/r", "--select", "best", *TRAIN], "unknown --select"),
     (["train", "--data", "DATA", "--out", "DIR/r", "--select-metric", "nmi", *TRAIN], "unknown --select-metric"),
     (["train", "--data", "DATA", "--out", "DIR/r", "--proxy-update", "avg", *TRAIN], "unknown --proxy-update"),
@@ -207,7 +319,7 @@ BAD = [  # (command line with placeholders, expected text of the one-line error)
     (["train", "--resume", "FILE"], "not a run folder"),
     (["retrieve", "RUN", "--query", "QUERY", "--out", "FILE"], "is a file"),
     (["retrieve", "RUN", "--query", "QUERY", "--out", "READ_ONLY"], "cannot write the output folder"),
-    (["retrieve", "RUN", "--query", "DIR", "--out", "DIR/r"], "query image not found"),
+    (["retrieve", "RUN", "--query", "DIR", "--out", "DIR/r"], "is a folder; give one image file"),
     (["retrieve", "RUN", "--query", "QUERY", "-k", "0"], "-k must be at least 1"),
     (["retrieve", "RUN", "--query", "QUERY", "--split", "dev", "--out", "DIR/r"], "unknown --split"),
     (["retrieve", "FILE", "--query", "QUERY", "--out", "DIR/r"], "not a run folder"),
@@ -219,7 +331,7 @@ BAD = [  # (command line with placeholders, expected text of the one-line error)
     (["prepare", "synthetic", "--out", "FILE"], "is a file"),
     (["prepare", "synthetic", "--out", "DIR/p", "--val-classes", "abc"], "--val-classes must be"),
     (["prepare", "synthetic", "--out", "DATA"], "already holds a prepared dataset"),
-    (["sweep", "--data", "DATA", "--out", "DIR/s", "--momentum", "a,b", *TRAIN], "bad grid value"),
+    (["sweep", "--data", "DATA", "--out", "DIR/s", "--momentum", "a,b", *TRAIN], "expected comma-separated float"),
     (["report", "DIR"], "no finished run"),
     (["plot", "curves", "FILE"], "no metrics.csv"),
 ]
@@ -253,9 +365,43 @@ def test_bad_options_fail_before_torch_is_imported(tiny_data, tmp_path):
     assert res.returncode == 2 and "unknown --loss 'triplet'" in res.stderr and "Traceback" not in res.stderr
 
 
+NEW_OPTION_ERRORS = [  # (a bad value of a new option, its one-line error)
+    (["--proxy-update", "avg"], "unknown --proxy-update 'avg'; choose from momentum, gradient"),
+    (["--momentum-target", "avg"], "unknown --momentum-target 'avg'; choose from mean, sum"),
+    (["--proxy-momentum", "2"], "--proxy-momentum must be in [0, 1], got 2.0"),
+    (["--momentum", "abc"], "--proxy-momentum takes float, got 'abc'"),
+    (["--optimizer", "lamb"], "unknown --optimizer 'lamb'; choose from adam, sgd"),
+    (["--optimizer_type", "lamb*"], "unknown --optimizer 'lamb'; choose from adam, sgd"),
+    (["--loader-workers", "-1"], "--loader-workers must be >= 0, got -1"),
+    (["--loader-workers", "two"], "--loader-workers takes int | None, got 'two'"),
+    (["--no-final-test", "yes"], "unrecognized arguments: yes"),
+]
+
+
+def test_bad_values_of_the_new_options_are_one_line_before_torch_is_imported(tiny_data, tmp_path):
+    """All cases in one fresh interpreter (each in-process, its stderr captured): exit 2, the one line, no torch."""
+    import subprocess
+    import sys
+
+    code = ("import contextlib, io, json, sys\nfrom momentum_proxy.cli import main\nresults = []\n"
+            "for argv in json.loads(sys.argv[1]):\n    err = io.StringIO()\n"
+            "    with contextlib.redirect_stderr(err):\n        try:\n            main(argv)\n"
+            "        except SystemExit as e:\n            results.append([e.code, err.getvalue()])\n"
+            "print(json.dumps({'results': results, 'torch': 'torch' in sys.modules}))")
+    base = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "r")]
+    cases = json.dumps([base + argv for argv, _ in NEW_OPTION_ERRORS])
+    res = subprocess.run([sys.executable, "-c", code, cases], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["torch"] is False and len(report["results"]) == len(NEW_OPTION_ERRORS)
+    for (argv, expected), (status, err) in zip(NEW_OPTION_ERRORS, report["results"]):
+        assert status == 2 and err == f"mproxy: error: {expected}\n", argv
+    assert not (tmp_path / "r").exists()
+
+
 def test_help_shows_defaults_and_version(capsys):
     code, out, _ = run_cli(["train", "--help"], capsys)
-    assert code == 0 and "(default: 2.15e-05)" in out and "(default: cos_face)" in out
+    assert code == 0 and "default: 2.15e-05)" in out and "default: cos_face)" in out
     code, out, _ = run_cli(["--version"], capsys)
     assert code == 0 and out.startswith("mproxy 0.")
 
@@ -272,8 +418,6 @@ def test_retrieve_large_k_is_capped_and_laid_out_in_rows(trained, tiny_data, tmp
 
 
 def test_evaluate_notices_a_changed_dataset(trained, capsys, tmp_path):
-    import shutil
-
     run = tmp_path / "copy"
     shutil.copytree(trained, run)
     cfg = json.loads((run / "config.json").read_text())
@@ -294,11 +438,11 @@ def test_files_follow_the_umask(tmp_path):
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
 
 
-def test_train_config_file_with_flags_overriding(tmp_path, tiny_data):
+def test_train_config_file_with_flags_overriding(tmp_path, tiny_data, capsys):
     (tmp_path / "c.yaml").write_text(f"data: {tiny_data}\nloss: cos_face\nlr: 0.003\nepochs: 7\n")
     cfg = config_from_args(parser().parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "2",
                                                 "--out", str(tmp_path / "r")]))
     assert (cfg.data, cfg.loss, cfg.lr, cfg.epochs) == (str(tiny_data), "cos_face", 0.003, 2)
     (tmp_path / "c.json").write_text(json.dumps({"loss": "cos_face", "lrate": 1}))
-    with pytest.raises(UserError, match="unknown option.*lrate"):
-        config_from_args(parser().parse_args(["train", "--config", str(tmp_path / "c.json"), "--data", "x"]))
+    code, _, err = run_cli(["train", "--config", tmp_path / "c.json", "--data", "x"], capsys)
+    assert code == 2 and re.fullmatch(r"mproxy: error: \S+c\.json: unknown option\(s\) lrate\n", err)

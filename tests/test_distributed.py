@@ -20,15 +20,16 @@ from momentum_proxy.training.proxies import proxy_parameter
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
 
 
-def _train_args(data, out, batch, epochs=3, optimizer="sgd*"):
+def _train_args(data, out, batch, epochs=3, proxy_update="momentum"):
     return ["train", "--data", str(data), "--out", str(out), "--pretrained", "none", "--image-size", "48",
-            "--batch-size", str(batch), "--epochs", str(epochs), "--workers", "0", "--warmup-epochs", "0",
-            "--metrics", "recall", "--lr", "1e-2", "--optimizer", optimizer,  # SGD: updates linear in gradients
+            "--batch-size", str(batch), "--epochs", str(epochs), "--loader-workers", "0", "--warmup-epochs", "0",
+            "--metrics", "recall", "--lr", "1e-2", "--optimizer", "sgd",  # SGD: updates linear in gradients
+            "--proxy-update", proxy_update,
             "--loss", "normalized_softmax", "--backbone-lr-mult", "0.1", "--pooling", "max",
             "--schedule", "multistep"]  # the recipe the tolerances below were measured with
 
 
-def _run(args, nproc, log, port, wait=True):
+def _run(args, nproc, log, port, wait=True, ok=True):
     env = {**os.environ, "WRITES_LOG": str(log), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
            str(port), WORKER, *args]
@@ -36,7 +37,7 @@ def _run(args, nproc, log, port, wait=True):
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert (res.returncode == 0) == ok, res.stderr[-3000:]
     return res
 
 
@@ -56,7 +57,7 @@ def _last(out):
 
 @pytest.fixture(scope="module")
 def two_process_run(tiny_data, tmp_path_factory):
-    """An uninterrupted `sgd*` run of 2 processes with batch 4 (shared: tests must not change it)."""
+    """An uninterrupted SGD run with momentum proxies, 2 processes with batch 4 (shared: tests must not change it)."""
     tmp = tmp_path_factory.mktemp("ddp")
     _run(_train_args(tiny_data, tmp / "two", batch=4), 2, tmp / "w2", 29612)
     return tmp / "two", tmp / "w2"
@@ -81,6 +82,16 @@ def test_two_processes_match_one_process_with_double_batch(tiny_data, tmp_path, 
     rank0 = json.loads(Path(f"{log}.rank0").read_text())
     rank1 = json.loads(Path(f"{log}.rank1").read_text())
     assert rank1 == [] and any(p.endswith("last.pt") for p in rank0) and any(p.endswith("metrics.csv") for p in rank0)
+
+
+def test_every_rank_destroys_its_process_group_when_training_ends(tiny_data, tmp_path, two_process_run):
+    """`distributed.cleanup` when training returns, and when it fails after joining the group (a batch too
+    large for 2 processes is found once the group tells the world size)."""
+    log = two_process_run[1]
+    assert [Path(f"{log}.rank{rank}.group").read_text() for rank in range(2)] == ["none", "none"]
+    res = _run(_train_args(tiny_data, tmp_path / "big", batch=9), 2, tmp_path / "w", 29618, ok=False)
+    assert "batch size 9 exceeds the 16 train images" in res.stderr
+    assert [Path(f"{tmp_path / 'w'}.rank{rank}.group").read_text() for rank in range(2)] == ["none", "none"]
 
 
 def test_killed_two_process_run_resumes_to_the_uninterrupted_run(tiny_data, tmp_path, two_process_run):
@@ -110,10 +121,11 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_run(tiny_data, tmp_
 
 
 def test_learnable_proxies_two_processes_match_one_process_with_double_batch(tiny_data, tmp_path):
-    """`sgd` (no `*`): the optimizer trains the proxies from DDP-averaged gradients, the same on every rank."""
+    """`--proxy-update gradient`: the optimizer trains the proxies from DDP-averaged gradients, the same on every
+    rank."""
     args = ["--proxy-init", "random"]  # the proxies start where `build` leaves them, reproduced below
-    _run(_train_args(tiny_data, tmp_path / "one", batch=8, optimizer="sgd") + args, 1, tmp_path / "w1", 29616)
-    _run(_train_args(tiny_data, tmp_path / "two", batch=4, optimizer="sgd") + args, 2, tmp_path / "w2", 29617)
+    _run(_train_args(tiny_data, tmp_path / "one", batch=8, proxy_update="gradient") + args, 1, tmp_path / "w1", 29616)
+    _run(_train_args(tiny_data, tmp_path / "two", batch=4, proxy_update="gradient") + args, 2, tmp_path / "w2", 29617)
     # SGD moves the learnable proxies (norm ~22, so a small gradient) by ~3e-3 in 6 steps; the two runs differ by
     # the float error of that gradient times the movement (~2e-7 measured): 2e-5 lies far from both
     atol = 2e-5

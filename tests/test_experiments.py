@@ -8,7 +8,7 @@ from momentum_proxy.cli import main
 from momentum_proxy.experiments.sweep import collect_runs, mean_ci
 from momentum_proxy.runs import RunDir
 
-SMALL = ["--pretrained", "none", "--image-size", "48", "--batch-size", "8", "--epochs", "1", "--workers", "0",
+SMALL = ["--pretrained", "none", "--image-size", "48", "--batch-size", "8", "--epochs", "1", "--loader-workers", "0",
          "--metrics", "recall"]
 
 
@@ -21,7 +21,7 @@ def swept(tiny_data, tmp_path_factory):
 
 def test_sweep_runs_the_grid_over_seeds_and_skips_finished_runs(swept, tiny_data, capsys):
     runs = collect_runs(swept)
-    assert sorted(zip(runs["momentum"], runs["seed"])) == [(0.0, 0), (0.0, 1), (1.0, 0), (1.0, 1)]
+    assert sorted(zip(runs["proxy_momentum"], runs["seed"])) == [(0.0, 0), (0.0, 1), (1.0, 0), (1.0, 1)]
     assert (runs["selected_on"] == "val").all() and runs["map@r"].between(0, 1).all()
     stamps = {p: p.stat().st_mtime_ns for p in swept.rglob("last.pt")}
     main(["sweep", "--data", str(tiny_data), "--out", str(swept), "--momentum", "0,1", "--seeds", "0,1", *SMALL])

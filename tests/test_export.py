@@ -1,5 +1,6 @@
 """`mproxy export` (ONNX, TorchScript), its self-check and sidecar, and the `--runtime onnx` embedder."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,65 @@ def test_a_sabotaged_export_fails_its_check_and_leaves_nothing(tiny_data, tmp_pa
     (tmp_path / "out").mkdir()
     with pytest.raises(UserError, match="export check failed"):
         export_run(run, tmp_path / "out" / "model.onnx")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def rotated(out: np.ndarray, angle: float = 0.05) -> np.ndarray:
+    """Every row turned by `angle` (coordinates rotated in pairs): each row's cosine to its original is
+    cos(angle), every similarity between rows, so every neighbour list, is unchanged."""
+    c, s = np.cos(angle), np.sin(angle)
+    turned = out.copy()
+    turned[:, 0::2], turned[:, 1::2] = c * out[:, 0::2] - s * out[:, 1::2], s * out[:, 0::2] + c * out[:, 1::2]
+    return turned
+
+
+def two_neighbours_swapped(out: np.ndarray, k: int = 10, least_gap: float = 1e-4) -> np.ndarray:
+    """One row reflected so that two adjacent items of its top-k change places (their similarities to it are
+    exchanged), where that costs the least cosine. The items' similarities differ by at least `least_gap`, far
+    beyond float noise: a real change of order."""
+    unit = out / np.linalg.norm(out, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1)[:, :k]
+    best = None
+    for i in range(len(out)):
+        for a, b in zip(order[i, :-1], order[i, 1:]):
+            gap = sims[i, a] - sims[i, b]
+            loss = gap ** 2 / (1 - sims[a, b])  # 1 - cosine of the reflected row to the original
+            if gap >= least_gap and (best is None or loss < best[0]):
+                best = (loss, i, a, b)
+    assert best is not None and best[0] < 5e-5, "no near neighbours to swap within the cosine tolerance"
+    _, i, a, b = best
+    v = unit[a] - unit[b]
+    swapped = out.copy()
+    swapped[i] = out[i] - 2 * (out[i] @ v) / (v @ v) * v  # the mirror that exchanges a and b
+    return swapped
+
+
+@pytest.mark.parametrize("change, cosine_passes, neighbours_pass", [(two_neighbours_swapped, True, False),
+                                                                     (rotated, False, True)])
+def test_an_export_failing_one_check_alone_is_refused(change, cosine_passes, neighbours_pass, tiny_data, tmp_path,
+                                                      monkeypatch):
+    """The export is kept only when both checks pass: near neighbours reordered with every cosine >= MIN_COSINE,
+    or every neighbour list intact with the cosine too low, are each refused, and nothing is written."""
+    from momentum_proxy.deploy import export
+
+    run = make_run(tiny_data, tmp_path / "run")
+    real = export.exported_runner
+    seen = []
+
+    def changed_runner(path, fmt):
+        runner = real(path, fmt)
+        return lambda x: seen.append(len(x)) or change(runner(x))
+
+    monkeypatch.setattr(export, "exported_runner", changed_runner)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UserError, match="export check failed") as e:
+        export_run(run, tmp_path / "out" / "model.onnx")
+    assert seen == [32]  # the change saw the whole sample (the 32 test images) at once
+    cosine = float(re.search(r"min cosine ([0-9.]+)", str(e.value)).group(1))
+    assert (cosine >= MIN_COSINE) == cosine_passes
+    assert f"identical top-10 neighbours: {neighbours_pass}" in str(e.value)
     assert list((tmp_path / "out").iterdir()) == []
 
 

@@ -54,7 +54,30 @@ def _standard_checkpoint(name):
         return torchvision.models.resnet50(weights=None).state_dict()
     if name == "googlenet":
         return torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True).state_dict()
-    return BNInception(num_classes=1000).state_dict()
+    # bn_inception-52deb4733.pth, written by PyTorch 0.2: batch-norm vectors as (1, C), no num_batches_tracked
+    return {k: v[None] if "_bn." in k else v for k, v in BNInception(num_classes=1000).state_dict().items()
+            if not k.endswith("num_batches_tracked")}
+
+
+def test_bn_inception_is_pretrainedmodels_port_tensor_for_tensor():
+    """The project's BN-Inception has the port's state dict (names, order, shapes) and, given the same weights,
+    computes the same feature maps bit for bit, at ImageNet size and at odd sizes (ceil-mode pooling)."""
+    from pretrainedmodels.models.bninception import BNInception as Port
+
+    from momentum_proxy.models.bninception import BNInception
+
+    torch.manual_seed(0)
+    port = Port(num_classes=1000).eval()
+    for bn in (m for m in port.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # statistics that matter
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.bias.data.uniform_(-0.5, 0.5)
+    expected = {k: v for k, v in port.state_dict().items() if not k.startswith("last_linear.")}
+    ours = BNInception().eval()
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [(k, v.shape) for k, v in expected.items()]
+    ours.load_state_dict(expected)
+    for size in (224, 97):
+        x = torch.randn(2, 3, size, size) * 60
+        with torch.no_grad():
+            assert torch.equal(ours(x), port.features(x))
 
 
 @pytest.mark.parametrize("name,ckpt_key,backbone_key", [

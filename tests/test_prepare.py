@@ -448,3 +448,28 @@ def test_prepare_refuses_to_replace_a_dataset_unless_overwrite(ten_classes, tree
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
         prepare_folder(tree, tmp_path / "file")
+
+
+def test_small_data_is_warned_about_in_one_line_each_and_recorded(tmp_path, capsys):
+    src = tmp_path / "twelve"
+    for c in range(12):
+        for i in range(1 if c in (0, 7) else 3):  # class_00 (train) and class_07 (test) have one photo each
+            jpeg(src / f"class_{c:02d}" / f"{i}.jpg", size=(24, 20), seed=100 * c + i)
+    out = prepare_folder(src, tmp_path / "p")
+    err = [line for line in capsys.readouterr().err.splitlines() if "mproxy:" in line]  # not the progress bar
+    assert all(line.startswith("mproxy: warning: ") for line in err)
+    assert any("1 test class(es) have a single image (class_07)" in line and "left out of the metrics" in line
+               for line in err)
+    assert any("only 4 classes are left to train (2 went to val)" in line for line in err)
+    warnings = report(out)["warnings"]
+    assert len(warnings) == len(err) == 3  # the lone test class, the lone train class (unless carved to val), few
+    df = read_manifest(out)
+    assert (df["class_name"] == "class_07").sum() == 1  # nothing is dropped
+
+
+def test_enough_data_prepares_without_warnings(ten_classes, tmp_path, capsys):
+    for c in range(10, 16):
+        for i in range(2):
+            jpeg(ten_classes / f"class_{c}" / f"{i}.jpg", size=(24, 20), seed=100 * c + i)
+    prepare_folder(ten_classes, tmp_path / "p", val_classes=0)
+    assert "mproxy:" not in capsys.readouterr().err and report(tmp_path / "p")["warnings"] == []

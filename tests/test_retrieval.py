@@ -119,3 +119,75 @@ def test_retrieve_checks_the_run_against_the_index_and_records_both(tiny_data, t
 def test_unreadable_index_folder_is_one_line(tmp_path):
     with pytest.raises(UserError, match="no retrieval index"):
         retrieve_and_draw(__file__, 3, tmp_path / "out", index_dir=tmp_path)
+
+
+def test_a_folder_of_class_folders_is_indexed_with_its_class_names(tiny_run, images, tmp_path, capsys):
+    code, out, err = run_cli(["index", tiny_run, "--images", images, "--out", tmp_path / "idx"], capsys)
+    assert code == 0, err
+    assert "classes: 2" in out
+    index = FaissStore.load(tmp_path / "idx")
+    assert sorted(index.classes.values()) == ["species_03", "species_04"]
+    assert all(index.item(i)["class_name"] == Path(index.paths[i]).parent.name for i in range(index.ntotal))
+    query = images / "species_03" / "0001.jpg"
+    code, out, _ = run_cli(["retrieve", "--index", tmp_path / "idx", "--query", query, "-k", 15,
+                            "--out", tmp_path / "r"], capsys)
+    rows = [line for line in out.splitlines() if line.startswith("#")]
+    assert len(rows) == 15 and all(("species_03" in r) == r.endswith("  same class") for r in rows)
+    assert all(r.endswith(("  same class", "  other class")) for r in rows)
+
+
+def test_labels_none_or_from_a_csv_and_unknown_classes_print_as_a_dash(tiny_run, images, tmp_path, capsys):
+    code, _, err = run_cli(["index", tiny_run, "--images", images, "--out", tmp_path / "plain", "--labels", "none"],
+                           capsys)
+    assert code == 0, err
+    assert FaissStore.load(tmp_path / "plain").labels is None
+    query = images / "species_03" / "0001.jpg"
+    code, out, _ = run_cli(["retrieve", "--index", tmp_path / "plain", "--query", query, "-k", 3,
+                            "--out", tmp_path / "r"], capsys)
+    rows = [line for line in out.splitlines() if line.startswith("#")]
+    assert len(rows) == 3 and all(line.split()[2] == "-" for line in rows) and "None" not in out
+    csv_file = tmp_path / "classes.csv"
+    csv_file.write_text("path,class_name\nspecies_03/0001.jpg,iris\n" + f"{images / 'species_04' / '0002.jpg'},rose\n")
+    code, _, err = run_cli(["index", tiny_run, "--images", images, "--out", tmp_path / "csv", "--labels", csv_file],
+                           capsys)
+    assert code == 0, err
+    index = FaissStore.load(tmp_path / "csv")
+    named = {Path(index.paths[i]).relative_to(images).as_posix(): index.item(i)["class_name"]
+             for i in range(index.ntotal)}
+    assert named.pop("species_03/0001.jpg") == "iris" and named.pop("species_04/0002.jpg") == "rose"
+    assert set(named.values()) == {None}
+
+
+def test_bad_labels_are_one_line(tiny_run, images, tmp_path, capsys):
+    for labels, message in [("colours", "--labels must be auto, none, folders or a CSV file"),
+                            (__file__, "expected 'path,class_name'")]:
+        code, _, err = run_cli(["index", tiny_run, "--images", images, "--out", tmp_path / "idx", "--labels", labels],
+                               capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_auto_labels_only_for_a_folder_whose_images_all_sit_in_class_folders(tiny_run, images, tmp_path):
+    shutil.copy(images / "species_03" / "0001.jpg", images / "loose.jpg")
+    build_index(tiny_run, images, tmp_path / "idx")
+    assert FaissStore.load(tmp_path / "idx").labels is None
+    build_index(tiny_run, images, tmp_path / "idx2", labels="folders")
+    index = FaissStore.load(tmp_path / "idx2")
+    loose = index.path_ids[str(images / "loose.jpg")]
+    assert index.item(loose)["class_name"] is None and len(index.classes) == 2
+
+
+def test_a_large_k_caps_the_picture_not_the_ranked_list(tiny_run, tiny_data, tmp_path, capsys):
+    from PIL import Image
+
+    from momentum_proxy.plots import MAX_DRAWN
+
+    build_index(tiny_run, tiny_data, tmp_path / "idx")
+    query = tiny_data / "images" / "species_01" / "0003.jpg"
+    code, out, err = run_cli(["retrieve", "--index", tmp_path / "idx", "--query", query, "-k", 60,
+                              "--out", tmp_path / "r"], capsys)
+    assert code == 0, err
+    assert sum(line.startswith("#") for line in out.splitlines()) == 60 > MAX_DRAWN
+    assert len(json.loads((tmp_path / "r" / "results.json").read_text())["results"]) == 60
+    with Image.open(tmp_path / "r" / "retrieval.png") as im:
+        rows = -(-(MAX_DRAWN + 1) // 10)
+        assert im.width <= 2000 and im.height <= rows * 250 + 50  # 5 rows of 10 cells, not 7

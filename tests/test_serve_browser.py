@@ -72,6 +72,8 @@ def search_and_click(driver, url: str, photo: Path, k: int, screenshot: Path, ti
     wait.until(lambda d: "results in" in d.find_element(By.ID, "status").text)
     first = [(h.get_attribute("data-id"), h.find_element(By.CLASS_NAME, "score").text)
              for h in driver.find_elements(By.CLASS_NAME, "hit")]
+    first_labels = [(h.find_element(By.CLASS_NAME, "cls").text, h.get_attribute("class"))
+                    for h in driver.find_elements(By.CLASS_NAME, "hit")]
     target = driver.find_elements(By.CLASS_NAME, "hit")[1]
     target_id = target.get_attribute("data-id")
     target.click()
@@ -80,7 +82,8 @@ def search_and_click(driver, url: str, photo: Path, k: int, screenshot: Path, ti
     wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
                              for img in d.find_elements(By.CSS_SELECTOR, ".hit img")))
     hits = driver.find_elements(By.CLASS_NAME, "hit")
-    seen = {"first": first, "target": target_id, "second": [h.get_attribute("data-id") for h in hits],
+    seen = {"first": first, "first_labels": first_labels, "target": target_id,
+            "second": [h.get_attribute("data-id") for h in hits],
             "frames": [h.get_attribute("class") for h in hits],
             "preview": driver.find_element(By.ID, "preview-text").text,
             "status": driver.find_element(By.ID, "status").text}
@@ -107,6 +110,9 @@ def test_page_search_click_keyboard_phone(tiny_data, tiny_run, tmp_path):
         seen = search_and_click(driver, url, photo, 6, tmp_path / "serve.png")
         assert len(seen["first"]) == 6 and all(0 < float(score) <= 1.0001 for _, score in seen["first"])
         assert seen["first"][0][0] == str(index.path_ids[str(tiny_data / "images" / "species_03" / "0005.jpg")])
+        # an uploaded photo's class is unknown: results numbered #1..#6, none framed as same or other class
+        assert [text.split()[0] for text, _ in seen["first_labels"]] == ["#1", "#2", "#3", "#4", "#5", "#6"]
+        assert [frame for _, frame in seen["first_labels"]] == ["hit"] * 6
         # searching by a clicked result: its class is known, every result framed green or red accordingly
         target = index.item(int(seen["target"]))
         assert seen["preview"] == f"item {target['id']} · {target['class_name']}"
@@ -129,3 +135,41 @@ def test_page_search_click_keyboard_phone(tiny_data, tiny_run, tmp_path):
         # readable on a phone: nothing wider than the screen
         driver.set_window_size(390, 844)
         assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+
+
+@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)), reason=(
+    f"chromium not installed: {CHROMIUM} and {CHROMEDRIVER} are needed "
+    "(apt-get install -y chromium chromium-driver)"))
+def test_page_at_phone_width_wraps_results_and_cuts_nothing(tiny_data, tiny_run, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from momentum_proxy.retrieval.search import build_index
+
+    build_index(tiny_run, tiny_data, tmp_path / "idx")
+    photo = tmp_path / "photo.jpg"
+    shutil.copy(tiny_data / "images" / "species_03" / "0005.jpg", photo)
+    with running_server(tmp_path / "idx") as url, chromium(tmp_path / "profile") as driver:
+        # a phone's viewport (a headless window cannot be made narrower than 500 px)
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                               {"width": 360, "height": 780, "deviceScaleFactor": 2, "mobile": True})
+        search_and_click(driver, url, photo, 6, tmp_path / "phone.png")
+        assert driver.execute_script("return window.innerWidth") == 360
+        assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        cut = driver.execute_script("""
+            const vw = window.innerWidth, out = [];
+            for (const hit of document.querySelectorAll('.hit')) {
+              const box = hit.getBoundingClientRect();
+              if (box.left < 0 || box.right > vw) out.push('result outside the screen');
+              for (const el of hit.querySelectorAll('.score, .cls')) {
+                const r = el.getBoundingClientRect();
+                if (r.left < box.left || r.right > box.right + 0.5 || el.scrollWidth > el.clientWidth + 1)
+                  out.push(el.className + ' cut: ' + el.textContent);
+              }
+            }
+            return out;""")
+        assert cut == []
+        hits = driver.find_elements(By.CLASS_NAME, "hit")
+        tops = sorted({round(h.rect["y"]) for h in hits})
+        assert len(tops) >= 3  # 6 results wrap into rows of at most 2
+        assert all(h.get_attribute("title").split("\n")[0].endswith(".jpg") for h in hits)  # file name on hover
+        assert driver.find_element(By.ID, "hint").is_displayed()

@@ -139,3 +139,22 @@ def test_load_test_measures_two_model_copies_side_by_side_in_a_fresh_process(tin
     (folder / "meta.json").write_text((folder / "meta.json").read_text().replace(str(tiny_run), "/nonexistent"))
     with pytest.raises(SystemExit, match="measure_copies failed"):  # an index without its run
         serve_load.in_fresh_process("measure_copies", str(folder), "cpu", 2, [2], 0.2)
+
+
+def test_one_writer_per_index_folder_and_a_killed_server_leaves_no_lock(tiny_data, tiny_run, tmp_path):
+    folder = tmp_path / "idx"
+    build_index(tiny_run, tiny_data, folder)
+    proc, url = start_server(folder, tmp_path / "server.log")
+    try:
+        for args in (["index", str(tiny_run), "--images", str(tiny_data), "--out", str(folder)],
+                     ["serve", str(folder), "--port", str(free_port())]):
+            second = subprocess.run([sys.executable, "-m", "momentum_proxy", *args], capture_output=True, text=True,
+                                    timeout=300)
+            assert second.returncode == 2, second.stderr
+            assert second.stderr.strip() == (f"mproxy: error: {folder} is being written by pid {proc.pid} "
+                                             "(mproxy serve); stop it first")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    summary = build_index(tiny_run, tiny_data, folder)  # the kernel released the killed server's lock
+    assert summary["already_indexed"] == 64

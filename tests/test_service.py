@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -97,6 +98,36 @@ def test_search_equals_mproxy_retrieve_index(client, index_dir, tiny_data, tmp_p
     by_vec = client.post("/search", json={"embedding": vector, "k": 7}).json()["results"]
     assert by_vec[0]["id"] == item_id and by_vec[0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert [r["id"] for r in by_vec[1:]] == [r["id"] for r in by_id["results"]]
+
+
+def test_results_are_ranked_from_1_and_judged_only_against_a_known_class(client, index_dir, tmp_path, capsys):
+    """The page shows each result's `#rank` and frames it green or red by `same_class`: ranks run 1..k for every
+    kind of query, and a query whose class is unknown (an uploaded image, an embedding) has every `same_class`
+    null, never false, in the API as in `mproxy retrieve` (its list and results.json)."""
+    vector = FaissStore.load(index_dir).vector(3)[0].tolist()
+    answers = {"id": client.post("/search", json={"id": 3, "k": 5}).json(),
+               "embedding": client.post("/search", json={"embedding": vector, "k": 5}).json(),
+               "upload": upload(client, jpeg_bytes(), k=5).json()}
+    for how, body in answers.items():
+        assert [r["rank"] for r in body["results"]] == [1, 2, 3, 4, 5], how
+        assert all(r["label"] is not None for r in body["results"]), how  # each result's own class is known
+    assert answers["id"]["query"]["label"] is not None
+    assert all(isinstance(r["same_class"], bool) for r in answers["id"]["results"])
+    for how in ("embedding", "upload"):
+        assert answers[how]["query"]["label"] is None
+        assert [r["same_class"] for r in answers[how]["results"]] == [None] * 5, how
+
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(jpeg_bytes())
+    code, out, err = run_cli(["retrieve", "--index", index_dir, "--query", outside, "-k", 5, "--out",
+                              tmp_path / "r"], capsys)
+    assert code == 0, err
+    listed = [line for line in out.splitlines() if line.startswith("#")]
+    assert [line.split()[0] for line in listed] == ["#1", "#2", "#3", "#4", "#5"]
+    assert not any(line.endswith(("same class", "other class")) for line in listed)  # no verdict
+    saved = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert saved["query_label"] is None and [r["rank"] for r in saved["results"]] == [1, 2, 3, 4, 5]
+    assert [r["same_class"] for r in saved["results"]] == [None] * 5
 
 
 def test_k_default_max_and_min_score(client):
@@ -527,3 +558,43 @@ def test_batcher_leaves_out_cancelled_queries_and_goes_on():
     finally:
         release.set()
         batcher.close()
+
+
+@pytest.mark.parametrize("runners", [1, 2])
+def test_a_runner_fault_outside_the_batch_function_answers_its_callers_and_the_runner_goes_on(runners):
+    from momentum_proxy.serving.searcher import Batcher
+
+    batcher = Batcher(lambda: (lambda items: [x * 2 for x in items]), wait_ms=0, runners=runners)
+    collect, faults = batcher._collect, [RuntimeError("injected")]
+
+    def failing_once(first):
+        if faults:
+            raise faults.pop()
+        return collect(first)
+
+    batcher._collect = failing_once
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            batcher.submit(1).result(timeout=30)  # answered, not left hanging
+        assert [batcher.submit(x).result(timeout=30) for x in (2, 3)] == [4, 6]  # the runner still serves
+        assert batcher.restarts == 1 and all(t.is_alive() for t in batcher.threads)
+    finally:
+        batcher.close()
+
+
+def test_the_service_answers_500_json_when_a_runner_fails_and_then_serves_again(index_dir):
+    with TestClient(create_app(index_dir), raise_server_exceptions=False) as c:
+        batcher = c.app.state.searcher.batcher
+        collect, faults = batcher._collect, [RuntimeError("injected")]
+
+        def failing_once(first):
+            if faults:
+                raise faults.pop()
+            return collect(first)
+
+        batcher._collect = failing_once
+        image = jpeg_bytes(seed=3)
+        r = c.post("/search", files={"image": ("q.jpg", image, "image/jpeg")}, data={"k": "3"})
+        assert r.status_code == 500 and r.json() == {"error": "internal error (see the server log)"}
+        r = c.post("/search", files={"image": ("q.jpg", image, "image/jpeg")}, data={"k": "3"})
+        assert r.status_code == 200 and len(r.json()["results"]) == 3

@@ -21,7 +21,7 @@ from momentum_proxy.training import loop as training
 from momentum_proxy.training.losses import LOSSES
 from momentum_proxy.training.proxies import MomentumProxyUpdate, proxies_by_class, proxy_parameter
 
-OPTIMIZERS = ["adam*", "sgd*", "adam", "sgd"]
+MODES = [("adam", "momentum"), ("sgd", "momentum"), ("adam", "gradient"), ("sgd", "gradient")]
 
 
 def _batch(n=6, classes=3, seed=0):
@@ -29,11 +29,11 @@ def _batch(n=6, classes=3, seed=0):
     return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(n) % classes
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("optimizer,proxy_update", MODES)
 @pytest.mark.parametrize("loss_name", list(LOSSES))
-def test_every_loss_and_optimizer_mode_steps(tiny_config, loss_name, optimizer):
+def test_every_loss_and_optimizer_mode_steps(tiny_config, loss_name, optimizer, proxy_update):
     cfg = tiny_config
-    cfg.loss, cfg.optimizer, cfg.momentum = loss_name, optimizer, 0.3
+    cfg.loss, cfg.optimizer, cfg.proxy_update, cfg.proxy_momentum = loss_name, optimizer, proxy_update, 0.3
     torch.manual_seed(0)
     model, loss_fn = training.build(cfg, num_classes=3)
     opt = training.make_optimizer(cfg, model, loss_fn)
@@ -52,7 +52,7 @@ def test_every_loss_and_optimizer_mode_steps(tiny_config, loss_name, optimizer):
     if cfg.momentum_mode:
         assert not in_optimizer and not proxy.requires_grad and proxy.grad is None
         assert torch.equal(proxies_by_class(loss_fn), before)  # the optimizer step left proxies alone
-        MomentumProxyUpdate(cfg.momentum).update_loss(loss_fn, emb, labels)
+        MomentumProxyUpdate(cfg.proxy_momentum).update_loss(loss_fn, emb, labels)
         for c in range(3):
             expected = 0.7 * before[c] + 0.3 * emb[labels == c].detach().mean(0)
             torch.testing.assert_close(proxies_by_class(loss_fn)[c], expected)
@@ -61,12 +61,19 @@ def test_every_loss_and_optimizer_mode_steps(tiny_config, loss_name, optimizer):
         assert not torch.equal(proxies_by_class(loss_fn), before)  # learnable proxies are trained
 
 
+def test_the_loop_decides_the_default_backbone_for_its_device_and_records_it(tiny_config):
+    """The Python API, like the command line, leaves the backbone to the configuration: on this CPU, Lite0."""
+    cfg = replace(tiny_config, backbone=None)
+    job, _ = training.setup(cfg, overwrite=False, resume=False)
+    assert job.cfg.backbone == "efficientnet_lite0" == RunDir(cfg.out).config().backbone
+
 def test_train_writes_a_complete_run_folder(tiny_config):
     tiny_config.epochs = 3
     summary = training.train(tiny_config)
     run = RunDir(tiny_config.out)
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["optimizer"] == "adam*" and cfg["selection"] == "val" and "torch" in cfg["versions"]
+    assert (cfg["optimizer"], cfg["proxy_update"]) == ("adam", "momentum")
+    assert cfg["selection"] == "val" and "torch" in cfg["versions"]
     rows = run.metrics()
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
     assert np.isnan(rows[0]["train_loss"]) and all(np.isfinite(r["train_loss"]) for r in rows[1:])
@@ -128,7 +135,7 @@ def test_select_last_without_val_and_select_test_is_labelled(tiny_data, tmp_path
     df["path"] = [str(tiny_data / p) for p in df["path"]]
     df[df["split"] != "val"].to_csv(no_val / "manifest.csv", index=False)
     base = TrainConfig(data=str(no_val), out=str(tmp_path / "last"), pretrained="none", image_size=64,
-                       batch_size=8, epochs=2, workers=0, warmup_epochs=0)
+                       batch_size=8, epochs=2, loader_workers=0, warmup_epochs=0)
     assert training.train(base)["selected_on"] == "last" and RunDir(base.out).load_checkpoint(BEST)["epoch"] == 2
     with pytest.raises(UserError, match="needs a val split"):
         training.train(replace(base, out=str(tmp_path / "v"), select="val"))
@@ -171,7 +178,7 @@ def test_training_loop_applies_the_momentum_update(tiny_config, monkeypatch):
         calls.append((before, emb.clone(), labels.clone(), proxies_by_class(loss).clone(), self.momentum))
 
     monkeypatch.setattr(MomentumProxyUpdate, "update_loss", spy)
-    tiny_config.epochs, tiny_config.momentum = 1, 0.3
+    tiny_config.epochs, tiny_config.proxy_momentum = 1, 0.3
     training.train(tiny_config)
     assert [c[4] for c in calls] == [1.0, 0.3, 0.3]  # proxy init (class means), then 2 steps (16 images, batch 8)
     for before, emb, labels, after, m in calls[1:]:
@@ -194,7 +201,7 @@ def test_resume_after_kill_ends_in_the_same_state(tiny_config, tmp_path):
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "momentum_proxy", "train", "--data", tiny_config.data, "--out", str(killed),
-           "--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--epochs", "3", "--workers", "0",
+           "--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--epochs", "3", "--loader-workers", "0",
            "--warmup-epochs", "1", "--metrics", "recall,map@r"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -216,6 +223,36 @@ def test_resume_after_kill_ends_in_the_same_state(tiny_config, tmp_path):
     ea, eb = load_embeddings(a / "embeddings.npz"), load_embeddings(b / "embeddings.npz")
     assert np.array_equal(ea["features"], eb["features"]) and a.eval() == b.eval()
     assert f"resuming from epoch {epoch_killed}" in (b / "train.log").read_text()
+
+
+class _Stopped(Exception):
+    """Raised by an `on_epoch` callback to end a run after an epoch, as a kill would."""
+
+
+def test_an_epoch_after_a_resume_that_scores_worse_does_not_replace_best(tiny_config, monkeypatch):
+    """The best val score is part of the checkpoint: after a resume, an epoch scoring worse than the best one
+    before the interruption must not overwrite best.pt, nor become the selected epoch of eval.json."""
+    key = f"val_{tiny_config.select_metric}"
+    val_scores = [0.2, 0.9, 0.5, 0.4]  # epochs 0..3: epoch 1 is best; 2 and 3, after the resume, are worse
+    monkeypatch.setattr(training, "score", lambda job, model: {key: val_scores.pop(0)})
+    tiny_config.epochs = 3
+
+    def stop_after_epoch_1(row):
+        if row["epoch"] == 1:
+            raise _Stopped
+
+    with pytest.raises(_Stopped):
+        training.train(tiny_config, on_epoch=stop_after_epoch_1)
+    run = RunDir(tiny_config.out)
+    best_before = (run / BEST).read_bytes()
+    assert run.load_checkpoint(BEST)["epoch"] == 1 and run.load_checkpoint(LAST)["epoch"] == 1
+
+    summary = training.resume(tiny_config.out)
+    assert [r[key] for r in run.metrics()] == [0.2, 0.9, 0.5, 0.4] and val_scores == []
+    assert run.load_checkpoint(LAST)["epoch"] == 3
+    assert run.load_checkpoint(BEST)["epoch"] == 1 and (run / BEST).read_bytes() == best_before  # untouched
+    assert summary["epoch"] == run.eval()["epoch"] == 1 and run.eval()["selection_score"] == 0.9
+    assert "selected epoch 1 on val" in (run / "train.log").read_text()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch):
@@ -246,7 +283,7 @@ def test_refuses_to_overwrite_another_run_but_reuses_a_dead_end(tiny_config):
 
 
 def test_bad_options_are_refused_before_anything_is_written(tiny_config):
-    for change, message in [({"metrics": ["foo"]}, "unknown --metrics"), ({"momentum": 2.0}, "momentum"),
+    for change, message in [({"metrics": ["foo"]}, "unknown --metrics"), ({"proxy_momentum": 2.0}, "proxy-momentum"),
                             ({"proxy_update": "avg"}, "proxy-update"), ({"select": "best"}, "select"),
                             ({"select_metric": "nmi"}, "select-metric"), ({"backbone": "nonet"}, "unknown backbone")]:
         with pytest.raises(UserError, match=message):
@@ -258,7 +295,7 @@ def test_bad_options_are_refused_before_anything_is_written(tiny_config):
 
 def test_grad_accumulation_equals_the_larger_batch(tiny_config, tmp_path):
     """Batch 4 x 2 accumulation steps = batch 8: same samples, same averaged gradient, same proxy update."""
-    tiny_config.optimizer, tiny_config.lr, tiny_config.epochs = "sgd*", 1e-2, 1
+    tiny_config.optimizer, tiny_config.lr, tiny_config.epochs = "sgd", 1e-2, 1
     big = tiny_config
     training.train(big)
     from dataclasses import replace
@@ -297,7 +334,7 @@ def test_bf16_autocast_on_cpu_and_fp16_refused(tiny_config, monkeypatch):
 
 def test_original_recipe_optimizer_and_schedule(tiny_config):
     """The original tool: SGD without momentum, milestones int(50 %) and int(80 %) of the epochs."""
-    cfg = TrainConfig.from_recipe("original", data=tiny_config.data, out=tiny_config.out, optimizer="sgd*",
+    cfg = TrainConfig.from_recipe("original", data=tiny_config.data, out=tiny_config.out, optimizer="sgd",
                                   pretrained="none")
     model, loss = training.build(cfg, num_classes=2)
     opt = training.make_optimizer(cfg, model, loss)
@@ -313,7 +350,7 @@ def test_warmup_leaves_the_backbone_bit_identical_while_head_and_proxies_move(ti
     snapshot = {k: v.clone() for k, v in state.model.state_dict().items()}
     proxies = proxies_by_class(state.loss_fn).clone()
     loader = training.make_loader(job.data.train, 8, train=True, workers=0)
-    updater = MomentumProxyUpdate(tiny_config.momentum)
+    updater = MomentumProxyUpdate(tiny_config.proxy_momentum)
     step_fn = training.wrap_for_steps(job, state)
     training.train_one_epoch(job, state, step_fn, loader, updater, epoch=1)  # warm-up epoch
     after = state.model.state_dict()
@@ -338,7 +375,7 @@ def test_query_gallery_data_through_train_and_evaluate(tiny_data, tmp_path):
     df.loc[test, "split"] = ["query" if i % 2 else "gallery" for i in range(len(test))]
     df.to_csv(qg / "manifest.csv", index=False)
     cfg = TrainConfig(data=str(qg), out=str(tmp_path / "run"), pretrained="none", image_size=64, batch_size=8,
-                      epochs=1, workers=0, warmup_epochs=0)
+                      epochs=1, loader_workers=0, warmup_epochs=0)
     summary = training.train(cfg)
     db = load_embeddings(tmp_path / "run" / "embeddings.npz")
     q, g = db["split"] == "query", db["split"] == "gallery"
@@ -355,11 +392,11 @@ def test_original_recipe_end_to_end(tiny_data, tmp_path, capsys):
     from momentum_proxy.cli import main
 
     main(["train", "--data_path", str(tiny_data.parent), "--data_name", tiny_data.name, "--out", str(tmp_path / "o"),
-          "--pretrained", "none", "--image-size", "48", "--batch-size", "8", "--epochs", "1", "--workers", "0"])
+          "--pretrained", "none", "--image-size", "48", "--batch-size", "8", "--epochs", "1", "--loader-workers", "0"])
     run = RunDir(tmp_path / "o")
     cfg = run.config()
-    assert (cfg.backbone, cfg.loss, cfg.lr, cfg.proxy_update, cfg.proxy_init, cfg.select) == (
-        "resnet50", "proxy_nca", 1e-3, "sum", "random", "test")
+    assert (cfg.backbone, cfg.loss, cfg.lr, cfg.proxy_update, cfg.momentum_target, cfg.proxy_init, cfg.select) == (
+        "resnet50", "proxy_nca", 1e-3, "momentum", "sum", "random", "test")
     assert run.eval()["selected_on"] == "test" and "test_recall@1" in run.metrics()[0]
     assert "SELECTED ON TEST" in capsys.readouterr().out
 
@@ -367,7 +404,8 @@ def test_original_recipe_end_to_end(tiny_data, tmp_path, capsys):
 def test_default_recipe_loss_parameters_reach_the_loss_and_only_for_cos_face(tiny_data, tmp_path):
     from pytorch_metric_learning import losses
 
-    cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path), pretrained="none", feature_dim=16)
+    cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path), backbone="efficientnet_lite0", pretrained="none",
+                      feature_dim=16)
     loss = training.build(cfg, num_classes=2)[1]
     assert (cfg.loss, loss.scale, loss.margin) == ("cos_face", 30.7, 0.216)  # the tuned recipe
     arc = training.build(replace(cfg, loss="arc_face"), num_classes=2)[1]

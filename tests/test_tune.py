@@ -24,7 +24,7 @@ from momentum_proxy.training import loop as training
 
 # Tiny trials: random weights, 48 px, one epoch of 2 steps with the backbone frozen, random proxies (no start
 # embedding of train); the rest of the default space is searched.
-SPACE = {"pretrained": "none", "image_size": 48, "batch_size": 8, "workers": 0, "epochs": 1, "warmup_epochs": 1,
+SPACE = {"pretrained": "none", "image_size": 48, "batch_size": 8, "loader_workers": 0, "epochs": 1, "warmup_epochs": 1,
          "proxy_init": "random", "metrics": ["recall", "map@r"],
          "feature_dim": {"type": "categorical", "choices": [16, 32]}}
 
@@ -208,6 +208,23 @@ def test_space_file_is_put_over_the_default(tmp_path):
         tune.load_space(tmp_path / "missing.json")
 
 
+def test_space_of_the_earlier_spelling_loads_and_its_study_continues(tmp_path):
+    """A space with `momentum`, `proxy_update` mean/sum and `workers` means today's proxy_momentum, momentum_target
+    and loader_workers; a study begun with the earlier default space is the same study."""
+    space = tune.load_space({"momentum": {"type": "float", "low": 0.2, "high": 0.4}, "workers": 0,
+                             "proxy_update": {"type": "categorical", "choices": ["sum"]}})
+    assert space.searched["proxy_momentum"] == {"type": "float", "low": 0.2, "high": 0.4}
+    assert space.searched["momentum_target"] == {"type": "categorical", "choices": ["sum"]}
+    assert space.fixed["loader_workers"] == 0 and not {"momentum", "proxy_update", "workers"} & set(space.entries)
+    earlier = {k: v for k, v in tune.DEFAULT_SPACE.items() if k not in ("proxy_momentum", "momentum_target")}
+    earlier.update(momentum=tune.DEFAULT_SPACE["proxy_momentum"], proxy_update=tune.DEFAULT_SPACE["momentum_target"])
+    identity = {"data": "d", "epochs": 3, "seed": 0}
+    tune.open_study(tmp_path, {**identity, "space": earlier})
+    tune.open_study(tmp_path, {**identity, "space": tune.load_space().entries})  # continues: no error
+    with pytest.raises(UserError, match="another space"):
+        tune.open_study(tmp_path, {**identity, "space": {**tune.load_space().entries, "pooling": "max"}})
+
+
 def test_suggest_gives_a_margin_only_to_losses_that_have_one():
     space = tune.load_space({"loss": {"type": "categorical", "choices": ["normalized_softmax", "arc_face"]}})
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -281,6 +298,6 @@ def test_interrupted_trials_are_failed_and_queued_again_once(tmp_path):
 
 def test_a_second_tuner_on_the_same_folder_is_refused(tiny_data, tmp_path):
     with tune.study_lock(tmp_path / "study"):
-        with pytest.raises(UserError, match="being tuned by another process"):
+        with pytest.raises(UserError, match=r"being tuned by pid \d+ \(mproxy"):
             tune.tune(tiny_data, tmp_path / "study", trials=1, space=SPACE)
     assert not (tmp_path / "study" / "study.db").exists()

@@ -1,5 +1,5 @@
-"""Model processes (`workers.py`): the same embeddings as in-process, restart after a crash, the CPU thread
-budget, the batcher's runners, and `--workers` refusals."""
+"""Model processes (`embedding/processes.py`): the same embeddings as in-process, restart after a crash, the CPU
+thread budget, the batcher's runners, and `--model-processes` refusals."""
 import os
 import signal
 import threading
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from momentum_proxy.data.loading import to_batch
-from momentum_proxy.embedding.processes import ThreadBudget, auto_workers, check_workers
+from momentum_proxy.embedding.processes import ThreadBudget, auto_model_processes, check_model_processes
 from momentum_proxy.errors import UserError
 from momentum_proxy.retrieval.search import build_index
 from momentum_proxy.serving.searcher import Batcher, Searcher
@@ -25,7 +25,7 @@ def index_dir(tiny_data, tiny_run, tmp_path_factory):
 
 def test_model_processes_give_the_in_process_results_and_restart_after_a_kill(index_dir, tiny_data):
     images = [p.read_bytes() for p in sorted((tiny_data / "images").rglob("*.jpg"))[:6]]
-    local, remote = Searcher(index_dir), Searcher(index_dir, workers=2)
+    local, remote = Searcher(index_dir), Searcher(index_dir, model_processes=2)
     try:
         assert len(remote.processes) == 2 and remote.stats()["model_processes"] == 2
         assert remote.embedder.identity == local.embedder.identity
@@ -105,25 +105,25 @@ def test_batcher_runners_each_take_their_share_of_the_last_round():
     assert not any(t.is_alive() for t in batcher.threads)
 
 
-def test_workers_option_is_checked(monkeypatch):
-    assert check_workers("auto", "cpu", "onnx") == 0
-    assert check_workers("0", "cpu", "torch") == 0 and check_workers(2, "cpu", "torch") == 2
+def test_model_processes_option_is_checked(monkeypatch):
+    assert check_model_processes("auto", "cpu", "onnx") == 0
+    assert check_model_processes("0", "cpu", "torch") == 0 and check_model_processes(2, "cpu", "torch") == 2
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
-    assert auto_workers("cpu", "torch") == 0
+    assert auto_model_processes("cpu", "torch") == 0
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert auto_workers("cpu", "torch") == 2 and auto_workers("cuda", "torch") == 0
+    assert auto_model_processes("cpu", "torch") == 2 and auto_model_processes("cuda", "torch") == 0
     with pytest.raises(UserError, match="auto or a count"):
-        check_workers("-1", "cpu", "torch")
-    with pytest.raises(UserError, match="use --workers 0"):
-        check_workers(2, "cpu", "onnx")
+        check_model_processes("-1", "cpu", "torch")
+    with pytest.raises(UserError, match="use --model-processes 0"):
+        check_model_processes(2, "cpu", "onnx")
 
 
-def test_serve_refuses_bad_workers_in_one_line(index_dir, capsys):
+def test_serve_refuses_bad_model_processes_in_one_line(index_dir, capsys):
     from momentum_proxy.cli import main
 
     with pytest.raises(SystemExit) as e:
-        main(["serve", str(index_dir), "--workers", "two"])
+        main(["serve", str(index_dir), "--model-processes", "two"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("mproxy: error: --workers must be auto") and "\n" not in err
+    assert err.startswith("mproxy: error: --model-processes must be auto") and "\n" not in err
     assert Path(index_dir).is_dir()

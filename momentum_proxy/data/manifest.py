@@ -120,3 +120,40 @@ def carve_val(df: pd.DataFrame, val_classes: float | int, seed: int = 0) -> pd.D
     df = df.copy()
     df.loc[(df["split"] == "train") & df["label"].isin(picked), "split"] = "val"
     return df
+
+
+MIN_TRAIN_CLASSES = 8  # fewer, and a proxy loss has little to learn from
+MIN_VAL_CLASSES = 2  # fewer, and retrieval within the val split is trivial
+
+
+def small_data_warnings(df: pd.DataFrame) -> list[str]:
+    """What a prepared dataset is too small for, one sentence each (empty when nothing is): classes with a
+    single image (as queries they have no other item of their class, so the metrics leave them out), too few
+    classes to train, too few to validate."""
+    out = []
+    for split in ("val", "test"):
+        sizes = df.loc[df["split"] == split, "class_name"].value_counts()
+        lone = sorted(sizes[sizes < 2].index)
+        if lone:
+            out.append(f"{len(lone)} {split} class(es) have a single image ({', '.join(map(str, lone[:3]))}"
+                       f"{', ...' if len(lone) > 3 else ''}): they stay in the {split} gallery, but as queries they "
+                       "have no other image of their class and are left out of the metrics")
+    lone_train = int((df.loc[df["split"] == "train", "class_name"].value_counts() < 2).sum())
+    if lone_train:
+        out.append(f"{lone_train} train class(es) have a single image: they train, but add little")
+    train = df.loc[df["split"] == "train", "label"].nunique()
+    val = df.loc[df["split"] == "val", "label"].nunique()
+    if train < MIN_TRAIN_CLASSES:
+        out.append(f"only {train} classes are left to train ({val} went to val): a proxy loss learns little from "
+                   f"fewer than {MIN_TRAIN_CLASSES}; add classes, or use --val-classes 0 and select on the last epoch")
+    if 0 < val < MIN_VAL_CLASSES:
+        out.append(f"only {val} val class(es): choose --val-classes of at least {MIN_VAL_CLASSES}")
+    return out
+
+
+def warn_small_data(df: pd.DataFrame) -> list[str]:
+    """Print `small_data_warnings` to stderr (`mproxy: warning: ...`); return them."""
+    warnings = small_data_warnings(df)
+    for w in warnings:
+        print(f"mproxy: warning: {w}", file=sys.stderr)
+    return warnings

@@ -22,7 +22,7 @@ from PIL import Image
 from scipy.io import loadmat
 from tqdm import tqdm
 
-from momentum_proxy.data.manifest import MANIFEST, carve_val, write_manifest
+from momentum_proxy.data.manifest import MANIFEST, carve_val, warn_small_data, write_manifest
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path, check_writable_folder, write_json
 
@@ -79,7 +79,8 @@ def write_prepared(
 ) -> Path:
     """Cache `records` under `out/images/`, then write `out/manifest.csv` and `out/prepare_report.json`.
 
-    Missing or unreadable images are skipped with a one-line warning and listed in the report.
+    Missing or unreadable images are skipped with a one-line warning and listed in the report; so is what the
+    data are too small for (`manifest.small_data_warnings`).
     `val_classes` (a count, or a fraction of the train classes) move to the `val` split, picked with
     `val_seed`. Raises UserError when nothing could be written. Returns `out`.
     """
@@ -103,7 +104,8 @@ def write_prepared(
     df = carve_val(pd.DataFrame(rows), val_classes, val_seed)
     write_manifest(out, df)
     write_json(out / REPORT, {"dataset": dataset, "source": str(source.resolve()), "crop": crop,
-                              "short_side": short_side or None, **split_counts(df), "skipped": skipped})
+                              "short_side": short_side or None, **split_counts(df), "skipped": skipped,
+                              "warnings": warn_small_data(df)})
     return out
 
 

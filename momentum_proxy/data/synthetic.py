@@ -17,7 +17,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from momentum_proxy.data.manifest import carve_val, val_class_count, write_manifest
+from momentum_proxy.data.manifest import carve_val, val_class_count, warn_small_data, write_manifest
 from momentum_proxy.data.prepare import claim_output
 from momentum_proxy.errors import UserError
 
@@ -291,5 +291,6 @@ def generate_synthetic(
                 rows.append({"path": f"images/{name}/{i:04d}.jpg", "label": c, "class_name": name,
                              "split": "train" if c < classes // 2 else "test"})
                 bar.update()
-    write_manifest(out, carve_val(pd.DataFrame(rows), val_classes, seed))
+    write_manifest(out, df := carve_val(pd.DataFrame(rows), val_classes, seed))
+    warn_small_data(df)
     return out

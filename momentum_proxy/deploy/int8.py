@@ -44,14 +44,14 @@ def calibration_batches(data: str, image_size: int, count: int = CALIBRATION_IMA
 
 def quantize(fp32: Path, out: Path, batches: list, input_name: str) -> dict:
     """Write the QDQ int8 model of `fp32` to `out`, calibrated on `batches`; returns the settings used."""
-    from onnxruntime.quantization import (
+    from onnxruntime.quantization import (  # extra: [export]
         CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_static,
     )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # extra: [export]
 
     class Reader(CalibrationDataReader):
         def __init__(self):

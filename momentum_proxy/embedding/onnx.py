@@ -12,7 +12,7 @@ INPUT_NAME, OUTPUT_NAME = "images", "embedding"
 def onnx_session(path: str | Path, device: str = "cpu"):
     """An onnxruntime session: CUDAExecutionProvider when `device` is cuda and onnxruntime has it (in full
     float32, no TF32, as `embedding.inference.load_model`), else CPU."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # extra: [export]
 
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():

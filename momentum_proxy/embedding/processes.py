@@ -36,22 +36,22 @@ REQUEST = struct.Struct("<IIII")  # images, height, width, CPU threads to use
 REPLY = struct.Struct("<iQ")  # rows (-1: a one-line error follows), payload bytes
 
 
-def auto_workers(device_type: str, runtime: str) -> int:
-    """`--workers auto`: two model processes on a CPU with two or more cores (torch runtime), else none."""
+def auto_model_processes(device_type: str, runtime: str) -> int:
+    """`--model-processes auto`: two model processes on a CPU with two or more cores (torch runtime), else none."""
     return 2 if device_type == "cpu" and runtime == "torch" and (os.cpu_count() or 1) >= 2 else 0
 
 
-def check_workers(workers: int | str, device: str, runtime: str) -> int:
-    """The number of model processes for `workers` (a count, or "auto"); UserError where they cannot be used."""
+def check_model_processes(count: int | str, device: str, runtime: str) -> int:
+    """The number of model processes for `count` (a number, or "auto"); UserError where they cannot be used."""
     kind = resolve_device(device).type
-    if workers == "auto":
-        return auto_workers(kind, runtime)
-    if not str(workers).isdigit():
-        raise UserError(f"--workers must be auto or a count of model processes (0: none), got {workers!r}")
-    if int(workers) and (kind != "cpu" or runtime != "torch"):
-        raise UserError(f"model processes (--workers) run the torch runtime on the CPU; "
-                        f"with --device {device} --runtime {runtime} use --workers 0")
-    return int(workers)
+    if count == "auto":
+        return auto_model_processes(kind, runtime)
+    if not str(count).isdigit():
+        raise UserError(f"--model-processes must be auto or a count of model processes (0: none), got {count!r}")
+    if int(count) and (kind != "cpu" or runtime != "torch"):
+        raise UserError(f"model processes run the torch runtime on the CPU; "
+                        f"with --device {device} --runtime {runtime} use --model-processes 0")
+    return int(count)
 
 
 class ThreadBudget:

@@ -53,7 +53,7 @@ def evaluate_run(run_dir: str | Path, *, metrics=None, recalls=None, json_out: s
     frame = split_frame(read_manifest(cfg.data), "test")
     test = EvalSplit("test", frame, eval_dataset(cfg.data, frame, embedder.image_size))
     feats = embed_dataset(embedder, test.dataset, embedder.device, batch_size=cfg.embed_batch_size,
-                          workers=cfg.workers)
+                          workers=cfg.loader_workers)
     res = evaluate_arrays(feats, test.labels, test.split, metrics=metrics, recalls=recalls or cfg.recalls)
     state = run.load_checkpoint(BEST)
     summary = run.eval() or {"checkpoint": BEST, "epoch": state["epoch"], "selected_on": info.get("selection", "?")}

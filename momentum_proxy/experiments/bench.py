@@ -19,6 +19,8 @@ from PIL import Image
 
 from momentum_proxy.data.loading import ImageDataset, load_datasets, make_loader
 from momentum_proxy.data.prepare import prepare_folder
+from momentum_proxy.deploy.export import INPUT_NAME, ExportNet, export_onnx, onnx_session
+from momentum_proxy.deploy.int8 import calibration_batches, quantize
 from momentum_proxy.embedding.inference import autocast, embed_dataset, resolve_device
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import write_json
@@ -75,9 +77,6 @@ def _onnx_embedders(model: torch.nn.Module, folder: Path, image_size: int, dev: 
                     calibration_images: int) -> dict:
     """{"embed_onnx": fp32, "embed_onnx_int8": static int8 (calibrated on `data`'s training images)}, each a
     function `images -> normalised embeddings` through onnxruntime for the current weights of `model`."""
-    from momentum_proxy.deploy.export import INPUT_NAME, ExportNet, export_onnx, onnx_session
-    from momentum_proxy.deploy.int8 import calibration_batches, quantize
-
     fp32, int8 = folder / "model.onnx", folder / "model_int8.onnx"
     export_onnx(ExportNet(copy.deepcopy(model).cpu().eval(), normalize=True), fp32, image_size)
     quantize(fp32, int8, calibration_batches(data, image_size, calibration_images), INPUT_NAME)
@@ -86,8 +85,9 @@ def _onnx_embedders(model: torch.nn.Module, folder: Path, image_size: int, dev: 
 
 
 def bench(*, data: str | None = None, backbone: str = "efficientnet_lite0", image_size: int = 224,
-          batch_size: int = 32, steps: int = 10, rounds: int = 5, device: str = "auto", workers: int | None = None,
-          compile: bool = False, amp: str = "none", json_out: str | None = None) -> dict:
+          batch_size: int = 32, steps: int = 10, rounds: int = 5, device: str = "auto",
+          loader_workers: int | None = None, compile: bool = False, amp: str = "none",
+          json_out: str | None = None) -> dict:
     """Images/s of training and embedding, pipeline and bare model, plus embedding in onnxruntime: every
     measurement repeated in `rounds` interleaved rounds of `steps` steps; medians, spreads and ratios of medians."""
     if rounds < 1 or steps < 1:
@@ -98,7 +98,7 @@ def bench(*, data: str | None = None, backbone: str = "efficientnet_lite0", imag
             data = _generated_data(Path(tmp), steps, batch_size)
         cfg = TrainConfig(data=data, out="", backbone=backbone, pretrained="none",  # speed does not depend on weights
                           image_size=image_size, batch_size=batch_size,
-                          workers=workers, device=str(dev), compile=compile, amp=amp, warmup_epochs=0)
+                          loader_workers=loader_workers, device=str(dev), compile=compile, amp=amp, warmup_epochs=0)
         values = interleave(_measures(cfg, dev, steps, Path(tmp)), rounds)
     res = {"backbone": backbone, "image_size": image_size, "batch_size": batch_size, "steps": steps,
            "rounds": rounds, "device": str(dev), "threads": torch.get_num_threads(), "compile": compile, "amp": amp,
@@ -136,7 +136,7 @@ def _training_measures(cfg: TrainConfig, train_set: ImageDataset, model: torch.n
     """Training steps (forward, backward, optimiser, proxy update) fed by the loader (`train_pipeline`) and
     by one pre-made batch (`train_model`)."""
     optimizer = make_optimizer(cfg, model, loss_fn)
-    updater = MomentumProxyUpdate(cfg.momentum)
+    updater = MomentumProxyUpdate(cfg.proxy_momentum, cfg.momentum_target)
     trainee = Trainee(model, loss_fn)
     step_fn = torch.compile(trainee) if cfg.compile else trainee
 
@@ -147,7 +147,8 @@ def _training_measures(cfg: TrainConfig, train_set: ImageDataset, model: torch.n
         optimizer.zero_grad(set_to_none=True)
         updater.update_loss(loss_fn, emb, labels.to(dev))
 
-    loader = make_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers, pin_memory=dev.type == "cuda")
+    loader = make_loader(train_set, cfg.batch_size, train=True, workers=cfg.loader_workers,
+                         pin_memory=dev.type == "cuda")
     need = steps + 1
     if len(loader) < need:
         raise UserError(f"the train split gives {len(loader)} batches; {need} needed (lower --steps)")
@@ -181,7 +182,7 @@ def _embedding_measures(cfg: TrainConfig, test_set: ImageDataset, model: torch.n
 
     def embed_pipeline():
         t0 = time.perf_counter()
-        embed_dataset(model, subset, dev, batch_size=eval_bs, workers=cfg.workers, amp=cfg.amp, progress=False)
+        embed_dataset(model, subset, dev, batch_size=eval_bs, workers=cfg.loader_workers, amp=cfg.amp, progress=False)
         return n_eval / (time.perf_counter() - t0)
 
     @torch.inference_mode()
@@ -198,7 +199,7 @@ def _embedding_measures(cfg: TrainConfig, test_set: ImageDataset, model: torch.n
         return lambda: _rate(lambda _: onnx_embed[name](eval_numpy), embed_steps, eval_bs)
 
     embed_dataset(model, torch.utils.data.Subset(test_set, range(eval_bs)), dev, batch_size=eval_bs,
-                  workers=cfg.workers, amp=cfg.amp, progress=False)  # warm-up (thread pool, allocator)
+                  workers=cfg.loader_workers, amp=cfg.amp, progress=False)  # warm-up (thread pool, allocator)
     return {"embed_pipeline": embed_pipeline, "embed_model": embed_model,
             "embed_onnx": onnx_rate("embed_onnx"), "embed_onnx_int8": onnx_rate("embed_onnx_int8")}
 

@@ -14,6 +14,7 @@ import pandas as pd
 from scipy import stats
 
 from momentum_proxy.config import TrainConfig
+from momentum_proxy.embedding.inference import resolve_device
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import write_text
 from momentum_proxy.plots import curves_figure, momentum_figure
@@ -21,13 +22,13 @@ from momentum_proxy.runs import RunDir
 from momentum_proxy.training import loop as training
 
 # Options that do not change what a run computes: a sweep re-run may differ in them and still resume.
-NOT_RESULT_OPTIONS = ("out", "workers", "device", "log_every", "eval_batch_size")
+NOT_RESULT_OPTIONS = ("out", "loader_workers", "device", "log_every", "eval_batch_size")
 REPORTED = {"precision@1": "P@1", "recall@1": "R@1", "r_precision": "R-Precision", "map@r": "MAP@R"}
 
 
 def run_name(cfg: TrainConfig) -> str:
-    return (f"{cfg.backbone.replace(':', '-')}_{cfg.feature_dim}_{cfg.loss}_{cfg.optimizer.replace('*', '-momentum')}"
-            f"_m{cfg.momentum:g}_s{cfg.seed}")
+    return (f"{cfg.backbone.replace(':', '-')}_{cfg.feature_dim}_{cfg.loss}_{cfg.optimizer_label}"
+            f"_m{cfg.proxy_momentum:g}_s{cfg.seed}")
 
 
 def config_changes(run: RunDir, cfg: TrainConfig) -> list[str]:
@@ -37,13 +38,15 @@ def config_changes(run: RunDir, cfg: TrainConfig) -> list[str]:
 
 
 def sweep(base: TrainConfig, out: str | Path, grid: dict[str, list]) -> list[Path]:
-    """Train every combination of the `grid` values (e.g. {"momentum": [0, .5], "seed": [0, 1, 2]}) of `base`
+    """Train every combination of the `grid` values (e.g. {"proxy_momentum": [0, .5], "seed": [0, 1, 2]}) of `base`
     into `out/<name>`, and finish what an earlier sweep started.
 
     A finished run with the same configuration is skipped, a killed one resumes, and a run whose stored
     configuration differs (e.g. other --epochs) is trained again from scratch, saying what changed.
     """
-    cells = [base.with_(**dict(zip(grid, values))) for values in itertools.product(*grid.values())]
+    device_type = resolve_device(base.device).type
+    cells = [base.with_(**dict(zip(grid, values))).for_device(device_type)
+             for values in itertools.product(*grid.values())]
     for cfg in cells:
         cfg.out = str(Path(out) / run_name(cfg))
         cfg.validate()  # every cell before the first is trained
@@ -74,14 +77,16 @@ def collect_runs(folder: str | Path) -> pd.DataFrame:
         cfg = run.config()
         rows.append({"run": str(run.path), "data": Path(cfg.data).name, "backbone": cfg.backbone,
                      "feature_dim": cfg.feature_dim, "loss": cfg.loss, "optimizer": cfg.optimizer,
-                     "momentum": cfg.momentum, "lr": cfg.lr, "epochs": cfg.epochs, "seed": cfg.seed,
-                     "selected_on": summary["selected_on"], "best_epoch": summary["epoch"], **summary["test"]})
+                     "proxy_update": cfg.proxy_update, "proxy_momentum": cfg.proxy_momentum, "lr": cfg.lr,
+                     "epochs": cfg.epochs, "seed": cfg.seed, "selected_on": summary["selected_on"],
+                     "best_epoch": summary["epoch"], **summary["test"]})
     if not rows:
         raise UserError(f"no finished run (with eval.json) found below {folder}")
     return pd.DataFrame(rows)
 
 
-CONFIG_COLUMNS = ["data", "backbone", "feature_dim", "loss", "optimizer", "momentum", "lr", "epochs", "selected_on"]
+CONFIG_COLUMNS = ["data", "backbone", "feature_dim", "loss", "optimizer", "proxy_update", "proxy_momentum", "lr",
+                  "epochs", "selected_on"]
 
 
 def mean_ci(values: pd.Series) -> tuple[float, float]:
@@ -113,11 +118,12 @@ def report(folder: str | Path, out: str | Path | None = None) -> str:
     written to `folder/benchmarks.md`."""
     table = summarize(collect_runs(folder))
     metrics = [m for m in REPORTED if m in table]
-    header = ["data", "backbone", "dim", "loss", "optimizer", "m", "lr", "epochs", "selected on", "seeds"]
+    header = ["data", "backbone", "dim", "loss", "optimizer", "proxies", "m", "lr", "epochs", "selected on", "seeds"]
     header += [REPORTED[m] for m in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in table.iterrows():
-        cells = [r["data"], r["backbone"], r["feature_dim"], r["loss"], r["optimizer"], f"{r['momentum']:g}",
+        momentum = f"{r['proxy_momentum']:g}" if r["proxy_update"] == "momentum" else "-"
+        cells = [r["data"], r["backbone"], r["feature_dim"], r["loss"], r["optimizer"], r["proxy_update"], momentum,
                  f"{r['lr']:g}", r["epochs"], "**test** (optimistic)" if r["selected_on"] == "test" else r["selected_on"],
                  r["seeds"]] + [_fmt(r[m], r[f"{m}_ci"]) for m in metrics]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -132,9 +138,9 @@ def report(folder: str | Path, out: str | Path | None = None) -> str:
 def plot_momentum(folder: str | Path, out: str | Path | None = None) -> list[Path]:
     """Test R@1 (%) against proxy momentum over the sweep below `folder` (PNG and PDF; see `plots.momentum_figure`)."""
     table = summarize(collect_runs(folder))
-    table = table[table["optimizer"].str.endswith("*")]
+    table = table[table["proxy_update"] == "momentum"]
     if table.empty:
-        raise UserError(f"no momentum-mode runs (adam*, sgd*) below {folder}")
+        raise UserError(f"no runs with momentum proxies (--proxy-update momentum) below {folder}")
     return momentum_figure(table, Path(out) if out else Path(folder) / "momentum")
 
 

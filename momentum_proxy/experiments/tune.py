@@ -11,7 +11,6 @@ config for `mproxy train --config`), `report.md` and its plots.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import shlex
 import warnings
@@ -23,11 +22,11 @@ from typing import Iterator
 import optuna
 from optuna.trial import TrialState
 
-from momentum_proxy.config import LOSS_NAMES, TrainConfig, read_mapping_file
+from momentum_proxy.config import LOSS_NAMES, TrainConfig, read_mapping_file, upgrade_options
 from momentum_proxy.data.loading import load_datasets
 from momentum_proxy.errors import UserError
 from momentum_proxy.experiments.sweep import plot_curves
-from momentum_proxy.fileio import check_writable_folder, write_json, write_text
+from momentum_proxy.fileio import check_writable_folder, folder_lock, write_json, write_text
 from momentum_proxy.plots import history_figure, importances_figure, params_figure
 from momentum_proxy.runs import RunDir
 from momentum_proxy.training import loop as training
@@ -37,7 +36,7 @@ OBJECTIVE = "val_map@r"  # maximised: the best trained epoch's val MAP@R
 STUDY_NAME = "mproxy-tune"
 DEFAULT_EPOCHS = 3
 TUNER_OWNED = ("data", "out", "select", "select_metric", "test_every_epoch", "final_test")
-NOT_RESULT_OPTIONS = ("workers", "device", "log_every", "eval_batch_size")  # may change on a resume
+NOT_RESULT_OPTIONS = ("loader_workers", "device", "log_every", "eval_batch_size")  # may change on a resume
 FINISHED = "finished"  # user attribute of every trial that counts towards --trials
 
 # The default search space: what measurably matters for proxy losses on a pretrained backbone (README,
@@ -59,8 +58,8 @@ DEFAULT_SPACE = {
         "cos_face": {"type": "float", "low": 0.1, "high": 0.5},
         "arc_face": {"type": "float", "low": 10.0, "high": 40.0},
         "proxy_anchor": {"type": "float", "low": 0.05, "high": 0.3}}},
-    "momentum": {"type": "float", "low": 0.05, "high": 0.95},
-    "proxy_update": {"type": "categorical", "choices": ["mean", "sum"]},
+    "proxy_momentum": {"type": "float", "low": 0.05, "high": 0.95},
+    "momentum_target": {"type": "categorical", "choices": ["mean", "sum"]},
     "proxy_init": {"type": "categorical", "choices": ["class_mean", "random"]},
     "image_size": {"type": "categorical", "choices": [160, 192, 224]},
     "feature_dim": {"type": "categorical", "choices": [128, 256, 512]},
@@ -158,9 +157,10 @@ def suggest_one(trial: optuna.Trial, param: str, spec: dict):
 
 
 def load_space(space: str | Path | dict | None = None) -> Space:
-    """The default space with the entries of `space` (a JSON/YAML file or a dict) put over it."""
+    """The default space with the entries of `space` (a JSON/YAML file or a dict, in any spelling:
+    `config.upgrade_options`) put over it."""
     entries = read_mapping_file(space, "space file") if isinstance(space, (str, Path)) else (space or {})
-    return Space({**DEFAULT_SPACE, **entries})
+    return Space({**DEFAULT_SPACE, **upgrade_options(entries)})
 
 
 # ----------------------------------------------------------------------------------------------- the study
@@ -184,11 +184,7 @@ def check_data(cfg: TrainConfig) -> None:
 def study_lock(out: Path) -> Iterator[None]:
     """One tuner per study folder; the lock dies with its process, so a killed tuner leaves none behind."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".tune.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{out} is being tuned by another process") from None
+    with folder_lock(out, ".tune.lock", "being tuned", "mproxy tune"):
         yield
 
 
@@ -199,6 +195,8 @@ def open_study(out: Path, identity: dict) -> tuple[optuna.Study, optuna.storages
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
                                 load_if_exists=True)
     stored = study.user_attrs.get("identity")
+    if stored is not None:  # a study begun before the options were renamed continues
+        stored = {**stored, "space": upgrade_options(stored.get("space", {}))}
     if stored is None:
         study.set_user_attr("identity", identity)
     elif stored != identity:

@@ -7,6 +7,7 @@ one `@register_backbone` entry.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,7 @@ from torch import nn
 
 from momentum_proxy.errors import UserError
 from momentum_proxy.models import weights as W
+from momentum_proxy.models.bninception import BNInception, published_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -101,28 +103,17 @@ def _googlenet(weights: Weights) -> nn.Module:
     return trunk
 
 
-class _BNInceptionTrunk(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        model.last_linear = None  # the classifier is not part of the trunk
-        self.model = model
-        self.num_features = 1024
-
-    def forward(self, x):
-        return self.model.features(x)
-
-
 @register_backbone("inception", mean=(104 / 255, 117 / 255, 128 / 255), std=(1 / 255,) * 3, input_scale=255.0,
                    bgr=True)
 def _bn_inception(weights: Weights) -> nn.Module:
-    """BN-Inception (pretrainedmodels' port): BGR input in 0-255, mean (104, 117, 128), std 1."""
-    from pretrainedmodels.models.bninception import BNInception
-
-    model = BNInception(num_classes=1000)
+    """BN-Inception (`models.bninception`, pretrainedmodels' port): BGR input in 0-255, mean (104, 117, 128)."""
+    model = BNInception()
     if weights is not None:
         path = _resolve(weights, "bn_inception-52deb4733.pth", "pretrainedmodels bninception imagenet")
-        W.load_by_name(model, W.load_state_dict_file(path), str(path))
-    return _BNInceptionTrunk(model)
+        W.load_by_name(model, published_weights(W.load_state_dict_file(path)), str(path))
+    trunk = nn.Sequential(OrderedDict(model=model))  # state-dict keys "model.*", as in earlier runs' checkpoints
+    trunk.num_features = model.num_features
+    return trunk
 
 
 def _timm_backbone(name: str) -> BackboneSpec:

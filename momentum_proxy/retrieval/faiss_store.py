@@ -41,6 +41,7 @@ from momentum_proxy.vectors import as_features, as_labels, knn, l2_normalize
 KINDS = ("exact", "ivf", "hnsw")
 LEGACY_INDEX_FILE = "index.faiss"  # format 1
 META_FILE = "meta.json"
+WRITER_LOCK = ".writer.lock"  # held by the one process that may write the folder (`mproxy index`, `mproxy serve`)
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 HNSW_M = 32

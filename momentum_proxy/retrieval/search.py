@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import csv
 import os
 import sys
 from dataclasses import dataclass
@@ -22,9 +23,9 @@ from momentum_proxy.data.prepare import IMAGE_EXTS
 from momentum_proxy.deploy.runtimes import load_embedder
 from momentum_proxy.embedding.inference import embed_files
 from momentum_proxy.errors import UserError
-from momentum_proxy.fileio import check_writable_folder, write_json
-from momentum_proxy.plots import draw_results
-from momentum_proxy.retrieval.faiss_store import KINDS, META_FILE, UNKNOWN, FaissStore, read_meta
+from momentum_proxy.fileio import check_writable_folder, folder_lock, write_json
+from momentum_proxy.plots import MAX_DRAWN, draw_results
+from momentum_proxy.retrieval.faiss_store import KINDS, META_FILE, UNKNOWN, WRITER_LOCK, FaissStore, read_meta
 from momentum_proxy.retrieval.hits import Hit, judged
 from momentum_proxy.retrieval.store import check_mix
 from momentum_proxy.runs import EMBEDDINGS, RunDir, load_embeddings, model_identity
@@ -91,20 +92,59 @@ def open_index(index_dir: str | Path, run_dir: str | Path | None = None) -> tupl
     return FaissStore.load(index_dir), run_dir
 
 
-def collect_images(source: str | Path) -> tuple[list[str], list[int] | None, dict[int, str]]:
-    """Absolute image paths (with labels and class names) of a prepared dataset, or every image file below a
-    folder (no labels)."""
+LABEL_SOURCES = ("auto", "none", "folders")  # or the path of a CSV file
+
+
+def collect_images(source: str | Path, labels: str = "auto") -> tuple[list[str], list[int] | None, dict[int, str]]:
+    """Absolute image paths, their labels (or None) and class names, of a prepared dataset or of every image file
+    below a folder.
+
+    `labels`: `auto` takes a prepared dataset's classes, or the sub-folder names of a folder of class folders
+    (every image one level down); `folders` the first sub-folder below `source` (images directly in it: unknown
+    class); `none` no classes; anything else is a CSV file of `path,class_name` lines (paths relative to `source`
+    or absolute; a header line `path,class_name` is allowed; unlisted images: unknown class)."""
     source = Path(source).absolute()
+    if labels not in LABEL_SOURCES and not Path(labels).is_file():
+        raise UserError(f"--labels must be auto, none, folders or a CSV file; not found: {labels}")
     if (source / MANIFEST).exists():
         df = read_manifest(source).drop_duplicates("path")
-        classes = dict(zip(df["label"].astype(int), df["class_name"]))
-        return [os.path.normpath(source / p) for p in df["path"]], df["label"].astype(int).tolist(), classes
-    if not source.is_dir():
-        raise UserError(f"image folder not found: {source}")
-    paths = sorted(str(p) for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-    if not paths:
-        raise UserError(f"no images found in {source}")
-    return paths, None, {}
+        paths = [os.path.normpath(source / p) for p in df["path"]]
+        if labels in ("auto", "folders"):
+            classes = dict(zip(df["label"].astype(int), df["class_name"]))
+            return paths, df["label"].astype(int).tolist(), classes
+    else:
+        if not source.is_dir():
+            raise UserError(f"image folder not found: {source}")
+        paths = sorted(str(p) for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        if not paths:
+            raise UserError(f"no images found in {source}")
+    if labels == "none":
+        return paths, None, {}
+    if labels in ("auto", "folders"):
+        parts = [Path(p).relative_to(source).parts for p in paths]
+        if labels == "auto" and not all(len(p) == 2 for p in parts):
+            return paths, None, {}
+        names = [p[0] if len(p) > 1 else None for p in parts]
+    else:
+        names = _csv_classes(Path(labels), source, paths)
+    classes = {i: name for i, name in enumerate(sorted({n for n in names if n is not None}))}
+    label_of = {name: i for i, name in classes.items()}
+    return paths, [label_of.get(n, UNKNOWN) for n in names], classes
+
+
+def _csv_classes(csv_file: Path, source: Path, paths: list[str]) -> list[str | None]:
+    """The class name of each of `paths` from a `path,class_name` CSV file (None where not listed)."""
+    named = {}
+    with open(csv_file, newline="", encoding="utf-8") as f:
+        for number, row in enumerate(csv.reader(f), 1):
+            if number == 1 and [c.strip() for c in row] == ["path", "class_name"] or not row:
+                continue
+            if len(row) != 2 or not row[1].strip():
+                raise UserError(f"{csv_file}:{number}: expected 'path,class_name', got {','.join(row)!r}")
+            named[os.path.normpath(source / row[0].strip())] = row[1].strip()
+    if not named.keys() & set(paths):
+        raise UserError(f"{csv_file} names none of the images below {source}")
+    return [named.get(p) for p in paths]
 
 
 def _labels_for(index: FaissStore, labels, classes: dict[int, str], n: int) -> list | None:
@@ -112,7 +152,7 @@ def _labels_for(index: FaissStore, labels, classes: dict[int, str], n: int) -> l
     if labels is None:
         return None if index.labels is None else [UNKNOWN] * n
     mapping = {y: index.label_for(name) for y, name in classes.items()}
-    return [mapping[y] for y in labels]
+    return [mapping.get(y, UNKNOWN) for y in labels]
 
 
 @dataclass
@@ -125,11 +165,11 @@ class Collection:
     sources: list[str]
 
 
-def images_to_index(images: str | Path | None, out: Path, rebuild: bool) -> Collection:
-    """What `build_index` embeds: the images below `images`, or, for a rebuild without them, the index's own
-    live items."""
+def images_to_index(images: str | Path | None, out: Path, rebuild: bool, labels: str = "auto") -> Collection:
+    """What `build_index` embeds: the images below `images` (classes as `collect_images`'s `labels` says), or,
+    for a rebuild without them, the index's own live items."""
     if images is not None:
-        return Collection(*collect_images(images), [str(Path(images).absolute())])
+        return Collection(*collect_images(images, labels), [str(Path(images).absolute())])
     if not (rebuild and (out / META_FILE).exists()):
         raise UserError("give the images to index with --images (only --rebuild of an existing index may omit them)")
     old = FaissStore.load(out)
@@ -141,21 +181,28 @@ def images_to_index(images: str | Path | None, out: Path, rebuild: bool) -> Coll
 
 
 def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path, *, kind: str = "exact",
-                batch_size: int = 64, device: str = "auto", rebuild: bool = False, runtime: str = "torch") -> dict:
+                batch_size: int = 64, device: str = "auto", rebuild: bool = False, runtime: str = "torch",
+                labels: str = "auto") -> dict:
     """Embed `images` with the run's best model (in `runtime`) into the index at `out`: created, extended when
     present (paths already indexed are skipped; runtimes mix only as `retrieval.store.check_mix` allows), or, with
     `rebuild`, made anew (from `images`, or from the index's own items when `images` is None) and replacing the
-    old one atomically."""
+    old one atomically. `labels` says where class names come from (see `collect_images`)."""
     if kind not in KINDS:
         raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
     out = Path(out)
     check_writable_folder(out, "the index folder")  # before any expensive work
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, WRITER_LOCK, "being written", "mproxy index"):
+        return _build_index(run_dir, images, out, kind, batch_size, device, rebuild, runtime, labels)
+
+
+def _build_index(run_dir, images, out: Path, kind, batch_size, device, rebuild, runtime, labels) -> dict:
     identity = model_identity(run_dir)
     existing = None
     if (out / META_FILE).exists() and not rebuild:
         check_model(out, read_meta(out), identity, run_dir)
         existing = FaissStore.load(out)
-    todo = images_to_index(images, out, rebuild)
+    todo = images_to_index(images, out, rebuild, labels)
     if not todo.paths:
         raise UserError(f"no images to index in {images}")
     new = [i for i, p in enumerate(todo.paths) if existing is None or p not in existing.path_ids]
@@ -180,7 +227,8 @@ def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path,
     if skipped:
         write_json(out / "skipped.json", [{"path": p, "reason": r} for p, r in skipped])
     summary = {"index": str(out), "kind": index.kind, "added": len(kept),
-               "already_indexed": len(todo.paths) - len(new), "total": len(index), "skipped": len(skipped)}
+               "already_indexed": len(todo.paths) - len(new), "total": len(index), "skipped": len(skipped),
+               "classes": len(index.classes)}
     if index.kind != "exact":
         summary["recall@10_vs_exact"] = round(index.recall_vs_exact(10), 4)
     return summary
@@ -265,6 +313,8 @@ def retrieve(run_dir: str | Path, query: str | Path, k: int = 8, *, database: st
 
 def check_query(query: str | Path, k: int) -> None:
     """Refuse a missing query image or a k below 1 before any model is loaded."""
+    if Path(query).is_dir():
+        raise UserError(f"--query {query} is a folder; give one image file")
     if not Path(query).is_file():
         raise UserError(f"query image not found: {query}")
     if k < 1:
@@ -300,17 +350,18 @@ def retrieve_and_draw(query: str | Path, k: int, out_dir: str | Path | None = No
 
 
 def save_retrieval(r: Retrieval, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write `out_dir/retrieval.png` and `out_dir/results.json`; return the picture's path. Results whose image
-    file is missing are kept in results.json (`missing`), left out of the picture, and reported on stderr."""
+    """Write `out_dir/retrieval.png` and `out_dir/results.json`; return the picture's path. The picture shows the
+    first `plots.MAX_DRAWN` results (results.json and the printed list hold all). Results whose image file is
+    missing are kept in results.json (`missing`), left out of the picture, and reported on stderr."""
     rows = [{**res.to_dict(), "missing": not os.path.isfile(res.path)} for res in r.results]
     missing = [row["path"] for row in rows if row["missing"]]
     if missing:
         print(f"mproxy: warning: {len(missing)} of {len(rows)} result images are missing (moved or deleted?), "
               f"e.g. {missing[0]}; they are listed in results.json, not drawn", file=sys.stderr)
     out_dir = Path(out_dir)
-    shown = [res for res, row in zip(r.results, rows) if not row["missing"]]
-    png = draw_results(r.query, shown, out_dir / "retrieval.png", r.label, title=f"top {len(rows)} in {r.collection}",
-                       label_name=r.label_name)
+    shown = [res for res, row in zip(r.results, rows) if not row["missing"]][:MAX_DRAWN]
+    title = f"top {len(rows)} in {r.collection}" + (f" (first {len(shown)} drawn)" if len(shown) < len(rows) else "")
+    png = draw_results(r.query, shown, out_dir / "retrieval.png", r.label, title=title, label_name=r.label_name)
     write_json(out_dir / "results.json", {"query": str(r.query), "query_label": r.label,
                                           "query_class_name": r.label_name, "searched": r.collection,
                                           "k": len(rows), "requested_k": r.requested_k, **(extra or {}),
@@ -337,5 +388,10 @@ def resolve_database(run_dir: str | None, data_base: str | None) -> tuple[str, P
 def ranked_list(results: list[Hit]) -> str:
     """The results as text lines: rank, similarity, class, path (and a mark when the query's class is known)."""
     mark = {True: "  same class", False: "  other class", None: ""}
-    return "\n".join(f"#{r.rank:<3d} {r.score:.3f}  {r.class_name or r.label}  {r.path}{mark[r.same_class]}"
+    return "\n".join(f"#{r.rank:<3d} {r.score:.3f}  {class_text(r)}  {r.path}{mark[r.same_class]}"
                      for r in results)
+
+
+def class_text(hit: Hit) -> str:
+    """How printed lists show a hit's class: its name, else its label, else `-` (unknown)."""
+    return hit.class_name or ("-" if hit.label is None else f"class {hit.label}")

@@ -28,6 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from starlette.concurrency import run_in_threadpool
 
 from momentum_proxy.errors import UserError
+from momentum_proxy.fileio import folder_lock
+from momentum_proxy.perf import freeze_gc, share_heap
+from momentum_proxy.retrieval.faiss_store import WRITER_LOCK
 from momentum_proxy.serving.searcher import MAX_K, BadImage, ImageTooLarge, ItemNotFound, Searcher
 
 log = logging.getLogger("momentum_proxy.serving.app")
@@ -135,7 +138,7 @@ class Metrics:
 def create_app(index_dir: str | Path | None = None, *, searcher: Searcher | None = None, run_dir=None,
                device: str = "auto", token: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int | None = None, cors_origins: list[str] = (), max_batch: int = 32,
-               batch_wait_ms: float = 50.0, runtime: str = "torch", workers: int = 0) -> FastAPI:
+               batch_wait_ms: float = 50.0, runtime: str = "torch", model_processes: int | str = 0) -> FastAPI:
     """The service over the index in `index_dir` (or an open `searcher`), embedding with `runtime` (torch | onnx).
     With `token`, writes need the header `Authorization: Bearer TOKEN`; `cors_origins` turns CORS on for those
     origins."""
@@ -143,7 +146,8 @@ def create_app(index_dir: str | Path | None = None, *, searcher: Searcher | None
     if searcher is None:
         extra = {} if max_pixels is None else {"max_pixels": max_pixels}
         searcher = Searcher(index_dir, run_dir=run_dir, device=device, max_batch=max_batch, runtime=runtime,
-                            batch_wait_ms=batch_wait_ms, on_batch=metrics.batch.observe, workers=workers, **extra)
+                            batch_wait_ms=batch_wait_ms, on_batch=metrics.batch.observe,
+                            model_processes=model_processes, **extra)
     @asynccontextmanager
     async def lifespan(app):
         yield
@@ -283,20 +287,22 @@ def add_routes(app: FastAPI, searcher: Searcher, metrics: Metrics, can_write) ->
 def serve(index_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           **options) -> None:
     """Run the service with uvicorn; refuse to listen beyond loopback without a write token."""
-    import uvicorn
-
-    from momentum_proxy.perf import freeze_gc, share_heap
+    import uvicorn  # extra: [serve]; only needed to run the app here (create_app's app can be mounted elsewhere)
 
     if not is_loopback(host) and not token:
         raise UserError(f"refusing to serve on {host} without a write token: pass --token or set {TOKEN_ENV} "
                         "(or bind 127.0.0.1)")
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be 0-65535, got {port}")
-    share_heap()  # before the batcher thread starts: it runs the model
-    app = create_app(index_dir, token=token, **options)
-    freeze_gc()
-    print(f"serving {index_dir} ({len(app.state.searcher.index)} items) on http://{host}:{port}/", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    if not Path(index_dir).is_dir():
+        raise UserError(f"no retrieval index in {index_dir} (make one with `mproxy index RUN --images DIR --out "
+                        f"{index_dir}`)")
+    with folder_lock(index_dir, WRITER_LOCK, "being written", "mproxy serve"):  # adds and removes write it
+        share_heap()  # before the batcher thread starts: it runs the model
+        app = create_app(index_dir, token=token, **options)
+        freeze_gc()
+        print(f"serving {index_dir} ({len(app.state.searcher.index)} items) on http://{host}:{port}/", flush=True)
+        uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Path | None = None) -> None:

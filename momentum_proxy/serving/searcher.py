@@ -9,8 +9,8 @@ await s.asearch(image_bytes, k=8)           # the same in an event loop (the ser
 
 Queries that arrive together from several threads are embedded as one batch (`Batcher`: a query announces
 itself before it is decoded, and a batch waits for announced queries, at most `batch_wait_ms` after its first
-one, up to `max_batch`; a lone query does not wait). With `workers=N` the model runs in N child processes
-(`embedding.processes`), each fed its share of the batches. Searches run while items are added or removed:
+one, up to `max_batch`; a lone query does not wait). With `model_processes=N` the model runs in N child
+processes (`embedding.processes`), each fed its share of the batches. Searches run while items are added or removed:
 a lock guards the in-memory index only for the search itself and for each change; changes are written one at a
 time, crash-safe (see `retrieval.faiss_store`), before they are acknowledged.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
 import queue
 import threading
 import time
@@ -33,7 +34,7 @@ from PIL import Image
 
 from momentum_proxy.data.loading import eval_resize, eval_transform, read_image, to_array, to_batch
 from momentum_proxy.deploy.runtimes import load_embedder
-from momentum_proxy.embedding.processes import ModelProcess, ThreadBudget, check_workers
+from momentum_proxy.embedding.processes import ModelProcess, ThreadBudget, check_model_processes
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path
 from momentum_proxy.retrieval.faiss_store import UNKNOWN, FaissStore, Snapshot
@@ -46,6 +47,7 @@ INLINE_SEARCH_ITEMS = 5_000  # an exact search over more items (a millisecond an
 DEFAULT_MAX_PIXELS = 40_000_000
 UPLOADS = "images"  # uploaded images are kept in INDEX/images/, named by content hash
 SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+log = logging.getLogger(__name__)
 
 
 def check_k(k: int) -> None:
@@ -116,6 +118,7 @@ class Batcher:
         self.demand = 1  # queries seen in the last round: those answered and those that queued meanwhile
         self.running = 0  # queries in the batches being run
         self._collecting = threading.Lock()  # one runner gathers a batch at a time
+        self.restarts = 0  # runner loops restarted after a fault outside the batch function
         readies = [Future() for _ in range(runners)]
         self.threads = [threading.Thread(target=self._run, args=(setup, ready), name=f"mproxy-batcher-{i}",
                                          daemon=True) for i, ready in enumerate(readies)]
@@ -159,8 +162,9 @@ class Batcher:
         for thread in self.threads:
             thread.join()
 
-    def _collect(self, first) -> list:
-        batch, deadline = [first], time.monotonic() + self.wait
+    def _collect(self, batch: list) -> list:
+        """Extend `batch` (its first entry taken from the queue) into the next batch; return it."""
+        deadline = time.monotonic() + self.wait
         share = -(-self.demand // self.runners)  # several runners: each takes its share of the last round
         while len(batch) < self.max_batch:
             if self.runners > 1 and len(batch) >= share:
@@ -189,17 +193,25 @@ class Batcher:
             return
         ready.set_result(None)
         while True:
-            with self._collecting:
-                if (first := self.queue.get()) is None:
-                    self.queue.put(None)  # the other runners stop too
-                    return
-                # a caller that gave up (a cancelled future) is left out; the others can no longer be cancelled
-                batch = [(item, f) for item, f in self._collect(first) if f.set_running_or_notify_cancel()]
-                with self._count_lock:
-                    self.running += len(batch)
+            taken, batch = [], []  # taken: every entry off the queue, so that a fault answers them all
             try:
+                with self._collecting:
+                    if (first := self.queue.get()) is None:
+                        self.queue.put(None)  # the other runners stop too
+                        return
+                    taken.append(first)
+                    # a caller that gave up (a cancelled future) is left out; the others can no longer be cancelled
+                    batch = [(item, f) for item, f in self._collect(taken) if f.set_running_or_notify_cancel()]
+                    with self._count_lock:
+                        self.running += len(batch)
                 if batch:
                     self._run_batch(fn, batch)
+            except Exception as e:  # a fault outside the batch function: its callers get it, the runner goes on
+                log.exception("batch runner failed; restarting it")
+                self.restarts += 1
+                for _, f in taken:
+                    if not (f.done() or f.cancelled()):
+                        f.set_exception(e)
             finally:
                 with self._count_lock:
                     self.running -= len(batch)
@@ -240,15 +252,16 @@ class Searcher:
 
     def __init__(self, index_dir: str | Path, *, run_dir: str | Path | None = None, device: str = "auto",
                  max_batch: int = 32, batch_wait_ms: float = 50.0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 on_batch: Callable[[int], None] | None = None, runtime: str = "torch", workers: int | str = 0):
+                 on_batch: Callable[[int], None] | None = None, runtime: str = "torch",
+                 model_processes: int | str = 0):
         self.folder = Path(index_dir).absolute()
         self.index, self.run_dir = open_index(self.folder, run_dir)
-        self.workers = check_workers(workers, device, runtime)
+        self.model_processes = check_model_processes(model_processes, device, runtime)
         self.processes: list[ModelProcess] = []
         self.embedder = None  # torch, or the run's verified ONNX export; loaded by the batcher's thread
 
         def setup():
-            if self.workers:
+            if self.model_processes:
                 self.processes.append(process := ModelProcess(self.run_dir, budget.each))
 
                 def run_in_process(arrays: list) -> np.ndarray:
@@ -265,9 +278,9 @@ class Searcher:
             return bucketed(run, max_batch, blank)
 
         cores = torch.get_num_threads()
-        budget = ThreadBudget(cores, max(1, cores // max(1, self.workers)))
+        budget = ThreadBudget(cores, max(1, cores // max(1, self.model_processes)))
         try:
-            self.batcher = Batcher(setup, max_batch, batch_wait_ms, on_batch, runners=max(1, self.workers))
+            self.batcher = Batcher(setup, max_batch, batch_wait_ms, on_batch, runners=max(1, self.model_processes))
         except BaseException:
             for process in self.processes:
                 process.close()
@@ -439,6 +452,6 @@ class Searcher:
             index = self.index
             return {"items": len(index), "deleted": len(index.deleted), "kind": index.kind, "params": index.params,
                     "feature_dim": index.feature_dim, "classes": len(index.classes), "image_size": self.image_size,
-                    "device": str(self.device), "runtime": self.embedder.runtime, "model_processes": self.workers,
-                    "model": {"run": self.run_dir, **{
+                    "device": str(self.device), "runtime": self.embedder.runtime,
+                    "model_processes": self.model_processes, "model": {"run": self.run_dir, **{
                         k: index.model.get(k) for k in ("backbone", "checkpoint_sha256", "checkpoint_epoch")}}}

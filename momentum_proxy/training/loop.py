@@ -1,4 +1,4 @@
-"""Training: the embedding net and a proxy loss, with momentum-updated proxies in the `*` optimizer modes.
+"""Training: the embedding net and a proxy loss, its proxies moved by momentum (`proxy_update="momentum"`) or learned.
 
 `train(cfg)` runs one training job into `cfg.out` (see runs.py for the folder layout); `resume(run_dir)`
 continues a killed run from its last finished epoch. Works single-process and under torchrun (DDP).
@@ -54,6 +54,7 @@ class Trainee(nn.Module):
 
 
 def build(cfg: TrainConfig, num_classes: int) -> tuple[EmbeddingNet, nn.Module]:
+    """The model and the loss of `cfg` (its backbone decided: `TrainConfig.for_device`)."""
     weights = None if cfg.pretrained == "none" else (cfg.weights or "default")
     model = EmbeddingNet(cfg.backbone, cfg.feature_dim, weights=weights, pooling=cfg.pooling)
     scale, margin = cfg.loss_params
@@ -64,12 +65,12 @@ def build(cfg: TrainConfig, num_classes: int) -> tuple[EmbeddingNet, nn.Module]:
 
 
 def make_optimizer(cfg: TrainConfig, model: EmbeddingNet, loss: nn.Module) -> torch.optim.Optimizer:
-    """Backbone at lr * backbone_lr_mult, head at lr; proxies at lr only in the learnable modes (adam, sgd)."""
+    """Backbone at lr * backbone_lr_mult, head at lr; proxies at lr only when learned (`proxy_update="gradient"`)."""
     groups = [{"params": list(model.backbone.parameters()), "lr": cfg.lr * cfg.backbone_lr_mult},
               {"params": model.head_parameters(), "lr": cfg.lr}]
     if not cfg.momentum_mode:
         groups.append({"params": [p for p in loss.parameters() if p.requires_grad], "lr": cfg.lr})
-    if cfg.optimizer.startswith("adam"):
+    if cfg.optimizer == "adam":
         return torch.optim.Adam(groups)
     return torch.optim.SGD(groups, momentum=cfg.sgd_momentum)
 
@@ -133,6 +134,7 @@ class Job:
         return None if self.select == "last" else f"{self.select}_{self.cfg.select_metric}"
 
 
+@distributed.ends_process_group  # normally and on error, the process group set up inside is destroyed
 def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
           on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Train (or continue) the run described by `cfg`; returns the summary written to eval.json.
@@ -141,11 +143,12 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     pruning check); an exception it raises stops the run there.
     """
     job, state = setup(cfg, overwrite=overwrite, resume=resume)
+    cfg = job.cfg  # the backbone decided for the device
     rows = job.run.metrics()[:state.epoch + 1] if resume else [start(job, state)]
-    loader = make_loader(job.data.train, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.workers,
+    loader = make_loader(job.data.train, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.loader_workers,
                          rank=job.dist.rank, world_size=job.dist.world_size, pin_memory=job.device.type == "cuda")
     step_fn = wrap_for_steps(job, state)
-    updater = MomentumProxyUpdate(cfg.momentum, cfg.proxy_update) if cfg.momentum_mode else None
+    updater = MomentumProxyUpdate(cfg.proxy_momentum, cfg.momentum_target) if cfg.momentum_mode else None
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         t0 = time.time()
         lr = state.optimizer.param_groups[1]["lr"]  # the rate this epoch trains with
@@ -162,6 +165,7 @@ def setup(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> tuple[Job, Trai
     """Validate everything, build model and optimizer, then claim (or reopen) the run folder."""
     cfg.validate()
     device = resolve_device(cfg.device)
+    cfg = cfg.for_device(device.type)
     if cfg.amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs CUDA; on CPU use --amp bf16")
     run = RunDir(cfg.out)
@@ -200,7 +204,7 @@ def start(job: Job, state: TrainState) -> dict:
     t0 = time.time()
     if job.cfg.proxy_init == "class_mean":  # raw embeddings: the same space the momentum update works in
         feats = embed_dataset(state.model, job.data.train_eval, job.device, batch_size=job.cfg.embed_batch_size,
-                              workers=job.cfg.workers, dist=job.dist, desc="init proxies", normalize=False)
+                              workers=job.cfg.loader_workers, dist=job.dist, desc="init proxies", normalize=False)
         init_proxies_from_class_means(state.loss_fn, torch.from_numpy(feats).to(job.device),
                                       torch.tensor(job.data.train.labels, device=job.device))
     row = {"epoch": 0, "train_loss": float("nan"), "lr": float("nan"), **score(job, state.model),
@@ -260,8 +264,8 @@ def train_one_epoch(job: Job, state: TrainState, step_fn, loader, updater, epoch
 def evaluate_split(model: EmbeddingNet, split: EvalSplit, cfg: TrainConfig, device, dist, *, metrics=None,
                    recalls=None) -> tuple[dict, np.ndarray]:
     """Embed one evaluation split and compute its metrics (query/gallery mode when it has one)."""
-    feats = embed_dataset(model, split.dataset, device, batch_size=cfg.embed_batch_size, workers=cfg.workers,
-                          amp=cfg.amp, dist=dist, desc=f"embed {split.name}")
+    feats = embed_dataset(model, split.dataset, device, batch_size=cfg.embed_batch_size,
+                          workers=cfg.loader_workers, amp=cfg.amp, dist=dist, desc=f"embed {split.name}")
     return evaluate_arrays(feats, split.labels, split.split, metrics=metrics or cfg.epoch_metrics(),
                            recalls=recalls or cfg.epoch_recalls()), feats
 

@@ -1,0 +1,87 @@
+"""Optional extras: with their modules unimportable, as in a core-only install (`pip install momentum-proxy`), the
+core commands work and each other command says, in one line, which extra to install.
+
+The real `mproxy` runs in a subprocess whose import system does not find the modules of any extra
+(`errors.EXTRAS`) nor pretrainedmodels (BN-Inception is defined in the project): `import onnx` fails and
+`importlib.util.find_spec("onnx")` is None, as where they are not installed.
+"""
+import subprocess
+import sys
+
+import pytest
+
+from momentum_proxy.errors import EXTRAS
+
+MISSING = sorted({m for modules in EXTRAS.values() for m in modules} | {"pretrainedmodels"})
+CORE_ONLY_MPROXY = f"""
+import sys
+from importlib.machinery import PathFinder
+
+
+class CoreOnly(PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.partition(".")[0] in {MISSING!r} else super().find_spec(name, path, target)
+
+
+sys.meta_path[:] = [CoreOnly if finder is PathFinder else finder for finder in sys.meta_path]
+from momentum_proxy.cli import main
+
+main()
+"""
+
+
+def mproxy(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CORE_ONLY_MPROXY, *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def succeeds(*args) -> str:
+    proc = mproxy(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def core_run(tiny_data, tmp_path_factory):
+    """BN-Inception trained one epoch at 32 px without any extra."""
+    run = tmp_path_factory.mktemp("core") / "run"
+    succeeds("train", "--data", tiny_data, "--out", run, "--backbone", "inception", "--pretrained", "none",
+             "--epochs", 1, "--image-size", 32, "--batch-size", 8, "--feature-dim", 16, "--device", "cpu")
+    return run
+
+
+def test_the_finder_makes_extras_unimportable():
+    check = "import importlib.util; assert importlib.util.find_spec('onnx') is None; import optuna"
+    proc = subprocess.run([sys.executable, "-c", CORE_ONLY_MPROXY.replace("main()", check)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "ModuleNotFoundError: No module named 'optuna'" in proc.stderr
+
+
+def test_core_commands_need_no_extra(core_run, tiny_data, tmp_path):
+    assert "map@r" in succeeds("evaluate", core_run, "--device", "cpu")
+    query = tiny_data / "images" / "species_04" / "0002.jpg"
+    assert "retrieval picture:" in succeeds("retrieve", core_run, "--query", query, "-k", 3, "--out", tmp_path / "r",
+                                            "--device", "cpu")
+    assert (tmp_path / "r").is_dir()
+    succeeds("index", core_run, "--images", tiny_data, "--out", tmp_path / "index", "--device", "cpu")
+    assert "retrieval picture:" in succeeds("retrieve", "--index", tmp_path / "index", "--query", query,
+                                            "--out", tmp_path / "r2", "--device", "cpu")
+    succeeds("export", core_run, "--format", "torchscript", "--out", tmp_path / "model.pt")
+    assert (tmp_path / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("args,what,extra", [
+    (["serve", "{run}/index"], "mproxy serve", "serve"),
+    (["tune", "--data", "{data}", "--out", "{tmp}/study", "--trials", "1"], "mproxy tune", "tune"),
+    (["export", "{run}", "--out", "{tmp}/model.onnx"], "mproxy export", "export"),
+    (["bench", "--data", "{data}"], "mproxy bench", "export"),
+    (["evaluate", "{run}", "--runtime", "onnx"], "mproxy evaluate --runtime onnx", "export"),
+    (["retrieve", "{run}", "--query", "q.png", "--runtime", "onnx"], "mproxy retrieve --runtime onnx", "export"),
+    (["index", "{run}", "--out", "{tmp}/index", "--runtime", "onnx"], "mproxy index --runtime onnx", "export"),
+])
+def test_a_command_whose_extra_is_missing_names_it_in_one_line(core_run, tiny_data, tmp_path, args, what, extra):
+    proc = mproxy(*[a.format(run=core_run, data=tiny_data, tmp=tmp_path) for a in args])
+    assert proc.returncode == 2
+    assert proc.stderr == f"mproxy: error: {what} needs the [{extra}] extra: pip install 'momentum-proxy[{extra}]'\n"
+    assert not any(tmp_path.iterdir())  # refused before doing anything
