@@ -103,3 +103,14 @@ def test_missing_weights_error_names_the_file(monkeypatch, tmp_path):
     torch.save({"x": torch.zeros(1)}, bad)
     with pytest.raises(UserError, match="does not fit"):
         EmbeddingNet("resnet50", 8, weights=bad)
+
+
+def test_safetensors_and_torch_weight_files_load_the_same_tensors(tmp_path):
+    import safetensors.torch
+
+    sd = {"a.weight": torch.randn(3, 2), "b.bias": torch.arange(4.0)}
+    safetensors.torch.save_file(sd, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": sd}, tmp_path / "w.pth")
+    for name in ("w.safetensors", "w.pth"):
+        loaded = W.load_state_dict_file(tmp_path / name)
+        assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
