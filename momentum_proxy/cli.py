@@ -18,7 +18,7 @@ import jsonargparse
 from momentum_proxy import __version__
 from momentum_proxy.config import METRICS, RECIPES, TrainConfig, read_config_file, run_folder_name
 from momentum_proxy.errors import UserError, require_extra
-from momentum_proxy.fileio import check_writable_folder
+from momentum_proxy.fileio import check_writable_folder, read_json
 from momentum_proxy.perf import tune_allocator
 
 
@@ -174,6 +174,13 @@ def option_type(hint, grid: bool = False):
     return hint
 
 
+def option_flags(name: str) -> list[str]:
+    """The flags of a training option: `--name-with-dashes`, the original tool's spellings, and the underscore
+    spelling of every multi-word option (`--image_size` as the original's `--batch_size`)."""
+    flags = ["--" + name.replace("_", "-"), *OPTIONS[name].metadata["aliases"]]
+    return flags + ([f"--{name}"] if "_" in name and f"--{name}" not in flags else [])
+
+
 def add_train_options(p: OptionParser) -> None:
     """The data, recipe and config options, and one option per TrainConfig option field (`OPTIONS`)."""
     p.add_argument("--data", help="prepared dataset folder")
@@ -188,7 +195,7 @@ def add_train_options(p: OptionParser) -> None:
                                             "proxies): sets --optimizer and --proxy-update")
     defaults, hints = TrainConfig(data="", out=""), get_type_hints(TrainConfig)
     for name, f in OPTIONS.items():
-        flags, text = ["--" + name.replace("_", "-"), *f.metadata["aliases"]], f.metadata["help"].replace("%", "%%")
+        flags, text = option_flags(name), f.metadata["help"].replace("%", "%%")
         default = getattr(defaults, name)
         if hints[name] is bool:
             p.add_argument(*flags, dest=name, action=jsonargparse.ActionYesNo(no_prefix="no-"), default=default,
@@ -234,17 +241,55 @@ def config_from_args(a) -> TrainConfig:
     return cfg
 
 
+def given_options(argv: list[str]) -> set[str]:
+    """The training options (TrainConfig field names, or data/config/recipe) named on the command line."""
+    names = {"--data": "data", "--data_path": "data", "--data-path": "data", "--data_name": "data",
+             "--data-name": "data", "--config": "config", "--recipe": "recipe", "--optimizer_type": "optimizer_type"}
+    for name in OPTIONS:
+        names.update({flag: name for flag in [*option_flags(name), f"--no-{name.replace('_', '-')}"]})
+    return {names[arg.split("=")[0]] for arg in argv if arg.split("=")[0] in names}
+
+
+def check_resume_options(a) -> int | None:
+    """For `train --resume RUN`: the extended `--epochs`, if given; any other option that differs from the run's
+    config.json is refused, naming it (a resume continues the run as configured)."""
+    if not (Path(a.resume) / "config.json").is_file():
+        raise UserError(f"{a.resume} is not a run folder (no config.json)")
+    stored = TrainConfig.from_dict(read_json(Path(a.resume) / "config.json"))
+    given = given_options(a.argv)
+    for name in sorted(given & {"data", "config", "recipe"}):
+        raise UserError(f"--{name} cannot be given with --resume: the run keeps its own (config.json)")
+    asked = TrainConfig.from_dict({**{n: getattr(a, n) for n in OPTIONS}, "optimizer_type": a.optimizer_type,
+                                   "data": stored.data, "out": stored.out})
+    fields_given = given - {"optimizer_type"}
+    if "optimizer_type" in given:  # the original spelling sets both
+        fields_given |= {"optimizer", "proxy_update"}
+    for name in sorted(fields_given - {"epochs"}):
+        if getattr(asked, name) != getattr(stored, name):
+            raise UserError(f"--{name.replace('_', '-')} {getattr(asked, name)} differs from the run's "
+                            f"{getattr(stored, name)} (config.json); --resume continues the run as configured "
+                            "(only --epochs may extend it); start a new run for other options")
+    return a.epochs if "epochs" in given else None
+
+
 def run_train(a) -> None:
     if a.resume:
+        epochs = check_resume_options(a)
         from momentum_proxy.training import loop as training  # job
 
-        training.resume(a.resume)
+        a.on_interrupt = f"continue with: mproxy train --resume {a.resume}"
+        summary = training.resume(a.resume, epochs=epochs)
+        if "already_finished" in summary:
+            print(f"{a.resume}: already finished at epoch {summary['already_finished']}; nothing changed "
+                  f"(its test result: {Path(a.resume) / 'eval.json'})")
+            return
         out = a.resume
     else:
         cfg = config_from_args(a)
         check_writable_folder(Path(cfg.out), "the run folder")
         from momentum_proxy.training import loop as training  # job
 
+        a.on_interrupt = f"continue with: mproxy train --resume {cfg.out}"
         training.train(cfg, overwrite=a.overwrite)
         out = cfg.out
     print(f"run folder: {out}")
@@ -257,7 +302,9 @@ def add_evaluate(sub) -> None:
     p.add_argument("--embeddings", help="evaluate a .npz (arrays features, labels, optional split) instead")
     p.add_argument("--metrics", type=CommaList(str), default=None, help="recall,precision@1,r_precision,map@r,nmi")
     p.add_argument("--recalls", type=CommaList(int), default=None)
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--out", "--json", dest="out",
+                   help="write the results here (default: RUN_DIR/evaluate-RUNTIME.json; the run's eval.json, "
+                        "its test result from training, is never changed)")
     p.add_argument("--device", default="auto")
     p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
 
@@ -268,20 +315,25 @@ def run_evaluate(a) -> None:
     unknown = [m for m in a.metrics or [] if m not in METRICS]
     if unknown:
         raise UserError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
-    if a.json and Path(a.json).is_dir():
-        raise UserError(f"--json {a.json} is a folder; a file is expected there")
-    from momentum_proxy.evaluation.jobs import describe, evaluate_file, evaluate_run, format_table  # job
+    if a.out and Path(a.out).is_dir():
+        raise UserError(f"--out {a.out} is a folder; a file is expected there")
+    from momentum_proxy.evaluation.jobs import (describe, evaluate_file, evaluate_run,  # job
+                                                evaluation_file, format_table)
 
+    out = a.out
     if a.embeddings:
-        res = evaluate_file(a.embeddings, metrics=a.metrics, recalls=a.recalls, json_out=a.json)
+        res = evaluate_file(a.embeddings, metrics=a.metrics, recalls=a.recalls, json_out=a.out)
     else:
         from momentum_proxy.deploy.runtimes import load_embedder  # job
 
-        summary = evaluate_run(a.run_dir, metrics=a.metrics, recalls=a.recalls, json_out=a.json,
-                               embedder=load_embedder(a.run_dir, a.runtime, a.device))
+        embedder = load_embedder(a.run_dir, a.runtime, a.device)
+        out = a.out or evaluation_file(a.run_dir, embedder.runtime)
+        summary = evaluate_run(a.run_dir, metrics=a.metrics, recalls=a.recalls, out=out, embedder=embedder)
         print(describe(summary, a.run_dir))
         res = summary["test"]
     print(format_table(res))
+    if out:
+        print(f"written: {out}")
 
 
 # ----------------------------------------------------------------------------------------------- retrieve
@@ -331,6 +383,7 @@ def add_index(sub) -> None:
 def run_index(a) -> None:
     from momentum_proxy.retrieval.search import build_index  # job
 
+    a.on_interrupt = "the index is as it was before; run the same command again"
     summary = build_index(a.run_dir, a.images, a.out, kind=a.kind, batch_size=a.batch_size, device=a.device,
                           rebuild=a.rebuild, runtime=a.runtime, labels=a.labels)
     for k, v in summary.items():
@@ -425,6 +478,7 @@ def add_sweep(sub) -> None:
 def run_sweep(a) -> None:
     from momentum_proxy.experiments.sweep import sweep  # job
 
+    a.on_interrupt = "the same command continues the sweep (finished runs are skipped, the killed one resumes)"
     grid = {name: getattr(a, name) for name in SWEEP_GRIDS}  # one value each unless swept
     base = config_from_args(argparse.Namespace(**{**vars(a), **{name: values[0] for name, values in grid.items()}}))
     if a.seeds:
@@ -475,6 +529,7 @@ def add_tune(sub) -> None:
 def run_tune(a) -> None:
     from momentum_proxy.experiments.tune import tune  # job
 
+    a.on_interrupt = "the same command continues the study"
     tune(a.data, a.out, a.trials, space=a.space, budget_epochs=a.budget_epochs, seed=a.seed)
 
 
@@ -515,6 +570,8 @@ def needed_extras(a) -> list[tuple[str, str]]:
         needs.append(("export", f"mproxy {a.command}"))
     if getattr(a, "runtime", None) == "onnx":
         needs.append(("export", f"mproxy {a.command} --runtime onnx"))
+    if getattr(a, "log", None) == "tensorboard":  # train, sweep
+        needs.append(("track", f"mproxy {a.command} --log tensorboard"))
     return needs
 
 
@@ -552,7 +609,9 @@ def _show_defaults(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser().parse_args(argv)
+    args.argv, args.on_interrupt = argv, None  # a command may say how to continue after Ctrl-C
     tune_allocator()
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
     try:
@@ -563,5 +622,5 @@ def main(argv: list[str] | None = None) -> None:
         print(f"mproxy: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("mproxy: interrupted", file=sys.stderr)
+        print("mproxy: interrupted" + (f"; {args.on_interrupt}" if args.on_interrupt else ""), file=sys.stderr)
         sys.exit(130)

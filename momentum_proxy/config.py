@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from momentum_proxy.errors import UserError
+from momentum_proxy.errors import UserError, require_extra
 
 LOSS_NAMES = ("proxy_nca", "normalized_softmax", "cos_face", "arc_face", "proxy_anchor")
 OPTIMIZERS = ("adam", "sgd")
@@ -23,6 +23,7 @@ RETRIEVAL_METRICS = ("recall", "precision@1", "r_precision", "map@r")
 SELECT_METRICS = ("recall@1", "precision@1", "r_precision", "map@r")
 SELECTIONS = ("val", "last", "test")
 SCHEDULES = ("multistep", "cosine")
+TRACKERS = ("none", "tensorboard")  # --log
 
 # The original MP tool's behaviour, for exact reproduction (`--recipe original`, implied by its spelling
 # `--data_path/--data_name`): ResNet-50, ProxyNCA, one learning rate, plain SGD (no momentum) or Adam,
@@ -108,6 +109,8 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model")
     eval_batch_size: int | None = option(None, "batch size of embedding (None: twice --batch-size)")
     log_every: int = option(10, "steps between checks of the running loss (the step loop's only host sync)")
+    log: str = option("none", "experiment tracking beside metrics.csv: none | tensorboard (per-epoch metrics, loss, "
+                      "learning rate and a retrieval picture in RUN_DIR/tensorboard/; the [track] extra)")
 
     @property
     def loss_params(self) -> tuple[float | None, float | None]:
@@ -172,6 +175,9 @@ class TrainConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("milestone-rounding", self.milestone_rounding, ("round", "floor"))
         _choice("select-metric", self.select_metric, SELECT_METRICS)
+        _choice("log", self.log, TRACKERS)
+        if self.log == "tensorboard":  # also for the Python API and a resumed run, before anything is written
+            require_extra("track", "--log tensorboard")
         if self.select is not None:
             _choice("select", self.select, SELECTIONS)
         for name in ("batch_size", "epochs", "feature_dim", "image_size", "grad_accum", "log_every"):

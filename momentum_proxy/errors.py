@@ -6,6 +6,7 @@ EXTRAS = {
     "serve": ("fastapi", "fastapi_offline", "starlette", "pydantic", "uvicorn", "prometheus_client"),
     "export": ("onnx", "onnxruntime"),
     "tune": ("optuna",),
+    "track": ("tensorboard",),
 }
 
 

@@ -1,4 +1,5 @@
-"""The run folder: config.json, metrics.csv, train.log, checkpoints/{last,best}.pt, eval.json, embeddings.npz.
+"""The run folder: config.json, metrics.csv, train.log, checkpoints/{last,best}.pt, eval.json, embeddings.npz,
+tensorboard/ (`--log tensorboard`).
 
 Every file except the append-only train.log is written atomically. A folder is a run once it holds a
 checkpoint: a folder left with only config.json (a run that failed or was killed before its first checkpoint)
@@ -23,6 +24,7 @@ from momentum_proxy.fileio import atomic_path, check_writable_folder, file_sha25
 
 CONFIG, METRICS, EMBEDDINGS, EVAL, LOG = "config.json", "metrics.csv", "embeddings.npz", "eval.json", "train.log"
 LAST, BEST = "checkpoints/last.pt", "checkpoints/best.pt"
+TENSORBOARD = "tensorboard"  # event files of `--log tensorboard` (training/tracking.py)
 
 
 def package_versions() -> dict[str, str]:
@@ -64,11 +66,16 @@ class RunDir:
                             "or --overwrite to replace it")
         for rel in (CONFIG, METRICS, EMBEDDINGS, EVAL, LOG):
             (self / rel).unlink(missing_ok=True)
-        shutil.rmtree(self / "checkpoints", ignore_errors=True)
+        for folder in ("checkpoints", TENSORBOARD):  # a new run's curves never continue an old one's
+            shutil.rmtree(self / folder, ignore_errors=True)
         write_json(self / CONFIG, {**cfg.to_dict(), **(extra or {}), "versions": package_versions()})
 
     def config(self) -> TrainConfig:
         return TrainConfig.from_dict(self.info())
+
+    def extend(self, epochs: int) -> None:
+        """Record in config.json that the run now trains `epochs` epochs (`training.loop.resume`)."""
+        write_json(self / CONFIG, {**self.info(), "epochs": epochs})
 
     def info(self) -> dict:
         """config.json as written: the options plus what the run recorded (manifest hash, selection, versions)."""

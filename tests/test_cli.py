@@ -30,13 +30,22 @@ def test_prepare_train_evaluate_retrieve(tiny_data, trained, tmp_path, capsys):
                             "--size", 48], capsys)
     assert code == 0 and (tmp_path / "syn" / "manifest.csv").exists()
 
+    trained_eval = (trained / "eval.json").read_bytes()
     code, out, _ = run_cli(["evaluate", trained, "--json", tmp_path / "e.json"], capsys)
     assert code == 0 and "map@r" in out
-    assert "checkpoints/best.pt (epoch 1, selected on val map@r) on the test split, 32 queries" in out
+    assert "checkpoints/best.pt (epoch 1, selected on val map@r) on the test split, 32 queries, runtime torch" in out
     res = json.loads((tmp_path / "e.json").read_text())
     assert set(res["test"]) == {"recall@1", "recall@2", "recall@4", "recall@8", "precision@1", "r_precision",
                                 "map@r", "nmi"}
-    assert res["selected_on"] == "val" and json.loads((trained / "eval.json").read_text()) == res
+    assert res["selected_on"] == "val" and res["runtime"] == "torch" and res["queries"] == 32
+    trained_test = json.loads(trained_eval)["test"]
+    assert all(abs(res["test"][k] - v) < 1e-6 for k, v in trained_test.items())  # the same figures, recomputed
+    code, out, _ = run_cli(["evaluate", trained], capsys)
+    assert code == 0 and f"written: {trained / 'evaluate-torch.json'}" in out
+    code, out, _ = run_cli(["evaluate", trained, "--runtime", "onnx", "--metrics", "recall"], capsys)
+    assert code == 0 and "runtime onnx" in out and f"written: {trained / 'evaluate-onnx.json'}" in out
+    assert json.loads((trained / "evaluate-onnx.json").read_text())["runtime"] == "onnx"
+    assert (trained / "eval.json").read_bytes() == trained_eval  # training's test result is never rewritten
 
     query = tiny_data / "images" / "species_04" / "0001.jpg"
     code, out, _ = run_cli(["retrieve", trained, "--query", query, "-k", 5, "--out", tmp_path / "ret"], capsys)
@@ -446,3 +455,26 @@ def test_train_config_file_with_flags_overriding(tmp_path, tiny_data, capsys):
     (tmp_path / "c.json").write_text(json.dumps({"loss": "cos_face", "lrate": 1}))
     code, _, err = run_cli(["train", "--config", tmp_path / "c.json", "--data", "x"], capsys)
     assert code == 2 and re.fullmatch(r"mproxy: error: \S+c\.json: unknown option\(s\) lrate\n", err)
+
+
+def test_every_multi_word_option_takes_its_underscore_spelling(tiny_data, tmp_path):
+    from momentum_proxy.cli import OptionParser, add_train_options, config_from_args
+
+    p = OptionParser(prog="train")
+    add_train_options(p)
+    p.add_argument("--out")
+    a = p.parse_args(["--data", str(tiny_data), "--out", str(tmp_path / "r"), "--image_size", "96",
+                      "--warmup_epochs", "0", "--backbone_lr_mult", "0.5", "--test_every_epoch"])
+    cfg = config_from_args(a)
+    assert (cfg.image_size, cfg.warmup_epochs, cfg.backbone_lr_mult, cfg.test_every_epoch) == (96, 0, 0.5, True)
+
+
+def test_an_interrupted_command_says_how_to_continue(tiny_data, tmp_path, capsys, monkeypatch):
+    from momentum_proxy.training import loop
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    code, _, err = run_cli(["train", "--data", tiny_data, "--out", tmp_path / "r", *TRAIN], capsys)
+    assert code == 130 and err == f"mproxy: interrupted; continue with: mproxy train --resume {tmp_path / 'r'}\n"

@@ -413,3 +413,72 @@ def test_default_recipe_loss_parameters_reach_the_loss_and_only_for_cos_face(tin
     assert (arc.scale, arc.margin) == (library.scale, library.margin)  # other losses: the library's
     given = training.build(replace(cfg, loss_scale=8.0, margin=0.1), num_classes=2)[1]
     assert (given.scale, given.margin) == (8.0, 0.1)
+
+
+def test_queries_without_another_image_of_their_class_are_counted_and_said(tiny_data, tmp_path):
+    import pandas as pd
+    from conftest import make_run
+
+    from momentum_proxy.evaluation.jobs import describe, evaluate_run
+
+    data = tmp_path / "data"
+    df = pd.read_csv(tiny_data / "manifest.csv")
+    df["path"] = [str(tiny_data / p) for p in df["path"]]
+    lone = df.index[df["class_name"] == "species_07"][1:]  # species_07 (test) keeps one image
+    data.mkdir()
+    df.drop(lone).to_csv(data / "manifest.csv", index=False)
+    run = make_run(tmp_path / "run", data)
+    summary = evaluate_run(run, device="cpu", metrics=["recall"], out=tmp_path / "e.json")
+    assert (summary["queries"], summary["lone_queries"]) == (25, 1)
+    assert "25 queries (1 without another image of its class: left out of the metrics)" in describe(summary, run)
+
+
+@pytest.mark.parametrize("schedule,planned", [("cosine", 3), ("multistep", 4)])
+def test_resume_with_more_epochs_extends_a_killed_run_on_the_schedule_of_the_new_total(tiny_config, tmp_path,
+                                                                                       schedule, planned):
+    tiny_config.schedule, tiny_config.warmup_epochs, tiny_config.epochs = schedule, 0, planned
+    training.train(tiny_config)  # planned for the new total from the start
+    tiny_config.out, tiny_config.epochs = str(tmp_path / "extended"), 2
+
+    def stop_after_epoch_1(row):
+        if row["epoch"] == 1:
+            raise _Stopped
+
+    with pytest.raises(_Stopped):
+        training.train(tiny_config, on_epoch=stop_after_epoch_1)
+    training.resume(tiny_config.out, epochs=planned)
+    straight, extended = RunDir(tmp_path / "run"), RunDir(tiny_config.out)
+    assert extended.config().epochs == planned and [r["epoch"] for r in extended.metrics()] == list(range(planned + 1))
+    np.testing.assert_allclose([r["lr"] for r in extended.metrics()[1:]], [r["lr"] for r in straight.metrics()[1:]],
+                               rtol=1e-12)  # epoch 1 at the old plan's rate, the rest at the new plan's
+    assert f"extending the run from 2 to {planned} epochs" in (extended / "train.log").read_text()
+
+
+def test_resuming_a_finished_run_changes_nothing_and_extending_it_is_refused(tiny_config):
+    tiny_config.epochs = 1
+    training.train(tiny_config)
+    run = RunDir(tiny_config.out)
+    before = {rel: (run / rel).read_bytes() for rel in ("eval.json", "train.log", "metrics.csv", "config.json", LAST)}
+    summary = training.resume(tiny_config.out)
+    assert summary["already_finished"] == 1 and summary["epoch"] == run.eval()["epoch"]
+    with pytest.raises(UserError, match="finished at epoch 1 and its test split was evaluated"):
+        training.resume(tiny_config.out, epochs=2)
+    with pytest.raises(UserError, match="fewer than the run's"):
+        training.resume(tiny_config.out, epochs=0)
+    assert {rel: (run / rel).read_bytes() for rel in before} == before
+
+
+def test_resume_refuses_options_that_differ_from_the_run_in_one_line(tiny_config, capsys):
+    from conftest import run_cli
+
+    tiny_config.epochs = 1
+    training.train(tiny_config)
+    run = tiny_config.out
+    code, out, _ = run_cli(["train", "--resume", run, "--epochs", "1", "--batch-size", "8"], capsys)
+    assert code == 0 and f"{run}: already finished at epoch 1; nothing changed" in out  # same values: fine
+    for args, message in [(["--lr", "0.1"], "--lr 0.1 differs from the run's 2.15e-05 (config.json)"),
+                          (["--optimizer_type", "sgd"], "--optimizer sgd differs from the run's adam"),
+                          (["--data", run], "--data cannot be given with --resume"),
+                          (["--epochs", "2"], "finished at epoch 1 and its test split was evaluated")]:
+        code, _, err = run_cli(["train", "--resume", run, *args], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, err

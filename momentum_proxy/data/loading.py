@@ -198,6 +198,15 @@ class EvalSplit:
         """Queries of the evaluation: the query rows in query/gallery mode, else every row."""
         return int((self.split == "query").sum()) or len(self.frame)
 
+    @property
+    def lone_queries(self) -> int:
+        """Queries with no other item of their class to find (left out of the retrieval metrics)."""
+        labels, split = self.labels, self.split
+        if (split == "query").any():
+            return int((~np.isin(labels[split == "query"], labels[split == "gallery"])).sum())
+        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        return int((counts[inverse] < 2).sum())
+
 
 @dataclass
 class DatasetSplits:

@@ -37,12 +37,13 @@ def evaluate_file(path: str | Path, *, metrics=None, recalls=None, json_out: str
     return res
 
 
-def evaluate_run(run_dir: str | Path, *, metrics=None, recalls=None, json_out: str | None = None,
+def evaluate_run(run_dir: str | Path, *, metrics=None, recalls=None, out: str | Path | None = None,
                  device: str = "auto", embedder: Embedder | None = None) -> dict:
     """All metrics (or `metrics`) of the run's selected checkpoint on its test split, embedded by `embedder`
-    (default: the run's model in PyTorch on `device`; `deploy.runtimes.load_embedder` gives the others), merged
-    into RUN_DIR/eval.json (and written to `json_out`). Returns eval.json's content: checkpoint, epoch, how it
-    was selected, split, number of queries, runtime, and the values under "test"."""
+    (default: the run's model in PyTorch on `device`; `deploy.runtimes.load_embedder` gives the others), written
+    to `out` (default RUN_DIR/evaluate-RUNTIME.json). RUN_DIR/eval.json, the test result training computed once,
+    is never changed. Returns what was written: checkpoint, epoch, how it was selected, split, queries (and
+    those without another item of their class, left out of the metrics), runtime, and the values under "test"."""
     run = RunDir(run_dir)
     info = run.info()
     cfg = run.config()
@@ -55,13 +56,18 @@ def evaluate_run(run_dir: str | Path, *, metrics=None, recalls=None, json_out: s
     feats = embed_dataset(embedder, test.dataset, embedder.device, batch_size=cfg.embed_batch_size,
                           workers=cfg.loader_workers)
     res = evaluate_arrays(feats, test.labels, test.split, metrics=metrics, recalls=recalls or cfg.recalls)
-    state = run.load_checkpoint(BEST)
-    summary = run.eval() or {"checkpoint": BEST, "epoch": state["epoch"], "selected_on": info.get("selection", "?")}
-    summary.update(split="test", queries=test.num_queries, runtime=embedder.runtime, test={**summary.get("test", {}), **res})
-    run.write_eval(summary)
-    if json_out:
-        write_json(json_out, summary)
+    trained = run.eval() or {}
+    summary = {"checkpoint": BEST, "epoch": run.load_checkpoint(BEST)["epoch"],
+               "selected_on": trained.get("selected_on", info.get("selection", "?")),
+               "select_metric": trained.get("select_metric"), "split": "test", "queries": test.num_queries,
+               "lone_queries": test.lone_queries, "runtime": embedder.runtime, "test": res}
+    write_json(out or evaluation_file(run_dir, embedder.runtime), summary)
     return summary
+
+
+def evaluation_file(run_dir: str | Path, runtime: str) -> Path:
+    """Where `evaluate_run` writes by default: RUN_DIR/evaluate-RUNTIME.json."""
+    return Path(run_dir) / f"evaluate-{runtime}.json"
 
 
 def describe(summary: dict, run_dir) -> str:
@@ -69,8 +75,10 @@ def describe(summary: dict, run_dir) -> str:
     how = summary.get("selected_on")
     chosen = {"last": "the last epoch", "val": f"selected on val {summary.get('select_metric')}",
               "test": "SELECTED ON TEST (optimistic)"}.get(how, f"selected on {how}")
+    lone = summary.get("lone_queries")
+    left_out = f" ({lone} without another image of its class: left out of the metrics)" if lone else ""
     return (f"{run_dir}: {summary['checkpoint']} (epoch {summary['epoch']}, {chosen}) on the {summary['split']} "
-            f"split, {summary['queries']} queries")
+            f"split, {summary['queries']} queries{left_out}, runtime {summary.get('runtime', 'torch')}")
 
 
 def format_table(res: dict) -> str:

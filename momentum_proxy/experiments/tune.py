@@ -6,8 +6,10 @@ The objective is the best val MAP@R over the trained epochs (1..E): the pretrain
 competes for a run's best.pt, but would tie every configuration that does not beat it, so it is only reported.
 The study lives in `OUT/study.db` (SQLite). Running the same command again continues it: a trial left running
 by a killed process is marked failed and its parameters are tried again, and the study goes on until it holds
-`trials` finished ones (complete, pruned, or failed on a bad option combination). At the end: `best.json` (a
-config for `mproxy train --config`), `report.md` and its plots.
+`trials` finished ones (complete, pruned, or failed on a bad option combination). Trial 0 of a new study is the
+default recipe (TrainConfig's defaults of the searched options), so the tuner never recommends a configuration
+that scored below it on val. At the end: `best.json` (a config for `mproxy train --config`), `report.md` and its
+plots.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ DEFAULT_EPOCHS = 3
 TUNER_OWNED = ("data", "out", "select", "select_metric", "test_every_epoch", "final_test")
 NOT_RESULT_OPTIONS = ("loader_workers", "device", "log_every", "eval_batch_size")  # may change on a resume
 FINISHED = "finished"  # user attribute of every trial that counts towards --trials
+DEFAULT = "default_recipe"  # user attribute of trial 0 (and of its retry): {searched parameter: why it was drawn}
 
 # The default search space: what measurably matters for proxy losses on a pretrained backbone (README,
 # "Training recipe"). Scale and margin ranges are per loss: their meaning differs (ArcFace's margin is in
@@ -200,9 +203,27 @@ def open_study(out: Path, identity: dict) -> tuple[optuna.Study, optuna.storages
     if stored is None:
         study.set_user_attr("identity", identity)
     elif stored != identity:
-        changed = ", ".join(k for k in identity if stored.get(k) != identity[k])
-        raise UserError(f"{out} holds a study with another {changed}; rerun with its options or use another --out")
+        raise UserError(f"{out} holds a study with {identity_changes(stored, identity)}; use another --out or the "
+                        "same settings")
     return study, storage
+
+
+def identity_changes(stored: dict, identity: dict) -> str:
+    """What differs, with both values: "epochs 3, not 5" (the space entry by entry)."""
+    def show(entries: dict, key: str) -> str:
+        value = entries.get(key, "(unset)")
+        return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+    changes = []
+    for key in identity:
+        if key == "space":
+            old, new = stored.get("space", {}), identity["space"]
+            changes += [f"space entry {name} {show(old, name)}, not {show(new, name)}"
+                        for name in dict.fromkeys([*old, *new]) if name not in old or name not in new
+                        or old[name] != new[name]]
+        elif stored.get(key) != identity[key]:
+            changes.append(f"{key} {show(stored, key)}, not {show(identity, key)}")
+    return " and ".join(changes)
 
 
 def identity_of(cfg: TrainConfig, space: Space) -> dict:
@@ -224,8 +245,102 @@ def retry_interrupted_trials(study: optuna.Study, storage: optuna.storages.RDBSt
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
             storage.set_trial_user_attr(trial_id, "interrupted", True)
             storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        marks = {k: t.user_attrs[k] for k in (DEFAULT,) if k in t.user_attrs}  # a retried default stays the default
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, **marks})
     return [t.number for t in interrupted]
+
+
+def default_params(space: Space, base: TrainConfig) -> tuple[dict, dict]:
+    """The default recipe in the space: (Optuna parameter: the base config's value, i.e. TrainConfig's default
+    under the space's fixed options; parameter: why it is left to the sampler). A default outside its searched
+    range, step or choices is not forced into the trial (Optuna would refuse a choice and only warn on a range);
+    a loss parameter the library defaults (None) has no value to give; a per-loss entry follows a drawn loss."""
+    searched = space.searched
+    scale, margin = base.loss_params
+    resolved = {"loss_scale": scale, "margin": margin}
+    params, drawn = {}, {}
+    loss_drawn = "loss" in searched and outside(base.loss, searched["loss"])
+    for name, spec in searched.items():
+        if loss_drawn and (name == "margin" or "per_loss" in spec):
+            drawn[name] = "follows the drawn loss"
+            continue
+        if name == "margin" and base.loss not in HAS_MARGIN:
+            continue
+        param = name
+        if "per_loss" in spec:
+            if base.loss not in spec["per_loss"]:
+                continue
+            param, spec = f"{name}[{base.loss}]", spec["per_loss"][base.loss]
+        value = resolved.get(name, getattr(base, name))
+        why = outside(value, spec)
+        if why:
+            drawn[param] = why
+        else:
+            params[param] = value
+    return params, drawn
+
+
+def outside(value, spec: dict) -> str | None:
+    """Why `value` is not a value of the range or choices `spec` (None: it is one)."""
+    if spec["type"] == "categorical":
+        return None if value in spec["choices"] else f"the default {value} is not among the choices {spec['choices']}"
+    if value is None:
+        return "the default is the library's own value"
+    if isinstance(value, bool) or not isinstance(value, int if spec["type"] == "int" else (int, float)):
+        return f"the default {value!r} is not {'an integer' if spec['type'] == 'int' else 'a number'}"
+    low, high, step = spec["low"], spec["high"], spec.get("step")
+    if not low <= value <= high:
+        return f"the default {value:g} is outside {low:g}..{high:g}"
+    if step and abs((value - low) / step - round((value - low) / step)) > 1e-8:
+        return f"the default {value:g} is off the grid {low:g} + k * {step:g}"
+    return None
+
+
+def enqueue_default(study: optuna.Study, space: Space, base: TrainConfig) -> dict:
+    """Queue the default recipe as the next trial (trial 0 of a new study); returns the parameters left drawn."""
+    params, drawn = default_params(space, base)
+    study.enqueue_trial(params, user_attrs={DEFAULT: drawn})
+    return drawn
+
+
+def default_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The finished trial of the default recipe (trial 0, or its retry after an interruption)."""
+    return next((t for t in finished_trials(study) if DEFAULT in t.user_attrs), None)
+
+
+def recommended(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The trial best.json holds: the best complete one (the first on ties), but the default recipe unless
+    another trial beats it on val."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    best, default = max(complete, key=lambda t: t.value), default_trial(study)
+    if default is not None and default.state == TrialState.COMPLETE and best.value <= default.value:
+        return default
+    return best
+
+
+def best_other(study: optuna.Study, default: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial | None:
+    """The best complete trial other than the default recipe's (None: there is none)."""
+    others = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number != default.number]
+    return max(others, key=lambda t: t.value) if others else None
+
+
+def against_default(study: optuna.Study) -> str:
+    """One sentence: the recommended trial's val MAP@R against the default recipe's, and the difference."""
+    default, best = default_trial(study), recommended(study)
+    if default is None:
+        return "this study has no trial of the default recipe (it began before tune tried the default first)"
+    if default.state != TrialState.COMPLETE:
+        return f"the default recipe (trial {default.number}) did not complete: nothing to compare with"
+    if best.number == default.number:
+        top = best_other(study, default)
+        versus = (f"; the best other, trial {top.number}, {100 * top.value:.2f}, difference "
+                  f"{100 * (top.value - default.value):+.2f}" if top else "")
+        return (f"no trial beat the default recipe (trial {default.number}, val MAP@R {100 * default.value:.2f}"
+                f"{versus}): best.json is the default recipe")
+    return (f"trial {best.number} val MAP@R {100 * best.value:.2f} against the default recipe (trial "
+            f"{default.number}) {100 * default.value:.2f}, difference {100 * (best.value - default.value):+.2f}")
 
 
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -298,9 +413,17 @@ def trial_line(study: optuna.Study, t: optuna.trial.FrozenTrial) -> str:
         outcome = "complete"
     figures = (f" val MAP@R {100 * attrs[OBJECTIVE]:.2f} R@1 {100 * attrs['val_recall@1']:.2f} "
                f"(epoch {attrs['best_epoch']})" if attrs.get(OBJECTIVE) is not None else "")
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    best = (f"; best: trial {study.best_trial.number} val MAP@R {100 * study.best_value:.2f}" if complete else "")
-    return f"trial {t.number} {outcome}:{figures}{best} | {format_options(attrs.get('options', {}))}"
+    top = recommended(study)
+    best = f"; best: trial {top.number} val MAP@R {100 * top.value:.2f}" if top else ""
+    return f"{trial_name(t)} {outcome}:{figures}{best} | {format_options(attrs.get('options', {}))}"
+
+
+def trial_name(t) -> str:
+    """"trial N", and what the default recipe's trial left drawn."""
+    if DEFAULT not in t.user_attrs:
+        return f"trial {t.number}"
+    drawn = t.user_attrs[DEFAULT]
+    return f"trial {t.number} (default recipe" + (f"; drawn: {', '.join(drawn)})" if drawn else ")")
 
 
 def format_options(options: dict) -> str:
@@ -326,6 +449,9 @@ def tune(data: str | Path, out: str | Path, trials: int, space: str | Path | dic
         study, storage = open_study(out, identity_of(base, space))
         for number in retry_interrupted_trials(study, storage):
             print(f"trial {number} was interrupted: marked failed, its parameters queued again")
+        if not study.trials:  # a new study (a resumed one holds its default trial already, or began without one)
+            for param, why in enqueue_default(study, space, base).items():
+                print(f"trial 0 is the default recipe but for {param}, drawn: {why}")
         objective = Objective(base, space, out)
         while len(finished_trials(study)) < trials:
             # seeded per trial: a restarted tuner must not replay the draws its predecessor made
@@ -337,8 +463,8 @@ def tune(data: str | Path, out: str | Path, trials: int, space: str | Path | dic
 
 # ----------------------------------------------------------------------------------------------- outputs
 def best_config(study: optuna.Study, base: TrainConfig, space: Space) -> dict:
-    """best.json: the dataset, the fixed options, the best trial's options and the budget's epochs."""
-    best = study.best_trial
+    """best.json: the dataset, the fixed options, the recommended trial's options and the budget's epochs."""
+    best = recommended(study)
     return {"data": base.data, **{k: v for k, v in space.fixed.items() if k != "epochs"},
             **best.user_attrs["options"], "epochs": base.epochs, "seed": base.seed}
 
@@ -350,11 +476,11 @@ def write_outputs(study: optuna.Study, out: Path, base: TrainConfig, space: Spac
     imp = importances(study, base.seed)
     if best is not None:
         write_json(out / "best.json", best)
-        plots(study, out, imp, study.best_trial)
+        plots(study, out, imp, recommended(study))
     write_text(out / "report.md", report(study, out, base, imp))
     if best is None:
         raise UserError(f"no trial completed; see {out / 'report.md'}")
-    print(f"best: trial {study.best_trial.number} val MAP@R {100 * study.best_value:.2f}; {out / 'report.md'}; "
+    print(f"best: {against_default(study)}; {out / 'report.md'}; "
           f"train it with: mproxy train --config {shlex.quote(str(out / 'best.json'))}")
     return best
 
@@ -382,9 +508,9 @@ def report(study: optuna.Study, out: Path, base: TrainConfig, imp: dict[str, flo
              "was never evaluated); 'start' is the pretrained start's (epoch 0), which a run keeps when training "
              "does not beat it. Values in %.", ""]
     if complete:
-        lines += top_table(complete[:10]) + [
-            "", f"Best: trial {complete[0].number}; train it with "
-                f"`mproxy train --config {shlex.quote(str(out / 'best.json'))}`.",
+        lines += top_table(complete[:10]) + [""] + default_section(study) + [
+            (f"Best: {trial_name(recommended(study))}; train it with "
+             f"`mproxy train --config {shlex.quote(str(out / 'best.json'))}`."),
             "", "![validation curve of the best trial](best_curves.png)", ""]
     others = [t for t in trials if t.state != TrialState.COMPLETE]
     if others:
@@ -400,14 +526,35 @@ def report(study: optuna.Study, out: Path, base: TrainConfig, imp: dict[str, flo
     return "\n".join(lines)
 
 
+def default_section(study: optuna.Study) -> list[str]:
+    """The recommended trial against the default recipe: both val MAP@R, the difference, and what trial 0 drew."""
+    lines = ["## Against the default recipe", ""]
+    default, best = default_trial(study), recommended(study)
+    if default is not None and default.state == TrialState.COMPLETE:
+        won = best.number == default.number
+        top = best_other(study, default) if won else best
+        lines += ["| | trial | val MAP@R |", "|---|---|---|",
+                  f"| default recipe | {default.number} | {100 * default.value:.2f} |"]
+        if top is not None:
+            lines += [f"| {'best other' if won else 'best'} | {top.number} | {100 * top.value:.2f} |",
+                      f"| difference | | {100 * (top.value - default.value):+.2f} |"]
+        lines.append("")
+    sentence = against_default(study)
+    lines += [sentence[0].upper() + sentence[1:] + ".", ""]
+    if default is not None and default.user_attrs[DEFAULT]:
+        lines += [f"Trial {default.number} ran the default recipe except for these parameters, drawn by the sampler: "
+                  + "; ".join(f"{k} ({why})" for k, why in default.user_attrs[DEFAULT].items()) + ".", ""]
+    return lines
+
+
 def top_table(complete: list) -> list[str]:
     names = list(dict.fromkeys(k for t in complete for k in t.user_attrs["options"]))
     lines = ["## Top trials", "", "| trial | val MAP@R | val R@1 | epoch | start | " + " | ".join(names) + " |",
              "|" + "---|" * (5 + len(names))]
     for t in complete:
         a, opts = t.user_attrs, t.user_attrs["options"]
-        cells = [t.number, f"{100 * t.value:.2f}", f"{100 * a['val_recall@1']:.2f}", a["best_epoch"],
-                 f"{100 * a['start_map@r']:.2f}"]
+        cells = [f"{t.number} (default)" if DEFAULT in a else t.number, f"{100 * t.value:.2f}",
+                 f"{100 * a['val_recall@1']:.2f}", a["best_epoch"], f"{100 * a['start_map@r']:.2f}"]
         cells += [format_options({k: opts[k]}).split("=", 1)[1] if k in opts else "" for k in names]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return lines

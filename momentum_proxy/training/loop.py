@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -30,9 +31,10 @@ from momentum_proxy.embedding.inference import autocast, embed_dataset, resolve_
 from momentum_proxy.errors import UserError
 from momentum_proxy.evaluation.jobs import evaluate_arrays
 from momentum_proxy.models.net import EmbeddingNet
-from momentum_proxy.runs import BEST, LAST, RunDir
+from momentum_proxy.runs import BEST, CONFIG, LAST, RunDir
 from momentum_proxy.training.losses import create_loss
 from momentum_proxy.training.proxies import MomentumProxyUpdate, init_proxies_from_class_means, proxy_parameter
+from momentum_proxy.training.tracking import Tracker, open_tracker
 
 
 class TrainingDiverged(UserError):
@@ -128,6 +130,7 @@ class Job:
     dist: distributed.DistInfo
     run: RunDir
     select: str  # val | last | test
+    tracker: Tracker = field(default_factory=Tracker)  # --log: set by train(), fed by score and select_and_save
 
     @property
     def select_key(self) -> str | None:
@@ -144,6 +147,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     """
     job, state = setup(cfg, overwrite=overwrite, resume=resume)
     cfg = job.cfg  # the backbone decided for the device
+    job.tracker = open_tracker(cfg, job.run.path, job.dist.is_main, state.epoch if resume else None)
     rows = job.run.metrics()[:state.epoch + 1] if resume else [start(job, state)]
     loader = make_loader(job.data.train, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.loader_workers,
                          rank=job.dist.rank, world_size=job.dist.world_size, pin_memory=job.device.type == "cuda")
@@ -158,6 +162,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
         select_and_save(job, state, epoch, rows)
         if on_epoch is not None:
             on_epoch(rows[-1])
+    job.tracker.close()
     return finish(job, state)
 
 
@@ -191,6 +196,7 @@ def setup(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> tuple[Job, Trai
     job = Job(cfg, data, device, dist, run, select)
     if resume:
         state.load_state_dict(run.load_checkpoint(LAST))
+        reschedule(state.scheduler, cfg, state.epoch)  # a no-op unless the run was extended
         run.log(f"resuming from epoch {state.epoch}", dist.is_main)
     elif dist.is_main:
         run.start(cfg, overwrite, extra={"data_manifest_sha256": manifest_sha256(cfg.data), "selection": select})
@@ -277,7 +283,8 @@ def score(job: Job, model: EmbeddingNet) -> dict:
         splits.append(job.data.test)
     row = {}
     for split in splits:
-        res, _ = evaluate_split(model, split, job.cfg, job.device, job.dist)
+        res, feats = evaluate_split(model, split, job.cfg, job.device, job.dist)
+        job.tracker.scored(split, feats)
         row.update({f"{split.name}_{k}": v for k, v in res.items()})
     return row
 
@@ -291,6 +298,7 @@ def select_and_save(job: Job, state: TrainState, epoch: int, rows: list[dict]) -
         state.best_epoch, state.best_score = epoch, value
     state.epoch = epoch
     if job.dist.is_main:
+        job.tracker.epoch(rows[-1])  # before the checkpoint: a resume purges the epochs logged after it
         checkpoint = state.state_dict()
         if improved:
             job.run.save_checkpoint(BEST, checkpoint)
@@ -319,7 +327,8 @@ def finish(job: Job, state: TrainState) -> dict:
     summary = {"checkpoint": BEST, "epoch": state.best_epoch, "selected_on": job.select,
                "select_metric": None if job.select == "last" else cfg.select_metric,
                "selection_score": None if job.select == "last" else state.best_score,
-               "split": "test", "queries": job.data.test.num_queries, "test": res}
+               "split": "test", "queries": job.data.test.num_queries, "lone_queries": job.data.test.lone_queries,
+               "test": res}
     if job.select == "test":
         summary["warning"] = "selected on test: the test figures are optimistic (only for reproducing tables)"
     if dist.is_main:
@@ -350,7 +359,9 @@ def selection_line(summary: dict) -> str:
         if how == "test":
             chosen += " [SELECTED ON TEST: optimistic]"
     test = " ".join(f"{k}={v:.4f}" for k, v in summary["test"].items())
-    return f"{chosen}\ntest ({summary['queries']} queries, once, for the selected checkpoint): {test}"
+    lone = summary.get("lone_queries")
+    left_out = f", {lone} without another image of its class left out" if lone else ""
+    return f"{chosen}\ntest ({summary['queries']} queries{left_out}, once, for the selected checkpoint): {test}"
 
 
 def check_proxies_in_sync(loss_fn: nn.Module) -> None:
@@ -367,11 +378,51 @@ def check_finite(value: float, epoch: int, run: RunDir) -> None:
                                f"{run / LAST} (try a lower --lr)")
 
 
-def resume(run_dir: str | Path) -> dict:
-    """Continue a killed run from its last finished epoch."""
+def resume(run_dir: str | Path, epochs: int | None = None) -> dict:
+    """Continue a killed run from its last finished epoch; return the summary of eval.json.
+
+    `epochs` above the run's extends an unfinished run: config.json records the new total and the learning-rate
+    schedule becomes the one of a run planned for that many epochs, from the epoch reached on (`reschedule`).
+    A finished run is left as it is (the summary says `already_finished`); extending it is refused, since its
+    test split was evaluated and a longer run chosen after that would be chosen on test."""
     run = RunDir(run_dir)
     cfg = run.config()
     if not (run / LAST).exists():
         raise UserError(f"{run.path} has no checkpoint to resume from ({LAST}); start it again with train")
+    if epochs is not None and epochs < cfg.epochs:
+        raise UserError(f"--epochs {epochs} is fewer than the run's {cfg.epochs}; a resume continues or extends a "
+                        "run, never shortens it")
+    done = run.load_checkpoint(LAST)["epoch"]
+    if done >= cfg.epochs and (run.eval() is not None or not cfg.final_test):
+        if epochs is not None and epochs > cfg.epochs:
+            raise UserError(f"{run.path} finished at epoch {done} and its test split was evaluated; a longer run "
+                            f"chosen now would be chosen after seeing test. Start a new one: mproxy train --config "
+                            f"{run / CONFIG} --epochs {epochs} --out NEW_RUN")
+        return {**(run.eval() or {}), "already_finished": done}
+    if epochs is not None and epochs > cfg.epochs:
+        run.extend(epochs)
+        run.log(f"extending the run from {cfg.epochs} to {epochs} epochs (schedule rebuilt from epoch {done})")
+        cfg.epochs = epochs
     cfg.out = str(run.path)
     return train(cfg, resume=True)
+
+
+def reschedule(scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig, epoch: int) -> None:
+    """Make `scheduler`, restored at `epoch` from a run planned for fewer epochs, the schedule of a run planned
+    for `cfg.epochs`: the rates of the epochs to come are those that run would use (cosine annealed over the new
+    total; multistep x0.1 at its milestones). Epochs already trained keep the rates they had."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+        if scheduler.T_max == cfg.epochs:
+            return
+        scheduler.T_max = cfg.epochs
+        factor = (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
+    else:
+        milestones = lr_milestones(cfg.epochs, cfg.milestone_rounding)
+        if sorted(scheduler.milestones) == milestones:
+            return
+        scheduler.milestones = Counter(milestones)
+        factor = scheduler.gamma ** sum(m <= epoch for m in milestones)
+    eta_min = getattr(scheduler, "eta_min", 0.0)  # multistep: none
+    for group in scheduler.optimizer.param_groups:
+        group["lr"] = eta_min + (group["initial_lr"] - eta_min) * factor
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
