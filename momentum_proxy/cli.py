@@ -15,7 +15,7 @@ from typing import get_args, get_origin, get_type_hints
 
 import jsonargparse
 
-from momentum_proxy import __version__
+from momentum_proxy import __version__, paths
 from momentum_proxy.config import METRICS, RECIPES, TrainConfig, read_config_file, run_folder_name
 from momentum_proxy.errors import UserError, require_extra
 from momentum_proxy.fileio import check_writable_folder, read_json
@@ -250,9 +250,13 @@ def given_options(argv: list[str]) -> set[str]:
     return {names[arg.split("=")[0]] for arg in argv if arg.split("=")[0] in names}
 
 
-def check_resume_options(a) -> int | None:
-    """For `train --resume RUN`: the extended `--epochs`, if given; any other option that differs from the run's
-    config.json is refused, naming it (a resume continues the run as configured)."""
+RESUME_MAY_CHANGE = ("device", "loader_workers", "log")  # where and how a run trains and logs, not what it learns
+
+
+def check_resume_options(a) -> tuple[int | None, dict]:
+    """For `train --resume RUN`: the extended `--epochs` (if given) and the given `RESUME_MAY_CHANGE` options;
+    any other option that differs from the run's config.json is refused, naming it (a resume continues the run
+    as configured)."""
     if not (Path(a.resume) / "config.json").is_file():
         raise UserError(f"{a.resume} is not a run folder (no config.json)")
     stored = TrainConfig.from_dict(read_json(Path(a.resume) / "config.json"))
@@ -264,21 +268,23 @@ def check_resume_options(a) -> int | None:
     fields_given = given - {"optimizer_type"}
     if "optimizer_type" in given:  # the original spelling sets both
         fields_given |= {"optimizer", "proxy_update"}
-    for name in sorted(fields_given - {"epochs"}):
+    may_change = ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE)
+    for name in sorted(fields_given - {"epochs", *RESUME_MAY_CHANGE}):
         if getattr(asked, name) != getattr(stored, name):
             raise UserError(f"--{name.replace('_', '-')} {getattr(asked, name)} differs from the run's "
                             f"{getattr(stored, name)} (config.json); --resume continues the run as configured "
-                            "(only --epochs may extend it); start a new run for other options")
-    return a.epochs if "epochs" in given else None
+                            f"(--epochs may extend it; {may_change} may change); start a new run for other options")
+    changes = {name: getattr(asked, name) for name in fields_given & set(RESUME_MAY_CHANGE)}
+    return (a.epochs if "epochs" in given else None), changes
 
 
 def run_train(a) -> None:
     if a.resume:
-        epochs = check_resume_options(a)
+        epochs, changes = check_resume_options(a)
         from momentum_proxy.training import loop as training  # job
 
         a.on_interrupt = f"continue with: mproxy train --resume {a.resume}"
-        summary = training.resume(a.resume, epochs=epochs)
+        summary = training.resume(a.resume, epochs=epochs, **changes)
         if "already_finished" in summary:
             print(f"{a.resume}: already finished at epoch {summary['already_finished']}; nothing changed "
                   f"(its test result: {Path(a.resume) / 'eval.json'})")
@@ -359,7 +365,7 @@ def run_retrieve(a) -> None:
                                split=a.split, device=a.device, runtime=a.runtime)
     print(f"searched {r.collection}" + (f"; -k {a.k} capped to the {len(r.results)} images there"
                                          if len(r.results) < a.k else ""))
-    print(ranked_list(r.results))
+    print(ranked_list(r))
     print(f"retrieval picture: {png}")
 
 
@@ -563,6 +569,32 @@ def run_bench(a) -> None:
           f"onnxruntime fp32 / torch {res['onnx_speedup']:.3f}   int8 / torch {res['onnx_int8_speedup']:.3f}")
 
 
+def check_paths(a) -> None:
+    """Refuse a missing or wrong input path in one line before anything heavy is imported (see `paths`)."""
+    run_dir = getattr(a, "run_dir", None)
+    if a.command in ("evaluate", "retrieve", "index", "export") and run_dir:
+        paths.check_run(run_dir)
+    if a.command == "train" and not a.resume and a.data:
+        paths.check_dataset(a.data)
+    if a.command in ("tune", "sweep") or a.command == "bench" and a.data:
+        paths.check_dataset(a.data)
+    if a.command == "export" and a.calibration:
+        paths.check_dataset(a.calibration)
+    if a.command == "serve" or a.command == "retrieve" and a.index:
+        paths.check_index(a.index)
+    if a.command == "retrieve":
+        paths.check_file(a.query, "query image")
+    if a.command == "index" and a.images:
+        if not Path(a.images).exists():
+            raise UserError(f"image folder not found: {a.images}")
+    if a.command == "evaluate" and a.embeddings:
+        paths.check_file(a.embeddings, "embeddings file")
+    if a.command == "tune" and a.space:
+        paths.check_file(a.space, "search space file")
+    if a.command in ("plot", "report"):
+        paths.check_folder(a.folder, "run folder" if getattr(a, "what", None) == "curves" else "folder of runs")
+
+
 def needed_extras(a) -> list[tuple[str, str]]:
     """(extra, what needs it) for each optional extra (pyproject.toml) the parsed command line needs."""
     needs = [(a.command, f"mproxy {a.command}")] if a.command in ("serve", "tune") else []
@@ -617,6 +649,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for extra, what in needed_extras(args):
             require_extra(extra, what)
+        check_paths(args)
         COMMANDS[args.command][1](args)
     except UserError as e:
         print(f"mproxy: error: {e}", file=sys.stderr)

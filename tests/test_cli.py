@@ -3,6 +3,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -328,7 +330,7 @@ BAD = [  # (command line with placeholders, expected text of the one-line error)
     (["train", "--resume", "FILE"], "not a run folder"),
     (["retrieve", "RUN", "--query", "QUERY", "--out", "FILE"], "is a file"),
     (["retrieve", "RUN", "--query", "QUERY", "--out", "READ_ONLY"], "cannot write the output folder"),
-    (["retrieve", "RUN", "--query", "DIR", "--out", "DIR/r"], "is a folder; give one image file"),
+    (["retrieve", "RUN", "--query", "DIR", "--out", "DIR/r"], "is a folder; a file is expected"),
     (["retrieve", "RUN", "--query", "QUERY", "-k", "0"], "-k must be at least 1"),
     (["retrieve", "RUN", "--query", "QUERY", "--split", "dev", "--out", "DIR/r"], "unknown --split"),
     (["retrieve", "FILE", "--query", "QUERY", "--out", "DIR/r"], "not a run folder"),
@@ -342,7 +344,7 @@ BAD = [  # (command line with placeholders, expected text of the one-line error)
     (["prepare", "synthetic", "--out", "DATA"], "already holds a prepared dataset"),
     (["sweep", "--data", "DATA", "--out", "DIR/s", "--momentum", "a,b", *TRAIN], "expected comma-separated float"),
     (["report", "DIR"], "no finished run"),
-    (["plot", "curves", "FILE"], "no metrics.csv"),
+    (["plot", "curves", "FILE"], "is a file; a run folder is expected"),
 ]
 
 
@@ -478,3 +480,32 @@ def test_an_interrupted_command_says_how_to_continue(tiny_data, tmp_path, capsys
     monkeypatch.setattr(loop, "train", interrupted)
     code, _, err = run_cli(["train", "--data", tiny_data, "--out", tmp_path / "r", *TRAIN], capsys)
     assert code == 130 and err == f"mproxy: interrupted; continue with: mproxy train --resume {tmp_path / 'r'}\n"
+
+
+def test_every_command_refuses_a_wrong_path_before_importing_torch(tmp_path):
+    """One subprocess runs each command line in turn and checks that torch (and pandas) were never imported."""
+    missing = tmp_path / "missing"
+    cases = [["train", "--data", missing, "--out", tmp_path / "r"], ["evaluate", missing],
+             ["evaluate", "--embeddings", missing / "e.npz"], ["retrieve", missing, "--query", __file__],
+             ["retrieve", "--index", missing, "--query", __file__], ["index", missing, "--images", tmp_path,
+                                                                      "--out", tmp_path / "i"],
+             ["export", missing, "--out", tmp_path / "m.onnx"], ["serve", missing],
+             ["plot", "curves", missing], ["report", missing], ["tune", "--data", missing, "--out", tmp_path / "t",
+                                                                "--trials", "1"],
+             ["sweep", "--data", missing, "--out", tmp_path / "s"], ["train", "--resume", missing]]
+    code = f"""
+import sys
+from momentum_proxy.cli import main
+for args in {[[str(a) for a in case] for case in cases]!r}:
+    try:
+        main(args)
+    except SystemExit as e:
+        assert e.code == 2, (args, e.code)
+    heavy = {{"torch", "pandas", "faiss"}} & set(sys.modules)
+    assert not heavy, (args, heavy)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == len(cases) and all(line.startswith("mproxy: error: ") and "missing" in line
+                                            for line in lines), lines

@@ -79,6 +79,8 @@ def test_core_commands_need_no_extra(core_run, tiny_data, tmp_path):
     (["evaluate", "{run}", "--runtime", "onnx"], "mproxy evaluate --runtime onnx", "export"),
     (["retrieve", "{run}", "--query", "q.png", "--runtime", "onnx"], "mproxy retrieve --runtime onnx", "export"),
     (["index", "{run}", "--out", "{tmp}/index", "--runtime", "onnx"], "mproxy index --runtime onnx", "export"),
+    (["train", "--data", "{data}", "--out", "{tmp}/run", "--log", "tensorboard"], "mproxy train --log tensorboard",
+     "track"),
 ])
 def test_a_command_whose_extra_is_missing_names_it_in_one_line(core_run, tiny_data, tmp_path, args, what, extra):
     proc = mproxy(*[a.format(run=core_run, data=tiny_data, tmp=tmp_path) for a in args])

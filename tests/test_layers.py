@@ -11,7 +11,7 @@ import momentum_proxy
 
 ROOT = Path(momentum_proxy.__file__).parent
 # Lowest first. Plain modules of the package root are the foundation; the application sits on top.
-FOUNDATION = ("errors", "fileio", "perf", "config", "vectors", "plots", "runs", "distributed")
+FOUNDATION = ("errors", "fileio", "paths", "perf", "config", "vectors", "plots", "runs", "distributed")
 LAYERS = [FOUNDATION, ("data",), ("models",), ("embedding",), ("evaluation",), ("training",), ("deploy",),
           ("retrieval",), ("serving",), ("experiments",), ("demo", "cli", "__main__", "__init__")]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}

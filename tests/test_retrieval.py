@@ -191,3 +191,16 @@ def test_a_large_k_caps_the_picture_not_the_ranked_list(tiny_run, tiny_data, tmp
     with Image.open(tmp_path / "r" / "retrieval.png") as im:
         rows = -(-(MAX_DRAWN + 1) // 10)
         assert im.width <= 2000 and im.height <= rows * 250 + 50  # 5 rows of 10 cells, not 7
+
+
+def test_a_result_that_is_a_copy_of_the_query_file_is_marked(tiny_run, images, tmp_path, capsys):
+    build_index(tiny_run, images, tmp_path / "idx")
+    query = tmp_path / "copy.jpg"
+    shutil.copy(images / "species_04" / "0002.jpg", query)  # another path, the same bytes
+    code, out, _ = run_cli(["retrieve", "--index", tmp_path / "idx", "--query", query, "-k", 4,
+                            "--out", tmp_path / "r"], capsys)
+    rows = [line for line in out.splitlines() if line.startswith("#")]
+    assert code == 0 and "species_04/0002.jpg  (the query image itself)" in rows[0]
+    assert not any("query image itself" in line for line in rows[1:])
+    results = json.loads((tmp_path / "r" / "results.json").read_text())["results"]
+    assert [r["query_itself"] for r in results] == [True, False, False, False]

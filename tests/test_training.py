@@ -476,9 +476,28 @@ def test_resume_refuses_options_that_differ_from_the_run_in_one_line(tiny_config
     run = tiny_config.out
     code, out, _ = run_cli(["train", "--resume", run, "--epochs", "1", "--batch-size", "8"], capsys)
     assert code == 0 and f"{run}: already finished at epoch 1; nothing changed" in out  # same values: fine
+    code, out, _ = run_cli(["train", "--resume", run, "--device", "cpu", "--loader-workers", "1"], capsys)
+    assert code == 0 and "already finished" in out  # where and how it runs may change
     for args, message in [(["--lr", "0.1"], "--lr 0.1 differs from the run's 2.15e-05 (config.json)"),
                           (["--optimizer_type", "sgd"], "--optimizer sgd differs from the run's adam"),
                           (["--data", run], "--data cannot be given with --resume"),
                           (["--epochs", "2"], "finished at epoch 1 and its test split was evaluated")]:
         code, _, err = run_cli(["train", "--resume", run, *args], capsys)
         assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_splits_are_checked_before_the_first_epoch_and_a_whole_warm_up_is_warned_about(tiny_data, tiny_config,
+                                                                                       tmp_path, capsys):
+    import pandas as pd
+
+    df = pd.read_csv(tiny_data / "manifest.csv")
+    df["path"] = [str(tiny_data / p) for p in df["path"]]
+    one_each = df[(df["split"] != "test") | ~df.duplicated("class_name")]  # every test class keeps one image
+    data = tmp_path / "one_each"
+    data.mkdir()
+    one_each.to_csv(data / "manifest.csv", index=False)
+    with pytest.raises(UserError, match="no test query has another image of its class"):
+        training.train(replace(tiny_config, data=str(data)))
+    assert not Path(tiny_config.out).exists()  # refused before anything was written or trained
+    training.train(replace(tiny_config, epochs=1, warmup_epochs=1))
+    assert "--warmup-epochs 1 covers all 1 epoch(s): the backbone is never trained" in capsys.readouterr().err

@@ -75,11 +75,18 @@ def test_study_writes_trials_best_config_report_and_plots(study_dir, tiny_data):
         assert not (run / "eval.json").exists() and not (run / "embeddings.npz").exists()  # test never embedded
         assert not any(k.startswith("test") for k in rows[0])
     assert json.loads((out / "best.json").read_text()) == best
-    assert best == {"data": str(tiny_data.absolute()), **{k: v for k, v in SPACE.items() if k != "epochs"},
-                    **study.best_trial.user_attrs["options"], "epochs": 1, "seed": 0}
-    assert study.best_value == max(t.value for t in study.trials)
+    chosen = [t for t in study.trials if t.user_attrs["options"].items() <= best.items()]
+    assert len(chosen) == 1 and best == {"data": str(tiny_data.absolute()), **{k: v for k, v in SPACE.items()
+                                         if k != "epochs"}, **chosen[0].user_attrs["options"], "epochs": 1, "seed": 0}
+    default, other = study.trials
+    assert chosen[0].value >= default.value  # best.json never scores below the default recipe on val
+    assert chosen[0].number == (other.number if other.value > default.value else default.number)
     report = (out / "report.md").read_text()
-    assert all(re.search(rf"^\| {t.number} \| {100 * t.value:.2f} \|", report, re.M) for t in study.trials)
+    assert re.search(rf"^\| 0 \(default\) \| {100 * default.value:.2f} \|", report, re.M)
+    assert re.search(rf"^\| 1 \| {100 * other.value:.2f} \|", report, re.M)
+    assert f"| default recipe | 0 | {100 * default.value:.2f} |" in report
+    assert f"| difference | | {100 * (other.value - default.value):+.2f} |" in report
+    assert ("No trial beat the default recipe" in report) == (other.value <= default.value)
     assert "Parameter importances" in report
     links = re.findall(r"\]\(([^)]+\.png)\)", report)
     assert {"best_curves.png", "history.png", "params.png", "importances.png"} <= set(links)
@@ -118,9 +125,126 @@ def test_no_trial_reads_test_labels(study_dir, tiny_data, tmp_path, monkeypatch,
 def test_resume_with_other_options_is_refused(study_dir):
     out, _ = study_dir
     before = shown(load(out))
-    with pytest.raises(UserError, match="another space"):
+    with pytest.raises(UserError, match=r"holds a study with space entry pooling \{.*\}, not max; use another --out"):
         tune.tune(load(out).user_attrs["identity"]["data"], out, trials=4, space={**SPACE, "pooling": "max"})
     assert shown(load(out)) == before
+
+
+def test_resume_with_another_budget_names_both_values(study_dir, tmp_path, capsys):
+    out, _ = study_dir
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps(SPACE))
+    data = load(out).user_attrs["identity"]["data"]
+    with pytest.raises(SystemExit):
+        cli.main(["tune", "--data", data, "--out", str(out), "--trials", "2", "--space", str(space),
+                  "--budget-epochs", "2", "--seed", "3"])
+    assert capsys.readouterr().err == (f"mproxy: error: {out} holds a study with epochs 1, not 2 and seed 0, not 3; "
+                                       "use another --out or the same settings\n")
+
+
+def test_trial_0_is_the_default_recipe(study_dir):
+    """Trial 0's parameters and its run's options are TrainConfig's defaults; feature_dim, whose default 512 is
+    not among SPACE's choices, is left to the sampler and said so."""
+    out, _ = study_dir
+    d = TrainConfig(data="", out="")
+    scale, margin = d.loss_params
+    trial0, trial1 = load(out).trials
+    assert {k: v for k, v in trial0.params.items() if k != "feature_dim"} == {
+        "loss": d.loss, f"loss_scale[{d.loss}]": scale, f"margin[{d.loss}]": margin, "lr": d.lr,
+        "backbone_lr_mult": d.backbone_lr_mult, "schedule": d.schedule, "proxy_momentum": d.proxy_momentum,
+        "momentum_target": d.momentum_target, "pooling": d.pooling, "aug_scale_min": d.aug_scale_min}
+    assert trial0.params["feature_dim"] in (16, 32)
+    assert trial0.user_attrs[tune.DEFAULT] == {"feature_dim": "the default 512 is not among the choices [16, 32]"}
+    trained = RunDir(out / "trials" / "0").config()
+    searched = ("loss", "lr", "backbone_lr_mult", "schedule", "proxy_momentum", "momentum_target", "pooling",
+                "aug_scale_min")
+    assert {k: getattr(trained, k) for k in searched} == {k: getattr(d, k) for k in searched}
+    assert trained.loss_params == d.loss_params
+    assert tune.DEFAULT not in trial1.user_attrs and trial1.params != trial0.params
+    assert "feature_dim (the default 512 is not among the choices [16, 32])" in (out / "report.md").read_text()
+
+
+def test_every_default_lies_in_the_default_space(tiny_data):
+    base = tune.base_config(tiny_data, tune.load_space(), 3, 0)
+    params, drawn = tune.default_params(tune.load_space(), base)
+    assert drawn == {}
+    assert set(params) == {"loss", "loss_scale[cos_face]", "margin[cos_face]"} | (
+        set(tune.DEFAULT_SPACE) - {"loss", "loss_scale", "margin", "epochs"})
+
+
+def test_defaults_outside_the_space_are_drawn_and_said(tiny_data):
+    space = tune.load_space({"lr": {"type": "float", "low": 1e-3, "high": 1e-2},
+                             "warmup_epochs": {"type": "int", "low": 0, "high": 4, "step": 2},
+                             "loss": {"type": "categorical", "choices": ["arc_face", "proxy_nca"]}})
+    base = tune.base_config(tiny_data, space, 1, 0)
+    params, drawn = tune.default_params(space, base)
+    assert drawn == {"lr": "the default 2.15e-05 is outside 0.001..0.01",
+                     "warmup_epochs": "the default 1 is off the grid 0 + k * 2",
+                     "loss": "the default cos_face is not among the choices ['arc_face', 'proxy_nca']",
+                     "loss_scale": "follows the drawn loss", "margin": "follows the drawn loss"}
+    study = optuna.create_study(direction="maximize")
+    tune.enqueue_default(study, space, base)
+    trial = study.ask()
+    options = space.suggest(trial)
+    assert trial.user_attrs[tune.DEFAULT] == drawn
+    assert 1e-3 <= options["lr"] <= 1e-2 and options["warmup_epochs"] in (0, 2, 4)
+    assert options["loss"] in ("arc_face", "proxy_nca") and options["image_size"] == base.image_size
+    fixed_loss = tune.load_space({"loss": "arc_face"})  # ArcFace's scale and margin default to the library's
+    _, drawn = tune.default_params(fixed_loss, tune.base_config(tiny_data, fixed_loss, 1, 0))
+    assert set(drawn) == {"loss_scale[arc_face]", "margin[arc_face]"}
+
+
+def test_a_resumed_study_does_not_enqueue_the_default_again(tiny_data, tmp_path, capsys, no_plots):
+    out = tmp_path / "study"
+    tune.tune(tiny_data, out, trials=1, space=SPACE)
+    printed = capsys.readouterr().out
+    assert "trial 0 is the default recipe but for feature_dim, drawn: the default 512 is not among" in printed
+    assert "trial 0 (default recipe; drawn: feature_dim) complete" in printed
+    assert "no trial beat the default recipe (trial 0, val MAP@R" in printed
+    tune.tune(tiny_data, out, trials=2, space=SPACE)
+    assert "default recipe but for" not in capsys.readouterr().out
+    trials = load(out).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert [tune.DEFAULT in t.user_attrs for t in trials] == [True, False]
+
+
+def synthetic_study(values: list[float], default_at: int) -> optuna.Study:
+    """Finished complete trials with val MAP@R `values`; the one at `default_at` is the default recipe's."""
+    study = optuna.create_study(direction="maximize")
+    lr = optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)
+    for i, value in enumerate(values):
+        attrs = {tune.FINISHED: True, "options": {"lr": 1e-5 * (i + 1)}, "val_map@r": value, "val_recall@1": value,
+                 "best_epoch": 1, "start_map@r": 0.1, **({tune.DEFAULT: {}} if i == default_at else {})}
+        study.add_trial(optuna.trial.create_trial(params={"lr": 1e-5 * (i + 1)}, distributions={"lr": lr},
+                                                  value=value, user_attrs=attrs))
+    return study
+
+
+@pytest.mark.parametrize("values, chosen, sentence", [
+    ([0.5, 0.4, 0.45], 0, "no trial beat the default recipe (trial 0, val MAP@R 50.00; the best other, trial 2, "
+                          "45.00, difference -5.00): best.json is the default recipe"),
+    ([0.5, 0.6, 0.45], 1, "trial 1 val MAP@R 60.00 against the default recipe (trial 0) 50.00, difference +10.00"),
+])
+def test_report_and_summary_compare_the_best_with_the_default(values, chosen, sentence, tiny_data, tmp_path,
+                                                             capsys, no_plots):
+    study = synthetic_study(values, default_at=0)
+    base = tune.base_config(tiny_data, tune.load_space(SPACE), 1, 0)
+    best = tune.write_outputs(study, tmp_path, base, tune.load_space(SPACE))
+    assert best["lr"] == 1e-5 * (chosen + 1) and json.loads((tmp_path / "best.json").read_text()) == best
+    assert capsys.readouterr().out.startswith(f"best: {sentence}; ")
+    report = (tmp_path / "report.md").read_text()
+    top = 2 if chosen == 0 else chosen
+    assert (f"| default recipe | 0 | 50.00 |\n| {'best other' if chosen == 0 else 'best'} | {top} | "
+            f"{100 * values[top]:.2f} |\n| difference | | {100 * (values[top] - 0.5):+.2f} |") in report
+    assert sentence[0].upper() + sentence[1:] + "." in report and f"Best: trial {chosen}" in report
+
+
+def test_a_tie_with_the_default_recommends_the_default(tiny_data, tmp_path, no_plots):
+    """The default is recommended unless beaten, also when its retry came after a tying trial."""
+    study = synthetic_study([0.5, 0.5], default_at=1)
+    base = tune.base_config(tiny_data, tune.load_space(SPACE), 1, 0)
+    assert tune.write_outputs(study, tmp_path, base, tune.load_space(SPACE))["lr"] == 2e-5
+    assert "No trial beat the default recipe (trial 1" in (tmp_path / "report.md").read_text()
 
 
 def test_killed_tune_resumes_without_rerunning_finished_trials(tiny_data, tmp_path, capsys, no_plots):
@@ -142,6 +266,7 @@ def test_killed_tune_resumes_without_rerunning_finished_trials(tiny_data, tmp_pa
     trials = load(out).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     assert trials[1].user_attrs["interrupted"] and trials[2].params == trials[1].params  # the killed one, retried
+    assert [tune.DEFAULT in t.user_attrs for t in trials] == [True, False, False]  # not queued again on resume
     assert trials[0].value == first[0].value and (out / "trials" / "0" / "metrics.csv").stat().st_mtime_ns == log0
     assert "trial 1 was interrupted" in capsys.readouterr().out
     assert json.loads((out / "best.json").read_text())["lr"] == max(
@@ -221,7 +346,7 @@ def test_space_of_the_earlier_spelling_loads_and_its_study_continues(tmp_path):
     identity = {"data": "d", "epochs": 3, "seed": 0}
     tune.open_study(tmp_path, {**identity, "space": earlier})
     tune.open_study(tmp_path, {**identity, "space": tune.load_space().entries})  # continues: no error
-    with pytest.raises(UserError, match="another space"):
+    with pytest.raises(UserError, match="space entry pooling"):
         tune.open_study(tmp_path, {**identity, "space": {**tune.load_space().entries, "pooling": "max"}})
 
 
@@ -294,6 +419,15 @@ def test_interrupted_trials_are_failed_and_queued_again_once(tmp_path):
     assert [t.user_attrs["retry_of"] for t in trials[3:]] == [killed.number, ctrl_c.number]
     for retried in (killed, ctrl_c):  # the queued trials come next, with the interrupted ones' parameters
         assert study.ask().suggest_float("lr", 1e-5, 1e-3) == retried.params["lr"]
+
+
+def test_an_interrupted_default_trial_is_retried_as_the_default(tmp_path):
+    study, storage = tune.open_study(tmp_path, {"space": {}})
+    study.enqueue_trial({"lr": 2e-5}, user_attrs={tune.DEFAULT: {}})
+    study.ask().suggest_float("lr", 1e-5, 1e-3)  # killed while running
+    tune.retry_interrupted_trials(study, storage)
+    retry = study.get_trials()[1]
+    assert retry.state.name == "WAITING" and retry.user_attrs == {"retry_of": 0, tune.DEFAULT: {}}
 
 
 def test_a_second_tuner_on_the_same_folder_is_refused(tiny_data, tmp_path):

@@ -232,9 +232,13 @@ def load_datasets(root: str | Path, image_size: int, aug_scale_min: float = 0.16
         raise UserError("the train split needs at least 2 classes")
     if not val.empty and val["label"].value_counts().max() < 2:
         raise UserError(f"{where}: no val class has 2 images; retrieval on val is undefined")
-    return DatasetSplits(train=train_dataset(root, train, image_size, aug_scale_min), train_eval=eval_dataset(root, train, image_size),
+    test_split = EvalSplit("test", test, eval_dataset(root, test, image_size))
+    if test_split.lone_queries == test_split.num_queries:  # checked now, not after training
+        raise UserError(f"{where}: no test query has another image of its class; retrieval on test is undefined")
+    return DatasetSplits(train=train_dataset(root, train, image_size, aug_scale_min),
+                         train_eval=eval_dataset(root, train, image_size),
                          val=None if val.empty else EvalSplit("val", val, eval_dataset(root, val, image_size)),
-                         test=EvalSplit("test", test, eval_dataset(root, test, image_size)))
+                         test=test_split)
 
 
 def train_dataset(root, frame: pd.DataFrame, image_size: int, aug_scale_min: float = 0.16) -> ImageDataset:

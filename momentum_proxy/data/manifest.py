@@ -16,8 +16,8 @@ import pandas as pd
 
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path
+from momentum_proxy.paths import MANIFEST, check_dataset
 
-MANIFEST = "manifest.csv"
 COLUMNS = ["path", "label", "class_name", "split"]
 SPLITS = {"train", "val", "test", "query", "gallery"}
 
@@ -34,14 +34,8 @@ def write_manifest(root: str | Path, rows: pd.DataFrame | list[dict]) -> Path:
 def read_manifest(root: str | Path) -> pd.DataFrame:
     """Read and validate `root/manifest.csv`; raise UserError with a one-line reason when it is unusable."""
     root = Path(root)
-    if not root.exists():
-        raise UserError(f"data folder not found: {root}")
-    if not root.is_dir():
-        raise UserError(f"data path is not a folder: {root}")
+    check_dataset(root)
     path = root / MANIFEST
-    if not path.exists():
-        hint = " (empty folder)" if not any(root.iterdir()) else ""
-        raise UserError(f"no {MANIFEST} in {root}{hint}; prepare it first with `mproxy prepare ...`")
     try:
         df = pd.read_csv(path, dtype={"path": str, "class_name": str, "split": str})
     except Exception as e:  # pandas raises several types for garbage

@@ -419,7 +419,7 @@ def trial_line(study: optuna.Study, t: optuna.trial.FrozenTrial) -> str:
 
 
 def trial_name(t) -> str:
-    """"trial N", and what the default recipe's trial left drawn."""
+    """How lines and the report name a trial: "trial N", and for the default recipe's what it left drawn."""
     if DEFAULT not in t.user_attrs:
         return f"trial {t.number}"
     drawn = t.user_attrs[DEFAULT]

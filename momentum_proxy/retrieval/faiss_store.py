@@ -35,12 +35,12 @@ import numpy as np
 
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path, file_sha256, read_json, write_json
+from momentum_proxy.paths import META_FILE
 from momentum_proxy.retrieval.store import IndexStore
 from momentum_proxy.vectors import as_features, as_labels, knn, l2_normalize
 
 KINDS = ("exact", "ivf", "hnsw")
 LEGACY_INDEX_FILE = "index.faiss"  # format 1
-META_FILE = "meta.json"
 WRITER_LOCK = ".writer.lock"  # held by the one process that may write the folder (`mproxy index`, `mproxy serve`)
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)

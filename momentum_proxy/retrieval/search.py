@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from momentum_proxy.data.prepare import IMAGE_EXTS
 from momentum_proxy.deploy.runtimes import load_embedder
 from momentum_proxy.embedding.inference import embed_files
 from momentum_proxy.errors import UserError
-from momentum_proxy.fileio import check_writable_folder, folder_lock, write_json
+from momentum_proxy.fileio import check_writable_folder, file_sha256, folder_lock, write_json
 from momentum_proxy.plots import MAX_DRAWN, draw_results
 from momentum_proxy.retrieval.faiss_store import KINDS, META_FILE, UNKNOWN, WRITER_LOCK, FaissStore, read_meta
 from momentum_proxy.retrieval.hits import Hit, judged
@@ -44,6 +44,13 @@ class Retrieval:
     results: list[Hit]
     collection: str
     requested_k: int
+    copies: set[int] = field(default_factory=set)  # ids of results whose file holds the query's very bytes
+
+    def marks(self) -> list[str]:
+        """Per result, what the printed list says of it beyond its class: a copy of the query, same or other class."""
+        verdict = {True: "  same class", False: "  other class", None: ""}
+        return [("  (the query image itself)" if h.id in self.copies else "") + verdict[h.same_class]
+                for h in self.results]
 
 
 def is_query(query: Path, paths) -> np.ndarray:
@@ -298,7 +305,19 @@ def search_image(index: FaissStore, embedder, query: str | Path, k: int, collect
     own, hits = search_hits(index, feats, k, query_path=query)
     label = own["label"] if own else None
     results = judged(hits, label)
-    return Retrieval(query, label, own["class_name"] if own else None, results, collection, k)
+    return Retrieval(query, label, own["class_name"] if own else None, results, collection, k, copies(query, hits))
+
+
+def copies(query: Path, hits: list[Hit]) -> set[int]:
+    """Ids of the hits whose image file is a byte-for-byte copy of `query` (only near-1 scores are read)."""
+    size, digest = query.stat().st_size, None
+    found = set()
+    for h in hits:
+        if h.score > 0.999 and os.path.isfile(h.path) and os.path.getsize(h.path) == size:
+            digest = digest or file_sha256(query)
+            if file_sha256(h.path) == digest:
+                found.add(h.id)
+    return found
 
 
 def retrieve(run_dir: str | Path, query: str | Path, k: int = 8, *, database: str | Path | None = None,
@@ -353,7 +372,8 @@ def save_retrieval(r: Retrieval, out_dir: str | Path, extra: dict | None = None)
     """Write `out_dir/retrieval.png` and `out_dir/results.json`; return the picture's path. The picture shows the
     first `plots.MAX_DRAWN` results (results.json and the printed list hold all). Results whose image file is
     missing are kept in results.json (`missing`), left out of the picture, and reported on stderr."""
-    rows = [{**res.to_dict(), "missing": not os.path.isfile(res.path)} for res in r.results]
+    rows = [{**res.to_dict(), "query_itself": res.id in r.copies, "missing": not os.path.isfile(res.path)}
+            for res in r.results]
     missing = [row["path"] for row in rows if row["missing"]]
     if missing:
         print(f"mproxy: warning: {len(missing)} of {len(rows)} result images are missing (moved or deleted?), "
@@ -385,11 +405,11 @@ def resolve_database(run_dir: str | None, data_base: str | None) -> tuple[str, P
     return run_dir, database
 
 
-def ranked_list(results: list[Hit]) -> str:
-    """The results as text lines: rank, similarity, class, path (and a mark when the query's class is known)."""
-    mark = {True: "  same class", False: "  other class", None: ""}
-    return "\n".join(f"#{r.rank:<3d} {r.score:.3f}  {class_text(r)}  {r.path}{mark[r.same_class]}"
-                     for r in results)
+def ranked_list(r: Retrieval) -> str:
+    """The results as text lines: rank, similarity, class, path, and marks (a copy of the query; same or other
+    class when the query's class is known)."""
+    return "\n".join(f"#{h.rank:<3d} {h.score:.3f}  {class_text(h)}  {h.path}{mark}"
+                     for h, mark in zip(r.results, r.marks()))
 
 
 def class_text(hit: Hit) -> str:

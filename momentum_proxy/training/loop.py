@@ -11,6 +11,7 @@ the selected checkpoint (`--test-every-epoch` adds per-epoch test columns for cu
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -147,6 +148,9 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     """
     job, state = setup(cfg, overwrite=overwrite, resume=resume)
     cfg = job.cfg  # the backbone decided for the device
+    if cfg.warmup_epochs >= cfg.epochs and not resume and job.dist.is_main:
+        print(f"mproxy: warning: --warmup-epochs {cfg.warmup_epochs} covers all {cfg.epochs} epoch(s): the backbone "
+              "is never trained, only the head and proxies", file=sys.stderr)
     job.tracker = open_tracker(cfg, job.run.path, job.dist.is_main, state.epoch if resume else None)
     rows = job.run.metrics()[:state.epoch + 1] if resume else [start(job, state)]
     loader = make_loader(job.data.train, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.loader_workers,
@@ -378,13 +382,14 @@ def check_finite(value: float, epoch: int, run: RunDir) -> None:
                                f"{run / LAST} (try a lower --lr)")
 
 
-def resume(run_dir: str | Path, epochs: int | None = None) -> dict:
+def resume(run_dir: str | Path, epochs: int | None = None, **changes) -> dict:
     """Continue a killed run from its last finished epoch; return the summary of eval.json.
 
     `epochs` above the run's extends an unfinished run: config.json records the new total and the learning-rate
     schedule becomes the one of a run planned for that many epochs, from the epoch reached on (`reschedule`).
     A finished run is left as it is (the summary says `already_finished`); extending it is refused, since its
-    test split was evaluated and a longer run chosen after that would be chosen on test."""
+    test split was evaluated and a longer run chosen after that would be chosen on test. `changes` (e.g. device,
+    loader_workers, log) apply to this continuation only; they change where and how it runs, not what it learns."""
     run = RunDir(run_dir)
     cfg = run.config()
     if not (run / LAST).exists():
@@ -403,7 +408,7 @@ def resume(run_dir: str | Path, epochs: int | None = None) -> dict:
         run.extend(epochs)
         run.log(f"extending the run from {cfg.epochs} to {epochs} epochs (schedule rebuilt from epoch {done})")
         cfg.epochs = epochs
-    cfg.out = str(run.path)
+    cfg = cfg.with_(**changes, out=str(run.path))
     return train(cfg, resume=True)
 
 
