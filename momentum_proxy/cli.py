@@ -526,7 +526,7 @@ def add_tune(sub) -> None:
     p.add_argument("--out", required=True, help="study folder: study.db, trials/N/, best.json, report.md, plots")
     p.add_argument("--trials", type=int, required=True,
                    help="finished trials wanted in total; running the command again continues the study")
-    p.add_argument("--space", help="JSON or YAML search space put over the default one (README, 'Tune')")
+    p.add_argument("--space", help="JSON or YAML search space put over the default one (docs: Tune)")
     p.add_argument("--budget-epochs", type=int, default=None,
                    help="epochs of every trial and of best.json (default: the space's epochs, 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial's training")

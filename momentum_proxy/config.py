@@ -34,7 +34,7 @@ ORIGINAL_RECIPE = dict(backbone="resnet50", loss="proxy_nca", loss_scale=None, m
                        proxy_momentum=0.5, sgd_momentum=0.0, schedule="multistep", milestone_rounding="floor",
                        pooling="max", aug_scale_min=0.16, select="test", select_metric="recall@1")
 RECIPES = ("default", "original")
-# The default recipe's loss parameters, found by `mproxy tune` on birds50 (README, "Tune"); a loss not listed
+# The default recipe's loss parameters, found by `mproxy tune` on birds50 (docs: Tune); a loss not listed
 # here (the original recipe's ProxyNCA among them) uses pytorch-metric-learning's defaults.
 LOSS_DEFAULTS = {"cos_face": {"loss_scale": 30.7, "margin": 0.216}}
 # The backbone when none is given, by the type of the device that trains (`TrainConfig.for_device`).
@@ -55,7 +55,7 @@ class TrainConfig:
     """Every option of a training run (`mproxy train` options map 1:1 onto these fields).
 
     The defaults are the recipe `mproxy tune` found on real fine-grained photos (birds50, selected and compared
-    on validation; README, "Tune"): CosFace (scale 30.7, margin 0.216) with momentum proxies (m 0.637)
+    on validation; docs: Tune): CosFace (scale 30.7, margin 0.216) with momentum proxies (m 0.637)
     initialised at the class means, avg+max pooling, one warm-up epoch of head and proxies, lr 2.15e-5 with the
     backbone at 0.332 of it, a cosine schedule, and crops of at least half the image. Rounded to 3 digits.
     A backbone not given is decided by the device (`for_device`: EfficientNet-Lite0, ResNet-50 on CUDA) when

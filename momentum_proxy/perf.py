@@ -32,7 +32,7 @@ def share_heap() -> bool:
 
     A thread's arena is built from 64 MB heaps that are unmapped when freed, whatever `tune_allocator` says, so
     a model run by a worker thread (the service's batcher) page-faults its activations in again on every batch:
-    Lite0 at 224 px embedded a batch of 8 in 122 ms there against 91 ms with this setting (README, "Serve").
+    Lite0 at 224 px embedded a batch of 8 in 122 ms there against 91 ms with this setting (docs: Serve).
     Returns whether it was applied (glibc on Linux only)."""
     return mallopt(M_ARENA_MAX, 1)
 

@@ -156,7 +156,7 @@ class SeededSampler(Sampler):
 def default_workers(accelerator: bool = False) -> int:
     """Loader processes. With 2 cores or fewer and the model on the CPU, none: batches are then decoded by
     threads between model steps, because a loader process preempting the model's threads stalls every
-    parallel region (measured: pipeline efficiency 0.81 with one process, see README "Speed")."""
+    parallel region (measured: pipeline efficiency 0.81 with one process, see docs: Speed)."""
     cores = os.cpu_count() or 2
     if cores <= 2 and not accelerator:
         return 0

@@ -3,7 +3,7 @@
 Calibration: MinMax ranges over CALIBRATION_IMAGES training images of a prepared dataset (evaluation
 transform), weights per channel (int8), activations uint8, every layer quantised. Keeping layers in fp32
 (first conv, depthwise convs, the last conv, the LayerNorm + Linear head) or percentile/entropy calibration
-were measured too (README, "Deploy"): they recover quality but break the int8 chain, and the model then runs
+were measured too (docs: Deploy): they recover quality but break the int8 chain, and the model then runs
 slower than fp32 on this CPU. The quantised model is kept only when, on the dataset's `val` split (else its
 test split), R@1 drops by at most MAX_R1_DROP and it embeds faster than the fp32 model, timed batch by batch
 in alternation on the same images.

@@ -7,7 +7,7 @@ pickled). The child embeds exactly as the in-process torch embedder does (the sa
 model), with as many CPU threads as the parent asks for per batch. It exits when its stdin closes, so it never
 outlives its parent, even one killed with `kill -9`; a child that died is started again for the next batch.
 
-Why (README, "Serve"): on a 2-core CPU, two single-threaded model copies at batch 8 embedded about 10 % more
+Why (docs: Serve): on a 2-core CPU, two single-threaded model copies at batch 8 embedded about 10 % more
 images per second than one copy with both threads at its best batch size, and a model in the server's own
 process loses more than that to the event loop: its OpenMP threads wait for each other whenever the HTTP work
 takes one of their cores.

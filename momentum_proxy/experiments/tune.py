@@ -42,8 +42,8 @@ NOT_RESULT_OPTIONS = ("loader_workers", "device", "log_every", "eval_batch_size"
 FINISHED = "finished"  # user attribute of every trial that counts towards --trials
 DEFAULT = "default_recipe"  # user attribute of trial 0 (and of its retry): {searched parameter: why it was drawn}
 
-# The default search space: what measurably matters for proxy losses on a pretrained backbone (README,
-# "Training recipe"). Scale and margin ranges are per loss: their meaning differs (ArcFace's margin is in
+# The default search space: what measurably matters for proxy losses on a pretrained backbone (docs:
+# Tune). Scale and margin ranges are per loss: their meaning differs (ArcFace's margin is in
 # degrees, NormalizedSoftmax's scale is 1/temperature); a loss without a margin gets none.
 DEFAULT_SPACE = {
     "lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},

@@ -108,7 +108,7 @@ class Batcher:
     and run by one thread only. That matters on CPU: GNU OpenMP gives every thread that runs PyTorch operations
     its own worker pool, and once a process holds more OpenMP threads than cores its workers stop spinning and
     sleep between operations, which doubled the batch-1 latency of Lite0 when the model was loaded in another
-    thread (README, "Serve")."""
+    thread (docs: Serve)."""
 
     def __init__(self, setup: Callable[[], Callable[[list], np.ndarray]], max_batch: int = 32, wait_ms: float = 50.0,
                  on_batch: Callable[[int], None] | None = None, runners: int = 1):
@@ -235,7 +235,7 @@ def bucketed(run: Callable[[list], np.ndarray], max_batch: int, blank) -> Callab
     """`run` on batches padded with `blank` to the next power of two (or `max_batch`), each size run once now.
 
     For CUDA: cuDNN plans its convolutions for every new input shape the first time it meets it, which stalled
-    the served batches of each new size for seconds in a measured run (README, "Serve"); padded, a server
+    the served batches of each new size for seconds in a measured run (docs: Serve); padded, a server
     meets only these few sizes, all planned before it answers."""
     sizes = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
     for size in sizes:
@@ -330,7 +330,7 @@ class Searcher:
     async def asearch(self, query, k: int = 10, *, min_score: float | None = None) -> dict:
         """`search` for an event loop (the service's): an image is decoded in a worker thread, and its batch is
         awaited without holding a thread, so that the answers of a batch go out at once instead of through
-        one woken thread each (README, "Serve"). The search itself runs in the loop's thread where it is fast
+        one woken thread each (docs: Serve). The search itself runs in the loop's thread where it is fast
         (an approximate index, or an exact one of up to `INLINE_SEARCH_ITEMS` items), else in a worker."""
         if not is_image_query(query):
             return await asyncio.to_thread(self.search, query, k, min_score=min_score)
