@@ -44,6 +44,8 @@ _PUBLIC = {
     "build_index": "momentum_proxy.retrieval.search",
     "open_index": "momentum_proxy.retrieval.search",
     "retrieve": "momentum_proxy.retrieval.search",
+    "Rerank": "momentum_proxy.retrieval.rerank",
+    "rerank_knn": "momentum_proxy.retrieval.rerank",
 }
 __all__ = ["__version__", *_PUBLIC]
 

@@ -16,7 +16,7 @@ from typing import get_args, get_origin, get_type_hints
 import jsonargparse
 
 from momentum_proxy import __version__, paths
-from momentum_proxy.config import METRICS, RECIPES, TrainConfig, read_config_file, run_folder_name
+from momentum_proxy.config import METRICS, RECIPES, TrainConfig, check_tta, read_config_file, run_folder_name
 from momentum_proxy.errors import UserError, require_extra
 from momentum_proxy.fileio import check_writable_folder, read_json
 from momentum_proxy.perf import tune_allocator
@@ -301,6 +301,28 @@ def run_train(a) -> None:
     print(f"run folder: {out}")
 
 
+# ----------------------------------------------------------------------------------------------- re-ranking
+def add_rerank_options(p, what: str = "") -> None:
+    """--rerank and its parameters (`retrieval.rerank.Rerank`, checked by `rerank_of` before any model loads)."""
+    p.add_argument("--rerank", default="none",
+                   help=f"{what}re-ranking: none | aqe (alpha-query expansion) | dba (database-side augmentation) | "
+                        "dba+aqe | kreciprocal (k-reciprocal, Zhong et al. 2017); docs: Re-ranking")
+    p.add_argument("--rerank-k", type=int, default=None,
+                   help="neighbours: of aqe and dba (default 5), k1 of kreciprocal (default 20)")
+    p.add_argument("--rerank-alpha", type=float, default=None,
+                   help="aqe and dba: a neighbour weighs its similarity to the power alpha (default 3; 0: average)")
+    p.add_argument("--rerank-k2", type=int, default=None, help="kreciprocal: local query expansion size (default 6)")
+    p.add_argument("--rerank-lambda", type=float, default=None,
+                   help="kreciprocal: weight of the original distance beside the Jaccard distance (default 0.3)")
+
+
+def rerank_of(a):
+    """The parsed --rerank options as a `Rerank` (UserError for a bad one)."""
+    from momentum_proxy.retrieval.rerank import Rerank  # job: numpy and scipy, for the commands that search
+
+    return Rerank(a.rerank, a.rerank_k, a.rerank_alpha, a.rerank_k2, a.rerank_lambda)
+
+
 # ----------------------------------------------------------------------------------------------- evaluate
 def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="all retrieval metrics of a run's best checkpoint or of an embeddings file")
@@ -313,11 +335,23 @@ def add_evaluate(sub) -> None:
                         "its test result from training, is never changed)")
     p.add_argument("--device", default="auto")
     p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
+    p.add_argument("--tta", default="none", help="test-time augmentation: none | flip (each image and its mirror "
+                                                 "image, embeddings averaged; about twice the embedding time)")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="the run's split to evaluate: val to choose settings (e.g. --rerank), test once for the "
+                        "chosen one")
+    add_rerank_options(p)
 
 
 def run_evaluate(a) -> None:
     if bool(a.run_dir) == bool(a.embeddings):
         raise UserError("give a run folder or --embeddings FILE.npz (one of them)")
+    if a.embeddings and a.split != "test":
+        raise UserError("--split applies to a run; an --embeddings file is evaluated on its own rows (its split "
+                        "array)")
+    rerank = rerank_of(a)
+    if a.embeddings and a.tta != "none":
+        raise UserError("--tta applies where a run's model embeds images; an --embeddings file is already embedded")
     unknown = [m for m in a.metrics or [] if m not in METRICS]
     if unknown:
         raise UserError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
@@ -328,15 +362,17 @@ def run_evaluate(a) -> None:
 
     out = a.out
     if a.embeddings:
-        res = evaluate_file(a.embeddings, metrics=a.metrics, recalls=a.recalls, json_out=a.out)
+        res = evaluate_file(a.embeddings, metrics=a.metrics, recalls=a.recalls, json_out=a.out, rerank=rerank)
+        print(f"{a.embeddings}: rerank {rerank}")
     else:
         from momentum_proxy.deploy.runtimes import load_embedder  # job
 
-        embedder = load_embedder(a.run_dir, a.runtime, a.device)
-        out = a.out or evaluation_file(a.run_dir, embedder.runtime)
-        summary = evaluate_run(a.run_dir, metrics=a.metrics, recalls=a.recalls, out=out, embedder=embedder)
+        embedder = load_embedder(a.run_dir, a.runtime, a.device, a.tta)
+        out = a.out or evaluation_file(a.run_dir, embedder.runtime, a.tta, split=a.split, rerank=rerank)
+        summary = evaluate_run(a.run_dir, metrics=a.metrics, recalls=a.recalls, out=out, embedder=embedder,
+                               split=a.split, rerank=rerank)
         print(describe(summary, a.run_dir))
-        res = summary["test"]
+        res = summary[a.split]
     print(format_table(res))
     if out:
         print(f"written: {out}")
@@ -352,29 +388,37 @@ def add_retrieve(sub) -> None:
                                                     "test | val | train | all")
     p.add_argument("--data_base", "--data-base", dest="data_base",
                    help="(original) a run folder or its embeddings database (.npz)")
-    p.add_argument("--index", help="search a saved index (mproxy index) instead of the run's database")
+    p.add_argument("--index", help="search a saved index (mproxy index: a folder, milvus:PATH.db or "
+                                   "milvus://HOST:PORT/COLLECTION) instead of the run's database")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/retrieval)")
     p.add_argument("--device", default="auto")
     p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
+    p.add_argument("--tta", default=None, help="test-time augmentation: none | flip (each image and its mirror image, "
+                                               "embeddings averaged; about twice the embedding time); default: the "
+                                               "index's own, else none")
+    add_rerank_options(p)
 
 
 def run_retrieve(a) -> None:
+    rerank = rerank_of(a)
     from momentum_proxy.retrieval.search import ranked_list, retrieve_and_draw  # job
 
     r, png = retrieve_and_draw(a.query, a.k, a.out, run_dir=a.run_dir, index_dir=a.index, data_base=a.data_base,
-                               split=a.split, device=a.device, runtime=a.runtime)
-    print(f"searched {r.collection}" + (f"; -k {a.k} capped to the {len(r.results)} images there"
-                                         if len(r.results) < a.k else ""))
+                               split=a.split, device=a.device, runtime=a.runtime, tta=a.tta, rerank=rerank)
+    print(f"searched {r.collection}" + (f", re-ranked by {rerank}" if rerank.active else "")
+          + (f"; -k {a.k} capped to the {len(r.results)} images there" if len(r.results) < a.k else ""))
     print(ranked_list(r))
     print(f"retrieval picture: {png}")
 
 
 # ----------------------------------------------------------------------------------------------- index
 def add_index(sub) -> None:
-    p = sub.add_parser("index", help="embed an image collection with a trained model into a faiss index")
+    p = sub.add_parser("index", help="embed an image collection with a trained model into an index (faiss or Milvus)")
     p.add_argument("run_dir")
     p.add_argument("--images", help="a folder of images or a prepared dataset (paths already indexed are skipped)")
-    p.add_argument("--out", required=True, help="index folder (an existing one is extended)")
+    p.add_argument("--out", required=True, help="index folder (faiss), milvus:PATH.db (Milvus Lite) or "
+                   "milvus://HOST:PORT/COLLECTION (a Milvus server, token from $MPROXY_MILVUS_TOKEN); an existing "
+                   "index is extended")
     p.add_argument("--rebuild", action="store_true",
                    help="make the index anew (from --images, or from its own images), replacing it atomically")
     p.add_argument("--kind", default="exact", help="exact | ivf | hnsw")
@@ -384,14 +428,19 @@ def add_index(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
+    p.add_argument("--tta", default=None, help="test-time augmentation: none | flip (each image and its mirror image, "
+                                               "embeddings averaged; about twice the embedding time); default: the "
+                                               "index's own, else none")
+    add_rerank_options(p, "prepare the neighbour lists of this re-ranking (saved with the index, kept up to date); ")
 
 
 def run_index(a) -> None:
+    rerank = rerank_of(a)
     from momentum_proxy.retrieval.search import build_index  # job
 
     a.on_interrupt = "the index is as it was before; run the same command again"
     summary = build_index(a.run_dir, a.images, a.out, kind=a.kind, batch_size=a.batch_size, device=a.device,
-                          rebuild=a.rebuild, runtime=a.runtime, labels=a.labels)
+                          rebuild=a.rebuild, runtime=a.runtime, labels=a.labels, tta=a.tta, rerank=rerank)
     for k, v in summary.items():
         print(f"{k}: {v}")
 
@@ -399,7 +448,7 @@ def run_index(a) -> None:
 # ----------------------------------------------------------------------------------------------- serve
 def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="HTTP API and web page over a saved index (mproxy index)")
-    p.add_argument("index", help="index folder")
+    p.add_argument("index", help="index folder, milvus:PATH.db or milvus://HOST:PORT/COLLECTION")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback a --token is required)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", default=None, help="write token for POST/DELETE /items (default: $MPROXY_TOKEN)")
@@ -411,13 +460,19 @@ def add_serve(sub) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=50.0,
                    help="how long a batch waits for concurrent queries still being decoded (a lone query never waits)")
     p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
+    p.add_argument("--tta", default=None, help="test-time augmentation: none | flip (each image and its mirror image, "
+                                               "embeddings averaged; about twice the embedding time); default: the "
+                                               "index's own, else none")
     p.add_argument("--device", default="auto")
     p.add_argument("--model-processes", default="auto",
                    help="model processes beside the server's (CPU, torch): auto is 2 on a CPU with 2+ cores, else 0 "
                         "(the model runs in the server's process)")
+    add_rerank_options(p, "searches that ask for none; a request may ask for another within the neighbour lists "
+                          "kept; ")
 
 
 def run_serve(a) -> None:
+    rerank = rerank_of(a)
     from momentum_proxy.serving.app import TOKEN_ENV, serve  # job
 
     if a.max_upload_mb <= 0 or a.max_pixels < 1 or a.max_batch < 1 or a.batch_wait_ms < 0:
@@ -425,7 +480,7 @@ def run_serve(a) -> None:
     serve(a.index, host=a.host, port=a.port, token=a.token or os.environ.get(TOKEN_ENV) or None, run_dir=a.run,
           device=a.device, max_upload_bytes=int(a.max_upload_mb * 2**20), max_pixels=a.max_pixels,
           cors_origins=a.cors_origin, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms, runtime=a.runtime,
-          model_processes=a.model_processes)
+          model_processes=a.model_processes, tta=a.tta, rerank=rerank)
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -438,15 +493,19 @@ def add_export(sub) -> None:
     p.add_argument("--normalize", action="store_true", help="L2-normalise the output inside the model")
     p.add_argument("--int8", action="store_true", help="static int8 (QDQ) ONNX model, kept only if it pays off")
     p.add_argument("--calibration", metavar="DATA", help="prepared dataset whose training images calibrate --int8")
+    p.add_argument("--tta", default="none", help="test-time augmentation in the exported graph: none | flip (each "
+                                                 "image and its mirror image, embeddings averaged; the output is then "
+                                                 "L2-normalised)")
 
 
 def run_export(a) -> None:
     from momentum_proxy.deploy.export import export_run, sidecar_path  # job
 
     info = export_run(a.run_dir, a.out, fmt=a.fmt, image_size=a.image_size, normalize=a.normalize, int8=a.int8,
-                      calibration=a.calibration)
+                      calibration=a.calibration, tta=a.tta)
     check = info["check"]
-    print(f"exported {info['backbone']} ({info['image_size']} px -> {info['feature_dim']}-d) to {a.out} "
+    tta = "" if info["tta"] == "none" else f", test-time augmentation {info['tta']} in the graph"
+    print(f"exported {info['backbone']} ({info['image_size']} px -> {info['feature_dim']}-d{tta}) to {a.out} "
           f"and {sidecar_path(a.out)}")
     print(f"check on {check['images']} test images: min cosine {check['min_cosine']:.6f}, "
           f"top-{check['k']} neighbours identical")
@@ -578,8 +637,6 @@ def check_paths(a) -> None:
         paths.check_dataset(a.data)
     if a.command in ("tune", "sweep") or a.command == "bench" and a.data:
         paths.check_dataset(a.data)
-    if a.command == "export" and a.calibration:
-        paths.check_dataset(a.calibration)
     if a.command == "serve" or a.command == "retrieve" and a.index:
         paths.check_index(a.index)
     if a.command == "retrieve":
@@ -604,6 +661,9 @@ def needed_extras(a) -> list[tuple[str, str]]:
         needs.append(("export", f"mproxy {a.command} --runtime onnx"))
     if getattr(a, "log", None) == "tensorboard":  # train, sweep
         needs.append(("track", f"mproxy {a.command} --log tensorboard"))
+    store = {"index": "out", "retrieve": "index", "serve": "index"}.get(a.command)
+    if store and paths.milvus_location(getattr(a, store) or ""):
+        needs.append(("milvus", f"mproxy {a.command} with a Milvus index"))
     return needs
 
 
@@ -650,6 +710,7 @@ def main(argv: list[str] | None = None) -> None:
         for extra, what in needed_extras(args):
             require_extra(extra, what)
         check_paths(args)
+        check_tta(getattr(args, "tta", None))
         COMMANDS[args.command][1](args)
     except UserError as e:
         print(f"mproxy: error: {e}", file=sys.stderr)

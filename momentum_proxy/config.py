@@ -24,6 +24,7 @@ SELECT_METRICS = ("recall@1", "precision@1", "r_precision", "map@r")
 SELECTIONS = ("val", "last", "test")
 SCHEDULES = ("multistep", "cosine")
 TRACKERS = ("none", "tensorboard")  # --log
+TTAS = ("none", "flip")  # --tta: test-time augmentation wherever images are embedded (embedding/tta.py)
 
 # The original MP tool's behaviour, for exact reproduction (`--recipe original`, implied by its spelling
 # `--data_path/--data_name`): ResNet-50, ProxyNCA, one learning rate, plain SGD (no momentum) or Adam,
@@ -59,13 +60,15 @@ class TrainConfig:
     initialised at the class means, avg+max pooling, one warm-up epoch of head and proxies, lr 2.15e-5 with the
     backbone at 0.332 of it, a cosine schedule, and crops of at least half the image. Rounded to 3 digits.
     A backbone not given is decided by the device (`for_device`: EfficientNet-Lite0, ResNet-50 on CUDA) when
-    training starts, for the command line and the Python API alike, and recorded in the run's config.json.
+    training starts, for the command line and the Python API alike, and an image size not given is the backbone's
+    native one (`models.backbones.resolve_config`); both are recorded in the run's config.json.
     """
 
     data: str
     out: str
-    backbone: str | None = option(None, "efficientnet_lite0 | resnet50 | inception | googlenet | timm:NAME (None: "
-                                  "efficientnet_lite0, or resnet50 on CUDA)", aliases=["--backbone_type"])
+    backbone: str | None = option(None, "efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2 | resnet50 | "
+                                  "inception | googlenet | timm:NAME (None: efficientnet_lite0, or resnet50 on CUDA)",
+                                  aliases=["--backbone_type"])
     pretrained: str = option("default", "default (ImageNet weights) | none")
     weights: str | None = option(None, "pretrained backbone weights file (.pth/.safetensors)")
     feature_dim: int = option(512, "embedding size")
@@ -100,7 +103,8 @@ class TrainConfig:
     test_every_epoch: bool = option(False, "also report test metrics every epoch (never selects)")
     final_test: bool = option(True, "evaluate the selected checkpoint on the test split at the end (off: tuning "
                               "trials)")
-    image_size: int = option(224, "input size in pixels")
+    image_size: int | None = option(None, "input size in pixels (None: the backbone's native size, e.g. 224 for "
+                                    "efficientnet_lite0, 240 lite1, 260 lite2, timm's pretrained_cfg for timm:NAME)")
     seed: int = option(0, "random seed")
     device: str = option("auto", "auto | cpu | cuda")
     loader_workers: int | None = option(None, "data-loader processes (None: 0 on <= 2 CPU cores, else cores - 1)")
@@ -181,7 +185,7 @@ class TrainConfig:
         if self.select is not None:
             _choice("select", self.select, SELECTIONS)
         for name in ("batch_size", "epochs", "feature_dim", "image_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.warmup_epochs < 0:
             raise UserError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
@@ -279,6 +283,12 @@ def read_mapping_file(path: str | Path, what: str = "file") -> dict:
     if not isinstance(values, dict):
         raise UserError(f"{path} must hold a mapping of option names to values")
     return values
+
+
+def check_tta(tta: str | None) -> None:
+    """Refuse an unknown `--tta` (None: the one an index was built with, or none)."""
+    if tta is not None:
+        _choice("tta", tta, TTAS)
 
 
 def _choice(option: str, value, choices) -> None:

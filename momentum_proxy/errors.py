@@ -7,6 +7,7 @@ EXTRAS = {
     "export": ("onnx", "onnxruntime"),
     "tune": ("optuna",),
     "track": ("tensorboard",),
+    "milvus": ("pymilvus", "milvus_lite"),
 }
 
 

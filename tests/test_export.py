@@ -25,7 +25,8 @@ def make_run(data, out: Path, backbone: str = "efficientnet_lite0", seed: int = 
                       feature_dim=32)
     RunDir(out).start(cfg, overwrite=True)
     torch.manual_seed(seed)
-    RunDir(out).save_checkpoint(BEST, {"model": EmbeddingNet(backbone, 32, weights=None).state_dict(), "epoch": 0})
+    model = EmbeddingNet(backbone, 32, weights=None, image_size=64)
+    RunDir(out).save_checkpoint(BEST, {"model": model.state_dict(), "epoch": 0})
     return out
 
 
@@ -208,9 +209,9 @@ def test_bad_export_requests_are_one_line_errors(args, expected, tiny_data, tmp_
 
 
 def test_a_backbone_that_cannot_export_is_refused_in_one_line(tiny_data, tmp_path):
-    run = make_run(tiny_data, tmp_path / "run", "timm:vit_tiny_patch16_224")  # a ViT takes 224 px only
+    run = make_run(tiny_data, tmp_path / "run", "timm:vit_tiny_patch16_224")  # a ViT built for the run's 64 px only
     with pytest.raises(UserError, match="timm:vit_tiny_patch16_224 cannot be exported to onnx: Input height") as e:
-        export_run(run, tmp_path / "m.onnx")
+        export_run(run, tmp_path / "m.onnx", image_size=48)
     assert "\n" not in str(e.value) and not (tmp_path / "m.onnx").exists()
 
 
@@ -276,7 +277,7 @@ def test_int8_model_is_quantised_and_its_report_is_consistent(tiny_data, tmp_pat
     import onnx
 
     from momentum_proxy.deploy.export import INPUT_NAME, onnx_session
-    from momentum_proxy.deploy.int8 import MAX_R1_DROP, calibration_batches, compare, quantize
+    from momentum_proxy.deploy.int8 import MAX_R1_DROP, calibration_batches, compare, gate, quantize
 
     run = make_run(tiny_data, tmp_path / "run")
     export_run(run, tmp_path / "fp32.onnx")
@@ -292,7 +293,10 @@ def test_int8_model_is_quantised_and_its_report_is_consistent(tiny_data, tmp_pat
     assert report["recall@1_change"] == pytest.approx(r1["int8"] - r1["fp32"], abs=2e-4)
     assert 0 < report["mean_cosine_to_fp32"] <= 1.0001
     ips = report["images_per_second"]
-    assert report["passed"] == (r1["fp32"] - r1["int8"] <= MAX_R1_DROP + 1e-4 and ips["int8"] > ips["fp32"])
+    m = report["map@r"]
+    assert report["map@r_change"] == pytest.approx(m["int8"] - m["fp32"], abs=2e-4)
+    if r1["fp32"] - r1["int8"] > MAX_R1_DROP + 1e-4 or ips["int8"] <= ips["fp32"]:
+        assert gate(report)
 
 
 def test_int8_export_is_kept_only_with_a_passing_report(tiny_data, tmp_path):
@@ -305,3 +309,44 @@ def test_int8_export_is_kept_only_with_a_passing_report(tiny_data, tmp_path):
     else:
         assert info["int8"]["passed"] and info["int8"]["calibration_data"] == str(tiny_data)
         assert json.loads((tmp_path / "out" / "m.onnx.json").read_text())["int8"] == info["int8"]
+
+
+def lite0_like_report(r1_change: float, map_change: float, speedup: float = 1.4) -> dict:
+    """An int8 report shaped as `int8.compare`'s (as measured for Lite0: R@1 held, MAP@R -3.6 points)."""
+    return {"split": "val", "images": 1489, "mean_cosine_to_fp32": 0.79,
+            "recall@1": {"fp32": 0.9, "int8": 0.9 + r1_change}, "map@r": {"fp32": 0.5, "int8": 0.5 + map_change},
+            "recall@1_change": r1_change, "map@r_change": map_change,
+            "images_per_second": {"fp32": 100.0, "int8": 100.0 * speedup}, "speedup": speedup}
+
+
+@pytest.mark.parametrize("r1, mapr, speedup, failed", [
+    (0.0047, -0.036, 1.4, ["MAP@R -3.60 points (at most -1 allowed)"]),  # Lite0's: R@1 alone would keep it
+    (-0.005, -0.01, 1.4, []), (-0.0051, 0.0, 1.4, ["R@1 -0.51 points (at most -0.5 allowed)"]),
+    (0.0, 0.0, 1.0, ["not faster (x1.0)"]),
+])
+def test_the_int8_gate_needs_recall_map_at_r_and_speed(r1, mapr, speedup, failed):
+    from momentum_proxy.deploy.int8 import gate
+
+    assert gate(lite0_like_report(r1, mapr, speedup)) == failed
+
+
+def test_an_int8_export_losing_map_at_r_is_refused(tiny_data, tmp_path, monkeypatch):
+    """With the report of Lite0's int8 (R@1 +0.47, MAP@R -3.6) nothing is written; with MAP@R -0.5 it is kept,
+    the report and the gate's bounds in the sidecar."""
+    import shutil
+
+    from momentum_proxy.deploy import export
+
+    run = make_run(tiny_data, tmp_path / "run")
+    report = {}
+    monkeypatch.setattr(export, "quantize", lambda fp32, out, batches, name: shutil.copy(fp32, out) and {})
+    monkeypatch.setattr(export, "compare", lambda *args: report)
+    (tmp_path / "out").mkdir()
+    report.update(lite0_like_report(0.0047, -0.036))
+    with pytest.raises(UserError, match=r"int8 model not kept: MAP@R -3.60 points \(at most -1 allowed\)"):
+        export_run(run, tmp_path / "out" / "m.onnx", int8=True, calibration=tiny_data)
+    assert list((tmp_path / "out").iterdir()) == []
+    report.update(lite0_like_report(0.0047, -0.005))
+    info = export_run(run, tmp_path / "out" / "m.onnx", int8=True, calibration=tiny_data)
+    assert info["int8"]["passed"] and info["int8"]["gate"] == {"max_recall@1_drop": 0.005, "max_map@r_drop": 0.01}
+    assert json.loads((tmp_path / "out" / "m.onnx.json").read_text())["int8"]["map@r_change"] == -0.005

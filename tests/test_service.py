@@ -5,6 +5,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from PIL import Image
 
 from momentum_proxy.cli import main
 from momentum_proxy.fileio import file_sha256
-from momentum_proxy.retrieval.faiss_store import FaissStore
+from momentum_proxy.retrieval.stores import open_store
 from momentum_proxy.retrieval.search import build_index, retrieve_and_draw
 from momentum_proxy.runs import BEST
 from momentum_proxy.serving.app import create_app
@@ -82,7 +83,7 @@ def test_search_equals_mproxy_retrieve_index(client, index_dir, tiny_data, tmp_p
     retrieve_and_draw(indexed, 6, tmp_path / "indexed", index_dir=index_dir)
     expected = json.loads((tmp_path / "indexed" / "results.json").read_text())["results"]
     # an upload is anonymous bytes: the copy of an indexed image finds that item first, then retrieve's list
-    item_id = FaissStore.load(index_dir).path_ids[str(indexed)]
+    item_id = open_store(index_dir).ids_of([str(indexed)])[str(indexed)]
     copy = upload(client, indexed.read_bytes(), k=7).json()["results"]
     assert copy[0]["id"] == item_id and copy[0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert_same_results(copy[1:], expected)
@@ -92,9 +93,9 @@ def test_search_equals_mproxy_retrieve_index(client, index_dir, tiny_data, tmp_p
     assert by_id["query"] == {"id": item_id, "path": str(indexed), "label": 2, "class_name": "species_02"}
     assert [r["same_class"] for r in by_id["results"]] == [r["label"] == 2 for r in by_id["results"]]
     assert set(by_id["results"][0]) == {"rank", "id", "path", "label", "class_name", "score", "same_class"}
-    assert set(by_id["timing_ms"]) == {"decode", "embed", "search", "total"}
+    assert set(by_id["timing_ms"]) == {"decode", "embed", "search", "rerank", "total"}
     # by embedding: the item's own vector finds the item itself first, then the same list
-    vector = FaissStore.load(index_dir).vector(item_id)[0].tolist()
+    vector = open_store(index_dir).vector(item_id)[0].tolist()
     by_vec = client.post("/search", json={"embedding": vector, "k": 7}).json()["results"]
     assert by_vec[0]["id"] == item_id and by_vec[0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert [r["id"] for r in by_vec[1:]] == [r["id"] for r in by_id["results"]]
@@ -104,7 +105,7 @@ def test_results_are_ranked_from_1_and_judged_only_against_a_known_class(client,
     """The page shows each result's `#rank` and frames it green or red by `same_class`: ranks run 1..k for every
     kind of query, and a query whose class is unknown (an uploaded image, an embedding) has every `same_class`
     null, never false, in the API as in `mproxy retrieve` (its list and results.json)."""
-    vector = FaissStore.load(index_dir).vector(3)[0].tolist()
+    vector = open_store(index_dir).vector(3)[0].tolist()
     answers = {"id": client.post("/search", json={"id": 3, "k": 5}).json(),
                "embedding": client.post("/search", json={"embedding": vector, "k": 5}).json(),
                "upload": upload(client, jpeg_bytes(), k=5).json()}
@@ -178,12 +179,11 @@ def test_bad_images_400_and_too_large_413(index_dir):
 
 
 def test_items_metadata_and_image_files(client, index_dir):
-    index = FaissStore.load(index_dir)
     item = client.get("/items/5").json()
-    label = index.labels[5]
-    assert item == {"id": 5, "path": index.paths[5], "label": label, "class_name": index.classes[label]}
+    assert set(item) == {"id", "path", "label", "class_name"} and item["id"] == 5
+    assert item["class_name"] == f"species_{item['label']:02d}" == Path(item["path"]).parent.name
     r = client.get("/items/5/image")
-    assert r.status_code == 200 and r.content == open(index.paths[5], "rb").read()
+    assert r.status_code == 200 and r.content == open(item["path"], "rb").read()
     assert r.headers["content-type"] == "image/jpeg"
     for path in ("/items/64", "/items/-1", "/items/64/image", "/items/99999999999999999999/image"):
         r = client.get(path)
@@ -207,17 +207,17 @@ def test_add_delete_persist_and_ids_stable_across_restart(writable, tiny_data):
     assert added[0]["class_name"] == "my flowers" and added[0]["label"] == added[1]["label"] == 8
     assert r.json()["total"] == 66
     # persisted before the answer, searchable, served
-    assert len(FaissStore.load(folder)) == 66
+    assert len(open_store(folder)) == 66
     hit = upload(c, red, k=1).json()["results"][0]
     assert hit["id"] == 64 and hit["score"] == pytest.approx(1.0, abs=1e-4)
     assert c.get("/items/64/image").content == red
-    assert (folder / "images").is_dir() and all(FaissStore.load(folder).paths[i].startswith(str(folder / "images"))
-                                                 for i in (64, 65))
+    uploads = c.app.state.searcher.uploads
+    assert uploads.is_dir() and all(open_store(folder).item(i)["path"].startswith(str(uploads)) for i in (64, 65))
     again = c.post("/items", files=files[:1], headers=auth).json()  # the same image again: not duplicated
     assert again["items"][0]["id"] == 64 and not again["items"][0]["added"] and again["total"] == 66
     bad = [files[1], ("images", ("x.jpg", b"garbage", "image/jpeg"))]
     assert c.post("/items", files=bad, headers=auth).status_code == 400
-    assert len(FaissStore.load(folder)) == 66  # nothing half-added
+    assert len(open_store(folder)) == 66  # nothing half-added
     # delete: gone from results and items, ids of the others unchanged
     assert c.delete("/items/3").status_code == 401
     assert c.delete("/items/3", headers=auth).json() == {"deleted": 3, "total": 65}
@@ -225,8 +225,8 @@ def test_add_delete_persist_and_ids_stable_across_restart(writable, tiny_data):
     assert c.get("/items/3").status_code == 404
     assert all(r["id"] != 3 for r in c.post("/search", json={"id": 4, "k": 1000}).json()["results"])
     # an image file gone from disk: its item answers 404 for the image, the rest goes on
-    blue_file = FaissStore.load(folder).paths[65]
-    (folder / "images" / blue_file.rsplit("/", 1)[1]).rename(folder / "blue.jpg")
+    blue_file = open_store(folder).item(65)["path"]
+    Path(blue_file).rename(uploads.parent / "blue.jpg")
     r = c.get("/items/65/image")
     assert r.status_code == 404 and r.json()["error"] == f"the image file of item 65 is missing: {blue_file}"
     assert c.post("/search", json={"id": 65, "k": 3}).status_code == 200
@@ -306,7 +306,7 @@ def test_concurrent_queries_are_batched_while_items_are_added(index_dir, tmp_pat
             assert ids_b == ids_a[:len(ids_b)]
             np.testing.assert_allclose([r["score"] for r in b["results"] if r["id"] < 64],
                                        [r["score"] for r in a["results"]][:len(ids_b)], atol=1e-4)
-        assert len(FaissStore.load(folder)) == 67
+        assert len(open_store(folder)) == 67
     finally:
         searcher.close()
 

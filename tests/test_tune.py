@@ -188,7 +188,8 @@ def test_defaults_outside_the_space_are_drawn_and_said(tiny_data):
     options = space.suggest(trial)
     assert trial.user_attrs[tune.DEFAULT] == drawn
     assert 1e-3 <= options["lr"] <= 1e-2 and options["warmup_epochs"] in (0, 2, 4)
-    assert options["loss"] in ("arc_face", "proxy_nca") and options["image_size"] == base.image_size
+    assert base.image_size is None  # the backbone's native size, which trial 0 takes
+    assert options["loss"] in ("arc_face", "proxy_nca") and options["image_size"] == tune.native(base).image_size == 224
     fixed_loss = tune.load_space({"loss": "arc_face"})  # ArcFace's scale and margin default to the library's
     _, drawn = tune.default_params(fixed_loss, tune.base_config(tiny_data, fixed_loss, 1, 0))
     assert set(drawn) == {"loss_scale[arc_face]", "margin[arc_face]"}

@@ -1,8 +1,10 @@
 """Export a run's best model to ONNX or TorchScript, with a JSON sidecar, verified before it is kept.
 
 The exported graph is the whole EmbeddingNet: uint8 RGB images N x 3 x S x S (NCHW) -> the backbone's own
-normalisation -> backbone -> pooling -> LayerNorm -> Linear (-> L2 normalisation with `normalize`). The batch
-axis is dynamic, the image size fixed. ONNX uses the TorchScript-based exporter (`dynamo=False`) at opset 17:
+normalisation -> backbone -> pooling -> LayerNorm -> Linear (-> L2 normalisation with `normalize`). With
+`tta="flip"` the graph also holds the test-time augmentation (`embedding.tta`: the image and its mirror in one
+batch, their normalised embeddings averaged and renormalised), and the sidecar says so (`tta`). The batch axis is
+dynamic, the image size fixed. ONNX uses the TorchScript-based exporter (`dynamo=False`) at opset 17:
 on torch 2.14.1 the dynamo exporter emits opset 18 and cannot convert EfficientNet's Pad down to 17.
 
 Every export embeds a sample of the run's test images with PyTorch and with the exported file and is kept
@@ -26,9 +28,11 @@ from torch import nn
 
 from momentum_proxy.data.loading import eval_dataset, eval_resize, make_loader
 from momentum_proxy.data.manifest import read_manifest, split_frame
-from momentum_proxy.deploy.int8 import calibration_batches, compare, quantize
+from momentum_proxy.config import check_tta
+from momentum_proxy.deploy.int8 import MAX_MAPR_DROP, MAX_R1_DROP, calibration_batches, compare, gate, quantize
 from momentum_proxy.embedding.inference import load_model
 from momentum_proxy.embedding.onnx import INPUT_NAME, OUTPUT_NAME, onnx_session
+from momentum_proxy.embedding.tta import tta_embed
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path, file_sha256, write_json
 from momentum_proxy.runs import BEST, RunDir, TrainConfig
@@ -43,13 +47,16 @@ CHECK_IMAGES = 64
 
 
 class ExportNet(nn.Module):
-    """The embedding network as exported: raw embedding, or L2-normalised with `normalize`."""
+    """The embedding network as exported: raw embedding, or L2-normalised with `normalize`; with a `tta` other
+    than none, its test-time augmented embedding (L2-normalised)."""
 
-    def __init__(self, net: nn.Module, normalize: bool):
+    def __init__(self, net: nn.Module, normalize: bool, tta: str = "none"):
         super().__init__()
-        self.net, self.normalize = net, normalize
+        self.net, self.normalize, self.tta = net, normalize, tta
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.tta != "none":
+            return tta_embed(self.net, images, self.tta)
         out = self.net(images)
         return F.normalize(out, dim=1) if self.normalize else out
 
@@ -155,9 +162,12 @@ def verify(model: nn.Module, run, batches: list) -> dict:
     return agreement(reference, exported)
 
 
-def describe(cfg: TrainConfig, fmt: str, image_size: int, normalize: bool, identity: dict, check: dict) -> dict:
+def describe(cfg: TrainConfig, fmt: str, image_size: int, normalize: bool, identity: dict, check: dict,
+             tta: str = "none") -> dict:
     """The sidecar: everything needed to turn a photo into the input and to know what the output is."""
     resize = eval_resize(image_size)
+    augment = {"none": "none", "flip": "inside the model: the mean of the L2-normalised embeddings of the image "
+                                        "and its mirror image (left-right), renormalised"}[tta]
     return {
         "format": fmt,
         "exporter": f"torch.onnx.export(dynamo=False, opset_version={OPSET})" if fmt == "onnx" else "torch.jit.trace",
@@ -165,7 +175,7 @@ def describe(cfg: TrainConfig, fmt: str, image_size: int, normalize: bool, ident
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW", "channel_order": "RGB",
                   "shape": ["batch", 3, image_size, image_size], "value_range": [0, 255]},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", cfg.feature_dim],
-                   "l2_normalized": normalize, "similarity": "cosine"},
+                   "l2_normalized": normalize or tta != "none", "similarity": "cosine"},
         "preprocessing": {
             "decode": "Pillow, Image.open(path).convert('RGB')",
             "resize": {"short_side": resize, "long_side": f"int({resize} * long / short)",
@@ -173,14 +183,17 @@ def describe(cfg: TrainConfig, fmt: str, image_size: int, normalize: bool, ident
             "center_crop": {"size": image_size, "offset": "round((side - size) / 2)"},
             "normalization": "inside the model (the backbone's mean/std, channel order and scale)",
             "to_input": "HWC uint8 array -> transpose to CHW -> stack into a batch",
+            "test_time_augmentation": augment,
         },
+        "tta": tta,
         "image_size": image_size, "feature_dim": cfg.feature_dim, "backbone": cfg.backbone,
         "pooling": cfg.pooling, **identity, "package_version": package_version(),
         "torch_version": torch.__version__, "check": check,
     }
 
 
-def _validate(fmt: str, out: Path, image_size: int | None, int8: bool, calibration) -> None:
+def _validate(fmt: str, out: Path, image_size: int | None, int8: bool, calibration, tta: str) -> None:
+    check_tta(tta)
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     if out.is_dir() or str(out).endswith(("/", "\\")):
@@ -199,14 +212,14 @@ def _quantize(fp32: Path, out: Path, calibration: str, cfg: TrainConfig, image_s
     """The int8 model of `fp32` at `out`, and its report; refused (UserError) when it does not pay off."""
     settings = quantize(fp32, out, calibration_batches(calibration, image_size), INPUT_NAME)
     report = compare(onnx_session(fp32), onnx_session(out), INPUT_NAME, cfg.data, image_size)
-    if not report["passed"]:
+    failed = gate(report)
+    if failed:
         ips = report["images_per_second"]
-        raise UserError(f"int8 model not kept: mean cosine to fp32 {report['mean_cosine_to_fp32']}, R@1 "
-                        f"{100 * report['recall@1_change']:+.2f} points, MAP@R "
-                        f"{100 * report['map@r_change']:+.2f} on {report['images']} {report['split']} images, "
-                        f"{ips['int8']} img/s vs fp32 {ips['fp32']} (needs R@1 within -0.5 and faster); "
-                        "nothing written")
-    return {**settings, "calibration_data": str(calibration), **report}
+        raise UserError(f"int8 model not kept: {'; '.join(failed)} on {report['images']} {report['split']} images "
+                        f"(mean cosine to fp32 {report['mean_cosine_to_fp32']}, {ips['int8']} img/s vs fp32 "
+                        f"{ips['fp32']}); nothing written")
+    return {**settings, "calibration_data": str(calibration), **report, "passed": True,
+            "gate": {"max_recall@1_drop": MAX_R1_DROP, "max_map@r_drop": MAX_MAPR_DROP}}
 
 
 def _write(fmt: str, model: nn.Module, path: Path, image_size: int, backbone: str) -> None:
@@ -220,16 +233,17 @@ def _write(fmt: str, model: nn.Module, path: Path, image_size: int, backbone: st
 
 def export_run(run_dir: str | Path, out: str | Path, *, fmt: str = "onnx", image_size: int | None = None,
                normalize: bool = False, int8: bool = False, calibration: str | Path | None = None,
-               check_images: int = CHECK_IMAGES) -> dict:
+               check_images: int = CHECK_IMAGES, tta: str = "none") -> dict:
     """Export the run's best model to `out` (+ `out.json`), verified against PyTorch; returns the sidecar.
+    `tta` (none | flip) puts the test-time augmentation into the graph (`ExportNet`).
 
     With `int8`, the verified fp32 ONNX model is quantised (calibrated on the training images of the prepared
     dataset `calibration`) and kept only if it passes `int8.compare` on the run's dataset."""
     out = Path(out)
-    _validate(fmt, out, image_size, int8, calibration)
+    _validate(fmt, out, image_size, int8, calibration, tta)
     net, cfg, identity = load_for_export(run_dir)
     size = image_size or cfg.image_size
-    model = ExportNet(net, normalize).eval()
+    model = ExportNet(net, normalize, tta).eval()
     batches = check_batches(cfg, size, check_images)
     with atomic_path(out) as tmp_model, atomic_path(sidecar_path(out)) as tmp_json, \
             tempfile.TemporaryDirectory() as tmp:
@@ -240,7 +254,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, fmt: str = "onnx", image
             raise UserError(f"export check failed on {check['images']} test images: min cosine "
                             f"{check['min_cosine']:.6f} (needs >= {MIN_COSINE}), identical top-{check['k']} "
                             f"neighbours: {check['topk_identical']}; nothing written")
-        info = {**describe(cfg, fmt, size, normalize, identity, check), "file": out.name}
+        info = {**describe(cfg, fmt, size, normalize, identity, check, tta), "file": out.name}
         if int8:
             info["int8"] = _quantize(exported, tmp_model, str(calibration), cfg, size)
         write_json(tmp_json, info)

@@ -5,8 +5,9 @@ transform), weights per channel (int8), activations uint8, every layer quantised
 (first conv, depthwise convs, the last conv, the LayerNorm + Linear head) or percentile/entropy calibration
 were measured too (docs: Deploy): they recover quality but break the int8 chain, and the model then runs
 slower than fp32 on this CPU. The quantised model is kept only when, on the dataset's `val` split (else its
-test split), R@1 drops by at most MAX_R1_DROP and it embeds faster than the fp32 model, timed batch by batch
-in alternation on the same images.
+test split), R@1 drops by at most MAX_R1_DROP, MAP@R by at most MAX_MAPR_DROP (Lite0's int8 met the R@1 rule while
+losing 3.6 points of MAP@R), and it embeds faster than the fp32 model, timed batch by batch in alternation on the
+same images (`gate`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from momentum_proxy.vectors import l2_normalize
 
 CALIBRATION_IMAGES = 256
 MAX_R1_DROP = 0.005  # 0.5 points of R@1
+MAX_MAPR_DROP = 0.01  # 1 point of MAP@R
 BATCH = 32
 
 
@@ -73,7 +75,7 @@ def quantize(fp32: Path, out: Path, batches: list, input_name: str) -> dict:
 
 def compare(fp32_session, int8_session, input_name: str, data: str, image_size: int) -> dict:
     """R@1 and MAP@R of both models on the dataset's val split (else test), and their speed, timed batch by
-    batch in alternation on the same images."""
+    batch in alternation on the same images (judged by `gate`)."""
     df = read_manifest(data)
     split = "val" if (df["split"] == "val").any() else "test"
     frame = split_frame(df, split)
@@ -97,6 +99,17 @@ def compare(fp32_session, int8_session, input_name: str, data: str, image_size: 
             "recall@1_change": round(res["int8"]["recall@1"] - res["fp32"]["recall@1"], 4),
             "map@r_change": round(res["int8"]["map@r"] - res["fp32"]["map@r"], 4),
             "images_per_second": {k: round(v, 1) for k, v in ips.items()},
-            "speedup": round(ips["int8"] / ips["fp32"], 3),
-            "passed": bool(res["fp32"]["recall@1"] - res["int8"]["recall@1"] <= MAX_R1_DROP
-                           and ips["int8"] > ips["fp32"])}
+            "speedup": round(ips["int8"] / ips["fp32"], 3)}
+
+
+def gate(report: dict) -> list[str]:
+    """What keeps the int8 model of a `compare` report from being kept (empty: it is kept): an R@1 drop over
+    MAX_R1_DROP, a MAP@R drop over MAX_MAPR_DROP, no speed-up."""
+    failed = []
+    if report["recall@1_change"] < -MAX_R1_DROP:
+        failed.append(f"R@1 {100 * report['recall@1_change']:+.2f} points (at most -{100 * MAX_R1_DROP:g} allowed)")
+    if report["map@r_change"] < -MAX_MAPR_DROP:
+        failed.append(f"MAP@R {100 * report['map@r_change']:+.2f} points (at most -{100 * MAX_MAPR_DROP:g} allowed)")
+    if report["speedup"] <= 1:
+        failed.append(f"not faster (x{report['speedup']})")
+    return failed

@@ -20,8 +20,11 @@ from momentum_proxy.data.loading import (
     to_array,
     to_batch,
 )
+from momentum_proxy.config import check_tta
 from momentum_proxy.distributed import DistInfo, all_gather_cat
+from momentum_proxy.embedding.tta import tta_embed
 from momentum_proxy.errors import UserError
+from momentum_proxy.models.backbones import resolve_config
 from momentum_proxy.models.net import EmbeddingNet
 from momentum_proxy.perf import flush_denormals
 from momentum_proxy.runs import BEST, RunDir, TrainConfig, model_identity
@@ -48,32 +51,32 @@ def load_model(run_dir: str | Path, device: str = "auto") -> tuple[EmbeddingNet,
     to reorder near ties between `mproxy retrieve`, the service and a query by id; in full float32 they agree
     as on a CPU."""
     run = RunDir(run_dir)
-    cfg = run.config()
+    device = resolve_device(device)
+    cfg = resolve_config(run.config(), device.type)  # a run written through the API may leave the size open
     state = run.load_checkpoint(BEST)
-    model = EmbeddingNet(cfg.backbone, cfg.feature_dim, weights=None, pooling=cfg.pooling)
+    model = EmbeddingNet(cfg.backbone, cfg.feature_dim, weights=None, pooling=cfg.pooling, image_size=cfg.image_size)
     model.load_state_dict(state["model"])
     fingerprint = f"{Path(run.path).resolve()}#epoch{state['epoch']}"
-    device = resolve_device(device)
     if device.type == "cuda":
         torch.backends.cudnn.allow_tf32 = False
     return model.to(device).eval(), cfg, fingerprint
 
 
 class TorchEmbedder:
-    """The run's best checkpoint in PyTorch: the reference `Embedder`."""
+    """The run's best checkpoint in PyTorch: the reference `Embedder`; `tta` (none | flip) as `embedding.tta`."""
 
     runtime = "torch"
 
-    def __init__(self, run_dir: str | Path, device: str = "auto"):
+    def __init__(self, run_dir: str | Path, device: str = "auto", tta: str = "none"):
+        check_tta(tta)
         self.model, cfg, _ = load_model(run_dir, device)
         self.device = next(self.model.parameters()).device
-        self.image_size, self.feature_dim = cfg.image_size, cfg.feature_dim
-        self.identity = {**model_identity(run_dir), "runtime": self.runtime, "verified": True}
+        self.image_size, self.feature_dim, self.tta = cfg.image_size, cfg.feature_dim, tta
+        self.identity = {**model_identity(run_dir), "runtime": self.runtime, "verified": True, "tta": tta}
 
     @torch.inference_mode()
     def embed(self, images) -> np.ndarray:
-        out = self.model(torch.as_tensor(images).to(self.device, non_blocking=True))
-        return F.normalize(out.float(), dim=1).cpu().numpy()
+        return tta_embed(self.model, torch.as_tensor(images).to(self.device, non_blocking=True), self.tta).cpu().numpy()
 
 
 def autocast(device: torch.device, amp: str):

@@ -21,7 +21,8 @@ def onnx_session(path: str | Path, device: str = "cpu"):
 
 
 class OnnxEmbedder:
-    """An exported model file run by onnxruntime; `identity` is what an index records about it."""
+    """An exported model file run by onnxruntime; `identity` is what an index records about it (an export with
+    test-time augmentation holds it in its graph, and its identity's `tta` says which)."""
 
     runtime = "onnx"
 

@@ -84,10 +84,11 @@ class ThreadBudget:
 
 class ModelProcess:
     """A run's torch model in a child process, as an `Embedder`: `.embed(images, threads)` -> (n, d) float32 unit
-    rows, `threads` (default: the process's own) being the CPU threads this batch may use."""
+    rows, `threads` (default: the process's own) being the CPU threads this batch may use; `tta` as
+    `TorchEmbedder`'s."""
 
-    def __init__(self, run_dir: str | Path, threads: int = 1):
-        self.run_dir, self.threads = str(run_dir), threads
+    def __init__(self, run_dir: str | Path, threads: int = 1, tta: str = "none"):
+        self.run_dir, self.threads, self.tta = str(run_dir), threads, tta
         self._lock = threading.Lock()  # one batch at a time
         self.restarts = -1
         info = self._start()
@@ -97,8 +98,9 @@ class ModelProcess:
     def _start(self) -> dict:
         root = str(Path(__file__).resolve().parents[2])  # the folder holding the package
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen([sys.executable, "-m", "momentum_proxy.embedding.processes", self.run_dir, str(self.threads)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "momentum_proxy.embedding.processes", self.run_dir,
+                                      str(self.threads), self.tta], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=env)
         self.restarts += 1
         return json.loads(self._reply())
 
@@ -139,7 +141,7 @@ class ModelProcess:
             self.proc.stdout.close()
 
 
-def child(run_dir: str, threads: int) -> None:
+def child(run_dir: str, threads: int, tta: str) -> None:
     """The child's loop: load the run's model, say what it is, then embed batches until stdin closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which then closes our stdin
     out = os.fdopen(os.dup(1), "wb")  # replies only; whatever a library prints goes to stderr
@@ -153,7 +155,7 @@ def child(run_dir: str, threads: int) -> None:
     tune_allocator()
     torch.set_num_threads(threads)
     try:
-        embedder = TorchEmbedder(run_dir, "cpu")
+        embedder = TorchEmbedder(run_dir, "cpu", tta)
     except UserError as e:
         return reply(-1, str(e).encode())
     reply(0, json.dumps({"image_size": embedder.image_size, "feature_dim": embedder.feature_dim,
@@ -172,4 +174,4 @@ def child(run_dir: str, threads: int) -> None:
 
 
 if __name__ == "__main__":
-    child(sys.argv[1], int(sys.argv[2]))
+    child(sys.argv[1], int(sys.argv[2]), sys.argv[3])

@@ -1,4 +1,8 @@
-"""Evaluation jobs: a run's selected checkpoint on its test split, or an embeddings file made elsewhere."""
+"""Evaluation jobs: a run's selected checkpoint on its test (or val) split, or an embeddings file made elsewhere.
+
+A re-ranking (`rerank`: a `retrieval.rerank.Rerank`, passed in by the caller) changes the neighbour lists the
+metrics read; each query is left out of the collection for its own search, the re-ranking's database side included.
+"""
 from __future__ import annotations
 
 import sys
@@ -10,15 +14,17 @@ from momentum_proxy.data.loading import EvalSplit, eval_dataset
 from momentum_proxy.data.manifest import manifest_sha256, read_manifest, split_frame
 from momentum_proxy.embedding.base import Embedder
 from momentum_proxy.embedding.inference import TorchEmbedder, embed_dataset
+from momentum_proxy.errors import UserError
 from momentum_proxy.evaluation.metrics import ALL_METRICS, evaluate_embeddings
 from momentum_proxy.fileio import write_json
 from momentum_proxy.runs import BEST, RunDir, load_embeddings
 
 
 def evaluate_arrays(features: np.ndarray, labels: np.ndarray, split: np.ndarray | None, *, metrics=None,
-                    recalls=None) -> dict:
-    """Metrics over the test rows (split == 'test'), or query vs gallery when the split names them."""
-    kwargs = dict(metrics=metrics or ALL_METRICS, recalls=recalls or (1, 2, 4, 8))
+                    recalls=None, rerank=None) -> dict:
+    """Metrics over the test rows (split == 'test'), or query vs gallery when the split names them; `rerank`
+    re-ranks the searches."""
+    kwargs = dict(metrics=metrics or ALL_METRICS, recalls=recalls or (1, 2, 4, 8), rerank=rerank)
     if split is not None and {"query", "gallery"} <= set(split):
         q, g = split == "query", split == "gallery"
         return evaluate_embeddings(features[g], labels[g], query_features=features[q], query_labels=labels[q],
@@ -29,45 +35,60 @@ def evaluate_arrays(features: np.ndarray, labels: np.ndarray, split: np.ndarray 
     return evaluate_embeddings(features, labels, **kwargs)
 
 
-def evaluate_file(path: str | Path, *, metrics=None, recalls=None, json_out: str | None = None) -> dict:
+def evaluate_file(path: str | Path, *, metrics=None, recalls=None, json_out: str | None = None, rerank=None) -> dict:
     data = load_embeddings(path)
-    res = evaluate_arrays(data["features"], data["labels"], data.get("split"), metrics=metrics, recalls=recalls)
+    res = evaluate_arrays(data["features"], data["labels"], data.get("split"), metrics=metrics, recalls=recalls,
+                          rerank=rerank)
     if json_out:
         write_json(json_out, res)
     return res
 
 
 def evaluate_run(run_dir: str | Path, *, metrics=None, recalls=None, out: str | Path | None = None,
-                 device: str = "auto", embedder: Embedder | None = None) -> dict:
-    """All metrics (or `metrics`) of the run's selected checkpoint on its test split, embedded by `embedder`
-    (default: the run's model in PyTorch on `device`; `deploy.runtimes.load_embedder` gives the others), written
-    to `out` (default RUN_DIR/evaluate-RUNTIME.json). RUN_DIR/eval.json, the test result training computed once,
-    is never changed. Returns what was written: checkpoint, epoch, how it was selected, split, queries (and
-    those without another item of their class, left out of the metrics), runtime, and the values under "test"."""
+                 device: str = "auto", embedder: Embedder | None = None, split: str = "test", rerank=None) -> dict:
+    """All metrics (or `metrics`) of the run's selected checkpoint on its `split` (test, or val to choose
+    settings such as `rerank` without touching test), searched with `rerank`, embedded by `embedder`
+    (default: the run's model in PyTorch on `device`; `deploy.runtimes.load_embedder` gives the others, and test-
+    time augmentation), written to `out` (default: `evaluation_file`). RUN_DIR/eval.json, the test result training
+    computed once, is never changed. Returns what was written: checkpoint, epoch, how it was selected, split,
+    queries (and those without another item of their class, left out of the metrics), runtime, tta, rerank, and
+    the values under the split's name."""
+    if split not in ("test", "val"):
+        raise UserError(f"evaluate --split takes test or val, not {split!r}")
     run = RunDir(run_dir)
     info = run.info()
     cfg = run.config()
     embedder = embedder or TorchEmbedder(run_dir, device)
+    tta = embedder.identity.get("tta", "none")
     if info.get("data_manifest_sha256") not in (None, manifest_sha256(cfg.data)):
         print(f"mproxy: warning: {Path(cfg.data) / 'manifest.csv'} changed since this run was trained; "
               "these figures are not comparable with the run's own", file=sys.stderr)
-    frame = split_frame(read_manifest(cfg.data), "test")
-    test = EvalSplit("test", frame, eval_dataset(cfg.data, frame, embedder.image_size))
+    frame = split_frame(read_manifest(cfg.data), split)
+    if frame.empty:
+        raise UserError(f"{cfg.data} has no {split} split to evaluate")
+    test = EvalSplit(split, frame, eval_dataset(cfg.data, frame, embedder.image_size))
     feats = embed_dataset(embedder, test.dataset, embedder.device, batch_size=cfg.embed_batch_size,
                           workers=cfg.loader_workers)
-    res = evaluate_arrays(feats, test.labels, test.split, metrics=metrics, recalls=recalls or cfg.recalls)
+    res = evaluate_arrays(feats, test.labels, test.split, metrics=metrics, recalls=recalls or cfg.recalls,
+                          rerank=rerank)
     trained = run.eval() or {}
     summary = {"checkpoint": BEST, "epoch": run.load_checkpoint(BEST)["epoch"],
                "selected_on": trained.get("selected_on", info.get("selection", "?")),
-               "select_metric": trained.get("select_metric"), "split": "test", "queries": test.num_queries,
-               "lone_queries": test.lone_queries, "runtime": embedder.runtime, "test": res}
-    write_json(out or evaluation_file(run_dir, embedder.runtime), summary)
+               "select_metric": trained.get("select_metric"), "split": split, "queries": test.num_queries,
+               "lone_queries": test.lone_queries, "runtime": embedder.runtime, "tta": tta,
+               "rerank": rerank.to_dict() if rerank is not None else {"method": "none"}, split: res}
+    write_json(out or evaluation_file(run_dir, embedder.runtime, tta, split=split, rerank=rerank), summary)
     return summary
 
 
-def evaluation_file(run_dir: str | Path, runtime: str) -> Path:
-    """Where `evaluate_run` writes by default: RUN_DIR/evaluate-RUNTIME.json."""
-    return Path(run_dir) / f"evaluate-{runtime}.json"
+def evaluation_file(run_dir: str | Path, runtime: str, tta: str = "none", *, split: str = "test",
+                    rerank=None) -> Path:
+    """Where `evaluate_run` writes by default: RUN_DIR/evaluate-RUNTIME.json, with -TTA, -val and -METHOD (the
+    re-ranking) before .json when they apply (evaluate-torch-val-dba.json)."""
+    method = rerank.method if rerank is not None else "none"
+    parts = [runtime, *([tta] if tta != "none" else []), *([split] if split != "test" else []),
+             *([method] if method != "none" else [])]
+    return Path(run_dir) / f"evaluate-{'-'.join(parts)}.json"
 
 
 def describe(summary: dict, run_dir) -> str:
@@ -77,8 +98,12 @@ def describe(summary: dict, run_dir) -> str:
               "test": "SELECTED ON TEST (optimistic)"}.get(how, f"selected on {how}")
     lone = summary.get("lone_queries")
     left_out = f" ({lone} without another image of its class: left out of the metrics)" if lone else ""
+    rerank = dict(summary.get("rerank", {"method": "none"}))
+    method = rerank.pop("method")
+    rerank_text = method + (f" ({', '.join(f'{k} {v:g}' for k, v in rerank.items())})" if rerank else "")
     return (f"{run_dir}: {summary['checkpoint']} (epoch {summary['epoch']}, {chosen}) on the {summary['split']} "
-            f"split, {summary['queries']} queries{left_out}, runtime {summary.get('runtime', 'torch')}")
+            f"split, {summary['queries']} queries{left_out}, runtime {summary.get('runtime', 'torch')}, "
+            f"tta {summary.get('tta', 'none')}, rerank {rerank_text}")
 
 
 def format_table(res: dict) -> str:

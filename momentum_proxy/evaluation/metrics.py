@@ -11,6 +11,10 @@ and MAP@R, R = the number of other same-label items in the gallery. k is never c
 metric is exact whatever the class sizes; queries are processed in order of their k, and when k is
 large the chunk shrinks so that chunk x k stays within it.
 
+With a re-ranking (`rerank`, e.g. `retrieval.rerank.Rerank`: any object with `active` and a `search_chunks` that
+takes and yields what `vectors.search_chunks` does), the neighbour lists are its re-ranked ones; in self-retrieval each query is left out
+of the collection for its own search, the re-ranking's database side included. NMI is not affected.
+
 Queries with no same-label item in the gallery ("lone" queries) are left out of all retrieval metrics,
 as pytorch-metric-learning's AccuracyCalculator does. Within a neighbour list, ties in similarity are
 ordered by gallery index, so results are deterministic and do not depend on the chunk size.
@@ -65,13 +69,15 @@ def evaluate_embeddings(
     metrics: Sequence[str] = ALL_METRICS,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     seed: int = 0,
+    rerank=None,
 ) -> dict[str, float]:
     """Retrieval metrics of embeddings, as a flat dict of fractions in [0, 1].
 
     Without `query_features` every item queries all the others (self-retrieval, itself excluded);
     with them, the queries search `features` as the gallery (In-shop style). Keys, for the requested
     `metrics` only: `recall@K` for K in `recalls` (a same-label item among the top K), `precision@1`,
-    `r_precision`, `map@r` and `nmi` (k-means on the query features, seeded by `seed`).
+    `r_precision`, `map@r` and `nmi` (k-means on the query features, seeded by `seed`). `rerank` re-ranks the
+    neighbour lists (see the module).
     """
     metrics, recalls = _check_request(metrics, recalls)
     gallery = as_features(features, "features")
@@ -95,14 +101,16 @@ def evaluate_embeddings(
     results: dict[str, float] = {}
     if any(m in RETRIEVAL_METRICS for m in metrics):
         gallery_n = query if self_retrieval else l2_normalize(gallery)
+        search = rerank.search_chunks if rerank is not None and rerank.active else search_chunks
         results.update(_retrieval_metrics(query, query_labels, gallery_n, gallery_labels, self_retrieval,
-                                          metrics, recalls, chunk_size))
+                                          metrics, recalls, chunk_size, search))
     if "nmi" in metrics:
         results["nmi"] = cluster_nmi(query, query_labels, seed=seed)
     return results
 
 
-def _retrieval_metrics(query, query_labels, gallery, gallery_labels, self_retrieval, metrics, recalls, chunk_size):
+def _retrieval_metrics(query, query_labels, gallery, gallery_labels, self_retrieval, metrics, recalls, chunk_size,
+                       search):
     """Recall@K, precision@1, R-precision and MAP@R over the non-lone queries (see the module docstring)."""
     try:
         codes = np.unique(np.concatenate([gallery_labels, query_labels]), return_inverse=True)[1].ravel()
@@ -121,7 +129,7 @@ def _retrieval_metrics(query, query_labels, gallery, gallery_labels, self_retrie
     need[~valid] = 0
     per_query = {f"recall@{k}": np.zeros(len(query)) for k in recalls}
     per_query.update({m: np.zeros(len(query)) for m in ("precision@1", "r_precision", "map@r") if m in metrics})
-    for pos, _, idx in search_chunks(query, gallery, need, self_retrieval, chunk_size):
+    for pos, _, idx in search(query, gallery, need, self_retrieval, chunk_size):
         hits = gallery_codes[idx] == query_codes[pos, None]
         for k, k_clipped in zip(recalls, recalls_k):
             per_query[f"recall@{k}"][pos] = hits[:, :k_clipped].any(axis=1)

@@ -17,6 +17,7 @@ from momentum_proxy.config import TrainConfig
 from momentum_proxy.embedding.inference import resolve_device
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import write_text
+from momentum_proxy.models.backbones import resolve_config
 from momentum_proxy.plots import curves_figure, momentum_figure
 from momentum_proxy.runs import RunDir
 from momentum_proxy.training import loop as training
@@ -45,7 +46,7 @@ def sweep(base: TrainConfig, out: str | Path, grid: dict[str, list]) -> list[Pat
     configuration differs (e.g. other --epochs) is trained again from scratch, saying what changed.
     """
     device_type = resolve_device(base.device).type
-    cells = [base.with_(**dict(zip(grid, values))).for_device(device_type)
+    cells = [resolve_config(base.with_(**dict(zip(grid, values))), device_type)
              for values in itertools.product(*grid.values())]
     for cfg in cells:
         cfg.out = str(Path(out) / run_name(cfg))

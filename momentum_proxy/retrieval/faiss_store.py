@@ -4,7 +4,9 @@ On disk, a folder holds `index-<hash>.faiss` (faiss.write_index) and `meta.json`
 parameters, the caller's `model` dict, paths, labels, class names, deleted ids). A save writes the faiss file
 under a new content-addressed name first, then replaces `meta.json` (the commit point, which names that file
 and records its sha256), then removes the previous faiss file: a save killed at any moment leaves the previous
-or the new index, never a mix. Nothing is pickled.
+or the new index, never a mix. Nothing is pickled. Re-ranking's neighbour lists (`rerank.Neighbours`), once
+computed for the index, are saved the same way beside it (`neighbours-<hash>.npz`, named in `meta.json`) and kept
+up to date with its items.
 
 Items are numbered in the order they were added (id = faiss position) and the numbers never change: a deleted
 item becomes a tombstone (its id is listed in `deleted`; its vector stays in the faiss file until a rebuild), and
@@ -36,8 +38,9 @@ import numpy as np
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path, file_sha256, read_json, write_json
 from momentum_proxy.paths import META_FILE
-from momentum_proxy.retrieval.store import IndexStore
-from momentum_proxy.vectors import as_features, as_labels, knn, l2_normalize
+from momentum_proxy.retrieval.rerank import Neighbours, store_neighbours
+from momentum_proxy.retrieval.store import UNKNOWN, IndexStore, checked_items
+from momentum_proxy.vectors import as_features, knn, l2_normalize
 
 KINDS = ("exact", "ivf", "hnsw")
 LEGACY_INDEX_FILE = "index.faiss"  # format 1
@@ -48,7 +51,6 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 DEFAULT_EF_SEARCH = 64
 MIN_POINTS_PER_LIST = 39
-UNKNOWN = -1  # label of an item whose class is not known, in a labelled index
 
 
 def default_nlist(n: int) -> int:
@@ -59,14 +61,6 @@ def default_nlist(n: int) -> int:
 def default_nprobe(nlist: int) -> int:
     """Lists scanned per query: an eighth of them, at least 16 (or all when fewer)."""
     return min(nlist, max(16, nlist // 8))
-
-
-def _items(paths, labels, n: int) -> tuple[list[str], list | None]:
-    """Paths as strings and labels as JSON-ready values, each checked to number n."""
-    paths = [str(p) for p in paths]
-    if len(paths) != n:
-        raise UserError(f"{len(paths)} paths for {n} feature rows")
-    return paths, None if labels is None else as_labels(labels, n).tolist()
 
 
 def _stored_path(path: str, inside: str) -> str:
@@ -83,24 +77,38 @@ class Snapshot:
 
     blob: np.ndarray
     meta: dict
+    neighbours: bytes | None = None  # re-ranking's neighbour lists (`rerank.Neighbours.to_bytes`)
 
     def write(self, folder: str | Path) -> Path:
-        """Write the faiss file, then commit `meta.json`, then remove older faiss files; return the folder."""
+        """Write the faiss file (and the neighbour lists), then commit `meta.json`, then remove older files;
+        return the folder."""
         folder = Path(folder).absolute()
-        sha = hashlib.sha256(self.blob).hexdigest()
-        name = f"index-{sha[:16]}.faiss"
-        with atomic_path(folder / name) as tmp, open(tmp, "wb") as f:
-            f.write(self.blob.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+        name, sha = _write_content(folder, "index-{}.faiss", self.blob.tobytes())
         inside = os.path.join(os.path.abspath(folder), "")
         meta = dict(self.meta, index_file=name, index_sha256=sha,
                     paths=[_stored_path(p, inside) for p in self.meta["paths"]])
+        kept = {name}
+        if self.neighbours is not None:
+            neighbours_name, meta["neighbours_sha256"] = _write_content(folder, "neighbours-{}.npz", self.neighbours)
+            meta["neighbours_file"] = neighbours_name
+            kept.add(neighbours_name)
         write_json(folder / META_FILE, meta)
-        for old in [*folder.glob("index*.faiss"), *folder.glob(".index*.tmp")]:  # also those of killed saves
-            if old.name != name:
+        for old in [*folder.glob("index*.faiss"), *folder.glob(".index*.tmp"), *folder.glob("neighbours-*.npz"),
+                    *folder.glob(".neighbours-*.tmp")]:  # also those of killed saves
+            if old.name not in kept:
                 old.unlink(missing_ok=True)
         return folder
+
+
+def _write_content(folder: Path, pattern: str, data: bytes) -> tuple[str, str]:
+    """Write `data` durably under a name made from its hash (`pattern` with one {}); return (name, sha256)."""
+    sha = hashlib.sha256(data).hexdigest()
+    name = pattern.format(sha[:16])
+    with atomic_path(folder / name) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return name, sha
 
 
 class FaissStore(IndexStore):
@@ -131,6 +139,10 @@ class FaissStore(IndexStore):
         """Live items."""
         return self.index.ntotal - len(self.deleted)
 
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None
+
     @classmethod
     def build(cls, features, paths, labels=None, *, kind: str = "exact", model: dict | None = None,
               classes: dict[int, str] | None = None, nlist: int | None = None, nprobe: int | None = None,
@@ -141,7 +153,7 @@ class FaissStore(IndexStore):
             raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
         x = l2_normalize(as_features(features))
         n, d = x.shape
-        paths, labels = _items(paths, labels, n)
+        paths, labels = checked_items(paths, labels, n)
         params: dict = {}
         if kind == "exact":
             index = faiss.IndexFlatIP(d)
@@ -172,7 +184,7 @@ class FaissStore(IndexStore):
         x = as_features(features)
         if x.shape[1] != self.feature_dim:
             raise UserError(f"features have {x.shape[1]} dimensions, the index {self.feature_dim}")
-        return self._add(l2_normalize(x), *_items(paths, labels, len(x)))
+        return self._add(l2_normalize(x), *checked_items(paths, labels, len(x)))
 
     def _add(self, x: np.ndarray, paths: list[str], labels: list | None) -> list[int]:
         """Add normalised vectors with checked paths and labels."""
@@ -187,6 +199,16 @@ class FaissStore(IndexStore):
         ids = list(range(first, self.ntotal))
         self.path_ids.update(zip(paths, ids))
         return ids
+
+    def ids_of(self, paths: list[str]) -> dict[str, int]:
+        return {p: self.path_ids[p] for p in paths if p in self.path_ids}
+
+    def file_ids(self, path: Path) -> set[int]:
+        target = str(Path(path).resolve())
+        return {i for i, p in enumerate(self.paths) if str(Path(p).resolve()) == target}
+
+    def live_items(self) -> list[dict]:
+        return [self.item(i) for i in range(self.ntotal) if i not in self.deleted]
 
     def label_for(self, class_name: str) -> int:
         """The label of `class_name`, a new one when the index does not know it (an unlabelled index becomes
@@ -271,9 +293,18 @@ class FaissStore(IndexStore):
         found = [len(np.intersect1d(e, a)) for e, a in zip(exact, approx)]
         return float(np.sum(found) / exact.size)
 
+    def live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, unit vectors) of the live items, in id order."""
+        live = np.array([i for i in range(self.ntotal) if i not in self.deleted], np.int64)
+        return live, np.asarray(self.index.reconstruct_n(0, self.ntotal))[live]
+
     def snapshot(self) -> Snapshot:
-        """The state to save, copied (cheap next to embedding: one memory copy of the vectors)."""
-        return Snapshot(faiss.serialize_index(self.index), {
+        """The state to save, copied (cheap next to embedding: one memory copy of the vectors); neighbour lists,
+        when the index has them, brought up to date first."""
+        neighbours = None
+        if self.neighbours is not None and self.neighbours.size:
+            neighbours = store_neighbours(self, self.neighbours.size).to_bytes()
+        return Snapshot(faiss.serialize_index(self.index), neighbours=neighbours, meta={
             "format_version": FORMAT_VERSION, "kind": self.kind, "metric": "cosine",
             "feature_dim": self.feature_dim, "count": self.ntotal, "live": len(self), "params": self.params,
             "model": self.model, "sources": list(self.sources), "paths": list(self.paths),
@@ -302,8 +333,12 @@ class FaissStore(IndexStore):
         base = folder if meta["format_version"] >= 2 else Path.cwd()
         paths = [os.path.normpath(base / p) for p in meta["paths"]]
         classes = {int(k): v for k, v in meta.get("classes", {}).items()}
-        return cls(index, meta["kind"], paths, meta["labels"], meta["model"], meta["params"], classes,
-                   meta.get("deleted", ()), meta.get("sources", ()))
+        store = cls(index, meta["kind"], paths, meta["labels"], meta["model"], meta["params"], classes,
+                    meta.get("deleted", ()), meta.get("sources", ()))
+        neighbours = folder / meta.get("neighbours_file", "-")
+        if neighbours.is_file() and file_sha256(neighbours) == meta.get("neighbours_sha256"):
+            store.neighbours = Neighbours.from_bytes(neighbours.read_bytes())  # else recomputed when needed
+        return store
 
 
 def read_meta(folder: str | Path) -> dict:

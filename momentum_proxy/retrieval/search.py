@@ -1,7 +1,8 @@
 """Retrieval with a run's model, one search path for every caller.
 
-- `build_index` embeds an image collection into a saved faiss index (`retrieval.faiss_store.FaissStore`), or extends or
-  rebuilds one; `open_index` opens a saved index with the run whose model built it (refusing a stale one).
+- `build_index` embeds an image collection into a saved index (a faiss folder or a Milvus store: `retrieval.stores`),
+  or extends or rebuilds one; `open_index` opens a saved index with the run whose model built it (refusing a stale
+  one).
 - `run_index` makes a run's own embeddings (or another embeddings file, or a split embedded now) an exact index
   in memory, so that searching a run and searching a saved index are the same code.
 - `search_hits` searches an index with a query embedding, leaving the query's own item out (the service uses it);
@@ -13,21 +14,25 @@ from __future__ import annotations
 import csv
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from momentum_proxy.config import check_tta
 from momentum_proxy.data.manifest import MANIFEST, read_manifest
 from momentum_proxy.data.prepare import IMAGE_EXTS
 from momentum_proxy.deploy.runtimes import load_embedder
 from momentum_proxy.embedding.inference import embed_files
 from momentum_proxy.errors import UserError
-from momentum_proxy.fileio import check_writable_folder, file_sha256, folder_lock, write_json
+from momentum_proxy.fileio import check_writable_folder, file_sha256, write_json
 from momentum_proxy.plots import MAX_DRAWN, draw_results
-from momentum_proxy.retrieval.faiss_store import KINDS, META_FILE, UNKNOWN, WRITER_LOCK, FaissStore, read_meta
+from momentum_proxy.retrieval.faiss_store import KINDS, FaissStore
 from momentum_proxy.retrieval.hits import Hit, judged
-from momentum_proxy.retrieval.store import check_mix
+from momentum_proxy.retrieval.rerank import Rerank, rerank_store, store_neighbours
+from momentum_proxy.retrieval.store import UNKNOWN, IndexStore, check_mix
+from momentum_proxy.retrieval.stores import build_store, describe, local_folder, open_store, store_exists, writer_lock
 from momentum_proxy.runs import EMBEDDINGS, RunDir, load_embeddings, model_identity
 
 SPLITS = ("test", "val", "train", "all")
@@ -53,12 +58,6 @@ class Retrieval:
                 for h in self.results]
 
 
-def is_query(query: Path, paths) -> np.ndarray:
-    """Which database paths are the query's own file (a query from the database is not its own result)."""
-    target = str(query.resolve())
-    return np.array([str(Path(p).resolve()) == target for p in paths], dtype=bool)
-
-
 def describe_change(built: dict, now: dict) -> str | None:
     """In words, why an index built with model `built` does not fit the model `now` (None when it does)."""
     if built.get("backbone") != now["backbone"]:
@@ -78,25 +77,46 @@ def rebuild_hint(run_dir, index_dir, sources) -> str:
     return f"mproxy index {run_dir} --out {index_dir}{images} --rebuild"
 
 
-def check_model(index_dir, meta: dict, identity: dict, run_dir) -> None:
+def check_model(index_dir, index: IndexStore, identity: dict, run_dir) -> None:
     """Refuse an index that the run's model did not build, saying what changed and how to rebuild."""
-    built = {**meta["model"], "feature_dim": meta["feature_dim"]}
-    change = describe_change(built, identity)
+    change = describe_change({**index.model, "feature_dim": index.feature_dim}, identity)
     if change:
         raise UserError(f"the index {index_dir} is stale: {change}; rebuild it with "
-                        f"`{rebuild_hint(run_dir, index_dir, meta.get('sources', []))}`")
+                        f"`{rebuild_hint(run_dir, index_dir, index.sources)}`")
 
 
-def open_index(index_dir: str | Path, run_dir: str | Path | None = None) -> tuple[FaissStore, str]:
-    """A saved index and the run whose model built it (`run_dir`, else the run recorded in the index),
-    refused with a worded reason when that model changed since."""
-    meta = read_meta(index_dir)
-    run_dir = str(run_dir or meta["model"].get("run") or "")
-    if not run_dir or not RunDir(run_dir).has_model():
-        raise UserError(f"the run that built {index_dir} ({run_dir or 'unknown'}) is not available; "
-                        "give it explicitly")
-    check_model(index_dir, meta, model_identity(run_dir), run_dir)
-    return FaissStore.load(index_dir), run_dir
+def index_tta(index_dir, built_with: dict, asked: str | None) -> str:
+    """The test-time augmentation to embed with for the index whose model dict is `built_with`: the one it was
+    built with (`asked` None), refused in one line when `asked` is another (its vectors would not compare)."""
+    check_tta(asked)
+    built = built_with.get("tta", "none")  # indexes from before --tta: none
+    if asked not in (None, built):
+        raise UserError(f"the index {index_dir} was built with --tta {built}; search or extend it with --tta {built} "
+                        f"(the default), or rebuild it with --tta {asked} --rebuild")
+    return built
+
+
+def check_database_tta(database, tta: str) -> None:
+    """Refuse test-time augmentation over an embeddings file: it records none (training embeds without)."""
+    if database is not None and tta != "none":
+        raise UserError(f"--tta {tta} needs the searched images embedded the same way; the embeddings file "
+                        f"{database} was not (search the run's split, which is then embedded with --tta {tta})")
+
+
+def open_index(index_dir: str | Path, run_dir: str | Path | None = None) -> tuple[IndexStore, str]:
+    """A saved index (a folder or a Milvus location) and the run whose model built it (`run_dir`, else the run
+    recorded in the index), refused with a worded reason when that model changed since."""
+    index = open_store(index_dir)
+    try:
+        run_dir = str(run_dir or index.model.get("run") or "")
+        if not run_dir or not RunDir(run_dir).has_model():
+            raise UserError(f"the run that built {index_dir} ({run_dir or 'unknown'}) is not available; "
+                            "give it explicitly")
+        check_model(index_dir, index, model_identity(run_dir), run_dir)
+    except BaseException:
+        index.close()
+        raise
+    return index, run_dir
 
 
 LABEL_SOURCES = ("auto", "none", "folders")  # or the path of a CSV file
@@ -154,10 +174,10 @@ def _csv_classes(csv_file: Path, source: Path, paths: list[str]) -> list[str | N
     return [named.get(p) for p in paths]
 
 
-def _labels_for(index: FaissStore, labels, classes: dict[int, str], n: int) -> list | None:
+def _labels_for(index: IndexStore, labels, classes: dict[int, str], n: int) -> list | None:
     """Labels of new items in the index's numbering: by class name, UNKNOWN for unlabelled images."""
     if labels is None:
-        return None if index.labels is None else [UNKNOWN] * n
+        return [UNKNOWN] * n if index.labelled else None
     mapping = {y: index.label_for(name) for y, name in classes.items()}
     return [mapping.get(y, UNKNOWN) for y in labels]
 
@@ -172,48 +192,57 @@ class Collection:
     sources: list[str]
 
 
-def images_to_index(images: str | Path | None, out: Path, rebuild: bool, labels: str = "auto") -> Collection:
+def images_to_index(images: str | Path | None, out, rebuild: bool, labels: str = "auto") -> Collection:
     """What `build_index` embeds: the images below `images` (classes as `collect_images`'s `labels` says), or,
     for a rebuild without them, the index's own live items."""
     if images is not None:
         return Collection(*collect_images(images, labels), [str(Path(images).absolute())])
-    if not (rebuild and (out / META_FILE).exists()):
+    if not (rebuild and store_exists(out)):
         raise UserError("give the images to index with --images (only --rebuild of an existing index may omit them)")
-    old = FaissStore.load(out)
-    live = [i for i in range(old.ntotal) if old.exists(i)]
+    old = open_store(out)
+    try:
+        live = old.live_items()
+    finally:
+        old.close()
     if not live:
         raise UserError(f"the index {out} has no items to rebuild from; give --images")
-    labels = None if old.labels is None else [old.labels[i] for i in live]
-    return Collection([old.paths[i] for i in live], labels, old.classes, list(old.sources))
+    labels = [UNKNOWN if it["label"] is None else it["label"] for it in live] if old.labelled else None
+    return Collection([it["path"] for it in live], labels, old.classes, list(old.sources))
 
 
 def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path, *, kind: str = "exact",
                 batch_size: int = 64, device: str = "auto", rebuild: bool = False, runtime: str = "torch",
-                labels: str = "auto") -> dict:
+                labels: str = "auto", tta: str | None = None, rerank: Rerank | None = None) -> dict:
     """Embed `images` with the run's best model (in `runtime`) into the index at `out`: created, extended when
     present (paths already indexed are skipped; runtimes mix only as `retrieval.store.check_mix` allows), or, with
     `rebuild`, made anew (from `images`, or from the index's own items when `images` is None) and replacing the
-    old one atomically. `labels` says where class names come from (see `collect_images`)."""
+    old one atomically. `labels` says where class names come from (see `collect_images`). `tta` (none | flip,
+    `embedding.tta`) is recorded in the index's model; an index is extended with its own (None), a new or rebuilt
+    one made with `tta` (None: none). With `rerank`, the neighbour lists it needs are computed and saved with the
+    index (`retrieval.rerank`), and later saves keep them up to date."""
     if kind not in KINDS:
         raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
-    out = Path(out)
-    check_writable_folder(out, "the index folder")  # before any expensive work
-    out.mkdir(parents=True, exist_ok=True)
-    with folder_lock(out, WRITER_LOCK, "being written", "mproxy index"):
-        return _build_index(run_dir, images, out, kind, batch_size, device, rebuild, runtime, labels)
+    with writer_lock(out, "mproxy index", create=True):  # the folder checked before any expensive work
+        return _build_index(run_dir, images, out, kind, batch_size, device, rebuild, runtime, labels, tta, rerank)
 
 
-def _build_index(run_dir, images, out: Path, kind, batch_size, device, rebuild, runtime, labels) -> dict:
+def _build_index(run_dir, images, out, kind, batch_size, device, rebuild, runtime, labels, tta, rerank) -> dict:
     identity = model_identity(run_dir)
     existing = None
-    if (out / META_FILE).exists() and not rebuild:
-        check_model(out, read_meta(out), identity, run_dir)
-        existing = FaissStore.load(out)
+    if not rebuild and store_exists(out):
+        existing = open_store(out)
+        check_model(out, existing, identity, run_dir)
+    if existing is not None:
+        tta = index_tta(out, existing.model, tta)
+    else:
+        check_tta(tta)
+        tta = tta or "none"
     todo = images_to_index(images, out, rebuild, labels)
     if not todo.paths:
         raise UserError(f"no images to index in {images}")
-    new = [i for i, p in enumerate(todo.paths) if existing is None or p not in existing.path_ids]
-    embedder = load_embedder(run_dir, runtime, device)
+    indexed = existing.ids_of(todo.paths) if existing is not None else {}
+    new = [i for i, p in enumerate(todo.paths) if p not in indexed]
+    embedder = load_embedder(run_dir, runtime, device, tta)
     mixed = check_mix(existing.model, embedder.identity) if existing is not None else runtime
     feats, kept, skipped = embed_files(embedder, [todo.paths[i] for i in new], embedder.image_size,
                                        embedder.device, batch_size) if new else (None, [], [])
@@ -222,34 +251,49 @@ def _build_index(run_dir, images, out: Path, kind, batch_size, device, rebuild, 
     by_path = dict(zip(todo.paths, todo.labels or []))
     labels = None if todo.labels is None else [by_path[p] for p in kept]
     if existing is None:
-        index = FaissStore.build(feats, kept, labels, kind=kind, classes=todo.classes,
-                                     model={**identity, "runtime": runtime, "verified": embedder.identity["verified"]})
+        index = build_store(out, feats, kept, labels, kind=kind, classes=todo.classes,
+                            model={**identity, "runtime": runtime, "verified": embedder.identity["verified"],
+                                   "tta": tta})
     else:
         index = existing
         index.model["runtime"] = mixed
         if kept:
             index.add(feats, kept, _labels_for(index, labels, todo.classes, len(kept)))
     index.sources += [s for s in todo.sources if s not in index.sources]
+    if rerank is not None and rerank.list_size:
+        store_neighbours(index, rerank.list_size + 1)  # one spare for a query's own item
     index.save(out)
     if skipped:
-        write_json(out / "skipped.json", [{"path": p, "reason": r} for p, r in skipped])
+        local_folder(out).mkdir(parents=True, exist_ok=True)
+        write_json(local_folder(out) / "skipped.json", [{"path": p, "reason": r} for p, r in skipped])
     summary = {"index": str(out), "kind": index.kind, "added": len(kept),
                "already_indexed": len(todo.paths) - len(new), "total": len(index), "skipped": len(skipped),
                "classes": len(index.classes)}
     if index.kind != "exact":
         summary["recall@10_vs_exact"] = round(index.recall_vs_exact(10), 4)
+    index.close()
     return summary
 
 
-def search_hits(index: FaissStore, features: np.ndarray, k: int, *, query_path=None, query_id=None,
-                min_score: float | None = None) -> tuple[dict | None, list[Hit]]:
+def search_hits(index: IndexStore, features: np.ndarray, k: int, *, query_path=None, query_id=None,
+                min_score: float | None = None, rerank: Rerank | None = None,
+                timing: dict | None = None) -> tuple[dict | None, list[Hit]]:
     """Top-k of one query embedding: (the query's item when it is indexed, its hits). The query's own item
-    (given by id, or by path) is not among its results, as in `mproxy retrieve`."""
+    (given by id, or by path) is not among its results, as in `mproxy retrieve`. `rerank` re-ranks over every
+    live item (`retrieval.rerank`; the query's own item is left out of its database side too); `timing`, when
+    given, receives the milliseconds it took ("rerank")."""
     exclude = set() if query_id is None else {query_id}
     if query_path is not None:
-        exclude |= {int(i) for i in np.flatnonzero(is_query(Path(query_path), index.paths))}
+        exclude |= index.file_ids(Path(query_path))
     own = next((index.item(i) for i in sorted(exclude) if index.exists(i)), None)
-    hits = index.hits(*index.search(features, k, exclude=exclude))[0]
+    if rerank is not None and rerank.active:
+        start = time.perf_counter()
+        found = rerank_store(index, features, k, rerank, exclude)
+        if timing is not None:
+            timing["rerank"] = 1000 * (time.perf_counter() - start)
+    else:
+        found = index.search(features, k, exclude=exclude)
+    hits = index.hits(*found)[0]
     if min_score is not None:
         hits = [h for h in hits if h.score >= min_score]
     return own, hits
@@ -259,14 +303,20 @@ def run_index(run_dir: str | Path, embedder, split: str = "test",
               database: str | Path | None = None) -> tuple[FaissStore, str]:
     """(an exact in-memory index, its description) of the run's test embeddings (embeddings.npz, or another
     `database` .npz), plus, for `split` train, val or all, those images of the run's dataset embedded now by
-    `embedder` (the run's model)."""
+    `embedder` (the run's model). An embedder with test-time augmentation embeds the test split now too
+    (embeddings.npz was embedded without), and cannot search a `database` file."""
     cfg = RunDir(run_dir).config()
     if split not in SPLITS:
         raise UserError(f"unknown --split {split!r}; choose from {', '.join(SPLITS)}")
+    tta = embedder.identity.get("tta", "none")
+    check_database_tta(database, tta)
     if database is not None:
         parts, what = [load_embeddings(database)], f"database {database}"
     else:
-        parts = [load_embeddings(RunDir(run_dir) / EMBEDDINGS)] if split in ("test", "all") else []
+        parts = []
+        if split in ("test", "all"):
+            parts.append(load_embeddings(RunDir(run_dir) / EMBEDDINGS) if tta == "none"
+                         else _embed_splits(cfg.data, embedder, ["test"]))
         if split != "test":
             parts.append(_embed_splits(cfg.data, embedder, ["train", "val"] if split == "all" else [split]))
         names = {"test": "the test split", "val": "the val split", "train": "the train split", "all": "all splits"}
@@ -295,14 +345,15 @@ def _embed_splits(data: str | Path, embedder, splits: list[str]) -> dict:
             "class_names": df["class_name"].to_numpy()[keep]}
 
 
-def search_image(index: FaissStore, embedder, query: str | Path, k: int, collection: str) -> Retrieval:
-    """Top-k of a query image in `index`, embedded by `embedder`; the query's own item is left out. (Its callers
-    `check_query` first, before a model is loaded.)"""
+def search_image(index: IndexStore, embedder, query: str | Path, k: int, collection: str,
+                 rerank: Rerank | None = None) -> Retrieval:
+    """Top-k of a query image in `index`, embedded by `embedder`, re-ranked by `rerank`; the query's own item is
+    left out. (Its callers `check_query` first, before a model is loaded.)"""
     query = Path(query)
     feats, _, skipped = embed_files(embedder, [query], embedder.image_size, embedder.device)
     if skipped:
         raise UserError(f"cannot read query image {query}: {skipped[0][1]}")
-    own, hits = search_hits(index, feats, k, query_path=query)
+    own, hits = search_hits(index, feats, k, query_path=query, rerank=rerank)
     label = own["label"] if own else None
     results = judged(hits, label)
     return Retrieval(query, label, own["class_name"] if own else None, results, collection, k, copies(query, hits))
@@ -321,13 +372,17 @@ def copies(query: Path, hits: list[Hit]) -> set[int]:
 
 
 def retrieve(run_dir: str | Path, query: str | Path, k: int = 8, *, database: str | Path | None = None,
-             split: str = "test", device: str = "auto", runtime: str = "torch") -> Retrieval:
-    """Top-k of `query` among the run's embeddings of `split` (or another `database` .npz); the query itself
-    is excluded. `runtime` (torch | onnx) embeds (see `deploy.runtimes.load_embedder`)."""
+             split: str = "test", device: str = "auto", runtime: str = "torch", tta: str = "none",
+             rerank: Rerank | None = None) -> Retrieval:
+    """Top-k of `query` among the run's embeddings of `split` (or another `database` .npz), re-ranked by
+    `rerank`; the query itself is excluded. `runtime` (torch | onnx) embeds with `tta` (see
+    `deploy.runtimes.load_embedder`)."""
     check_query(query, k)
-    embedder = load_embedder(run_dir, runtime, device)
+    check_tta(tta)
+    check_database_tta(database, tta)
+    embedder = load_embedder(run_dir, runtime, device, tta)
     index, collection = run_index(run_dir, embedder, split, database)
-    return search_image(index, embedder, query, k, collection)
+    return search_image(index, embedder, query, k, collection, rerank)
 
 
 def check_query(query: str | Path, k: int) -> None:
@@ -342,30 +397,37 @@ def check_query(query: str | Path, k: int) -> None:
 
 def retrieve_and_draw(query: str | Path, k: int, out_dir: str | Path | None = None, *, run_dir: str | None = None,
                       index_dir: str | None = None, data_base: str | None = None, split: str = "test",
-                      device: str = "auto", runtime: str = "torch") -> tuple[Retrieval, Path]:
+                      device: str = "auto", runtime: str = "torch", tta: str | None = None,
+                      rerank: Rerank | None = None) -> tuple[Retrieval, Path]:
     """`mproxy retrieve`: search a saved index (`index_dir`, with the run that built it, or `run_dir`), else the
     run's embeddings of `split` (`data_base`: the original tool's run folder or embeddings file), and write
-    `out_dir` (default: INDEX/retrieval or RUN/retrieval) /retrieval.png + results.json."""
+    `out_dir` (default: INDEX/retrieval or RUN/retrieval) /retrieval.png + results.json. The query is embedded
+    with `tta` (None: the index's own, else none; see `index_tta`); `rerank` re-ranks the results (an index's saved
+    neighbour lists are used, else computed in memory)."""
     check_query(query, k)
+    check_tta(tta)
     if index_dir:
         index, run_dir = open_index(index_dir, run_dir)
+        tta = index_tta(index_dir, index.model, tta)
         identity = index.model  # open_index checked that it is the run's current checkpoint
         collection = f"the index {index_dir}"
-        extra = {"index": {"path": str(Path(index_dir).absolute()), "kind": index.kind, "items": len(index)}}
+        extra = {"index": {"path": describe(index_dir), "kind": index.kind, "items": len(index)}}
     else:
         run_dir, database = resolve_database(run_dir, data_base)
-        identity, extra = model_identity(run_dir), {}
-    out_dir = Path(out_dir or Path(index_dir or run_dir) / "retrieval")
+        identity, extra, tta = model_identity(run_dir), {}, tta or "none"
+        check_database_tta(database, tta)
+    out_dir = Path(out_dir or (local_folder(index_dir) if index_dir else Path(run_dir)) / "retrieval")
     check_writable_folder(out_dir, "the output folder")
-    embedder = load_embedder(run_dir, runtime, device)
+    embedder = load_embedder(run_dir, runtime, device, tta)
     if index_dir:
         check_mix(index.model, embedder.identity)
     else:
         index, collection = run_index(run_dir, embedder, split, database)
-    r = search_image(index, embedder, query, k, collection)
-    model = {"run": str(Path(run_dir).resolve()), "runtime": runtime,
+    r = search_image(index, embedder, query, k, collection, rerank)
+    model = {"run": str(Path(run_dir).resolve()), "runtime": runtime, "tta": tta,
              **{key: identity.get(key) for key in ("backbone", "checkpoint_sha256", "checkpoint_epoch")}}
-    return r, save_retrieval(r, out_dir, {"model": model, **extra})
+    rerank_dict = rerank.to_dict() if rerank is not None else {"method": "none"}
+    return r, save_retrieval(r, out_dir, {"model": model, "rerank": rerank_dict, **extra})
 
 
 def save_retrieval(r: Retrieval, out_dir: str | Path, extra: dict | None = None) -> Path:

@@ -1,4 +1,6 @@
-"""The index-store interface: what every store of embedded images (faiss today) offers the search code.
+"""The index-store interface: what every store of embedded images offers the search code. Implementations:
+`faiss_store.FaissStore` (a folder, the embedded default) and `milvus_store.MilvusStore` (Milvus Lite or a Milvus
+server); `stores` opens the one a location names.
 
 Items are numbered in the order they were added (id = position) and ids never change: a removed item becomes a
 tombstone. Each item has a path, an optional label and class name. Scores are cosine similarities. A store
@@ -13,12 +15,33 @@ import numpy as np
 
 from momentum_proxy.errors import UserError
 from momentum_proxy.retrieval.hits import Hit
+from momentum_proxy.vectors import as_labels
+
+UNKNOWN = -1  # label of an item whose class is not known, in a labelled index
+
+
+def checked_items(paths, labels, n: int) -> tuple[list[str], list | None]:
+    """Paths as strings and labels as JSON-ready values, each checked to number n."""
+    paths = [str(p) for p in paths]
+    if len(paths) != n:
+        raise UserError(f"{len(paths)} paths for {n} feature rows")
+    return paths, None if labels is None else as_labels(labels, n).tolist()
+
+
+class StoreUnavailable(UserError):
+    """The store cannot be reached now (a Milvus server down or unreachable); the next call tries again."""
 
 
 class IndexStore(ABC):
-    """Cosine search over embedded items, with their metadata. Implementations: `faiss_store.FaissStore`."""
+    """Cosine search over embedded items, with their metadata."""
 
     model: dict  # what embedded the items (see `runs.model_identity` and the embedder's identity)
+    kind: str  # exact | ivf | hnsw
+    params: dict  # the kind's search parameters
+    classes: dict[int, str]  # class names by label
+    sources: list[str]  # the image folders indexed
+    remote = False  # True when calls go over the network (never made in an event loop's thread)
+    neighbours = None  # re-ranking's neighbour lists (`rerank.Neighbours`), kept up to date by `rerank`
 
     @property
     @abstractmethod
@@ -32,6 +55,11 @@ class IndexStore(ABC):
     @abstractmethod
     def __len__(self) -> int:
         """Live items."""
+
+    @property
+    @abstractmethod
+    def labelled(self) -> bool:
+        """Whether items carry labels (those of unknown class: UNKNOWN)."""
 
     @abstractmethod
     def add(self, features, paths: list[str], labels: list | None = None) -> list[int]:
@@ -53,6 +81,18 @@ class IndexStore(ABC):
         """The item's stored unit embedding, shape (1, feature_dim)."""
 
     @abstractmethod
+    def ids_of(self, paths: list[str]) -> dict[str, int]:
+        """The live ids of those of `paths` (absolute) that are indexed."""
+
+    @abstractmethod
+    def file_ids(self, path: Path) -> set[int]:
+        """Ids of the items whose image is the file `path` (links resolved)."""
+
+    @abstractmethod
+    def live_items(self) -> list[dict]:
+        """Every live item (as `item` gives it), in id order."""
+
+    @abstractmethod
     def label_for(self, class_name: str) -> int:
         """The label of `class_name`, a new one when the store does not know it."""
 
@@ -64,15 +104,29 @@ class IndexStore(ABC):
     def snapshot(self):
         """The state to persist, taken under the caller's lock; its `.write(location)` persists it atomically."""
 
-    def save(self, location: str | Path) -> Path:
+    def save(self, location: str | Path):
         """Persist the store (crash-safe: a save killed at any moment leaves the previous or the new state)."""
         return self.snapshot().write(location)
 
+    def close(self) -> None:
+        """Release connections (nothing for an in-memory store)."""
+
+    def live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, unit vectors (n, feature_dim)) of the live items, in id order (for exact re-ranking)."""
+        ids = np.array([it["id"] for it in self.live_items()], np.int64)
+        if not len(ids):
+            return ids, np.empty((0, self.feature_dim), np.float32)
+        return ids, np.concatenate([self.vector(int(i)) for i in ids]).astype(np.float32)
+
+    def items(self, ids) -> dict[int, dict]:
+        """`item` of each live one of `ids`, by id."""
+        return {int(i): self.item(int(i)) for i in ids if self.exists(int(i))}
+
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         """`search` results as lists of `Hit` (rank from 1), one list per query."""
-        out = []
+        out, found = [], self.items({int(i) for i in ids.ravel() if i >= 0})
         for row_s, row_i in zip(scores, ids):
-            items = [self.item(int(i)) for i in row_i if i >= 0]
+            items = [found[int(i)] for i in row_i if int(i) in found]
             out.append([Hit(rank, it["id"], float(s), it["path"], it["label"], it["class_name"])
                         for rank, (s, it) in enumerate(zip(row_s, items), start=1)])
         return out

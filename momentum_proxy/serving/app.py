@@ -2,7 +2,8 @@
 
 `create_app(index_dir)` returns the ASGI app, so the service can be mounted in another application. Errors are
 JSON `{"error": "one line"}`: 400 bad or corrupt image, 401 missing token, 404 unknown id, 413 over the upload or
-pixel limit, 422 bad parameters; a failure inside is logged and answered 500 without details.
+pixel limit, 422 bad parameters, 503 the index store cannot be reached (a Milvus server; later requests try
+again); a failure inside is logged and answered 500 without details.
 """
 from __future__ import annotations
 
@@ -28,9 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from starlette.concurrency import run_in_threadpool
 
 from momentum_proxy.errors import UserError
-from momentum_proxy.fileio import folder_lock
 from momentum_proxy.perf import freeze_gc, share_heap
-from momentum_proxy.retrieval.faiss_store import WRITER_LOCK
+from momentum_proxy.paths import check_index
+from momentum_proxy.retrieval.rerank import DEFAULTS, Rerank
+from momentum_proxy.retrieval.store import StoreUnavailable
+from momentum_proxy.retrieval.stores import writer_lock
 from momentum_proxy.serving.searcher import MAX_K, BadImage, ImageTooLarge, ItemNotFound, Searcher
 
 log = logging.getLogger("momentum_proxy.serving.app")
@@ -40,19 +43,41 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 
 
 
 class SearchParams(BaseModel):
-    """A search: exactly one of `embedding`, `id` (or an uploaded image), plus k and min_score."""
+    """A search: exactly one of `embedding`, `id` (or an uploaded image), plus k and min_score, and optionally a
+    re-ranking (`rerank`: a method; `rerank_k`, ...: its parameters; see `request_rerank`)."""
 
     model_config = ConfigDict(extra="forbid")
     embedding: list[float] | None = None
     id: int | None = None
     k: int = Field(10, ge=1, le=MAX_K)
     min_score: float | None = Field(None, ge=-1, le=1)
+    rerank: str | None = None
+    rerank_k: int | None = None
+    rerank_alpha: float | None = None
+    rerank_k2: int | None = None
+    rerank_lambda: float | None = None
 
     @model_validator(mode="after")
     def one_query(self):
         if (self.embedding is not None) + (self.id is not None) > 1:
             raise ValueError("give one query: an image, an embedding or an id")
         return self
+
+
+RERANK_FIELDS = {"rerank_k": "k", "rerank_alpha": "alpha", "rerank_k2": "k2", "rerank_lambda": "lam"}
+
+
+def request_rerank(params: SearchParams, default: Rerank) -> Rerank | None:
+    """The re-ranking a search asks for (None: the server's `default`): `rerank` names the method (default: the
+    server's) and `rerank_*` its parameters; the others are the server's for its own method, else the method's
+    defaults."""
+    given = {name: getattr(params, field) for field, name in RERANK_FIELDS.items()
+             if getattr(params, field) is not None}
+    if params.rerank is None and not given:
+        return None
+    method = params.rerank or default.method
+    base = {name: getattr(default, name) for name in DEFAULTS[method]} if method == default.method else {}
+    return Rerank(method, **{**base, **given})
 
 
 def is_loopback(host: str) -> bool:
@@ -138,8 +163,10 @@ class Metrics:
 def create_app(index_dir: str | Path | None = None, *, searcher: Searcher | None = None, run_dir=None,
                device: str = "auto", token: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int | None = None, cors_origins: list[str] = (), max_batch: int = 32,
-               batch_wait_ms: float = 50.0, runtime: str = "torch", model_processes: int | str = 0) -> FastAPI:
-    """The service over the index in `index_dir` (or an open `searcher`), embedding with `runtime` (torch | onnx).
+               batch_wait_ms: float = 50.0, runtime: str = "torch", model_processes: int | str = 0,
+               tta: str | None = None, rerank: Rerank | None = None) -> FastAPI:
+    """The service over the index in `index_dir` (or an open `searcher`), embedding with `runtime` (torch | onnx)
+    and `tta` (None: the index's own), re-ranking searches that ask for none with `rerank`.
     With `token`, writes need the header `Authorization: Bearer TOKEN`; `cors_origins` turns CORS on for those
     origins."""
     metrics = Metrics()
@@ -147,7 +174,7 @@ def create_app(index_dir: str | Path | None = None, *, searcher: Searcher | None
         extra = {} if max_pixels is None else {"max_pixels": max_pixels}
         searcher = Searcher(index_dir, run_dir=run_dir, device=device, max_batch=max_batch, runtime=runtime,
                             batch_wait_ms=batch_wait_ms, on_batch=metrics.batch.observe,
-                            model_processes=model_processes, **extra)
+                            model_processes=model_processes, tta=tta, rerank=rerank, **extra)
     @asynccontextmanager
     async def lifespan(app):
         yield
@@ -185,7 +212,7 @@ def writer_check(token: str | None):
 
 def register_errors(app: FastAPI) -> None:
     """Every error as JSON with one line; no traceback reaches a client."""
-    statuses = {BadImage: 400, ImageTooLarge: 413, ItemNotFound: 404}
+    statuses = {BadImage: 400, ImageTooLarge: 413, ItemNotFound: 404, StoreUnavailable: 503}
 
     @app.exception_handler(UserError)
     async def user_error(request, exc: UserError):
@@ -211,7 +238,9 @@ SEARCH_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": SearchParams.model_json_schema()},
     "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
         "image": {"type": "string", "format": "binary"}, "k": {"type": "integer", "default": 10},
-        "min_score": {"type": "number"}}}}}}}
+        "min_score": {"type": "number"}, "rerank": {"type": "string"},
+        **{field: {"type": "integer" if field in ("rerank_k", "rerank_k2") else "number"} for field in RERANK_FIELDS},
+    }}}}}}
 
 
 async def read_search(request: Request) -> tuple[SearchParams, bytes | None]:
@@ -222,7 +251,8 @@ async def read_search(request: Request) -> tuple[SearchParams, bytes | None]:
                 image = form.get("image")
                 if not hasattr(image, "read"):
                     raise HTTPException(422, "the form needs an image file in the field 'image'")
-                fields = {k: v for k, v in form.items() if k in ("k", "min_score") and v != ""}
+                fields = {k: v for k, v in form.items() if k in ("k", "min_score", "rerank", *RERANK_FIELDS)
+                          and v != ""}
                 return SearchParams.model_validate(fields), await image.read()
         try:
             body = json.loads(await request.body() or b"null")
@@ -245,7 +275,8 @@ def add_routes(app: FastAPI, searcher: Searcher, metrics: Metrics, can_write) ->
         params, image = await read_search(request)
         query = image if image is not None else (params.id if params.id is not None
                                                  else np.asarray(params.embedding, np.float32))
-        result = await searcher.asearch(query, params.k, min_score=params.min_score)
+        result = await searcher.asearch(query, params.k, min_score=params.min_score,
+                                        rerank=request_rerank(params, searcher.rerank))
         result["timing_ms"]["total"] = 1000 * (time.perf_counter() - start)
         return JSONResponse(result)  # plain JSON types already: FastAPI's encoder pass is skipped
 
@@ -294,10 +325,8 @@ def serve(index_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, t
                         "(or bind 127.0.0.1)")
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be 0-65535, got {port}")
-    if not Path(index_dir).is_dir():
-        raise UserError(f"no retrieval index in {index_dir} (make one with `mproxy index RUN --images DIR --out "
-                        f"{index_dir}`)")
-    with folder_lock(index_dir, WRITER_LOCK, "being written", "mproxy serve"):  # adds and removes write it
+    check_index(index_dir)
+    with writer_lock(index_dir, "mproxy serve"):  # adds and removes write it
         share_heap()  # before the batcher thread starts: it runs the model
         app = create_app(index_dir, token=token, **options)
         freeze_gc()

@@ -12,7 +12,8 @@ itself before it is decoded, and a batch waits for announced queries, at most `b
 one, up to `max_batch`; a lone query does not wait). With `model_processes=N` the model runs in N child
 processes (`embedding.processes`), each fed its share of the batches. Searches run while items are added or removed:
 a lock guards the in-memory index only for the search itself and for each change; changes are written one at a
-time, crash-safe (see `retrieval.faiss_store`), before they are acknowledged.
+time, crash-safe (see `retrieval.faiss_store`; a Milvus store writes each change itself, `retrieval.milvus_store`),
+before they are acknowledged.
 """
 from __future__ import annotations
 
@@ -37,17 +38,23 @@ from momentum_proxy.deploy.runtimes import load_embedder
 from momentum_proxy.embedding.processes import ModelProcess, ThreadBudget, check_model_processes
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path
-from momentum_proxy.retrieval.faiss_store import UNKNOWN, FaissStore, Snapshot
 from momentum_proxy.retrieval.hits import judged
-from momentum_proxy.retrieval.search import open_index, search_hits
-from momentum_proxy.retrieval.store import check_mix
+from momentum_proxy.retrieval.rerank import Rerank, store_neighbours
+from momentum_proxy.retrieval.search import index_tta, open_index, search_hits
+from momentum_proxy.retrieval.store import UNKNOWN, IndexStore, check_mix
+from momentum_proxy.retrieval.stores import describe, local_folder, open_store
 
 MAX_K = 1000
 INLINE_SEARCH_ITEMS = 5_000  # an exact search over more items (a millisecond and up) runs off the event loop
 DEFAULT_MAX_PIXELS = 40_000_000
-UPLOADS = "images"  # uploaded images are kept in INDEX/images/, named by content hash
+UPLOADS = "images"  # uploaded images are kept in INDEX/images/ (`stores.local_folder`), named by content hash
 SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 log = logging.getLogger(__name__)
+
+
+def _lists_needed(rerank: Rerank) -> int:
+    """Neighbours per item that searches with `rerank` need kept (one spare for a query's own item)."""
+    return rerank.list_size + 1 if rerank.list_size else 0
 
 
 def check_k(k: int) -> None:
@@ -253,22 +260,28 @@ class Searcher:
     def __init__(self, index_dir: str | Path, *, run_dir: str | Path | None = None, device: str = "auto",
                  max_batch: int = 32, batch_wait_ms: float = 50.0, max_pixels: int = DEFAULT_MAX_PIXELS,
                  on_batch: Callable[[int], None] | None = None, runtime: str = "torch",
-                 model_processes: int | str = 0):
-        self.folder = Path(index_dir).absolute()
-        self.index, self.run_dir = open_index(self.folder, run_dir)
+                 model_processes: int | str = 0, tta: str | None = None, rerank: Rerank | None = None):
+        """`tta`: the test-time augmentation of queries and added images (None: the index's own; another one is
+        refused, see `retrieval.search.index_tta`). `rerank`: the re-ranking of searches that ask for none
+        (`retrieval.rerank`); the neighbour lists it needs are computed now, unless the index holds them, and
+        saved with the index."""
+        self.location = describe(index_dir)  # an absolute folder or a Milvus location
+        self.uploads = local_folder(index_dir) / UPLOADS
+        self.index, self.run_dir = open_index(self.location, run_dir)
+        self.tta = index_tta(self.location, self.index.model, tta)
         self.model_processes = check_model_processes(model_processes, device, runtime)
         self.processes: list[ModelProcess] = []
         self.embedder = None  # torch, or the run's verified ONNX export; loaded by the batcher's thread
 
         def setup():
             if self.model_processes:
-                self.processes.append(process := ModelProcess(self.run_dir, budget.each))
+                self.processes.append(process := ModelProcess(self.run_dir, budget.each, self.tta))
 
                 def run_in_process(arrays: list) -> np.ndarray:
                     with budget.take(len(arrays)) as threads:
                         return process.embed(to_batch(arrays), threads)
                 return run_in_process
-            self.embedder = load_embedder(self.run_dir, runtime, device)
+            self.embedder = load_embedder(self.run_dir, runtime, device, self.tta)
 
             def run(arrays: list) -> np.ndarray:
                 return self.embedder.embed(to_batch(arrays))
@@ -291,9 +304,15 @@ class Searcher:
         self.device = self.embedder.device
         self._lock = threading.Lock()  # the in-memory index
         self._write_lock = threading.Lock()  # one change (and its save) at a time
+        self.rerank = rerank or Rerank()
+        self.prepared = _lists_needed(self.rerank)  # neighbours per item kept for re-ranking (+1 spare)
+        if self.prepared and (self.index.neighbours is None or self.index.neighbours.size < self.prepared):
+            store_neighbours(self.index, self.prepared)
+            self._write(self.index.snapshot())
 
     def close(self) -> None:
         self.batcher.close()
+        self.index.close()
         for process in self.processes:
             process.close()
 
@@ -312,38 +331,54 @@ class Searcher:
         return self.decode(query)[0]
 
     # ------------------------------------------------------------------------------------------- search
-    def search(self, query, k: int = 10, *, min_score: float | None = None) -> dict:
+    def search(self, query, k: int = 10, *, min_score: float | None = None, rerank: Rerank | None = None) -> dict:
         """Top-k of `query`: an item id (int), an embedding (numpy array, list or tuple of floats), image
-        bytes, an image file path, or a PIL image. Returns {"query", "results", "timing_ms"} (decode, embed and
-        search milliseconds); results carry rank, id, path, label, class_name, score, same_class. A query by id
-        or by the path of an indexed image leaves that item out of its results."""
+        bytes, an image file path, or a PIL image, re-ranked by `rerank` (None: the server's). Returns {"query",
+        "results", "timing_ms"} (decode, embed and search milliseconds, and "rerank", the part of search spent
+        re-ranking); results carry rank, id, path, label, class_name, score, same_class. A query by id or by the
+        path of an indexed image leaves that item out of its results."""
         check_k(k)
+        rerank = self._rerank_for(rerank)
         t0 = time.perf_counter()
         if not is_image_query(query):
-            return self._answer(query, self._features(query), k, min_score, t0, t0)
+            return self._answer(query, self._features(query), k, min_score, t0, t0, rerank)
         with self.batcher.arriving() as submit:  # concurrent queries still decoding join its batch
             array = self._decode_query(query)
             t1 = time.perf_counter()
             future = submit(array)
-        return self._answer(query, future.result()[None], k, min_score, t0, t1)
+        return self._answer(query, future.result()[None], k, min_score, t0, t1, rerank)
 
-    async def asearch(self, query, k: int = 10, *, min_score: float | None = None) -> dict:
+    def _rerank_for(self, rerank: Rerank | None) -> Rerank:
+        """A search's re-ranking: `rerank`, else the server's; refused when it needs longer neighbour lists than
+        this server keeps (computing them would take the index's lock for O(items²) work)."""
+        rerank = rerank or self.rerank
+        kept = max(self.prepared, getattr(self.index.neighbours, "size", 0))
+        if _lists_needed(rerank) > kept:
+            raise UserError(f"re-ranking {rerank} needs {rerank.list_size} neighbours per item; this server keeps "
+                            f"{max(kept - 1, 0)} (start it with --rerank {rerank.method} --rerank-k {rerank.k})")
+        return rerank
+
+    async def asearch(self, query, k: int = 10, *, min_score: float | None = None,
+                      rerank: Rerank | None = None) -> dict:
         """`search` for an event loop (the service's): an image is decoded in a worker thread, and its batch is
         awaited without holding a thread, so that the answers of a batch go out at once instead of through
         one woken thread each (docs: Serve). The search itself runs in the loop's thread where it is fast
-        (an approximate index, or an exact one of up to `INLINE_SEARCH_ITEMS` items), else in a worker."""
+        (an approximate index not re-ranked, or an exact search over up to `INLINE_SEARCH_ITEMS` items), else in
+        a worker."""
         if not is_image_query(query):
-            return await asyncio.to_thread(self.search, query, k, min_score=min_score)
+            return await asyncio.to_thread(self.search, query, k, min_score=min_score, rerank=rerank)
         check_k(k)
+        rerank = self._rerank_for(rerank)
         t0 = time.perf_counter()
         with self.batcher.arriving() as submit:
             array = await asyncio.to_thread(self._decode_query, query)
             t1 = time.perf_counter()
             future = submit(array)
         features = (await asyncio.wrap_future(future))[None]
-        if self.index.kind == "exact" and self.index.ntotal > INLINE_SEARCH_ITEMS:
-            return await asyncio.to_thread(self._answer, query, features, k, min_score, t0, t1)
-        return self._answer(query, features, k, min_score, t0, t1)
+        exhaustive = self.index.kind == "exact" or rerank.active
+        if self.index.remote or exhaustive and self.index.ntotal > INLINE_SEARCH_ITEMS:
+            return await asyncio.to_thread(self._answer, query, features, k, min_score, t0, t1, rerank)
+        return self._answer(query, features, k, min_score, t0, t1, rerank)
 
     def _features(self, query) -> np.ndarray:
         """The embedding of an id or embedding query, shape (1, d)."""
@@ -360,20 +395,24 @@ class Searcher:
             raise UserError(f"the embedding must be {self.index.feature_dim} finite numbers")
         return features
 
-    def _answer(self, query, features: np.ndarray, k: int, min_score: float | None, t0: float, t1: float) -> dict:
+    def _answer(self, query, features: np.ndarray, k: int, min_score: float | None, t0: float, t1: float,
+                rerank: Rerank) -> dict:
         """The search's response for a query embedded by `t1` (started at `t0`)."""
         t2 = time.perf_counter()
         query_id = int(query) if isinstance(query, (int, np.integer)) else None
         query_path = Path(query) if isinstance(query, (str, Path)) else None
+        timing = {"rerank": 0.0}
         with self._lock:
             own, hits = search_hits(self.index, features, k, query_path=query_path, query_id=query_id,
-                                    min_score=min_score)
+                                    min_score=min_score, rerank=rerank, timing=timing)
         t3 = time.perf_counter()
         label = own["label"] if own else None
         return {
             "query": own or {"id": None, "path": None, "label": None, "class_name": None},
             "results": [h.to_dict() for h in judged(hits, label)],
-            "timing_ms": {"decode": 1000 * (t1 - t0), "embed": 1000 * (t2 - t1), "search": 1000 * (t3 - t2)},
+            "rerank": rerank.to_dict(),
+            "timing_ms": {"decode": 1000 * (t1 - t0), "embed": 1000 * (t2 - t1), "search": 1000 * (t3 - t2),
+                          **timing},
         }
 
     # ------------------------------------------------------------------------------------------- items
@@ -403,12 +442,14 @@ class Searcher:
         with self._write_lock:
             paths = [self._store(data, fmt) for data, (_, fmt) in zip(images, decoded)]
             with self._lock:
-                new = [i for i, p in enumerate(paths) if p not in self.index.path_ids and p not in paths[:i]]
+                ids = self.index.ids_of(paths)
+                new = [i for i, p in enumerate(paths) if p not in ids and p not in paths[:i]]
                 if new:
-                    self.index.add(features[new], [paths[i] for i in new],
-                                   self._labels(self.index, class_name, len(new)))
+                    added = self.index.add(features[new], [paths[i] for i in new],
+                                           self._labels(self.index, class_name, len(new)))
                     snapshot = self.index.snapshot()
-                items = [{**self.index.item(self.index.path_ids[p]), "added": i in new} for i, p in enumerate(paths)]
+                    ids.update(zip([paths[i] for i in new], added))
+                items = [{**self.index.item(ids[p]), "added": i in new} for i, p in enumerate(paths)]
             if new:
                 self._write(snapshot)
         return items
@@ -424,34 +465,36 @@ class Searcher:
             self._write(snapshot)
 
     @staticmethod
-    def _labels(index: FaissStore, class_name: str | None, n: int) -> list | None:
+    def _labels(index: IndexStore, class_name: str | None, n: int) -> list | None:
         if class_name:
             return [index.label_for(class_name)] * n
-        return None if index.labels is None else [UNKNOWN] * n
+        return [UNKNOWN] * n if index.labelled else None
 
     def _store(self, data: bytes, fmt: str) -> str:
-        """Keep an uploaded image in the index folder (atomically, named by its content)."""
-        path = self.folder / UPLOADS / (hashlib.sha256(data).hexdigest()[:24] + SUFFIXES.get(fmt, ".img"))
+        """Keep an uploaded image in the index's folder (atomically, named by its content)."""
+        path = self.uploads / (hashlib.sha256(data).hexdigest()[:24] + SUFFIXES.get(fmt, ".img"))
         if not path.exists():
             with atomic_path(path) as tmp:
                 tmp.write_bytes(data)
         return str(path)
 
-    def _write(self, snapshot: Snapshot) -> None:
+    def _write(self, snapshot) -> None:
         """Save a change (outside the search lock); on failure, return to what is on disk."""
         try:
-            snapshot.write(self.folder)
+            snapshot.write(self.location)
         except BaseException:
             with self._lock:
-                self.index = FaissStore.load(self.folder)
+                self.index = open_store(self.location)
             raise
 
     # ------------------------------------------------------------------------------------------- info
     def stats(self) -> dict:
         with self._lock:
             index = self.index
-            return {"items": len(index), "deleted": len(index.deleted), "kind": index.kind, "params": index.params,
+            live = len(index)
+            return {"items": live, "deleted": index.ntotal - live, "kind": index.kind, "params": index.params,
                     "feature_dim": index.feature_dim, "classes": len(index.classes), "image_size": self.image_size,
-                    "device": str(self.device), "runtime": self.embedder.runtime,
+                    "device": str(self.device), "runtime": self.embedder.runtime, "tta": self.tta,
+                    "rerank": self.rerank.to_dict(),
                     "model_processes": self.model_processes, "model": {"run": self.run_dir, **{
                         k: index.model.get(k) for k in ("backbone", "checkpoint_sha256", "checkpoint_epoch")}}}

@@ -31,6 +31,7 @@ from momentum_proxy.data.manifest import manifest_sha256
 from momentum_proxy.embedding.inference import autocast, embed_dataset, resolve_device
 from momentum_proxy.errors import UserError
 from momentum_proxy.evaluation.jobs import evaluate_arrays
+from momentum_proxy.models.backbones import resolve_config
 from momentum_proxy.models.net import EmbeddingNet
 from momentum_proxy.runs import BEST, CONFIG, LAST, RunDir
 from momentum_proxy.training.losses import create_loss
@@ -57,9 +58,10 @@ class Trainee(nn.Module):
 
 
 def build(cfg: TrainConfig, num_classes: int) -> tuple[EmbeddingNet, nn.Module]:
-    """The model and the loss of `cfg` (its backbone decided: `TrainConfig.for_device`)."""
+    """The model and the loss of `cfg` (its backbone and image size decided: `resolve_config`)."""
     weights = None if cfg.pretrained == "none" else (cfg.weights or "default")
-    model = EmbeddingNet(cfg.backbone, cfg.feature_dim, weights=weights, pooling=cfg.pooling)
+    model = EmbeddingNet(cfg.backbone, cfg.feature_dim, weights=weights, pooling=cfg.pooling,
+                         image_size=cfg.image_size)
     scale, margin = cfg.loss_params
     loss = create_loss(cfg.loss, num_classes, cfg.feature_dim, scale=scale, margin=margin)
     if cfg.momentum_mode:
@@ -174,7 +176,7 @@ def setup(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> tuple[Job, Trai
     """Validate everything, build model and optimizer, then claim (or reopen) the run folder."""
     cfg.validate()
     device = resolve_device(cfg.device)
-    cfg = cfg.for_device(device.type)
+    cfg = resolve_config(cfg, device.type)
     if cfg.amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs CUDA; on CPU use --amp bf16")
     run = RunDir(cfg.out)

@@ -1,0 +1,182 @@
+"""The index-store contract, run on every store: a faiss folder and Milvus Lite (the real engine, embedded in the
+test process). Plus what only a Milvus store has: a server that goes away and comes back."""
+import numpy as np
+import pytest
+
+from momentum_proxy.errors import UserError
+from momentum_proxy.retrieval.store import StoreUnavailable
+from momentum_proxy.retrieval.stores import build_store, open_store, store_exists
+
+MODEL = {"backbone": "efficientnet_lite0", "checkpoint_sha256": "ab" * 32, "runtime": "torch"}
+CLASSES = {0: "oak", 1: "ash", 2: "elm"}
+
+
+@pytest.fixture(params=["faiss", "milvus"])
+def location(request, tmp_path):
+    """Where a store is made: a folder (faiss) or a Milvus Lite file."""
+    return str(tmp_path / "idx") if request.param == "faiss" else f"milvus:{tmp_path}/idx.db"
+
+
+def vectors(n, d=8, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def paths(n, start=0):
+    return [f"/photos/tree {i}/ø{i}.jpg" for i in range(start, start + n)]
+
+
+@pytest.fixture
+def saved(location):
+    """A saved store of 12 labelled items (labels 0-2 named, 5 and 11 of unknown class), reopened."""
+    labels = [i % 3 for i in range(12)]
+    labels[5] = labels[11] = -1
+    built = build_store(location, vectors(12), paths(12), labels, model=MODEL, classes=CLASSES)
+    built.save(location)
+    built.close()
+    store = open_store(location)
+    yield store
+    store.close()
+
+
+def test_exact_cosine_search_equals_brute_force(saved):
+    x, q = unit(vectors(12)), vectors(3, seed=1)
+    scores, ids = saved.search(q, 4)
+    expected = np.argsort(-(unit(q) @ x.T), axis=1)[:, :4]
+    assert ids.tolist() == expected.tolist()
+    np.testing.assert_allclose(scores, np.take_along_axis(unit(q) @ x.T, expected, 1), atol=1e-5)
+    np.testing.assert_allclose(saved.vector(7), x[7:8], atol=1e-6)
+    assert (saved.feature_dim, saved.ntotal, len(saved), saved.kind) == (8, 12, 12, "exact")
+
+
+def test_metadata_labels_class_names_paths(saved):
+    assert saved.item(4) == {"id": 4, "path": paths(12)[4], "label": 1, "class_name": "ash"}
+    assert saved.item(5) == {"id": 5, "path": paths(12)[5], "label": None, "class_name": None}
+    assert saved.model == MODEL and saved.classes == CLASSES and saved.labelled
+    assert saved.ids_of([paths(12)[3], "/not/indexed.jpg"]) == {paths(12)[3]: 3}
+    assert saved.file_ids(paths(12)[9]) == {9}
+    assert [it["id"] for it in saved.live_items()] == list(range(12))
+    hits = saved.hits(*saved.search(vectors(12)[2:3], 2))[0]
+    assert [(h.rank, h.id, h.class_name) for h in hits][0] == (1, 2, "elm")
+
+
+def test_add_remove_ids_never_reused_across_saves(saved, location):
+    new = saved.add(vectors(2, seed=5), paths(2, 100), [saved.label_for("pine"), 0])
+    assert new == [12, 13] and saved.item(12)["class_name"] == "pine" and saved.item(12)["label"] == 3
+    saved.remove(13)
+    saved.remove(0)
+    with pytest.raises(UserError, match="no item with id 13"):
+        saved.remove(13)
+    assert not saved.exists(13) and saved.exists(12) and len(saved) == 12 and saved.ntotal == 14
+    with pytest.raises(UserError, match="no item with id 0"):
+        saved.item(0)
+    assert 0 not in saved.search(vectors(1), 20)[1] and saved.ids_of([paths(12)[0]]) == {}
+    saved.save(location)
+    saved.close()
+    again = open_store(location)
+    try:
+        assert len(again) == 12 and not again.exists(13) and again.classes[3] == "pine"
+        assert again.add(vectors(1, seed=6), paths(1, 200), [2]) == [14]  # not 13: a removed id stays unused
+        with pytest.raises(UserError, match="labels must be given for every item or for none"):
+            again.add(vectors(1, seed=7), paths(1, 300))
+    finally:
+        again.close()
+
+
+def test_exclude_k_larger_than_the_store_and_empty(saved):
+    q = vectors(12)[4:5]
+    scores, ids = saved.search(q, 1000, exclude={4, 6, 99})
+    assert sorted(ids[0].tolist()) == [i for i in range(12) if i not in (4, 6)]  # every other item, no padding
+    assert list(scores[0]) == sorted(scores[0], reverse=True)
+    with pytest.raises(UserError, match="k must be at least 1"):
+        saved.search(q, 0)
+    for i in range(12):
+        saved.remove(i)
+    with pytest.raises(UserError, match="index must not be empty"):
+        saved.search(q, 3)
+
+
+def test_model_identity_refusal(saved, location):
+    assert open_store(location, expect_model={"backbone": "efficientnet_lite0"}).model == MODEL
+    with pytest.raises(UserError, match="built with checkpoint_sha256='abab.*rebuild it for this model"):
+        open_store(location, expect_model={"checkpoint_sha256": "cd" * 32})
+    with pytest.raises(UserError, match="built with feature_dim=8, not 16"):
+        open_store(location, expect_model={"feature_dim": 16})
+
+
+def test_a_new_build_replaces_the_store_only_once_saved(saved, location):
+    rebuilt = build_store(location, vectors(3, seed=9), paths(3, 50), model=MODEL)
+    assert len(open_store(location)) == 12  # the old store until the save
+    rebuilt.save(location)
+    rebuilt.close()
+    now = open_store(location)
+    assert len(now) == 3 and not now.labelled and now.item(0)["path"] == paths(3, 50)[0]
+    with pytest.raises(UserError, match="this index has no labels"):
+        now.add(vectors(1), paths(1, 60), [0])
+
+
+def test_unlabelled_store_becomes_labelled_by_a_class_name(location):
+    store = build_store(location, vectors(2), paths(2))
+    store.save(location)
+    assert not store.labelled and store.item(0)["label"] is None
+    label = store.label_for("birch")
+    assert store.labelled and store.add(vectors(1, seed=3), paths(1, 9), [label]) == [2]
+    assert store.item(2)["class_name"] == "birch" and store.item(0)["class_name"] is None
+    store.save(location)
+    store.close()
+    assert store_exists(location) and open_store(location).labelled
+
+
+# ----------------------------------------------------------------------------------------------- Milvus only
+@pytest.fixture
+def server(tmp_path):
+    """A Milvus server (Milvus Lite's gRPC server in this process) that tests stop and start again on its port;
+    yields (location, stop, start)."""
+    from milvus_lite.adapter.grpc.server import start_server_in_thread
+
+    data = str(tmp_path / "server.db")
+    running = list(start_server_in_thread(data, port=0))
+
+    def stop():
+        running[0].stop(grace=0)
+        running[1].close()
+
+    def start():
+        running[:] = start_server_in_thread(data, port=running[2])
+
+    yield f"milvus://127.0.0.1:{running[2]}/products", stop, start
+    stop()
+
+
+def test_an_unreachable_server_is_one_line_and_the_store_recovers(server):
+    location, stop, start = server
+    assert not store_exists(location)
+    built = build_store(location, vectors(5), paths(5), model=MODEL)
+    built.save(location)
+    store = open_store(location)
+    before = store.search(vectors(1), 3)
+    stop()
+    with pytest.raises(StoreUnavailable, match=r"^the Milvus store milvus://127\.0\.0\.1:\d+/products cannot be "
+                                               r"reached: [^\n]*$"):
+        store.search(vectors(1), 3)
+    start()
+    np.testing.assert_array_equal(store.search(vectors(1), 3)[1], before[1])
+    assert len(store) == 5 and store.add(vectors(1, seed=2), paths(1, 7)) == [5]
+
+
+def test_a_killed_build_leaves_the_old_store_and_its_collections_go_with_the_next(server):
+    from pymilvus import MilvusClient
+
+    location, _, _ = server
+    first = build_store(location, vectors(4), paths(4), model=MODEL)
+    first.save(location)
+    build_store(location, vectors(2), paths(2, 10), model=MODEL).close()  # never saved: a killed rebuild
+    assert [it["path"] for it in open_store(location).live_items()] == paths(4)
+    last = build_store(location, vectors(3), paths(3, 20), model=MODEL)
+    last.save(location)
+    client = MilvusClient(location.replace("milvus://", "http://").rsplit("/", 1)[0])
+    assert sorted(client.list_collections()) == [last.name, f"{last.name}_meta"]
+    assert client.describe_alias("products")["collection_name"] == last.name
