@@ -40,6 +40,8 @@ _PUBLIC = {
     # retrieval
     "IndexStore": "momentum_proxy.retrieval.store",
     "FaissStore": "momentum_proxy.retrieval.faiss_store",
+    "MilvusStore": "momentum_proxy.retrieval.milvus_store",
+    "open_store": "momentum_proxy.retrieval.stores",
     "Hit": "momentum_proxy.retrieval.hits",
     "build_index": "momentum_proxy.retrieval.search",
     "open_index": "momentum_proxy.retrieval.search",

@@ -416,6 +416,8 @@ def add_index(sub) -> None:
     p = sub.add_parser("index", help="embed an image collection with a trained model into an index (faiss or Milvus)")
     p.add_argument("run_dir")
     p.add_argument("--images", help="a folder of images or a prepared dataset (paths already indexed are skipped)")
+    p.add_argument("--list", default=None, help="instead of --images: a text or CSV file of image paths, one a line, "
+                   "each optionally followed by ',class_name' (read and embedded a chunk at a time)")
     p.add_argument("--out", required=True, help="index folder (faiss), milvus:PATH.db (Milvus Lite) or "
                    "milvus://HOST:PORT/COLLECTION (a Milvus server, token from $MPROXY_MILVUS_TOKEN); an existing "
                    "index is extended")
@@ -440,7 +442,8 @@ def run_index(a) -> None:
 
     a.on_interrupt = "the index is as it was before; run the same command again"
     summary = build_index(a.run_dir, a.images, a.out, kind=a.kind, batch_size=a.batch_size, device=a.device,
-                          rebuild=a.rebuild, runtime=a.runtime, labels=a.labels, tta=a.tta, rerank=rerank)
+                          rebuild=a.rebuild, runtime=a.runtime, labels=a.labels, tta=a.tta, rerank=rerank,
+                          image_list=a.list)
     for k, v in summary.items():
         print(f"{k}: {v}")
 
@@ -644,6 +647,8 @@ def check_paths(a) -> None:
     if a.command == "index" and a.images:
         if not Path(a.images).exists():
             raise UserError(f"image folder not found: {a.images}")
+    if a.command == "index" and a.list:
+        paths.check_file(a.list, "image list")
     if a.command == "evaluate" and a.embeddings:
         paths.check_file(a.embeddings, "embeddings file")
     if a.command == "tune" and a.space:

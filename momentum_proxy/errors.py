@@ -1,5 +1,5 @@
 """The one exception type the CLI turns into a one-line error message, and the check for optional extras."""
-import importlib
+import importlib.util
 
 # The optional extras of pyproject.toml, each with the top-level modules the code needs from it.
 EXTRAS = {
@@ -16,9 +16,8 @@ class UserError(Exception):
 
 
 def require_extra(extra: str, what: str) -> None:
-    """Raise a UserError naming the extra to install when one of `extra`'s modules cannot be imported."""
+    """Raise a UserError naming the extra to install when one of `extra`'s modules is not installed (found, not
+    imported: the command's cheap path checks still come before any heavy import)."""
     for module in EXTRAS[extra]:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError:
-            raise UserError(f"{what} needs the [{extra}] extra: pip install 'momentum-proxy[{extra}]'") from None
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"{what} needs the [{extra}] extra: pip install 'momentum-proxy[{extra}]'")

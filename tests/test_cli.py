@@ -487,8 +487,9 @@ def test_every_command_refuses_a_wrong_path_before_importing_torch(tmp_path):
     missing = tmp_path / "missing"
     cases = [["train", "--data", missing, "--out", tmp_path / "r"], ["evaluate", missing],
              ["evaluate", "--embeddings", missing / "e.npz"], ["retrieve", missing, "--query", __file__],
-             ["retrieve", "--index", missing, "--query", __file__], ["index", missing, "--images", tmp_path,
-                                                                      "--out", tmp_path / "i"],
+             ["retrieve", "--index", missing, "--query", __file__], ["serve", f"milvus:{missing}.db"],
+             ["retrieve", "--index", f"milvus:{missing}.db", "--query", __file__],
+             ["index", missing, "--images", tmp_path, "--out", tmp_path / "i"],
              ["export", missing, "--out", tmp_path / "m.onnx"], ["serve", missing],
              ["plot", "curves", missing], ["report", missing], ["tune", "--data", missing, "--out", tmp_path / "t",
                                                                 "--trials", "1"],

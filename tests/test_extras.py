@@ -81,6 +81,10 @@ def test_core_commands_need_no_extra(core_run, tiny_data, tmp_path):
     (["index", "{run}", "--out", "{tmp}/index", "--runtime", "onnx"], "mproxy index --runtime onnx", "export"),
     (["train", "--data", "{data}", "--out", "{tmp}/run", "--log", "tensorboard"], "mproxy train --log tensorboard",
      "track"),
+    (["index", "{run}", "--images", "{data}", "--out", "milvus:{tmp}/shop.db"], "mproxy index with a Milvus index",
+     "milvus"),
+    (["retrieve", "--index", "milvus://localhost:19530/shop", "--query", "q.png"],
+     "mproxy retrieve with a Milvus index", "milvus"),
 ])
 def test_a_command_whose_extra_is_missing_names_it_in_one_line(core_run, tiny_data, tmp_path, args, what, extra):
     proc = mproxy(*[a.format(run=core_run, data=tiny_data, tmp=tmp_path) for a in args])

@@ -2,6 +2,8 @@
 for the commands and the service's API tests (those of test_service.py, run here on a Milvus Lite index), and a
 Milvus server (Milvus Lite's gRPC server on a port) that goes away and comes back."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -71,6 +73,9 @@ def test_index_retrieve_rebuild_through_the_cli(tiny_run, tiny_data, tmp_path, c
     saved = json.loads((tmp_path / "shop.files" / "retrieval" / "results.json").read_text())
     assert saved["index"] == {"path": f"milvus:{db}", "kind": "exact", "items": 64}
     assert saved["query_class_name"] == "species_03" and all(r["class_name"] for r in saved["results"])
+    code, out, err = run_cli(["retrieve", "--index", f"milvus:{db}", "--query", query, "-k", 5, "--rerank", "dba"],
+                             capsys)
+    assert code == 0 and len([line for line in out.splitlines() if line.startswith("#")]) == 5, err
     # the same command again adds nothing; a rebuild from the store's own items replaces it
     code, out, _ = run_cli(["index", tiny_run, "--images", tiny_data, "--out", f"milvus:{db}"], capsys)
     assert "added: 0" in out and "already_indexed: 64" in out and "total: 64" in out
@@ -99,6 +104,29 @@ def test_a_stale_or_missing_milvus_index_is_refused_in_one_line(tiny_run, tiny_d
     code, _, err = run_cli(["index", tiny_run, "--images", tiny_data, "--out", f"milvus:{tmp_path}/x.db", "--kind",
                             "hnsw"], capsys)
     assert code == 2 and "a Milvus index searches exactly (FLAT); --kind hnsw is for a faiss index folder" in err
+
+
+HOLD = """import sys, time
+from momentum_proxy.retrieval.stores import build_store
+build_store(sys.argv[1], [[1.0, 0.0]], ["/a.jpg"]).save(sys.argv[1])
+print("open", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_milvus_lite_file_open_in_another_process_is_refused_in_one_line(tiny_data, tmp_path, capsys):
+    location = f"milvus:{tmp_path}/busy.db"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, location], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "open\n"
+        code, _, err = run_cli(["retrieve", "--index", location, "--query", tiny_data / "images" / "species_03" /
+                                "0001.jpg"], capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2 and err == (f"mproxy: error: cannot open the Milvus Lite file {tmp_path}/busy.db: another "
+                                 "process (e.g. mproxy serve) has it open; Milvus Lite lets one process use a file "
+                                 "at a time\n")
 
 
 def test_uploads_go_beside_the_milvus_lite_file(writable, tmp_path):
@@ -135,6 +163,7 @@ def test_the_service_answers_503_while_the_server_is_away_then_recovers(server, 
     port, stop, start = server
     location = f"milvus://127.0.0.1:{port}/products"
     monkeypatch.setenv("MPROXY_MILVUS_TOKEN", "root:Milvus")
+    monkeypatch.chdir(tmp_path)  # a server store's local files: ./products.files
     copy_store(index_dir, location)
     with TestClient(create_app(location, token=TOKEN), raise_server_exceptions=False) as c:
         before = c.post("/search", json={"id": 3, "k": 4}).json()["results"]

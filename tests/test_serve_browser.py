@@ -94,22 +94,25 @@ def search_and_click(driver, url: str, photo: Path, k: int, screenshot: Path, ti
 @pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)), reason=(
     f"chromium not installed: {CHROMIUM} and {CHROMEDRIVER} are needed "
     "(apt-get install -y chromium chromium-driver)"))
-def test_page_search_click_keyboard_phone(tiny_data, tiny_run, tmp_path):
+@pytest.mark.parametrize("store", ["faiss", "milvus"])
+def test_page_search_click_keyboard_phone(tiny_data, tiny_run, tmp_path, store):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from momentum_proxy.retrieval.faiss_store import FaissStore
     from momentum_proxy.retrieval.search import build_index
+    from momentum_proxy.retrieval.stores import open_store
 
-    build_index(tiny_run, tiny_data, tmp_path / "idx")
-    index = FaissStore.load(tmp_path / "idx")
+    location = str(tmp_path / "idx") if store == "faiss" else f"milvus:{tmp_path}/idx.db"  # a folder or Milvus Lite
+    build_index(tiny_run, tiny_data, location)
+    index = open_store(location)
     photo = tmp_path / "photo.jpg"
-    shutil.copy(tiny_data / "images" / "species_03" / "0005.jpg", photo)
-    with running_server(tmp_path / "idx") as url, chromium(tmp_path / "profile") as driver:
+    original = str(tiny_data / "images" / "species_03" / "0005.jpg")
+    shutil.copy(original, photo)
+    with running_server(location) as url, chromium(tmp_path / "profile") as driver:
         seen = search_and_click(driver, url, photo, 6, tmp_path / "serve.png")
         assert len(seen["first"]) == 6 and all(0 < float(score) <= 1.0001 for _, score in seen["first"])
-        assert seen["first"][0][0] == str(index.path_ids[str(tiny_data / "images" / "species_03" / "0005.jpg")])
+        assert seen["first"][0][0] == str(index.ids_of([original])[original])
         # an uploaded photo's class is unknown: results numbered #1..#6, none framed as same or other class
         assert [text.split()[0] for text, _ in seen["first_labels"]] == ["#1", "#2", "#3", "#4", "#5", "#6"]
         assert [frame for _, frame in seen["first_labels"]] == ["hit"] * 6

@@ -74,6 +74,8 @@ def test_add_remove_ids_never_reused_across_saves(saved, location):
     with pytest.raises(UserError, match="no item with id 0"):
         saved.item(0)
     assert 0 not in saved.search(vectors(1), 20)[1] and saved.ids_of([paths(12)[0]]) == {}
+    ids, x = saved.live_vectors()  # what re-ranking reads
+    assert ids.tolist() == list(range(1, 13)) and np.allclose(x[:11], unit(vectors(12))[1:], atol=1e-6)
     saved.save(location)
     saved.close()
     again = open_store(location)
@@ -180,3 +182,15 @@ def test_a_killed_build_leaves_the_old_store_and_its_collections_go_with_the_nex
     client = MilvusClient(location.replace("milvus://", "http://").rsplit("/", 1)[0])
     assert sorted(client.list_collections()) == [last.name, f"{last.name}_meta"]
     assert client.describe_alias("products")["collection_name"] == last.name
+
+
+def test_milvus_writes_are_persisted_before_they_return(tmp_path):
+    location = f"milvus:{tmp_path}/idx.db"
+    built = build_store(location, vectors(3), paths(3), model=MODEL)
+    built.save(location)
+    assert built.add(vectors(2, seed=4), paths(2, 10)) == [3, 4]  # no save: a process killed here keeps them
+    built.remove(4)
+    built.close()
+    store = open_store(location)
+    assert len(store) == 4 and store.item(3)["path"] == paths(1, 10)[0] and not store.exists(4)
+    assert store.add(vectors(1, seed=5), paths(1, 20)) == [5]

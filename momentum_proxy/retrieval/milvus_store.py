@@ -92,7 +92,7 @@ class MilvusStore(IndexStore):
         self.model, self.classes, self.sources = {}, {}, []
         self.dim, self.next_id, self.max_label, self._labelled = 0, 0, UNKNOWN, False
         self._client: MilvusClient | None = None
-        self._connecting = threading.Lock()
+        self._connecting = threading.RLock()  # _connect may drop a connection it made (`_error`)
 
     # ------------------------------------------------------------------------------------------- connection
     def _connect(self) -> MilvusClient:
@@ -106,8 +106,9 @@ class MilvusStore(IndexStore):
                                           db_name=where.db_name, timeout=CONNECT_TIMEOUT, dedicated=True)
                 except MilvusException as e:
                     if where.lite:
-                        raise UserError(f"cannot open the Milvus Lite file {where.uri}: another process (mproxy "
-                                        "serve or index) may have it open") from None
+                        raise UserError(f"cannot open the Milvus Lite file {where.uri}: another process (e.g. "
+                                        "mproxy serve) has it open; Milvus Lite lets one process use a file at a "
+                                        "time") from None
                     raise self._error(e) from None
                 self._client = client
                 if self.name and not self.staged:
@@ -385,6 +386,13 @@ class MilvusStore(IndexStore):
     def live_items(self) -> list[dict]:
         rows = self._scan(self.name, "id >= 0", ["path", "label", "class_name"])
         return [self._item(r) for r in sorted(rows, key=lambda r: r["id"])]
+
+    def live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, unit vectors) of the live items, in id order, read in batches (re-ranking's neighbour lists are
+        computed from them and kept in memory only)."""
+        rows = sorted(self._scan(self.name, "id >= 0", ["vector"]), key=lambda r: r["id"])
+        ids = np.array([r["id"] for r in rows], np.int64)
+        return ids, np.asarray([r["vector"] for r in rows], np.float32).reshape(len(rows), self.feature_dim)
 
     def search(self, query_features, k: int, exclude=()) -> tuple[np.ndarray, np.ndarray]:
         """Cosine similarities and ids of the k best items per query (at most 16,384), each (n_queries, width):

@@ -198,7 +198,8 @@ def images_to_index(images: str | Path | None, out, rebuild: bool, labels: str =
     if images is not None:
         return Collection(*collect_images(images, labels), [str(Path(images).absolute())])
     if not (rebuild and store_exists(out)):
-        raise UserError("give the images to index with --images (only --rebuild of an existing index may omit them)")
+        raise UserError("give the images to index with --images or --list (only --rebuild of an existing index may "
+                        "omit them)")
     old = open_store(out)
     try:
         live = old.live_items()
@@ -210,23 +211,66 @@ def images_to_index(images: str | Path | None, out, rebuild: bool, labels: str =
     return Collection([it["path"] for it in live], labels, old.classes, list(old.sources))
 
 
+LIST_CHUNK = 4096  # lines of an image list embedded and added at a time
+
+
+def read_image_list(list_file: str | Path, chunk: int = LIST_CHUNK):
+    """The images of a list file, `chunk` lines at a time, as `Collection`s, and the lines that name no image, as
+    (line, reason) pairs in the last place of each yielded pair. A line is `path` or `path,class_name` (CSV; a
+    header line `path` or `path,class_name` is allowed; paths relative to the file's folder or absolute; an empty
+    class name: unknown class). Read as it is used: memory does not grow with the list."""
+    list_file = Path(list_file).absolute()
+    base, source = list_file.parent, [str(list_file)]
+    with open(list_file, newline="", encoding="utf-8") as f:
+        rows, bad = [], []
+        for number, row in enumerate(csv.reader(f), 1):
+            cells = [c.strip() for c in row]
+            if not any(cells) or number == 1 and cells in (["path"], ["path", "class_name"]):
+                continue
+            if len(cells) > 2 or not cells[0]:
+                bad.append((f"{list_file}:{number}", "expected 'path' or 'path,class_name'"))
+            else:
+                rows.append((os.path.normpath(base / cells[0]), cells[1] if len(cells) == 2 and cells[1] else None))
+            if len(rows) == chunk:
+                yield _listed(rows, source), bad
+                rows, bad = [], []
+        if rows or bad:
+            yield _listed(rows, source), bad
+
+
+def _listed(rows: list[tuple[str, str | None]], source: list[str]) -> Collection:
+    """A chunk of a list file's (path, class name) rows as a Collection (labels None when no row names a class)."""
+    classes = {i: name for i, name in enumerate(sorted({n for _, n in rows if n is not None}))}
+    label_of = {name: i for i, name in classes.items()}
+    labels = [label_of.get(n, UNKNOWN) for _, n in rows] if classes else None
+    return Collection([p for p, _ in rows], labels, classes, source)
+
+
 def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path, *, kind: str = "exact",
                 batch_size: int = 64, device: str = "auto", rebuild: bool = False, runtime: str = "torch",
-                labels: str = "auto", tta: str | None = None, rerank: Rerank | None = None) -> dict:
+                labels: str = "auto", tta: str | None = None, rerank: Rerank | None = None,
+                image_list: str | Path | None = None) -> dict:
     """Embed `images` with the run's best model (in `runtime`) into the index at `out`: created, extended when
     present (paths already indexed are skipped; runtimes mix only as `retrieval.store.check_mix` allows), or, with
     `rebuild`, made anew (from `images`, or from the index's own items when `images` is None) and replacing the
     old one atomically. `labels` says where class names come from (see `collect_images`). `tta` (none | flip,
     `embedding.tta`) is recorded in the index's model; an index is extended with its own (None), a new or rebuilt
     one made with `tta` (None: none). With `rerank`, the neighbour lists it needs are computed and saved with the
-    index (`retrieval.rerank`), and later saves keep them up to date."""
+    index (`retrieval.rerank`), and later saves keep them up to date. `image_list` (instead of `images`) is a list
+    file (see `read_image_list`), embedded and added a chunk at a time. Images that cannot be read, and list lines
+    that name none, are listed in `skipped.json` (`stores.local_folder`)."""
     if kind not in KINDS:
         raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
+    if image_list is not None and (images is not None or kind == "ivf"):
+        raise UserError("--list takes the place of --images" if images is not None else
+                        "--list makes exact or hnsw indexes (ivf trains its lists on every vector at once)")
     with writer_lock(out, "mproxy index", create=True):  # the folder checked before any expensive work
-        return _build_index(run_dir, images, out, kind, batch_size, device, rebuild, runtime, labels, tta, rerank)
+        return _build_index(run_dir, images, out, kind, batch_size, device, rebuild, runtime, labels, tta, rerank,
+                            image_list)
 
 
-def _build_index(run_dir, images, out, kind, batch_size, device, rebuild, runtime, labels, tta, rerank) -> dict:
+def _build_index(run_dir, images, out, kind, batch_size, device, rebuild, runtime, labels, tta, rerank,
+                 image_list) -> dict:
     identity = model_identity(run_dir)
     existing = None
     if not rebuild and store_exists(out):
@@ -237,37 +281,45 @@ def _build_index(run_dir, images, out, kind, batch_size, device, rebuild, runtim
     else:
         check_tta(tta)
         tta = tta or "none"
-    todo = images_to_index(images, out, rebuild, labels)
-    if not todo.paths:
-        raise UserError(f"no images to index in {images}")
-    indexed = existing.ids_of(todo.paths) if existing is not None else {}
-    new = [i for i, p in enumerate(todo.paths) if p not in indexed]
+    chunks = read_image_list(image_list) if image_list is not None else [
+        (images_to_index(images, out, rebuild, labels), [])]
     embedder = load_embedder(run_dir, runtime, device, tta)
-    mixed = check_mix(existing.model, embedder.identity) if existing is not None else runtime
-    feats, kept, skipped = embed_files(embedder, [todo.paths[i] for i in new], embedder.image_size,
-                                       embedder.device, batch_size) if new else (None, [], [])
-    if new and not kept:
-        raise UserError(f"none of the {len(new)} images in {images} could be read")
-    by_path = dict(zip(todo.paths, todo.labels or []))
-    labels = None if todo.labels is None else [by_path[p] for p in kept]
-    if existing is None:
-        index = build_store(out, feats, kept, labels, kind=kind, classes=todo.classes,
-                            model={**identity, "runtime": runtime, "verified": embedder.identity["verified"],
-                                   "tta": tta})
-    else:
-        index = existing
-        index.model["runtime"] = mixed
-        if kept:
+    if existing is not None:
+        existing.model["runtime"] = check_mix(existing.model, embedder.identity)
+    index, listed, new, added, skipped = existing, 0, 0, 0, []
+    for todo, unlisted in chunks:
+        listed, skipped = listed + len(todo.paths), skipped + unlisted
+        indexed = index.ids_of(todo.paths) if index is not None else {}
+        todo_new = []
+        for i, p in enumerate(todo.paths):
+            if p not in indexed:
+                indexed[p] = UNKNOWN  # a path listed twice is embedded once
+                todo_new.append(i)
+        feats, kept, bad = embed_files(embedder, [todo.paths[i] for i in todo_new], embedder.image_size,
+                                       embedder.device, batch_size) if todo_new else (None, [], [])
+        new, added, skipped = new + len(todo_new), added + len(kept), skipped + bad
+        by_path = dict(zip(todo.paths, todo.labels or []))
+        labels = None if todo.labels is None else [by_path[p] for p in kept]
+        if index is None and kept:
+            index = build_store(out, feats, kept, labels, kind=kind, classes=todo.classes,
+                                model={**identity, "runtime": runtime, "verified": embedder.identity["verified"],
+                                       "tta": tta})
+        elif kept:
             index.add(feats, kept, _labels_for(index, labels, todo.classes, len(kept)))
-    index.sources += [s for s in todo.sources if s not in index.sources]
+        if index is not None:
+            index.sources += [s for s in todo.sources if s not in index.sources]
+    if not listed:
+        raise UserError(f"no images to index in {image_list or images}")
+    if index is None:  # a new index, and not one image could be read (else those are reported, not fatal)
+        raise UserError(f"none of the {new} images in {image_list or images} could be read")
     if rerank is not None and rerank.list_size:
         store_neighbours(index, rerank.list_size + 1)  # one spare for a query's own item
     index.save(out)
     if skipped:
         local_folder(out).mkdir(parents=True, exist_ok=True)
         write_json(local_folder(out) / "skipped.json", [{"path": p, "reason": r} for p, r in skipped])
-    summary = {"index": str(out), "kind": index.kind, "added": len(kept),
-               "already_indexed": len(todo.paths) - len(new), "total": len(index), "skipped": len(skipped),
+    summary = {"index": str(out), "kind": index.kind, "added": added,
+               "already_indexed": listed - new, "total": len(index), "skipped": len(skipped),
                "classes": len(index.classes)}
     if index.kind != "exact":
         summary["recall@10_vs_exact"] = round(index.recall_vs_exact(10), 4)
