@@ -679,8 +679,15 @@ COMMANDS = {"prepare": (add_prepare, run_prepare), "train": (add_train, run_trai
             "plot": (add_plot, run_plot), "report": (add_report, run_report), "bench": (add_bench, run_bench)}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `mproxy: error: ...`, exit status 2 (argparse prints the usage too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"mproxy: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mproxy", description="Momentum-proxy fine-grained image retrieval toolkit")
+    p = OneLineParser(prog="mproxy", description="Momentum-proxy fine-grained image retrieval toolkit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=command_parser)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     for add, _ in COMMANDS.values():
@@ -691,7 +698,7 @@ def parser() -> argparse.ArgumentParser:
 
 def command_parser(*, options: bool = False, grids: tuple[str, ...] = (), **kwargs) -> argparse.ArgumentParser:
     """A sub-command's parser: an `OptionParser` for the training options (`options`), else plain argparse."""
-    return OptionParser(grids=grids, **kwargs) if options else argparse.ArgumentParser(**kwargs)
+    return OptionParser(grids=grids, **kwargs) if options else OneLineParser(**kwargs)
 
 
 def _show_defaults(p: argparse.ArgumentParser) -> None:

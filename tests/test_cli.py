@@ -510,3 +510,14 @@ for args in {[[str(a) for a in case] for case in cases]!r}:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == len(cases) and all(line.startswith("mproxy: error: ") and "missing" in line
                                             for line in lines), lines
+
+
+@pytest.mark.parametrize("args,message", [
+    (["bench", "--loader-workers", "abc"], "argument --loader-workers: invalid int value: 'abc'"),
+    (["frob"], "invalid choice: 'frob'"),
+    (["index"], "the following arguments are required: run_dir, --out"),
+    (["prepare", "folder"], "the following arguments are required: --src, --out"),
+])
+def test_argument_errors_of_every_command_are_one_line(args, message, capsys):
+    code, out, err = run_cli(args, capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("mproxy: error: ") and message in err
