@@ -86,6 +86,21 @@ def search_chunks(
         yield pos, np.take_along_axis(sims, order_in_row, 1), np.take_along_axis(idx, order_in_row, 1)
 
 
+def knn_request(query, gallery, k: int, exclude_self: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """A k-nearest-neighbour request checked: (query, gallery, k clipped to the items available) as float32
+    arrays (`gallery=None`: the queries themselves), or a one-line UserError."""
+    query = as_features(query, "query features")
+    gallery = query if gallery is None else as_features(gallery, "gallery features")
+    if query.shape[1] != gallery.shape[1]:
+        raise UserError(f"query features have {query.shape[1]} dimensions, gallery features {gallery.shape[1]}")
+    if exclude_self and len(query) > len(gallery):
+        raise UserError("exclude_self needs the queries to be the first rows of the gallery")
+    k = min(int(k), len(gallery) - int(exclude_self))
+    if k < 1:
+        raise UserError("k must be at least 1 and the gallery must hold an item to return")
+    return query, gallery, k
+
+
 def knn(
     query,
     gallery,
@@ -100,15 +115,7 @@ def knn(
     left out of its own list; `gallery=None` searches the queries themselves. k is clipped to the number of
     gallery items available.
     """
-    query = as_features(query, "query features")
-    gallery = query if gallery is None else as_features(gallery, "gallery features")
-    if query.shape[1] != gallery.shape[1]:
-        raise UserError(f"query features have {query.shape[1]} dimensions, gallery features {gallery.shape[1]}")
-    if exclude_self and len(query) > len(gallery):
-        raise UserError("exclude_self needs the queries to be the first rows of the gallery")
-    k = min(int(k), len(gallery) - int(exclude_self))
-    if k < 1:
-        raise UserError("k must be at least 1 and the gallery must hold an item to return")
+    query, gallery, k = knn_request(query, gallery, k, exclude_self)
     same = query is gallery
     query = l2_normalize(query)
     gallery = query if same else l2_normalize(gallery)

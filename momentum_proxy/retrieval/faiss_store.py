@@ -179,15 +179,8 @@ class FaissStore(IndexStore):
         built._add(x, paths, labels)
         return built
 
-    def add(self, features, paths, labels=None) -> list[int]:
-        """Append items without rebuilding (ivf: assigned to the lists trained at build); return their ids."""
-        x = as_features(features)
-        if x.shape[1] != self.feature_dim:
-            raise UserError(f"features have {x.shape[1]} dimensions, the index {self.feature_dim}")
-        return self._add(l2_normalize(x), *checked_items(paths, labels, len(x)))
-
     def _add(self, x: np.ndarray, paths: list[str], labels: list | None) -> list[int]:
-        """Add normalised vectors with checked paths and labels."""
+        """Add normalised vectors with checked paths and labels (ivf: into the lists trained at build, no rebuild)."""
         if (labels is None) != (self.labels is None):
             raise UserError("labels must be given for every item or for none" if self.labels is not None
                             else "this index has no labels; add items without labels")

@@ -300,13 +300,6 @@ class MilvusStore(IndexStore):
     def labelled(self) -> bool:
         return self._labelled
 
-    def add(self, features, paths, labels=None) -> list[int]:
-        """Insert items (sent to Milvus before this returns); return their new ids."""
-        x = as_features(features)
-        if x.shape[1] != self.feature_dim:
-            raise UserError(f"features have {x.shape[1]} dimensions, the index {self.feature_dim}")
-        return self._add(l2_normalize(x), *checked_items(paths, labels, len(x)))
-
     def _add(self, x: np.ndarray, paths: list[str], labels: list | None) -> list[int]:
         if (labels is None) == self._labelled:
             raise UserError("labels must be given for every item or for none" if self._labelled

@@ -37,7 +37,7 @@ import numpy as np
 from scipy import sparse
 
 from momentum_proxy.errors import UserError
-from momentum_proxy.vectors import as_features, l2_normalize
+from momentum_proxy.vectors import as_features, knn_request, l2_normalize
 
 METHODS = ("none", "aqe", "dba", "dba+aqe", "kreciprocal")
 DEFAULTS = {"none": {}, "aqe": {"k": 5, "alpha": 3.0}, "dba": {"k": 5, "alpha": 3.0},
@@ -130,15 +130,7 @@ def rerank_knn(query, gallery, k: int, rerank: Rerank, *, exclude_self: bool = F
     """The k best gallery items of each query row under `rerank`: (scores, indices), each (n_queries, k), as
     `vectors.knn` returns them (k clipped to the items available). With `exclude_self`, the queries are the first
     rows of the gallery and query i is left out of the collection for its own search (leave-one-out)."""
-    query = as_features(query, "query features")
-    gallery = as_features(gallery, "gallery features")
-    if query.shape[1] != gallery.shape[1]:
-        raise UserError(f"query features have {query.shape[1]} dimensions, gallery features {gallery.shape[1]}")
-    if exclude_self and len(query) > len(gallery):
-        raise UserError("exclude_self needs the queries to be the first rows of the gallery")
-    k = min(int(k), len(gallery) - int(exclude_self))
-    if k < 1:
-        raise UserError("k must be at least 1 and the gallery must hold an item to return")
+    query, gallery, k = knn_request(query, gallery, k, exclude_self)
     chunks = list(rerank.search_chunks(query, gallery, np.full(len(query), k), exclude_self, len(query)))
     return np.concatenate([c[1] for c in chunks]), np.concatenate([c[2] for c in chunks])  # in query order
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from momentum_proxy.errors import UserError
 from momentum_proxy.retrieval.hits import Hit
-from momentum_proxy.vectors import as_labels
+from momentum_proxy.vectors import as_features, as_labels, l2_normalize
 
 UNKNOWN = -1  # label of an item whose class is not known, in a labelled index
 
@@ -61,9 +61,16 @@ class IndexStore(ABC):
     def labelled(self) -> bool:
         """Whether items carry labels (those of unknown class: UNKNOWN)."""
 
-    @abstractmethod
     def add(self, features, paths: list[str], labels: list | None = None) -> list[int]:
         """Add items (features are L2-normalised here); return their new ids."""
+        x = as_features(features)
+        if x.shape[1] != self.feature_dim:
+            raise UserError(f"features have {x.shape[1]} dimensions, the index {self.feature_dim}")
+        return self._add(l2_normalize(x), *checked_items(paths, labels, len(x)))
+
+    @abstractmethod
+    def _add(self, x: np.ndarray, paths: list[str], labels: list | None) -> list[int]:
+        """Add unit vectors with checked paths and labels; return their new ids."""
 
     @abstractmethod
     def remove(self, item_id: int) -> None:
