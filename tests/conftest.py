@@ -71,3 +71,23 @@ def run_cli(args, capsys):
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A Milvus server (Milvus Lite's gRPC server in this process) that a test stops and starts again on its port;
+    yields (a collection's location on it, stop, start)."""
+    from milvus_lite.adapter.grpc.server import start_server_in_thread
+
+    data = str(tmp_path / "server.db")
+    running = list(start_server_in_thread(data, port=0))
+
+    def stop():
+        running[0].stop(grace=0)
+        running[1].close()
+
+    def start():
+        running[:] = start_server_in_thread(data, port=running[2])
+
+    yield f"milvus://127.0.0.1:{running[2]}/products", stop, start
+    stop()

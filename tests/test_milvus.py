@@ -138,30 +138,9 @@ def test_uploads_go_beside_the_milvus_lite_file(writable, tmp_path):
 
 
 # ----------------------------------------------------------------------------------- a server that goes away
-@pytest.fixture
-def server(tmp_path):
-    """A Milvus server (Milvus Lite's gRPC server in this process) that a test stops and starts again on its
-    port; yields (port, stop, start)."""
-    from milvus_lite.adapter.grpc.server import start_server_in_thread
-
-    data = str(tmp_path / "server.db")
-    running = list(start_server_in_thread(data, port=0))
-
-    def stop():
-        running[0].stop(grace=0)
-        running[1].close()
-
-    def start():
-        running[:] = start_server_in_thread(data, port=running[2])
-
-    yield running[2], stop, start
-    stop()
-
-
 def test_the_service_answers_503_while_the_server_is_away_then_recovers(server, index_dir, tiny_data, tmp_path,
                                                                         monkeypatch, capsys):
-    port, stop, start = server
-    location = f"milvus://127.0.0.1:{port}/products"
+    location, stop, start = server
     monkeypatch.setenv("MPROXY_MILVUS_TOKEN", "root:Milvus")
     monkeypatch.chdir(tmp_path)  # a server store's local files: ./products.files
     copy_store(index_dir, location)

@@ -560,19 +560,24 @@ def test_batcher_leaves_out_cancelled_queries_and_goes_on():
         batcher.close()
 
 
+def fail_collecting_once(batcher) -> None:
+    """Make the batcher's next batch gathering raise (a fault outside the batch function), once."""
+    collect, faults = batcher._collect, [RuntimeError("injected")]
+
+    def failing_once(batch):
+        if faults:
+            raise faults.pop()
+        return collect(batch)
+
+    batcher._collect = failing_once
+
+
 @pytest.mark.parametrize("runners", [1, 2])
 def test_a_runner_fault_outside_the_batch_function_answers_its_callers_and_the_runner_goes_on(runners):
     from momentum_proxy.serving.searcher import Batcher
 
     batcher = Batcher(lambda: (lambda items: [x * 2 for x in items]), wait_ms=0, runners=runners)
-    collect, faults = batcher._collect, [RuntimeError("injected")]
-
-    def failing_once(first):
-        if faults:
-            raise faults.pop()
-        return collect(first)
-
-    batcher._collect = failing_once
+    fail_collecting_once(batcher)
     try:
         with pytest.raises(RuntimeError, match="injected"):
             batcher.submit(1).result(timeout=30)  # answered, not left hanging
@@ -584,15 +589,7 @@ def test_a_runner_fault_outside_the_batch_function_answers_its_callers_and_the_r
 
 def test_the_service_answers_500_json_when_a_runner_fails_and_then_serves_again(index_dir):
     with TestClient(create_app(index_dir), raise_server_exceptions=False) as c:
-        batcher = c.app.state.searcher.batcher
-        collect, faults = batcher._collect, [RuntimeError("injected")]
-
-        def failing_once(first):
-            if faults:
-                raise faults.pop()
-            return collect(first)
-
-        batcher._collect = failing_once
+        fail_collecting_once(c.app.state.searcher.batcher)
         image = jpeg_bytes(seed=3)
         r = c.post("/search", files={"image": ("q.jpg", image, "image/jpeg")}, data={"k": "3"})
         assert r.status_code == 500 and r.json() == {"error": "internal error (see the server log)"}

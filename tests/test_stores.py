@@ -133,26 +133,6 @@ def test_unlabelled_store_becomes_labelled_by_a_class_name(location):
 
 
 # ----------------------------------------------------------------------------------------------- Milvus only
-@pytest.fixture
-def server(tmp_path):
-    """A Milvus server (Milvus Lite's gRPC server in this process) that tests stop and start again on its port;
-    yields (location, stop, start)."""
-    from milvus_lite.adapter.grpc.server import start_server_in_thread
-
-    data = str(tmp_path / "server.db")
-    running = list(start_server_in_thread(data, port=0))
-
-    def stop():
-        running[0].stop(grace=0)
-        running[1].close()
-
-    def start():
-        running[:] = start_server_in_thread(data, port=running[2])
-
-    yield f"milvus://127.0.0.1:{running[2]}/products", stop, start
-    stop()
-
-
 def test_an_unreachable_server_is_one_line_and_the_store_recovers(server):
     location, stop, start = server
     assert not store_exists(location)
