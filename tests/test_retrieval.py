@@ -204,3 +204,9 @@ def test_a_result_that_is_a_copy_of_the_query_file_is_marked(tiny_run, images, t
     assert not any("query image itself" in line for line in rows[1:])
     results = json.loads((tmp_path / "r" / "results.json").read_text())["results"]
     assert [r["query_itself"] for r in results] == [True, False, False, False]
+
+
+def test_a_refused_index_command_leaves_no_folder_behind(tiny_run, tmp_path, capsys):
+    out = tmp_path / "new" / "idx"
+    code, _, err = run_cli(["index", tiny_run, "--images", __file__, "--out", out], capsys)
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "new" / "idx").exists()

@@ -3,6 +3,7 @@
 a Milvus server or cluster (`milvus_store`, the [milvus] extra; see `paths.milvus_location`)."""
 from __future__ import annotations
 
+import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -60,15 +61,23 @@ def describe(location) -> str:
 def writer_lock(location, job: str, create: bool = False):
     """Be the one process that writes the store at `location` for the block (faiss: its folder's lock file;
     Milvus Lite: the lock file in `local_folder`; a Milvus server: not held here). With `create`, the folder is
-    checked writable and made first."""
+    checked writable and made first; a folder made here is removed again when the block fails before writing
+    anything into it, so a refused command leaves nothing behind."""
     milvus = milvus_location(location)
+    made = None
     if milvus is not None and not milvus.lite:
         lock = nullcontext()
     else:
         folder = local_folder(location)
         if create or milvus is not None:
             check_writable_folder(folder, "the index folder")
+            made = None if folder.exists() else folder
             folder.mkdir(parents=True, exist_ok=True)
         lock = folder_lock(folder, WRITER_LOCK, "being written", job)
-    with lock:
-        yield
+    try:
+        with lock:
+            yield
+    except BaseException:
+        if made is not None and {p.name for p in made.iterdir()} <= {WRITER_LOCK}:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
