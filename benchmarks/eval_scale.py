@@ -5,7 +5,11 @@ SOP-like classes of 5-10 images, then reports wall time and the peak-RSS increas
 peak, VmHWM, is reset after generating the data and compared with the RSS then; Linux only). The dense baseline is pytorch-metric-learning's AccuracyCalculator with a
 full cosine-similarity kNN (CustomKNN(CosineSimilarity())); it is skipped when its N x N float32 matrix
 would exceed 8 GiB. With --query-sample Q, sizes above Q time only Q queries against the full gallery and
-extrapolate the time linearly (exact search costs O(N) per query); memory is then measured, not estimated.
+extrapolate: the search and its per-chunk metrics (timed through `evaluate_embeddings`' search hook) cost O(N) per
+query and are scaled by N / Q, the rest (checking and normalising the N features, label codes) is counted once, as
+a full run pays it once; memory is then measured, not estimated. The child also reports the search's GFLOP/s
+(2·Q·N·d flops) and, with a query sample, a bare torch.mm of the same products timed after it in the same process
+(`experiments.bench.matmul_seconds`) and their ratio: how close exact search is to the matrix-multiply limit.
 
     python benchmarks/eval_scale.py --sizes 10000,100000 --metrics recall,precision@1,r_precision,map@r
 """
@@ -53,10 +57,31 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
+class TimedSearch:
+    """Evaluation's own exact search (`vectors.search_chunks`, faiss on the CPU), timed: handed to
+    `evaluate_embeddings` through its duck-typed `rerank` hook, it records the seconds from the first chunk asked
+    for to the last one reduced to metric values (the part of the evaluation that costs O(N) per query)."""
+
+    active = True
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def search_chunks(self, query, gallery, need, exclude_self, chunk_size):
+        from momentum_proxy.vectors import search_chunks
+
+        t0 = time.perf_counter()
+        yield from search_chunks(query, gallery, need, exclude_self, chunk_size)
+        self.seconds = time.perf_counter() - t0
+
+
 def child(method: str, n: int, dim: int, metrics: list[str], recalls: list[int], query_sample: int) -> dict:
     """Run one measurement in this (fresh) process and return its figures."""
     if method == "chunked":
+        import torch
+
         from momentum_proxy.evaluation.metrics import evaluate_embeddings
+        from momentum_proxy.experiments.bench import matmul_seconds
     else:
         import torch
         from pytorch_metric_learning.distances import CosineSimilarity
@@ -66,13 +91,14 @@ def child(method: str, n: int, dim: int, metrics: list[str], recalls: list[int],
     reset_peak_rss()  # after imports and data: the increase is the evaluation's own memory
     before = memory_status("VmRSS")
     start = time.perf_counter()
+    timed = TimedSearch()
     if method == "chunked":
         if query_sample and n > query_sample:  # time Q queries against the whole gallery, then extrapolate
             evaluate_embeddings(x, y, query_features=x[:query_sample], query_labels=y[:query_sample],
-                                recalls=recalls, metrics=metrics)
+                                recalls=recalls, metrics=metrics, rerank=timed)
             result = {"timed_queries": query_sample}
         else:
-            result = evaluate_embeddings(x, y, recalls=recalls, metrics=metrics)
+            result = evaluate_embeddings(x, y, recalls=recalls, metrics=metrics, rerank=timed)
     else:
         include = tuple(PML_NAMES[m] for m in metrics if m in PML_NAMES)
         calc = AccuracyCalculator(include=include, k="max_bin_count", device=torch.device("cpu"),
@@ -81,10 +107,19 @@ def child(method: str, n: int, dim: int, metrics: list[str], recalls: list[int],
         raw = calc.get_accuracy(torch.nn.functional.normalize(torch.from_numpy(x)), torch.from_numpy(y))
         result = {ours: raw[theirs] for ours, theirs in PML_NAMES.items() if theirs in raw}
     seconds = time.perf_counter() - start
-    if "timed_queries" in result:
-        seconds *= n / query_sample
-    return {"seconds": seconds, "peak_rss_delta": memory_status("VmHWM") - before, "data_bytes": x.nbytes,
-            "result": result}
+    peak = memory_status("VmHWM") - before
+    figures = {}
+    if method == "chunked" and timed.seconds and any(m != "nmi" for m in metrics):
+        queries = result.get("timed_queries", n)
+        flops = 2 * queries * n * dim
+        figures = {"search_seconds": timed.seconds, "search_gflops": flops / timed.seconds / 1e9}
+        if "timed_queries" in result:  # once per query: scaled to N queries; the rest counted once
+            seconds += timed.seconds * (n / queries - 1)
+            q = torch.nn.functional.normalize(torch.from_numpy(x[:queries]))
+            g = torch.nn.functional.normalize(torch.from_numpy(x))
+            mm = matmul_seconds(q, g, max(recalls))
+            figures |= {"mm_gflops": flops / mm / 1e9, "ratio": mm / timed.seconds}
+    return {"seconds": seconds, "peak_rss_delta": peak, "data_bytes": x.nbytes, "result": result, **figures}
 
 
 def measure(method: str, n: int, args) -> dict:
@@ -124,6 +159,10 @@ def main() -> None:
             r = measure(method, n, args)
             note = (f"time extrapolated from {r['result']['timed_queries']} queries" if "timed_queries" in r["result"]
                     else " ".join(f"{k}={v:.4f}" for k, v in r["result"].items()))
+            if "search_gflops" in r:
+                note += f"; search {r['search_gflops']:.0f} GFLOP/s"
+            if "ratio" in r:
+                note += f", bare torch.mm {r['mm_gflops']:.0f}, ratio {r['ratio']:.2f}"
             print(f"{n:>9}  {method:<8} {r['seconds']:>10.1f}  {gib(r['peak_rss_delta']):>18}  "
                   f"{gib(r['data_bytes']):>9}  {note}", flush=True)
 

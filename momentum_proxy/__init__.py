@@ -48,6 +48,9 @@ _PUBLIC = {
     "retrieve": "momentum_proxy.retrieval.search",
     "Rerank": "momentum_proxy.retrieval.rerank",
     "rerank_knn": "momentum_proxy.retrieval.rerank",
+    # experiments
+    "tune_rerank": "momentum_proxy.experiments.tune_rerank",
+    "best_rerank": "momentum_proxy.experiments.tune_rerank",
 }
 __all__ = ["__version__", *_PUBLIC]
 

@@ -16,7 +16,8 @@ from typing import get_args, get_origin, get_type_hints
 import jsonargparse
 
 from momentum_proxy import __version__, paths
-from momentum_proxy.config import METRICS, RECIPES, TrainConfig, check_tta, read_config_file, run_folder_name
+from momentum_proxy.config import (DEFAULT_RERANK, DEFAULT_RERANK_MAX_ITEMS, DEFAULT_TTA, METRICS, RECIPES, TrainConfig, check_tta,
+                                   parse_memory, read_config_file, run_folder_name)
 from momentum_proxy.errors import UserError, require_extra
 from momentum_proxy.fileio import check_writable_folder, read_json
 from momentum_proxy.perf import tune_allocator
@@ -304,13 +305,16 @@ def run_train(a) -> None:
 # ----------------------------------------------------------------------------------------------- re-ranking
 def add_rerank_options(p, what: str = "") -> None:
     """--rerank and its parameters (`retrieval.rerank.Rerank`, checked by `rerank_of` before any model loads)."""
-    p.add_argument("--rerank", default="none",
+    p.add_argument("--rerank", default=None,
                    help=f"{what}re-ranking: none | aqe (alpha-query expansion) | dba (database-side augmentation) | "
-                        "dba+aqe | kreciprocal (k-reciprocal, Zhong et al. 2017); docs: Re-ranking")
+                        f"dba+aqe | kreciprocal (k-reciprocal, Zhong et al. 2017); default {DEFAULT_RERANK} (chosen "
+                        f"on validation) for collections of up to {DEFAULT_RERANK_MAX_ITEMS:,} items, none above; "
+                        "docs: Re-ranking")
     p.add_argument("--rerank-k", type=int, default=None,
-                   help="neighbours: of aqe and dba (default 5), k1 of kreciprocal (default 20)")
+                   help="neighbours: of aqe and dba (default 5; dba+aqe 10), k1 of kreciprocal (default 20)")
     p.add_argument("--rerank-alpha", type=float, default=None,
-                   help="aqe and dba: a neighbour weighs its similarity to the power alpha (default 3; 0: average)")
+                   help="aqe and dba: a neighbour weighs its similarity to the power alpha (default 3; dba+aqe 0: "
+                        "average)")
     p.add_argument("--rerank-k2", type=int, default=None, help="kreciprocal: local query expansion size (default 6)")
     p.add_argument("--rerank-lambda", type=float, default=None,
                    help="kreciprocal: weight of the original distance beside the Jaccard distance (default 0.3)")
@@ -320,6 +324,9 @@ def rerank_of(a):
     """The parsed --rerank options as a `Rerank` (UserError for a bad one)."""
     from momentum_proxy.retrieval.rerank import Rerank  # job: numpy and scipy, for the commands that search
 
+    if a.rerank is None:  # the default pipeline's, up to the collection size it is cheap for
+        return Rerank(DEFAULT_RERANK, a.rerank_k, a.rerank_alpha, a.rerank_k2, a.rerank_lambda,
+                      up_to=DEFAULT_RERANK_MAX_ITEMS)
     return Rerank(a.rerank, a.rerank_k, a.rerank_alpha, a.rerank_k2, a.rerank_lambda)
 
 
@@ -335,8 +342,9 @@ def add_evaluate(sub) -> None:
                         "its test result from training, is never changed)")
     p.add_argument("--device", default="auto")
     p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
-    p.add_argument("--tta", default="none", help="test-time augmentation: none | flip (each image and its mirror "
-                                                 "image, embeddings averaged; about twice the embedding time)")
+    p.add_argument("--tta", default=None, help="test-time augmentation: none | flip (each image and its mirror "
+                                               f"image, embeddings averaged; about twice the embedding time); default "
+                                               f"{DEFAULT_TTA} for a run, none for an --embeddings file")
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="the run's split to evaluate: val to choose settings (e.g. --rerank), test once for the "
                         "chosen one")
@@ -350,7 +358,7 @@ def run_evaluate(a) -> None:
         raise UserError("--split applies to a run; an --embeddings file is evaluated on its own rows (its split "
                         "array)")
     rerank = rerank_of(a)
-    if a.embeddings and a.tta != "none":
+    if a.embeddings and a.tta not in (None, "none"):
         raise UserError("--tta applies where a run's model embeds images; an --embeddings file is already embedded")
     unknown = [m for m in a.metrics or [] if m not in METRICS]
     if unknown:
@@ -367,8 +375,9 @@ def run_evaluate(a) -> None:
     else:
         from momentum_proxy.deploy.runtimes import load_embedder  # job
 
-        embedder = load_embedder(a.run_dir, a.runtime, a.device, a.tta)
-        out = a.out or evaluation_file(a.run_dir, embedder.runtime, a.tta, split=a.split, rerank=rerank)
+        tta = a.tta or DEFAULT_TTA
+        embedder = load_embedder(a.run_dir, a.runtime, a.device, tta)
+        out = a.out or evaluation_file(a.run_dir, embedder.runtime, tta, split=a.split, rerank=rerank)
         summary = evaluate_run(a.run_dir, metrics=a.metrics, recalls=a.recalls, out=out, embedder=embedder,
                                split=a.split, rerank=rerank)
         print(describe(summary, a.run_dir))
@@ -405,7 +414,8 @@ def run_retrieve(a) -> None:
 
     r, png = retrieve_and_draw(a.query, a.k, a.out, run_dir=a.run_dir, index_dir=a.index, data_base=a.data_base,
                                split=a.split, device=a.device, runtime=a.runtime, tta=a.tta, rerank=rerank)
-    print(f"searched {r.collection}" + (f", re-ranked by {rerank}" if rerank.active else "")
+    print(f"searched {r.collection}" + (f" ({r.about})" if r.about else "")
+          + (f", re-ranked by {rerank}" if rerank.active else "")
           + (f"; -k {a.k} capped to the {len(r.results)} images there" if len(r.results) < a.k else ""))
     print(ranked_list(r))
     print(f"retrieval picture: {png}")
@@ -423,7 +433,13 @@ def add_index(sub) -> None:
                    "index is extended")
     p.add_argument("--rebuild", action="store_true",
                    help="make the index anew (from --images, or from its own images), replacing it atomically")
-    p.add_argument("--kind", default="exact", help="exact | ivf | hnsw")
+    p.add_argument("--kind", default=None,
+                   help="faiss index of a new or rebuilt index: exact | ivf | hnsw | ivfpq (default: exact, or the one "
+                        "--max-memory chooses)")
+    p.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+                   help="memory the faiss index may take (e.g. 512MB, 2GB, 1.5GiB): chooses exact, hnsw, ivf or ivfpq "
+                        "as autofaiss does, or, with --kind, sizes that kind; recall@10 against exact search is "
+                        "measured and saved with the index")
     p.add_argument("--labels", default="auto",
                    help="class names: auto (a prepared dataset's, or the sub-folder names of a folder of class "
                         "folders) | folders | none | a CSV file of 'path,class_name' lines")
@@ -432,8 +448,20 @@ def add_index(sub) -> None:
     p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
     p.add_argument("--tta", default=None, help="test-time augmentation: none | flip (each image and its mirror image, "
                                                "embeddings averaged; about twice the embedding time); default: the "
-                                               "index's own, else none")
+                                               f"index's own, else {DEFAULT_TTA}")
+    p.add_argument("--chunk-size", type=int, default=4096,
+                   help="under torchrun (`torchrun --nproc-per-node N -m momentum_proxy index ...`), every rank "
+                        "embeds its share of the images, this many to a chunk file (a rerun of a killed build "
+                        "reuses them), and rank 0 fills the index")
     add_rerank_options(p, "prepare the neighbour lists of this re-ranking (saved with the index, kept up to date); ")
+
+
+def memory_size(text: str) -> int:
+    """A size such as 2GB or 1.5GiB in bytes (an argparse type: a bad one is argparse's one-line error)."""
+    try:
+        return parse_memory(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--max-memory ")) from None
 
 
 def run_index(a) -> None:
@@ -443,8 +471,8 @@ def run_index(a) -> None:
     a.on_interrupt = "the index is as it was before; run the same command again"
     summary = build_index(a.run_dir, a.images, a.out, kind=a.kind, batch_size=a.batch_size, device=a.device,
                           rebuild=a.rebuild, runtime=a.runtime, labels=a.labels, tta=a.tta, rerank=rerank,
-                          image_list=a.list)
-    for k, v in summary.items():
+                          image_list=a.list, chunk_size=a.chunk_size, max_memory=a.max_memory)
+    for k, v in (summary or {}).items():  # None on torchrun ranks other than 0
         print(f"{k}: {v}")
 
 
@@ -467,6 +495,9 @@ def add_serve(sub) -> None:
                                                "embeddings averaged; about twice the embedding time); default: the "
                                                "index's own, else none")
     p.add_argument("--device", default="auto")
+    p.add_argument("--mmap", action="store_true",
+                   help="map an ivf or ivfpq index's inverted lists from its file instead of reading them into memory "
+                        "(starts without loading the whole index; adds are refused, deletes work)")
     p.add_argument("--model-processes", default="auto",
                    help="model processes beside the server's (CPU, torch): auto is 2 on a CPU with 2+ cores, else 0 "
                         "(the model runs in the server's process)")
@@ -483,7 +514,7 @@ def run_serve(a) -> None:
     serve(a.index, host=a.host, port=a.port, token=a.token or os.environ.get(TOKEN_ENV) or None, run_dir=a.run,
           device=a.device, max_upload_bytes=int(a.max_upload_mb * 2**20), max_pixels=a.max_pixels,
           cors_origins=a.cors_origin, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms, runtime=a.runtime,
-          model_processes=a.model_processes, tta=a.tta, rerank=rerank)
+          model_processes=a.model_processes, tta=a.tta, rerank=rerank, mmap=a.mmap)
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -601,6 +632,32 @@ def run_tune(a) -> None:
     tune(a.data, a.out, a.trials, space=a.space, budget_epochs=a.budget_epochs, seed=a.seed)
 
 
+def add_tune_rerank(sub) -> None:
+    p = sub.add_parser("tune-rerank", help="search re-ranking settings (--rerank) on a trained run's validation "
+                                           "split with Optuna, without retraining (resumable)")
+    p.add_argument("run_dir", help="run folder (its selected checkpoint embeds the val split once)")
+    p.add_argument("--out", required=True, help="study folder: study.db, val-embeddings.npz, best.json, report.md")
+    p.add_argument("--trials", type=int, required=True,
+                   help="finished trials wanted in total (trial 0 is no re-ranking); running the command again "
+                        "continues the study")
+    p.add_argument("--space", help="JSON or YAML search space put over the default one: method, k, alpha, k2, lam "
+                                   "(docs: Tune)")
+    p.add_argument("--metric", default="map@r", help="val metric to maximise: map@r | r_precision | precision@1 | "
+                                                     "recall@K")
+    p.add_argument("--tta", default="none", help="test-time augmentation of the val embeddings: none | flip")
+    p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+
+
+def run_tune_rerank(a) -> None:
+    from momentum_proxy.experiments.tune_rerank import tune_rerank  # job
+
+    a.on_interrupt = "the same command continues the study"
+    tune_rerank(a.run_dir, a.out, a.trials, space=a.space, metric=a.metric, tta=a.tta, runtime=a.runtime,
+                device=a.device, seed=a.seed)
+
+
 # ----------------------------------------------------------------------------------------------- bench
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="images/s of the training and embedding pipelines vs the bare model, and of "
@@ -616,9 +673,23 @@ def add_bench(sub) -> None:
     p.add_argument("--amp", default="none")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--exact-search", type=search_shape, metavar="QxNxD",
+                   help="instead: GFLOP/s of evaluation's exact k-NN, Q queries x N gallery items x D dimensions "
+                        "(e.g. 4096x100000x512), against a bare torch.mm of the same products")
+    p.add_argument("--top-k", type=int, default=10, help="neighbours per query of --exact-search")
+
+
+def search_shape(text: str) -> tuple[int, int, int]:
+    """QUERIESxGALLERYxDIM as three positive ints (an argparse type)."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"takes QUERIESxGALLERYxDIM, e.g. 4096x100000x512, not {text!r}")
+    return tuple(int(p) for p in parts)
 
 
 def run_bench(a) -> None:
+    if a.exact_search:
+        return run_search_bench(a)
     from momentum_proxy.experiments.bench import bench  # job
 
     res = bench(data=a.data, backbone=a.backbone, image_size=a.image_size, batch_size=a.batch_size,
@@ -631,10 +702,23 @@ def run_bench(a) -> None:
           f"onnxruntime fp32 / torch {res['onnx_speedup']:.3f}   int8 / torch {res['onnx_int8_speedup']:.3f}")
 
 
+def run_search_bench(a) -> None:
+    from momentum_proxy.experiments.bench import bench_search  # job
+
+    q, n, d = a.exact_search
+    res = bench_search(q, n, d, a.top_k, rounds=a.rounds, device=a.device, json_out=a.json)
+    print(f"exact search {q} x {n} x {d}, top {res['k']}, {res['device']} ({res['kernel']} kernel), "
+          f"{res['threads']} threads: GFLOP/s, median of {res['rounds']} interleaved rounds [min-max]")
+    for name, (low, high) in res["spread"].items():
+        print(f"{name:16s} {res[f'{name}_gflops']:8.1f}  [{low:.1f}-{high:.1f}]")
+    other = f"   torch kernel / mm {res['torch_knn_ratio']:.3f}" if "torch_knn_ratio" in res else ""
+    print(f"search / mm {res['ratio']:.3f} (goal >= 0.8){other}")
+
+
 def check_paths(a) -> None:
     """Refuse a missing or wrong input path in one line before anything heavy is imported (see `paths`)."""
     run_dir = getattr(a, "run_dir", None)
-    if a.command in ("evaluate", "retrieve", "index", "export") and run_dir:
+    if a.command in ("evaluate", "retrieve", "index", "export", "tune-rerank") and run_dir:
         paths.check_run(run_dir)
     if a.command == "train" and not a.resume and a.data:
         paths.check_dataset(a.data)
@@ -651,7 +735,7 @@ def check_paths(a) -> None:
         paths.check_file(a.list, "image list")
     if a.command == "evaluate" and a.embeddings:
         paths.check_file(a.embeddings, "embeddings file")
-    if a.command == "tune" and a.space:
+    if a.command in ("tune", "tune-rerank") and a.space:
         paths.check_file(a.space, "search space file")
     if a.command in ("plot", "report"):
         paths.check_folder(a.folder, "run folder" if getattr(a, "what", None) == "curves" else "folder of runs")
@@ -660,7 +744,9 @@ def check_paths(a) -> None:
 def needed_extras(a) -> list[tuple[str, str]]:
     """(extra, what needs it) for each optional extra (pyproject.toml) the parsed command line needs."""
     needs = [(a.command, f"mproxy {a.command}")] if a.command in ("serve", "tune") else []
-    if a.command == "bench" or a.command == "export" and a.fmt != "torchscript":
+    if a.command == "tune-rerank":
+        needs.append(("tune", "mproxy tune-rerank"))
+    if a.command == "bench" and not a.exact_search or a.command == "export" and a.fmt != "torchscript":
         needs.append(("export", f"mproxy {a.command}"))
     if getattr(a, "runtime", None) == "onnx":
         needs.append(("export", f"mproxy {a.command} --runtime onnx"))
@@ -676,6 +762,7 @@ COMMANDS = {"prepare": (add_prepare, run_prepare), "train": (add_train, run_trai
             "evaluate": (add_evaluate, run_evaluate), "retrieve": (add_retrieve, run_retrieve),
             "index": (add_index, run_index), "demo": (add_demo, run_demo), "sweep": (add_sweep, run_sweep),
             "serve": (add_serve, run_serve), "export": (add_export, run_export), "tune": (add_tune, run_tune),
+            "tune-rerank": (add_tune_rerank, run_tune_rerank),
             "plot": (add_plot, run_plot), "report": (add_report, run_report), "bench": (add_bench, run_bench)}
 
 

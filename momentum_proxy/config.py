@@ -6,6 +6,7 @@ the user a one-line error, not a claimed run folder.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -25,6 +26,11 @@ SELECTIONS = ("val", "last", "test")
 SCHEDULES = ("multistep", "cosine")
 TRACKERS = ("none", "tensorboard")  # --log
 TTAS = ("none", "flip")  # --tta: test-time augmentation wherever images are embedded (embedding/tta.py)
+# The default retrieval pipeline, chosen on the validation species of birds50 (docs: Benchmarks, "Retrieval
+# quality"): what `evaluate` and `index` (and so `retrieve` and `serve` over an index) use unless told otherwise.
+DEFAULT_TTA = "flip"
+DEFAULT_RERANK = "dba+aqe"  # its parameters: retrieval.rerank.DEFAULTS
+DEFAULT_RERANK_MAX_ITEMS = 100_000  # larger collections are searched without the default re-ranking
 
 # The original MP tool's behaviour, for exact reproduction (`--recipe original`, implied by its spelling
 # `--data_path/--data_name`): ResNet-50, ProxyNCA, one learning rate, plain SGD (no momentum) or Adam,
@@ -94,7 +100,8 @@ class TrainConfig:
                            "cosine (to 0 at the end)")
     aug_scale_min: float = option(0.501, "smallest area fraction of the random-resized training crop")
     batch_size: int = option(64, "batch size per process", aliases=["--batch_size"])
-    epochs: int = option(20, "epochs", aliases=["--num_epochs", "--num-epochs"])
+    epochs: int = option(20, "epochs (0: no training, the run keeps the pretrained start)",
+                         aliases=["--num_epochs", "--num-epochs"])
     recalls: list[int] = option(help="K of Recall@K", factory=lambda: [1, 2, 4, 8])
     metrics: list[str] = option(help="per-epoch metrics: " + ",".join(METRICS), factory=lambda: ["recall", "map@r"])
     select: str | None = option(None, "val | last | test: which epoch becomes best.pt (None: val when the data has a "
@@ -184,7 +191,9 @@ class TrainConfig:
             require_extra("track", "--log tensorboard")
         if self.select is not None:
             _choice("select", self.select, SELECTIONS)
-        for name in ("batch_size", "epochs", "feature_dim", "image_size", "grad_accum", "log_every"):
+        if self.epochs < 0:
+            raise UserError(f"--epochs must be >= 0 (0: the pretrained start only), got {self.epochs}")
+        for name in ("batch_size", "feature_dim", "image_size", "grad_accum", "log_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.warmup_epochs < 0:
@@ -289,6 +298,26 @@ def check_tta(tta: str | None) -> None:
     """Refuse an unknown `--tta` (None: the one an index was built with, or none)."""
     if tta is not None:
         _choice("tta", tta, TTAS)
+
+
+MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(text: str | int, option: str = "--max-memory") -> int:
+    """A memory size in bytes from `2GB`, `1.5GiB`, `512MB`, `800M` or a plain number of bytes (KB, MB, GB are
+    powers of 1000; KiB, MiB, GiB and K, M, G powers of 1024); a one-line UserError otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+        unit = match and match.group(2).lower()
+        if not match or unit not in MEMORY_UNITS:
+            raise UserError(f"{option} takes a size such as 512MB, 2GB or 1.5GiB, got {text!r}")
+        size = int(float(match.group(1)) * MEMORY_UNITS[unit])
+    if size < 1:
+        raise UserError(f"{option} must be positive, got {text!r}")
+    return size
 
 
 def _choice(option: str, value, choices) -> None:

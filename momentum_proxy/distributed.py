@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -27,13 +28,14 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group torchrun describes in the environment (NCCL on CUDA, gloo on CPU)."""
+def init_distributed(device: torch.device, timeout: timedelta | None = None) -> DistInfo:
+    """Join the process group torchrun describes in the environment (NCCL on CUDA, gloo on CPU); `timeout`: how
+    long a collective waits for the other ranks (None: torch's default)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 

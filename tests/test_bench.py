@@ -28,3 +28,35 @@ def test_bench_reports_medians_of_interleaved_rounds_and_their_ratios(tmp_path, 
         low, high = (n - 0.005) / (d + 0.005), (n + 0.005) / (d - 0.005)
         assert low - 5e-4 - 1e-9 <= res[ratio] <= high + 5e-4 + 1e-9, (ratio, res[ratio], low, high)
     assert "int8 / torch" in capsys.readouterr().out
+
+
+def test_exact_search_bench_reports_gflops_of_search_and_bare_matmul_and_their_ratio(tmp_path, capsys):
+    out = tmp_path / "search.json"
+    main(["bench", "--exact-search", "64x3000x32", "--top-k", "5", "--rounds", "2", "--device", "cpu",
+          "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert (res["queries"], res["gallery"], res["dim"], res["k"], res["rounds"]) == (64, 3000, 32, 5, 2)
+    assert res["kernel"] == "faiss" and res["device"] == "cpu"  # the CPU searches in faiss (vectors.search_device)
+    assert res["gflop"] == round(2 * 64 * 3000 * 32 / 1e9, 3)
+    names = ("search", "mm", "torch_knn")  # torch_knn: the kernel not chosen on the CPU, for comparison
+    assert set(res["repeats"]) == set(res["spread"]) == set(names)
+    for name in names:
+        runs = res["repeats"][name]
+        assert len(runs) == 2 and min(runs) > 0
+        assert res[f"{name}_gflops"] == pytest.approx(np.median(runs), abs=0.011)
+        assert res["spread"][name] == [min(runs), max(runs)]
+    for ratio, num in (("ratio", "search"), ("torch_knn_ratio", "torch_knn")):
+        n, d = np.median(res["repeats"][num]), np.median(res["repeats"]["mm"])  # as in the test above
+        low, high = (n - 0.005) / (d + 0.005), (n + 0.005) / (d - 0.005)
+        assert low - 5e-4 - 1e-9 <= res[ratio] <= high + 5e-4 + 1e-9, (ratio, res[ratio], low, high)
+    printed = capsys.readouterr().out
+    assert "exact search 64 x 3000 x 32, top 5, cpu (faiss kernel)" in printed
+    assert f"search / mm {res['ratio']:.3f} (goal >= 0.8)" in printed
+
+
+def test_exact_search_shape_is_checked_in_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--exact-search", "64x3000"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "takes QUERIESxGALLERYxDIM" in err[0]

@@ -13,7 +13,8 @@ from conftest import run_cli
 from PIL import Image
 
 from momentum_proxy.cli import config_from_args, main, parser
-from momentum_proxy.config import TrainConfig
+from momentum_proxy.config import DEFAULT_RERANK, DEFAULT_TTA, TrainConfig
+from momentum_proxy.retrieval.rerank import Rerank
 from momentum_proxy.runs import RunDir
 
 TRAIN = ["--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--lr", "1e-4", "--epochs", "1",
@@ -33,20 +34,26 @@ def test_prepare_train_evaluate_retrieve(tiny_data, trained, tmp_path, capsys):
     assert code == 0 and (tmp_path / "syn" / "manifest.csv").exists()
 
     trained_eval = (trained / "eval.json").read_bytes()
-    code, out, _ = run_cli(["evaluate", trained, "--json", tmp_path / "e.json"], capsys)
+    code, out, _ = run_cli(["evaluate", trained, "--json", tmp_path / "e.json", "--tta", "none", "--rerank", "none"],
+                           capsys)  # as training evaluated its test split
     assert code == 0 and "map@r" in out
-    assert "checkpoints/best.pt (epoch 1, selected on val map@r) on the test split, 32 queries, runtime torch" in out
+    assert ("checkpoints/best.pt (epoch 1, selected on val map@r) on the test split, 32 queries, runtime torch, "
+            "tta none, rerank none") in out
     res = json.loads((tmp_path / "e.json").read_text())
     assert set(res["test"]) == {"recall@1", "recall@2", "recall@4", "recall@8", "precision@1", "r_precision",
                                 "map@r", "nmi"}
     assert res["selected_on"] == "val" and res["runtime"] == "torch" and res["queries"] == 32
     trained_test = json.loads(trained_eval)["test"]
     assert all(abs(res["test"][k] - v) < 1e-6 for k, v in trained_test.items())  # the same figures, recomputed
-    code, out, _ = run_cli(["evaluate", trained], capsys)
-    assert code == 0 and f"written: {trained / 'evaluate-torch.json'}" in out
+    code, out, _ = run_cli(["evaluate", trained], capsys)  # the default pipeline: config.DEFAULT_TTA, DEFAULT_RERANK
+    named = f"{DEFAULT_TTA}-{DEFAULT_RERANK}"  # e.g. evaluate-torch-flip-kreciprocal.json
+    assert code == 0 and f"written: {trained / f'evaluate-torch-{named}.json'}" in out
+    assert f"runtime torch, tta {DEFAULT_TTA}, rerank {Rerank(DEFAULT_RERANK)}" in out
+    default = json.loads((trained / f"evaluate-torch-{named}.json").read_text())
+    assert default["tta"] == DEFAULT_TTA and default["rerank"] == Rerank(DEFAULT_RERANK).to_dict()
     code, out, _ = run_cli(["evaluate", trained, "--runtime", "onnx", "--metrics", "recall"], capsys)
-    assert code == 0 and "runtime onnx" in out and f"written: {trained / 'evaluate-onnx.json'}" in out
-    assert json.loads((trained / "evaluate-onnx.json").read_text())["runtime"] == "onnx"
+    assert code == 0 and "runtime onnx" in out and f"written: {trained / f'evaluate-onnx-{named}.json'}" in out
+    assert json.loads((trained / f"evaluate-onnx-{named}.json").read_text())["runtime"] == "onnx"
     assert (trained / "eval.json").read_bytes() == trained_eval  # training's test result is never rewritten
 
     query = tiny_data / "images" / "species_04" / "0001.jpg"
@@ -293,7 +300,7 @@ def test_evaluate_embeddings_file(tmp_path, capsys):
     expected = evaluate_embeddings(feats[g], labels[g], query_features=feats[q], query_labels=labels[q],
                                    metrics=["recall"], recalls=[1])
     code, _, _ = run_cli(["evaluate", "--embeddings", tmp_path / "qg.npz", "--metrics", "recall", "--recalls", "1",
-                          "--json", tmp_path / "qg.json"], capsys)
+                          "--rerank", "none", "--json", tmp_path / "qg.json"], capsys)  # the plain cosine search
     assert code == 0 and json.loads((tmp_path / "qg.json").read_text()) == pytest.approx(expected)
     np.savez(tmp_path / "bad.npz", feats=feats)
     code, _, err = run_cli(["evaluate", "--embeddings", tmp_path / "bad.npz"], capsys)
@@ -326,7 +333,7 @@ BAD = [  # (command line with placeholders, expected text of the one-line error)
     (["train", "--data", "DATA", "--out", "DIR/r", "--select", "best", *TRAIN], "unknown --select"),
     (["train", "--data", "DATA", "--out", "DIR/r", "--select-metric", "nmi", *TRAIN], "unknown --select-metric"),
     (["train", "--data", "DATA", "--out", "DIR/r", "--proxy-update", "avg", *TRAIN], "unknown --proxy-update"),
-    (["train", "--data", "DATA", "--out", "DIR/r", "--epochs", "0", *TRAIN[:-4]], "--epochs must be >= 1"),
+    (["train", "--data", "DATA", "--out", "DIR/r", "--epochs", "-1", *TRAIN[:-4]], "--epochs must be >= 0"),
     (["train", "--resume", "FILE"], "not a run folder"),
     (["retrieve", "RUN", "--query", "QUERY", "--out", "FILE"], "is a file"),
     (["retrieve", "RUN", "--query", "QUERY", "--out", "READ_ONLY"], "cannot write the output folder"),
@@ -493,7 +500,8 @@ def test_every_command_refuses_a_wrong_path_before_importing_torch(tmp_path):
              ["export", missing, "--out", tmp_path / "m.onnx"], ["serve", missing],
              ["plot", "curves", missing], ["report", missing], ["tune", "--data", missing, "--out", tmp_path / "t",
                                                                 "--trials", "1"],
-             ["sweep", "--data", missing, "--out", tmp_path / "s"], ["train", "--resume", missing]]
+             ["sweep", "--data", missing, "--out", tmp_path / "s"], ["train", "--resume", missing],
+             ["tune-rerank", missing, "--out", tmp_path / "t", "--trials", "1"]]
     code = f"""
 import sys
 from momentum_proxy.cli import main

@@ -74,6 +74,7 @@ def test_core_commands_need_no_extra(core_run, tiny_data, tmp_path):
 @pytest.mark.parametrize("args,what,extra", [
     (["serve", "{run}/index"], "mproxy serve", "serve"),
     (["tune", "--data", "{data}", "--out", "{tmp}/study", "--trials", "1"], "mproxy tune", "tune"),
+    (["tune-rerank", "{run}", "--out", "{tmp}/study", "--trials", "1"], "mproxy tune-rerank", "tune"),
     (["export", "{run}", "--out", "{tmp}/model.onnx"], "mproxy export", "export"),
     (["bench", "--data", "{data}"], "mproxy bench", "export"),
     (["evaluate", "{run}", "--runtime", "onnx"], "mproxy evaluate --runtime onnx", "export"),

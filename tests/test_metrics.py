@@ -1,4 +1,6 @@
 """Retrieval metrics against a brute-force numpy reference and pytorch-metric-learning's AccuracyCalculator."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from pytorch_metric_learning.utils.inference import FaissKMeans
 
 from momentum_proxy.errors import UserError
 from momentum_proxy.evaluation.metrics import ALL_METRICS, cluster_nmi, evaluate_embeddings
-from momentum_proxy.vectors import knn
+from momentum_proxy.vectors import knn, on_device, search_chunks, search_device
 
 RETRIEVAL = ("recall", "precision@1", "r_precision", "map@r")
 PML_NAMES = {"precision@1": "precision_at_1", "r_precision": "r_precision", "map@r": "mean_average_precision_at_r",
@@ -166,3 +168,81 @@ def test_invalid_input_raises_user_error(kwargs, message):
     features, labels = kwargs.pop("features"), kwargs.pop("labels")
     with pytest.raises(UserError, match=message):
         evaluate_embeddings(features, labels, **kwargs)
+
+
+def dyadic(n, seed=0):
+    """n unit vectors in 4-d drawn from 24 whose inner products are exact in float32: many exact ties."""
+    axes = [v for i in range(4) for v in (np.eye(4)[i], -np.eye(4)[i])]
+    halves = [np.array(signs) / 2 for signs in itertools.product((1, -1), repeat=4)]
+    v = np.array(axes + halves, np.float32)
+    return v[np.random.default_rng(seed).integers(0, len(v), n)]
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize("block_sims", [1 << 25, 200, 1500])
+def test_torch_and_faiss_kernels_give_the_same_lists_with_ties(exclude_self, block_sims, monkeypatch):
+    """Both kernels of `search_chunks` give the brute-force lists, ties at the end of a list included (lowest index
+    kept), whatever the chunk and the torch kernel's block; faiss alone keeps an arbitrary tied item there."""
+    monkeypatch.setattr("momentum_proxy.vectors.MAX_BLOCK_SIMS", block_sims)
+    gallery = dyadic(300)
+    query = gallery if exclude_self else dyadic(40, seed=1)
+    sims = query.astype(np.float64) @ gallery.T.astype(np.float64)
+    if exclude_self:
+        np.fill_diagonal(sims, -np.inf)
+    reference = np.argsort(-sims, axis=1, kind="stable")
+    need = np.random.default_rng(2).integers(0, 40, len(query))
+    need[:3] = [1, len(gallery) - int(exclude_self), 0]  # one list of every item
+    for chunk_size in (1, 7, 64):
+        lists = {}
+        for name, (q, g) in {"faiss": (query, gallery),
+                             "torch": (torch.from_numpy(query), torch.from_numpy(gallery))}.items():
+            chunks = list(search_chunks(q, g, need, exclude_self, chunk_size))
+            for pos, s, idx in chunks:
+                assert s.dtype == np.float32 and idx.dtype == np.int64
+                np.testing.assert_array_equal(idx, reference[pos, :idx.shape[1]], err_msg=name)
+                np.testing.assert_array_equal(s, np.take_along_axis(sims[pos], idx, 1), err_msg=name)
+            lists[name] = chunks
+        for (p1, s1, i1), (p2, s2, i2) in zip(lists["faiss"], lists["torch"], strict=True):
+            np.testing.assert_array_equal(p1, p2)
+            np.testing.assert_array_equal(i1, i2)
+            np.testing.assert_array_equal(s1, s2)
+        assert sorted(np.concatenate([c[0] for c in lists["torch"]])) == list(np.flatnonzero(need))
+
+
+def test_evaluation_on_the_torch_kernel_without_cuda_float16_in(monkeypatch):
+    """The kernel CUDA evaluations use, run on the CPU (nothing in it names a device): float16 and bfloat16
+    tensors are evaluated as their float32 values, exactly as the faiss kernel evaluates them."""
+    x, y = clustered(200)
+    half = torch.from_numpy(x).half()
+    x32 = half.float().numpy()
+    expected = reference(x32, y, x32, y, True, (1, 2, 4))
+    faiss_result = evaluate_embeddings(half, y, recalls=(1, 2, 4), metrics=RETRIEVAL)
+    assert_close(faiss_result, expected, 1e-12)
+    monkeypatch.setattr("momentum_proxy.vectors.TORCH_SEARCH_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr("momentum_proxy.vectors.MAX_BLOCK_SIMS", 200 * 64)  # several blocks
+
+    def no_faiss(*args, **kwargs):
+        raise AssertionError("faiss searched")
+
+    monkeypatch.setattr("momentum_proxy.vectors.faiss.knn", no_faiss)
+    torch_result = evaluate_embeddings(half, y, recalls=(1, 2, 4), metrics=RETRIEVAL)  # the tensor's device, cpu
+    assert torch_result == faiss_result
+    q, g = x[:50], x[50:]
+    assert_close(evaluate_embeddings(g, y[50:], query_features=q, query_labels=y[:50], recalls=(1, 10),
+                                     metrics=RETRIEVAL, device="cpu"),
+                 reference(q, y[:50], g, y[50:], False, (1, 10)), 1e-12)
+    bf16 = torch.from_numpy(x).bfloat16()
+    assert evaluate_embeddings(bf16, y, metrics=RETRIEVAL, device="cpu") == \
+        evaluate_embeddings(bf16.float().numpy(), y, metrics=RETRIEVAL, device="cpu")
+
+
+def test_search_device_rule(monkeypatch):
+    """CUDA searches in torch on that GPU, the CPU in faiss; None stays None (numpy arrays, no torch)."""
+    assert search_device(None) is None and search_device("cpu") is None
+    assert search_device("cuda:1") == torch.device("cuda", 1)  # no GPU needed to name one
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert search_device("auto") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert search_device("auto") == torch.device("cuda")
+    x = np.ones((3, 2), np.float32)
+    assert on_device(x, None) is x and on_device(x, torch.device("cpu")).data_ptr() == x.ctypes.data

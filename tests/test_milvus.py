@@ -71,7 +71,9 @@ def test_index_retrieve_rebuild_through_the_cli(tiny_run, tiny_data, tmp_path, c
     listed = [line for line in out.splitlines() if line.startswith("#")]
     assert len(listed) == 5 and str(query) not in out  # the query's own item left out
     saved = json.loads((tmp_path / "shop.files" / "retrieval" / "results.json").read_text())
-    assert saved["index"] == {"path": f"milvus:{db}", "kind": "exact", "items": 64}
+    assert saved["index"] == {"path": f"milvus:{db}", "kind": "exact", "items": 64,
+                              "params": {"index_type": "FLAT", "metric_type": "IP"},
+                              "recall": {"k": 10, "recall": 1.0, "exact": True}}  # Milvus searches exactly (FLAT)
     assert saved["query_class_name"] == "species_03" and all(r["class_name"] for r in saved["results"])
     code, out, err = run_cli(["retrieve", "--index", f"milvus:{db}", "--query", query, "-k", 5, "--rerank", "dba"],
                              capsys)

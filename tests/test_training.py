@@ -501,3 +501,20 @@ def test_splits_are_checked_before_the_first_epoch_and_a_whole_warm_up_is_warned
     assert not Path(tiny_config.out).exists()  # refused before anything was written or trained
     training.train(replace(tiny_config, epochs=1, warmup_epochs=1))
     assert "--warmup-epochs 1 covers all 1 epoch(s): the backbone is never trained" in capsys.readouterr().err
+
+
+def test_zero_epochs_keeps_the_pretrained_start_as_the_run(tiny_config):
+    """`--epochs 0`: the start is scored and becomes the run's model (what 'just use the pretrained model' means),
+    nothing is trained and negative epochs are refused."""
+    with pytest.raises(UserError, match="--epochs must be >= 0"):
+        training.train(replace(tiny_config, epochs=-1))
+    torch.manual_seed(tiny_config.seed)
+    start = training.build(tiny_config, 2)[0].state_dict()
+    summary = training.train(replace(tiny_config, epochs=0))
+    run = RunDir(tiny_config.out)
+    assert [r["epoch"] for r in run.metrics()] == [0] and summary["epoch"] == 0
+    best = run.load_checkpoint(BEST)
+    assert best["epoch"] == 0
+    for name, tensor in start.items():
+        assert torch.equal(best["model"][name], tensor), name
+    assert summary["test"]["recall@1"] >= 0 and (run / "eval.json").exists()

@@ -125,10 +125,10 @@ def embed_dataset(model, dataset: ImageDataset, device: torch.device, *, batch_s
 
 
 @torch.inference_mode()
-def embed_files(model, paths: list[str | Path], image_size: int, device: torch.device,
-                batch_size: int = 64) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+def embed_files(model, paths: list[str | Path], image_size: int, device: torch.device, batch_size: int = 64,
+                progress: bool = True) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
     """Embed image files with a torch model or an embedder; returns (features of the readable ones, their paths,
-    [(path, reason)] skipped)."""
+    [(path, reason)] skipped). `progress`: a progress bar (for more than two batches)."""
     if isinstance(model, torch.nn.Module):
         model.eval()
     tf = eval_transform(image_size)
@@ -139,7 +139,7 @@ def embed_files(model, paths: list[str | Path], image_size: int, device: torch.d
             feats.append(embed_batch(model, to_batch(batch), device).cpu())
             batch.clear()
 
-    for p in tqdm(paths, desc="embed", leave=False, disable=len(paths) < 2 * batch_size):
+    for p in tqdm(paths, desc="embed", leave=False, disable=not progress or len(paths) < 2 * batch_size):
         try:
             batch.append(to_array(tf(read_image(p, eval_resize(image_size)))))
         except (OSError, ValueError) as e:

@@ -21,10 +21,13 @@ from momentum_proxy.runs import BEST, RunDir, load_embeddings
 
 
 def evaluate_arrays(features: np.ndarray, labels: np.ndarray, split: np.ndarray | None, *, metrics=None,
-                    recalls=None, rerank=None) -> dict:
+                    recalls=None, rerank=None, device=None) -> dict:
     """Metrics over the test rows (split == 'test'), or query vs gallery when the split names them; `rerank`
-    re-ranks the searches."""
-    kwargs = dict(metrics=metrics or ALL_METRICS, recalls=recalls or (1, 2, 4, 8), rerank=rerank)
+    re-ranks the searches; `device`: where the exact search runs (`evaluate_embeddings`; the embedding device)."""
+    if rerank is not None:
+        gallery = int((split == "gallery").sum()) if split is not None and "gallery" in set(split) else len(features)
+        rerank = rerank.for_collection(gallery)
+    kwargs = dict(metrics=metrics or ALL_METRICS, recalls=recalls or (1, 2, 4, 8), rerank=rerank, device=device)
     if split is not None and {"query", "gallery"} <= set(split):
         q, g = split == "query", split == "gallery"
         return evaluate_embeddings(features[g], labels[g], query_features=features[q], query_labels=labels[q],
@@ -60,17 +63,10 @@ def evaluate_run(run_dir: str | Path, *, metrics=None, recalls=None, out: str | 
     cfg = run.config()
     embedder = embedder or TorchEmbedder(run_dir, device)
     tta = embedder.identity.get("tta", "none")
-    if info.get("data_manifest_sha256") not in (None, manifest_sha256(cfg.data)):
-        print(f"mproxy: warning: {Path(cfg.data) / 'manifest.csv'} changed since this run was trained; "
-              "these figures are not comparable with the run's own", file=sys.stderr)
-    frame = split_frame(read_manifest(cfg.data), split)
-    if frame.empty:
-        raise UserError(f"{cfg.data} has no {split} split to evaluate")
-    test = EvalSplit(split, frame, eval_dataset(cfg.data, frame, embedder.image_size))
-    feats = embed_dataset(embedder, test.dataset, embedder.device, batch_size=cfg.embed_batch_size,
-                          workers=cfg.loader_workers)
+    test, feats = embed_split(run_dir, split, embedder)
+    rerank = rerank.for_collection(len(feats)) if rerank is not None else None
     res = evaluate_arrays(feats, test.labels, test.split, metrics=metrics, recalls=recalls or cfg.recalls,
-                          rerank=rerank)
+                          rerank=rerank, device=embedder.device)
     trained = run.eval() or {}
     summary = {"checkpoint": BEST, "epoch": run.load_checkpoint(BEST)["epoch"],
                "selected_on": trained.get("selected_on", info.get("selection", "?")),
@@ -79,6 +75,25 @@ def evaluate_run(run_dir: str | Path, *, metrics=None, recalls=None, out: str | 
                "rerank": rerank.to_dict() if rerank is not None else {"method": "none"}, split: res}
     write_json(out or evaluation_file(run_dir, embedder.runtime, tta, split=split, rerank=rerank), summary)
     return summary
+
+
+def embed_split(run_dir: str | Path, split: str, embedder: Embedder) -> tuple[EvalSplit, np.ndarray]:
+    """The run's `split` (test or val) of its dataset and its features by `embedder`, as `evaluate_run` scores
+    them (`experiments.tune_rerank` embeds val this way too, so its figures are `evaluate --split val`'s)."""
+    if split not in ("test", "val"):
+        raise UserError(f"evaluate --split takes test or val, not {split!r}")
+    run = RunDir(run_dir)
+    info, cfg = run.info(), run.config()
+    if info.get("data_manifest_sha256") not in (None, manifest_sha256(cfg.data)):
+        print(f"mproxy: warning: {Path(cfg.data) / 'manifest.csv'} changed since this run was trained; "
+              "these figures are not comparable with the run's own", file=sys.stderr)
+    frame = split_frame(read_manifest(cfg.data), split)
+    if frame.empty:
+        raise UserError(f"{cfg.data} has no {split} split to evaluate")
+    rows = EvalSplit(split, frame, eval_dataset(cfg.data, frame, embedder.image_size))
+    feats = embed_dataset(embedder, rows.dataset, embedder.device, batch_size=cfg.embed_batch_size,
+                          workers=cfg.loader_workers)
+    return rows, feats
 
 
 def evaluation_file(run_dir: str | Path, runtime: str, tta: str = "none", *, split: str = "test",

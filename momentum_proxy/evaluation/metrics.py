@@ -1,10 +1,12 @@
 """Exact, memory-bounded retrieval metrics for metric learning (as in "A Metric Learning Reality Check").
 
 Similarity is cosine: features are L2-normalised here and compared by inner product. Neighbours come
-from faiss's exact inner-product search (`faiss.knn`, the same kernel as `IndexFlatIP.search`, without
-copying the gallery into an index) run over chunks of queries, and every chunk is reduced to
-per-query metric values at once, so nothing N x N or even N x k is ever held: memory is the
-normalised features (N·d floats) plus one chunk's neighbour lists (at most `vectors.MAX_CHUNK_NEIGHBOURS`).
+from an exact inner-product search (`vectors.search_chunks`) run over chunks of queries, and every chunk is
+reduced to per-query metric values at once, so nothing N x N or even N x k is ever held: memory is the
+normalised features (N·d floats) plus one chunk's neighbour lists (at most `vectors.MAX_CHUNK_NEIGHBOURS`) and,
+on a GPU, one block of similarities (`vectors.MAX_BLOCK_SIMS`). The kernel follows `device` (`vectors.search_device`):
+on the CPU faiss's `faiss.knn` (the kernel of `IndexFlatIP.search`, without copying the gallery into an index),
+on CUDA torch matrix multiply + top-k on the GPU; both give the same lists.
 
 Each query asks for as many neighbours as its metrics need: max K of Recall@K and, for R-precision
 and MAP@R, R = the number of other same-label items in the gallery. k is never capped, so every
@@ -30,7 +32,8 @@ from sklearn.metrics import normalized_mutual_info_score
 from momentum_proxy.config import METRICS as ALL_METRICS
 from momentum_proxy.config import RETRIEVAL_METRICS
 from momentum_proxy.errors import UserError
-from momentum_proxy.vectors import DEFAULT_CHUNK_SIZE, as_features, as_labels, l2_normalize, search_chunks
+from momentum_proxy.vectors import (DEFAULT_CHUNK_SIZE, as_features, as_labels, l2_normalize, on_device,
+                                    search_chunks, search_device)
 
 KMEANS_ITERATIONS = 20
 
@@ -70,6 +73,7 @@ def evaluate_embeddings(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     seed: int = 0,
     rerank=None,
+    device=None,
 ) -> dict[str, float]:
     """Retrieval metrics of embeddings, as a flat dict of fractions in [0, 1].
 
@@ -77,9 +81,13 @@ def evaluate_embeddings(
     with them, the queries search `features` as the gallery (In-shop style). Keys, for the requested
     `metrics` only: `recall@K` for K in `recalls` (a same-label item among the top K), `precision@1`,
     `r_precision`, `map@r` and `nmi` (k-means on the query features, seeded by `seed`). `rerank` re-ranks the
-    neighbour lists (see the module).
+    neighbour lists (see the module). `device` is where the exact search runs: None, the features' own (a CUDA
+    tensor's GPU; numpy arrays: the CPU), "auto" (CUDA when available), or a device name; CUDA searches in torch,
+    the CPU in faiss (`vectors.search_device`). Re-ranking searches on the CPU.
     """
     metrics, recalls = _check_request(metrics, recalls)
+    if device is None and hasattr(features, "detach"):
+        device = features.device
     gallery = as_features(features, "features")
     gallery_labels = as_labels(labels, len(gallery))
     self_retrieval = query_features is None
@@ -101,8 +109,13 @@ def evaluate_embeddings(
     results: dict[str, float] = {}
     if any(m in RETRIEVAL_METRICS for m in metrics):
         gallery_n = query if self_retrieval else l2_normalize(gallery)
-        search = rerank.search_chunks if rerank is not None and rerank.active else search_chunks
-        results.update(_retrieval_metrics(query, query_labels, gallery_n, gallery_labels, self_retrieval,
+        if rerank is not None and rerank.active:
+            search, query_s, gallery_s = rerank.search_chunks, query, gallery_n
+        else:  # the same normalised float32 vectors on either kernel
+            where = search_device(device)
+            search, query_s = search_chunks, on_device(query, where)
+            gallery_s = query_s if self_retrieval else on_device(gallery_n, where)
+        results.update(_retrieval_metrics(query_s, query_labels, gallery_s, gallery_labels, self_retrieval,
                                           metrics, recalls, chunk_size, search))
     if "nmi" in metrics:
         results["nmi"] = cluster_nmi(query, query_labels, seed=seed)

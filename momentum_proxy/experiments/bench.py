@@ -4,6 +4,9 @@ Pipeline efficiency = pipeline images/s / model images/s, measured in one run; e
 onnxruntime (the exported model, fp32 and static int8) against PyTorch eager. Every measurement is repeated in
 interleaved rounds and reported as median and spread; ratios are ratios of medians. Without `data`, a temporary dataset of full-size
 (500x375) JPEGs is generated and prepared as a user would (resize-once cache).
+
+`bench_search` measures evaluation's exact k-NN the same way: GFLOP/s (2·Q·N·d) of `vectors.search_chunks` on the
+kernel evaluation uses on the device, against a bare `torch.mm` of the same products in one run.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from momentum_proxy.fileio import write_json
 from momentum_proxy.runs import TrainConfig
 from momentum_proxy.training.loop import Trainee, build, make_optimizer
 from momentum_proxy.training.proxies import MomentumProxyUpdate
+from momentum_proxy.vectors import (DEFAULT_CHUNK_SIZE, MAX_BLOCK_SIMS, MAX_CHUNK_NEIGHBOURS, on_device,
+                                    search_chunks, search_device)
 
 
 def make_photo_dataset(root: Path, classes: int = 8, per_class: int = 40, size=(500, 375), seed: int = 0) -> Path:
@@ -211,3 +216,74 @@ def _ratios(values: dict[str, list[float]]) -> dict:
             "embed_efficiency": round(med["embed_pipeline"] / med["embed_model"], 3),
             "onnx_speedup": round(med["embed_onnx"] / med["embed_model"], 3),
             "onnx_int8_speedup": round(med["embed_onnx_int8"] / med["embed_model"], 3)}
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def matmul_seconds(query: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
+    """Seconds of a bare `torch.mm` computing every query x gallery inner product in the blocks evaluation's search
+    uses under its memory bound (query chunks of `chunk_size` rows, at most `vectors.MAX_CHUNK_NEIGHBOURS` // k;
+    gallery blocks of `vectors.MAX_BLOCK_SIMS` // rows), into one reused buffer: the matrix-multiply limit."""
+    rows = max(1, min(chunk_size, len(query), MAX_CHUNK_NEIGHBOURS // max(1, k)))
+    cols = max(1, min(len(gallery), MAX_BLOCK_SIMS // rows))
+    out = torch.empty(rows * cols, dtype=torch.float32, device=query.device)
+    _sync(query.device)
+    t0 = time.perf_counter()
+    for i in range(0, len(query), rows):
+        q = query[i:i + rows]
+        for j in range(0, len(gallery), cols):
+            g = gallery[j:j + cols]
+            torch.mm(q, g.T, out=out[:len(q) * len(g)].view(len(q), len(g)))
+    _sync(query.device)
+    return time.perf_counter() - t0
+
+
+def search_seconds(query, gallery, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
+    """Seconds of `vectors.search_chunks` (top `k` of every query, no exclusion), every chunk taken to numpy."""
+    t0 = time.perf_counter()
+    for _ in search_chunks(query, gallery, np.full(len(query), k), False, chunk_size):
+        pass
+    return time.perf_counter() - t0
+
+
+def bench_search(queries: int = 4096, gallery: int = 100_000, dim: int = 512, k: int = 10, *, rounds: int = 5,
+                 device: str = "auto", seed: int = 0, json_out: str | None = None) -> dict:
+    """Exact search at the matrix-multiply limit: GFLOP/s (2·Q·N·d flops) of evaluation's exact k-NN
+    (`search`: `vectors.search_chunks` on the kernel `vectors.search_device` picks for `device`: faiss on the CPU,
+    torch on CUDA) and of a bare `torch.mm` of the same products (`mm`, `matmul_seconds`), on random unit vectors,
+    in `rounds` interleaved rounds; on the CPU also the torch kernel there (`torch_knn`), the one not chosen.
+    `ratio` (and `torch_knn_ratio`) = median GFLOP/s over median `mm` GFLOP/s; the goal is ratio >= 0.8."""
+    if rounds < 1 or min(queries, gallery, dim, k) < 1:
+        raise UserError("--rounds, the shape and --top-k must be at least 1")
+    if k > gallery:
+        raise UserError(f"--top-k {k} is more than the {gallery} gallery items")
+    dev = resolve_device(device)
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((gallery, dim), dtype=np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    q = g[rng.integers(0, gallery, queries)] + 0.1 * rng.standard_normal((queries, dim), dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    where = search_device(dev)
+    tq, tg = torch.from_numpy(q).to(dev), torch.from_numpy(g).to(dev)
+    sq, sg = on_device(q, where), on_device(g, where)  # what evaluation hands the search on this device
+    gflop = 2 * queries * gallery * dim / 1e9
+    measures = {"search": lambda: gflop / search_seconds(sq, sg, k), "mm": lambda: gflop / matmul_seconds(tq, tg, k)}
+    if where is None:  # the CPU: the torch kernel too, to show why faiss is chosen
+        measures["torch_knn"] = lambda: gflop / search_seconds(tq, tg, k)
+    measures["mm"]()  # warm-up: thread pools, allocator, first CUDA kernels
+    values = interleave(measures, rounds)
+    med = {name: float(np.median(v)) for name, v in values.items()}
+    res = {"queries": queries, "gallery": gallery, "dim": dim, "k": k, "device": str(dev),
+           "kernel": "faiss" if where is None else "torch", "threads": torch.get_num_threads(), "rounds": rounds,
+           "gflop": round(gflop, 3), **{f"{name}_gflops": round(m, 2) for name, m in med.items()},
+           "spread": {name: [round(min(v), 2), round(max(v), 2)] for name, v in values.items()},
+           "repeats": {name: [round(x, 2) for x in v] for name, v in values.items()},
+           "ratio": round(med["search"] / med["mm"], 3)}
+    if "torch_knn" in med:
+        res["torch_knn_ratio"] = round(med["torch_knn"] / med["mm"], 3)
+    if json_out:
+        write_json(json_out, res)
+    return res

@@ -191,16 +191,18 @@ def check_data(cfg: TrainConfig) -> None:
 
 
 @contextmanager
-def study_lock(out: Path) -> Iterator[None]:
-    """One tuner per study folder; the lock dies with its process, so a killed tuner leaves none behind."""
+def study_lock(out: Path, job: str = "mproxy tune") -> Iterator[None]:
+    """One tuner per study folder (`tune` and `tune-rerank` alike); the lock dies with its process, so a killed
+    tuner leaves none behind."""
     out.mkdir(parents=True, exist_ok=True)
-    with folder_lock(out, ".tune.lock", "being tuned", "mproxy tune"):
+    with folder_lock(out, ".tune.lock", "being tuned", job):
         yield
 
 
 def open_study(out: Path, identity: dict) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
     """Create or reopen OUT/study.db; refuse a study made with another dataset, space, budget or seed."""
     storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'study.db').absolute()}")
+    check_study_kind(storage, STUDY_NAME, out)
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
                                 load_if_exists=True)
@@ -213,6 +215,17 @@ def open_study(out: Path, identity: dict) -> tuple[optuna.Study, optuna.storages
         raise UserError(f"{out} holds a study with {identity_changes(stored, identity)}; use another --out or the "
                         "same settings")
     return study, storage
+
+
+STUDY_COMMANDS = {STUDY_NAME: "mproxy tune", "mproxy-tune-rerank": "mproxy tune-rerank"}  # study name: its command
+
+
+def check_study_kind(storage: optuna.storages.BaseStorage, name: str, out: Path) -> None:
+    """Refuse a study folder that holds another kind of study (`tune` and `tune-rerank` write the same files)."""
+    other = [n for n in optuna.get_all_study_names(storage) if n != name]
+    if other:
+        raise UserError(f"{out} holds a study of {STUDY_COMMANDS.get(other[0], other[0])!r}, not of "
+                        f"{STUDY_COMMANDS.get(name, name)!r}; use another --out")
 
 
 def identity_changes(stored: dict, identity: dict) -> str:
@@ -239,9 +252,11 @@ def identity_of(cfg: TrainConfig, space: Space) -> dict:
     return json.loads(json.dumps({"data": cfg.data, "space": entries, "epochs": cfg.epochs, "seed": cfg.seed}))
 
 
-def retry_interrupted_trials(study: optuna.Study, storage: optuna.storages.RDBStorage) -> list[int]:
+def retry_interrupted_trials(study: optuna.Study, storage: optuna.storages.RDBStorage,
+                             marks_kept: tuple[str, ...] = (DEFAULT,)) -> list[int]:
     """Queue again the parameters of every trial that was interrupted (left running by a killed tuner, which
-    is marked failed and interrupted here, or failed by Ctrl-C) and not yet queued again."""
+    is marked failed and interrupted here, or failed by Ctrl-C) and not yet queued again; the retry keeps the
+    user attributes `marks_kept` (trial 0's mark)."""
     study_id = storage.get_study_id_from_name(study.study_name)
     trials = study.get_trials(deepcopy=False)
     queued = {t.user_attrs.get("retry_of") for t in trials}
@@ -252,7 +267,7 @@ def retry_interrupted_trials(study: optuna.Study, storage: optuna.storages.RDBSt
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
             storage.set_trial_user_attr(trial_id, "interrupted", True)
             storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        marks = {k: t.user_attrs[k] for k in (DEFAULT,) if k in t.user_attrs}  # a retried default stays the default
+        marks = {k: t.user_attrs[k] for k in marks_kept if k in t.user_attrs}  # a retried default stays the default
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, **marks})
     return [t.number for t in interrupted]
 

@@ -22,27 +22,46 @@ Kinds:
   trained once at build on the build data (faiss subsamples 256 points per list when there are more);
   vectors added later go to the existing lists, so rebuild when the data change a lot. nprobe lists
   are scanned per query;
-- `hnsw`: IndexHNSWFlat with M=32 (efConstruction 80); efSearch = max(ef_search, k) per query.
+- `hnsw`: IndexHNSWFlat with M=32 (efConstruction 80); efSearch = max(ef_search, k) per query;
+- `ivfpq`: IndexIVFPQ, the same lists, each vector stored as m one-byte product-quantizer codes (m = 256 at most,
+  a divisor of d) of its residual: m + 8 bytes a vector instead of 4·d. Scores are approximate cosines.
+
+Memory budget (`plan_index`, autofaiss's rules): the most accurate kind whose estimated size (`estimate_bytes`)
+fits in HEADROOM of the budget: exact below 10,000 vectors, else HNSW with the largest M up to 32 (at least 8),
+else IVF-Flat below 1M vectors, else IVF-PQ with the largest code that fits.
+
+Recall: after a build (and, for flat-storage kinds, whenever `measure_recall` is called), nprobe or efSearch is
+raised in doubling steps until recall@10 against exact search reaches RECALL_TARGET on a sample of the indexed
+vectors used as queries (each leaving itself out), or stops improving; the chosen value is in `params` and the
+measurement in `recall` (saved in meta.json). An exact index has recall 1 by definition and is not measured.
+
+Memory-mapped (`load(..., mmap=True)`, `mproxy serve --mmap`): an ivf or ivfpq index's inverted lists are mapped
+from its (content-addressed, never rewritten) file instead of read into memory; only the centroids, ids map and
+metadata are loaded. Searches equal those of the loaded index. Deletes work (tombstones live in meta.json, and a
+save keeps the same faiss file); adds are refused (they would rewrite the lists).
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from momentum_proxy.config import parse_memory
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path, file_sha256, read_json, write_json
 from momentum_proxy.paths import META_FILE
 from momentum_proxy.retrieval.rerank import Neighbours, store_neighbours
 from momentum_proxy.retrieval.store import UNKNOWN, IndexStore, checked_items
-from momentum_proxy.vectors import as_features, knn, l2_normalize
+from momentum_proxy.vectors import as_features, l2_normalize
 
-KINDS = ("exact", "ivf", "hnsw")
+KINDS = ("exact", "ivf", "hnsw", "ivfpq")
+IVF_KINDS = ("ivf", "ivfpq")
 LEGACY_INDEX_FILE = "index.faiss"  # format 1
 WRITER_LOCK = ".writer.lock"  # held by the one process that may write the folder (`mproxy index`, `mproxy serve`)
 FORMAT_VERSION = 2
@@ -51,6 +70,20 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 DEFAULT_EF_SEARCH = 64
 MIN_POINTS_PER_LIST = 39
+# recall against exact search, measured after a build on a sample of the indexed vectors
+RECALL_K = 10
+RECALL_QUERIES = 1000
+RECALL_TARGET = 0.95
+MIN_GAIN = 0.002  # a doubling of nprobe / efSearch that gains less than this stops the tuning
+MAX_EF_SEARCH = 1024
+# the memory budget's choice (autofaiss's rules; see plan_index)
+HEADROOM = 0.8  # the index may take this fraction of --max-memory; the rest is the searching process's own
+EXACT_BELOW = 10_000  # autofaiss's quantization threshold: below it, exhaustive search (recall 1, about 1 ms)
+IVF_FLAT_BELOW = 1_000_000  # autofaiss's ivf_flat_threshold: from here on, IVF-PQ rather than IVF-Flat
+HNSW_MIN_M = 8
+PQ_CODE_SIZES = (256, 128, 64, 48, 32, 24, 16, 8, 4)  # autofaiss's, largest first (bytes a vector, 8-bit codes)
+PQ_BITS = 8
+MIN_PQ_POINTS = 2 ** PQ_BITS  # a product quantizer trains 256 centroids per sub-vector
 
 
 def default_nlist(n: int) -> int:
@@ -61,6 +94,100 @@ def default_nlist(n: int) -> int:
 def default_nprobe(nlist: int) -> int:
     """Lists scanned per query: an eighth of them, at least 16 (or all when fewer)."""
     return min(nlist, max(16, nlist // 8))
+
+
+def format_bytes(size: float) -> str:
+    """A size as people read it: 1.5 GiB, 300 MiB, 12 KiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{int(size)} B"
+
+
+def estimate_bytes(kind: str, n: int, d: int, params: dict | None = None) -> int:
+    """Memory of a loaded index of n d-dimensional vectors (faiss's structures; meta.json's paths not counted):
+    exact 4·d a vector; hnsw 4·d + 8·M + 16 (level-0 links are 2·M int32, upper levels ~M/(M-1) more, offsets and
+    levels); ivf 4·d + 16 (id and direct-map entry) plus the nlist centroids; ivfpq m + 16 plus the centroids and
+    the quantizer's 256 centroids per sub-vector."""
+    params = params or {}
+    if kind == "exact":
+        return 4 * d * n
+    if kind == "hnsw":
+        return n * (4 * d + 8 * params.get("M", HNSW_M) + 16)
+    nlist = params.get("nlist") or default_nlist(n)
+    if kind == "ivf":
+        return n * (4 * d + 16) + 4 * d * nlist
+    if kind == "ivfpq":
+        return n * (params["m"] + 16) + 4 * d * nlist + 4 * d * 2 ** PQ_BITS
+    raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
+
+
+def pq_code_sizes(d: int) -> list[int]:
+    """autofaiss's code sizes (bytes a vector) that a d-dimensional IVF-PQ can use: below d and dividing it (no OPQ
+    rotation here, so sub-vectors are d/m consecutive dimensions), largest first."""
+    return [m for m in PQ_CODE_SIZES if m < d and d % m == 0] or [d]
+
+
+@dataclass
+class IndexPlan:
+    """What `plan_index` chose: a kind, its build parameters, the estimated memory and why."""
+
+    kind: str
+    params: dict
+    estimated_bytes: int
+    max_memory: int
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"max_memory": self.max_memory, "estimated_bytes": self.estimated_bytes, "reason": self.reason}
+
+
+def plan_index(n: int, d: int, max_memory: int, kind: str | None = None) -> IndexPlan:
+    """The index for n d-dimensional vectors within `max_memory` bytes, by autofaiss's rules
+    (`get_optimal_index_keys_v2`): exact below EXACT_BELOW vectors; else HNSW when M >= 8 fits (M as large as
+    fits, at most 32); else IVF-Flat below IVF_FLAT_BELOW vectors; else IVF-PQ with the largest code that fits.
+    "Fits": `estimate_bytes` at most HEADROOM of the budget. With `kind`, only that kind is sized (hnsw's M,
+    ivfpq's code size). A one-line UserError when nothing fits."""
+    if n < 1 or d < 1:
+        raise UserError("nothing to index")
+    if kind is not None and kind not in KINDS:
+        raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
+    room = HEADROOM * max_memory
+    budget = f"--max-memory {format_bytes(max_memory)}"
+
+    def plan(k: str, params: dict, why: str) -> IndexPlan | None:
+        size = estimate_bytes(k, n, d, params)
+        return IndexPlan(k, params, size, max_memory, why) if size <= room else None
+
+    nlist = default_nlist(n)
+    candidates = []
+    if kind in (None, "exact"):
+        why = "exhaustive search, recall 1" if kind else f"fewer than {EXACT_BELOW:,} vectors: exhaustive search"
+        if kind or n < EXACT_BELOW:
+            candidates.append(lambda: plan("exact", {}, why))
+    if kind in (None, "hnsw"):
+        links = min(HNSW_M, int((room / n - 4 * d - 16) // 8))
+        candidates.append(lambda: plan("hnsw", {"M": links}, f"HNSW with M={links} fits")
+                          if links >= HNSW_MIN_M else None)
+    if kind == "ivf" or kind is None and n < IVF_FLAT_BELOW:
+        candidates.append(lambda: plan("ivf", {"nlist": nlist}, "IVF-Flat fits (HNSW does not)" if kind is None
+                                       else "IVF-Flat"))
+    if kind in (None, "ivfpq") and n >= MIN_PQ_POINTS:
+        for m in pq_code_sizes(d):
+            candidates.append(lambda m=m: plan("ivfpq", {"nlist": nlist, "m": m},
+                                               f"IVF-PQ with {m}-byte codes fits" + ("" if kind else
+                                                                                     " (no unquantized index does)")))
+    for candidate in candidates:
+        chosen = candidate()
+        if chosen is not None:
+            return chosen
+    if kind == "ivfpq" and n < MIN_PQ_POINTS:
+        raise UserError(f"ivfpq needs at least {MIN_PQ_POINTS} vectors to train its quantizer, got {n}")
+    smallest = kind or ("ivfpq" if n >= MIN_PQ_POINTS else "exact")
+    params = {"M": HNSW_MIN_M, "nlist": nlist, "m": pq_code_sizes(d)[-1]}
+    need = estimate_bytes(smallest, n, d, params) / HEADROOM
+    raise UserError(f"{n:,} vectors of {d} dimensions do not fit in {budget}: the smallest {smallest} index needs "
+                    f"about {format_bytes(need)} (the index may take {HEADROOM:.0%} of the budget)")
 
 
 def _stored_path(path: str, inside: str) -> str:
@@ -75,15 +202,24 @@ def _stored_path(path: str, inside: str) -> str:
 class Snapshot:
     """An index's state, taken in memory, to be written by `write` (e.g. outside a lock)."""
 
-    blob: np.ndarray
+    blob: np.ndarray | None  # faiss.serialize_index, or None: the faiss file is `source`'s, unchanged
     meta: dict
     neighbours: bytes | None = None  # re-ranking's neighbour lists (`rerank.Neighbours.to_bytes`)
+    source: tuple[Path, str] | None = None  # (faiss file, its sha256) of a memory-mapped index
 
     def write(self, folder: str | Path) -> Path:
         """Write the faiss file (and the neighbour lists), then commit `meta.json`, then remove older files;
-        return the folder."""
+        return the folder. A memory-mapped index's file is kept as it is (copied when saved elsewhere)."""
         folder = Path(folder).absolute()
-        name, sha = _write_content(folder, "index-{}.faiss", self.blob.tobytes())
+        if self.blob is not None:
+            name, sha = _write_content(folder, "index-{}.faiss", self.blob.tobytes())
+        else:
+            (source, sha), name = self.source, self.source[0].name
+            if source.parent.resolve() != folder.resolve():
+                with atomic_path(folder / name) as tmp:
+                    shutil.copyfile(source, tmp)
+                    with open(tmp, "rb+") as f:
+                        os.fsync(f.fileno())
         inside = os.path.join(os.path.abspath(folder), "")
         meta = dict(self.meta, index_file=name, index_sha256=sha,
                     paths=[_stored_path(p, inside) for p in self.meta["paths"]])
@@ -116,15 +252,19 @@ class FaissStore(IndexStore):
     class name `classes[labels[i]]` when known; ids in `deleted` are tombstones."""
 
     def __init__(self, index: faiss.Index, kind: str, paths: list[str], labels: list | None, model: dict,
-                 params: dict, classes: dict[int, str] | None = None, deleted=(), sources=()):
+                 params: dict, classes: dict[int, str] | None = None, deleted=(), sources=(),
+                 recall: dict | None = None, memory: dict | None = None, mapped: tuple[Path, str] | None = None):
+        """`recall`: the last recall measurement (see `measure_recall`); `memory`: the budget's choice
+        (`IndexPlan.to_dict`); `mapped`: (file, sha256) when `index`'s lists are memory-mapped from that file."""
         self.index, self.kind, self.paths, self.labels, self.model, self.params = (
             index, kind, paths, labels, model, params)
         self.classes = dict(classes or {})
         self.deleted = set(int(i) for i in deleted)
         self.sources = list(sources)
         self.path_ids = {p: i for i, p in enumerate(paths) if i not in self.deleted}
-        if kind == "ivf":
-            index.make_direct_map()  # `vector(id)` for queries by id
+        self.recall, self.memory, self.mapped = recall, dict(memory or {}), mapped
+        if kind in IVF_KINDS:
+            index.make_direct_map()  # `vector(id)` for queries by id (ivfpq: the decoded, approximate vector)
 
     @property
     def feature_dim(self) -> int:
@@ -144,43 +284,82 @@ class FaissStore(IndexStore):
         return self.labels is not None
 
     @classmethod
-    def build(cls, features, paths, labels=None, *, kind: str = "exact", model: dict | None = None,
+    def build(cls, features, paths, labels=None, *, kind: str | None = "exact", model: dict | None = None,
               classes: dict[int, str] | None = None, nlist: int | None = None, nprobe: int | None = None,
-              ef_search: int = DEFAULT_EF_SEARCH, seed: int = 0) -> FaissStore:
+              ef_search: int | None = None, hnsw_m: int | None = None, pq_m: int | None = None,
+              max_memory: int | str | None = None, plan: IndexPlan | None = None, seed: int = 0,
+              recall_queries: int = RECALL_QUERIES, train_size: int | None = None) -> FaissStore:
         """Index `features` (n, d) for items `paths` (and `labels`, named by `classes`); `model` describes the
-        embedding model."""
-        if kind not in KINDS:
-            raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
+        embedding model.
+
+        `max_memory` (bytes, or a size such as "2GB") lets `plan_index` choose the kind (`kind` None) or size
+        the one given (hnsw's M, ivfpq's code size); `plan` is such a choice made beforehand (`plan_index` for
+        the whole collection, when `features` are its first part). An approximate index's nprobe / efSearch,
+        unless given, is tuned to reach recall@10 RECALL_TARGET against exact search on `recall_queries` of the
+        vectors, and the recall is recorded (`recall`). `train_size` caps the vectors an ivf/ivfpq index trains
+        on (a seeded sample; default: all, faiss subsampling 256 per list)."""
         x = l2_normalize(as_features(features))
         n, d = x.shape
+        memory = None
+        if plan is None and max_memory is not None:
+            plan = plan_index(n, d, parse_memory(max_memory), kind)
+        if plan is not None:
+            kind, memory, nlist = plan.kind, plan.to_dict(), plan.params.get("nlist", nlist)
+            hnsw_m, pq_m = plan.params.get("M", hnsw_m), plan.params.get("m", pq_m)
+        kind = kind or "exact"
+        if kind not in KINDS:
+            raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
         paths, labels = checked_items(paths, labels, n)
         params: dict = {}
         if kind == "exact":
             index = faiss.IndexFlatIP(d)
-        elif kind == "ivf":
+        elif kind in IVF_KINDS:
             nlist = default_nlist(n) if nlist is None else int(nlist)
             if not 1 <= nlist <= n:
-                raise UserError(f"ivf needs 1 <= nlist <= number of vectors ({n}), got {nlist}")
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+                raise UserError(f"{kind} needs 1 <= nlist <= number of vectors ({n}), got {nlist}")
+            if nprobe is not None and int(nprobe) < 1:
+                raise UserError(f"nprobe must be at least 1, got {nprobe}")
+            if kind == "ivf":
+                index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+                params = {"nlist": nlist}
+            else:
+                m = pq_code_sizes(d)[0] if pq_m is None else int(pq_m)
+                if m < 1 or d % m:
+                    raise UserError(f"ivfpq's code size must divide the {d} dimensions, got {m}")
+                if n < MIN_PQ_POINTS:
+                    raise UserError(f"ivfpq needs at least {MIN_PQ_POINTS} vectors to train its quantizer, got {n}")
+                index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
+                index.pq.cp.min_points_per_centroid = 1  # no warning for small collections (ivfpq is for big ones)
+                params = {"nlist": nlist, "m": m, "nbits": PQ_BITS}
             index.cp.seed = seed
             index.cp.min_points_per_centroid = 1  # small nlist/n ratios are deliberate, no warning
-            index.train(x)
-            nprobe = default_nprobe(nlist) if nprobe is None else int(nprobe)
-            if nprobe < 1:
-                raise UserError(f"nprobe must be at least 1, got {nprobe}")
-            params = {"nlist": nlist, "nprobe": min(nlist, nprobe)}
+            train = x
+            if train_size is not None and train_size < n:
+                train = x[np.sort(np.random.default_rng(seed).choice(n, max(nlist, int(train_size)), replace=False))]
+            index.train(train)
+            del train
+            params["nprobe"] = min(nlist, int(nprobe) if nprobe is not None else default_nprobe(nlist))
         else:
-            if ef_search < 1:
+            if ef_search is not None and ef_search < 1:
                 raise UserError(f"ef_search must be at least 1, got {ef_search}")
-            index = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+            m = HNSW_M if hnsw_m is None else int(hnsw_m)
+            if m < 2:
+                raise UserError(f"hnsw needs M >= 2, got {m}")
+            index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-            params = {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": int(ef_search)}
-        built = cls(index, kind, [], [] if labels is not None else None, dict(model or {}), params, classes)
+            params = {"M": m, "ef_construction": HNSW_EF_CONSTRUCTION,
+                      "ef_search": DEFAULT_EF_SEARCH if ef_search is None else int(ef_search)}
+        built = cls(index, kind, [], [] if labels is not None else None, dict(model or {}), params, classes,
+                    memory=memory)
         built._add(x, paths, labels)
+        tune = kind in IVF_KINDS and nprobe is None or kind == "hnsw" and ef_search is None
+        if recall_queries > 0:  # 0: measured (and tuned) by the caller, e.g. once the whole collection is in
+            built.measure_recall(x, tune=tune, num_queries=recall_queries, seed=seed)
         return built
 
     def _add(self, x: np.ndarray, paths: list[str], labels: list | None) -> list[int]:
         """Add normalised vectors with checked paths and labels (ivf: into the lists trained at build, no rebuild)."""
+        self.check_add()
         if (labels is None) != (self.labels is None):
             raise UserError("labels must be given for every item or for none" if self.labels is not None
                             else "this index has no labels; add items without labels")
@@ -192,6 +371,12 @@ class FaissStore(IndexStore):
         ids = list(range(first, self.ntotal))
         self.path_ids.update(zip(paths, ids))
         return ids
+
+    def check_add(self) -> None:
+        """Refuse adds to a memory-mapped index (they would rewrite the lists mapped from its file)."""
+        if self.mapped is not None:
+            raise UserError("this index is memory-mapped (mproxy serve --mmap) and takes no new items; add them "
+                            "with mproxy index while it is not served, or serve it without --mmap")
 
     def ids_of(self, paths: list[str]) -> dict[str, int]:
         return {p: self.path_ids[p] for p in paths if p in self.path_ids}
@@ -242,7 +427,7 @@ class FaissStore(IndexStore):
     def _set_search_params(self, k: int) -> None:
         # Attributes, not faiss SearchParameters: importing pytorch-metric-learning (faiss.contrib.torch_utils)
         # replaces Index.search with a version that takes no `params`.
-        if self.kind == "ivf":
+        if self.kind in IVF_KINDS:
             self.index.nprobe = self.params["nprobe"]
         elif self.kind == "hnsw":
             self.index.hnsw.efSearch = max(self.params["ef_search"], k)
@@ -273,23 +458,107 @@ class FaissStore(IndexStore):
             out_s[row, :len(cols)], out_i[row, :len(cols)] = sims[row, cols], idx[row, cols]
         return out_s, out_i
 
-    def recall_vs_exact(self, k: int = 10, num_queries: int = 1000, seed: int = 0) -> float:
-        """Fraction of the exact top-k found by this index's top-k, for up to `num_queries` live items
-        (sampled with `seed`) used as queries. 1.0 for an exact index."""
-        live = np.array([i for i in range(self.ntotal) if i not in self.deleted])
-        k = min(int(k), len(live))
-        vectors = np.asarray(self.index.reconstruct_n(0, self.ntotal))[live]
-        rng = np.random.default_rng(seed)
-        queries = vectors[np.sort(rng.choice(len(live), min(num_queries, len(live)), replace=False))]
-        exact = live[knn(queries, vectors, k)[1]]
-        approx = self.search(queries, k)[1]
-        found = [len(np.intersect1d(e, a)) for e, a in zip(exact, approx)]
-        return float(np.sum(found) / exact.size)
+    def recall_vs_exact(self, k: int = RECALL_K, num_queries: int = RECALL_QUERIES, seed: int = 0,
+                        vectors=None) -> float:
+        """Fraction of the exact top-k found by this index's top-k, for up to `num_queries` live items (sampled
+        with `seed`) used as queries, each leaving itself out of both lists (`search_hits` leaves a query's own
+        item out too). 1.0 for an exact index, by definition (not measured). `vectors`: the live items' unit
+        vectors in id order, compared with exactly (default: the stored ones; an ivfpq index stores only codes,
+        so it needs them). Changes nothing (see `measure_recall`)."""
+        if self.kind == "exact":
+            return 1.0
+        sample = self._recall_sample(vectors, k, num_queries, seed)
+        return 1.0 if sample is None else self._recall_of(*sample)
+
+    def measure_recall(self, vectors=None, *, tune: bool = False, k: int = RECALL_K,
+                       num_queries: int = RECALL_QUERIES, seed: int = 0) -> dict | None:
+        """Measure recall@k against exact search as `recall_vs_exact` does, after tuning nprobe / efSearch
+        (`tune`, see `tune`), and record it in `recall` (saved in meta.json), which is returned. An exact index
+        records recall 1 by definition; an ivfpq index without `vectors` keeps its last measurement."""
+        if self.kind == "exact":
+            self.recall = {"k": k, "recall": 1.0, "exact": True}
+        elif vectors is not None or self.kind != "ivfpq":
+            sample = self._recall_sample(vectors, k, num_queries, seed)
+            self.recall = None if sample is None else self.tune(*sample, target=RECALL_TARGET if tune else None)
+        return self.recall
+
+    def _recall_sample(self, vectors, k: int, num_queries: int, seed: int):
+        """(queries, their ids, their exact top-k ids without themselves) for a seeded sample of the live items
+        (None when fewer than 2 are live). Without `vectors`, the stored ones are read a chunk at a time."""
+        live = np.array([i for i in range(self.ntotal) if i not in self.deleted], np.int64)
+        if len(live) < 2:
+            return None
+        if vectors is None and self.kind == "ivfpq":
+            raise UserError("an ivfpq index stores codes, not vectors: give the vectors to compare with")
+        if vectors is not None:
+            vectors = as_features(vectors)
+            if len(vectors) != len(live):
+                raise UserError(f"{len(vectors)} vectors for the {len(live)} live items")
+        k = min(int(k), len(live) - 1)
+        pos = np.sort(np.random.default_rng(seed).choice(len(live), min(num_queries, len(live)), replace=False))
+        if vectors is not None:
+            queries, chunks = vectors[pos], [(live, vectors)]
+        else:
+            queries = np.concatenate([self.vector(int(i)) for i in live[pos]])
+            chunks = self._stored_chunks()
+        return queries, live[pos], exact_neighbours(queries, live[pos], chunks, k)
+
+    def _stored_chunks(self, size: int = 65_536):
+        """(ids, unit vectors) of the live items, `size` ids at a time (flat-storage kinds)."""
+        deleted = np.fromiter(self.deleted, np.int64, len(self.deleted))
+        for first in range(0, self.ntotal, size):
+            ids = np.arange(first, min(self.ntotal, first + size))
+            keep = ~np.isin(ids, deleted)
+            yield ids[keep], np.asarray(self.index.reconstruct_n(first, len(ids)))[keep]
+
+    def tune(self, queries, query_ids, truth, *, target: float | None = RECALL_TARGET) -> dict:
+        """Recall@k (k: `truth`'s width) of this index for `queries` (the unit vectors of the items `query_ids`),
+        each leaving its own item out, against `truth`, their exact top-k ids (each leaving itself out). With a
+        `target`, nprobe (ivf, ivfpq) or efSearch (hnsw) is first set by doubling from a small value until the
+        recall reaches the target, gains less than MIN_GAIN (the cheaper value kept) or the parameter is at its
+        limit (nlist; MAX_EF_SEARCH). Records and returns `recall`: k, recall, queries, items (live then), and for
+        a tuning the target, parameter and the (value, recall) pairs tried."""
+        truth = np.asarray(truth, np.int64)
+        tried, extra = [], {}
+        if target is not None and self.kind != "exact":
+            name, start, limit = (("nprobe", 8, self.params["nlist"]) if self.kind in IVF_KINDS
+                                  else ("ef_search", 16, MAX_EF_SEARCH))
+            value, best = min(start, limit), None
+            while True:
+                self.params[name] = value
+                found = self._recall_of(queries, query_ids, truth)
+                tried.append([value, round(found, 4)])
+                if best is not None and found - best[1] < MIN_GAIN:
+                    value, found = best
+                    self.params[name] = value
+                    break
+                best = (value, found)
+                if found >= target or value >= limit:
+                    break
+                value = min(limit, 2 * value)
+            extra = {"target": target, "tuned": name, "tried": tried}
+        else:
+            found = self._recall_of(queries, query_ids, truth)
+        self.recall = {"k": int(truth.shape[1]), "recall": round(found, 4), "queries": len(queries),
+                       "items": len(self), **extra}
+        return self.recall
+
+    def _recall_of(self, queries, query_ids, truth) -> float:
+        k = truth.shape[1]
+        found = drop_own(self.search(queries, k + 1)[1], np.asarray(query_ids), k)
+        hits = sum(len(np.intersect1d(t[t >= 0], f[f >= 0])) for t, f in zip(truth, found))
+        return float(hits / max(1, np.count_nonzero(truth >= 0)))
 
     def live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, unit vectors) of the live items, in id order."""
         live = np.array([i for i in range(self.ntotal) if i not in self.deleted], np.int64)
         return live, np.asarray(self.index.reconstruct_n(0, self.ntotal))[live]
+
+    def memory_info(self) -> dict:
+        """The estimated memory of the loaded index (`estimate_bytes`), and the budget it was chosen for and why
+        (`max_memory`, `reason`) when it was."""
+        return {**self.memory, "estimated_bytes": estimate_bytes(self.kind, self.ntotal, self.feature_dim,
+                                                                 self.params)}
 
     def snapshot(self) -> Snapshot:
         """The state to save, copied (cheap next to embedding: one memory copy of the vectors); neighbour lists,
@@ -297,18 +566,21 @@ class FaissStore(IndexStore):
         neighbours = None
         if self.neighbours is not None and self.neighbours.size:
             neighbours = store_neighbours(self, self.neighbours.size).to_bytes()
-        return Snapshot(faiss.serialize_index(self.index), neighbours=neighbours, meta={
+        blob = None if self.mapped is not None else faiss.serialize_index(self.index)
+        return Snapshot(blob, source=self.mapped, neighbours=neighbours, meta={
             "format_version": FORMAT_VERSION, "kind": self.kind, "metric": "cosine",
             "feature_dim": self.feature_dim, "count": self.ntotal, "live": len(self), "params": self.params,
+            "recall": self.recall, "memory": self.memory_info(),
             "model": self.model, "sources": list(self.sources), "paths": list(self.paths),
             "labels": None if self.labels is None else list(self.labels),
             "classes": {str(k): v for k, v in sorted(self.classes.items())}, "deleted": sorted(self.deleted),
         })
 
     @classmethod
-    def load(cls, folder: str | Path, expect_model: dict | None = None) -> FaissStore:
+    def load(cls, folder: str | Path, expect_model: dict | None = None, mmap: bool = False) -> FaissStore:
         """Read an index saved by `save`; refuse it when a key of `expect_model` (e.g. backbone, checkpoint
-        hash, feature_dim) differs from what it was built with."""
+        hash, feature_dim) differs from what it was built with. With `mmap`, an ivf or ivfpq index's inverted
+        lists stay in its file, mapped into memory (faiss.IO_FLAG_MMAP), instead of being read (see `check_add`)."""
         folder = Path(folder).absolute()
         meta = read_meta(folder)
         built_with = {**meta["model"], "feature_dim": meta["feature_dim"]}
@@ -320,18 +592,51 @@ class FaissStore(IndexStore):
         if not index_file.is_file() or file_sha256(index_file) != meta["index_sha256"]:
             raise UserError(f"{index_file.name} in {folder} does not match {META_FILE} (interrupted save?); "
                             "rebuild it")
-        index = faiss.read_index(str(index_file))
+        if mmap and meta["kind"] not in IVF_KINDS:
+            raise UserError(f"--mmap maps the inverted lists of an ivf or ivfpq index; {folder} is {meta['kind']} "
+                            "(rebuild it with --kind ivf or ivfpq, or with a --max-memory that chooses one)")
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        index = faiss.read_index(str(index_file), flags)
+        if mmap:  # OnDiskInvertedLists: no prefetch threads (32 started per search: 9 ms instead of 0.2)
+            faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).prefetch_nthread = 0
         if index.ntotal != meta["count"] or len(meta["paths"]) != meta["count"] or index.d != meta["feature_dim"]:
             raise UserError(f"{index_file.name} and {META_FILE} in {folder} disagree; rebuild the index")
         base = folder if meta["format_version"] >= 2 else Path.cwd()
         paths = [os.path.normpath(base / p) for p in meta["paths"]]
         classes = {int(k): v for k, v in meta.get("classes", {}).items()}
+        memory = {k: v for k, v in meta.get("memory", {}).items() if k != "estimated_bytes"}
         store = cls(index, meta["kind"], paths, meta["labels"], meta["model"], meta["params"], classes,
-                    meta.get("deleted", ()), meta.get("sources", ()))
+                    meta.get("deleted", ()), meta.get("sources", ()), recall=meta.get("recall"), memory=memory,
+                    mapped=(index_file, meta["index_sha256"]) if mmap else None)
         neighbours = folder / meta.get("neighbours_file", "-")
         if neighbours.is_file() and file_sha256(neighbours) == meta.get("neighbours_sha256"):
             store.neighbours = Neighbours.from_bytes(neighbours.read_bytes())  # else recomputed when needed
         return store
+
+
+def exact_neighbours(queries, query_ids, chunks, k: int) -> np.ndarray:
+    """The exact top-k ids (by inner product; ties by id) of each of `queries` among the vectors that `chunks`
+    yields as (ids, unit vectors) pairs, each query's own id (`query_ids`) left out: (n_queries, k), -1 where
+    fewer. Memory: the queries' lists and one chunk (the vectors can be streamed)."""
+    q = np.ascontiguousarray(queries, np.float32)
+    best_s = np.full((len(q), k + 1), -np.inf, np.float32)
+    best_i = np.full((len(q), k + 1), -1, np.int64)
+    for ids, x in chunks:
+        if not len(ids):
+            continue
+        s, j = faiss.knn(q, np.ascontiguousarray(x, np.float32), min(k + 1, len(ids)), faiss.METRIC_INNER_PRODUCT)
+        all_s, all_i = np.hstack([best_s, s]), np.hstack([best_i, np.asarray(ids, np.int64)[j]])
+        order = np.lexsort((all_i, -all_s), axis=1)[:, :k + 1]
+        best_s, best_i = np.take_along_axis(all_s, order, 1), np.take_along_axis(all_i, order, 1)
+    return drop_own(best_i, np.asarray(query_ids, np.int64), k)
+
+
+def drop_own(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """Each row of `ids` (k + 1 wide) without the query's own id (`own`, one a row; when absent, the row's last
+    is dropped instead), cut to k."""
+    is_own = ids == own[:, None]
+    is_own[~is_own.any(axis=1), -1] = True
+    return ids[~is_own].reshape(len(ids), -1)[:, :k]
 
 
 def read_meta(folder: str | Path) -> dict:

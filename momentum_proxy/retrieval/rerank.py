@@ -31,7 +31,8 @@ collection without it. Scores of excluded items are -inf; results are ordered by
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import sparse
@@ -41,7 +42,8 @@ from momentum_proxy.vectors import as_features, knn_request, l2_normalize
 
 METHODS = ("none", "aqe", "dba", "dba+aqe", "kreciprocal")
 DEFAULTS = {"none": {}, "aqe": {"k": 5, "alpha": 3.0}, "dba": {"k": 5, "alpha": 3.0},
-            "dba+aqe": {"k": 5, "alpha": 3.0}, "kreciprocal": {"k": 20, "k2": 6, "lam": 0.3}}
+            "dba+aqe": {"k": 10, "alpha": 0.0}, "kreciprocal": {"k": 20, "k2": 6, "lam": 0.3}}
+# dba+aqe's (the default pipeline's, config.DEFAULT_RERANK) were chosen on birds50's val species (docs: Benchmarks).
 FLAGS = {"k": "--rerank-k", "alpha": "--rerank-alpha", "k2": "--rerank-k2", "lam": "--rerank-lambda"}
 MAX_K = 1000
 MAX_ALPHA = 100.0
@@ -54,13 +56,16 @@ ENGINES_KEPT = 4  # database sides kept per collection (a service's requests may
 class Rerank:
     """A re-ranking method (`none`, `aqe`, `dba`, `dba+aqe`, `kreciprocal`) and its parameters: `k` (neighbours;
     k1 of `kreciprocal`), `alpha` (weight exponent of `aqe` and `dba`), `k2` and `lam` (λ) of `kreciprocal`.
-    A parameter left None takes the method's default (`DEFAULTS`); one the method does not take is refused."""
+    A parameter left None takes the method's default (`DEFAULTS`); one the method does not take is refused.
+    `up_to` (the default pipeline's, `config.DEFAULT_RERANK_MAX_ITEMS`): larger collections are searched without
+    re-ranking (`for_collection`), since the database side costs O(N²) to compute."""
 
     method: str = "none"
     k: int | None = None
     alpha: float | None = None
     k2: int | None = None
     lam: float | None = None
+    up_to: int | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -85,6 +90,15 @@ class Rerank:
                 if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 <= value <= high:
                     raise UserError(f"{FLAGS[name]} must be a number from 0 to {high:g}, got {value!r}")
                 object.__setattr__(self, name, float(value))
+
+    def for_collection(self, items: int) -> Rerank:
+        """This re-ranking for a collection of `items`, or none (said on stderr) above `up_to`."""
+        if self.up_to is None or items <= self.up_to or not self.active:
+            return self
+        print(f"mproxy: note: {items:,} items, more than the {self.up_to:,} the default re-ranking ({self.method}) "
+              f"applies to (its neighbour lists cost O(N²)): searching without it; --rerank {self.method} asks for "
+              "it anyway", file=sys.stderr)
+        return Rerank()
 
     @property
     def active(self) -> bool:

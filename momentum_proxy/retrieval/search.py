@@ -20,18 +20,22 @@ from pathlib import Path
 
 import numpy as np
 
-from momentum_proxy.config import check_tta
+from momentum_proxy.config import DEFAULT_TTA, check_tta, parse_memory
 from momentum_proxy.data.manifest import MANIFEST, read_manifest
 from momentum_proxy.data.prepare import IMAGE_EXTS
 from momentum_proxy.deploy.runtimes import load_embedder
+from momentum_proxy.distributed import ends_process_group
 from momentum_proxy.embedding.inference import embed_files
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import check_writable_folder, file_sha256, write_json
+from momentum_proxy.paths import milvus_location
 from momentum_proxy.plots import MAX_DRAWN, draw_results
-from momentum_proxy.retrieval.faiss_store import KINDS, FaissStore
+from momentum_proxy.retrieval import shards
+from momentum_proxy.retrieval.faiss_store import IVF_KINDS, KINDS, FaissStore, format_bytes, plan_index
 from momentum_proxy.retrieval.hits import Hit, judged
 from momentum_proxy.retrieval.rerank import Rerank, rerank_store, store_neighbours
-from momentum_proxy.retrieval.store import UNKNOWN, IndexStore, check_mix
+from momentum_proxy.retrieval.shards import CHUNK_SIZE
+from momentum_proxy.retrieval.store import UNKNOWN, IndexStore, check_mix, recall_text
 from momentum_proxy.retrieval.stores import build_store, describe, local_folder, open_store, store_exists, writer_lock
 from momentum_proxy.runs import EMBEDDINGS, RunDir, load_embeddings, model_identity
 
@@ -50,6 +54,7 @@ class Retrieval:
     collection: str
     requested_k: int
     copies: set[int] = field(default_factory=set)  # ids of results whose file holds the query's very bytes
+    about: str = ""  # a saved index's kind and recall against exact search, in words
 
     def marks(self) -> list[str]:
         """Per result, what the printed list says of it beyond its class: a copy of the query, same or other class."""
@@ -103,10 +108,12 @@ def check_database_tta(database, tta: str) -> None:
                         f"{database} was not (search the run's split, which is then embedded with --tta {tta})")
 
 
-def open_index(index_dir: str | Path, run_dir: str | Path | None = None) -> tuple[IndexStore, str]:
+def open_index(index_dir: str | Path, run_dir: str | Path | None = None,
+               mmap: bool = False) -> tuple[IndexStore, str]:
     """A saved index (a folder or a Milvus location) and the run whose model built it (`run_dir`, else the run
-    recorded in the index), refused with a worded reason when that model changed since."""
-    index = open_store(index_dir)
+    recorded in the index), refused with a worded reason when that model changed since. `mmap`: a faiss ivf or
+    ivfpq index's lists stay in its file, mapped (`faiss_store.FaissStore.load`)."""
+    index = open_store(index_dir, mmap=mmap)
     try:
         run_dir = str(run_dir or index.model.get("run") or "")
         if not run_dir or not RunDir(run_dir).has_model():
@@ -246,31 +253,84 @@ def _listed(rows: list[tuple[str, str | None]], source: list[str]) -> Collection
     return Collection([p for p, _ in rows], labels, classes, source)
 
 
-def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path, *, kind: str = "exact",
+def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path, *, kind: str | None = None,
                 batch_size: int = 64, device: str = "auto", rebuild: bool = False, runtime: str = "torch",
                 labels: str = "auto", tta: str | None = None, rerank: Rerank | None = None,
-                image_list: str | Path | None = None) -> dict:
+                image_list: str | Path | None = None, chunk_size: int = CHUNK_SIZE,
+                max_memory: int | str | None = None) -> dict | None:
     """Embed `images` with the run's best model (in `runtime`) into the index at `out`: created, extended when
     present (paths already indexed are skipped; runtimes mix only as `retrieval.store.check_mix` allows), or, with
     `rebuild`, made anew (from `images`, or from the index's own items when `images` is None) and replacing the
     old one atomically. `labels` says where class names come from (see `collect_images`). `tta` (none | flip,
     `embedding.tta`) is recorded in the index's model; an index is extended with its own (None), a new or rebuilt
-    one made with `tta` (None: none). With `rerank`, the neighbour lists it needs are computed and saved with the
-    index (`retrieval.rerank`), and later saves keep them up to date. `image_list` (instead of `images`) is a list
+    one made with `tta` (None: `config.DEFAULT_TTA`). With `rerank`, the neighbour lists it needs are computed and
+    saved with the index (`retrieval.rerank`), and later saves keep them up to date. `image_list` (instead of `images`) is a list
     file (see `read_image_list`), embedded and added a chunk at a time. Images that cannot be read, and list lines
-    that name none, are listed in `skipped.json` (`stores.local_folder`)."""
-    if kind not in KINDS:
+    that name none, are listed in `skipped.json` (`stores.local_folder`).
+
+    `kind` (exact | ivf | hnsw | ivfpq; None: exact) is the faiss index a new or rebuilt index gets; `max_memory`
+    (bytes, or a size such as "2GB") lets `faiss_store.plan_index` choose it for the number of images and the
+    model's feature size (or size the `kind` given), before anything is embedded. Either applies when the index is
+    made, not when it is extended. An approximate index's recall@10 against exact search is measured (its search
+    parameter tuned to reach `faiss_store.RECALL_TARGET`) and saved with it.
+
+    Under torchrun (WORLD_SIZE > 1) the images are embedded by every rank, `chunk_size` to a resumable chunk file,
+    and rank 0 fills the store (`retrieval.shards`); the other ranks return None."""
+    if kind is not None and kind not in KINDS:
         raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
-    if image_list is not None and (images is not None or kind == "ivf"):
+    if image_list is not None and (images is not None or kind in IVF_KINDS):
         raise UserError("--list takes the place of --images" if images is not None else
-                        "--list makes exact or hnsw indexes (ivf trains its lists on every vector at once)")
+                        "--list makes exact or hnsw indexes (ivf and ivfpq train their lists on every vector at "
+                        "once)")
+    if max_memory is not None:
+        max_memory = parse_memory(max_memory)
+        if milvus_location(out) is not None:
+            raise UserError("--max-memory chooses a faiss index; a Milvus index searches exactly (FLAT) in "
+                            "Milvus's own memory")
+    if chunk_size < 1:
+        raise UserError("--chunk-size must be at least 1")
+    info = shards.start()
+    if info.enabled:
+        return _build_sharded(info, chunk_size, run_dir, images, out, kind, batch_size, device, rebuild, runtime,
+                              labels, tta, rerank, image_list, max_memory=max_memory)
     with writer_lock(out, "mproxy index", create=True):  # the folder checked before any expensive work
         return _build_index(run_dir, images, out, kind, batch_size, device, rebuild, runtime, labels, tta, rerank,
-                            image_list)
+                            image_list, max_memory=max_memory)
+
+
+@ends_process_group
+def _build_sharded(info, chunk_size, run_dir, images, out, kind, batch_size, device, rebuild, runtime, labels, tta,
+                   rerank, image_list, max_memory=None) -> dict | None:
+    """`build_index` on a torchrun rank: rank 0 plans, embeds its share and fills the store, holding its lock; the
+    other ranks embed theirs (`retrieval.shards`)."""
+    device = shards.rank_device(device, info)
+    folder = shards.work_folder(out)
+    if not info.is_main:
+        return shards.follow(info, run_dir, runtime, device, folder, batch_size)
+    sharding = shards.Sharding(info, folder, chunk_size, batch_size)
+    try:
+        with writer_lock(out, f"mproxy index (rank 0 of {info.world_size})", create=True):
+            return _build_index(run_dir, images, out, kind, batch_size, device, rebuild, runtime, labels, tta,
+                                rerank, image_list, sharding, max_memory=max_memory)
+    except Exception:
+        sharding.abandon()
+        raise
+
+
+def _new_paths(index: IndexStore | None, steps) -> list[str]:
+    """The images a build embeds, in order, each once: those of `steps` that `index` (None: a new one) lacks."""
+    seen, todo = set(), []
+    for step, _ in steps:
+        indexed = index.ids_of(step.paths) if index is not None else {}
+        for p in step.paths:
+            if p not in indexed and p not in seen:
+                seen.add(p)
+                todo.append(p)
+    return todo
 
 
 def _build_index(run_dir, images, out, kind, batch_size, device, rebuild, runtime, labels, tta, rerank,
-                 image_list) -> dict:
+                 image_list, sharding: shards.Sharding | None = None, max_memory: int | None = None) -> dict:
     identity = model_identity(run_dir)
     existing = None
     if not rebuild and store_exists(out):
@@ -280,14 +340,32 @@ def _build_index(run_dir, images, out, kind, batch_size, device, rebuild, runtim
         tta = index_tta(out, existing.model, tta)
     else:
         check_tta(tta)
-        tta = tta or "none"
-    chunks = read_image_list(image_list) if image_list is not None else [
-        (images_to_index(images, out, rebuild, labels), [])]
+        tta = tta or DEFAULT_TTA
+    collection = None if image_list is not None else [(images_to_index(images, out, rebuild, labels), [])]
+
+    def steps():  # (images, unlisted lines) a step at a time; a list file is read again on each call
+        return read_image_list(image_list) if collection is None else collection
+
+    plan = None
+    if max_memory is not None and existing is None:  # chosen for the whole collection, before embedding it
+        plan = plan_index(max(1, len(_new_paths(None, steps()))), identity["feature_dim"], max_memory, kind)
+        if image_list is not None and plan.kind in IVF_KINDS:
+            raise UserError(f"--max-memory {format_bytes(max_memory)} needs an {plan.kind} index here, which --list "
+                            "cannot make (it trains its lists on every vector at once); index the images with "
+                            "--images, or raise --max-memory")
     embedder = load_embedder(run_dir, runtime, device, tta)
     if existing is not None:
         existing.model["runtime"] = check_mix(existing.model, embedder.identity)
+    if sharding is None:
+        def embed(paths):
+            return embed_files(embedder, paths, embedder.image_size, embedder.device, batch_size)
+
+        def add(index, feats, paths, labels):
+            index.add(feats, paths, labels)
+    else:
+        embed, add = sharding.embed(embedder, _new_paths(existing, steps())).take, sharding.add
     index, listed, new, added, skipped = existing, 0, 0, 0, []
-    for todo, unlisted in chunks:
+    for todo, unlisted in steps():
         listed, skipped = listed + len(todo.paths), skipped + unlisted
         indexed = index.ids_of(todo.paths) if index is not None else {}
         todo_new = []
@@ -295,34 +373,46 @@ def _build_index(run_dir, images, out, kind, batch_size, device, rebuild, runtim
             if p not in indexed:
                 indexed[p] = UNKNOWN  # a path listed twice is embedded once
                 todo_new.append(i)
-        feats, kept, bad = embed_files(embedder, [todo.paths[i] for i in todo_new], embedder.image_size,
-                                       embedder.device, batch_size) if todo_new else (None, [], [])
+        feats, kept, bad = embed([todo.paths[i] for i in todo_new]) if todo_new else (None, [], [])
         new, added, skipped = new + len(todo_new), added + len(kept), skipped + bad
         by_path = dict(zip(todo.paths, todo.labels or []))
         labels = None if todo.labels is None else [by_path[p] for p in kept]
         if index is None and kept:
-            index = build_store(out, feats, kept, labels, kind=kind, classes=todo.classes,
+            index = build_store(out, feats, kept, labels, kind=kind or "exact", classes=todo.classes, plan=plan,
                                 model={**identity, "runtime": runtime, "verified": embedder.identity["verified"],
                                        "tta": tta})
         elif kept:
-            index.add(feats, kept, _labels_for(index, labels, todo.classes, len(kept)))
+            add(index, feats, kept, _labels_for(index, labels, todo.classes, len(kept)))
         if index is not None:
             index.sources += [s for s in todo.sources if s not in index.sources]
     if not listed:
         raise UserError(f"no images to index in {image_list or images}")
     if index is None:  # a new index, and not one image could be read (else those are reported, not fatal)
         raise UserError(f"none of the {new} images in {image_list or images} could be read")
+    rerank = rerank.for_collection(len(index)) if rerank is not None else None
     if rerank is not None and rerank.list_size:
         store_neighbours(index, rerank.list_size + 1)  # one spare for a query's own item
+    if isinstance(index, FaissStore) and index.kind in ("ivf", "hnsw") and added and (
+            existing is not None or image_list is not None):  # measured at build on its first part only
+        index.measure_recall(tune=True)
     index.save(out)
     if skipped:
         local_folder(out).mkdir(parents=True, exist_ok=True)
         write_json(local_folder(out) / "skipped.json", [{"path": p, "reason": r} for p, r in skipped])
+    if sharding is not None:
+        sharding.finish()  # the chunk files, once the store holds them
     summary = {"index": str(out), "kind": index.kind, "added": added,
                "already_indexed": listed - new, "total": len(index), "skipped": len(skipped),
                "classes": len(index.classes)}
     if index.kind != "exact":
-        summary["recall@10_vs_exact"] = round(index.recall_vs_exact(10), 4)
+        summary["params"] = index.params
+    info = index.recall_info()
+    summary["recall@10_vs_exact"] = None if info is None else info["recall"]
+    summary["recall"] = recall_text(info, len(index))
+    if isinstance(index, FaissStore):
+        memory = index.memory_info()
+        summary["memory"] = f"{format_bytes(memory['estimated_bytes'])} estimated" + (
+            f" (--max-memory {format_bytes(memory['max_memory'])}: {memory['reason']})" if "reason" in memory else "")
     index.close()
     return summary
 
@@ -338,6 +428,7 @@ def search_hits(index: IndexStore, features: np.ndarray, k: int, *, query_path=N
     if query_path is not None:
         exclude |= index.file_ids(Path(query_path))
     own = next((index.item(i) for i in sorted(exclude) if index.exists(i)), None)
+    rerank = rerank.for_collection(len(index)) if rerank is not None else None
     if rerank is not None and rerank.active:
         start = time.perf_counter()
         found = rerank_store(index, features, k, rerank, exclude)
@@ -463,11 +554,14 @@ def retrieve_and_draw(query: str | Path, k: int, out_dir: str | Path | None = No
         tta = index_tta(index_dir, index.model, tta)
         identity = index.model  # open_index checked that it is the run's current checkpoint
         collection = f"the index {index_dir}"
-        extra = {"index": {"path": describe(index_dir), "kind": index.kind, "items": len(index)}}
+        extra = {"index": {"path": describe(index_dir), "kind": index.kind, "items": len(index),
+                           "params": index.params, "recall": index.recall_info()}}
+        about = f"{index.kind} index, {recall_text(index.recall_info(), len(index))}"
     else:
         run_dir, database = resolve_database(run_dir, data_base)
         identity, extra, tta = model_identity(run_dir), {}, tta or "none"
         check_database_tta(database, tta)
+        about = ""
     out_dir = Path(out_dir or (local_folder(index_dir) if index_dir else Path(run_dir)) / "retrieval")
     check_writable_folder(out_dir, "the output folder")
     embedder = load_embedder(run_dir, runtime, device, tta)
@@ -476,6 +570,7 @@ def retrieve_and_draw(query: str | Path, k: int, out_dir: str | Path | None = No
     else:
         index, collection = run_index(run_dir, embedder, split, database)
     r = search_image(index, embedder, query, k, collection, rerank)
+    r.about = about
     model = {"run": str(Path(run_dir).resolve()), "runtime": runtime, "tta": tta,
              **{key: identity.get(key) for key in ("backbone", "checkpoint_sha256", "checkpoint_epoch")}}
     rerank_dict = rerank.to_dict() if rerank is not None else {"method": "none"}

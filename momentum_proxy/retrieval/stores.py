@@ -7,17 +7,22 @@ import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import check_writable_folder, folder_lock
 from momentum_proxy.paths import META_FILE, milvus_location
-from momentum_proxy.retrieval.faiss_store import WRITER_LOCK, FaissStore
+from momentum_proxy.retrieval.faiss_store import WRITER_LOCK, FaissStore, IndexPlan
 from momentum_proxy.retrieval.store import IndexStore
 
 
-def open_store(location, expect_model: dict | None = None) -> IndexStore:
-    """The store at `location`, refused when a key of `expect_model` differs from what it was built with."""
+def open_store(location, expect_model: dict | None = None, mmap: bool = False) -> IndexStore:
+    """The store at `location`, refused when a key of `expect_model` differs from what it was built with. `mmap`:
+    a faiss ivf or ivfpq index's lists stay in its file, mapped (`FaissStore.load`)."""
     milvus = milvus_location(location)
     if milvus is None:
-        return FaissStore.load(location, expect_model)
+        return FaissStore.load(location, expect_model, mmap=mmap)
+    if mmap:
+        raise UserError(f"--mmap maps a faiss ivf or ivfpq index folder; {location} is a Milvus store (Milvus keeps "
+                        "its own memory)")
     from momentum_proxy.retrieval.milvus_store import MilvusStore  # extra: [milvus]
 
     return MilvusStore.open(milvus, expect_model)
@@ -33,12 +38,16 @@ def store_exists(location) -> bool:
     return MilvusStore.present(milvus)
 
 
-def build_store(location, features, paths, labels=None, *, kind: str = "exact", model: dict | None = None,
-                classes: dict[int, str] | None = None) -> IndexStore:
-    """A new store of `features` for `location`, written there by its `save` (which replaces what was there)."""
+def build_store(location, features, paths, labels=None, *, kind: str | None = "exact", model: dict | None = None,
+                classes: dict[int, str] | None = None, plan: IndexPlan | None = None) -> IndexStore:
+    """A new store of `features` for `location`, written there by its `save` (which replaces what was there).
+    `plan`: a faiss index's kind and size chosen for a memory budget (`faiss_store.plan_index`)."""
     milvus = milvus_location(location)
     if milvus is None:
-        return FaissStore.build(features, paths, labels, kind=kind, model=model, classes=classes)
+        return FaissStore.build(features, paths, labels, kind=kind, model=model, classes=classes, plan=plan)
+    if plan is not None:
+        raise UserError("--max-memory chooses a faiss index; a Milvus index searches exactly (FLAT) in Milvus's "
+                        "own memory")
     from momentum_proxy.retrieval.milvus_store import MilvusStore  # extra: [milvus]
 
     return MilvusStore.build(milvus, features, paths, labels, kind=kind, model=model, classes=classes)

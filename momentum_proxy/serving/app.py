@@ -32,7 +32,7 @@ from momentum_proxy.errors import UserError
 from momentum_proxy.perf import freeze_gc, share_heap
 from momentum_proxy.paths import check_index
 from momentum_proxy.retrieval.rerank import DEFAULTS, Rerank
-from momentum_proxy.retrieval.store import StoreUnavailable
+from momentum_proxy.retrieval.store import StoreUnavailable, recall_text
 from momentum_proxy.retrieval.stores import writer_lock
 from momentum_proxy.serving.searcher import MAX_K, BadImage, ImageTooLarge, ItemNotFound, Searcher
 
@@ -164,9 +164,10 @@ def create_app(index_dir: str | Path | None = None, *, searcher: Searcher | None
                device: str = "auto", token: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int | None = None, cors_origins: list[str] = (), max_batch: int = 32,
                batch_wait_ms: float = 50.0, runtime: str = "torch", model_processes: int | str = 0,
-               tta: str | None = None, rerank: Rerank | None = None) -> FastAPI:
+               tta: str | None = None, rerank: Rerank | None = None, mmap: bool = False) -> FastAPI:
     """The service over the index in `index_dir` (or an open `searcher`), embedding with `runtime` (torch | onnx)
-    and `tta` (None: the index's own), re-ranking searches that ask for none with `rerank`.
+    and `tta` (None: the index's own), re-ranking searches that ask for none with `rerank`; `mmap` maps a faiss ivf
+    or ivfpq index's lists from its file instead of reading them.
     With `token`, writes need the header `Authorization: Bearer TOKEN`; `cors_origins` turns CORS on for those
     origins."""
     metrics = Metrics()
@@ -174,7 +175,7 @@ def create_app(index_dir: str | Path | None = None, *, searcher: Searcher | None
         extra = {} if max_pixels is None else {"max_pixels": max_pixels}
         searcher = Searcher(index_dir, run_dir=run_dir, device=device, max_batch=max_batch, runtime=runtime,
                             batch_wait_ms=batch_wait_ms, on_batch=metrics.batch.observe,
-                            model_processes=model_processes, tta=tta, rerank=rerank, **extra)
+                            model_processes=model_processes, tta=tta, rerank=rerank, mmap=mmap, **extra)
     @asynccontextmanager
     async def lifespan(app):
         yield
@@ -330,7 +331,10 @@ def serve(index_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, t
         share_heap()  # before the batcher thread starts: it runs the model
         app = create_app(index_dir, token=token, **options)
         freeze_gc()
-        print(f"serving {index_dir} ({len(app.state.searcher.index)} items) on http://{host}:{port}/", flush=True)
+        index = app.state.searcher.index
+        mapped = ", memory-mapped" if options.get("mmap") else ""
+        print(f"serving {index_dir} ({len(index)} items; {index.kind} index{mapped}, "
+              f"{recall_text(index.recall_info(), len(index))}) on http://{host}:{port}/", flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -260,14 +260,17 @@ class Searcher:
     def __init__(self, index_dir: str | Path, *, run_dir: str | Path | None = None, device: str = "auto",
                  max_batch: int = 32, batch_wait_ms: float = 50.0, max_pixels: int = DEFAULT_MAX_PIXELS,
                  on_batch: Callable[[int], None] | None = None, runtime: str = "torch",
-                 model_processes: int | str = 0, tta: str | None = None, rerank: Rerank | None = None):
+                 model_processes: int | str = 0, tta: str | None = None, rerank: Rerank | None = None,
+                 mmap: bool = False):
         """`tta`: the test-time augmentation of queries and added images (None: the index's own; another one is
         refused, see `retrieval.search.index_tta`). `rerank`: the re-ranking of searches that ask for none
         (`retrieval.rerank`); the neighbour lists it needs are computed now, unless the index holds them, and
-        saved with the index."""
+        saved with the index. `mmap`: a faiss ivf or ivfpq index's lists stay in its file, mapped into memory
+        (adds are then refused)."""
         self.location = describe(index_dir)  # an absolute folder or a Milvus location
         self.uploads = local_folder(index_dir) / UPLOADS
-        self.index, self.run_dir = open_index(self.location, run_dir)
+        self.mmap = mmap
+        self.index, self.run_dir = open_index(self.location, run_dir, mmap=mmap)
         self.tta = index_tta(self.location, self.index.model, tta)
         self.model_processes = check_model_processes(model_processes, device, runtime)
         self.processes: list[ModelProcess] = []
@@ -304,7 +307,7 @@ class Searcher:
         self.device = self.embedder.device
         self._lock = threading.Lock()  # the in-memory index
         self._write_lock = threading.Lock()  # one change (and its save) at a time
-        self.rerank = rerank or Rerank()
+        self.rerank = (rerank or Rerank()).for_collection(len(self.index))
         self.prepared = _lists_needed(self.rerank)  # neighbours per item kept for re-ranking (+1 spare)
         if self.prepared and (self.index.neighbours is None or self.index.neighbours.size < self.prepared):
             store_neighbours(self.index, self.prepared)
@@ -435,6 +438,7 @@ class Searcher:
         with "added": false. Nothing is added when any image is bad."""
         if not images:
             raise UserError("no images to add")
+        self.index.check_add()  # before an image is kept
         with self.batcher.arriving(len(images)) as submit:
             decoded = [self.decode(data) for data in images]  # all checked before anything is written
             futures = [submit(a) for a, _ in decoded]
@@ -484,7 +488,7 @@ class Searcher:
             snapshot.write(self.location)
         except BaseException:
             with self._lock:
-                self.index = open_store(self.location)
+                self.index = open_store(self.location, mmap=self.mmap)
             raise
 
     # ------------------------------------------------------------------------------------------- info
@@ -493,6 +497,7 @@ class Searcher:
             index = self.index
             live = len(index)
             return {"items": live, "deleted": index.ntotal - live, "kind": index.kind, "params": index.params,
+                    "recall": index.recall_info(), "mmap": self.mmap,
                     "feature_dim": index.feature_dim, "classes": len(index.classes), "image_size": self.image_size,
                     "device": str(self.device), "runtime": self.embedder.runtime, "tta": self.tta,
                     "rerank": self.rerank.to_dict(),

@@ -150,7 +150,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     """
     job, state = setup(cfg, overwrite=overwrite, resume=resume)
     cfg = job.cfg  # the backbone decided for the device
-    if cfg.warmup_epochs >= cfg.epochs and not resume and job.dist.is_main:
+    if 0 < cfg.epochs <= cfg.warmup_epochs and not resume and job.dist.is_main:
         print(f"mproxy: warning: --warmup-epochs {cfg.warmup_epochs} covers all {cfg.epochs} epoch(s): the backbone "
               "is never trained, only the head and proxies", file=sys.stderr)
     job.tracker = open_tracker(cfg, job.run.path, job.dist.is_main, state.epoch if resume else None)
@@ -214,7 +214,7 @@ def start(job: Job, state: TrainState) -> dict:
     """Epoch 0: proxies at the pretrained model's class means (if so configured); the start is scored and
     competes for best."""
     t0 = time.time()
-    if job.cfg.proxy_init == "class_mean":  # raw embeddings: the same space the momentum update works in
+    if job.cfg.proxy_init == "class_mean" and job.cfg.epochs > 0:  # raw embeddings: the momentum update's space
         feats = embed_dataset(state.model, job.data.train_eval, job.device, batch_size=job.cfg.embed_batch_size,
                               workers=job.cfg.loader_workers, dist=job.dist, desc="init proxies", normalize=False)
         init_proxies_from_class_means(state.loss_fn, torch.from_numpy(feats).to(job.device),
@@ -279,7 +279,7 @@ def evaluate_split(model: EmbeddingNet, split: EvalSplit, cfg: TrainConfig, devi
     feats = embed_dataset(model, split.dataset, device, batch_size=cfg.embed_batch_size,
                           workers=cfg.loader_workers, amp=cfg.amp, dist=dist, desc=f"embed {split.name}")
     return evaluate_arrays(feats, split.labels, split.split, metrics=metrics or cfg.epoch_metrics(),
-                           recalls=recalls or cfg.epoch_recalls()), feats
+                           recalls=recalls or cfg.epoch_recalls(), device=device), feats
 
 
 def score(job: Job, model: EmbeddingNet) -> dict:
