@@ -266,12 +266,13 @@ def test_evaluate_embeddings_with_rerank_scores_each_query_without_itself(tmp_pa
 
 def test_evaluate_run_on_val_with_rerank(tiny_run, tiny_data, tmp_path, capsys):
     code, out, err = run_cli(["evaluate", tiny_run, "--split", "val", "--rerank", "aqe", "--rerank-k", "2",
-                              "--metrics", "recall,map@r", "--device", "cpu", "--out", tmp_path / "e.json"], capsys)
+                              "--metrics", "recall,map@r", "--device", "cpu", "--tta", "none", "--out",
+                              tmp_path / "e.json"], capsys)  # tta none: the reference below embeds without it
     assert code == 0, err
     summary = json.loads((tmp_path / "e.json").read_text())
     assert summary["split"] == "val" and summary["queries"] == 16 and "test" not in summary
-    assert summary["rerank"] == {"method": "aqe", "k": 2, "alpha": 3.0}
-    assert "on the val split" in out and "rerank aqe (k 2, alpha 3)" in out
+    assert summary["rerank"] == {"method": "aqe", "k": 2, "alpha": 3.0} and summary["tta"] == "none"
+    assert "on the val split" in out and "tta none, rerank aqe (k 2, alpha 3)" in out
     frame = split_frame(read_manifest(tiny_data), "val")
     embedder = TorchEmbedder(tiny_run, "cpu")
     feats = embed_dataset(embedder, eval_dataset(tiny_data, frame, embedder.image_size), embedder.device)

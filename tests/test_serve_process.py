@@ -106,7 +106,7 @@ def test_sigkill_during_adds_loses_no_acknowledged_item(tiny_data, tiny_run, tmp
             assert httpx.get(f"{url}/items/{item_id}").json()["id"] == item_id
             assert httpx.get(f"{url}/items/{item_id}/image").content == data
         best = httpx.post(f"{url}/search", files={"image": ("q.png", next(iter(acked.values())), "image/png")},
-                          data={"k": "1"}).json()["results"][0]
+                          data={"k": "1", "rerank": "none"}).json()["results"][0]  # raw cosine: itself, 1
         assert best["id"] == next(iter(acked)) and best["score"] == pytest.approx(1.0, abs=1e-4)
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import serve_load  # the load test's own client, on uvicorn's real stack

@@ -147,7 +147,7 @@ def test_retrieve_in_a_run_embeds_its_split_with_the_tta(run, tiny_data, tmp_pat
     an embeddings file cannot be searched with TTA."""
     query = split_images(tiny_data)[0]
     code, _, err = run_cli(["retrieve", run, "--query", query, "-k", "40", "--tta", "flip", "--out", tmp_path / "r",
-                            "--device", "cpu"], capsys)
+                            "--device", "cpu", "--rerank", "none"], capsys)  # raw cosine, compared below
     assert code == 0, err
     results = json.loads((tmp_path / "r" / "results.json").read_text())["results"]
     assert results and query not in [r["path"] for r in results]
@@ -161,7 +161,7 @@ def test_retrieve_in_a_run_embeds_its_split_with_the_tta(run, tiny_data, tmp_pat
 
 
 def test_evaluate_with_tta(run, tiny_data, capsys):
-    code, out, err = run_cli(["evaluate", run, "--tta", "flip", "--device", "cpu"], capsys)
+    code, out, err = run_cli(["evaluate", run, "--tta", "flip", "--device", "cpu", "--rerank", "none"], capsys)
     assert code == 0, err
     summary = read_json(Path(run) / "evaluate-torch-flip.json")
     assert summary["tta"] == "flip" and "tta flip" in out

@@ -91,8 +91,8 @@ def test_best_json_reproduces_evaluate_on_val_exactly(study, run, tmp_path, caps
     # the report's command line, run as printed: its val figures are the stored ones, to the last bit
     report = (out / "report.md").read_text()
     line = re.search(r"^mproxy evaluate .* --split val.*$", report, re.M)[0]
-    assert line == shlex.join(["mproxy", "evaluate", str(run), "--split", "val", *(
-        tr.rerank_flags(tr.best_rerank(best)) if best["rerank"] != "none" else [])])
+    assert line == shlex.join(["mproxy", "evaluate", str(run), "--split", "val", "--tta", "none",
+                               *tr.rerank_flags(tr.best_rerank(best))])
     code, _, err = run_cli([*shlex.split(line)[1:], "--out", tmp_path / "val.json"], capsys)
     assert code == 0, err
     figures = json.loads((tmp_path / "val.json").read_text())["val"]

@@ -70,7 +70,8 @@ def evaluate_run(run_dir: str | Path, *, metrics=None, recalls=None, out: str | 
     trained = run.eval() or {}
     summary = {"checkpoint": BEST, "epoch": run.load_checkpoint(BEST)["epoch"],
                "selected_on": trained.get("selected_on", info.get("selection", "?")),
-               "select_metric": trained.get("select_metric"), "split": split, "queries": test.num_queries,
+               "select_metric": trained.get("select_metric", cfg.select_metric), "split": split,
+               "queries": test.num_queries,
                "lone_queries": test.lone_queries, "runtime": embedder.runtime, "tta": tta,
                "rerank": rerank.to_dict() if rerank is not None else {"method": "none"}, split: res}
     write_json(out or evaluation_file(run_dir, embedder.runtime, tta, split=split, rerank=rerank), summary)

@@ -377,9 +377,9 @@ class Command:
         args = ["mproxy", "evaluate", str(self.run_dir), *(["--split", split] if split != "test" else [])]
         args += ["--runtime", self.runtime] if self.runtime != "torch" else []
         args += ["--device", self.device] if self.device != "auto" else []
-        args += ["--tta", self.tta] if self.tta != "none" else []
+        args += ["--tta", self.tta]  # both always named: the commands' defaults are the default pipeline's
         args += ["--recalls", ",".join(map(str, self.recalls))] if self.recalls else []
-        return args + (rerank_flags(rerank) if rerank.active else [])
+        return args + rerank_flags(rerank)
 
     def line(self, rerank: Rerank, split: str) -> str:
         return shlex.join(self.evaluate(rerank, split))
