@@ -338,8 +338,9 @@ def add_evaluate(sub) -> None:
     p.add_argument("--metrics", type=CommaList(str), default=None, help="recall,precision@1,r_precision,map@r,nmi")
     p.add_argument("--recalls", type=CommaList(int), default=None)
     p.add_argument("--out", "--json", dest="out",
-                   help="write the results here (default: RUN_DIR/evaluate-RUNTIME.json; the run's eval.json, "
-                        "its test result from training, is never changed)")
+                   help="write the results here (default: RUN_DIR/evaluate-RUNTIME[-TTA][-val][-RERANK].json, "
+                        f"e.g. evaluate-torch-{DEFAULT_TTA}-{DEFAULT_RERANK}.json with the defaults; the run's "
+                        "eval.json, its test result from training, is never changed)")
     p.add_argument("--device", default="auto")
     p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
     p.add_argument("--tta", default=None, help="test-time augmentation: none | flip (each image and its mirror "

@@ -15,6 +15,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from momentum_proxy.cli import main
+from momentum_proxy.config import DEFAULT_TTA
+from momentum_proxy.deploy.runtimes import export_file
 from momentum_proxy.fileio import file_sha256
 from momentum_proxy.retrieval.stores import open_store
 from momentum_proxy.retrieval.search import build_index, retrieve_and_draw
@@ -460,7 +462,8 @@ def test_onnx_runtime_serves_the_same_results(index_dir, tiny_run, tiny_data, tm
         assert [r["id"] for r in ra] == [r["id"] for r in rb]
         np.testing.assert_allclose([r["score"] for r in ra], [r["score"] for r in rb], atol=1e-4)
         assert b.get("/stats").json()["runtime"] == "onnx" and a.get("/stats").json()["runtime"] == "torch"
-    assert (run / "export" / "model.onnx").is_file()
+    tta = open_store(index_dir).model["tta"]  # queries are embedded with the index's own: a new one's is DEFAULT_TTA
+    assert tta == DEFAULT_TTA and (run / export_file(tta)).is_file()  # export/model-flip.onnx
 
 
 def test_batcher_sets_up_and_runs_in_its_own_thread_and_reports_setup_errors():
