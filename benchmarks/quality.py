@@ -122,18 +122,16 @@ def stage_val(a) -> None:
             if not todo:
                 continue
             cache = a.out / "val-features" / f"{run.name}-{tta}.npz"  # kept: the grid can grow without re-embedding
-            t0 = time.perf_counter()
             if not cache.exists():
                 rows, feats = embed_split(run, "val", load_embedder(run, "torch", "cpu", tta))
                 cache.parent.mkdir(exist_ok=True)
                 np.savez(cache, features=feats, labels=rows.labels, split=rows.split.astype(str))
             saved = np.load(cache)
             feats, labels, split = saved["features"], saved["labels"], saved["split"]
-            seconds = time.perf_counter() - t0
             for g in todo:
                 res = evaluate_arrays(feats, labels, split, rerank=parse_rerank(g))
                 append_record(a.out, {"run": run.name, "cell": cell, "seed": seed, "tta": tta, "rerank": g,
-                                      "split": "val", "embed_seconds": seconds, "images": len(feats), **res})
+                                      "split": "val", "images": len(feats), **res})
             print(f"{run.name} tta {tta}: {len(todo)} settings", flush=True)
 
 

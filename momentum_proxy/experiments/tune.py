@@ -325,18 +325,24 @@ def enqueue_default(study: optuna.Study, space: Space, base: TrainConfig) -> dic
     return drawn
 
 
+def marked_trial(study: optuna.Study, mark: str = DEFAULT) -> optuna.trial.FrozenTrial | None:
+    """The finished trial that carries `mark` (trial 0, or its retry after an interruption): the default recipe's
+    here, no re-ranking in `tune_rerank`."""
+    return next((t for t in finished_trials(study) if mark in t.user_attrs), None)
+
+
 def default_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The finished trial of the default recipe (trial 0, or its retry after an interruption)."""
-    return next((t for t in finished_trials(study) if DEFAULT in t.user_attrs), None)
+    return marked_trial(study, DEFAULT)
 
 
-def recommended(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The trial best.json holds: the best complete one (the first on ties), but the default recipe unless
-    another trial beats it on val."""
+def recommended(study: optuna.Study, mark: str = DEFAULT) -> optuna.trial.FrozenTrial | None:
+    """The trial best.json holds: the best complete one (the first on ties), but the `mark`ed trial (the default
+    recipe) unless another trial beats it on val."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return None
-    best, default = max(complete, key=lambda t: t.value), default_trial(study)
+    best, default = max(complete, key=lambda t: t.value), marked_trial(study, mark)
     if default is not None and default.state == TrialState.COMPLETE and best.value <= default.value:
         return default
     return best

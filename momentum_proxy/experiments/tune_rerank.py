@@ -31,12 +31,15 @@ from momentum_proxy.data.manifest import manifest_sha256, read_manifest, split_f
 from momentum_proxy.deploy.runtimes import load_embedder
 from momentum_proxy.errors import UserError
 from momentum_proxy.evaluation.jobs import embed_split, evaluate_arrays
+from momentum_proxy.experiments import tune
 from momentum_proxy.experiments.tune import (
     FINISHED,
+    best_other,
     check_spec,
     check_study_kind,
     finished_trials,
     identity_changes,
+    marked_trial,
     retry_interrupted_trials,
     study_lock,
     suggest_one,
@@ -328,18 +331,12 @@ def tune_rerank(run_dir: str | Path, out: str | Path, trials: int, *, space: str
 # ----------------------------------------------------------------------------------------------- results
 def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The finished trial 0 (no re-ranking), or its retry after an interruption."""
-    return next((t for t in finished_trials(study) if BASELINE in t.user_attrs), None)
+    return marked_trial(study, BASELINE)
 
 
 def recommended(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The best complete trial (the first on ties), but no re-ranking unless a trial beats it on val."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
-        return None
-    best, baseline = max(complete, key=lambda t: t.value), baseline_trial(study)
-    if baseline is not None and baseline.state == TrialState.COMPLETE and best.value <= baseline.value:
-        return baseline
-    return best
+    return tune.recommended(study, BASELINE)
 
 
 def resolved(rerank: Rerank) -> dict:
@@ -408,9 +405,7 @@ def against_baseline(study: optuna.Study, metric: str) -> str:
     if baseline is None or baseline.state != TrialState.COMPLETE:
         return f"no re-ranking (trial 0) did not complete: nothing to compare with; best trial {best.number}"
     if best.number == baseline.number:
-        others = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                  if t.number != baseline.number]
-        top = max(others, key=lambda t: t.value) if others else None
+        top = best_other(study, baseline)
         versus = (f"; the best other, trial {top.number}, {describe(top.user_attrs['rerank'])}, "
                   f"{100 * top.value:.2f}, difference {100 * (top.value - baseline.value):+.2f}" if top else "")
         return (f"no trial beat no re-ranking (trial {baseline.number}, val {name} {100 * baseline.value:.2f}"
