@@ -75,7 +75,7 @@ def measure_copies(index_dir: str, device: str, copies: int = 2, batches=(4, 8, 
     from momentum_proxy.data.loading import to_batch
     from momentum_proxy.embedding.inference import load_model
     from momentum_proxy.perf import share_heap, tune_allocator
-    from momentum_proxy.retrieval.search import open_index
+    from momentum_proxy.retrieval.build import open_index
     from momentum_proxy.serving.searcher import decode_image
 
     tune_allocator()
@@ -131,7 +131,7 @@ def measure_model(index_dir: Path, images: list[bytes], device: str, batches=(1,
 
     from momentum_proxy.data.loading import to_batch
     from momentum_proxy.embedding.inference import load_model
-    from momentum_proxy.retrieval.search import open_index
+    from momentum_proxy.retrieval.build import open_index
     from momentum_proxy.serving.searcher import decode_image
 
     _, run_dir = open_index(index_dir)

@@ -30,6 +30,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+DEVICE_HELP = "auto (cuda when available, else cpu) | cpu | cuda[:N]"
+
+
+class OptionHelpFormatter(jsonargparse.DefaultHelpFormatter):
+    """jsonargparse's help (each option's type and default) without "null": an option whose default is None
+    says in its help what happens without it, and its type is shown without "| null"."""
+
+    def _get_help_string(self, action):
+        text = super()._get_help_string(action)
+        if action.default is None or action.default == [None]:  # [None]: a sweep grid of an open option
+            text = text.replace(", default: %(default)s", "").replace(" (default: %(default)s)", "")
+        return text
+
+    def _get_type_str(self, action):
+        type_str = super()._get_type_str(action)
+        return type_str.replace(" | null", "") if type_str else type_str
+
+
 class CommaList:
     """An option type: comma-separated `item`s ("1,2,4"); a list (a default, a config file's value) passes."""
 
@@ -56,9 +74,9 @@ def add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="make a prepared dataset (images + manifest.csv)")
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
     s = kinds.add_parser("synthetic", help="generate the embedded fine-grained default dataset")
-    s.add_argument("--classes", type=int, default=40)
-    s.add_argument("--per-class", type=int, default=30)
-    s.add_argument("--size", type=int, default=128)
+    s.add_argument("--classes", type=int, default=40, help="species (classes) to draw")
+    s.add_argument("--per-class", type=int, default=30, help="images of each class")
+    s.add_argument("--size", type=int, default=128, help="side of the square images, in pixels")
     s.add_argument("--seed", type=int, default=0, help="drawing and the choice of val classes")
     add_output_options(s, val_default="0.2")
     for kind, text in [("folder", "an ImageFolder tree (one sub-folder per class)"),
@@ -68,14 +86,24 @@ def add_prepare(sub) -> None:
                        ("isc", "In-shop Clothes (list_eval_partition.txt, img/)")]:
         k = kinds.add_parser(kind, help=text)
         k.add_argument("--src", required=True, help="the raw dataset folder")
-        k.add_argument("--max-side", "--short-side", dest="short_side", type=int, default=256,
+        k.add_argument("--max-side", "--short-side", dest="short_side", type=int, default=256, metavar="MAX_SIDE",
                        help="resize once so the short side is at most this (0: keep originals' size)")
         k.add_argument("--workers", type=int, default=1, help="processes for re-encoding (1 or 2)")
         if kind in ("car", "cub"):
             k.add_argument("--crop", action="store_true", help="cut each image to its annotated box")
         if kind == "folder":
+            k.add_argument("--split", choices=("classes", "images"), default="classes",
+                           help="classes: class-disjoint train/val/test classes (the benchmark protocol); images: "
+                                "every class in train, val and test, its photos divided (a model for your own "
+                                "catalogue; docs: Datasets)")
+            k.add_argument("--val-fraction", type=float, default=0.2,
+                           help="--split images: share of each class's photos in val (0: none; so does "
+                                "--val-classes 0)")
+            k.add_argument("--test-fraction", type=float, default=0.3,
+                           help="--split images: share of each class's photos in test")
             k.add_argument("--split-file", help="CSV lines 'class_name,split' (train/val/test) instead of halves")
-        k.add_argument("--val-seed", type=int, default=0, help="seed of the choice of val classes")
+        k.add_argument("--val-seed", type=int, default=0, help="seed of the choice of val classes (of each class's "
+                       "photos with --split images)")
         add_output_options(k, val_default="0.2" if kind == "folder" else "0")
 
 
@@ -106,15 +134,18 @@ def run_prepare(a) -> None:
         if a.kind in ("car", "cub"):
             kwargs["crop"] = a.crop
         if a.kind == "folder":
-            kwargs["split_file"] = a.split_file
+            kwargs.update(split_file=a.split_file, split=a.split, val_fraction=a.val_fraction,
+                          test_fraction=a.test_fraction)
         out = PREPARERS[a.kind](a.src, a.out, **kwargs)
-    from momentum_proxy.data.manifest import read_manifest  # job
+    from momentum_proxy.data.manifest import describe_protocol, read_manifest, split_protocol  # job
     from momentum_proxy.data.prepare import split_counts  # job
 
-    counts = split_counts(read_manifest(out))
+    df = read_manifest(out)
+    counts = split_counts(df)
     per_split = ", ".join(f"{s} {n} images / {counts['classes_per_split'][s]} classes"
                           for s, n in counts["counts"].items())
     print(f"prepared dataset: {out}: {counts['images']} images, {counts['classes']} classes ({per_split})")
+    print(describe_protocol(split_protocol(df), "val" in counts["counts"]))
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -133,7 +164,7 @@ class OptionParser(jsonargparse.ArgumentParser):
     type-checked like the command line's. `grids`: the options that take comma-separated grids (`sweep`)."""
 
     def __init__(self, *args, grids: tuple[str, ...] = (), **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **{"formatter_class": OptionHelpFormatter, "allow_abbrev": False, **kwargs})
         self.grids = grids
 
     def parse_args(self, args=None):
@@ -196,7 +227,7 @@ def add_train_options(p: OptionParser) -> None:
                                             "proxies): sets --optimizer and --proxy-update")
     defaults, hints = TrainConfig(data="", out=""), get_type_hints(TrainConfig)
     for name, f in OPTIONS.items():
-        flags, text = option_flags(name), f.metadata["help"].replace("%", "%%")
+        flags, text = option_flags(name), f.metadata["help"].replace("(None: ", "(default: ")
         default = getattr(defaults, name)
         if hints[name] is bool:
             p.add_argument(*flags, dest=name, action=jsonargparse.ActionYesNo(no_prefix="no-"), default=default,
@@ -306,18 +337,22 @@ def run_train(a) -> None:
 def add_rerank_options(p, what: str = "") -> None:
     """--rerank and its parameters (`retrieval.rerank.Rerank`, checked by `rerank_of` before any model loads)."""
     p.add_argument("--rerank", default=None,
-                   help=f"{what}re-ranking: none | aqe (alpha-query expansion) | dba (database-side augmentation) | "
-                        f"dba+aqe | kreciprocal (k-reciprocal, Zhong et al. 2017); default {DEFAULT_RERANK} (chosen "
-                        f"on validation) for collections of up to {DEFAULT_RERANK_MAX_ITEMS:,} items, none above; "
-                        "docs: Re-ranking")
+                   help="re-ranking: none | aqe (alpha-query expansion) | dba (database-side augmentation) | "
+                        f"dba+aqe | kreciprocal (k-reciprocal, Zhong et al. 2017); default: {DEFAULT_RERANK} (chosen "
+                        f"on validation) for collections of up to {DEFAULT_RERANK_MAX_ITEMS:,} items, none above "
+                        f"(docs: Re-ranking){'. ' + what if what else ''}")
     p.add_argument("--rerank-k", type=int, default=None,
-                   help="neighbours: of aqe and dba (default 5; dba+aqe 10), k1 of kreciprocal (default 20)")
+                   help="neighbours: k of aqe and dba, k1 of kreciprocal (default: 5 for aqe and dba, 10 for dba+aqe, "
+                        "20 for kreciprocal)")
     p.add_argument("--rerank-alpha", type=float, default=None,
-                   help="aqe and dba: a neighbour weighs its similarity to the power alpha (default 3; dba+aqe 0: "
-                        "average)")
-    p.add_argument("--rerank-k2", type=int, default=None, help="kreciprocal: local query expansion size (default 6)")
+                   help="aqe and dba: a neighbour weighs its similarity to the power alpha (default: 3; 0, a plain "
+                        "average, for dba+aqe)")
+    p.add_argument("--rerank-k2", type=int, default=None, help="kreciprocal: local query expansion size (default: 6)")
     p.add_argument("--rerank-lambda", type=float, default=None,
-                   help="kreciprocal: weight of the original distance beside the Jaccard distance (default 0.3)")
+                   help="kreciprocal: weight of the original distance beside the Jaccard distance (default: 0.3)")
+    p.add_argument("--rerank-keep", type=int, default=None,
+                   help="the first N hits of the plain cosine search stay first and the re-ranking orders the rest, "
+                        "so a duplicate or an item just added is never buried (default: 1; 0: the method alone)")
 
 
 def rerank_of(a):
@@ -325,9 +360,9 @@ def rerank_of(a):
     from momentum_proxy.retrieval.rerank import Rerank  # job: numpy and scipy, for the commands that search
 
     if a.rerank is None:  # the default pipeline's, up to the collection size it is cheap for
-        return Rerank(DEFAULT_RERANK, a.rerank_k, a.rerank_alpha, a.rerank_k2, a.rerank_lambda,
+        return Rerank(DEFAULT_RERANK, a.rerank_k, a.rerank_alpha, a.rerank_k2, a.rerank_lambda, a.rerank_keep,
                       up_to=DEFAULT_RERANK_MAX_ITEMS)
-    return Rerank(a.rerank, a.rerank_k, a.rerank_alpha, a.rerank_k2, a.rerank_lambda)
+    return Rerank(a.rerank, a.rerank_k, a.rerank_alpha, a.rerank_k2, a.rerank_lambda, a.rerank_keep)
 
 
 # ----------------------------------------------------------------------------------------------- evaluate
@@ -336,12 +371,13 @@ def add_evaluate(sub) -> None:
     p.add_argument("run_dir", nargs="?", help="run folder")
     p.add_argument("--embeddings", help="evaluate a .npz (arrays features, labels, optional split) instead")
     p.add_argument("--metrics", type=CommaList(str), default=None, help="recall,precision@1,r_precision,map@r,nmi")
-    p.add_argument("--recalls", type=CommaList(int), default=None)
+    p.add_argument("--recalls", type=CommaList(int), default=None,
+                   help="K of Recall@K, comma-separated (default: the run's, else 1,2,4,8)")
     p.add_argument("--out", "--json", dest="out",
                    help="write the results here (default: RUN_DIR/evaluate-RUNTIME[-TTA][-val][-RERANK].json, "
                         f"e.g. evaluate-torch-{DEFAULT_TTA}-{DEFAULT_RERANK}.json with the defaults; the run's "
                         "eval.json, its test result from training, is never changed)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
     p.add_argument("--tta", default=None, help="test-time augmentation: none | flip (each image and its mirror "
                                                f"image, embeddings averaged; about twice the embedding time); default "
@@ -349,12 +385,18 @@ def add_evaluate(sub) -> None:
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="the run's split to evaluate: val to choose settings (e.g. --rerank), test once for the "
                         "chosen one")
+    p.add_argument("--index", help="search the run's test photos in this saved index (your real catalogue, built "
+                                   "by `mproxy index`; classes matched by name) instead of the run's own gallery; "
+                                   "writes RUN_DIR/evaluate-RUNTIME[-TTA][-RERANK]-index.json")
     add_rerank_options(p)
 
 
 def run_evaluate(a) -> None:
     if bool(a.run_dir) == bool(a.embeddings):
         raise UserError("give a run folder or --embeddings FILE.npz (one of them)")
+    if a.index and (a.embeddings or a.split != "test"):
+        raise UserError("--index scores a run's test photos against the index; give a run folder, without "
+                        "--embeddings or --split val")
     if a.embeddings and a.split != "test":
         raise UserError("--split applies to a run; an --embeddings file is evaluated on its own rows (its split "
                         "array)")
@@ -370,7 +412,15 @@ def run_evaluate(a) -> None:
                                                 evaluation_file, format_table)
 
     out = a.out
-    if a.embeddings:
+    if a.index:
+        from momentum_proxy.retrieval.catalogue import evaluate_index  # job
+
+        summary = evaluate_index(a.run_dir, a.index, metrics=a.metrics, recalls=a.recalls, device=a.device,
+                                 runtime=a.runtime, tta=a.tta, rerank=rerank, out=a.out)
+        print(describe(summary, a.run_dir))
+        res = summary["test"]
+        out = a.out or evaluation_file(a.run_dir, summary["runtime"], summary["tta"], rerank=rerank, index=True)
+    elif a.embeddings:
         res = evaluate_file(a.embeddings, metrics=a.metrics, recalls=a.recalls, json_out=a.out, rerank=rerank)
         print(f"{a.embeddings}: rerank {rerank}")
     else:
@@ -393,15 +443,18 @@ def add_retrieve(sub) -> None:
     p = sub.add_parser("retrieve", help="top-K retrieval picture and ranked list for a query image")
     p.add_argument("run_dir", nargs="?", help="run folder")
     p.add_argument("--query", "--query_img_name", dest="query", required=True, help="query image file")
-    p.add_argument("-k", "--retrieval_num", "--retrieval-num", dest="k", type=int, default=8)
+    p.add_argument("-k", "--retrieval_num", "--retrieval-num", dest="k", type=int, default=8,
+                   help="how many results to show")
     p.add_argument("--split", default="test", help="which images of the run's dataset to search: "
                                                     "test | val | train | all")
     p.add_argument("--data_base", "--data-base", dest="data_base",
                    help="(original) a run folder or its embeddings database (.npz)")
     p.add_argument("--index", help="search a saved index (mproxy index: a folder, milvus:PATH.db or "
                                    "milvus://HOST:PORT/COLLECTION) instead of the run's database")
-    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/retrieval)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="output folder of the picture and results.json (default: ./retrieval "
+                   "with --index, else RUN_DIR/retrieval); earlier ones are kept: the next are numbered "
+                   "(retrieval-2.png, results-2.json)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
     p.add_argument("--tta", default=None, help="test-time augmentation: none | flip (each image and its mirror image, "
                                                "embeddings averaged; about twice the embedding time); default: the "
@@ -411,7 +464,7 @@ def add_retrieve(sub) -> None:
 
 def run_retrieve(a) -> None:
     rerank = rerank_of(a)
-    from momentum_proxy.retrieval.search import ranked_list, retrieve_and_draw  # job
+    from momentum_proxy.retrieval.present import ranked_list, retrieve_and_draw  # job
 
     r, png = retrieve_and_draw(a.query, a.k, a.out, run_dir=a.run_dir, index_dir=a.index, data_base=a.data_base,
                                split=a.split, device=a.device, runtime=a.runtime, tta=a.tta, rerank=rerank)
@@ -425,8 +478,9 @@ def run_retrieve(a) -> None:
 # ----------------------------------------------------------------------------------------------- index
 def add_index(sub) -> None:
     p = sub.add_parser("index", help="embed an image collection with a trained model into an index (faiss or Milvus)")
-    p.add_argument("run_dir")
-    p.add_argument("--images", help="a folder of images or a prepared dataset (paths already indexed are skipped)")
+    p.add_argument("run_dir", help="run folder whose selected checkpoint embeds the images")
+    p.add_argument("--images", help="a folder of images or a prepared dataset (images already indexed, by path or by "
+                   "content, are skipped)")
     p.add_argument("--list", default=None, help="instead of --images: a text or CSV file of image paths, one a line, "
                    "each optionally followed by ',class_name' (read and embedded a chunk at a time)")
     p.add_argument("--out", required=True, help="index folder (faiss), milvus:PATH.db (Milvus Lite) or "
@@ -444,8 +498,8 @@ def add_index(sub) -> None:
     p.add_argument("--labels", default="auto",
                    help="class names: auto (a prepared dataset's, or the sub-folder names of a folder of class "
                         "folders) | folders | none | a CSV file of 'path,class_name' lines")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64, help="images embedded together")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
     p.add_argument("--tta", default=None, help="test-time augmentation: none | flip (each image and its mirror image, "
                                                "embeddings averaged; about twice the embedding time); default: the "
@@ -454,7 +508,7 @@ def add_index(sub) -> None:
                    help="under torchrun (`torchrun --nproc-per-node N -m momentum_proxy index ...`), every rank "
                         "embeds its share of the images, this many to a chunk file (a rerun of a killed build "
                         "reuses them), and rank 0 fills the index")
-    add_rerank_options(p, "prepare the neighbour lists of this re-ranking (saved with the index, kept up to date); ")
+    add_rerank_options(p, "The index keeps this re-ranking's neighbour lists (saved with it, kept up to date)")
 
 
 def memory_size(text: str) -> int:
@@ -467,7 +521,7 @@ def memory_size(text: str) -> int:
 
 def run_index(a) -> None:
     rerank = rerank_of(a)
-    from momentum_proxy.retrieval.search import build_index  # job
+    from momentum_proxy.retrieval.build import build_index  # job
 
     a.on_interrupt = "the index is as it was before; run the same command again"
     summary = build_index(a.run_dir, a.images, a.out, kind=a.kind, batch_size=a.batch_size, device=a.device,
@@ -482,7 +536,7 @@ def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="HTTP API and web page over a saved index (mproxy index)")
     p.add_argument("index", help="index folder, milvus:PATH.db or milvus://HOST:PORT/COLLECTION")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback a --token is required)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--token", default=None, help="write token for POST/DELETE /items (default: $MPROXY_TOKEN)")
     p.add_argument("--run", default=None, help="the run that built the index (default: the one it records)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body")
@@ -495,15 +549,15 @@ def add_serve(sub) -> None:
     p.add_argument("--tta", default=None, help="test-time augmentation: none | flip (each image and its mirror image, "
                                                "embeddings averaged; about twice the embedding time); default: the "
                                                "index's own, else none")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--mmap", action="store_true",
                    help="map an ivf or ivfpq index's inverted lists from its file instead of reading them into memory "
                         "(starts without loading the whole index; adds are refused, deletes work)")
     p.add_argument("--model-processes", default="auto",
                    help="model processes beside the server's (CPU, torch): auto is 2 on a CPU with 2+ cores, else 0 "
                         "(the model runs in the server's process)")
-    add_rerank_options(p, "searches that ask for none; a request may ask for another within the neighbour lists "
-                          "kept; ")
+    add_rerank_options(p, "It applies to the searches that name none; a request may name another, within the "
+                          "neighbour lists the index keeps")
 
 
 def run_serve(a) -> None:
@@ -521,8 +575,8 @@ def run_serve(a) -> None:
 # ----------------------------------------------------------------------------------------------- export
 def add_export(sub) -> None:
     p = sub.add_parser("export", help="export a run's best model to ONNX or TorchScript (verified, with a sidecar)")
-    p.add_argument("run_dir")
-    p.add_argument("--format", dest="fmt", default="onnx", help="onnx | torchscript")
+    p.add_argument("run_dir", help="run folder whose selected checkpoint is exported")
+    p.add_argument("--format", dest="fmt", default="onnx", metavar="FORMAT", help="onnx | torchscript")
     p.add_argument("--out", required=True, help="model file; its description goes to FILE.json")
     p.add_argument("--image-size", type=int, default=None, help="input size (default: the run's)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise the output inside the model")
@@ -555,9 +609,9 @@ def run_export(a) -> None:
 # ----------------------------------------------------------------------------------------------- demo
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> retrieve, in a few minutes on CPU")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/demo", help="folder for the demo's dataset, run and pictures")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 def run_demo(a) -> None:
@@ -589,7 +643,8 @@ def run_sweep(a) -> None:
 
 def add_plot(sub) -> None:
     p = sub.add_parser("plot", help="figures: R@1 against momentum over a sweep, or one run's curves")
-    p.add_argument("what", choices=("momentum", "curves"))
+    p.add_argument("what", choices=("momentum", "curves"),
+                   help="momentum: R@1 against the proxy momentum over a sweep; curves: one run's metrics by epoch")
     p.add_argument("folder", help="a sweep folder (momentum) or a run folder (curves)")
     p.add_argument("--out", help="output path without extension (PNG and PDF are written)")
 
@@ -603,8 +658,8 @@ def run_plot(a) -> None:
 
 def add_report(sub) -> None:
     p = sub.add_parser("report", help="Markdown Benchmarks table of all runs below a folder")
-    p.add_argument("folder")
-    p.add_argument("--out", help="Markdown file (default FOLDER/benchmarks.md)")
+    p.add_argument("folder", help="folder searched for run folders (at any depth)")
+    p.add_argument("--out", help="Markdown file (default: FOLDER/benchmarks.md)")
 
 
 def run_report(a) -> None:
@@ -647,7 +702,7 @@ def add_tune_rerank(sub) -> None:
                                                      "recall@K")
     p.add_argument("--tta", default="none", help="test-time augmentation of the val embeddings: none | flip")
     p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
 
 
@@ -664,15 +719,15 @@ def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="images/s of the training and embedding pipelines vs the bare model, and of "
                                      "embedding in PyTorch vs onnxruntime (interleaved repeats)")
     p.add_argument("--data", help="prepared dataset (default: generate full-size JPEGs and prepare them)")
-    p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--backbone", default="efficientnet_lite0", help="backbone to measure (as train's --backbone)")
+    p.add_argument("--image-size", type=int, default=224, help="input size in pixels")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size (embedding batches are twice it)")
     p.add_argument("--steps", type=int, default=10, help="steps per measurement")
     p.add_argument("--rounds", type=int, default=5, help="interleaved repeats of every measurement")
     p.add_argument("--loader-workers", type=int, default=None, help="data-loader processes (default: as train's)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", default="none")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--amp", default="none", help="none | bf16 | fp16 (CUDA) mixed precision, as train's")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model, as train's")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--exact-search", type=search_shape, metavar="QxNxD",
                    help="instead: GFLOP/s of evaluation's exact k-NN, Q queries x N gallery items x D dimensions "
@@ -725,7 +780,7 @@ def check_paths(a) -> None:
         paths.check_dataset(a.data)
     if a.command in ("tune", "sweep") or a.command == "bench" and a.data:
         paths.check_dataset(a.data)
-    if a.command == "serve" or a.command == "retrieve" and a.index:
+    if a.command == "serve" or a.command in ("retrieve", "evaluate") and a.index:
         paths.check_index(a.index)
     if a.command == "retrieve":
         paths.check_file(a.query, "query image")
@@ -753,7 +808,7 @@ def needed_extras(a) -> list[tuple[str, str]]:
         needs.append(("export", f"mproxy {a.command} --runtime onnx"))
     if getattr(a, "log", None) == "tensorboard":  # train, sweep
         needs.append(("track", f"mproxy {a.command} --log tensorboard"))
-    store = {"index": "out", "retrieve": "index", "serve": "index"}.get(a.command)
+    store = {"index": "out", "retrieve": "index", "serve": "index", "evaluate": "index"}.get(a.command)
     if store and paths.milvus_location(getattr(a, store) or ""):
         needs.append(("milvus", f"mproxy {a.command} with a Milvus index"))
     return needs
@@ -768,7 +823,11 @@ COMMANDS = {"prepare": (add_prepare, run_prepare), "train": (add_train, run_trai
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, `mproxy: error: ...`, exit status 2 (argparse prints the usage too)."""
+    """argparse whose errors are one line, `mproxy: error: ...`, exit status 2 (argparse prints the usage too),
+    and which takes no abbreviation of an option (`--split` is never `--split-file`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str):
         self.exit(2, f"mproxy: error: {message} (`{self.prog} --help` lists the options)\n")

@@ -11,8 +11,9 @@ EXTRAS = {
 }
 
 
-class UserError(Exception):
-    """Bad input from the user (missing file, unknown option, ...): reported in one line, no traceback."""
+class UserError(ValueError):
+    """Bad input from the user (missing file, unknown option, ...): the CLI reports it in one line, no traceback.
+    A `ValueError`, so that a Python caller of the library API catches it as the bad argument it is."""
 
 
 def require_extra(extra: str, what: str) -> None:

@@ -5,6 +5,7 @@ Figures are drawn headless (matplotlib's Agg backend), selected in `pyplot()` wh
 when this module is imported, so importing the package never changes the backend of a notebook."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import scienceplots  # noqa: F401  (registers the 'science' styles)
@@ -15,23 +16,39 @@ from momentum_proxy.fileio import atomic_path
 
 PER_ROW = 10  # pictures per row of the retrieval grid
 MAX_DRAWN = 49  # results drawn at most: with the query, 5 rows (about 2000 x 1250 px)
+NAME_WIDTH = 26  # characters of a class name on one line of a cell's title
+
+
+def wrapped(name: str, width: int = NAME_WIDTH, lines: int = 2) -> str:
+    """A class name in at most `lines` lines of about `width` characters, broken after spaces, `_` and `-`
+    (a word longer than a line is cut); an ellipsis ends a name that does not fit."""
+    out = [""]
+    for word in re.split(r"(?<=[\s_-])", name):
+        if out[-1] and len(out[-1]) + len(word) > width:
+            out.append("")
+        out[-1] += word
+    text = "\n".join(line.strip()[:width] for line in out[:lines])
+    return text if len(out) <= lines and all(len(line.strip()) <= width for line in out) else text[:-1] + "…"
 
 
 def draw_results(query: str | Path, results: list, out_png: str | Path, label: int | None = None,
                  title: str | None = None, label_name: str | None = None) -> Path:
-    """One PNG: the query, then the results in rank order with their similarity and class, in rows of
-    PER_ROW; green/red borders when the query's class is known. A missing image is drawn as a grey cell."""
+    """One PNG: the query, then the results in rank order with their raw cosine similarity (and, when a
+    re-ranking ordered them, its score: `rr`) and class, in rows of PER_ROW; green/red borders when the query's
+    class is known. A missing image is drawn as a grey cell."""
     plt = pyplot()
     n = len(results) + 1
     cols = min(n, PER_ROW)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.5 * rows), squeeze=False)
-    query_text = "query" if label is None else f"query: {label_name or f'class {label}'}"
+    query_text = "query" if label is None else f"query:\n{wrapped(label_name or f'class {label}')}"
     entries = [(query, query_text, "black")]
     for r in results:
         colour = "gray" if r.same_class is None else ("#1a9850" if r.same_class else "#d73027")
-        name = r.class_name or ("" if r.label is None else f"class {r.label}")
-        entries.append((r.path, f"#{r.rank} {r.score:.3f}\n{name}", colour))
+        name = wrapped(r.class_name or ("" if r.label is None else f"class {r.label}"))
+        reranked = getattr(r, "rerank_score", None)
+        score = f"{r.score:.3f}" + ("" if reranked is None else f" (rr {reranked:.3f})")
+        entries.append((r.path, f"#{r.rank} {score}\n{name}", colour))
     for ax in axes.ravel():
         ax.axis("off")
     for ax, (path, text, colour) in zip(axes.ravel(), entries):
@@ -43,7 +60,7 @@ def draw_results(query: str | Path, results: list, out_png: str | Path, label: i
             ax.text(0.5, 0.5, "image missing", ha="center", va="center", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(text[:60], fontsize=8)
+        ax.set_title(text, fontsize=8)
         for spine in ax.spines.values():
             spine.set_edgecolor(colour)
             spine.set_linewidth(5 if colour != "black" else 1.5)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from momentum_proxy.config import TrainConfig
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path, check_writable_folder, file_sha256, read_json, write_json, write_text
-from momentum_proxy.paths import (BEST, CONFIG, EMBEDDINGS, EVAL, LAST, LOG,  # noqa: F401  (the run folder's names)
+from momentum_proxy.paths import (BEST, CONFIG, EMBEDDINGS, EVAL, LAST, LOG,  # the run folder's names
                                   METRICS)
 
 TENSORBOARD = "tensorboard"  # event files of `--log tensorboard` (training/tracking.py)

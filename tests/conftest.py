@@ -1,3 +1,6 @@
+import contextlib
+import socket
+
 import pytest
 
 from momentum_proxy.data.synthetic import generate_synthetic
@@ -91,3 +94,41 @@ def server(tmp_path):
 
     yield f"milvus://127.0.0.1:{running[2]}/products", stop, start
     stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """A real Milvus server for the session: Milvus standalone 2.3 from PyPI's `milvus` package (a [test]
+    dependency: a server binary that starts offline in about 10 s), on free ports of 127.0.0.1; yields its port.
+    Its embedded etcd gets free ports from a config file (else its peer port is 2380, and a second server on the
+    machine fails); a server that exits while starting fails the tests at once (its logs: data_dir/logs)."""
+    milvus = pytest.importorskip("milvus", reason="no Milvus server to test against: PyPI's `milvus` package (a "
+                                 "[test] dependency, Linux x86-64 only) is not installed")
+    data, client, peer = tmp_path_factory.mktemp("milvus-server"), free_port(), free_port()
+    (data / "etcd.yaml").write_text(f"name: default\nlisten-client-urls: http://127.0.0.1:{client}\n"
+                                    f"advertise-client-urls: http://127.0.0.1:{client}\n"
+                                    f"listen-peer-urls: http://127.0.0.1:{peer}\n"
+                                    f"initial-advertise-peer-urls: http://127.0.0.1:{peer}\n"
+                                    f"initial-cluster: default=http://127.0.0.1:{peer}\n")
+    server = milvus.MilvusServer(data_dir=str(data), etcd_port=client, wait_for_started=False)
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("ETCD_CONFIG_PATH", str(data / "etcd.yaml"))  # Milvus reads its settings from the environment
+            server.start()
+        for _ in range(300):  # 1 s each; it takes about 10
+            if server.server_proc.poll() is not None:
+                pytest.fail(f"the Milvus server exited ({server.server_proc.returncode}); its logs: {data}/logs")
+            with contextlib.suppress(TimeoutError):
+                server.wait_started(timeout=1000)
+                break
+        else:
+            pytest.fail(f"the Milvus server did not answer in 300 s; its logs: {data}/logs")
+        yield server.listen_port
+    finally:
+        server.stop()

@@ -23,4 +23,4 @@ def test_importing_the_package_imports_no_torch_until_a_name_is_used():
 
 def test_unknown_names_are_attribute_errors():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        momentum_proxy.nope
+        _ = momentum_proxy.nope

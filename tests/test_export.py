@@ -11,12 +11,13 @@ from momentum_proxy.cli import main
 from momentum_proxy.data.manifest import read_manifest
 from momentum_proxy.deploy.export import MIN_COSINE, export_run, same_neighbours, sidecar_path
 from momentum_proxy.deploy.runtimes import EXPORT_FILE, load_embedder
-from momentum_proxy.embedding.inference import embed_files
+from momentum_proxy.embedding.inference import ModuleEmbedder, embed_files
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import file_sha256
 from momentum_proxy.models.net import EmbeddingNet
 from momentum_proxy.retrieval.store import check_mix
 from momentum_proxy.runs import BEST, RunDir, TrainConfig
+from momentum_proxy.vectors import l2_normalize
 
 
 def make_run(data, out: Path, backbone: str = "efficientnet_lite0", seed: int = 0) -> Path:
@@ -111,7 +112,7 @@ def test_sidecar_describes_the_input_and_is_enough_to_embed_a_photo(tiny_data, t
     emb = onnx_embed(tmp_path / "out" / "model.onnx", np.ascontiguousarray(x))[0]
 
     embedder = load_embedder(run, "torch", "cpu")
-    expected = embed_files(embedder.model, [photo], 56, torch.device("cpu"))[0][0]
+    expected = embed_files(ModuleEmbedder(embedder.model, image_size=56), [photo])[0][0]
     assert np.dot(emb / np.linalg.norm(emb), expected) >= MIN_COSINE
 
 
@@ -189,6 +190,33 @@ def test_an_export_failing_one_check_alone_is_refused(change, cosine_passes, nei
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def one_row_off(count: int = 32, dim: int = 64, cosine: float = 0.9995) -> tuple[np.ndarray, np.ndarray]:
+    """Reference rows and a copy in which row 0 alone is turned (to `cosine`) toward a direction orthogonal to
+    every row: the other rows are exact and every similarity to row 0 shrinks by the same factor. Row 0 points
+    away from a tight cluster of the others, so it stays last in every list and no neighbour list changes."""
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(count, dim))
+    rows[1:] += 6 * np.eye(dim)[0]  # the others: a cluster around +e0; row 0 opposite
+    rows[0] = -np.eye(dim)[0] + 0.1 * rows[0]
+    rows = l2_normalize(rows.astype(np.float32))
+    away = np.linalg.svd(rows)[2][-1]  # orthogonal to every row (count < dim)
+    off = rows.copy()
+    off[0] = cosine * rows[0] + np.sqrt(1 - cosine ** 2) * away
+    return rows, off
+
+
+def test_the_export_check_is_on_the_least_agreeing_row():
+    """A single row off (cosine 0.9995), the 31 others exact and every neighbour list intact: the check fails on
+    that row's cosine (a mean over the rows, 0.99998, would pass)."""
+    from momentum_proxy.deploy.export import agreement
+
+    reference, exported = one_row_off()
+    check = agreement(reference, exported)
+    assert check["topk_identical"] and check["mean_cosine"] >= MIN_COSINE  # only the minimum can fail it
+    assert check["min_cosine"] == pytest.approx(0.9995, abs=1e-6) and not check["passed"]
+    assert agreement(reference, reference.copy())["passed"]
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--format", "tflite", "--out", "{tmp}/m.onnx"], "unknown export format 'tflite'"),
     (["--out", "{tmp}"], "--out must be a file path, not a folder"),
@@ -223,8 +251,10 @@ def test_cli_export_reports_the_check(tiny_data, tmp_path, capsys):
 
 
 def test_onnx_runtime_index_equals_torch_index_and_runtimes_mix(tiny_data, tmp_path):
+    from PIL import Image, ImageOps
+
+    from momentum_proxy.retrieval.build import build_index
     from momentum_proxy.retrieval.faiss_store import FaissStore
-    from momentum_proxy.retrieval.search import build_index
 
     run = make_run(tiny_data, tmp_path / "run")
     build_index(run, tiny_data, tmp_path / "torch", runtime="torch", device="cpu")
@@ -235,10 +265,10 @@ def test_onnx_runtime_index_equals_torch_index_and_runtimes_mix(tiny_data, tmp_p
     fa, fb = np.asarray(a.index.reconstruct_n(0, len(a))), np.asarray(b.index.reconstruct_n(0, len(b)))
     assert_agree(fa, fb)  # cosine >= 0.9999 and the same top-10 neighbours
 
-    more = tmp_path / "more"  # new images (paths already indexed are skipped)
+    more = tmp_path / "more"  # new images: mirrored (a copy of an indexed photo is not indexed again)
     more.mkdir()
     for p in sorted((tiny_data / "images" / "species_05").glob("*.jpg"))[:3]:
-        (more / p.name).write_bytes(p.read_bytes())
+        ImageOps.mirror(Image.open(p)).save(more / p.name)
     build_index(run, more, tmp_path / "torch", runtime="onnx", device="cpu")  # extend: verified export
     mixed = FaissStore.load(tmp_path / "torch")
     assert len(mixed) == len(a) + 3 and mixed.model["runtime"] == "onnx,torch"
@@ -299,16 +329,32 @@ def test_int8_model_is_quantised_and_its_report_is_consistent(tiny_data, tmp_pat
         assert gate(report)
 
 
-def test_int8_export_is_kept_only_with_a_passing_report(tiny_data, tmp_path):
+@pytest.mark.parametrize("map_change, kept", [(-0.005, True), (-0.015, False)])
+def test_int8_export_is_kept_only_with_a_passing_report(map_change, kept, tiny_data, tmp_path, monkeypatch):
+    """The real quantisation and comparison, with the report's quality and speed then set (a random-weight model's
+    figures on 16 images, and a timing, decide nothing): MAP@R -0.5 points is kept, -1.5 refused."""
+    from momentum_proxy.deploy import export
+
+    real_compare, reports = export.compare, []
+
+    def decided(*args):
+        report = real_compare(*args)
+        reports.append(dict(report))
+        return {**report, **lite0_like_report(0.0, map_change, 1.4)}
+
+    monkeypatch.setattr(export, "compare", decided)
     run = make_run(tiny_data, tmp_path / "run")
     (tmp_path / "out").mkdir()
-    try:
+    if kept:
         info = export_run(run, tmp_path / "out" / "m.onnx", int8=True, calibration=tiny_data)
-    except UserError as e:
-        assert "int8 model not kept" in str(e) and list((tmp_path / "out").iterdir()) == []
-    else:
         assert info["int8"]["passed"] and info["int8"]["calibration_data"] == str(tiny_data)
+        assert info["int8"]["map@r_change"] == map_change
         assert json.loads((tmp_path / "out" / "m.onnx.json").read_text())["int8"] == info["int8"]
+    else:
+        with pytest.raises(UserError, match=r"int8 model not kept: MAP@R -1.50 points"):
+            export_run(run, tmp_path / "out" / "m.onnx", int8=True, calibration=tiny_data)
+        assert list((tmp_path / "out").iterdir()) == []
+    assert len(reports) == 1 and reports[0]["images"] == 16  # the real comparison ran, on the val split
 
 
 def lite0_like_report(r1_change: float, map_change: float, speedup: float = 1.4) -> dict:
@@ -322,6 +368,9 @@ def lite0_like_report(r1_change: float, map_change: float, speedup: float = 1.4)
 @pytest.mark.parametrize("r1, mapr, speedup, failed", [
     (0.0047, -0.036, 1.4, ["MAP@R -3.60 points (at most -1 allowed)"]),  # Lite0's: R@1 alone would keep it
     (-0.005, -0.01, 1.4, []), (-0.0051, 0.0, 1.4, ["R@1 -0.51 points (at most -0.5 allowed)"]),
+    (0.0, -0.0101, 1.4, ["MAP@R -1.01 points (at most -1 allowed)"]),  # just past the bound
+    (0.0, -0.015, 1.4, ["MAP@R -1.50 points (at most -1 allowed)"]),  # a bound at twice the threshold would pass
+    (-0.0075, 0.0, 1.4, ["R@1 -0.75 points (at most -0.5 allowed)"]),
     (0.0, 0.0, 1.0, ["not faster (x1.0)"]),
 ])
 def test_the_int8_gate_needs_recall_map_at_r_and_speed(r1, mapr, speedup, failed):

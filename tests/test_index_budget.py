@@ -13,8 +13,15 @@ from conftest import run_cli
 
 from momentum_proxy.config import parse_memory
 from momentum_proxy.errors import UserError
-from momentum_proxy.retrieval.faiss_store import (HEADROOM, META_FILE, FaissStore, default_nlist, estimate_bytes,
-                                                  exact_neighbours, plan_index)
+from momentum_proxy.retrieval.faiss_store import (
+    HEADROOM,
+    META_FILE,
+    FaissStore,
+    default_nlist,
+    estimate_bytes,
+    exact_neighbours,
+    plan_index,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from conftest import run_cli
 
-from momentum_proxy.retrieval import search
+from momentum_proxy.retrieval import build
 from momentum_proxy.retrieval.stores import local_folder, open_store
 
 
@@ -26,12 +26,11 @@ def test_a_list_is_indexed_in_chunks_with_bad_lines_reported(tiny_run, tiny_data
              f"{images[1]},{images[1].parent.name}"]  # the last line repeats an image
     (tmp_path / "catalogue.csv").write_text("\n".join(lines) + "\n")
     embedded = []
-    embed_files = search.embed_files
-    monkeypatch.setattr(search, "embed_files", lambda e, paths, *a: embedded.append(len(paths)) or
+    embed_files = build.embed_files
+    monkeypatch.setattr(build, "embed_files", lambda e, paths, *a: embedded.append(len(paths)) or
                         embed_files(e, paths, *a))
-    monkeypatch.setattr(search, "LIST_CHUNK", 4)
-    read = search.read_image_list
-    monkeypatch.setattr(search, "read_image_list", lambda f: read(f, 4))
+    read = build.read_image_list
+    monkeypatch.setattr(build, "read_image_list", lambda f: read(f, 4))
     code, stdout, err = run_cli(["index", tiny_run, "--list", tmp_path / "catalogue.csv", "--out", out,
                                  "--device", "cpu"], capsys)
     assert code == 0, err

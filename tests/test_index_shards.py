@@ -13,8 +13,8 @@ import torch
 from momentum_proxy.data.manifest import read_manifest
 from momentum_proxy.distributed import DistInfo
 from momentum_proxy.fileio import read_json
-from momentum_proxy.retrieval import search, shards
-from momentum_proxy.retrieval.search import build_index
+from momentum_proxy.retrieval import build, shards
+from momentum_proxy.retrieval.build import build_index
 from momentum_proxy.retrieval.stores import open_store
 
 ARGS = ["--chunk-size", "8", "--batch-size", "4", "--device", "cpu"]  # 64 images: 8 chunks, 4 a rank
@@ -141,8 +141,8 @@ def test_a_list_with_bad_lines_and_unreadable_images_fills_as_one_process_does(t
     listed.write_text("path,class_name\n" + "".join(f"{p},{p.parent.name}\n" for p in images)
                       + f"broken.jpg,x\n,y\n{images[0]},z\n")
     one = build_index(tiny_run, None, tmp_path / "one", image_list=listed, batch_size=4, device="cpu")
-    two = search._build_sharded(DistInfo(), 5, tiny_run, None, tmp_path / "two", "exact", 4, "cpu", False, "torch",
-                                "auto", None, None, listed)
+    two = build._build_sharded(DistInfo(), 5, tiny_run, None, tmp_path / "two", "exact", 4, "cpu", False, "torch",
+                               "auto", None, None, listed)
     assert {**two, "index": None} == {**one, "index": None} and one["added"] == 12 and one["skipped"] == 2
     _assert_same_index(tmp_path / "one", tmp_path / "two", n=12, exact=False)  # chunks of 5, batches of 4
     assert read_json(tmp_path / "two" / "skipped.json") == read_json(tmp_path / "one" / "skipped.json")

@@ -87,7 +87,7 @@ def test_no_import_cycles():
 def test_imports_inside_functions_say_why():
     lines = {}
     silent = []
-    for module, path in modules():
+    for _, path in modules():
         text = lines.setdefault(path, path.read_text().splitlines())
         for name, line, inside in imports(path):
             if inside and "#" not in text[line - 1] and "#" not in text[line - 2]:

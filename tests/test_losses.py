@@ -78,6 +78,8 @@ def test_init_from_class_means():
 def test_bad_arguments():
     with pytest.raises(UserError):
         MomentumProxyUpdate(1.5)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):  # what a Python caller catches
+        MomentumProxyUpdate(-0.1)
     with pytest.raises(UserError):
         MomentumProxyUpdate(0.5, "median")
     with pytest.raises(UserError, match="unknown loss"):
@@ -101,3 +103,21 @@ def test_sum_update_equals_the_original_tools_update_with_repeated_labels():
     torch.testing.assert_close(MomentumProxyUpdate(0.4, "sum")(p.clone(), emb, labels), expected, rtol=0, atol=1e-12)
     mean = MomentumProxyUpdate(0.4, "mean")(p.clone(), emb, labels)
     assert not torch.allclose(mean[1], expected[1])  # the default differs: one step of m per class
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_batch_is_skipped_and_counted_and_a_finite_one_still_updates(bad):
+    """One non-finite embedding (an fp16 overflow) leaves every proxy as it was and counts one skipped update;
+    the next finite batch moves the proxies exactly as the rule says."""
+    loss = create_loss("proxy_anchor", num_classes=4, embedding_size=3)
+    update = MomentumProxyUpdate(0.5).attach(loss)
+    before = proxies_by_class(loss).clone()
+    emb, labels = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]]), torch.tensor([0, 1, 1])
+    poisoned = emb.clone()
+    poisoned[2, 1] = bad
+    update.step(poisoned, labels)
+    assert torch.equal(proxies_by_class(loss), before) and update.skipped == 1
+    update.step(emb, labels)
+    torch.testing.assert_close(proxies_by_class(loss), reference_update(before, emb, labels, 0.5, "mean"), rtol=0,
+                               atol=0)
+    assert update.skipped == 1

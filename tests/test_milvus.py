@@ -9,14 +9,21 @@ import numpy as np
 import pytest
 from conftest import make_run, run_cli
 from fastapi.testclient import TestClient
-from test_service import (TOKEN, jpeg_bytes, test_add_delete_persist_and_ids_stable_across_restart,  # noqa: F401
-                          test_bad_parameters_are_422_with_one_line, test_health_stats_metrics_docs_page,
-                          test_internal_error_is_500_without_details_and_server_goes_on,
-                          test_items_metadata_and_image_files, test_k_default_max_and_min_score,
-                          test_results_are_ranked_from_1_and_judged_only_against_a_known_class,
-                          test_search_equals_mproxy_retrieve_index, test_searcher_without_http)
+from test_service import (  # noqa: F401
+    TOKEN,
+    jpeg_bytes,
+    test_add_delete_persist_and_ids_stable_across_restart,
+    test_bad_parameters_are_422_with_one_line,
+    test_health_stats_metrics_docs_page,
+    test_internal_error_is_500_without_details_and_server_goes_on,
+    test_items_metadata_and_image_files,
+    test_k_default_max_and_min_score,
+    test_results_are_ranked_from_1_and_judged_only_against_a_known_class,
+    test_search_equals_mproxy_retrieve_index,
+    test_searcher_without_http,
+)
 
-from momentum_proxy.retrieval.search import build_index
+from momentum_proxy.retrieval.build import build_index
 from momentum_proxy.retrieval.stores import build_store, open_store
 from momentum_proxy.serving.app import create_app
 
@@ -66,17 +73,18 @@ def test_index_retrieve_rebuild_through_the_cli(tiny_run, tiny_data, tmp_path, c
     assert code == 0, err
     assert "added: 64" in out and "total: 64" in out and "classes: 8" in out
     query = tiny_data / "images" / "species_03" / "0001.jpg"
-    code, out, err = run_cli(["retrieve", "--index", f"milvus:{db}", "--query", query, "-k", 5], capsys)
+    code, out, err = run_cli(["retrieve", "--index", f"milvus:{db}", "--query", query, "-k", 5,
+                              "--out", tmp_path / "r"], capsys)
     assert code == 0, err
     listed = [line for line in out.splitlines() if line.startswith("#")]
     assert len(listed) == 5 and str(query) not in out  # the query's own item left out
-    saved = json.loads((tmp_path / "shop.files" / "retrieval" / "results.json").read_text())
+    saved = json.loads((tmp_path / "r" / "results.json").read_text())
     assert saved["index"] == {"path": f"milvus:{db}", "kind": "exact", "items": 64,
                               "params": {"index_type": "FLAT", "metric_type": "IP"},
                               "recall": {"k": 10, "recall": 1.0, "exact": True}}  # Milvus searches exactly (FLAT)
     assert saved["query_class_name"] == "species_03" and all(r["class_name"] for r in saved["results"])
-    code, out, err = run_cli(["retrieve", "--index", f"milvus:{db}", "--query", query, "-k", 5, "--rerank", "dba"],
-                             capsys)
+    code, out, err = run_cli(["retrieve", "--index", f"milvus:{db}", "--query", query, "-k", 5, "--rerank", "dba",
+                              "--out", tmp_path / "r"], capsys)
     assert code == 0 and len([line for line in out.splitlines() if line.startswith("#")]) == 5, err
     # the same command again adds nothing; a rebuild from the store's own items replaces it
     code, out, _ = run_cli(["index", tiny_run, "--images", tiny_data, "--out", f"milvus:{db}"], capsys)
@@ -95,7 +103,8 @@ def test_a_stale_or_missing_milvus_index_is_refused_in_one_line(tiny_run, tiny_d
     other = make_run(tmp_path / "other", tiny_data, epoch=3, seed=1)
     code, _, err = run_cli(["retrieve", other, "--index", index_dir, "--query", query], capsys)
     assert code == 2 and err.count("\n") == 1
-    assert f"the index {index_dir} is stale: it was built with another run's model" in err
+    assert f"the index {index_dir} is stale: it was built from epoch 0 of {tiny_run.resolve()}, not by " in err
+    assert "search or extend it with the run that built it" in err
     code, _, err = run_cli(["retrieve", "--index", f"milvus:{tmp_path}/none.db", "--query", query], capsys)
     assert code == 2 and err == (f"mproxy: error: no Milvus Lite index at {tmp_path}/none.db; make one with `mproxy "
                                  f"index RUN --images DIR --out milvus:{tmp_path}/none.db`\n")
@@ -136,7 +145,7 @@ def test_uploads_go_beside_the_milvus_lite_file(writable, tmp_path):
     r = c.post("/items", files=[("images", ("a.jpg", jpeg_bytes(seed=9), "image/jpeg"))],
                headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200, r.text
-    assert r.json()["items"][0]["path"].startswith(str(tmp_path / "copy.files" / "images"))
+    assert r.json()["items"][0]["path"].startswith(str(tmp_path / "copy.files" / "uploads") + "/")
 
 
 # ----------------------------------------------------------------------------------- a server that goes away

@@ -262,7 +262,7 @@ def cub(tmp_path) -> Path:
         (3, "101.White_Pelican/c_3.jpg", 101, (10.4, 5.6, 12.0, 11.0)),
         (4, "200.Common_Yellowthroat/d_4.jpg", 200, (1.0, 1.0, 5.0, 5.0)),
     ]
-    for i, rel, cls, (x, y, w, h) in images:
+    for i, rel, _, (x, y, w, h) in images:
         jpeg(root / "images" / rel, box=(round(x), round(y), round(x + w), round(y + h)), seed=i)
     (root / "images.txt").write_text("".join(f"{i} {rel}\n" for i, rel, _, _ in images))
     (root / "image_class_labels.txt").write_text("".join(f"{i} {cls}\n" for i, _, cls, _ in images))

@@ -5,15 +5,16 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from momentum_proxy.data.loading import eval_dataset
 from momentum_proxy.data.manifest import read_manifest, split_frame
 from momentum_proxy.embedding.inference import TorchEmbedder, embed_dataset
 from momentum_proxy.errors import UserError
+from momentum_proxy.vectors import knn
 from momentum_proxy.evaluation.metrics import evaluate_embeddings
 from momentum_proxy.retrieval.faiss_store import FaissStore
-from momentum_proxy.retrieval.rerank import Neighbours, Rerank, rerank_knn, rerank_store
-from conftest import run_cli
+from momentum_proxy.retrieval.rerank import Neighbours, Rerank, kept_neighbours, kept_size, rerank_knn, rerank_store
 
 
 # ----------------------------------------------------------------------------------- references (float64, loops)
@@ -118,9 +119,10 @@ def dyadic_vectors():
     return np.array(axes + halves, np.float32)
 
 
-SETTINGS = [Rerank("aqe", k=3, alpha=0), Rerank("aqe", k=2, alpha=3), Rerank("dba", k=3, alpha=0),
-            Rerank("dba", k=2, alpha=2), Rerank("dba+aqe", k=3, alpha=1), Rerank("kreciprocal", k=4, k2=3, lam=0.3),
-            Rerank("kreciprocal", k=3, k2=1, lam=0), Rerank("kreciprocal", k=6, k2=4, lam=0.5), Rerank("none")]
+SETTINGS = [Rerank("aqe", k=3, alpha=0, keep=0), Rerank("aqe", k=2, alpha=3, keep=0), Rerank("dba", k=3, alpha=0, keep=0),
+            Rerank("dba", k=2, alpha=2, keep=0), Rerank("dba+aqe", k=3, alpha=1, keep=0),
+            Rerank("kreciprocal", k=4, k2=3, lam=0.3, keep=0), Rerank("kreciprocal", k=3, k2=1, lam=0, keep=0),
+            Rerank("kreciprocal", k=6, k2=4, lam=0.5, keep=0), Rerank("none")]  # each method alone (keep 0)
 
 
 @pytest.mark.parametrize("rerank", SETTINGS, ids=str)
@@ -133,8 +135,9 @@ def test_each_method_matches_its_definition_with_ties_and_duplicates(rerank):
         assert_matches(REFERENCES[rerank.method](q, gallery.astype(np.float64), rerank), s, i)
 
 
-@pytest.mark.parametrize("rerank", [Rerank("aqe", k=9), Rerank("dba", k=9), Rerank("dba+aqe", k=20),
-                                    Rerank("kreciprocal", k=12, k2=9)], ids=str)
+@pytest.mark.parametrize("rerank", [Rerank("aqe", k=9, keep=0), Rerank("dba", k=9, keep=0),
+                                    Rerank("dba+aqe", k=20, keep=0), Rerank("kreciprocal", k=12, k2=9, keep=0)],
+                         ids=str)
 def test_k_larger_than_the_collection_takes_every_item(rerank):
     rng = np.random.default_rng(1)
     gallery, queries = rng.normal(size=(5, 6)), rng.normal(size=(2, 6))
@@ -144,6 +147,33 @@ def test_k_larger_than_the_collection_takes_every_item(rerank):
     assert idx.shape == (2, 5)
     for q, s, i in zip(queries, scores, idx):
         assert_matches(REFERENCES[rerank.method](q, gallery, rerank), s, i)
+
+
+@pytest.mark.parametrize("method, keep", [("dba", 1), ("dba+aqe", 1), ("aqe", 2), ("kreciprocal", 3), ("dba", 12)])
+def test_keep_puts_the_plain_cosine_hits_first_and_reranks_the_rest(method, keep):
+    v = dyadic_vectors()
+    gallery = v[[0, 0, 8, 9, 9, 10, 12, 2, 15, 4, 17, 8]]  # ties: the first of equals (by position) is kept
+    queries = v[[8, 1, 20, 9]]
+    alone = Rerank(method, keep=0)
+    scores, idx = rerank_knn(queries, gallery, 6, Rerank(method, keep=keep))
+    pure_scores, pure_idx = rerank_knn(queries, gallery, len(gallery), alone)
+    plain = knn(queries, gallery, min(keep, 6))[1]
+    for row, q in enumerate(queries):
+        first = list(plain[row])
+        assert list(idx[row][:len(first)]) == first
+        assert list(idx[row][len(first):]) == [i for i in pure_idx[row] if i not in first][:6 - len(first)]
+        by_item = dict(zip(pure_idx[row], pure_scores[row]))  # every hit keeps its re-ranked score
+        np.testing.assert_allclose(scores[row], [by_item[i] for i in idx[row]], atol=1e-6)
+
+
+def test_keep_leaves_the_left_out_query_out_and_defaults_to_one_for_a_method():
+    x = unit_rows(30)
+    _, idx = rerank_knn(x, x, 5, Rerank("dba", k=3), exclude_self=True)
+    plain = knn(x, x, 1, exclude_self=True)[1][:, 0]
+    assert (idx[:, 0] == plain).all() and (idx != np.arange(30)[:, None]).all()
+    assert Rerank("dba").keep == 1 and Rerank().keep == 0
+    assert Rerank("dba").to_dict() == {"method": "dba", "k": 5, "alpha": 3.0, "keep": 1}
+    assert str(Rerank("dba", keep=0)) == "dba (k 5, alpha 3, keep 0)"
 
 
 def unit_rows(n, d=8, seed=0):
@@ -190,7 +220,7 @@ def test_neighbour_lists_follow_adds_and_removes_as_if_computed_anew(tmp_path):
     rerank_store(store, x[0:1], 5, rerank)  # computes the lists
     store.save(tmp_path / "idx")
     store = FaissStore.load(tmp_path / "idx")
-    assert store.neighbours is not None and store.neighbours.size == 5  # saved with the index
+    assert kept_neighbours(store) is not None and kept_size(store) == 5  # saved with the index
     for i in (3, 7, 8, 21):
         store.remove(i)
     store.add(x[40:60], [f"{i}.jpg" for i in range(40, 60)])
@@ -198,14 +228,32 @@ def test_neighbour_lists_follow_adds_and_removes_as_if_computed_anew(tmp_path):
     store.save(tmp_path / "idx")  # a save brings the lists up to date
     live = np.array([i for i in range(60) if store.exists(i)])
     store = FaissStore.load(tmp_path / "idx")
-    assert_same_lists(store.neighbours, Neighbours.compute(live, x[live], 5))
+    assert_same_lists(kept_neighbours(store), Neighbours.compute(live, x[live], 5))
     got, got_ids = rerank_store(store, x[50:52], 10, rerank, exclude=[51])
     ref_scores, ref_idx = rerank_knn(x[50:52], x[live[live != 51]], 10, rerank)
     assert np.array_equal(got_ids, live[live != 51][ref_idx])
     np.testing.assert_allclose(got, ref_scores, atol=1e-6)
     store.remove(52)  # and a search between saves sees the change
     assert 52 not in rerank_store(store, x[50:51], 60, rerank)[1]
-    assert_same_lists(store.neighbours, Neighbours.compute(live[live != 52], x[live[live != 52]], 5))
+    assert_same_lists(kept_neighbours(store), Neighbours.compute(live[live != 52], x[live[live != 52]], 5))
+
+
+def test_lists_saved_before_attachments_are_read_and_moved_on_the_next_save(tmp_path):
+    from momentum_proxy.fileio import read_json, write_json
+
+    x, folder = unit_rows(20, seed=6), tmp_path / "idx"
+    store = FaissStore.build(x, [f"{i}.jpg" for i in range(20)])
+    rerank_store(store, x[:1], 3, Rerank("dba", k=2))
+    store.save(folder)
+    meta = read_json(folder / "meta.json")  # as the previous version wrote it
+    record = meta.pop("attachments")["neighbours"]
+    (folder / record["file"]).rename(folder / "neighbours-0123456789abcdef.npz")
+    write_json(folder / "meta.json", {**meta, "neighbours_file": "neighbours-0123456789abcdef.npz",
+                                      "neighbours_sha256": record["sha256"]})
+    old = FaissStore.load(folder)
+    assert kept_size(old) == 3
+    old.save(folder)
+    assert [p.name for p in folder.glob("*neighbours-*")] == [record["file"]]
 
 
 # ----------------------------------------------------------------------------------- parameters and command line
@@ -216,6 +264,8 @@ def test_neighbour_lists_follow_adds_and_removes_as_if_computed_anew(tmp_path):
     ({"method": "kreciprocal", "lam": 1.5}, "--rerank-lambda must be a number from 0 to 1, got 1.5"),
     ({"method": "aqe", "lam": 0.3}, "--rerank-lambda does not apply to --rerank aqe (only to kreciprocal)"),
     ({"method": "none", "k": 3}, "--rerank-k does not apply to --rerank none"),
+    ({"method": "dba", "keep": -1}, "--rerank-keep must be a whole number from 0 to 1000, got -1"),
+    ({"method": "dba", "keep": 1.5}, "--rerank-keep must be a whole number from 0 to 1000, got 1.5"),
 ])
 def test_bad_parameters_are_refused_in_words(kwargs, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
@@ -252,7 +302,7 @@ def test_evaluate_embeddings_with_rerank_scores_each_query_without_itself(tmp_pa
     x, labels = unit_rows(24, seed=5), np.repeat(np.arange(6), 4)
     np.savez(tmp_path / "e.npz", features=x, labels=labels)
     code, out, err = run_cli(["evaluate", "--embeddings", tmp_path / "e.npz", "--rerank", "dba", "--rerank-k", "2",
-                              "--rerank-alpha", "1", "--metrics", "recall", "--recalls", "1", "--out",
+                              "--rerank-alpha", "1", "--rerank-keep", "0", "--metrics", "recall", "--recalls", "1", "--out",
                               tmp_path / "r.json"], capsys)
     assert code == 0, err
     hits = []
@@ -261,7 +311,7 @@ def test_evaluate_embeddings_with_rerank_scores_each_query_without_itself(tmp_pa
         scores = ref_dba(x[i].astype(np.float64), x[others].astype(np.float64), 2, 1.0)
         hits.append(labels[others[nearest(scores, range(23), 1)[0]]] == labels[i])
     assert json.loads((tmp_path / "r.json").read_text())["recall@1"] == pytest.approx(np.mean(hits))
-    assert "rerank dba (k 2, alpha 1)" in out
+    assert "rerank dba (k 2, alpha 1, keep 0)" in out
 
 
 def test_evaluate_run_on_val_with_rerank(tiny_run, tiny_data, tmp_path, capsys):
@@ -271,11 +321,11 @@ def test_evaluate_run_on_val_with_rerank(tiny_run, tiny_data, tmp_path, capsys):
     assert code == 0, err
     summary = json.loads((tmp_path / "e.json").read_text())
     assert summary["split"] == "val" and summary["queries"] == 16 and "test" not in summary
-    assert summary["rerank"] == {"method": "aqe", "k": 2, "alpha": 3.0} and summary["tta"] == "none"
-    assert "on the val split" in out and "tta none, rerank aqe (k 2, alpha 3)" in out
+    assert summary["rerank"] == {"method": "aqe", "k": 2, "alpha": 3.0, "keep": 1} and summary["tta"] == "none"
+    assert "on the val split" in out and "tta none, rerank aqe (k 2, alpha 3, keep 1)" in out
     frame = split_frame(read_manifest(tiny_data), "val")
     embedder = TorchEmbedder(tiny_run, "cpu")
-    feats = embed_dataset(embedder, eval_dataset(tiny_data, frame, embedder.image_size), embedder.device)
+    feats = embed_dataset(embedder, eval_dataset(tiny_data, frame, embedder.image_size))
     expected = evaluate_embeddings(feats, frame["label"].to_numpy(), metrics=["recall", "map@r"],
                                    rerank=Rerank("aqe", k=2))
     assert summary["val"] == pytest.approx(expected)
@@ -284,7 +334,7 @@ def test_evaluate_run_on_val_with_rerank(tiny_run, tiny_data, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def rerank_index(tiny_run, tiny_data, tmp_path_factory):
     """The tiny dataset's index, prepared for kreciprocal with k1 3 (neighbour lists of 5 + 1 kept)."""
-    from momentum_proxy.retrieval.search import build_index
+    from momentum_proxy.retrieval.build import build_index
 
     idx = tmp_path_factory.mktemp("rerank") / "idx"
     build_index(tiny_run, tiny_data, idx, rerank=Rerank("kreciprocal", k=3))
@@ -294,20 +344,21 @@ def rerank_index(tiny_run, tiny_data, tmp_path_factory):
 def test_retrieve_from_an_index_with_rerank_leaves_the_query_out_of_the_database_side(rerank_index, tiny_data,
                                                                                       tmp_path, capsys):
     store = FaissStore.load(rerank_index)
-    assert store.neighbours.size == 6 and len(list(rerank_index.glob("neighbours-*.npz"))) == 1
+    assert kept_size(store) == 6 and len(list(rerank_index.glob("attachment-neighbours-*.bin"))) == 1
     ids, x = store.live_vectors()
     query = store.item(int(ids[10]))["path"]
     code, out, err = run_cli(["retrieve", "--index", rerank_index, "--query", query, "-k", "5", "--rerank",
-                              "kreciprocal", "--rerank-k", "3", "--out", tmp_path / "o", "--device", "cpu"], capsys)
+                              "kreciprocal", "--rerank-k", "3", "--rerank-keep", "0", "--out", tmp_path / "o", "--device", "cpu"], capsys)
     assert code == 0, err
-    assert "re-ranked by kreciprocal (k 3, k2 6, lambda 0.3)" in out
+    assert "re-ranked by kreciprocal (k 3, k2 6, lambda 0.3, keep 0)" in out
     results = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert results["rerank"] == {"method": "kreciprocal", "k": 3, "k2": 6, "lambda": 0.3}
+    assert results["rerank"] == {"method": "kreciprocal", "k": 3, "k2": 6, "lambda": 0.3, "keep": 0}
     others = np.delete(np.arange(len(ids)), 10)  # the query's own item is not in the collection it searches
     reference = ref_kreciprocal(x[10].astype(np.float64), x[others].astype(np.float64), 3, 6, 0.3)
     best = nearest(reference, range(len(others)), 5)
     assert [r["id"] for r in results["results"]] == [int(ids[others[j]]) for j in best]
-    np.testing.assert_allclose([r["score"] for r in results["results"]], reference[best], atol=1e-4)
+    np.testing.assert_allclose([r["rerank_score"] for r in results["results"]], reference[best], atol=1e-4)
+    np.testing.assert_allclose([r["score"] for r in results["results"]], x[others[best]] @ x[10], atol=1e-5)
 
 
 def test_the_service_reranks_reports_its_cost_and_keeps_requests_within_its_lists(rerank_index, tmp_path):
@@ -319,23 +370,57 @@ def test_the_service_reranks_reports_its_cost_and_keeps_requests_within_its_list
 
     folder = tmp_path / "idx"
     shutil.copytree(rerank_index, folder)
-    with TestClient(create_app(folder, rerank=Rerank("dba", k=8, alpha=0), device="cpu")) as client:
-        assert FaissStore.load(folder).neighbours.size == 9  # longer lists computed at start and saved
+    with TestClient(create_app(folder, rerank=Rerank("dba", k=8, alpha=0, keep=0), device="cpu")) as client:
+        assert kept_size(FaissStore.load(folder)) == 9  # longer lists computed at start and saved
         store = FaissStore.load(folder)
         ids, x = store.live_vectors()
         answer = client.post("/search", json={"id": int(ids[3]), "k": 4}).json()
-        assert answer["rerank"] == {"method": "dba", "k": 8, "alpha": 0.0} and answer["timing_ms"]["rerank"] >= 0
+        assert answer["rerank"] == {"method": "dba", "k": 8, "alpha": 0.0, "keep": 0}
+        assert answer["timing_ms"]["rerank"] >= 0
         others = np.delete(np.arange(len(ids)), 3)
         reference = ref_dba(x[3].astype(np.float64), x[others].astype(np.float64), 8, 0.0)
         assert [r["id"] for r in answer["results"]] == [int(ids[others[j]]) for j in nearest(reference, range(63), 4)]
         plain = client.post("/search", json={"id": int(ids[3]), "k": 4, "rerank": "none"}).json()
         assert [r["id"] for r in plain["results"]] == [int(i) for i in store.search(x[3:4], 4, exclude={ids[3]})[1][0]]
+        kept = client.post("/search", json={"id": int(ids[3]), "k": 4, "rerank_keep": 1}).json()
+        assert kept["results"][0]["id"] == plain["results"][0]["id"] and kept["rerank"]["keep"] == 1
         assert plain["timing_ms"]["rerank"] == 0
         other = client.post("/search", json={"id": int(ids[3]), "k": 4, "rerank": "kreciprocal", "rerank_k": 3})
         assert other.status_code == 200 and other.json()["rerank"]["k2"] == 6
         too_long = client.post("/search", json={"id": int(ids[3]), "rerank": "dba", "rerank_k": 9})
         assert too_long.status_code == 422
-        assert too_long.json()["error"].startswith("re-ranking dba (k 9, alpha 0) needs 9 neighbours per item; "
+        assert too_long.json()["error"].startswith("re-ranking dba (k 9, alpha 0, keep 0) needs 9 neighbours per item; "
                                                    "this server keeps 8")
         bad = client.post("/search", json={"id": int(ids[3]), "rerank": "qe"})
         assert bad.status_code == 422 and bad.json()["error"].startswith("unknown re-ranking 'qe'")
+
+
+# ----------------------------------------------------------------------------------- the default's size limit
+def test_the_default_reranking_stops_above_its_limit_and_says_so_in_one_line(capsys):
+    default = Rerank("dba+aqe", up_to=100)
+    assert default.for_collection(100) is default and capsys.readouterr().err == ""
+    assert default.for_collection(101) == Rerank()
+    assert capsys.readouterr().err == ("mproxy: note: searching without re-ranking: 101 items, more than the 100 that "
+                                       "the default re-ranking (dba+aqe) is used for (its neighbour lists cost O(N²) "
+                                       "to compute); --rerank dba+aqe asks for it anyway\n")
+    asked = Rerank("dba+aqe")  # an explicit --rerank has no limit
+    assert asked.for_collection(10**7) is asked and capsys.readouterr().err == ""
+
+
+def test_index_says_at_build_time_that_the_default_reranking_is_off(tiny_run, tiny_data, tmp_path, capsys,
+                                                                    monkeypatch):
+    import momentum_proxy.cli as cli
+
+    for limit, folder in ((63, tmp_path / "off"), (64, tmp_path / "on")):  # 64 images
+        monkeypatch.setattr(cli, "DEFAULT_RERANK_MAX_ITEMS", limit)
+        code, out, err = run_cli(["index", tiny_run, "--images", tiny_data, "--out", folder, "--tta", "none",
+                                  "--device", "cpu"], capsys)
+        assert code == 0, err
+        notes = [line for line in err.splitlines() if "re-ranking" in line]
+        lists = list(folder.glob("attachment-neighbours-*.bin"))
+        if limit == 63:
+            assert notes == ["mproxy: note: re-ranking is off for this index: 64 items, more than the 63 that the "
+                             "default re-ranking (dba) is used for (its neighbour lists cost O(N²) to compute); "
+                             "searches are plain cosine unless they ask for --rerank dba"] and not lists
+        else:
+            assert notes == [] and len(lists) == 1 and kept_size(FaissStore.load(folder)) == 6

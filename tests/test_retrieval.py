@@ -1,6 +1,7 @@
 """Index folders that never surprise: any working directory, moved images, duplicates, stale models, bad --out."""
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -8,8 +9,10 @@ import pytest
 from conftest import make_run, run_cli
 
 from momentum_proxy.errors import UserError
+from momentum_proxy.fileio import file_sha256
+from momentum_proxy.retrieval.build import build_index
 from momentum_proxy.retrieval.faiss_store import META_FILE, FaissStore
-from momentum_proxy.retrieval.search import build_index, retrieve_and_draw
+from momentum_proxy.retrieval.present import retrieve_and_draw
 
 
 @pytest.fixture
@@ -46,14 +49,57 @@ def test_index_works_from_any_directory_and_reports_moved_images(tiny_run, image
     assert [r["missing"] for r in results] == [True, False, False]
 
 
-def test_reindexing_skips_paths_already_indexed(tiny_run, images, tmp_path):
+def test_reindexing_skips_paths_and_contents_already_indexed(tiny_run, images, tmp_path):
+    from PIL import Image
+
     first = build_index(tiny_run, images, tmp_path / "idx")
     assert first["added"] == 16 and first["already_indexed"] == 0
-    shutil.copy(images / "species_03" / "0001.jpg", images / "species_03" / "extra.jpg")
+    shutil.copy(images / "species_03" / "0001.jpg", images / "species_03" / "copy.jpg")  # the same bytes
+    shutil.copy(images / "species_03" / "0002.jpg", images / "species_04" / "copy2.jpg")
+    with Image.open(images / "species_03" / "0001.jpg") as im:
+        im.save(images / "species_03" / "reencoded.jpg", quality=70)  # the same photo, other bytes: another image
     again = build_index(tiny_run, images, tmp_path / "idx")
-    assert (again["added"], again["already_indexed"], again["total"]) == (1, 16, 17)
+    assert (again["added"], again["already_indexed"], again["total"]) == (1, 18, 17)
     index = FaissStore.load(tmp_path / "idx")
     assert len(set(index.paths)) == len(index.paths) == 17
+    assert str(images / "species_03" / "reencoded.jpg") in index.paths
+    assert not {str(images / "species_03" / "copy.jpg"), str(images / "species_04" / "copy2.jpg")} & set(index.paths)
+    assert sorted(index.hashes) == list(range(17))  # every item's content recorded
+
+
+def test_a_milvus_store_records_contents_too(tiny_run, images, tmp_path):
+    pytest.importorskip("milvus_lite")
+    from momentum_proxy.retrieval.stores import open_store
+
+    location = f"milvus:{tmp_path}/shop.db"
+    build_index(tiny_run, images, location)
+    shutil.copy(images / "species_03" / "0001.jpg", images / "copy.jpg")
+    assert build_index(tiny_run, images, location, labels="folders")["added"] == 0
+    store = open_store(location)
+    try:
+        original = str(images / "species_03" / "0001.jpg")
+        digest = file_sha256(original)
+        assert store.content_ids([digest, "0" * 64]) == {digest: store.ids_of([original])[original]}
+        store.remove(store.ids_of([original])[original])
+        assert store.content_ids([digest]) == {}  # a removed item's content is no longer indexed
+    finally:
+        store.close()
+
+
+def test_an_index_without_content_hashes_keeps_working_and_a_rebuild_records_them(tiny_run, images, tmp_path):
+    build_index(tiny_run, images, tmp_path / "idx")
+    meta = json.loads((tmp_path / "idx" / META_FILE).read_text())
+    del meta["sha256"]  # as written before contents were recorded
+    (tmp_path / "idx" / META_FILE).write_text(json.dumps(meta))
+    assert FaissStore.load(tmp_path / "idx").hashes == {}
+    query = images / "species_03" / "0001.jpg"
+    shutil.copy(query, tmp_path / "copy.jpg")
+    r, _ = retrieve_and_draw(tmp_path / "copy.jpg", 16, tmp_path / "r", index_dir=str(tmp_path / "idx"))
+    assert len(r.results) == 15 and str(query) not in [h.path for h in r.results]  # left out: found by cosine+bytes
+    assert r.label_name == "species_03"
+    assert build_index(tiny_run, images, tmp_path / "idx")["added"] == 0
+    build_index(tiny_run, None, tmp_path / "idx", rebuild=True)
+    assert len(FaissStore.load(tmp_path / "idx").hashes) == 16
 
 
 def test_stale_index_says_what_changed_and_rebuild_fixes_it(tiny_data, images, tmp_path, capsys):
@@ -63,7 +109,7 @@ def test_stale_index_says_what_changed_and_rebuild_fixes_it(tiny_data, images, t
     make_run(tmp_path / "run", tiny_data, epoch=5, seed=1)  # retrained with --overwrite
     code, _, err = run_cli(["index", run, "--images", images, "--out", idx], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "the run's best checkpoint changed since this index was built (epoch 3 -> 5" in err
+    assert f"it was built from epoch 3 of {run.resolve()}, whose best checkpoint is now epoch 5;" in err
     assert f"mproxy index {run} --out {idx} --images {images} --rebuild" in err
     query = images / "species_04" / "0002.jpg"
     code, _, err = run_cli(["retrieve", "--index", idx, "--query", query, "--out", tmp_path / "q"], capsys)
@@ -74,8 +120,23 @@ def test_stale_index_says_what_changed_and_rebuild_fixes_it(tiny_data, images, t
     assert index.model["checkpoint_epoch"] == 5 and len(index) == 16
 
 
+def test_an_index_of_another_run_is_never_offered_a_rebuild(tiny_data, images, tmp_path, capsys):
+    run_a, run_b = make_run(tmp_path / "a", tiny_data, epoch=0), make_run(tmp_path / "b", tiny_data, epoch=0, seed=1)
+    idx = tmp_path / "idx"
+    build_index(run_a, images, idx)
+    code, _, err = run_cli(["index", run_b, "--images", images, "--out", idx], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--rebuild" not in err
+    assert f"it was built from epoch 0 of {run_a.resolve()}, not by {run_b.resolve()} (epoch 0)" in err
+    assert f"with the run that built it ({run_a.resolve()}" in err
+    assert f"`mproxy index {run_b} --out NEW_FOLDER --images {images}`" in err
+    make_run(tmp_path / "a", tiny_data, epoch=0, seed=2)  # run A retrained, same epoch
+    code, _, err = run_cli(["retrieve", "--index", idx, "--query", images / "species_03" / "0001.jpg"], capsys)
+    assert code == 2 and "is now epoch 0 (another checkpoint of that epoch: retrained?)" in err
+
+
 def test_output_path_checked_before_embedding(tiny_run, images, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("momentum_proxy.retrieval.search.load_embedder", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("momentum_proxy.retrieval.build.load_embedder",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
     a_file = tmp_path / "index.txt"
     a_file.write_text("x")
     for out in (a_file, a_file / "sub"):
@@ -100,7 +161,7 @@ def test_retrieve_checks_the_run_against_the_index_and_records_both(tiny_data, t
     query = tiny_data / "images" / "species_01" / "0003.jpg"
     other = make_run(tmp_path / "other", tiny_data, seed=7)
     code, _, err = run_cli(["retrieve", other, "--index", idx, "--query", query, "--out", tmp_path / "o"], capsys)
-    assert code == 2 and "built with another run's model" in err and "--rebuild" in err
+    assert code == 2 and f"not by {other.resolve()}" in err and "--rebuild" not in err
     code, _, err = run_cli(["retrieve", tiny_run, "--index", idx, "--query", query, "-k", 4, "--out", tmp_path / "q"],
                            capsys)
     assert code == 0, err
@@ -145,7 +206,8 @@ def test_labels_none_or_from_a_csv_and_unknown_classes_print_as_a_dash(tiny_run,
     code, out, _ = run_cli(["retrieve", "--index", tmp_path / "plain", "--query", query, "-k", 3,
                             "--out", tmp_path / "r"], capsys)
     rows = [line for line in out.splitlines() if line.startswith("#")]
-    assert len(rows) == 3 and all(line.split()[2] == "-" for line in rows) and "None" not in out
+    columns = [re.fullmatch(r"#\d+ +(\d\.\d{3})(?: \(re-ranked \d\.\d{3}\))?  (\S+)  .*", line) for line in rows]
+    assert len(rows) == 3 and all(c and c[2] == "-" for c in columns) and "None" not in out
     csv_file = tmp_path / "classes.csv"
     csv_file.write_text("path,class_name\nspecies_03/0001.jpg,iris\n" + f"{images / 'species_04' / '0002.jpg'},rose\n")
     code, _, err = run_cli(["index", tiny_run, "--images", images, "--out", tmp_path / "csv", "--labels", csv_file],
@@ -193,17 +255,51 @@ def test_a_large_k_caps_the_picture_not_the_ranked_list(tiny_run, tiny_data, tmp
         assert im.width <= 2000 and im.height <= rows * 250 + 50  # 5 rows of 10 cells, not 7
 
 
-def test_a_result_that_is_a_copy_of_the_query_file_is_marked(tiny_run, images, tmp_path, capsys):
+@pytest.mark.parametrize("rerank", ["none", "dba+aqe"])
+def test_a_query_with_the_bytes_of_an_indexed_image_is_left_out_like_its_path(tiny_run, images, tmp_path, capsys,
+                                                                               rerank):
     build_index(tiny_run, images, tmp_path / "idx")
+    original = images / "species_04" / "0002.jpg"
     query = tmp_path / "copy.jpg"
-    shutil.copy(images / "species_04" / "0002.jpg", query)  # another path, the same bytes
-    code, out, _ = run_cli(["retrieve", "--index", tmp_path / "idx", "--query", query, "-k", 4, "--rerank", "none",
-                            "--out", tmp_path / "r"], capsys)  # raw cosine: the same bytes score 1, first
-    rows = [line for line in out.splitlines() if line.startswith("#")]
-    assert code == 0 and "species_04/0002.jpg  (the query image itself)" in rows[0]
-    assert not any("query image itself" in line for line in rows[1:])
-    results = json.loads((tmp_path / "r" / "results.json").read_text())["results"]
-    assert [r["query_itself"] for r in results] == [True, False, False, False]
+    shutil.copy(original, query)  # another path, the same bytes
+    results = {}
+    for name, q in (("path", original), ("copy", query)):
+        code, out, err = run_cli(["retrieve", "--index", tmp_path / "idx", "--query", q, "-k", 15, "--rerank", rerank,
+                                  "--out", tmp_path / name], capsys)
+        assert code == 0, err
+        results[name] = json.loads((tmp_path / name / "results.json").read_text())
+    assert results["copy"]["results"] == results["path"]["results"]  # left out alike: 15 others, same order
+    assert str(original) not in [r["path"] for r in results["copy"]["results"]]
+    assert results["copy"]["query_class_name"] == "species_04"
+    for r in results["copy"]["results"]:  # the raw cosine always, the re-ranked score beside it when re-ranked
+        assert -1 <= r["score"] <= 1 and (r["rerank_score"] is None) == (rerank == "none") and not r["same_image"]
+
+
+def test_retrieve_from_an_index_writes_to_out_never_into_the_index_and_replaces_nothing(tiny_run, images, tmp_path,
+                                                                                        monkeypatch, capsys):
+    build_index(tiny_run, images, tmp_path / "idx")
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "idx").rglob("*")}
+    monkeypatch.chdir(tmp_path)
+    query = images / "species_03" / "0001.jpg"
+    for _ in range(2):
+        code, out, err = run_cli(["retrieve", "--index", "idx", "--query", query, "-k", 3], capsys)
+        assert code == 0, err
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "idx").rglob("*")} == before  # files and times unchanged
+    assert sorted(p.name for p in (tmp_path / "retrieval").iterdir()) == [
+        "results-2.json", "results.json", "retrieval-2.png", "retrieval.png"]
+    assert "retrieval picture: retrieval/retrieval-2.png" in out
+    code, _, err = run_cli(["retrieve", "--index", "idx", "--query", query, "--out", "idx/pictures"], capsys)
+    assert code == 2 and "is inside the index's folder" in err and not (tmp_path / "idx" / "pictures").exists()
+
+
+def test_skipped_files_are_one_warning_line_naming_their_list(tiny_run, images, tmp_path, capsys):
+    (images / "species_03" / "broken.jpg").write_bytes(b"not a jpeg")
+    code, out, err = run_cli(["index", tiny_run, "--images", images, "--out", tmp_path / "idx"], capsys)
+    assert code == 0 and "skipped: 1" in out
+    assert err.count("\n") == 1 and err.startswith("mproxy: warning: 1 file(s) skipped")
+    assert f"the list is in {tmp_path / 'idx' / 'skipped.json'}" in err
+    assert str(images / "species_03" / "broken.jpg") in err
+    assert json.loads((tmp_path / "idx" / "skipped.json").read_text())[0]["path"].endswith("broken.jpg")
 
 
 def test_a_refused_index_command_leaves_no_folder_behind(tiny_run, tmp_path, capsys):

@@ -7,7 +7,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -49,6 +51,7 @@ def chromium(profile: Path, width: int = 1100, height: int = 900):
     options.binary_location = CHROMIUM
     for flag in [*FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}"]:
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, read by `driver.get_log`
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     try:
         yield driver
@@ -100,7 +103,7 @@ def test_page_search_click_keyboard_phone(tiny_data, tiny_run, tmp_path, store):
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from momentum_proxy.retrieval.search import build_index
+    from momentum_proxy.retrieval.build import build_index
     from momentum_proxy.retrieval.stores import open_store
 
     location = str(tmp_path / "idx") if store == "faiss" else f"milvus:{tmp_path}/idx.db"  # a folder or Milvus Lite
@@ -146,7 +149,7 @@ def test_page_search_click_keyboard_phone(tiny_data, tiny_run, tmp_path, store):
 def test_page_at_phone_width_wraps_results_and_cuts_nothing(tiny_data, tiny_run, tmp_path):
     from selenium.webdriver.common.by import By
 
-    from momentum_proxy.retrieval.search import build_index
+    from momentum_proxy.retrieval.build import build_index
 
     build_index(tiny_run, tiny_data, tmp_path / "idx")
     photo = tmp_path / "photo.jpg"
@@ -176,3 +179,54 @@ def test_page_at_phone_width_wraps_results_and_cuts_nothing(tiny_data, tiny_run,
         assert len(tops) >= 3  # 6 results wrap into rows of at most 2
         assert all(h.get_attribute("title").split("\n")[0].endswith(".jpg") for h in hits)  # file name on hover
         assert driver.find_element(By.ID, "hint").is_displayed()
+
+
+@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)), reason=(
+    f"chromium not installed: {CHROMIUM} and {CHROMEDRIVER} are needed "
+    "(apt-get install -y chromium chromium-driver)"))
+def test_page_says_no_results_and_no_close_match_names_classes_whole_and_has_an_icon(tiny_data, tiny_run, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from momentum_proxy.retrieval.build import build_index
+
+    labels = tmp_path / "classes.csv"  # a long class name of words joined by "_"
+    labels.write_text("path,class_name\nimages/species_03/0005.jpg,Black_footed_Albatross_of_the_North_Pacific\n")
+    build_index(tiny_run, tiny_data, tmp_path / "idx", labels=str(labels))
+    photo = tmp_path / "photo.jpg"
+    shutil.copy(tiny_data / "images" / "species_03" / "0005.jpg", photo)  # the bytes of an indexed image
+    with running_server(tmp_path / "idx") as url, chromium(tmp_path / "profile") as driver:
+        wait = WebDriverWait(driver, 90)
+        driver.get(url)
+        wait.until(lambda d: "images" in d.find_element(By.ID, "stats").text)
+
+        def search(threshold: str, only_close: bool) -> str:
+            box = driver.find_element(By.ID, "threshold")
+            box.clear()
+            box.send_keys(threshold)
+            if driver.find_element(By.ID, "only-close").is_selected() != only_close:
+                driver.find_element(By.ID, "only-close").click()
+            driver.execute_script("document.getElementById('status').textContent = ''")
+            driver.find_element(By.ID, "file").send_keys(str(photo))
+            wait.until(lambda d: " in " in d.find_element(By.ID, "status").text)
+            return driver.find_element(By.ID, "status").text
+
+        assert search("0.5", False).startswith("12 results in")
+        assert not driver.find_element(By.ID, "nomatch").is_displayed()
+        first = driver.find_elements(By.CLASS_NAME, "hit")[0]  # the indexed copy, first, marked, its class whole
+        assert "same image" in first.text and first.find_element(By.CLASS_NAME, "score").text.startswith("1.000")
+        name = first.find_element(By.CLASS_NAME, "cls")
+        assert name.get_attribute("title") == "Black_footed_Albatross_of_the_North_Pacific"
+        assert "Black_footed_Albatross_of_the_North_Pacific" in name.text.replace("\n", "")
+        assert name.size["height"] > 2 * 16 and name.size["width"] < 300  # wrapped into lines, inside its card
+        assert search("0.999", True).startswith("1 result in")  # only the copy is that close
+        assert not driver.find_element(By.ID, "nomatch").is_displayed()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(photo)  # no match
+        assert search("1", False).startswith("12 results in")
+        assert driver.find_element(By.ID, "nomatch").text.startswith("No close match: the most similar image scores")
+        assert search("1", True).startswith("no results in")
+        assert driver.find_element(By.ID, "nomatch").text == "No close match: no image scores 1 or more."
+        assert driver.find_elements(By.CLASS_NAME, "hit") == []
+        assert driver.find_element(By.CSS_SELECTOR, "link[rel=icon]").get_attribute("href").startswith("data:image/")
+        problems = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert problems == []  # no 404 (a favicon) or other error in the console

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from momentum_proxy.retrieval.build import build_index
 from momentum_proxy.retrieval.faiss_store import FaissStore
-from momentum_proxy.retrieval.search import build_index
 from momentum_proxy.serving.app import wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,5 @@
 """`mproxy serve`: every endpoint and error of the HTTP API (FastAPI TestClient), and the Searcher behind it."""
+import hashlib
 import io
 import json
 import re
@@ -18,8 +19,9 @@ from momentum_proxy.cli import main
 from momentum_proxy.config import DEFAULT_TTA
 from momentum_proxy.deploy.runtimes import export_file
 from momentum_proxy.fileio import file_sha256
+from momentum_proxy.retrieval.build import build_index
+from momentum_proxy.retrieval.present import retrieve_and_draw
 from momentum_proxy.retrieval.stores import open_store
-from momentum_proxy.retrieval.search import build_index, retrieve_and_draw
 from momentum_proxy.runs import BEST
 from momentum_proxy.serving.app import create_app
 from momentum_proxy.serving.searcher import Searcher
@@ -88,19 +90,84 @@ def test_search_equals_mproxy_retrieve_index(client, index_dir, tiny_data, tmp_p
     item_id = open_store(index_dir).ids_of([str(indexed)])[str(indexed)]
     copy = upload(client, indexed.read_bytes(), k=7).json()["results"]
     assert copy[0]["id"] == item_id and copy[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert [r["same_image"] for r in copy] == [True] + [False] * 6  # labelled, not left out: a new query
     assert_same_results(copy[1:], expected)
     # by id: the indexed image's item, itself excluded as by `retrieve`; its class known, results framed
     by_id = client.post("/search", json={"id": item_id, "k": 6}).json()
     assert_same_results(by_id["results"], expected)
     assert by_id["query"] == {"id": item_id, "path": str(indexed), "label": 2, "class_name": "species_02"}
     assert [r["same_class"] for r in by_id["results"]] == [r["label"] == 2 for r in by_id["results"]]
-    assert set(by_id["results"][0]) == {"rank", "id", "path", "label", "class_name", "score", "same_class"}
+    assert set(by_id["results"][0]) == {"rank", "id", "path", "label", "class_name", "score", "same_class",
+                                        "rerank_score", "same_image"}
     assert set(by_id["timing_ms"]) == {"decode", "embed", "search", "rerank", "total"}
     # by embedding: the item's own vector finds the item itself first, then the same list
     vector = open_store(index_dir).vector(item_id)[0].tolist()
     by_vec = client.post("/search", json={"embedding": vector, "k": 7}).json()["results"]
     assert by_vec[0]["id"] == item_id and by_vec[0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert [r["id"] for r in by_vec[1:]] == [r["id"] for r in by_id["results"]]
+
+
+def test_every_score_is_the_raw_cosine_and_min_score_reads_it(index_dir):
+    from momentum_proxy.retrieval.rerank import Rerank
+
+    store = open_store(index_dir)
+    query = store.vector(5)[0]
+    with TestClient(create_app(index_dir, rerank=Rerank("dba+aqe"))) as client:
+        for rerank in ("dba+aqe", "dba", "none"):
+            answer = client.post("/search", json={"id": 5, "k": 20, "rerank": rerank})
+            assert answer.status_code == 200, answer.text
+            results = answer.json()["results"]
+            cosines = [float(store.vector(r["id"])[0] @ query) for r in results]
+            np.testing.assert_allclose([r["score"] for r in results], cosines, atol=1e-5)  # exact, in any order
+            reranked = [r["rerank_score"] for r in results]
+            if rerank == "none":
+                assert reranked == [None] * 20 and cosines == sorted(cosines, reverse=True)
+            else:
+                assert reranked == sorted(reranked, reverse=True) and cosines != sorted(cosines, reverse=True)
+            cut = float(np.median(cosines))
+            kept = client.post("/search", json={"id": 5, "k": 20, "rerank": rerank, "min_score": cut}).json()
+            assert [r["id"] for r in kept["results"]] == [r["id"] for r in results if r["score"] >= cut]
+            assert [r["rank"] for r in kept["results"]] == list(range(1, len(kept["results"]) + 1))
+            # an upload of an indexed image's bytes: that item is labelled, whatever ordered the list
+            photo = Path(store.item(7)["path"]).read_bytes()
+            found = client.post("/search", files={"image": ("q.jpg", photo, "image/jpeg")},
+                                data={"k": "64", "rerank": rerank}).json()["results"]
+            copies = [r for r in found if r["same_image"]]
+            assert len(found) == 64 and [r["id"] for r in copies] == [7]
+            assert copies[0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_wrong_method_or_path_is_a_json_error_like_every_other(client):
+    for answer, status in ((client.get("/search"), 405), (client.delete("/search"), 405),
+                           (client.get("/nowhere"), 404)):
+        assert answer.status_code == status and answer.headers["content-type"] == "application/json"
+        assert set(answer.json()) == {"error"} and answer.json()["error"]
+
+
+def test_one_duplicate_rule_for_uploads_and_folders_and_uploads_keep_their_names(writable, tiny_run, tmp_path):
+    c, folder = writable
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    red, blue = jpeg_bytes(seed=1), jpeg_bytes(colour=(20, 40, 220), seed=2)
+    (photos / "IMG 0001.jpg").write_bytes(red)
+    answer = c.post("/items", headers=auth, files=[("images", ("../IMG 0001.jpg", red, "image/jpeg")),
+                                                   ("images", ("IMG 0001.jpg", red, "image/jpeg"))]).json()
+    first = answer["items"]
+    assert [it["added"] for it in first] == [True, False] and first[0]["id"] == first[1]["id"]  # once, not twice
+    digest = hashlib.sha256(red).hexdigest()
+    assert first[0]["path"] == str(folder / "uploads" / digest[:16] / "IMG 0001.jpg")  # its own name, cleaned
+    assert Path(first[0]["path"]).read_bytes() == red
+    (photos / "blue.jpg").write_bytes(blue)
+    c.app.state.searcher.close()  # the index is written by one process at a time
+    summary = build_index(tiny_run, photos, folder)  # the uploaded photo, from its folder: not stored again
+    assert (summary["added"], summary["already_indexed"], summary["total"]) == (1, 1, 66)
+    with TestClient(create_app(folder, token=TOKEN)) as again:  # and the reverse: a photo indexed from its folder
+        answer = again.post("/items", headers=auth, files=[("images", ("copy.jpg", blue, "image/jpeg"))]).json()
+        assert not answer["items"][0]["added"] and answer["items"][0]["path"] == str(photos / "blue.jpg")
+        assert answer["total"] == 66
+        results = again.post("/search", files={"image": ("q.jpg", blue, "image/jpeg")}).json()["results"]
+        assert results[0]["path"] == str(photos / "blue.jpg") and results[0]["same_image"]
 
 
 def test_results_are_ranked_from_1_and_judged_only_against_a_known_class(client, index_dir, tmp_path, capsys):

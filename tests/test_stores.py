@@ -1,5 +1,9 @@
 """The index-store contract, run on every store: a faiss folder and Milvus Lite (the real engine, embedded in the
 test process). Plus what only a Milvus store has: a server that goes away and comes back."""
+import ast
+import uuid
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -11,9 +15,12 @@ MODEL = {"backbone": "efficientnet_lite0", "checkpoint_sha256": "ab" * 32, "runt
 CLASSES = {0: "oak", 1: "ash", 2: "elm"}
 
 
-@pytest.fixture(params=["faiss", "milvus"])
+@pytest.fixture(params=["faiss", "milvus", pytest.param("milvus-server", marks=pytest.mark.slow)])
 def location(request, tmp_path):
-    """Where a store is made: a folder (faiss) or a Milvus Lite file."""
+    """Where a store is made: a folder (faiss), a Milvus Lite file, or a collection of its own on a real Milvus
+    server (`conftest.milvus_server`, started once; slow)."""
+    if request.param == "milvus-server":
+        return f"milvus://127.0.0.1:{request.getfixturevalue('milvus_server')}/store_{uuid.uuid4().hex[:8]}"
     return str(tmp_path / "idx") if request.param == "faiss" else f"milvus:{tmp_path}/idx.db"
 
 
@@ -132,6 +139,113 @@ def test_unlabelled_store_becomes_labelled_by_a_class_name(location):
     assert store_exists(location) and open_store(location).labelled
 
 
+def test_exact_stores_answer_the_planning_recall_and_memory_calls(saved):
+    """What callers ask of any store (no class checks): recall 1 by definition, nothing to tune, memory known
+    where it is this process's."""
+    exact = {"k": 10, "recall": 1.0, "exact": True}
+    x = unit(vectors(12))
+    truth = [[i for i in np.argsort(-(x @ x[q])) if i != q][:3] for q in (0, 7)]  # exact top 3, each without itself
+    assert saved.recall_info() == exact and saved.measure_recall(tune=True) == exact
+    assert saved.tune(x[[0, 7]], [0, 7], np.array(truth))["recall"] == 1.0
+    memory = saved.memory_info()
+    assert memory is None or memory["estimated_bytes"] == 4 * 8 * 12  # faiss: exact, 12 vectors of 8 floats
+
+
+def test_attachments_are_saved_with_the_store_and_read_back(saved, location):
+    big = np.random.default_rng(0).bytes(150_000)  # more than one Milvus row holds
+    saved.attach("notes", b"first")
+    saved.attach("lists", big)
+    with pytest.raises(ValueError, match="attachment names"):
+        saved.attach("../x", b"")
+    saved.save(location)
+    saved.close()
+    again = open_store(location)
+    assert again.attachment("notes") == b"first" and again.attachment("lists") == big
+    again.attach("notes", b"second")
+    again.attach("lists", None)
+    again.save(location)
+    again.close()
+    last = open_store(location)
+    try:
+        assert last.attachment("notes") == b"second" and last.attachment("lists") is None
+        assert last.attachments() == {"notes": b"second"}
+    finally:
+        last.close()
+    if not location.startswith("milvus:"):  # one file per attachment, the replaced ones removed
+        assert sorted(p.name.split("-")[1] for p in Path(location).glob("attachment-*")) == ["notes"]
+
+
+def same_lists(a, b) -> bool:
+    return np.array_equal(a.ids, b.ids) and np.array_equal(a.lists, b.lists) and np.allclose(a.sims, b.sims,
+                                                                                            atol=1e-6)
+
+
+def test_neighbour_lists_are_saved_loaded_not_recomputed_and_kept_right(location, monkeypatch):
+    from momentum_proxy.retrieval.rerank import NEIGHBOURS, Neighbours, Rerank, kept_neighbours, rerank_store
+
+    computed, compute = [], Neighbours.compute.__func__
+
+    def neighbour_lists_now(store, size):  # the reference: computed anew (not counted)
+        return compute(Neighbours, *store.live_vectors(), size)
+
+    monkeypatch.setattr(Neighbours, "compute", classmethod(lambda cls, *a: computed.append(a[2]) or compute(cls, *a)))
+    rerank, q = Rerank("dba", k=4), vectors(2, seed=3)
+    built = build_store(location, vectors(40), paths(40), model=MODEL)
+    before = rerank_store(built, q, 5, rerank)
+    assert computed == [5]  # k + 1 spare
+    built.save(location)
+    built.close()
+    store = open_store(location)  # a fresh store object, as another process gets it
+    try:
+        assert same_lists(kept_neighbours(store), neighbour_lists_now(store, 5))
+        after = rerank_store(store, q, 5, rerank)
+        assert computed == [5]  # loaded, not computed
+        np.testing.assert_array_equal(after[1], before[1])
+        store.add(vectors(6, seed=4), paths(6, 100))
+        store.remove(3)
+        store.remove(41)
+        assert same_lists(store_lists := Neighbours.from_bytes(store.attachments()[NEIGHBOURS]),
+                          neighbour_lists_now(store, 5)), "a snapshot takes the lists up to date"
+        rerank_store(store, q, 5, rerank)
+        assert same_lists(kept_neighbours(store), store_lists) and computed == [5]  # updated, not computed
+        store.save(location)
+    finally:
+        store.close()
+    last = open_store(location)
+    try:
+        assert same_lists(Neighbours.from_bytes(last.attachment(NEIGHBOURS)), neighbour_lists_now(last, 5))
+    finally:
+        last.close()
+
+
+def concrete_store_checks(tree, store_classes: set[str]):
+    """(line, text) of each isinstance/issubclass/type(...) test of one of `store_classes` in a parsed module."""
+    for node in ast.walk(tree):
+        tested = []
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass"):
+            tested = node.args[1:]
+        elif isinstance(node, ast.Compare) and isinstance(node.left, ast.Call) and \
+                getattr(node.left.func, "id", None) == "type":
+            tested = node.comparators
+        names = {getattr(n, "id", None) or getattr(n, "attr", None) for t in tested for n in ast.walk(t)}
+        if names & store_classes:
+            yield node.lineno, ast.unparse(node)
+
+
+def test_no_code_tests_for_a_concrete_store_outside_its_module():
+    """`IndexStore` is the only path: no isinstance (issubclass, type() ==) check of a store class in the
+    package or the benchmarks, except in the class's own module."""
+    root = Path(__file__).parent.parent
+    files = sorted([*(root / "momentum_proxy").rglob("*.py"), *(root / "benchmarks").rglob("*.py")])
+    trees = {f: ast.parse(f.read_text(), str(f)) for f in files}
+    owners = {node.name: f for f, tree in trees.items() for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
+              and any("IndexStore" in ast.unparse(b) or "Store" in ast.unparse(b) for b in node.bases)}
+    assert {"FaissStore", "MilvusStore"} <= set(owners)
+    found = [f"{f.relative_to(root)}:{line}: {text}" for f, tree in trees.items()
+             for line, text in concrete_store_checks(tree, {n for n, home in owners.items() if home != f})]
+    assert not found, "\n".join(found)
+
+
 # ----------------------------------------------------------------------------------------------- Milvus only
 def test_an_unreachable_server_is_one_line_and_the_store_recovers(server):
     location, stop, start = server
@@ -174,3 +288,20 @@ def test_milvus_writes_are_persisted_before_they_return(tmp_path):
     store = open_store(location)
     assert len(store) == 4 and store.item(3)["path"] == paths(1, 10)[0] and not store.exists(4)
     assert store.add(vectors(1, seed=5), paths(1, 20)) == [5]
+
+
+def test_a_server_store_keeps_its_attachments_across_a_server_restart(server):
+    location, stop, start = server
+    built = build_store(location, vectors(5), paths(5), model=MODEL)
+    built.attach("notes", b"notes" * 20_000)  # 100 kB: three rows
+    built.save(location)
+    stop()
+    with pytest.raises(StoreUnavailable):  # the server is down
+        built.search(vectors(1), 1)
+    built.close()
+    start()
+    store = open_store(location)
+    try:
+        assert store.attachment("notes") == b"notes" * 20_000
+    finally:
+        store.close()

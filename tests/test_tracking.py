@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from momentum_proxy.cli import config_from_args, parser
 from momentum_proxy.config import TrainConfig
 from momentum_proxy.errors import UserError

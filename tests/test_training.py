@@ -13,7 +13,7 @@ from conftest import assert_same
 
 from momentum_proxy.config import TrainConfig
 from momentum_proxy.data.loading import load_datasets
-from momentum_proxy.embedding.inference import embed_dataset, load_model
+from momentum_proxy.embedding.inference import ModuleEmbedder, embed_dataset, load_model
 from momentum_proxy.errors import UserError
 from momentum_proxy.evaluation.jobs import evaluate_arrays
 from momentum_proxy.runs import BEST, LAST, RunDir, load_embeddings
@@ -85,12 +85,12 @@ def test_train_writes_a_complete_run_folder(tiny_config):
     assert run.load_checkpoint(LAST)["epoch"] == 3
     model, cfg_, _ = load_model(tiny_config.out, "cpu")
     data = load_datasets(tiny_config.data, tiny_config.image_size)
-    val = evaluate_arrays(embed_dataset(model, data.val.dataset, torch.device("cpu")), data.val.labels, data.val.split,
+    val = evaluate_arrays(embed_dataset(ModuleEmbedder(model), data.val.dataset), data.val.labels, data.val.split,
                           metrics=["map@r"])
     assert val["map@r"] == pytest.approx(rows[argmax]["val_map@r"], abs=1e-6)
     # embeddings.npz and eval.json come from best.pt, on the test split
     db = load_embeddings(run / "embeddings.npz")
-    np.testing.assert_allclose(db["features"], embed_dataset(model, data.test.dataset, torch.device("cpu")), atol=1e-5)
+    np.testing.assert_allclose(db["features"], embed_dataset(ModuleEmbedder(model), data.test.dataset), atol=1e-5)
     assert db["features"].shape == (32, 512) and set(db["split"]) == {"test"} and len(db["class_names"]) == 32
     ev = json.loads((run / "eval.json").read_text())
     assert ev["selected_on"] == "val" and ev["epoch"] == argmax and ev["queries"] == 32
@@ -160,7 +160,7 @@ def test_proxies_start_at_raw_class_means(tiny_config):
     tiny_config.epochs = 1
     job, state = training.setup(tiny_config, overwrite=False, resume=False)
     training.start(job, state)
-    raw = embed_dataset(state.model, job.data.train_eval, torch.device("cpu"), normalize=False)
+    raw = embed_dataset(ModuleEmbedder(state.model, normalize=False), job.data.train_eval)
     labels = np.asarray(job.data.train.labels)
     expected = np.stack([raw[labels == c].mean(0) for c in range(2)])
     np.testing.assert_allclose(proxies_by_class(state.loss_fn).numpy(), expected, rtol=1e-4, atol=1e-4)
@@ -181,7 +181,7 @@ def test_training_loop_applies_the_momentum_update(tiny_config, monkeypatch):
     tiny_config.epochs, tiny_config.proxy_momentum = 1, 0.3
     training.train(tiny_config)
     assert [c[4] for c in calls] == [1.0, 0.3, 0.3]  # proxy init (class means), then 2 steps (16 images, batch 8)
-    for before, emb, labels, after, m in calls[1:]:
+    for before, emb, labels, after, _ in calls[1:]:
         for c in labels.unique():
             torch.testing.assert_close(after[c], 0.7 * before[c] + 0.3 * emb[labels == c].mean(0))
     saved = RunDir(tiny_config.out).load_checkpoint(LAST)["loss"]["W"].t()

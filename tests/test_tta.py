@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import make_run, run_cli
 from PIL import Image
 
@@ -117,9 +116,9 @@ def test_an_index_records_its_tta_and_every_query_follows_it(run, tiny_data, tmp
     found = {}
     for folder in (flip, plain):
         code, _, err = run_cli(["retrieve", "--index", folder, "--query", query, "-k", "1", "--device", "cpu",
-                                "--rerank", "none"], capsys)
+                                "--rerank", "none", "--out", tmp_path / f"r-{folder.name}"], capsys)
         assert code == 0, err
-        found[folder] = json.loads((folder / "retrieval" / "results.json").read_text())
+        found[folder] = json.loads((tmp_path / f"r-{folder.name}" / "results.json").read_text())
     top = found[flip]["results"][0]
     assert found[flip]["model"]["tta"] == "flip" and top["path"] == str(photo) and top["score"] > 0.99999
     assert found[plain]["model"]["tta"] == "none" and found[plain]["results"][0]["score"] < 0.999
@@ -152,7 +151,7 @@ def test_retrieve_in_a_run_embeds_its_split_with_the_tta(run, tiny_data, tmp_pat
     results = json.loads((tmp_path / "r" / "results.json").read_text())["results"]
     assert results and query not in [r["path"] for r in results]
     paths = [query] + [r["path"] for r in results]
-    feats, _, _ = embed_files(TorchEmbedder(run, "cpu", "flip"), paths, 64, torch.device("cpu"))
+    feats, _, _ = embed_files(TorchEmbedder(run, "cpu", "flip"), paths)
     np.testing.assert_allclose([r["score"] for r in results], feats[1:] @ feats[0], atol=1e-5)
     np.savez(tmp_path / "db.npz", features=np.eye(2, 32, dtype=np.float32), labels=np.arange(2))
     code, _, err = run_cli(["retrieve", run, "--data_base", tmp_path / "db.npz", "--query", query, "--tta", "flip"],
@@ -166,8 +165,8 @@ def test_evaluate_with_tta(run, tiny_data, capsys):
     summary = read_json(Path(run) / "evaluate-torch-flip.json")
     assert summary["tta"] == "flip" and "tta flip" in out
     frame = split_frame(read_manifest(tiny_data), "test")
-    feats = embed_dataset(TorchEmbedder(run, "cpu", "flip"), eval_dataset(str(tiny_data), frame, 64),
-                          torch.device("cpu"), workers=0, progress=False)
+    feats = embed_dataset(TorchEmbedder(run, "cpu", "flip"), eval_dataset(str(tiny_data), frame, 64), workers=0,
+                          progress=False)
     assert summary["test"] == evaluate_arrays(feats, frame["label"].to_numpy(), None, recalls=[1, 2, 4, 8])
 
 

@@ -290,7 +290,8 @@ def test_diverged_and_failing_trials_do_not_stop_the_study(tiny_data, tmp_path, 
     best = tune.tune(tiny_data, out, trials=3, space=SPACE)
     trials = load(out).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "FAIL"]
-    assert "loss became nan" in trials[1].user_attrs["diverged"] and trials[2].user_attrs["error"] == "a bad combination"
+    assert "loss became nan" in trials[1].user_attrs["diverged"]
+    assert trials[2].user_attrs["error"] == "a bad combination"
     assert best["lr"] == trials[0].user_attrs["options"]["lr"]
     printed = capsys.readouterr().out
     assert "trial 1 diverged" in printed and "trial 2 failed: a bad combination" in printed

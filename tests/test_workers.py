@@ -12,7 +12,7 @@ import pytest
 from momentum_proxy.data.loading import to_batch
 from momentum_proxy.embedding.processes import ThreadBudget, auto_model_processes, check_model_processes
 from momentum_proxy.errors import UserError
-from momentum_proxy.retrieval.search import build_index
+from momentum_proxy.retrieval.build import build_index
 from momentum_proxy.serving.searcher import Batcher, Searcher
 
 

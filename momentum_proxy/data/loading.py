@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 from torchvision import transforms as T
 
-from momentum_proxy.data.manifest import read_manifest, split_frame
+from momentum_proxy.data.manifest import read_manifest, split_frame, split_protocol
 from momentum_proxy.errors import UserError
 
 
@@ -216,11 +216,13 @@ class DatasetSplits:
     train_eval: ImageDataset
     val: EvalSplit | None
     test: EvalSplit
+    protocol: str = "classes"  # manifest.split_protocol: images when val/test queries search the train photos
 
 
 def load_datasets(root: str | Path, image_size: int, aug_scale_min: float = 0.16) -> DatasetSplits:
-    """Read and check a prepared dataset's splits (val is None when the manifest has none); `aug_scale_min` is
-    the training crops' smallest area fraction."""
+    """Read and check a prepared dataset's splits (val is None when the manifest has none; in an images split val
+    and test are queries + gallery, `manifest.split_frame`); `aug_scale_min` is the training crops' smallest area
+    fraction."""
     df = read_manifest(root)
     train, val, test = (split_frame(df, s) for s in ("train", "val", "test"))
     where = Path(root) / "manifest.csv"
@@ -230,15 +232,15 @@ def load_datasets(root: str | Path, image_size: int, aug_scale_min: float = 0.16
         raise UserError(f"{where} has no test (or query/gallery) images")
     if train["label"].nunique() < 2:
         raise UserError("the train split needs at least 2 classes")
-    if not val.empty and val["label"].value_counts().max() < 2:
-        raise UserError(f"{where}: no val class has 2 images; retrieval on val is undefined")
+    val_split = None if val.empty else EvalSplit("val", val, eval_dataset(root, val, image_size))
     test_split = EvalSplit("test", test, eval_dataset(root, test, image_size))
-    if test_split.lone_queries == test_split.num_queries:  # checked now, not after training
-        raise UserError(f"{where}: no test query has another image of its class; retrieval on test is undefined")
+    for split in (val_split, test_split):  # checked now, not after training
+        if split is not None and split.lone_queries == split.num_queries:
+            raise UserError(f"{where}: no {split.name} query has another image of its class; retrieval on "
+                            f"{split.name} is undefined")
     return DatasetSplits(train=train_dataset(root, train, image_size, aug_scale_min),
-                         train_eval=eval_dataset(root, train, image_size),
-                         val=None if val.empty else EvalSplit("val", val, eval_dataset(root, val, image_size)),
-                         test=test_split)
+                         train_eval=eval_dataset(root, train, image_size), val=val_split, test=test_split,
+                         protocol=split_protocol(df))
 
 
 def train_dataset(root, frame: pd.DataFrame, image_size: int, aug_scale_min: float = 0.16) -> ImageDataset:

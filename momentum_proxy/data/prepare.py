@@ -3,8 +3,10 @@
 Each `prepare_*` function reads one official dataset layout, builds a list of `Record`s and hands it to
 `write_prepared`, which re-encodes every image once (RGB JPEG, quality 95, short side reduced to
 `short_side` when larger, optionally cropped to its box), skips unreadable or missing images with a
-warning, carves the validation classes out of the train classes (`val_classes`), and writes `manifest.csv`
-and `prepare_report.json`. Originals are only read; an output folder that already holds a prepared dataset is
+warning, carves the validation classes out of the train classes (`val_classes`) or, for the images protocol
+(`split="images"`, `prepare folder` only), divides every class's photos into train, val and test
+(`manifest.split_images`), and writes `manifest.csv` and `prepare_report.json` (which records the protocol).
+Originals are only read; an output folder that already holds a prepared dataset is
 refused unless `overwrite`, and then cleared first.
 """
 from __future__ import annotations
@@ -22,7 +24,8 @@ from PIL import Image
 from scipy.io import loadmat
 from tqdm import tqdm
 
-from momentum_proxy.data.manifest import MANIFEST, carve_val, warn_small_data, write_manifest
+from momentum_proxy.data.manifest import (MANIFEST, PROTOCOLS, carve_val, check_fractions, split_images,
+                                          split_protocol, warn_small_data, write_manifest)
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path, check_writable_folder, write_json
 
@@ -76,13 +79,16 @@ def write_prepared(
     val_classes: float | int = 0,
     val_seed: int = 0,
     overwrite: bool = False,
+    split: str = "classes",
+    fractions: tuple[float, float] = (0.2, 0.3),
 ) -> Path:
     """Cache `records` under `out/images/`, then write `out/manifest.csv` and `out/prepare_report.json`.
 
     Missing or unreadable images are skipped with a one-line warning and listed in the report; so is what the
     data are too small for (`manifest.small_data_warnings`).
-    `val_classes` (a count, or a fraction of the train classes) move to the `val` split, picked with
-    `val_seed`. Raises UserError when nothing could be written. Returns `out`.
+    `split` "classes": `val_classes` (a count, or a fraction of the train classes) move to the `val` split,
+    picked with `val_seed`. `split` "images": every class's photos are divided by `fractions` (val, test), shuffled
+    with `val_seed` (`manifest.split_images`). Raises UserError when nothing could be written. Returns `out`.
     """
     records = list(records)
     out, source = Path(out), Path(source)
@@ -101,11 +107,16 @@ def write_prepared(
     if skipped:
         print(f"mproxy: warning: skipped {len(skipped)} of {len(records)} unreadable images (listed in "
               f"{out / REPORT}); first: {skipped[0]['path']}: {skipped[0]['reason']}", file=sys.stderr)
-    df = carve_val(pd.DataFrame(rows), val_classes, val_seed)
+    if split == "images":
+        df = split_images(pd.DataFrame(rows), *fractions, seed=val_seed)
+        protocol = {"protocol": "images", "val_fraction": fractions[0], "test_fraction": fractions[1]}
+    else:
+        df = carve_val(pd.DataFrame(rows), val_classes, val_seed)
+        protocol = {"protocol": split_protocol(df)}
     write_manifest(out, df)
     write_json(out / REPORT, {"dataset": dataset, "source": str(source.resolve()), "crop": crop,
-                              "short_side": short_side or None, **split_counts(df), "skipped": skipped,
-                              "warnings": warn_small_data(df)})
+                              "short_side": short_side or None, **protocol, **split_counts(df), "skipped": skipped,
+                              "warnings": warn_small_data(df, split_option=dataset == "folder")})
     return out
 
 
@@ -293,28 +304,33 @@ def prepare_folder(
     val_classes: float | int = 0.2,
     val_seed: int = 0,
     overwrite: bool = False,
+    split: str = "classes",
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.3,
 ) -> Path:
     """Prepare an ImageFolder tree: `src/<class_name>/**/<image>` (jpg, png, bmp, gif, webp, tif, ppm/pgm).
 
     Classes are the sub-folders holding at least one image, sorted by name; label = index in that order.
-    Without `split_file` the first half (`n // 2`) are train and the rest test, and `val_classes` of the
+    `split` "images": every class in every split, its photos divided by `val_fraction` and `test_fraction`
+    (`manifest.split_images`; `val_classes` 0: no val). `split` "classes" (class-disjoint):
+    without `split_file` the first half (`n // 2`) are train and the rest test, and `val_classes` of the
     train classes become validation classes. `split_file` is a text file with one `class_name,split` line
     per class (split: train, val or test); blank lines, `#` comments and a `class_name,split` header are
     ignored, the name is everything before the last comma. It must list every class and no others; its
     val classes are used as listed (`val_classes` applies only when it names none).
     """
     src = Path(src)
-    if not src.is_dir():
-        raise UserError(f"source folder not found: {src}")
-    classes = {}
-    for d in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        images = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
-        if images:
-            classes[d.name] = images
-    if not classes:
-        raise UserError(f"no class sub-folders with images in {src}: expected an ImageFolder tree (<class>/<image>)")
+    if split not in PROTOCOLS:
+        raise UserError(f"unknown --split {split!r}; choose from {', '.join(PROTOCOLS)}")
+    if split == "images" and split_file is not None:
+        raise UserError("--split-file names each class's split (class-disjoint); it cannot go with --split images")
+    if split == "images":
+        check_fractions(val_fraction, test_fraction)
+    classes = _class_folders(src)
     names = list(classes)
-    if split_file is None:
+    if split == "images":
+        splits = dict.fromkeys(names, "train")  # divided per class by write_prepared
+    elif split_file is None:
         if len(names) < 2:
             raise UserError(f"{src} has only {len(names)} class folder; a train/test split needs at least 2")
         splits = {name: "train" if i < len(names) // 2 else "test" for i, name in enumerate(names)}
@@ -327,8 +343,24 @@ def prepare_folder(
         for label, name in enumerate(names)
         for f in classes[name]
     ]
+    fractions = (val_fraction if val_classes != 0 else 0.0, test_fraction)
     return write_prepared(records, out, dataset="folder", source=src, short_side=short_side, workers=workers,
-                          val_classes=val_classes, val_seed=val_seed, overwrite=overwrite)
+                          val_classes=val_classes, val_seed=val_seed, overwrite=overwrite, split=split,
+                          fractions=fractions)
+
+
+def _class_folders(src: Path) -> dict[str, list[Path]]:
+    """The image files of each class sub-folder of `src` that holds any, by folder name, sorted."""
+    if not src.is_dir():
+        raise UserError(f"source folder not found: {src}")
+    classes = {}
+    for d in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        images = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+        if images:
+            classes[d.name] = images
+    if not classes:
+        raise UserError(f"no class sub-folders with images in {src}: expected an ImageFolder tree (<class>/<image>)")
+    return classes
 
 
 def _read_split_file(path: Path, classes: list[str]) -> dict[str, str]:

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from momentum_proxy.config import check_tta
 from momentum_proxy.data.loading import eval_dataset, eval_resize, make_loader
 from momentum_proxy.data.manifest import read_manifest, split_frame
-from momentum_proxy.config import check_tta
 from momentum_proxy.deploy.int8 import MAX_MAPR_DROP, MAX_R1_DROP, calibration_batches, compare, gate, quantize
 from momentum_proxy.embedding.inference import load_model
 from momentum_proxy.embedding.onnx import INPUT_NAME, OUTPUT_NAME, onnx_session

@@ -1,16 +1,17 @@
-"""Embedding images with a trained model in PyTorch: loading a run's model (`TorchEmbedder`, the reference
-`Embedder`), embedding datasets and image files."""
+"""Embedding images in PyTorch: a torch module as an `Embedder` (`ModuleEmbedder`), a run's best model
+(`TorchEmbedder`, the reference), and embedding datasets and image files by any `Embedder`."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Subset
 from tqdm import tqdm
 
+from momentum_proxy.config import check_tta
 from momentum_proxy.data.loading import (
     ImageDataset,
     eval_resize,
@@ -20,8 +21,8 @@ from momentum_proxy.data.loading import (
     to_array,
     to_batch,
 )
-from momentum_proxy.config import check_tta
 from momentum_proxy.distributed import DistInfo, all_gather_cat
+from momentum_proxy.embedding.base import Embedder
 from momentum_proxy.embedding.tta import tta_embed
 from momentum_proxy.errors import UserError
 from momentum_proxy.models.backbones import resolve_config
@@ -51,32 +52,15 @@ def load_model(run_dir: str | Path, device: str = "auto") -> tuple[EmbeddingNet,
     to reorder near ties between `mproxy retrieve`, the service and a query by id; in full float32 they agree
     as on a CPU."""
     run = RunDir(run_dir)
-    device = resolve_device(device)
-    cfg = resolve_config(run.config(), device.type)  # a run written through the API may leave the size open
+    dev = resolve_device(device)
+    cfg = resolve_config(run.config(), dev.type)  # a run written through the API may leave the size open
     state = run.load_checkpoint(BEST)
     model = EmbeddingNet(cfg.backbone, cfg.feature_dim, weights=None, pooling=cfg.pooling, image_size=cfg.image_size)
     model.load_state_dict(state["model"])
     fingerprint = f"{Path(run.path).resolve()}#epoch{state['epoch']}"
-    if device.type == "cuda":
+    if dev.type == "cuda":
         torch.backends.cudnn.allow_tf32 = False
-    return model.to(device).eval(), cfg, fingerprint
-
-
-class TorchEmbedder:
-    """The run's best checkpoint in PyTorch: the reference `Embedder`; `tta` (none | flip) as `embedding.tta`."""
-
-    runtime = "torch"
-
-    def __init__(self, run_dir: str | Path, device: str = "auto", tta: str = "none"):
-        check_tta(tta)
-        self.model, cfg, _ = load_model(run_dir, device)
-        self.device = next(self.model.parameters()).device
-        self.image_size, self.feature_dim, self.tta = cfg.image_size, cfg.feature_dim, tta
-        self.identity = {**model_identity(run_dir), "runtime": self.runtime, "verified": True, "tta": tta}
-
-    @torch.inference_mode()
-    def embed(self, images) -> np.ndarray:
-        return tta_embed(self.model, torch.as_tensor(images).to(self.device, non_blocking=True), self.tta).cpu().numpy()
+    return model.to(dev).eval(), cfg, fingerprint
 
 
 def autocast(device: torch.device, amp: str):
@@ -86,62 +70,99 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def embed_batch(model, images: torch.Tensor, device: torch.device, amp: str = "none",
-                normalize: bool = True) -> torch.Tensor:
-    """L2-normalised embeddings of a uint8 batch by a torch model or an `Embedder` (`deploy.runtimes.load_embedder`);
-    a torch model's raw embeddings with `normalize=False`."""
-    if hasattr(model, "embed"):
-        return torch.from_numpy(model.embed(images)).to(device)
-    with autocast(device, amp):
-        out = model(images.to(device, non_blocking=True)).float()
-    return F.normalize(out, dim=1) if normalize else out
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """`model` in eval mode for the block, then back in the mode it had (training embeds between epochs)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
-@torch.inference_mode()
-def embed_dataset(model, dataset: ImageDataset, device: torch.device, *, batch_size: int = 128,
-                  workers: int | None = None, amp: str = "none", dist: DistInfo = DistInfo(),
-                  progress: bool = True, desc: str = "embed", normalize: bool = True) -> np.ndarray:
-    """L2-normalised float32 embeddings of every image of `dataset`, in order, by a torch model or an embedder
-    (a torch model's raw embeddings with `normalize=False`).
+class ModuleEmbedder:
+    """A model in PyTorch (an `EmbeddingNet`: uint8 NCHW batches to raw embeddings) as an `Embedder`: the one adapter
+    through which a torch model embeds (the model in training, a run's best model in `TorchEmbedder`).
+
+    `tta` (none | flip) as `embedding.tta`; `amp` (none | bf16 | fp16) autocasts the forward pass;
+    `normalize=False` gives the raw rows (what the momentum update works on; only without `tta`). `image_size`
+    (the input size `embed_files` resizes to) and `identity` say what the model expects and is."""
+
+    runtime = "torch"
+
+    def __init__(self, model: EmbeddingNet, *, image_size: int | None = None, tta: str = "none",
+                 amp: str = "none", normalize: bool = True, identity: dict | None = None):
+        check_tta(tta)
+        if not normalize and tta != "none":
+            raise ValueError("raw embeddings (normalize=False) are only defined without test-time augmentation")
+        self.model, self.tta, self.amp, self.normalize = model, tta, amp, normalize
+        self.device = next(model.parameters()).device
+        self.image_size = image_size or 0  # 0: not given (a dataset brings its own size; embed_files needs it)
+        self.feature_dim = model.fc.out_features
+        self.identity = identity if identity is not None else {"runtime": self.runtime, "tta": tta}
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.amp):
+            return self.model(images).float()
+
+    @torch.inference_mode()
+    def embed(self, images) -> np.ndarray:
+        images = torch.as_tensor(images).to(self.device, non_blocking=True)
+        with eval_mode(self.model):
+            out = tta_embed(self._forward, images, self.tta) if self.normalize else self._forward(images)
+        return out.cpu().numpy()
+
+
+class TorchEmbedder(ModuleEmbedder):
+    """The run's best checkpoint in PyTorch: the reference `Embedder`; `tta` (none | flip) as `embedding.tta`."""
+
+    def __init__(self, run_dir: str | Path, device: str = "auto", tta: str = "none"):
+        check_tta(tta)
+        model, cfg, _ = load_model(run_dir, device)
+        super().__init__(model, image_size=cfg.image_size, tta=tta,
+                         identity={**model_identity(run_dir), "runtime": self.runtime, "verified": True, "tta": tta})
+
+
+def embed_dataset(embedder: Embedder, dataset: ImageDataset, *, batch_size: int = 128, workers: int | None = None,
+                  dist: DistInfo = DistInfo(), progress: bool = True, desc: str = "embed") -> np.ndarray:
+    """The embeddings (float32 rows, as `embedder` gives them) of every image of `dataset`, in order.
 
     Under torchrun each rank embeds an interleaved shard and the shards are gathered on every rank.
     """
-    was_training = getattr(model, "training", False)
-    if was_training:
-        model.eval()
     shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size)) if dist.enabled else dataset
-    loader = make_loader(shard, batch_size, train=False, workers=workers, pin_memory=device.type == "cuda")
+    loader = make_loader(shard, batch_size, train=False, workers=workers, pin_memory=embedder.device.type == "cuda")
     feats, idx = [], []
     for images, _, index in tqdm(loader, desc=desc, leave=False, disable=not (progress and dist.is_main)):
-        feats.append(embed_batch(model, images, device, amp, normalize))
-        idx.append(index.to(device))
-    feats, idx = torch.cat(feats), torch.cat(idx)
-    if dist.enabled:
-        feats, idx = all_gather_cat(feats), all_gather_cat(idx)
-        feats = feats[torch.argsort(idx)]
-    if was_training:
-        model.train()
-    return feats.cpu().numpy()
+        feats.append(torch.from_numpy(embedder.embed(images)))
+        idx.append(index)
+    rows = torch.cat(feats) if feats else torch.zeros((0, embedder.feature_dim))
+    order = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
+    if dist.enabled:  # gathered where the collective runs (NCCL: on the GPU)
+        rows, order = all_gather_cat(rows.to(embedder.device)), all_gather_cat(order.to(embedder.device))
+        rows = rows[torch.argsort(order)]
+    return rows.cpu().numpy()
 
 
-@torch.inference_mode()
-def embed_files(model, paths: list[str | Path], image_size: int, device: torch.device, batch_size: int = 64,
+def embed_files(embedder: Embedder, paths: Sequence[str | Path], batch_size: int = 64,
                 progress: bool = True) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
-    """Embed image files with a torch model or an embedder; returns (features of the readable ones, their paths,
+    """Embed image files at `embedder.image_size`; returns (features of the readable ones, their paths,
     [(path, reason)] skipped). `progress`: a progress bar (for more than two batches)."""
-    if isinstance(model, torch.nn.Module):
-        model.eval()
-    tf = eval_transform(image_size)
-    feats, ok, skipped, batch = [], [], [], []
+    size = embedder.image_size
+    tf = eval_transform(size)
+    feats: list[np.ndarray] = []
+    ok: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    batch: list[np.ndarray] = []
 
     def flush():
         if batch:
-            feats.append(embed_batch(model, to_batch(batch), device).cpu())
+            feats.append(embedder.embed(to_batch(batch)))
             batch.clear()
 
     for p in tqdm(paths, desc="embed", leave=False, disable=not progress or len(paths) < 2 * batch_size):
         try:
-            batch.append(to_array(tf(read_image(p, eval_resize(image_size)))))
+            batch.append(to_array(tf(read_image(p, eval_resize(size)))))
         except (OSError, ValueError) as e:
             skipped.append((str(p), str(e).splitlines()[0] if str(e) else type(e).__name__))
             continue
@@ -149,5 +170,4 @@ def embed_files(model, paths: list[str | Path], image_size: int, device: torch.d
         if len(batch) == batch_size:
             flush()
     flush()
-    dim = getattr(model, "feature_dim", None) or (model.fc.out_features if hasattr(model, "fc") else 0)
-    return (torch.cat(feats).numpy() if feats else np.zeros((0, dim), np.float32)), ok, skipped
+    return (np.concatenate(feats) if feats else np.zeros((0, embedder.feature_dim), np.float32)), ok, skipped

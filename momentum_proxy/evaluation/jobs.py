@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from momentum_proxy.data.loading import EvalSplit, eval_dataset
-from momentum_proxy.data.manifest import manifest_sha256, read_manifest, split_frame
+from momentum_proxy.data.manifest import GALLERY_SPLITS, manifest_sha256, read_manifest, split_frame, split_protocol
 from momentum_proxy.embedding.base import Embedder
 from momentum_proxy.embedding.inference import TorchEmbedder, embed_dataset
 from momentum_proxy.errors import UserError
@@ -72,15 +72,28 @@ def evaluate_run(run_dir: str | Path, *, metrics=None, recalls=None, out: str | 
                "selected_on": trained.get("selected_on", info.get("selection", "?")),
                "select_metric": trained.get("select_metric", cfg.select_metric), "split": split,
                "queries": test.num_queries,
-               "lone_queries": test.lone_queries, "runtime": embedder.runtime, "tta": tta,
+               "lone_queries": test.lone_queries, "against": gallery_text(cfg.data, test, split),
+               "runtime": embedder.runtime, "tta": tta,
                "rerank": rerank.to_dict() if rerank is not None else {"method": "none"}, split: res}
     write_json(out or evaluation_file(run_dir, embedder.runtime, tta, split=split, rerank=rerank), summary)
     return summary
 
 
-def embed_split(run_dir: str | Path, split: str, embedder: Embedder) -> tuple[EvalSplit, np.ndarray]:
+def gallery_text(data, rows: EvalSplit, split: str) -> str | None:
+    """What the queries of `rows` search, in words, when it is a gallery: an images split's catalogue."""
+    gallery = int((rows.split == "gallery").sum())
+    if not gallery:
+        return None
+    if split_protocol(read_manifest(data)) == "images":
+        return f"the catalogue ({gallery} {' + '.join(GALLERY_SPLITS[split])} images)"
+    return f"{gallery} gallery images"
+
+
+def embed_split(run_dir: str | Path, split: str, embedder: Embedder,
+                queries_only: bool = False) -> tuple[EvalSplit, np.ndarray]:
     """The run's `split` (test or val) of its dataset and its features by `embedder`, as `evaluate_run` scores
-    them (`experiments.tune_rerank` embeds val this way too, so its figures are `evaluate --split val`'s)."""
+    them (`experiments.tune_rerank` embeds val this way too, so its figures are `evaluate --split val`'s);
+    `queries_only`: the split's query rows alone (no gallery: they search one elsewhere, e.g. a saved index)."""
     if split not in ("test", "val"):
         raise UserError(f"evaluate --split takes test or val, not {split!r}")
     run = RunDir(run_dir)
@@ -89,21 +102,24 @@ def embed_split(run_dir: str | Path, split: str, embedder: Embedder) -> tuple[Ev
         print(f"mproxy: warning: {Path(cfg.data) / 'manifest.csv'} changed since this run was trained; "
               "these figures are not comparable with the run's own", file=sys.stderr)
     frame = split_frame(read_manifest(cfg.data), split)
+    if queries_only and (frame["split"] == "query").any():
+        frame = frame[frame["split"] == "query"].reset_index(drop=True)
     if frame.empty:
         raise UserError(f"{cfg.data} has no {split} split to evaluate")
     rows = EvalSplit(split, frame, eval_dataset(cfg.data, frame, embedder.image_size))
-    feats = embed_dataset(embedder, rows.dataset, embedder.device, batch_size=cfg.embed_batch_size,
+    feats = embed_dataset(embedder, rows.dataset, batch_size=cfg.embed_batch_size,
                           workers=cfg.loader_workers)
     return rows, feats
 
 
 def evaluation_file(run_dir: str | Path, runtime: str, tta: str = "none", *, split: str = "test",
-                    rerank=None) -> Path:
-    """Where `evaluate_run` writes by default: RUN_DIR/evaluate-RUNTIME.json, with -TTA, -val and -METHOD (the
-    re-ranking) before .json when they apply (evaluate-torch-val-dba.json)."""
+                    rerank=None, index: bool = False) -> Path:
+    """Where `evaluate_run` writes by default: RUN_DIR/evaluate-RUNTIME.json, with -TTA, -val, -METHOD (the
+    re-ranking) and -index (queries against a saved index) before .json when they apply
+    (evaluate-torch-val-dba.json)."""
     method = rerank.method if rerank is not None else "none"
     parts = [runtime, *([tta] if tta != "none" else []), *([split] if split != "test" else []),
-             *([method] if method != "none" else [])]
+             *([method] if method != "none" else []), *(["index"] if index else [])]
     return Path(run_dir) / f"evaluate-{'-'.join(parts)}.json"
 
 
@@ -117,8 +133,9 @@ def describe(summary: dict, run_dir) -> str:
     rerank = dict(summary.get("rerank", {"method": "none"}))
     method = rerank.pop("method")
     rerank_text = method + (f" ({', '.join(f'{k} {v:g}' for k, v in rerank.items())})" if rerank else "")
+    against = f" against {summary['against']}" if summary.get("against") else ""
     return (f"{run_dir}: {summary['checkpoint']} (epoch {summary['epoch']}, {chosen}) on the {summary['split']} "
-            f"split, {summary['queries']} queries{left_out}, runtime {summary.get('runtime', 'torch')}, "
+            f"split, {summary['queries']} queries{left_out}{against}, runtime {summary.get('runtime', 'torch')}, "
             f"tta {summary.get('tta', 'none')}, rerank {rerank_text}")
 
 

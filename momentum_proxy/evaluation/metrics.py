@@ -157,3 +157,39 @@ def _retrieval_metrics(query, query_labels, gallery, gallery_labels, self_retrie
                 precision_at_hits = np.cumsum(relevant, axis=1) / np.arange(1, idx.shape[1] + 1) * relevant
                 per_query["map@r"][pos] = precision_at_hits.sum(axis=1) / r_pos
     return {name: float(values[valid].mean()) for name, values in per_query.items()}
+
+
+def class_margin(features, labels, split=None, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
+    """Mean positive margin, a finer signal than retrieval metrics once they saturate (selection's last tie-break):
+    per query, the cosine to the mean of its class's gallery items minus the highest cosine to another class's
+    mean (means of unit vectors, normalised). `split` as `evaluation.jobs.evaluate_arrays` reads it: query rows
+    against gallery rows when it names them, else self-retrieval over the rows (each query left out of its own
+    class's mean). Lone queries are left out; NaN when every query is lone."""
+    x, y = l2_normalize(as_features(features, "features")), np.asarray(labels)
+    split = np.asarray(split) if split is not None else None
+    if split is not None and {"query", "gallery"} <= set(split):
+        q, g, self_retrieval = split == "query", split == "gallery", False
+    else:
+        q = g = split == "test" if split is not None and "test" in set(split) else np.ones(len(x), bool)
+        self_retrieval = True
+    classes, g_codes = np.unique(y[g], return_inverse=True)
+    sums = np.zeros((len(classes), x.shape[1]))
+    np.add.at(sums, g_codes.ravel(), x[g])
+    counts = np.bincount(g_codes.ravel(), minlength=len(classes)).astype(float)
+    qx, qy = x[q], y[q]
+    own = np.searchsorted(classes, qy)
+    known = (own < len(classes)) & (classes[np.minimum(own, len(classes) - 1)] == qy)
+    own = np.minimum(own, len(classes) - 1)
+    own_count = counts[own] - int(self_retrieval)
+    valid = known & (own_count > 0) & (len(classes) > 1)
+    means, margins = sums / np.linalg.norm(sums, axis=1, keepdims=True).clip(1e-12), []
+    for start in range(0, len(qx), chunk_size):
+        sl = slice(start, start + chunk_size)
+        sims = qx[sl] @ means.T
+        own_sum = sums[own[sl]] - (qx[sl] if self_retrieval else 0)
+        own_mean = own_sum / np.linalg.norm(own_sum, axis=1, keepdims=True).clip(1e-12)
+        positive = np.einsum("ij,ij->i", qx[sl], own_mean)
+        sims[np.arange(len(sims)), own[sl]] = -np.inf
+        margins.append(positive - sims.max(axis=1))
+    margins = np.concatenate(margins) if margins else np.empty(0)
+    return float(margins[valid].mean()) if valid.any() else float("nan")

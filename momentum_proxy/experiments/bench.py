@@ -24,7 +24,7 @@ from momentum_proxy.data.loading import ImageDataset, load_datasets, make_loader
 from momentum_proxy.data.prepare import prepare_folder
 from momentum_proxy.deploy.export import INPUT_NAME, ExportNet, export_onnx, onnx_session
 from momentum_proxy.deploy.int8 import calibration_batches, quantize
-from momentum_proxy.embedding.inference import autocast, embed_dataset, resolve_device
+from momentum_proxy.embedding.inference import ModuleEmbedder, autocast, embed_dataset, resolve_device
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import write_json
 from momentum_proxy.runs import TrainConfig
@@ -184,10 +184,11 @@ def _embedding_measures(cfg: TrainConfig, test_set: ImageDataset, model: torch.n
     subset = torch.utils.data.Subset(test_set, range(n_eval))
     embed_steps = max(2, n_eval // eval_bs)
     onnx_embed = _onnx_embedders(model, tmp, cfg.image_size, dev, cfg.data, 2 * eval_bs)
+    embedder = ModuleEmbedder(model, image_size=cfg.image_size, amp=cfg.amp)
 
     def embed_pipeline():
         t0 = time.perf_counter()
-        embed_dataset(model, subset, dev, batch_size=eval_bs, workers=cfg.loader_workers, amp=cfg.amp, progress=False)
+        embed_dataset(embedder, subset, batch_size=eval_bs, workers=cfg.loader_workers, progress=False)
         return n_eval / (time.perf_counter() - t0)
 
     @torch.inference_mode()
@@ -203,8 +204,8 @@ def _embedding_measures(cfg: TrainConfig, test_set: ImageDataset, model: torch.n
     def onnx_rate(name):
         return lambda: _rate(lambda _: onnx_embed[name](eval_numpy), embed_steps, eval_bs)
 
-    embed_dataset(model, torch.utils.data.Subset(test_set, range(eval_bs)), dev, batch_size=eval_bs,
-                  workers=cfg.loader_workers, amp=cfg.amp, progress=False)  # warm-up (thread pool, allocator)
+    embed_dataset(embedder, torch.utils.data.Subset(test_set, range(eval_bs)), batch_size=eval_bs,
+                  workers=cfg.loader_workers, progress=False)  # warm-up (thread pool, allocator)
     return {"embed_pipeline": embed_pipeline, "embed_model": embed_model,
             "embed_onnx": onnx_rate("embed_onnx"), "embed_onnx_int8": onnx_rate("embed_onnx_int8")}
 

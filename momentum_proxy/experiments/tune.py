@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import shlex
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Iterator
 
 import optuna
 from optuna.trial import TrialState
@@ -200,18 +200,26 @@ def study_lock(out: Path, job: str = "mproxy tune") -> Iterator[None]:
 
 
 def open_study(out: Path, identity: dict) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
-    """Create or reopen OUT/study.db; refuse a study made with another dataset, space, budget or seed."""
+    """Create or reopen OUT/study.db; refuse a study made with another dataset, space, budget or seed (a study
+    begun before the options were renamed continues)."""
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+    return open_named_study(out, STUDY_NAME, identity, pruner,
+                            upgrade=lambda stored: {**stored, "space": upgrade_options(stored.get("space", {}))})
+
+
+def open_named_study(out: Path, name: str, identity: dict, pruner: optuna.pruners.BasePruner | None = None,
+                     upgrade: Callable[[dict], dict] = lambda stored: stored
+                     ) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
+    """Create or reopen the study `name` in OUT/study.db (`pruner` None: optuna's default); refuse a folder that
+    holds the other kind of study, and a study whose stored `identity` (read through `upgrade`) differs."""
     storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'study.db').absolute()}")
-    check_study_kind(storage, STUDY_NAME, out)
-    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
+    check_study_kind(storage, name, out)
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", pruner=pruner,
                                 load_if_exists=True)
     stored = study.user_attrs.get("identity")
-    if stored is not None:  # a study begun before the options were renamed continues
-        stored = {**stored, "space": upgrade_options(stored.get("space", {}))}
     if stored is None:
         study.set_user_attr("identity", identity)
-    elif stored != identity:
+    elif (stored := upgrade(stored)) != identity:
         raise UserError(f"{out} holds a study with {identity_changes(stored, identity)}; use another --out or the "
                         "same settings")
     return study, storage
@@ -354,6 +362,17 @@ def best_other(study: optuna.Study, default: optuna.trial.FrozenTrial) -> optuna
     return max(others, key=lambda t: t.value) if others else None
 
 
+def no_trial_beat(study: optuna.Study, reference: optuna.trial.FrozenTrial, what: str, metric: str, kept: str,
+                  label: Callable[[optuna.trial.FrozenTrial], str] = lambda trial: "") -> str:
+    """One sentence when no trial beat the `reference` trial (`what` it is) on val `metric`: its figure, the best
+    other trial's (`label(trial)`: words after its number) and the difference; best.json is `kept`."""
+    top = best_other(study, reference)
+    versus = (f"; the best other, trial {top.number}{label(top)}, {100 * top.value:.2f}, difference "
+              f"{100 * (top.value - reference.value):+.2f}" if top else "")
+    return (f"no trial beat {what} (trial {reference.number}, val {metric} {100 * reference.value:.2f}{versus}): "
+            f"best.json is {kept}")
+
+
 def against_default(study: optuna.Study) -> str:
     """One sentence: the recommended trial's val MAP@R against the default recipe's, and the difference."""
     default, best = default_trial(study), recommended(study)
@@ -362,11 +381,7 @@ def against_default(study: optuna.Study) -> str:
     if default.state != TrialState.COMPLETE:
         return f"the default recipe (trial {default.number}) did not complete: nothing to compare with"
     if best.number == default.number:
-        top = best_other(study, default)
-        versus = (f"; the best other, trial {top.number}, {100 * top.value:.2f}, difference "
-                  f"{100 * (top.value - default.value):+.2f}" if top else "")
-        return (f"no trial beat the default recipe (trial {default.number}, val MAP@R {100 * default.value:.2f}"
-                f"{versus}): best.json is the default recipe")
+        return no_trial_beat(study, default, "the default recipe", "MAP@R", "the default recipe")
     return (f"trial {best.number} val MAP@R {100 * best.value:.2f} against the default recipe (trial "
             f"{default.number}) {100 * default.value:.2f}, difference {100 * (best.value - default.value):+.2f}")
 

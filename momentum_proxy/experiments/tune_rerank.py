@@ -34,12 +34,11 @@ from momentum_proxy.evaluation.jobs import embed_split, evaluate_arrays
 from momentum_proxy.experiments import tune
 from momentum_proxy.experiments.tune import (
     FINISHED,
-    best_other,
     check_spec,
-    check_study_kind,
     finished_trials,
-    identity_changes,
     marked_trial,
+    no_trial_beat,
+    open_named_study,
     retry_interrupted_trials,
     study_lock,
     suggest_one,
@@ -259,16 +258,7 @@ class Objective:
 def open_study(out: Path, identity: dict) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
     """Create or reopen OUT/study.db; refuse a study made with another run, checkpoint, embedding, space, metric
     or seed, and a folder holding a `tune` study."""
-    storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'study.db').absolute()}")
-    check_study_kind(storage, STUDY_NAME, out)
-    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize", load_if_exists=True)
-    stored = study.user_attrs.get("identity")
-    if stored is None:
-        study.set_user_attr("identity", identity)
-    elif stored != identity:
-        raise UserError(f"{out} holds a study with {identity_changes(stored, identity)}; use another --out or the "
-                        "same settings")
-    return study, storage
+    return open_named_study(out, STUDY_NAME, identity)
 
 
 def val_features(out: Path, run_dir: Path, identity: dict, runtime: str, device: str, tta: str
@@ -405,11 +395,8 @@ def against_baseline(study: optuna.Study, metric: str) -> str:
     if baseline is None or baseline.state != TrialState.COMPLETE:
         return f"no re-ranking (trial 0) did not complete: nothing to compare with; best trial {best.number}"
     if best.number == baseline.number:
-        top = best_other(study, baseline)
-        versus = (f"; the best other, trial {top.number}, {describe(top.user_attrs['rerank'])}, "
-                  f"{100 * top.value:.2f}, difference {100 * (top.value - baseline.value):+.2f}" if top else "")
-        return (f"no trial beat no re-ranking (trial {baseline.number}, val {name} {100 * baseline.value:.2f}"
-                f"{versus}): best.json is none")
+        return no_trial_beat(study, baseline, "no re-ranking", name, "none",
+                             label=lambda trial: f", {describe(trial.user_attrs['rerank'])}")
     return (f"trial {best.number}, {describe(best.user_attrs['rerank'])}, val {name} {100 * best.value:.2f} against "
             f"no re-ranking (trial {baseline.number}) {100 * baseline.value:.2f}, difference "
             f"{100 * (best.value - baseline.value):+.2f}")

@@ -1,12 +1,13 @@
 """A saved retrieval index: faiss over L2-normalised embeddings (cosine), plus image paths, labels and model info.
 
 On disk, a folder holds `index-<hash>.faiss` (faiss.write_index) and `meta.json` (kind, feature_dim, search
-parameters, the caller's `model` dict, paths, labels, class names, deleted ids). A save writes the faiss file
+parameters, the caller's `model` dict, paths, labels, class names, deleted ids, `sha256`: each item's image file
+content where recorded, see `IndexStore.record_hashes`). A save writes the faiss file
 under a new content-addressed name first, then replaces `meta.json` (the commit point, which names that file
 and records its sha256), then removes the previous faiss file: a save killed at any moment leaves the previous
-or the new index, never a mix. Nothing is pickled. Re-ranking's neighbour lists (`rerank.Neighbours`), once
-computed for the index, are saved the same way beside it (`neighbours-<hash>.npz`, named in `meta.json`) and kept
-up to date with its items.
+or the new index, never a mix. Nothing is pickled. Attachments (`IndexStore.attach`, e.g. re-ranking's neighbour
+lists) are saved the same way beside it (`attachment-<name>-<hash>.bin`, named in `meta.json`'s `attachments`);
+one whose file does not match its recorded sha256 is not loaded (its layer computes it again).
 
 Items are numbered in the order they were added (id = faiss position) and the numbers never change: a deleted
 item becomes a tombstone (its id is listed in `deleted`; its vector stays in the faiss file until a rebuild), and
@@ -46,7 +47,7 @@ import hashlib
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -56,8 +57,7 @@ from momentum_proxy.config import parse_memory
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path, file_sha256, read_json, write_json
 from momentum_proxy.paths import META_FILE
-from momentum_proxy.retrieval.rerank import Neighbours, store_neighbours
-from momentum_proxy.retrieval.store import UNKNOWN, IndexStore, checked_items
+from momentum_proxy.retrieval.store import RECALL_K, RECALL_QUERIES, UNKNOWN, IndexStore, checked_items
 from momentum_proxy.vectors import as_features, l2_normalize
 
 KINDS = ("exact", "ivf", "hnsw", "ivfpq")
@@ -70,9 +70,7 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 DEFAULT_EF_SEARCH = 64
 MIN_POINTS_PER_LIST = 39
-# recall against exact search, measured after a build on a sample of the indexed vectors
-RECALL_K = 10
-RECALL_QUERIES = 1000
+# recall against exact search, measured after a build on a sample of the indexed vectors (RECALL_K, RECALL_QUERIES)
 RECALL_TARGET = 0.95
 MIN_GAIN = 0.002  # a doubling of nprobe / efSearch that gains less than this stops the tuning
 MAX_EF_SEARCH = 1024
@@ -155,32 +153,24 @@ def plan_index(n: int, d: int, max_memory: int, kind: str | None = None) -> Inde
     room = HEADROOM * max_memory
     budget = f"--max-memory {format_bytes(max_memory)}"
 
-    def plan(k: str, params: dict, why: str) -> IndexPlan | None:
-        size = estimate_bytes(k, n, d, params)
-        return IndexPlan(k, params, size, max_memory, why) if size <= room else None
-
     nlist = default_nlist(n)
-    candidates = []
+    candidates: list[tuple[str, dict, str]] = []  # (kind, params, why), most accurate first
     if kind in (None, "exact"):
         why = "exhaustive search, recall 1" if kind else f"fewer than {EXACT_BELOW:,} vectors: exhaustive search"
         if kind or n < EXACT_BELOW:
-            candidates.append(lambda: plan("exact", {}, why))
-    if kind in (None, "hnsw"):
-        links = min(HNSW_M, int((room / n - 4 * d - 16) // 8))
-        candidates.append(lambda: plan("hnsw", {"M": links}, f"HNSW with M={links} fits")
-                          if links >= HNSW_MIN_M else None)
+            candidates.append(("exact", {}, why))
+    links = min(HNSW_M, int((room / n - 4 * d - 16) // 8))
+    if kind in (None, "hnsw") and links >= HNSW_MIN_M:
+        candidates.append(("hnsw", {"M": links}, f"HNSW with M={links} fits"))
     if kind == "ivf" or kind is None and n < IVF_FLAT_BELOW:
-        candidates.append(lambda: plan("ivf", {"nlist": nlist}, "IVF-Flat fits (HNSW does not)" if kind is None
-                                       else "IVF-Flat"))
+        candidates.append(("ivf", {"nlist": nlist}, "IVF-Flat fits (HNSW does not)" if kind is None else "IVF-Flat"))
     if kind in (None, "ivfpq") and n >= MIN_PQ_POINTS:
-        for m in pq_code_sizes(d):
-            candidates.append(lambda m=m: plan("ivfpq", {"nlist": nlist, "m": m},
-                                               f"IVF-PQ with {m}-byte codes fits" + ("" if kind else
-                                                                                     " (no unquantized index does)")))
-    for candidate in candidates:
-        chosen = candidate()
-        if chosen is not None:
-            return chosen
+        candidates += [("ivfpq", {"nlist": nlist, "m": m}, f"IVF-PQ with {m}-byte codes fits"
+                        + ("" if kind else " (no unquantized index does)")) for m in pq_code_sizes(d)]
+    for k, params, why in candidates:
+        size = estimate_bytes(k, n, d, params)
+        if size <= room:
+            return IndexPlan(k, params, size, max_memory, why)
     if kind == "ivfpq" and n < MIN_PQ_POINTS:
         raise UserError(f"ivfpq needs at least {MIN_PQ_POINTS} vectors to train its quantizer, got {n}")
     smallest = kind or ("ivfpq" if n >= MIN_PQ_POINTS else "exact")
@@ -204,16 +194,17 @@ class Snapshot:
 
     blob: np.ndarray | None  # faiss.serialize_index, or None: the faiss file is `source`'s, unchanged
     meta: dict
-    neighbours: bytes | None = None  # re-ranking's neighbour lists (`rerank.Neighbours.to_bytes`)
+    attachments: dict[str, bytes] = field(default_factory=dict)  # `IndexStore.attachments`
     source: tuple[Path, str] | None = None  # (faiss file, its sha256) of a memory-mapped index
 
     def write(self, folder: str | Path) -> Path:
-        """Write the faiss file (and the neighbour lists), then commit `meta.json`, then remove older files;
+        """Write the faiss file (and the attachments), then commit `meta.json`, then remove older files;
         return the folder. A memory-mapped index's file is kept as it is (copied when saved elsewhere)."""
         folder = Path(folder).absolute()
         if self.blob is not None:
             name, sha = _write_content(folder, "index-{}.faiss", self.blob.tobytes())
         else:
+            assert self.source is not None, "a snapshot without the index's bytes names its memory-mapped file"
             (source, sha), name = self.source, self.source[0].name
             if source.parent.resolve() != folder.resolve():
                 with atomic_path(folder / name) as tmp:
@@ -223,14 +214,15 @@ class Snapshot:
         inside = os.path.join(os.path.abspath(folder), "")
         meta = dict(self.meta, index_file=name, index_sha256=sha,
                     paths=[_stored_path(p, inside) for p in self.meta["paths"]])
-        kept = {name}
-        if self.neighbours is not None:
-            neighbours_name, meta["neighbours_sha256"] = _write_content(folder, "neighbours-{}.npz", self.neighbours)
-            meta["neighbours_file"] = neighbours_name
-            kept.add(neighbours_name)
+        kept, meta["attachments"] = {name}, {}
+        for key, data in self.attachments.items():
+            file, sha = _write_content(folder, f"attachment-{key}-{{}}.bin", data)
+            meta["attachments"][key] = {"file": file, "sha256": sha}
+            kept.add(file)
         write_json(folder / META_FILE, meta)
-        for old in [*folder.glob("index*.faiss"), *folder.glob(".index*.tmp"), *folder.glob("neighbours-*.npz"),
-                    *folder.glob(".neighbours-*.tmp")]:  # also those of killed saves
+        for old in [*folder.glob("index*.faiss"), *folder.glob(".index*.tmp"), *folder.glob("attachment-*.bin"),
+                    *folder.glob(".attachment-*.tmp"), *folder.glob("neighbours-*.npz"),
+                    *folder.glob(".neighbours-*.tmp")]:  # also those of killed saves (and of lists saved before)
             if old.name not in kept:
                 old.unlink(missing_ok=True)
         return folder
@@ -245,6 +237,52 @@ def _write_content(folder: Path, pattern: str, data: bytes) -> tuple[str, str]:
         f.flush()
         os.fsync(f.fileno())
     return name, sha
+
+
+def _trained_ivf(kind: str, x: np.ndarray, nlist: int | None, nprobe: int | None, pq_m: int | None, seed: int,
+                 train_size: int | None) -> tuple[faiss.Index, dict]:
+    """An ivf or ivfpq index (`FaissStore.build`'s arguments) with its lists trained on `x` (or on a seeded sample
+    of `train_size` of them), empty, and its parameters."""
+    n, d = x.shape
+    nlist = default_nlist(n) if nlist is None else int(nlist)
+    if not 1 <= nlist <= n:
+        raise UserError(f"{kind} needs 1 <= nlist <= number of vectors ({n}), got {nlist}")
+    if nprobe is not None and int(nprobe) < 1:
+        raise UserError(f"nprobe must be at least 1, got {nprobe}")
+    index: faiss.IndexIVF
+    if kind == "ivf":
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        params: dict = {"nlist": nlist}
+    else:
+        m = pq_code_sizes(d)[0] if pq_m is None else int(pq_m)
+        if m < 1 or d % m:
+            raise UserError(f"ivfpq's code size must divide the {d} dimensions, got {m}")
+        if n < MIN_PQ_POINTS:
+            raise UserError(f"ivfpq needs at least {MIN_PQ_POINTS} vectors to train its quantizer, got {n}")
+        pq = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
+        pq.pq.cp.min_points_per_centroid = 1  # no warning for small collections (ivfpq is for big ones)
+        index, params = pq, {"nlist": nlist, "m": m, "nbits": PQ_BITS}
+    index.cp.seed = seed
+    index.cp.min_points_per_centroid = 1  # small nlist/n ratios are deliberate, no warning
+    train = x
+    if train_size is not None and train_size < n:
+        train = x[np.sort(np.random.default_rng(seed).choice(n, max(nlist, int(train_size)), replace=False))]
+    index.train(train)
+    params["nprobe"] = min(nlist, int(nprobe) if nprobe is not None else default_nprobe(nlist))
+    return index, params
+
+
+def _empty_hnsw(d: int, hnsw_m: int | None, ef_search: int | None) -> tuple[faiss.Index, dict]:
+    """An empty hnsw index of `d` dimensions (`FaissStore.build`'s arguments) and its parameters."""
+    if ef_search is not None and ef_search < 1:
+        raise UserError(f"ef_search must be at least 1, got {ef_search}")
+    m = HNSW_M if hnsw_m is None else int(hnsw_m)
+    if m < 2:
+        raise UserError(f"hnsw needs M >= 2, got {m}")
+    index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    return index, {"M": m, "ef_construction": HNSW_EF_CONSTRUCTION,
+                   "ef_search": DEFAULT_EF_SEARCH if ef_search is None else int(ef_search)}
 
 
 class FaissStore(IndexStore):
@@ -262,9 +300,12 @@ class FaissStore(IndexStore):
         self.deleted = set(int(i) for i in deleted)
         self.sources = list(sources)
         self.path_ids = {p: i for i, p in enumerate(paths) if i not in self.deleted}
+        self.hashes: dict[int, str] = {}  # item id -> sha256 of its image file, where recorded (`record_hashes`)
+        self.hash_ids: dict[str, int] = {}  # the live ones, by hash
         self.recall, self.memory, self.mapped = recall, dict(memory or {}), mapped
         if kind in IVF_KINDS:
-            index.make_direct_map()  # `vector(id)` for queries by id (ivfpq: the decoded, approximate vector)
+            # `vector(id)` for queries by id (ivfpq: the decoded, approximate vector)
+            faiss.extract_index_ivf(index).make_direct_map()
 
     @property
     def feature_dim(self) -> int:
@@ -310,45 +351,14 @@ class FaissStore(IndexStore):
         if kind not in KINDS:
             raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
         paths, labels = checked_items(paths, labels, n)
-        params: dict = {}
+        index: faiss.Index
+        params: dict
         if kind == "exact":
-            index = faiss.IndexFlatIP(d)
+            index, params = faiss.IndexFlatIP(d), {}
         elif kind in IVF_KINDS:
-            nlist = default_nlist(n) if nlist is None else int(nlist)
-            if not 1 <= nlist <= n:
-                raise UserError(f"{kind} needs 1 <= nlist <= number of vectors ({n}), got {nlist}")
-            if nprobe is not None and int(nprobe) < 1:
-                raise UserError(f"nprobe must be at least 1, got {nprobe}")
-            if kind == "ivf":
-                index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-                params = {"nlist": nlist}
-            else:
-                m = pq_code_sizes(d)[0] if pq_m is None else int(pq_m)
-                if m < 1 or d % m:
-                    raise UserError(f"ivfpq's code size must divide the {d} dimensions, got {m}")
-                if n < MIN_PQ_POINTS:
-                    raise UserError(f"ivfpq needs at least {MIN_PQ_POINTS} vectors to train its quantizer, got {n}")
-                index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
-                index.pq.cp.min_points_per_centroid = 1  # no warning for small collections (ivfpq is for big ones)
-                params = {"nlist": nlist, "m": m, "nbits": PQ_BITS}
-            index.cp.seed = seed
-            index.cp.min_points_per_centroid = 1  # small nlist/n ratios are deliberate, no warning
-            train = x
-            if train_size is not None and train_size < n:
-                train = x[np.sort(np.random.default_rng(seed).choice(n, max(nlist, int(train_size)), replace=False))]
-            index.train(train)
-            del train
-            params["nprobe"] = min(nlist, int(nprobe) if nprobe is not None else default_nprobe(nlist))
+            index, params = _trained_ivf(kind, x, nlist, nprobe, pq_m, seed, train_size)
         else:
-            if ef_search is not None and ef_search < 1:
-                raise UserError(f"ef_search must be at least 1, got {ef_search}")
-            m = HNSW_M if hnsw_m is None else int(hnsw_m)
-            if m < 2:
-                raise UserError(f"hnsw needs M >= 2, got {m}")
-            index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-            params = {"M": m, "ef_construction": HNSW_EF_CONSTRUCTION,
-                      "ef_search": DEFAULT_EF_SEARCH if ef_search is None else int(ef_search)}
+            index, params = _empty_hnsw(d, hnsw_m, ef_search)
         built = cls(index, kind, [], [] if labels is not None else None, dict(model or {}), params, classes,
                     memory=memory)
         built._add(x, paths, labels)
@@ -366,7 +376,7 @@ class FaissStore(IndexStore):
         first = self.ntotal
         self.index.add(x)
         self.paths.extend(paths)
-        if labels is not None:
+        if self.labels is not None and labels is not None:  # both or neither, checked above
             self.labels.extend(labels)
         ids = list(range(first, self.ntotal))
         self.path_ids.update(zip(paths, ids))
@@ -380,6 +390,13 @@ class FaissStore(IndexStore):
 
     def ids_of(self, paths: list[str]) -> dict[str, int]:
         return {p: self.path_ids[p] for p in paths if p in self.path_ids}
+
+    def record_hashes(self, by_id: dict[int, str]) -> None:
+        self.hashes.update({int(i): h for i, h in by_id.items() if h})
+        self.hash_ids.update({h: int(i) for i, h in by_id.items() if h and self.exists(int(i))})
+
+    def content_ids(self, hashes) -> dict[str, int]:
+        return {h: self.hash_ids[h] for h in hashes if h in self.hash_ids}
 
     def file_ids(self, path: Path) -> set[int]:
         target = str(Path(path).resolve())
@@ -406,6 +423,9 @@ class FaissStore(IndexStore):
         self.deleted.add(int(item_id))
         if self.path_ids.get(self.paths[item_id]) == item_id:
             del self.path_ids[self.paths[item_id]]
+        sha = self.hashes.get(item_id)
+        if sha is not None and self.hash_ids.get(sha) == item_id:
+            del self.hash_ids[sha]
 
     def exists(self, item_id: int) -> bool:
         return 0 <= item_id < self.ntotal and item_id not in self.deleted
@@ -416,7 +436,7 @@ class FaissStore(IndexStore):
             raise UserError(f"no item with id {item_id}")
         label = int(self.labels[item_id]) if self.labels is not None else None
         return {"id": int(item_id), "path": self.paths[item_id], "label": None if label == UNKNOWN else label,
-                "class_name": self.classes.get(label)}
+                "class_name": None if label is None else self.classes.get(label)}
 
     def vector(self, item_id: int) -> np.ndarray:
         """An item's stored (normalised) embedding, shape (1, d). (numpy even once pytorch-metric-learning has
@@ -428,8 +448,9 @@ class FaissStore(IndexStore):
         # Attributes, not faiss SearchParameters: importing pytorch-metric-learning (faiss.contrib.torch_utils)
         # replaces Index.search with a version that takes no `params`.
         if self.kind in IVF_KINDS:
-            self.index.nprobe = self.params["nprobe"]
+            faiss.extract_index_ivf(self.index).nprobe = self.params["nprobe"]
         elif self.kind == "hnsw":
+            assert isinstance(self.index, faiss.IndexHNSW), "an hnsw store holds a faiss IndexHNSW"
             self.index.hnsw.efSearch = max(self.params["ef_search"], k)
 
     def search(self, query_features, k: int, exclude=()) -> tuple[np.ndarray, np.ndarray]:
@@ -547,7 +568,7 @@ class FaissStore(IndexStore):
         k = truth.shape[1]
         found = drop_own(self.search(queries, k + 1)[1], np.asarray(query_ids), k)
         hits = sum(len(np.intersect1d(t[t >= 0], f[f >= 0])) for t, f in zip(truth, found))
-        return float(hits / max(1, np.count_nonzero(truth >= 0)))
+        return hits / max(1, int(np.count_nonzero(truth >= 0)))
 
     def live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, unit vectors) of the live items, in id order."""
@@ -561,19 +582,17 @@ class FaissStore(IndexStore):
                                                                  self.params)}
 
     def snapshot(self) -> Snapshot:
-        """The state to save, copied (cheap next to embedding: one memory copy of the vectors); neighbour lists,
-        when the index has them, brought up to date first."""
-        neighbours = None
-        if self.neighbours is not None and self.neighbours.size:
-            neighbours = store_neighbours(self, self.neighbours.size).to_bytes()
+        """The state to save, copied (cheap next to embedding: one memory copy of the vectors), with the
+        attachments as they are now."""
         blob = None if self.mapped is not None else faiss.serialize_index(self.index)
-        return Snapshot(blob, source=self.mapped, neighbours=neighbours, meta={
+        return Snapshot(blob, source=self.mapped, attachments=self.attachments(), meta={
             "format_version": FORMAT_VERSION, "kind": self.kind, "metric": "cosine",
             "feature_dim": self.feature_dim, "count": self.ntotal, "live": len(self), "params": self.params,
             "recall": self.recall, "memory": self.memory_info(),
             "model": self.model, "sources": list(self.sources), "paths": list(self.paths),
             "labels": None if self.labels is None else list(self.labels),
             "classes": {str(k): v for k, v in sorted(self.classes.items())}, "deleted": sorted(self.deleted),
+            "sha256": {str(i): h for i, h in sorted(self.hashes.items())},
         })
 
     @classmethod
@@ -598,7 +617,11 @@ class FaissStore(IndexStore):
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         index = faiss.read_index(str(index_file), flags)
         if mmap:  # OnDiskInvertedLists: no prefetch threads (32 started per search: 9 ms instead of 0.2)
-            faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).prefetch_nthread = 0
+            lists = faiss.extract_index_ivf(index).invlists
+            assert lists is not None, "an ivf index read from a file holds its inverted lists"
+            on_disk = faiss.downcast_InvertedLists(lists)
+            assert isinstance(on_disk, faiss.OnDiskInvertedLists), "faiss.IO_FLAG_MMAP maps the lists on disk"
+            on_disk.prefetch_nthread = 0
         if index.ntotal != meta["count"] or len(meta["paths"]) != meta["count"] or index.d != meta["feature_dim"]:
             raise UserError(f"{index_file.name} and {META_FILE} in {folder} disagree; rebuild the index")
         base = folder if meta["format_version"] >= 2 else Path.cwd()
@@ -608,9 +631,9 @@ class FaissStore(IndexStore):
         store = cls(index, meta["kind"], paths, meta["labels"], meta["model"], meta["params"], classes,
                     meta.get("deleted", ()), meta.get("sources", ()), recall=meta.get("recall"), memory=memory,
                     mapped=(index_file, meta["index_sha256"]) if mmap else None)
-        neighbours = folder / meta.get("neighbours_file", "-")
-        if neighbours.is_file() and file_sha256(neighbours) == meta.get("neighbours_sha256"):
-            store.neighbours = Neighbours.from_bytes(neighbours.read_bytes())  # else recomputed when needed
+        store.record_hashes({int(i): h for i, h in meta.get("sha256", {}).items()})  # none in older indexes
+        for name, data in read_attachments(folder, meta).items():
+            store.attach(name, data)
         return store
 
 
@@ -637,6 +660,22 @@ def drop_own(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
     is_own = ids == own[:, None]
     is_own[~is_own.any(axis=1), -1] = True
     return ids[~is_own].reshape(len(ids), -1)[:, :k]
+
+
+def read_attachments(folder: Path, meta: dict) -> dict[str, bytes]:
+    """The attachments `meta` names whose files match their sha256 (re-ranking's lists of an index saved before
+    attachments, `neighbours_file`, as "neighbours")."""
+    named = dict(meta.get("attachments") or {})
+    if "neighbours_file" in meta:
+        named.setdefault("neighbours", {"file": meta["neighbours_file"], "sha256": meta.get("neighbours_sha256")})
+    found = {}
+    for name, record in named.items():
+        file = folder / record["file"]
+        if file.is_file():
+            data = file.read_bytes()
+            if hashlib.sha256(data).hexdigest() == record["sha256"]:
+                found[name] = data
+    return found
 
 
 def read_meta(folder: str | Path) -> dict:

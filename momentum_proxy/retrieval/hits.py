@@ -6,8 +6,10 @@ from dataclasses import asdict, dataclass, replace
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: 1-based `rank`, the item (`id`, `path`, `label`, `class_name`), its cosine `score`,
-    and `same_class`: whether its class is the query's (None when either class is unknown)."""
+    """One search result: 1-based `rank`, the item (`id`, `path`, `label`, `class_name`), `score`: its raw cosine
+    similarity to the query (always, re-ranked or not), `rerank_score`: the score a re-ranking ordered the list by
+    (None when none did), `same_class`: whether its class is the query's (None when either class is unknown), and
+    `same_image`: whether its image file holds the query image's very bytes (a copy of the query)."""
 
     rank: int
     id: int
@@ -16,6 +18,8 @@ class Hit:
     label: int | None
     class_name: str | None
     same_class: bool | None = None
+    rerank_score: float | None = None
+    same_image: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -5,10 +5,15 @@ A store named NAME (`mproxy` in a Milvus Lite file) is an alias of the two colle
 - `NAME_<build>`: a row per item: `id` (INT64, the item id), `vector` (its unit embedding; index FLAT, metric IP:
   exact cosine search), `path`, `label` (UNKNOWN when not known) and `class_name` ("" when not known);
 - `NAME_<build>_meta`: key/value rows: `info` (JSON: format, kind, feature_dim, whether labelled, the next id, the
-  largest label, the `model` dict, the image folders indexed) and `class/<label>` (a class name).
-Milvus persists each write it acknowledges; `save` then records `info` and, for a new build, points the alias at
-its collections and drops the previous ones: a build or `--rebuild` killed at any moment leaves the previous store
-or the new one (collections of a killed build are dropped by the next one). Removed items are deleted from the
+  largest label, the `model` dict, the image folders indexed, the attachments), `class/<label>` (a class name),
+  `sha256/<hash>` (the id of the item whose image file has that content; stores from before it have none) and
+  the attachments (`IndexStore.attach`, e.g. re-ranking's neighbour lists): `attachment/<name>/<sha256[:16]>/<i>`,
+  their bytes in base64, CHUNK_BYTES a row.
+Milvus persists each write it acknowledges; `save` writes the attachments that changed (under new keys), records
+`info` (which names them: the commit point), deletes the attachment rows it no longer names, and for a new build
+points the alias at its collections and drops the previous ones: a build or `--rebuild` killed at any moment leaves
+the previous store or the new one (collections of a killed build are dropped by the next one); a save killed
+midway leaves the previous attachments named. Removed items are deleted from the
 collection; ids are never given twice (the next id is recorded before items are inserted). One process writes a
 store at a time: `stores.writer_lock` holds a Milvus Lite store's lock file; for a server, the operator sees to it.
 
@@ -17,6 +22,8 @@ Calls that cannot reach the server raise `StoreUnavailable` and drop the connect
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 import os
@@ -44,7 +51,8 @@ MAX_TEXT = 65_535  # longest VARCHAR
 CHUNK = 1_000  # rows per insert or per path query
 CONNECT_TIMEOUT, CALL_TIMEOUT = 10.0, 120.0  # seconds
 MAX_ID = 2**63 - 1
-INFO, CLASS = "info", "class/"
+INFO, CLASS, CONTENT, ATTACHMENT = "info", "class/", "sha256/", "attachment/"
+CHUNK_BYTES = 48_000  # attachment bytes a row (64,000 characters of base64, within MAX_TEXT)
 PARAMS = {"index_type": "FLAT", "metric_type": "IP"}
 
 
@@ -73,24 +81,26 @@ class Commit:
 
     store: MilvusStore
     info: dict
+    attachments: dict[str, bytes]
 
     def write(self, location) -> MilvusLocation:
         if (location if isinstance(location, MilvusLocation) else milvus_location(location)) != self.store.location:
             raise UserError(f"a Milvus store is saved where it lives ({self.store.location}), not in {location}")
-        self.store._commit(self.info)
+        self.store._commit(self.info, self.attachments)
         return self.store.location
 
 
 class MilvusStore(IndexStore):
     """Exact cosine retrieval over a Milvus collection (see the module's text)."""
 
-    kind, params, remote = "exact", PARAMS, True
+    kind, params, remote, writes_through = "exact", PARAMS, True, True
 
     def __init__(self, location: MilvusLocation, name: str | None = None):
         self.location, self.name = location, name
         self.staged = False  # a new build, not yet behind the alias
         self.model, self.classes, self.sources = {}, {}, []
         self.dim, self.next_id, self.max_label, self._labelled = 0, 0, UNKNOWN, False
+        self.attached: dict[str, dict] = {}  # the saved attachments: name -> {"sha256", "chunks"}
         self._client: MilvusClient | None = None
         self._connecting = threading.RLock()  # _connect may drop a connection it made (`_error`)
 
@@ -118,9 +128,10 @@ class MilvusStore(IndexStore):
     def _load(self) -> None:
         """Load the collections into the server's memory for searches (a restarted Milvus Lite has them
         released; loading a loaded collection does nothing)."""
+        client = self._connect()  # the client being made, when called while connecting
         try:
-            for name in (self.name, self.meta_name):
-                self._client.load_collection(name, timeout=CALL_TIMEOUT)
+            for name in (self.collection, self.meta_name):
+                client.load_collection(name, timeout=CALL_TIMEOUT)
         except (MilvusException, grpc.RpcError) as e:
             raise self._error(e) from None
 
@@ -130,7 +141,7 @@ class MilvusStore(IndexStore):
         if client is not None:
             try:
                 client.close()
-            except Exception:  # noqa: BLE001 - a broken connection may fail to close; it is dropped either way
+            except Exception:  # a broken connection may fail to close; it is dropped either way
                 pass
 
     def _error(self, error: Exception) -> UserError:
@@ -167,8 +178,15 @@ class MilvusStore(IndexStore):
         self._disconnect()
 
     @property
+    def collection(self) -> str:
+        """The items' collection (a store is opened or built before it is searched or changed)."""
+        if self.name is None:
+            raise RuntimeError(f"the Milvus store {self.location} is used before it was opened or built")
+        return self.name
+
+    @property
     def meta_name(self) -> str:
-        return f"{self.name}_meta"
+        return f"{self.collection}_meta"
 
     def _target(self) -> str | None:
         """The collection behind the store's alias (None when there is no store)."""
@@ -210,6 +228,7 @@ class MilvusStore(IndexStore):
                                     f"{value!r}; rebuild it for this model")
             store.classes = {int(row["key"][len(CLASS):]): row["value"]
                              for row in store._scan(store.meta_name, f'key like "{CLASS}%"', ["key", "value"])}
+            store._read_attachments()
         except BaseException:
             store.close()
             raise
@@ -254,11 +273,19 @@ class MilvusStore(IndexStore):
             self._call("create_collection", name, schema=schema, index_params=index, consistency_level="Strong")
 
     def snapshot(self) -> Commit:
-        return Commit(self, self._info())
+        return Commit(self, self._info(), self.attachments())
 
-    def _commit(self, info: dict) -> None:
-        """Record `info`; for a new build, point the alias at it and drop the previous build and killed ones."""
-        self._put_meta([(INFO, json.dumps(info))])
+    def _commit(self, info: dict, attachments: dict[str, bytes]) -> None:
+        """Write the attachments that changed, record `info` naming them, delete the attachment rows it does not
+        name; for a new build, point the alias at it and drop the previous build and killed ones."""
+        records = {name: self._put_attachment(name, data) for name, data in attachments.items()}
+        self._put_meta([(INFO, json.dumps({**info, "attachments": records}))])
+        self.attached = records
+        named = [[name, r["sha256"][:16]] for name, r in records.items()]
+        stale = [row["key"] for row in self._scan(self.meta_name, f'key like "{ATTACHMENT}%"', ["key"])
+                 if row["key"].split("/")[1:3] not in named]
+        if stale:
+            self._call("delete", self.meta_name, ids=stale)
         if not self.staged:
             return
         alias, old = self.location.collection, self._target()
@@ -268,14 +295,41 @@ class MilvusStore(IndexStore):
             if re.fullmatch(rf"{re.escape(alias)}_[0-9a-f]{{8}}(_meta)?", name) and not name.startswith(self.name):
                 self._call("drop_collection", name)
 
+    def _put_attachment(self, name: str, data: bytes) -> dict:
+        """Write `data` as attachment rows under its hash (not again when saved already); its record."""
+        sha = hashlib.sha256(data).hexdigest()
+        chunks = -(-len(data) // CHUNK_BYTES)
+        record = {"sha256": sha, "chunks": chunks}
+        if self.attached.get(name) != record:
+            prefix = f"{ATTACHMENT}{name}/{sha[:16]}/"
+            for start in range(0, chunks, CHUNK):
+                self._put_meta([(f"{prefix}{i}", base64.b64encode(data[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES])
+                                 .decode()) for i in range(start, min(chunks, start + CHUNK))])
+        return record
+
+    def _read_attachments(self) -> None:
+        """Read the attachments `info` names; one whose rows do not match its sha256 is left out (its layer
+        computes it again)."""
+        for name, record in self.attached.items():
+            keys = [f"{ATTACHMENT}{name}/{record['sha256'][:16]}/{i}" for i in range(record["chunks"])]
+            rows: dict[str, str] = {}
+            for start in range(0, len(keys), CHUNK):
+                found = self._call("get", self.meta_name, ids=keys[start:start + CHUNK], output_fields=["value"])
+                rows.update((row["key"], row["value"]) for row in found)
+            data = b"".join(base64.b64decode(rows.get(key, "")) for key in keys)
+            if hashlib.sha256(data).hexdigest() == record["sha256"]:
+                self.attach(name, data)
+
     def _info(self) -> dict:
         return {"format_version": FORMAT_VERSION, "kind": self.kind, "metric": "cosine", "feature_dim": self.dim,
                 "params": self.params, "labelled": self._labelled, "next_id": self.next_id,
-                "max_label": self.max_label, "model": self.model, "sources": list(self.sources)}
+                "max_label": self.max_label, "model": self.model, "sources": list(self.sources),
+                "attachments": self.attached}
 
     def _load_info(self, info: dict) -> None:
         self.dim, self._labelled, self.next_id = info["feature_dim"], info["labelled"], info["next_id"]
         self.max_label, self.model, self.sources = info["max_label"], info["model"], info["sources"]
+        self.attached = dict(info.get("attachments") or {})
 
     def _put_meta(self, pairs: list[tuple[str, str]]) -> None:
         if pairs:
@@ -320,6 +374,17 @@ class MilvusStore(IndexStore):
                                           paths[start:start + CHUNK], labels[start:start + CHUNK])]
             self._call("insert", self.name, rows)
         return ids
+
+    def record_hashes(self, by_id: dict[int, str]) -> None:
+        """Kept as meta rows `sha256/<hash>` -> id (a row whose item was removed since is ignored)."""
+        self._put_meta([(f"{CONTENT}{h}", str(int(i))) for i, h in by_id.items() if h])
+
+    def content_ids(self, hashes) -> dict[str, int]:
+        keys = sorted({f"{CONTENT}{h}" for h in hashes})
+        rows = self._call("get", self.meta_name, ids=keys, output_fields=["value"]) if keys else []
+        found = {row["key"][len(CONTENT):]: int(row["value"]) for row in rows}
+        live = self.items(found.values())
+        return {h: i for h, i in found.items() if i in live}
 
     def label_for(self, class_name: str) -> int:
         """The label of `class_name`, a new one (recorded now) when the store does not know it."""
@@ -377,13 +442,12 @@ class MilvusStore(IndexStore):
         return set(self.ids_of(sorted({os.path.abspath(path), os.path.realpath(path)})).values())
 
     def live_items(self) -> list[dict]:
-        rows = self._scan(self.name, "id >= 0", ["path", "label", "class_name"])
+        rows = self._scan(self.collection, "id >= 0", ["path", "label", "class_name"])
         return [self._item(r) for r in sorted(rows, key=lambda r: r["id"])]
 
     def live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, unit vectors) of the live items, in id order, read in batches (re-ranking's neighbour lists are
-        computed from them and kept in memory only)."""
-        rows = sorted(self._scan(self.name, "id >= 0", ["vector"]), key=lambda r: r["id"])
+        """(ids, unit vectors) of the live items, in id order, read in batches (for re-ranking)."""
+        rows = sorted(self._scan(self.collection, "id >= 0", ["vector"]), key=lambda r: r["id"])
         ids = np.array([r["id"] for r in rows], np.int64)
         return ids, np.asarray([r["vector"] for r in rows], np.float32).reshape(len(rows), self.feature_dim)
 

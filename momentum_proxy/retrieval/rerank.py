@@ -21,9 +21,12 @@ items nearest v other than v, ties broken by position (id); k is clipped to the 
   its row's maximum (a score then depends on the farthest item only through its own pair), and a query does not
   change the collection's V (each query costs one pass over the collection, not a recomputation of it).
 
-Database side: a method's neighbour lists (`Neighbours`) are computed once per collection; an `IndexStore` keeps
-them (`store.neighbours`, saved with the index) and `store_neighbours` brings them up to date when items were
-added or removed. Items to leave out (`exclude`; in leave-one-out evaluation the query itself) are taken out of
+Database side: a method's neighbour lists (`Neighbours`) are computed once per collection. This module owns them:
+`store_neighbours` keeps an `IndexStore`'s lists in memory (per store object) and as the store's attachment
+`neighbours` (`IndexStore.attach`: saved with the store by every kind of store, read back when it is opened, so
+another process loads them instead of computing them), and brings them up to date when items were added or
+removed (`Neighbours.synced`; its keeper, `store.register_keeper`, brings them up to date before a snapshot of
+the store is saved). Items to leave out (`exclude`; in leave-one-out evaluation the query itself) are taken out of
 the collection for that query entirely, from the database side too: the augmented items and the k-reciprocal
 sets that involved them are recomputed without them, so a query's scores are those it would get from the
 collection without it. Scores of excluded items are -inf; results are ordered by (score descending, position).
@@ -32,12 +35,14 @@ from __future__ import annotations
 
 import io
 import sys
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import sparse
 
 from momentum_proxy.errors import UserError
+from momentum_proxy.retrieval.store import register_keeper
 from momentum_proxy.vectors import as_features, knn_request, l2_normalize
 
 METHODS = ("none", "aqe", "dba", "dba+aqe", "kreciprocal")
@@ -49,7 +54,10 @@ MAX_K = 1000
 MAX_ALPHA = 100.0
 SCORE_CELLS = 1 << 24  # query rows x items scored at once (128 MB of float64)
 SET_CELLS = 1 << 22  # candidate-pair comparisons of one chunk of k-reciprocal sets
+DEFAULT_KEEP = 1  # plain cosine hits a re-ranking keeps first (chosen on validation: docs, Choosing post-processing)
 ENGINES_KEPT = 4  # database sides kept per collection (a service's requests may ask for several settings)
+NEIGHBOURS = "neighbours"  # the store attachment that keeps a store's lists (`store_neighbours`)
+_lists: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # store -> its `Neighbours` in this process
 
 
 @dataclass(frozen=True)
@@ -58,13 +66,17 @@ class Rerank:
     k1 of `kreciprocal`), `alpha` (weight exponent of `aqe` and `dba`), `k2` and `lam` (λ) of `kreciprocal`.
     A parameter left None takes the method's default (`DEFAULTS`); one the method does not take is refused.
     `up_to` (the default pipeline's, `config.DEFAULT_RERANK_MAX_ITEMS`): larger collections are searched without
-    re-ranking (`for_collection`), since the database side costs O(N²) to compute."""
+    re-ranking (`for_collection`, said in one line), since the database side costs O(N²) to compute; an explicit
+    `--rerank` has no such limit. `keep` (default `DEFAULT_KEEP` for a method, 0 for none): the first `keep` hits
+    of the plain cosine search stay first, in their order, and the re-ranking orders the rest, so that a duplicate,
+    an item just added or the one photo of a small class is never buried (docs: Choosing post-processing)."""
 
     method: str = "none"
     k: int | None = None
     alpha: float | None = None
     k2: int | None = None
     lam: float | None = None
+    keep: int | None = None
     up_to: int | None = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -84,6 +96,11 @@ class Rerank:
                         or not 1 <= value <= MAX_K:
                     raise UserError(f"{FLAGS[name]} must be a whole number from 1 to {MAX_K}, got {value!r}")
                 object.__setattr__(self, name, int(value))
+        keep = (DEFAULT_KEEP if self.active else 0) if self.keep is None else self.keep
+        if isinstance(keep, bool) or not isinstance(keep, (int, np.integer, float)) or keep != int(keep) \
+                or not 0 <= keep <= MAX_K:
+            raise UserError(f"--rerank-keep must be a whole number from 0 to {MAX_K}, got {keep!r}")
+        object.__setattr__(self, "keep", int(keep))
         for name, high in (("alpha", MAX_ALPHA), ("lam", 1.0)):
             value = getattr(self, name)
             if value is not None:
@@ -91,13 +108,18 @@ class Rerank:
                     raise UserError(f"{FLAGS[name]} must be a number from 0 to {high:g}, got {value!r}")
                 object.__setattr__(self, name, float(value))
 
-    def for_collection(self, items: int) -> Rerank:
-        """This re-ranking for a collection of `items`, or none (said on stderr) above `up_to`."""
+    def for_collection(self, items: int, *, building: bool = False) -> Rerank:
+        """This re-ranking for a collection of `items`, or none above `up_to`, said in one line on stderr: that
+        the index is built without its neighbour lists (`building`: `mproxy index`), else that this search is
+        plain cosine."""
         if self.up_to is None or items <= self.up_to or not self.active:
             return self
-        print(f"mproxy: note: {items:,} items, more than the {self.up_to:,} the default re-ranking ({self.method}) "
-              f"applies to (its neighbour lists cost O(N²)): searching without it; --rerank {self.method} asks for "
-              "it anyway", file=sys.stderr)
+        why = (f"{items:,} items, more than the {self.up_to:,} that the default re-ranking ({self.method}) is used "
+               "for (its neighbour lists cost O(N²) to compute)")
+        print(f"mproxy: note: re-ranking is off for this index: {why}; searches are plain cosine unless they ask "
+              f"for --rerank {self.method}" if building else
+              f"mproxy: note: searching without re-ranking: {why}; --rerank {self.method} asks for it anyway",
+              file=sys.stderr)
         return Rerank()
 
     @property
@@ -107,14 +129,16 @@ class Rerank:
     @property
     def list_size(self) -> int:
         """Neighbours per item that the database side needs (0: none)."""
+        k, k2 = self.k or 0, self.k2 or 0  # set for the methods that take them (`__post_init__`)
         if self.method in ("dba", "dba+aqe"):
-            return self.k
-        return max(self.k, self.k2 - 1) if self.method == "kreciprocal" else 0
+            return k
+        return max(k, k2 - 1) if self.method == "kreciprocal" else 0
 
     def to_dict(self) -> dict:
         """The method and its parameters, e.g. {"method": "dba", "k": 5, "alpha": 3.0}."""
         names = {"k": "k", "alpha": "alpha", "k2": "k2", "lam": "lambda"}
-        return {"method": self.method, **{names[n]: getattr(self, n) for n in DEFAULTS[self.method]}}
+        return {"method": self.method, **{names[n]: getattr(self, n) for n in DEFAULTS[self.method]},
+                **({"keep": self.keep} if self.active else {})}
 
     def __str__(self) -> str:
         params = ", ".join(f"{k} {v:g}" for k, v in self.to_dict().items() if k != "method")
@@ -135,7 +159,12 @@ class Rerank:
             start += len(pos)
             k = int(need[pos[-1]])
             scores = engine.scores(query[pos], [[p] for p in pos] if exclude_self else None)
-            idx = np.stack([_top(row, k) for row in scores])
+            raw = None
+            if self.keep:
+                raw = query[pos] @ gallery.T
+                if exclude_self:
+                    raw[np.arange(len(pos)), pos] = -np.inf
+            idx = _ranked(scores, raw, k, self.keep or 0)
             yield pos, np.take_along_axis(scores, idx, 1), idx
 
 
@@ -161,23 +190,68 @@ def rerank_store(store, features, k: int, rerank: Rerank, exclude=()) -> tuple[n
     k = min(int(k), len(ids) - len(hidden))
     if k < 1:
         raise UserError("k must be at least 1 and the index must not be empty")
-    scores = nb.engine(nb.vectors, rerank).scores(l2_normalize(q), [hidden] * len(q))
-    top = np.stack([_top(row, k) for row in scores])
+    q = l2_normalize(q)
+    vectors = nb.vectors
+    assert vectors is not None, "store_neighbours gives lists checked against the store's live vectors"
+    scores = nb.engine(vectors, rerank).scores(q, [hidden] * len(q))
+    raw = None
+    if rerank.keep:
+        raw = q @ np.asarray(vectors, np.float32).T
+        raw[:, hidden] = -np.inf
+    top = _ranked(scores, raw, k, rerank.keep or 0)
     return np.take_along_axis(scores, top, 1).astype(np.float32), ids[top]
 
 
+def prepare_store(store, rerank: Rerank) -> Rerank:
+    """At build time (`mproxy index`): `rerank` for the store's size (`for_collection`, which says when it is
+    off), its neighbour lists computed or brought up to date, to be saved with the store."""
+    rerank = rerank.for_collection(len(store), building=True)
+    size = rerank.list_size + 1 if rerank.list_size else 0  # one spare for a query's own item
+    if size or kept_neighbours(store) is not None:  # lists it keeps are kept right, whatever this build asks
+        store_neighbours(store, size)
+    return rerank
+
+
+def kept_neighbours(store) -> Neighbours | None:
+    """The store's neighbour lists as this process last had them, else as saved with the store (its attachment),
+    not yet checked against its items (see `store_neighbours`); None when it has none."""
+    nb = _lists.get(store)
+    if nb is None:
+        data = store.attachment(NEIGHBOURS)
+        if data:
+            nb = _lists[store] = Neighbours.from_bytes(data)
+    return nb
+
+
+def kept_size(store) -> int:
+    """Neighbours per item of the lists the store keeps (0: none)."""
+    nb = kept_neighbours(store)
+    return 0 if nb is None else nb.size
+
+
 def store_neighbours(store, size: int) -> Neighbours:
-    """The store's neighbour lists (`store.neighbours`) with at least `size` entries, brought up to date with its
-    live items: computed when missing or shorter, else updated for the items added or removed since."""
-    nb = store.neighbours
+    """The store's neighbour lists with at least `size` entries, brought up to date with its live items: computed
+    when it has none or shorter ones, else updated for the items added or removed since. Lists of at least one
+    entry are attached to the store (`NEIGHBOURS`), brought up to date again when it is saved."""
+    nb = kept_neighbours(store)
     stamp = (store.ntotal, len(store))  # ids are never reused: this pair changes with every add or remove
     if nb is not None and nb.stamp == stamp and nb.size >= size:
         return nb
     ids, x = store.live_vectors()
     nb = Neighbours.compute(ids, x, size) if nb is None or nb.size < size else nb.synced(ids, x)
     nb.stamp, nb.vectors = stamp, x
-    store.neighbours = nb
+    _lists[store] = nb
+    if nb.size:
+        store.attach(NEIGHBOURS, nb.to_bytes)  # made when saved (by `_saved_lists`)
     return nb
+
+
+def _saved_lists(store) -> bytes:
+    """The lists a snapshot of `store` saves: brought up to date with its items."""
+    return store_neighbours(store, 0).to_bytes()
+
+
+register_keeper(NEIGHBOURS, _saved_lists)
 
 
 class Neighbours:
@@ -188,9 +262,12 @@ class Neighbours:
 
     def __init__(self, ids: np.ndarray, lists: np.ndarray, sims: np.ndarray):
         self.ids, self.lists, self.sims = ids, lists, sims
-        self.stamp = self.vectors = None  # the store state and the live vectors they were last checked against
+        # the store state (ntotal, live items) and the live vectors they were last checked against
+        self.stamp: tuple[int, int] | None = None
+        self.vectors: np.ndarray | None = None
         self._engines: dict = {}
-        self._x64 = None
+        self._x64: np.ndarray | None = None
+        self._bytes: bytes | None = None
 
     @property
     def size(self) -> int:
@@ -234,9 +311,12 @@ class Neighbours:
         return Neighbours(np.asarray(ids, np.int64), _ids_of(ids, out_pos), out_sims)
 
     def to_bytes(self) -> bytes:
-        buffer = io.BytesIO()
-        np.savez(buffer, ids=self.ids, lists=self.lists, sims=self.sims)
-        return buffer.getvalue()
+        """The lists as an npz file's bytes (what a store keeps; made once)."""
+        if self._bytes is None:
+            buffer = io.BytesIO()
+            np.savez(buffer, ids=self.ids, lists=self.lists, sims=self.sims)
+            self._bytes = buffer.getvalue()
+        return self._bytes
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Neighbours:
@@ -244,7 +324,9 @@ class Neighbours:
             ids, lists, sims = f["ids"], f["lists"], f["sims"]
         if lists.shape != sims.shape or lists.ndim != 2 or len(lists) != len(ids):
             raise UserError("the saved neighbour lists are of inconsistent shapes; rebuild the index")
-        return cls(ids.astype(np.int64), lists.astype(np.int64), sims.astype(np.float32))
+        nb = cls(ids.astype(np.int64), lists.astype(np.int64), sims.astype(np.float32))
+        nb._bytes = data  # saved again unchanged while they are (an npz made anew differs in its zip dates)
+        return nb
 
     def engine(self, x: np.ndarray, rerank: Rerank) -> _Engine:
         """The database side of `rerank` over these items (vectors `x`), computed once per setting (the last
@@ -269,18 +351,20 @@ class _Engine:
 
     def __init__(self, x: np.ndarray, lists: np.ndarray, sims: np.ndarray, rerank: Rerank):
         self.x, self.lists, self.sims, self.r = x, lists, sims, rerank
+        # the method's parameters (`Rerank.__post_init__` sets those it takes; 0 for the others, never read)
+        self.k, self.k2, self.alpha, self.lam = rerank.k or 0, rerank.k2 or 0, rerank.alpha or 0.0, rerank.lam or 0.0
         n = len(x)
         if rerank.method in ("dba", "dba+aqe"):
-            self.y = _augment(x, lists[:, :rerank.k], sims[:, :rerank.k], rerank.alpha)
+            self.y = _augment(x, lists[:, :self.k], sims[:, :self.k], self.alpha)
         elif rerank.method == "kreciprocal":
-            self.h = int(np.around(rerank.k / 2))
-            self.v = _kr_vectors(x, lists, np.arange(n), rerank.k, self.h)
-            vqe = _expansion_matrix(lists, np.arange(n), rerank.k2, n) @ self.v
+            self.h = int(np.around(self.k / 2))
+            self.v = _kr_vectors(x, lists, np.arange(n), self.k, self.h)
+            vqe = _expansion_matrix(lists, np.arange(n), self.k2, n) @ self.v
             self.vqe, self.vqe_sums = vqe.tocsc(), np.asarray(vqe.sum(axis=1)).ravel()
 
     def scores(self, q: np.ndarray, exclude: list | None) -> np.ndarray:
         """Scores (n_queries, n) of unit query rows `q`; `exclude[j]`: positions left out for query j."""
-        method, k, alpha = self.r.method, self.r.k, self.r.alpha
+        method, k, alpha = self.r.method, self.k, self.alpha
         augmented = method in ("dba", "dba+aqe")
         q = np.asarray(q, np.float64)
         out = (q @ (self.y if augmented else self.x).T).astype(np.float32)
@@ -325,7 +409,7 @@ class _Engine:
 
     def _kreciprocal(self, q: np.ndarray, s: np.ndarray, hidden: np.ndarray) -> np.ndarray:
         """k-reciprocal scores of query q (similarities s to the items, -inf for the hidden ones)."""
-        k1, h, k2, n = self.r.k, self.h, self.r.k2, len(self.x)
+        k1, h, k2, n = self.k, self.h, self.k2, len(self.x)
         lists, sims = self.lists, self.sims
         if len(hidden):  # the collection without the hidden items: their lists repaired
             width = self.r.list_size
@@ -359,18 +443,31 @@ class _Engine:
             mins[cone] = np.bincount(of_row, np.minimum(v.data, vqe_q[v.indices]), minlength=len(cone))
             sums[cone] = np.asarray(v.sum(axis=1)).ravel()
         jaccard = 1 - mins / (vqe_q.sum() + sums - mins)
-        return (1 - self.r.lam) * (1 - jaccard) + self.r.lam * s
+        return (1 - self.lam) * (1 - jaccard) + self.lam * s
 
     def _expanded_without(self, lists: np.ndarray, cone: np.ndarray, changed: np.ndarray) -> sparse.csr_matrix:
         """Ṽ of the `cone` items over repaired `lists`: V recomputed for the `changed` items, stored elsewhere."""
-        expand = _expansion_matrix(lists, cone, self.r.k2, len(self.x))
+        expand = _expansion_matrix(lists, cone, self.k2, len(self.x))
         used = np.unique(expand.indices)
         fresh = used[np.isin(used, changed)]
         keep = sparse.diags((~np.isin(used, changed)).astype(float))
         place = sparse.csr_matrix((np.ones(len(fresh)), (np.searchsorted(used, fresh), np.arange(len(fresh)))),
                                   shape=(len(used), len(fresh)))
-        v_used = keep @ self.v[used] + place @ _kr_vectors(self.x, lists, fresh, self.r.k, self.h)
+        v_used = keep @ self.v[used] + place @ _kr_vectors(self.x, lists, fresh, self.k, self.h)
         return (expand[:, used] @ v_used).tocsr()
+
+
+def _ranked(scores: np.ndarray, raw: np.ndarray | None, k: int, keep: int) -> np.ndarray:
+    """Per row, the positions of the k best `scores` (`_top`), except that the `keep` best of `raw` (the plain
+    cosine; None when `keep` is 0) come first, in their own order."""
+    if raw is None or not keep:
+        return np.stack([_top(row, k) for row in scores])
+    rows = []
+    for s_row, r_row in zip(scores, raw):
+        first = _top(r_row, min(keep, k))
+        rest = _top(np.where(np.isin(np.arange(len(s_row)), first), -np.inf, s_row), k - len(first))
+        rows.append(np.concatenate([first, rest]))
+    return np.stack(rows)
 
 
 def _top(scores: np.ndarray, k: int) -> np.ndarray:

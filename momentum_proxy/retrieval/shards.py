@@ -1,5 +1,5 @@
 """Sharded embedding for `mproxy index` under torchrun: every rank embeds its share of the images into chunk
-files, then rank 0 fills the store from them (`retrieval.search.build_index`), as a single process would.
+files, then rank 0 fills the store from them (`retrieval.build.build_index`), as a single process would.
 
 - The images to embed (those the index does not hold yet, in the order a single-process build embeds them) are cut
   into chunks of `chunk_size`; chunk c is rank c % world_size's. Each rank embeds on its own device (cuda:LOCAL_RANK
@@ -35,7 +35,6 @@ from momentum_proxy.distributed import DistInfo, barrier, broadcast_object, init
 from momentum_proxy.embedding.inference import embed_files
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path
-from momentum_proxy.retrieval.faiss_store import FaissStore
 from momentum_proxy.retrieval.stores import local_folder
 
 WORK_FOLDER = ".chunks"
@@ -148,7 +147,9 @@ class Chunks:
 
     def take(self, paths: list[str]) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
         """What `embedding.inference.embed_files` returns for `paths`, read from the chunk files."""
-        kept, skipped, rows = [], [], defaultdict(list)
+        kept: list[str] = []
+        skipped: list[tuple[str, str]] = []
+        rows: defaultdict[int, list[tuple[int, int]]] = defaultdict(list)  # file number -> (place, row) pairs
         for p in paths:
             if p in self.where:
                 file, row = self.where[p]
@@ -174,7 +175,7 @@ def embed_share(embedder, plan: Plan, info: DistInfo, folder: Path, batch_size: 
         if path.exists():
             continue
         paths = plan.todo[c * plan.chunk_size:(c + 1) * plan.chunk_size]
-        features, kept, skipped = embed_files(embedder, paths, embedder.image_size, embedder.device, batch_size,
+        features, kept, skipped = embed_files(embedder, paths, batch_size,
                                               progress=info.is_main)
         write_chunk(path, plan.fingerprint, features, kept, skipped)
         test_kill("chunk")
@@ -214,9 +215,10 @@ class Sharding:
         return Chunks(self.folder, fp, embedder.feature_dim)
 
     def add(self, index, features: np.ndarray, paths: list[str], labels: list | None) -> None:
-        """Add items to the store being filled: to a Milvus store a chunk at a time (a fill killed midway keeps
-        what it inserted, and the rerun adds the rest), to a faiss index at once (saved once, at the end)."""
-        step = len(paths) if isinstance(index, FaissStore) else self.chunk_size
+        """Add items to the store being filled: to a store that persists every add (`writes_through`: Milvus) a
+        chunk at a time (a fill killed midway keeps what it inserted, and the rerun adds the rest), to one that
+        persists on `save` (faiss) at once (saved once, at the end)."""
+        step = self.chunk_size if index.writes_through else len(paths)
         for s in range(0, len(paths), step):
             index.add(features[s:s + step], paths[s:s + step], None if labels is None else labels[s:s + step])
             test_kill("insert")

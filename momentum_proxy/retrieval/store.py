@@ -5,10 +5,17 @@ server); `stores` opens the one a location names.
 Items are numbered in the order they were added (id = position) and ids never change: a removed item becomes a
 tombstone. Each item has a path, an optional label and class name. Scores are cosine similarities. A store
 records the `model` that embedded its items (checkpoint sha256, backbone, runtime), so a stale store is refused.
+
+Attachments: a layer above may keep named, opaque bytes with a store (`attach`, `attachment`; re-ranking's
+neighbour lists are one). Each store saves them with its snapshot (the same commit point as its items) and reads
+them back when it is opened; what they mean is the attaching layer's business, and so is keeping them right across
+adds and removes: it may register a keeper (`register_keeper`), which every snapshot asks for the bytes to save.
 """
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +25,15 @@ from momentum_proxy.retrieval.hits import Hit
 from momentum_proxy.vectors import as_features, as_labels, l2_normalize
 
 UNKNOWN = -1  # label of an item whose class is not known, in a labelled index
+RECALL_K, RECALL_QUERIES = 10, 1000  # recall@k against exact search, measured on this many indexed vectors
+ATTACHMENT_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+_keepers: dict[str, Callable[[IndexStore], bytes]] = {}
+
+
+def register_keeper(name: str, keeper: Callable[[IndexStore], bytes]) -> None:
+    """Let `keeper(store)` give the bytes that a snapshot saves for the attachment `name` of any store that has
+    one (e.g. brought up to date with the items added or removed since it was attached)."""
+    _keepers[name] = keeper
 
 
 def checked_items(paths, labels, n: int) -> tuple[list[str], list | None]:
@@ -42,7 +58,7 @@ class IndexStore(ABC):
     classes: dict[int, str]  # class names by label
     sources: list[str]  # the image folders indexed
     remote = False  # True when calls go over the network (never made in an event loop's thread)
-    neighbours = None  # re-ranking's neighbour lists (`rerank.Neighbours`), kept up to date by `rerank`
+    writes_through = False  # True when every add is persisted as it is made (Milvus); else `save` persists it
 
     @property
     @abstractmethod
@@ -69,6 +85,14 @@ class IndexStore(ABC):
             raise UserError(f"features have {x.shape[1]} dimensions, the index {self.feature_dim}")
         return self._add(l2_normalize(x), *checked_items(paths, labels, len(x)))
 
+    def record_hashes(self, by_id: dict[int, str]) -> None:
+        """Record items' content (the sha256 of each image file, by id) for `content_ids`; saved with the store."""
+
+    def content_ids(self, hashes) -> dict[str, int]:
+        """The live item whose image has each of the sha256 `hashes`, by hash (items whose content was never
+        recorded, as in indexes from before it was, are not found)."""
+        return {}
+
     def check_add(self) -> None:
         """Refuse adds (UserError) when this store cannot take them now; checked before anything is written."""
 
@@ -79,6 +103,49 @@ class IndexStore(ABC):
         if self.kind == "exact":
             return {"k": 10, "recall": 1.0, "exact": True}
         return self.recall
+
+    def measure_recall(self, vectors=None, *, tune: bool = False, k: int = RECALL_K, num_queries: int = RECALL_QUERIES,
+                       seed: int = 0) -> dict | None:
+        """Measure recall@k against exact search on `num_queries` of the indexed vectors (`vectors`: those vectors,
+        where the store keeps only codes) sampled with `seed`, tuning the search parameters first with `tune`;
+        record it and return it (`recall_info`). Here: an exact store's recall is 1 by definition."""
+        return self.recall_info()
+
+    def tune(self, queries, query_ids, truth, *, target: float | None = None) -> dict | None:
+        """Recall@k of this store for `queries` (items `query_ids`) against `truth`, their exact top-k ids, after
+        tuning the search parameters towards `target`. Here: exact search, nothing to tune (`recall_info`)."""
+        return self.recall_info()
+
+    def memory_info(self) -> dict | None:
+        """This process's memory for the index (`estimated_bytes`; `max_memory` and `reason` when a budget chose
+        it), or None when the store's memory is not this process's (a Milvus server, Milvus Lite's engine)."""
+        return None
+
+    # ------------------------------------------------------------------------------------------- attachments
+    @property
+    def _attachments(self) -> dict[str, bytes | Callable[[], bytes]]:
+        """name -> bytes, or a function giving them (made on first use: stores need not call an __init__ here)."""
+        return self.__dict__.setdefault("_attached", {})
+
+    def attach(self, name: str, data: bytes | Callable[[], bytes] | None) -> None:
+        """Keep `data` under `name` with the store, saved by the next `save` (None: drop it). A function is called
+        when a snapshot is taken (under the caller's lock), so that what is saved belongs to the items saved."""
+        if not ATTACHMENT_NAME.fullmatch(name):
+            raise ValueError(f"attachment names are lower-case words, not {name!r}")
+        if data is None:
+            self._attachments.pop(name, None)
+        else:
+            self._attachments[name] = data
+
+    def attachment(self, name: str) -> bytes | None:
+        """The bytes kept under `name` (those read when the store was opened, or attached since), or None."""
+        data = self._attachments.get(name)
+        return data() if callable(data) else data
+
+    def attachments(self) -> dict[str, bytes]:
+        """Every attachment's bytes now, by name, from its keeper when one is registered (what a snapshot saves)."""
+        return {name: _keepers[name](self) if name in _keepers else data() if callable(data) else data
+                for name, data in sorted(self._attachments.items())}
 
     @abstractmethod
     def _add(self, x: np.ndarray, paths: list[str], labels: list | None) -> list[int]:

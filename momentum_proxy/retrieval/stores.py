@@ -4,7 +4,7 @@ a Milvus server or cluster (`milvus_store`, the [milvus] extra; see `paths.milvu
 from __future__ import annotations
 
 import shutil
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from momentum_proxy.errors import UserError
@@ -50,7 +50,7 @@ def build_store(location, features, paths, labels=None, *, kind: str | None = "e
                         "own memory")
     from momentum_proxy.retrieval.milvus_store import MilvusStore  # extra: [milvus]
 
-    return MilvusStore.build(milvus, features, paths, labels, kind=kind, model=model, classes=classes)
+    return MilvusStore.build(milvus, features, paths, labels, kind=kind or "exact", model=model, classes=classes)
 
 
 def local_folder(location) -> Path:
@@ -74,6 +74,7 @@ def writer_lock(location, job: str, create: bool = False):
     anything into it, so a refused command leaves nothing behind."""
     milvus = milvus_location(location)
     made = None
+    lock: AbstractContextManager[None]
     if milvus is not None and not milvus.lite:
         lock = nullcontext()
     else:

@@ -27,6 +27,7 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from momentum_proxy.errors import UserError
 from momentum_proxy.perf import freeze_gc, share_heap
@@ -56,6 +57,7 @@ class SearchParams(BaseModel):
     rerank_alpha: float | None = None
     rerank_k2: int | None = None
     rerank_lambda: float | None = None
+    rerank_keep: int | None = None
 
     @model_validator(mode="after")
     def one_query(self):
@@ -64,7 +66,8 @@ class SearchParams(BaseModel):
         return self
 
 
-RERANK_FIELDS = {"rerank_k": "k", "rerank_alpha": "alpha", "rerank_k2": "k2", "rerank_lambda": "lam"}
+RERANK_FIELDS = {"rerank_k": "k", "rerank_alpha": "alpha", "rerank_k2": "k2", "rerank_lambda": "lam",
+                 "rerank_keep": "keep"}
 
 
 def request_rerank(params: SearchParams, default: Rerank) -> Rerank | None:
@@ -76,7 +79,7 @@ def request_rerank(params: SearchParams, default: Rerank) -> Rerank | None:
     if params.rerank is None and not given:
         return None
     method = params.rerank or default.method
-    base = {name: getattr(default, name) for name in DEFAULTS[method]} if method == default.method else {}
+    base = {name: getattr(default, name) for name in (*DEFAULTS[method], "keep")} if method == default.method else {}
     return Rerank(method, **{**base, **given})
 
 
@@ -219,8 +222,8 @@ def register_errors(app: FastAPI) -> None:
     async def user_error(request, exc: UserError):
         return error(next((s for t, s in statuses.items() if isinstance(exc, t)), 422), str(exc))
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request, exc: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and those of the routing (404, 405)
+    async def http_error(request, exc: StarletteHTTPException):
         response = error(exc.status_code, str(exc.detail))
         response.headers.update(exc.headers or {})
         return response
@@ -240,7 +243,7 @@ SEARCH_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
         "image": {"type": "string", "format": "binary"}, "k": {"type": "integer", "default": 10},
         "min_score": {"type": "number"}, "rerank": {"type": "string"},
-        **{field: {"type": "integer" if field in ("rerank_k", "rerank_k2") else "number"} for field in RERANK_FIELDS},
+        **{field: {"type": "integer" if field in ("rerank_k", "rerank_k2", "rerank_keep") else "number"} for field in RERANK_FIELDS},
     }}}}}}
 
 
@@ -289,10 +292,12 @@ def add_routes(app: FastAPI, searcher: Searcher, metrics: Metrics, can_write) ->
     async def item_image(item_id: int):
         return FileResponse(searcher.image_path(item_id))
 
-    @app.post("/items", dependencies=[Depends(can_write)], summary="add images (embedded, then saved)")
+    @app.post("/items", dependencies=[Depends(can_write)],
+              summary="add images (embedded, then saved under their file names; an image already indexed is not "
+                      "added again)")
     async def add_items(images: list[UploadFile] = File(...), class_name: str | None = Form(None)):
         data = [await f.read() for f in images]
-        added = await run_in_threadpool(searcher.add, data, class_name or None)
+        added = await run_in_threadpool(searcher.add, data, class_name or None, [f.filename for f in images])
         metrics.items.set(len(searcher.index))
         return {"items": added, "total": len(searcher.index)}
 

@@ -22,6 +22,7 @@ import hashlib
 import io
 import logging
 import queue
+import re
 import threading
 import time
 from concurrent.futures import Future
@@ -39,15 +40,18 @@ from momentum_proxy.embedding.processes import ModelProcess, ThreadBudget, check
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path
 from momentum_proxy.retrieval.hits import judged
-from momentum_proxy.retrieval.rerank import Rerank, store_neighbours
-from momentum_proxy.retrieval.search import index_tta, open_index, search_hits
+from momentum_proxy.retrieval.rerank import Rerank, kept_size, store_neighbours
+from momentum_proxy.retrieval.build import index_tta, open_index
+from momentum_proxy.retrieval.search import copies_of, search_hits
 from momentum_proxy.retrieval.store import UNKNOWN, IndexStore, check_mix
 from momentum_proxy.retrieval.stores import describe, local_folder, open_store
 
 MAX_K = 1000
 INLINE_SEARCH_ITEMS = 5_000  # an exact search over more items (a millisecond and up) runs off the event loop
 DEFAULT_MAX_PIXELS = 40_000_000
-UPLOADS = "images"  # uploaded images are kept in INDEX/images/ (`stores.local_folder`), named by content hash
+UPLOADS = "uploads"  # uploaded images are kept as INDEX/uploads/<hash>/<their name> (`stores.local_folder`)
+HASH_FOLDER = 16  # hex digits of an upload's sha256 that name its folder
+NAME_BYTES = 200  # longest upload name kept (UTF-8 bytes)
 SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,20 @@ class ImageTooLarge(UserError):
 
 class ItemNotFound(UserError):
     """No such item (unknown or deleted id, or its image file is gone)."""
+
+
+def upload_name(name: str | None, fmt: str) -> str:
+    """An uploaded file's name, safe to keep: its last path part, without control characters, characters that
+    file systems refuse (`\\ / : * ? " < > |`) or leading dots, at most NAME_BYTES long; `image` when nothing is
+    left; the format's suffix added when it has none."""
+    name = re.split(r"[\\/]", name or "")[-1]
+    name = re.sub(r'[\x00-\x1f\x7f:*?"<>|]', "_", name).strip().lstrip(".")
+    stem, dot, suffix = name.rpartition(".")
+    if not dot:
+        stem, suffix = name, SUFFIXES.get(fmt, ".img")[1:]
+    suffix = suffix[:16]
+    stem = stem.encode()[:NAME_BYTES - len(suffix.encode()) - 1].decode(errors="ignore").strip() or "image"
+    return f"{stem}.{suffix}"
 
 
 def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
@@ -263,7 +281,7 @@ class Searcher:
                  model_processes: int | str = 0, tta: str | None = None, rerank: Rerank | None = None,
                  mmap: bool = False):
         """`tta`: the test-time augmentation of queries and added images (None: the index's own; another one is
-        refused, see `retrieval.search.index_tta`). `rerank`: the re-ranking of searches that ask for none
+        refused, see `retrieval.build.index_tta`). `rerank`: the re-ranking of searches that ask for none
         (`retrieval.rerank`); the neighbour lists it needs are computed now, unless the index holds them, and
         saved with the index. `mmap`: a faiss ivf or ivfpq index's lists stay in its file, mapped into memory
         (adds are then refused)."""
@@ -309,7 +327,7 @@ class Searcher:
         self._write_lock = threading.Lock()  # one change (and its save) at a time
         self.rerank = (rerank or Rerank()).for_collection(len(self.index))
         self.prepared = _lists_needed(self.rerank)  # neighbours per item kept for re-ranking (+1 spare)
-        if self.prepared and (self.index.neighbours is None or self.index.neighbours.size < self.prepared):
+        if self.prepared and kept_size(self.index) < self.prepared:
             store_neighbours(self.index, self.prepared)
             self._write(self.index.snapshot())
 
@@ -338,8 +356,11 @@ class Searcher:
         """Top-k of `query`: an item id (int), an embedding (numpy array, list or tuple of floats), image
         bytes, an image file path, or a PIL image, re-ranked by `rerank` (None: the server's). Returns {"query",
         "results", "timing_ms"} (decode, embed and search milliseconds, and "rerank", the part of search spent
-        re-ranking); results carry rank, id, path, label, class_name, score, same_class. A query by id or by the
-        path of an indexed image leaves that item out of its results."""
+        re-ranking); results carry rank, id, path, label, class_name, score (the raw cosine), rerank_score (the
+        re-ranked score that ordered them, else None), same_class and same_image (a copy of the query's bytes).
+        `min_score` keeps the results whose raw cosine reaches it. A query by id, or by the path of an indexed
+        image, leaves that item out of its results (and items holding the same bytes); image bytes are a new
+        query: an indexed copy of them stays in the results (first), marked same_image."""
         check_k(k)
         rerank = self._rerank_for(rerank)
         t0 = time.perf_counter()
@@ -355,7 +376,7 @@ class Searcher:
         """A search's re-ranking: `rerank`, else the server's; refused when it needs longer neighbour lists than
         this server keeps (computing them would take the index's lock for O(items²) work)."""
         rerank = rerank or self.rerank
-        kept = max(self.prepared, getattr(self.index.neighbours, "size", 0))
+        kept = max(self.prepared, kept_size(self.index))
         if _lists_needed(rerank) > kept:
             raise UserError(f"re-ranking {rerank} needs {rerank.list_size} neighbours per item; this server keeps "
                             f"{max(kept - 1, 0)} (start it with --rerank {rerank.method} --rerank-k {rerank.k})")
@@ -404,10 +425,11 @@ class Searcher:
         t2 = time.perf_counter()
         query_id = int(query) if isinstance(query, (int, np.integer)) else None
         query_path = Path(query) if isinstance(query, (str, Path)) else None
+        content = (hashlib.sha256(query).hexdigest(), len(query)) if isinstance(query, (bytes, bytearray)) else None
         timing = {"rerank": 0.0}
         with self._lock:
             own, hits = search_hits(self.index, features, k, query_path=query_path, query_id=query_id,
-                                    min_score=min_score, rerank=rerank, timing=timing)
+                                    query_content=content, min_score=min_score, rerank=rerank, timing=timing)
         t3 = time.perf_counter()
         label = own["label"] if own else None
         return {
@@ -432,9 +454,11 @@ class Searcher:
             raise ItemNotFound(f"the image file of item {item_id} is missing: {path}")
         return path
 
-    def add(self, images: list[bytes], class_name: str | None = None) -> list[dict]:
-        """Embed and add image files (bytes; kept in INDEX/images/), all with `class_name` if given, and save
-        the index before returning. An image already in the index is not added again: its item is returned
+    def add(self, images: list[bytes], class_name: str | None = None, names: list[str | None] | None = None
+            ) -> list[dict]:
+        """Embed and add image files (bytes, with their file `names`; kept as INDEX/uploads/<hash>/<name>), all
+        with `class_name` if given, and save the index before returning. An image whose content is already
+        indexed (uploaded, or indexed from a folder by `mproxy index`) is not added again: that item is returned
         with "added": false. Nothing is added when any image is bad."""
         if not images:
             raise UserError("no images to add")
@@ -443,17 +467,22 @@ class Searcher:
             decoded = [self.decode(data) for data in images]  # all checked before anything is written
             futures = [submit(a) for a, _ in decoded]
         features = np.stack([f.result() for f in futures])
+        contents = [(hashlib.sha256(data).hexdigest(), len(data)) for data in images]
+        names = names or [None] * len(images)
         with self._write_lock:
-            paths = [self._store(data, fmt) for data, (_, fmt) in zip(images, decoded)]
             with self._lock:
-                ids = self.index.ids_of(paths)
-                new = [i for i, p in enumerate(paths) if p not in ids and p not in paths[:i]]
+                found = {c: min(ids) for c, f in zip(contents, features)
+                         if (ids := copies_of(self.index, f[None], c))}
+            new = [i for i, c in enumerate(contents) if c not in found and c not in contents[:i]]
+            paths = {contents[i]: self._store(images[i], decoded[i][1], names[i]) for i in new}
+            with self._lock:
                 if new:
-                    added = self.index.add(features[new], [paths[i] for i in new],
+                    added = self.index.add(features[new], [paths[contents[i]] for i in new],
                                            self._labels(self.index, class_name, len(new)))
+                    self.index.record_hashes({i: contents[j][0] for i, j in zip(added, new)})
                     snapshot = self.index.snapshot()
-                    ids.update(zip([paths[i] for i in new], added))
-                items = [{**self.index.item(ids[p]), "added": i in new} for i, p in enumerate(paths)]
+                    found.update(zip([contents[i] for i in new], added))
+                items = [{**self.index.item(found[c]), "added": i in new} for i, c in enumerate(contents)]
             if new:
                 self._write(snapshot)
         return items
@@ -474,9 +503,10 @@ class Searcher:
             return [index.label_for(class_name)] * n
         return [UNKNOWN] * n if index.labelled else None
 
-    def _store(self, data: bytes, fmt: str) -> str:
-        """Keep an uploaded image in the index's folder (atomically, named by its content)."""
-        path = self.uploads / (hashlib.sha256(data).hexdigest()[:24] + SUFFIXES.get(fmt, ".img"))
+    def _store(self, data: bytes, fmt: str, name: str | None) -> str:
+        """Keep an uploaded image in the index's folder under its own name (`upload_name`), atomically, in a
+        folder named by its content (so that two photos of one name do not meet)."""
+        path = self.uploads / hashlib.sha256(data).hexdigest()[:HASH_FOLDER] / upload_name(name, fmt)
         if not path.exists():
             with atomic_path(path) as tmp:
                 tmp.write_bytes(data)

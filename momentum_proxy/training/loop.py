@@ -4,9 +4,10 @@
 continues a killed run from its last finished epoch. Works single-process and under torchrun (DDP).
 
 Model selection never looks at the test split unless asked to (`select="test"`, for reproducing published
-tables): every epoch is scored on the class-disjoint validation split (`select="val"`, the default when the
-data has one) or the last epoch is kept (`select="last"`); the test split is embedded once, at the end, for
-the selected checkpoint (`--test-every-epoch` adds per-epoch test columns for curves, never used to select).
+tables): every epoch is scored on the validation split (`select="val"`, the default when the data has one; ties
+broken by `choose_epoch`) or the last epoch is kept (`select="last"`); the test split is embedded once, at the end,
+for the selected checkpoint (`--test-every-epoch` adds per-epoch test columns for curves, never used to select).
+In an images split (`data.manifest.split_protocol`) val and test are queries searched among a gallery.
 """
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ from tqdm import tqdm
 from momentum_proxy import distributed
 from momentum_proxy.config import TrainConfig
 from momentum_proxy.data.loading import DatasetSplits, EvalSplit, load_datasets, make_loader
-from momentum_proxy.data.manifest import manifest_sha256
-from momentum_proxy.embedding.inference import autocast, embed_dataset, resolve_device
+from momentum_proxy.data.manifest import describe_protocol, manifest_sha256
+from momentum_proxy.embedding.inference import ModuleEmbedder, autocast, embed_dataset, resolve_device
 from momentum_proxy.errors import UserError
 from momentum_proxy.evaluation.jobs import evaluate_arrays
+from momentum_proxy.evaluation.metrics import class_margin
 from momentum_proxy.models.backbones import resolve_config
 from momentum_proxy.models.net import EmbeddingNet
 from momentum_proxy.runs import BEST, CONFIG, LAST, RunDir
@@ -59,6 +61,7 @@ class Trainee(nn.Module):
 
 def build(cfg: TrainConfig, num_classes: int) -> tuple[EmbeddingNet, nn.Module]:
     """The model and the loss of `cfg` (its backbone and image size decided: `resolve_config`)."""
+    assert cfg.backbone is not None, "resolve_config decides the backbone"
     weights = None if cfg.pretrained == "none" else (cfg.weights or "default")
     model = EmbeddingNet(cfg.backbone, cfg.feature_dim, weights=weights, pooling=cfg.pooling,
                          image_size=cfg.image_size)
@@ -106,6 +109,7 @@ class TrainState:
     epoch: int = 0
     best_epoch: int = 0
     best_score: float = -math.inf
+    choice: Choice | None = None  # how best_epoch was chosen (not checkpointed: recomputed from the rows)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "best_epoch": self.best_epoch, "best": self.best_score,
@@ -139,6 +143,48 @@ class Job:
     def select_key(self) -> str | None:
         return None if self.select == "last" else f"{self.select}_{self.cfg.select_metric}"
 
+    @property
+    def select_keys(self) -> list[str]:
+        """The selection metric, then the finer ones that break its ties (`TIE_BREAKS`), as row columns."""
+        if self.select == "last":
+            return []
+        return [f"{self.select}_{m}" for m in dict.fromkeys([self.cfg.select_metric, *TIE_BREAKS])]
+
+
+TIE_BREAKS = ("map@r", "margin")  # when epochs tie on the selection metric (saturated val): MAP@R, then the margin
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The selected epoch; `decided_by`: the tie-break column that chose it among epochs tied on the selection
+    metric (None: no tie), or "tie" when they tied on every column (the first of them is kept); `tied`: those
+    epochs."""
+
+    epoch: int
+    decided_by: str | None = None
+    tied: tuple[int, ...] = ()
+
+
+def choose_epoch(rows: list[dict], keys: list[str]) -> Choice:
+    """The row whose `keys` values are largest, compared in order (NaN counts as lowest; a key absent from a row
+    is skipped); among rows tied on all of them, the FIRST (earliest epoch) is kept: a later epoch must be
+    strictly better to be chosen."""
+    keys = [k for k in keys if all(k in r for r in rows)]
+
+    def top(candidates: list[dict], key: str) -> list[dict]:
+        values = [-math.inf if math.isnan(r[key]) else r[key] for r in candidates]
+        return [r for r, v in zip(candidates, values) if v == max(values)]
+
+    tied = top(rows, keys[0])
+    candidates, decided_by = tied, None
+    for key in keys[1:]:
+        if len(candidates) == 1:
+            break
+        candidates, decided_by = top(candidates, key), key
+    if len(candidates) > 1:
+        decided_by = "tie"
+    return Choice(candidates[0]["epoch"], decided_by, tuple(r["epoch"] for r in tied) if len(tied) > 1 else ())
+
 
 @distributed.ends_process_group  # normally and on error, the process group set up inside is destroyed
 def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
@@ -153,6 +199,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     if 0 < cfg.epochs <= cfg.warmup_epochs and not resume and job.dist.is_main:
         print(f"mproxy: warning: --warmup-epochs {cfg.warmup_epochs} covers all {cfg.epochs} epoch(s): the backbone "
               "is never trained, only the head and proxies", file=sys.stderr)
+    job.run.log(describe_protocol(job.data.protocol, job.data.val is not None), job.dist.is_main)
     job.tracker = open_tracker(cfg, job.run.path, job.dist.is_main, state.epoch if resume else None)
     rows = job.run.metrics()[:state.epoch + 1] if resume else [start(job, state)]
     loader = make_loader(job.data.train, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.loader_workers,
@@ -177,6 +224,7 @@ def setup(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> tuple[Job, Trai
     cfg.validate()
     device = resolve_device(cfg.device)
     cfg = resolve_config(cfg, device.type)
+    assert cfg.image_size is not None, "resolve_config decides the image size"
     if cfg.amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs CUDA; on CPU use --amp bf16")
     run = RunDir(cfg.out)
@@ -215,8 +263,9 @@ def start(job: Job, state: TrainState) -> dict:
     competes for best."""
     t0 = time.time()
     if job.cfg.proxy_init == "class_mean" and job.cfg.epochs > 0:  # raw embeddings: the momentum update's space
-        feats = embed_dataset(state.model, job.data.train_eval, job.device, batch_size=job.cfg.embed_batch_size,
-                              workers=job.cfg.loader_workers, dist=job.dist, desc="init proxies", normalize=False)
+        feats = embed_dataset(ModuleEmbedder(state.model, normalize=False), job.data.train_eval,
+                              batch_size=job.cfg.embed_batch_size, workers=job.cfg.loader_workers, dist=job.dist,
+                              desc="init proxies")
         init_proxies_from_class_means(state.loss_fn, torch.from_numpy(feats).to(job.device),
                                       torch.tensor(job.data.train.labels, device=job.device))
     row = {"epoch": 0, "train_loss": float("nan"), "lr": float("nan"), **score(job, state.model),
@@ -227,9 +276,9 @@ def start(job: Job, state: TrainState) -> dict:
 
 def wrap_for_steps(job: Job, state: TrainState) -> nn.Module:
     """The module each step calls: model + loss, compiled and/or wrapped in DDP as configured."""
-    step_fn = Trainee(state.model, state.loss_fn)
-    if job.cfg.compile:
-        step_fn = torch.compile(step_fn)
+    step_fn: nn.Module = Trainee(state.model, state.loss_fn)
+    if job.cfg.compile:  # of a module, torch.compile returns an OptimizedModule (an nn.Module); its stub: a callable
+        step_fn = torch.compile(step_fn)  # type: ignore[assignment]
     if job.dist.enabled:
         step_fn = DistributedDataParallel(step_fn, device_ids=[job.device.index] if job.device.type == "cuda" else None,
                                           find_unused_parameters=job.cfg.warmup_epochs > 0)
@@ -270,14 +319,17 @@ def train_one_epoch(job: Job, state: TrainState, step_fn, loader, updater, epoch
         check_proxies_in_sync(state.loss_fn)
     train_loss = (total / max(steps, 1)).item()
     check_finite(train_loss, epoch, job.run)
+    if updater is not None and updater.skipped:
+        job.run.log(f"epoch {epoch}: {updater.skipped} proxy update(s) skipped so far: the batch's embeddings were "
+                    "not finite (proxies left unchanged)", job.dist.is_main)
     return train_loss
 
 
 def evaluate_split(model: EmbeddingNet, split: EvalSplit, cfg: TrainConfig, device, dist, *, metrics=None,
                    recalls=None) -> tuple[dict, np.ndarray]:
     """Embed one evaluation split and compute its metrics (query/gallery mode when it has one)."""
-    feats = embed_dataset(model, split.dataset, device, batch_size=cfg.embed_batch_size,
-                          workers=cfg.loader_workers, amp=cfg.amp, dist=dist, desc=f"embed {split.name}")
+    feats = embed_dataset(ModuleEmbedder(model, amp=cfg.amp), split.dataset, batch_size=cfg.embed_batch_size,
+                          workers=cfg.loader_workers, dist=dist, desc=f"embed {split.name}")
     return evaluate_arrays(feats, split.labels, split.split, metrics=metrics or cfg.epoch_metrics(),
                            recalls=recalls or cfg.epoch_recalls(), device=device), feats
 
@@ -289,19 +341,24 @@ def score(job: Job, model: EmbeddingNet) -> dict:
         splits.append(job.data.test)
     row = {}
     for split in splits:
-        res, feats = evaluate_split(model, split, job.cfg, job.device, job.dist)
+        selects = job.select == split.name  # the split selection reads: its tie-breaks too (TIE_BREAKS)
+        metrics = list(dict.fromkeys([*job.cfg.epoch_metrics(), "map@r"])) if selects else None
+        res, feats = evaluate_split(model, split, job.cfg, job.device, job.dist, metrics=metrics)
+        if selects:
+            res["margin"] = class_margin(feats, split.labels, split.split)
         job.tracker.scored(split, feats)
         row.update({f"{split.name}_{k}": v for k, v in res.items()})
     return row
 
 
 def select_and_save(job: Job, state: TrainState, epoch: int, rows: list[dict]) -> None:
-    """Keep `best.pt` for the selected epoch (argmax of the selection metric, or the last epoch) and `last.pt`."""
-    key = job.select_key
-    value = rows[-1][key] if key else float(epoch)
-    improved = value > state.best_score
+    """Keep `best.pt` for the selected epoch (`choose_epoch`: the selection metric, ties broken by `TIE_BREAKS`,
+    the first best kept; or the last epoch) and `last.pt`."""
+    state.choice = choose_epoch(rows, job.select_keys) if job.select_keys else Choice(epoch)
+    improved = state.choice.epoch == epoch
     if improved:
-        state.best_epoch, state.best_score = epoch, value
+        state.best_epoch = epoch
+        state.best_score = rows[-1][job.select_key] if job.select_key else float(epoch)
     state.epoch = epoch
     if job.dist.is_main:
         job.tracker.epoch(rows[-1])  # before the checkpoint: a resume purges the epochs logged after it
@@ -310,7 +367,9 @@ def select_and_save(job: Job, state: TrainState, epoch: int, rows: list[dict]) -
             job.run.save_checkpoint(BEST, checkpoint)
         job.run.save_checkpoint(LAST, checkpoint)  # last: a resume starts after this epoch
         job.run.write_metrics(rows)
-        job.run.log(epoch_line(rows[-1], job), True)
+        line = epoch_line(rows[-1], job)
+        if line is not None:
+            job.run.log(line, True)
 
 
 def finish(job: Job, state: TrainState) -> dict:
@@ -320,21 +379,16 @@ def finish(job: Job, state: TrainState) -> dict:
     selection alone is returned (`test` None)."""
     cfg, dist = job.cfg, job.dist
     if not cfg.final_test:
-        summary = {"checkpoint": BEST, "epoch": state.best_epoch, "selected_on": job.select,
-                   "select_metric": None if job.select == "last" else cfg.select_metric,
-                   "selection_score": None if job.select == "last" else state.best_score, "test": None}
-        job.run.log(f"selected epoch {state.best_epoch} on {job.select}; test not evaluated (final_test off)",
-                    dist.is_main)
+        summary = {**selection_summary(job, state), "test": None}
+        job.run.log(f"selected epoch {state.best_epoch} on {job.select}; test not evaluated (final_test off)"
+                    + "".join(f"\n{line}" for line in choice_lines(summary)), dist.is_main)
         return summary
     model_state = distributed.broadcast_object(job.run.load_checkpoint(BEST)["model"] if dist.is_main else None)
     state.model.load_state_dict(model_state)
     res, feats = evaluate_split(state.model, job.data.test, cfg, job.device, dist,
                                 metrics=["recall", "precision@1", "r_precision", "map@r"], recalls=cfg.recalls)
-    summary = {"checkpoint": BEST, "epoch": state.best_epoch, "selected_on": job.select,
-               "select_metric": None if job.select == "last" else cfg.select_metric,
-               "selection_score": None if job.select == "last" else state.best_score,
-               "split": "test", "queries": job.data.test.num_queries, "lone_queries": job.data.test.lone_queries,
-               "test": res}
+    summary = {**selection_summary(job, state), "split": "test", "queries": job.data.test.num_queries,
+               "lone_queries": job.data.test.lone_queries, "test": res}
     if job.select == "test":
         summary["warning"] = "selected on test: the test figures are optimistic (only for reproducing tables)"
     if dist.is_main:
@@ -347,27 +401,57 @@ def finish(job: Job, state: TrainState) -> dict:
     return summary
 
 
-def epoch_line(row: dict, job: Job) -> str:
+def selection_summary(job: Job, state: TrainState) -> dict:
+    """What eval.json says of the selection: checkpoint, epoch, split and metric, score, the tie-break that
+    decided it (`Choice`), the protocol and whether the epochs trained at all."""
+    choice = state.choice or Choice(state.best_epoch)
+    by_val = job.select != "last"
+    return {"checkpoint": BEST, "epoch": state.best_epoch, "selected_on": job.select,
+            "select_metric": job.cfg.select_metric if by_val else None,
+            "selection_score": state.best_score if by_val else None,
+            "tie_break": choice.decided_by and choice.decided_by.removeprefix(f"{job.select}_"), "tied_epochs": list(choice.tied), "protocol": job.data.protocol,
+            "epochs": job.cfg.epochs}
+
+
+def epoch_line(row: dict, job: Job) -> str | None:
+    """An epoch's progress line; None for epoch 0 when nothing was scored (no val split)."""
     shown = " ".join(f"{k}={v:.4f}" for k, v in row.items()
                      if k not in ("epoch", "seconds", "lr") and not (k == "train_loss" and row["epoch"] == 0))
+    if row["epoch"] == 0 and not shown:
+        return None
     start = " (pretrained start)" if row["epoch"] == 0 else ""
     return f"epoch {row['epoch']}{start}: {shown} ({row['seconds']:.0f}s)"
 
 
 def selection_line(summary: dict) -> str:
-    """What was selected, on which split and metric, and its test figures."""
+    """What was selected, on which split and metric (and how a tie was broken), its test figures and, last, whether
+    the pretrained start was kept."""
     epoch, how = summary["epoch"], summary["selected_on"]
     if how == "last":
         chosen = f"kept the last epoch ({epoch}); no val split to select on"
     else:
-        chosen = (f"selected epoch {epoch} on {how} {summary['select_metric']}={summary['selection_score']:.4f}"
-                  + (" (the pretrained start remained best)" if epoch == 0 else ""))
+        chosen = f"selected epoch {epoch} on {how} {summary['select_metric']}={summary['selection_score']:.4f}"
         if how == "test":
             chosen += " [SELECTED ON TEST: optimistic]"
     test = " ".join(f"{k}={v:.4f}" for k, v in summary["test"].items())
     lone = summary.get("lone_queries")
     left_out = f", {lone} without another image of its class left out" if lone else ""
-    return f"{chosen}\ntest ({summary['queries']} queries{left_out}, once, for the selected checkpoint): {test}"
+    return "\n".join([chosen, f"test ({summary['queries']} queries{left_out}, once, for the selected checkpoint): "
+                                f"{test}", *choice_lines(summary)])
+
+
+def choice_lines(summary: dict) -> list[str]:
+    """How a tie on the selection metric was broken, and the plain words when the pretrained start was kept."""
+    lines, how, tied = [], summary["selected_on"], summary.get("tied_epochs") or []
+    by = summary.get("tie_break")
+    if by and tied:
+        epochs = ", ".join(map(str, tied))
+        tie = f"{how} {summary['select_metric']} tied at {summary['selection_score']:.4f} in epochs {epochs}"
+        lines.append(f"{tie}: the first of them is kept (every finer metric tied too)" if by == "tie" else
+                     f"{tie}: chosen on {how} {by} instead (the selection metric is saturated)")
+    if summary["epoch"] == 0 and how != "last" and summary.get("epochs", 0) > 0:
+        lines.append(f"training did not improve {'validation' if how == 'val' else how}; the pretrained model is kept")
+    return lines
 
 
 def check_proxies_in_sync(loss_fn: nn.Module) -> None:
@@ -424,6 +508,7 @@ def reschedule(scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig
         scheduler.T_max = cfg.epochs
         factor = (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
     else:
+        assert isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR)  # make_scheduler's other kind
         milestones = lr_milestones(cfg.epochs, cfg.milestone_rounding)
         if sorted(scheduler.milestones) == milestones:
             return

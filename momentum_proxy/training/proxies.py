@@ -23,10 +23,10 @@ from momentum_proxy.errors import UserError
 
 def proxy_parameter(loss: nn.Module) -> tuple[nn.Parameter, int]:
     """The loss's proxy parameter and its class dimension (0: classes x dim, 1: dim x classes)."""
-    if isinstance(getattr(loss, "proxies", None), nn.Parameter):
-        return loss.proxies, 0
-    if isinstance(getattr(loss, "W", None), nn.Parameter):
-        return loss.W, 1
+    for name, class_dim in (("proxies", 0), ("W", 1)):
+        param = getattr(loss, name, None)
+        if isinstance(param, nn.Parameter):
+            return param, class_dim
     raise UserError(f"{type(loss).__name__} has no proxies")
 
 
@@ -41,6 +41,9 @@ class MomentumProxyUpdate:
 
     `reduction="mean"`: f_c is the mean of the batch embeddings of class c (each class moves by m, however often
     it appears). `reduction="sum"`: f_c is their sum, reproducing the original MP tool.
+
+    A batch with a non-finite embedding (an fp16 overflow) leaves every proxy as it was, and is counted in
+    `skipped`: one NaN would otherwise spoil its class's proxy for good.
     """
 
     def __init__(self, momentum: float = 0.5, reduction: str = "mean"):
@@ -50,20 +53,29 @@ class MomentumProxyUpdate:
             raise UserError(f"unknown proxy update {reduction!r}; choose mean or sum")
         self.momentum = momentum
         self.reduction = reduction
+        self._skipped: torch.Tensor | int = 0  # kept on the device: counting costs no host synchronisation
+
+    @property
+    def skipped(self) -> int:
+        """How many updates were skipped because the batch's embeddings were not finite."""
+        return int(self._skipped)
 
     @torch.no_grad()
     def __call__(self, proxies: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor,
                  class_dim: int = 0) -> torch.Tensor:
-        """Update `proxies` in place (classes along `class_dim`) and return it. No host synchronisation."""
+        """Update `proxies` in place (classes along `class_dim`) and return it, unless `embeddings` hold a
+        non-finite value (then counted in `skipped`). No host synchronisation."""
         by_class = proxies if class_dim == 0 else proxies.t()
         emb = embeddings.detach().to(by_class.device, by_class.dtype)
+        finite = torch.isfinite(emb).all()
+        self._skipped = self._skipped + (~finite).long()
         labels = labels.to(by_class.device)
         sums = torch.zeros_like(by_class).index_add_(0, labels, emb)
         counts = torch.zeros(len(by_class), 1, device=by_class.device, dtype=by_class.dtype)
         counts.index_add_(0, labels, torch.ones_like(emb[:, :1]))
         target = sums / counts.clamp(min=1) if self.reduction == "mean" else sums
         m = self.momentum
-        by_class.copy_(torch.where(counts > 0, (1.0 - m) * by_class + m * target, by_class))
+        by_class.copy_(torch.where((counts > 0) & finite, (1.0 - m) * by_class + m * target, by_class))
         return proxies
 
     def update_loss(self, loss: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
@@ -71,7 +83,7 @@ class MomentumProxyUpdate:
         param, class_dim = proxy_parameter(loss)
         self(param.data, embeddings, labels, class_dim)
 
-    def attach(self, loss: nn.Module) -> "MomentumProxyUpdate":
+    def attach(self, loss: nn.Module) -> MomentumProxyUpdate:
         """Take over `loss`'s proxies: they stop requiring gradients (keep them out of the optimizer), and
         `step(embeddings, labels)` updates them. Returns self."""
         param, _ = proxy_parameter(loss)

@@ -1,0 +1,324 @@
+"""Post-processing (test-time flip, re-ranking) across the collection regimes users have, chosen on validation.
+
+Regimes, each on the development species of a folder of class folders (never its test species):
+- large: every photo of every class, leave-one-out (the protocol of docs: Benchmarks, retrieval quality);
+- small-N: every class cut to N = 2, 3, 5 photos (a random subset per seed), leave-one-out;
+- longtail: class sizes drawn log-uniformly from 1 to 60 (heavy-tailed; a class of 1 queries nothing), leave-one-out;
+- new-M: for each class, M = 1 or 2 of its photos added to an index of every other class; its other photos query it
+  (found at top 1 and within the top 5);
+- duplicates: indexed photos re-encoded (resized to 80 %, JPEG quality 90) at another path query the full index:
+  share whose original comes first, and the lowest raw cosine of a top hit;
+- no-match: half the classes (per seed) are left out of the index; AUROC of the top hit's raw cosine for "has a
+  match" (queries of indexed classes, each left out of its own search) against queries of the left-out classes,
+  and the raw cosine at 95 % precision for "has a match".
+
+Stages (resumable; everything under OUT):
+
+    python benchmarks/regimes.py embed --src ../shared/data/birds50 --out O   # run (pretrained or --epochs N), features
+    python benchmarks/regimes.py val   --out O --seeds 0,1,2                   # every regime x setting -> records.jsonl
+    python benchmarks/regimes.py table --out O                                 # mean +- 95 % CI per regime (markdown)
+    python benchmarks/regimes.py test  --out O --pick "flip none"              # the chosen setting on test species, once
+    python benchmarks/regimes.py cost  --out O                                 # ms per query at 20k / 100k / 1M items
+
+Development species are the first half of the class folders by name (`prepare folder`'s train side; for a
+pretrained model none of them was trained on), test species the second half. A setting is "TTA RERANK", RERANK a
+`quality.py` grid entry (method/k=../alpha=..), optionally prefixed `anchored:` (the raw top hit stays first and
+the re-ranking orders the rest).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quality import T95, append_record, parse_rerank, read_records  # noqa: E402  (the sibling benchmark)
+
+from momentum_proxy.data.prepare import IMAGE_EXTS  # noqa: E402
+from momentum_proxy.deploy.runtimes import load_embedder  # noqa: E402
+from momentum_proxy.embedding.inference import embed_files  # noqa: E402
+from momentum_proxy.evaluation.metrics import evaluate_embeddings  # noqa: E402
+from momentum_proxy.retrieval.rerank import rerank_knn  # noqa: E402
+from momentum_proxy.vectors import knn, l2_normalize  # noqa: E402
+
+SETTINGS = ["none none", "flip none", "flip dba+aqe/k=10/alpha=0", "flip anchored:dba+aqe/k=10/alpha=0",
+            "flip dba+aqe/k=5/alpha=3", "flip dba/k=5/alpha=3", "flip aqe/k=5/alpha=3",
+            "flip anchored:dba/k=5/alpha=3", "none dba+aqe/k=10/alpha=0"]
+SMALL = (2, 3, 5)
+NEW = (1, 2)
+DUPLICATES = 100  # re-encoded photos per dataset
+
+
+def species(src: Path) -> tuple[list[str], list[str]]:
+    names = sorted(p.name for p in src.iterdir() if p.is_dir())
+    half = len(names) // 2
+    return names[:half], names[half:]
+
+
+def photos(src: Path, names: list[str]) -> tuple[list[str], np.ndarray]:
+    paths, labels = [], []
+    for y, name in enumerate(names):
+        files = sorted(p for p in (src / name).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        paths += [str(p) for p in files]
+        labels += [y] * len(files)
+    return paths, np.array(labels)
+
+
+def reencode(paths: list[str], out: Path) -> list[str]:
+    """Each photo resized to 80 % and saved as JPEG quality 90 under `out` (another path, other bytes)."""
+    made = []
+    for p in paths:
+        dst = out / Path(p).parent.name / (Path(p).stem + "-copy.jpg")
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                im.resize((round(im.width * 0.8), round(im.height * 0.8)), Image.BICUBIC).save(dst, quality=90)
+        made.append(str(dst))
+    return made
+
+
+def make_run(a) -> Path:
+    """A run of the pretrained start (--epochs 0) or a short training, on `prepare folder`'s split of --src."""
+    data, run = a.out / "data", a.out / "run"
+    if not (data / "manifest.csv").exists():
+        subprocess.run([sys.executable, "-m", "momentum_proxy", "prepare", "folder", "--src", str(a.src),
+                        "--out", str(data)], check=True)
+    if not (run / "checkpoints").exists():
+        subprocess.run([sys.executable, "-m", "momentum_proxy", "train", "--data", str(data), "--out", str(run),
+                        "--epochs", str(a.epochs), "--no-final-test", *a.train_args], check=True)
+    return run
+
+
+def stage_embed(a) -> None:
+    run = make_run(a)
+    dev, test = species(a.src)
+    rng = np.random.default_rng(0)
+    for part, names in (("dev", dev), ("test", test)):
+        paths, labels = photos(a.src, names)
+        picked = np.sort(rng.choice(len(paths), min(DUPLICATES, len(paths)), replace=False))
+        copies = reencode([paths[i] for i in picked], a.out / f"copies-{part}")
+        for tta in ("none", "flip"):
+            cache = a.out / f"features-{part}-{tta}.npz"
+            if part == "test" and not a.test or cache.exists():
+                continue
+            embedder = load_embedder(run, "torch", "cpu", tta)
+            feats, kept, skipped = embed_files(embedder, paths + copies)
+            if skipped:
+                raise SystemExit(f"unreadable images: {skipped[:3]}")
+            np.savez(cache, features=feats[:len(paths)], labels=labels, copies=feats[len(paths):], copied=picked)
+            print(f"{cache.name}: {len(paths)} photos + {len(copies)} copies", flush=True)
+
+
+class Anchored:
+    """A re-ranking whose raw top hit stays first (duck-typed as `Rerank.search_chunks` for evaluation)."""
+
+    active = True
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def search_chunks(self, query, gallery, need, exclude_self, chunk_size):
+        for pos, scores, idx in self.inner.search_chunks(query, gallery, need, exclude_self, chunk_size):
+            raw = query[pos] @ gallery.T
+            if exclude_self:
+                raw[np.arange(len(pos)), pos] = -np.inf
+            first = raw.argmax(1)
+            for row in range(len(pos)):
+                rest = idx[row][idx[row] != first[row]]
+                idx[row] = np.concatenate([[first[row]], rest])[:idx.shape[1]]
+            yield pos, scores, idx
+
+
+def setting(text: str):
+    tta, rerank = text.split()
+    anchored = rerank.startswith("anchored:")
+    r = parse_rerank(rerank.removeprefix("anchored:"))
+    return tta, (None if not r.active else Anchored(r) if anchored else r)
+
+
+def ranked(query, gallery, k, rerank, exclude_self=False) -> np.ndarray:
+    """Gallery indices of each query's top k under `rerank` (None: raw cosine)."""
+    if rerank is None:
+        return knn(query, gallery, k, exclude_self=exclude_self)[1]
+    if isinstance(rerank, Anchored):
+        need = np.full(len(query), k)
+        chunks = list(rerank.search_chunks(l2_normalize(query), l2_normalize(gallery), need, exclude_self, 256))
+        out = np.empty((len(query), k), np.int64)
+        for pos, _, idx in chunks:
+            out[pos] = idx
+        return out
+    return rerank_knn(query, gallery, k, rerank, exclude_self=exclude_self)[1]
+
+
+def loo(x, y, rerank) -> dict:
+    res = evaluate_embeddings(x, y, metrics=("recall", "map@r"), recalls=(1,), rerank=rerank)
+    return {"recall@1": res["recall@1"], "map@r": res["map@r"]}
+
+
+def subsample(y, sizes: dict, rng) -> np.ndarray:
+    keep = [rng.choice(np.flatnonzero(y == c), min(n, int((y == c).sum())), replace=False) for c, n in sizes.items()]
+    return np.sort(np.concatenate(keep))
+
+
+def regimes(x, y, copies, copied, rerank, seed) -> dict:
+    rng = np.random.default_rng(seed)
+    classes = np.unique(y)
+    out = {"large": loo(x, y, rerank)} if seed == 0 else {}  # the full set does not depend on the seed
+    for n in SMALL:
+        keep = subsample(y, {c: n for c in classes}, rng)
+        out[f"small-{n}"] = loo(x[keep], y[keep], rerank)
+    sizes = {c: int(np.clip(round(math.exp(rng.uniform(0, math.log(60)))), 1, 60)) for c in classes}
+    keep = subsample(y, sizes, rng)
+    out["longtail"] = loo(x[keep], y[keep], rerank)
+    for m in NEW:
+        top1 = top5 = total = 0
+        for c in classes:
+            own = rng.permutation(np.flatnonzero(y == c))
+            gallery = np.concatenate([np.flatnonzero(y != c), own[:m]])
+            top = ranked(x[own[m:]], x[gallery], 5, rerank)
+            hit = y[gallery][top] == c
+            top1, top5, total = top1 + hit[:, 0].sum(), top5 + hit.any(1).sum(), total + len(hit)
+        out[f"new-{m}"] = {"top1": top1 / total, "top5": top5 / total}
+    if seed == 0:
+        top = ranked(copies, x, 1, rerank)[:, 0]
+        out["duplicates"] = {"first": float(np.mean(top == copied)),
+                             "min_top_cosine": float(np.min(np.sum(copies * x[top], 1)))}
+    out["no-match"] = no_match(x, y, rerank, rng)
+    return out
+
+
+def no_match(x, y, rerank, rng) -> dict:
+    classes = rng.permutation(np.unique(y))
+    indexed = np.isin(y, classes[:len(classes) // 2])
+    g = np.flatnonzero(indexed)
+    top_in = ranked(x[g], x[g], 1, rerank, exclude_self=True)[:, 0]
+    top_out = ranked(x[~indexed], x[g], 1, rerank)[:, 0]
+    s_in = np.sum(x[g] * x[g][top_in], 1)
+    s_out = np.sum(x[~indexed] * x[g][top_out], 1)
+    scores, truth = np.concatenate([s_in, s_out]), np.r_[np.ones(len(s_in)), np.zeros(len(s_out))]
+    order = np.argsort(-scores)
+    precision = np.cumsum(truth[order]) / np.arange(1, len(order) + 1)
+    ok = np.flatnonzero(precision >= 0.95)
+    return {"auroc": float(roc_auc_score(truth, scores)),
+            "cosine_at_p95": float(scores[order][ok[-1]]) if len(ok) else float("nan")}
+
+
+def stage_val(a) -> None:
+    done = {(r["setting"], r["seed"]) for r in read_records(a.out)}
+    for text in a.settings or SETTINGS:
+        tta, rerank = setting(text)
+        saved = np.load(a.out / f"features-dev-{tta}.npz")
+        x, y = l2_normalize(saved["features"]), saved["labels"]
+        copies, copied = l2_normalize(saved["copies"]), saved["copied"]
+        for seed in a.seeds:
+            if (text, seed) in done:
+                continue
+            start = time.perf_counter()
+            res = regimes(x, y, copies, copied, rerank, seed)
+            append_record(a.out, {"setting": text, "seed": seed, "split": "dev", "items": len(x), **res})
+            print(f"{text} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+
+
+COLUMNS = [("large", "recall@1"), ("large", "map@r"), *[(f"small-{n}", "recall@1") for n in SMALL],
+           ("small-3", "map@r"), ("longtail", "recall@1"), ("longtail", "map@r"), ("new-1", "top1"),
+           ("new-2", "top1"), ("new-2", "top5"), ("duplicates", "first"), ("duplicates", "min_top_cosine"),
+           ("no-match", "auroc"), ("no-match", "cosine_at_p95")]
+
+
+def cell(values: list[float], percent: bool) -> str:
+    scale = 100 if percent else 1
+    m = float(np.mean(values)) * scale
+    if len(values) < 2:
+        return f"{m:.1f}" if percent else f"{m:.3f}"
+    half = T95[len(values) - 1] * float(np.std(values, ddof=1)) / math.sqrt(len(values)) * scale
+    return f"{m:.1f} ± {half:.1f}" if percent else f"{m:.3f} ± {half:.3f}"
+
+
+def stage_table(a) -> None:
+    records = [r for r in read_records(a.out) if r["split"] == a.split]
+    settings = list(dict.fromkeys(r["setting"] for r in records))
+    head = "| setting | " + " | ".join(f"{reg} {m}" for reg, m in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for s in settings:
+        rows = [r for r in records if r["setting"] == s]
+        cells = []
+        for reg, m in COLUMNS:
+            values = [r[reg][m] for r in rows if reg in r]
+            cells.append(cell(values, m not in ("min_top_cosine", "cosine_at_p95", "auroc")) if values else "")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+
+
+def stage_test(a) -> None:
+    for text in a.pick:
+        tta, rerank = setting(text)
+        saved = np.load(a.out / f"features-test-{tta}.npz")
+        x, y = l2_normalize(saved["features"]), saved["labels"]
+        for seed in a.seeds:
+            res = regimes(x, y, l2_normalize(saved["copies"]), saved["copied"], rerank, seed)
+            append_record(a.out, {"setting": text, "seed": seed, "split": "test", "items": len(x), **res})
+        print(f"{text}: test recorded", flush=True)
+
+
+def stage_cost(a) -> None:
+    """Milliseconds per query (batch of 64 queries) of raw cosine search and of each re-ranking's search, and the
+    seconds to compute a collection's neighbour lists, on clustered random 512-d vectors."""
+    from momentum_proxy.retrieval.faiss_store import FaissStore  # lazy: only this stage builds stores
+    from momentum_proxy.retrieval.rerank import Rerank, rerank_store, store_neighbours
+
+    rng = np.random.default_rng(0)
+    for n in a.sizes:
+        centres = rng.standard_normal((max(1, n // 60), 512)).astype(np.float32)
+        x = l2_normalize(centres[rng.integers(0, len(centres), n)] + 1.2 * rng.standard_normal((n, 512)).astype(
+            np.float32) / math.sqrt(512) * math.sqrt(512) * 0.05)
+        store = FaissStore.build(x, [f"{i}.jpg" for i in range(n)], None)
+        q = x[rng.choice(n, 64, replace=False)]
+        start = time.perf_counter()
+        store.search(q, 10)
+        rec = {"items": n, "plain_ms": 1000 * (time.perf_counter() - start) / len(q)}
+        if n <= a.rerank_up_to:
+            r = Rerank("dba+aqe", k=10, alpha=0)
+            start = time.perf_counter()
+            store_neighbours(store, r.list_size + 1)
+            rec["neighbour_lists_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            rerank_store(store, q, 10, r)
+            rec["dba+aqe_ms"] = 1000 * (time.perf_counter() - start) / len(q)
+        append_record(a.out, {"split": "cost", **rec})
+        print(json.dumps(rec), flush=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    sub = p.add_subparsers(dest="stage", required=True)
+    for name in ("embed", "val", "table", "test", "cost"):
+        s = sub.add_parser(name, allow_abbrev=False)
+        s.add_argument("--out", type=Path, required=True)
+        s.add_argument("--seeds", type=lambda t: [int(v) for v in t.split(",")], default=[0, 1, 2])
+    sub.choices["embed"].add_argument("--src", type=Path, required=True)
+    sub.choices["embed"].add_argument("--epochs", type=int, default=0)
+    sub.choices["embed"].add_argument("--test", action="store_true", help="also embed the test species")
+    sub.choices["embed"].add_argument("--train-args", nargs=argparse.REMAINDER, default=[])
+    sub.choices["val"].add_argument("--settings", nargs="*")
+    sub.choices["table"].add_argument("--split", default="dev", choices=("dev", "test"))
+    sub.choices["test"].add_argument("--pick", nargs="+", required=True)
+    sub.choices["cost"].add_argument("--sizes", type=lambda t: [int(v) for v in t.split(",")],
+                                     default=[20_000, 100_000, 1_000_000])
+    sub.choices["cost"].add_argument("--rerank-up-to", type=int, default=100_000)
+    a = p.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    {"embed": stage_embed, "val": stage_val, "table": stage_table, "test": stage_test, "cost": stage_cost}[a.stage](a)
+
+
+if __name__ == "__main__":
+    main()
