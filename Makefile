@@ -1,5 +1,6 @@
 # The README's two commands: `make demo` and `make test`. Both install first: `demo` the package with every runtime
 # extra (the whole CLI), `test` also the test and docs tools (pyproject.toml's extras; versions from constraints.txt).
+# `make test` runs ruff (lint and format check) and mypy before pytest; `.ci/run` adds the slow tests.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,5 +18,8 @@ $(VENV)/.installed-%: pyproject.toml constraints.txt
 demo: $(VENV)/.installed-all
 	$(BIN)/mproxy demo
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev  # lint, format and type checks, then the tests (slow ones: `pytest -m slow`)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q

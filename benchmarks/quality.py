@@ -58,8 +58,9 @@ def parse_cell(cell: str) -> tuple[str, int, int]:
 
 
 def parse_rerank(text: str) -> Rerank:
+    """A grid entry as a `Rerank`; the method alone (keep 0, as this study measured it) unless it says keep=N."""
     method, *params = text.split("/")
-    kwargs = {}
+    kwargs = {"keep": 0}
     for p in params:
         key, value = p.split("=")
         kwargs[key] = float(value) if key in ("alpha", "lam") else int(value)

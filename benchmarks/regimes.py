@@ -7,7 +7,8 @@ Regimes, each on the development species of a folder of class folders (never its
 - new-M: for each class, M = 1 or 2 of its photos added to an index of every other class; its other photos query it
   (found at top 1 and within the top 5);
 - duplicates: indexed photos re-encoded (resized to 80 %, JPEG quality 90) at another path query the full index:
-  share whose original comes first, and the lowest raw cosine of a top hit;
+  share whose original comes first (or a photo that the set holds twice under another name: cosine 1 to the
+  original), and the lowest raw cosine of a top hit;
 - no-match: half the classes (per seed) are left out of the index; AUROC of the top hit's raw cosine for "has a
   match" (queries of indexed classes, each left out of its own search) against queries of the left-out classes,
   and the raw cosine at 95 % precision for "has a match".
@@ -22,8 +23,8 @@ Stages (resumable; everything under OUT):
 
 Development species are the first half of the class folders by name (`prepare folder`'s train side; for a
 pretrained model none of them was trained on), test species the second half. A setting is "TTA RERANK", RERANK a
-`quality.py` grid entry (method/k=../alpha=..), optionally prefixed `anchored:` (the raw top hit stays first and
-the re-ranking orders the rest).
+`quality.py` grid entry (method/k=../alpha=../keep=..; keep 1: the plain cosine top hit stays first and the
+re-ranking orders the rest, `Rerank.keep`).
 """
 from __future__ import annotations
 
@@ -49,9 +50,9 @@ from momentum_proxy.evaluation.metrics import evaluate_embeddings  # noqa: E402
 from momentum_proxy.retrieval.rerank import rerank_knn  # noqa: E402
 from momentum_proxy.vectors import knn, l2_normalize  # noqa: E402
 
-SETTINGS = ["none none", "flip none", "flip dba+aqe/k=10/alpha=0", "flip anchored:dba+aqe/k=10/alpha=0",
-            "flip dba+aqe/k=5/alpha=3", "flip dba/k=5/alpha=3", "flip aqe/k=5/alpha=3",
-            "flip anchored:dba/k=5/alpha=3", "none dba+aqe/k=10/alpha=0"]
+SETTINGS = ["none none", "flip none", "none dba/k=5/alpha=3/keep=1", "flip dba/k=5/alpha=3/keep=1",
+            "flip dba/k=5/alpha=3/keep=0", "flip dba+aqe/k=10/alpha=0/keep=0", "flip dba+aqe/k=10/alpha=0/keep=1",
+            "flip dba+aqe/k=5/alpha=3/keep=0", "flip aqe/k=5/alpha=3/keep=0", "none dba+aqe/k=10/alpha=0/keep=0"]
 SMALL = (2, 3, 5)
 NEW = (1, 2)
 DUPLICATES = 100  # re-encoded photos per dataset
@@ -106,7 +107,7 @@ def stage_embed(a) -> None:
         paths, labels = photos(a.src, names)
         picked = np.sort(rng.choice(len(paths), min(DUPLICATES, len(paths)), replace=False))
         copies = reencode([paths[i] for i in picked], a.out / f"copies-{part}")
-        for tta in ("none", "flip"):
+        for tta in a.ttas:
             cache = a.out / f"features-{part}-{tta}.npz"
             if part == "test" and not a.test or cache.exists():
                 continue
@@ -118,44 +119,16 @@ def stage_embed(a) -> None:
             print(f"{cache.name}: {len(paths)} photos + {len(copies)} copies", flush=True)
 
 
-class Anchored:
-    """A re-ranking whose raw top hit stays first (duck-typed as `Rerank.search_chunks` for evaluation)."""
-
-    active = True
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def search_chunks(self, query, gallery, need, exclude_self, chunk_size):
-        for pos, scores, idx in self.inner.search_chunks(query, gallery, need, exclude_self, chunk_size):
-            raw = query[pos] @ gallery.T
-            if exclude_self:
-                raw[np.arange(len(pos)), pos] = -np.inf
-            first = raw.argmax(1)
-            for row in range(len(pos)):
-                rest = idx[row][idx[row] != first[row]]
-                idx[row] = np.concatenate([[first[row]], rest])[:idx.shape[1]]
-            yield pos, scores, idx
-
-
 def setting(text: str):
     tta, rerank = text.split()
-    anchored = rerank.startswith("anchored:")
-    r = parse_rerank(rerank.removeprefix("anchored:"))
-    return tta, (None if not r.active else Anchored(r) if anchored else r)
+    r = parse_rerank(rerank)
+    return tta, (r if r.active else None)
 
 
 def ranked(query, gallery, k, rerank, exclude_self=False) -> np.ndarray:
     """Gallery indices of each query's top k under `rerank` (None: raw cosine)."""
     if rerank is None:
         return knn(query, gallery, k, exclude_self=exclude_self)[1]
-    if isinstance(rerank, Anchored):
-        need = np.full(len(query), k)
-        chunks = list(rerank.search_chunks(l2_normalize(query), l2_normalize(gallery), need, exclude_self, 256))
-        out = np.empty((len(query), k), np.int64)
-        for pos, _, idx in chunks:
-            out[pos] = idx
-        return out
     return rerank_knn(query, gallery, k, rerank, exclude_self=exclude_self)[1]
 
 
@@ -190,7 +163,8 @@ def regimes(x, y, copies, copied, rerank, seed) -> dict:
         out[f"new-{m}"] = {"top1": top1 / total, "top5": top5 / total}
     if seed == 0:
         top = ranked(copies, x, 1, rerank)[:, 0]
-        out["duplicates"] = {"first": float(np.mean(top == copied)),
+        same = (top == copied) | (np.sum(x[top] * x[copied], 1) >= 0.999)  # or a photo the set holds twice
+        out["duplicates"] = {"first": float(np.mean(same)),
                              "min_top_cosine": float(np.min(np.sum(copies * x[top], 1)))}
     out["no-match"] = no_match(x, y, rerank, rng)
     return out
@@ -308,6 +282,7 @@ def main(argv=None) -> None:
     sub.choices["embed"].add_argument("--src", type=Path, required=True)
     sub.choices["embed"].add_argument("--epochs", type=int, default=0)
     sub.choices["embed"].add_argument("--test", action="store_true", help="also embed the test species")
+    sub.choices["embed"].add_argument("--ttas", nargs="+", default=["none", "flip"], choices=("none", "flip"))
     sub.choices["embed"].add_argument("--train-args", nargs=argparse.REMAINDER, default=[])
     sub.choices["val"].add_argument("--settings", nargs="*")
     sub.choices["table"].add_argument("--split", default="dev", choices=("dev", "test"))

@@ -375,7 +375,8 @@ def add_evaluate(sub) -> None:
                    help="K of Recall@K, comma-separated (default: the run's, else 1,2,4,8)")
     p.add_argument("--out", "--json", dest="out",
                    help="write the results here (default: RUN_DIR/evaluate-RUNTIME[-TTA][-val][-RERANK].json, "
-                        f"e.g. evaluate-torch-{DEFAULT_TTA}-{DEFAULT_RERANK}.json with the defaults; the run's "
+                        f"e.g. evaluate-torch-{'-'.join(p for p in (DEFAULT_TTA, DEFAULT_RERANK) if p != 'none')}.json "
+                        "with the defaults; the run's "
                         "eval.json, its test result from training, is never changed)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")

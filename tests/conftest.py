@@ -1,7 +1,15 @@
 import contextlib
+import os
 import socket
+import time
 
 import pytest
+
+# One OpenMP thread (torch, faiss, BLAS) in the test process and the processes it starts, set before torch loads:
+# the tests' tiny models gain nothing from a second thread, and while other jobs share the cores OpenMP's barriers
+# make every operation wait for a descheduled thread (a training test took 76 s instead of 10 on a busy 2-core
+# machine). In-process and subprocess runs that are compared bit for bit keep one thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from momentum_proxy.data.synthetic import generate_synthetic
 
@@ -61,6 +69,28 @@ def assert_same(a, b, path=""):
 def tiny_run(tiny_data, tmp_path_factory):
     """`make_run` on `tiny_data` (shared: tests must not change it)."""
     return make_run(tmp_path_factory.mktemp("serve") / "run", tiny_data)
+
+
+@pytest.fixture(scope="session")
+def index_dir(tiny_data, tiny_run, tmp_path_factory):
+    """A pristine faiss index of `tiny_run` over `tiny_data` (64 images, labelled, class names), built once
+    (shared by test_service.py and test_workers.py: tests copy it before changing it)."""
+    from momentum_proxy.retrieval.build import build_index
+
+    idx = tmp_path_factory.mktemp("index") / "idx"
+    build_index(tiny_run, tiny_data, idx)
+    return idx
+
+
+def wait_for(condition, alive=lambda: True, limit: float = 1800, poll: float = 0.05) -> bool:
+    """Poll `condition()` until it holds (True) or `alive()` turns false (False: what was waited on died first).
+    `limit` only ends a hang: a slow machine is waited for, never failed for being slow."""
+    end = time.monotonic() + limit
+    while not condition():
+        if not alive() or time.monotonic() > end:
+            return condition()
+        time.sleep(poll)
+    return True
 
 
 def run_cli(args, capsys):

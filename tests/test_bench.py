@@ -8,6 +8,28 @@ from momentum_proxy.cli import main
 NAMES = ("train_pipeline", "train_model", "embed_pipeline", "embed_model", "embed_onnx", "embed_onnx_int8")
 
 
+def test_interleaved_rounds_give_medians_spreads_and_ratios_of_medians():
+    """What `bench` makes of its measurements, with instant stand-ins (the whole command: the slow test below)."""
+    from momentum_proxy.experiments.bench import _ratios, interleave, summarise
+
+    values = {name: [10.0 * (i + 1) + r for r in (0.004, -2.5, 3.333)] for i, name in enumerate(NAMES)}
+    order, left = [], {name: iter(v) for name, v in values.items()}
+    measures = {name: (lambda name=name: order.append(name) or next(left[name])) for name in NAMES}
+    assert interleave(measures, rounds=3) == values and order == list(NAMES) * 3  # A, B, C, A, B, C, ...
+    res = summarise(values)
+    for i, name in enumerate(NAMES):
+        base = 10.0 * (i + 1)
+        assert res[f"{name}_ips"] == round(base + 0.004, 2)  # the median, rounded to 0.01
+        assert res["spread"][name] == [base - 2.5, round(base + 3.333, 2)]
+        assert res["repeats"][name] == [round(x, 2) for x in values[name]]
+    median = {name: 10.0 * (i + 1) + 0.004 for i, name in enumerate(NAMES)}
+    assert _ratios(values) == {"train_efficiency": round(median["train_pipeline"] / median["train_model"], 3),
+                               "embed_efficiency": round(median["embed_pipeline"] / median["embed_model"], 3),
+                               "onnx_speedup": round(median["embed_onnx"] / median["embed_model"], 3),
+                               "onnx_int8_speedup": round(median["embed_onnx_int8"] / median["embed_model"], 3)}
+
+
+@pytest.mark.slow  # about a minute: full-size JPEGs generated and prepared, an ONNX export and its int8 quantisation
 def test_bench_reports_medians_of_interleaved_rounds_and_their_ratios(tmp_path, capsys):
     out = tmp_path / "bench.json"
     main(["bench", "--image-size", "64", "--batch-size", "8", "--steps", "2", "--rounds", "2", "--json", str(out)])

@@ -46,7 +46,7 @@ def test_prepare_train_evaluate_retrieve(tiny_data, trained, tmp_path, capsys):
     trained_test = json.loads(trained_eval)["test"]
     assert all(abs(res["test"][k] - v) < 1e-6 for k, v in trained_test.items())  # the same figures, recomputed
     code, out, _ = run_cli(["evaluate", trained], capsys)  # the default pipeline: config.DEFAULT_TTA, DEFAULT_RERANK
-    named = f"{DEFAULT_TTA}-{DEFAULT_RERANK}"  # e.g. evaluate-torch-flip-kreciprocal.json
+    named = "-".join(p for p in (DEFAULT_TTA, DEFAULT_RERANK) if p != "none")  # e.g. evaluate-torch-dba.json
     assert code == 0 and f"written: {trained / f'evaluate-torch-{named}.json'}" in out
     assert f"runtime torch, tta {DEFAULT_TTA}, rerank {Rerank(DEFAULT_RERANK)}" in out
     default = json.loads((trained / f"evaluate-torch-{named}.json").read_text())
@@ -64,8 +64,9 @@ def test_prepare_train_evaluate_retrieve(tiny_data, trained, tmp_path, capsys):
     assert results["query_class_name"] == "species_04" and results["model"]["run"] == str(trained.resolve())
     assert all(r["same_class"] == (r["label"] == 4) for r in results["results"])
     assert all(r["class_name"] == f"species_{r['label']:02d}" and r["class_name"] in out for r in results["results"])
-    order = [r["score"] if r["rerank_score"] is None else r["rerank_score"] for r in results["results"]]
-    assert order == sorted(order, reverse=True) and all(-1 <= r["score"] <= 1 for r in results["results"])
+    raw, order = [r["score"] for r in results["results"]], [r["rerank_score"] for r in results["results"]]
+    assert results["rerank"]["keep"] == 1 and raw[0] == max(raw)  # the plain top hit stays first
+    assert order[1:] == sorted(order[1:], reverse=True) and all(-1 <= s <= 1 for s in raw)
     assert str(query) not in [r["path"] for r in results["results"]]
     with Image.open(tmp_path / "ret" / "retrieval.png") as im:
         assert im.width > 4 * im.height  # query + 5 results in a row

@@ -5,19 +5,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same
+from conftest import assert_same, wait_for
 
 from momentum_proxy.runs import BEST, EMBEDDINGS, LAST, METRICS, RunDir, load_embeddings
 from momentum_proxy.training.loop import build
 from momentum_proxy.training.proxies import proxy_parameter
 
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
+pytestmark = pytest.mark.slow  # torchrun end to end (about 3 minutes on 2 cores): `.ci/run` runs them, `make test` not
 
 
 def _train_args(data, out, batch, epochs=3, proxy_update="momentum"):
@@ -99,12 +99,9 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_run(tiny_data, tmp_
     ranks, seed and thread count compute the same floats in the same order, so no tolerance is needed."""
     out, ref = tmp_path / "run", two_process_run[0]
     proc = _run(_train_args(tiny_data, out, batch=4), 2, tmp_path / "w", 29613, wait=False)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        metrics = out / METRICS
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:  # header + epochs 0 and 1
-            break
-        time.sleep(0.1)
+    metrics = out / METRICS
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3,  # header + epochs 0 and 1
+             lambda: proc.poll() is None)
     _kill(proc, tmp_path / "w", 2)
     assert 1 <= _last(out)["epoch"] < 3
     _run(["train", "--resume", str(out)], 2, tmp_path / "w", 29614)

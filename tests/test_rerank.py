@@ -11,10 +11,10 @@ from momentum_proxy.data.loading import eval_dataset
 from momentum_proxy.data.manifest import read_manifest, split_frame
 from momentum_proxy.embedding.inference import TorchEmbedder, embed_dataset
 from momentum_proxy.errors import UserError
-from momentum_proxy.vectors import knn
 from momentum_proxy.evaluation.metrics import evaluate_embeddings
 from momentum_proxy.retrieval.faiss_store import FaissStore
 from momentum_proxy.retrieval.rerank import Neighbours, Rerank, kept_neighbours, kept_size, rerank_knn, rerank_store
+from momentum_proxy.vectors import knn
 
 
 # ----------------------------------------------------------------------------------- references (float64, loops)
@@ -119,8 +119,9 @@ def dyadic_vectors():
     return np.array(axes + halves, np.float32)
 
 
-SETTINGS = [Rerank("aqe", k=3, alpha=0, keep=0), Rerank("aqe", k=2, alpha=3, keep=0), Rerank("dba", k=3, alpha=0, keep=0),
-            Rerank("dba", k=2, alpha=2, keep=0), Rerank("dba+aqe", k=3, alpha=1, keep=0),
+SETTINGS = [Rerank("aqe", k=3, alpha=0, keep=0), Rerank("aqe", k=2, alpha=3, keep=0),
+            Rerank("dba", k=3, alpha=0, keep=0), Rerank("dba", k=2, alpha=2, keep=0),
+            Rerank("dba+aqe", k=3, alpha=1, keep=0),
             Rerank("kreciprocal", k=4, k2=3, lam=0.3, keep=0), Rerank("kreciprocal", k=3, k2=1, lam=0, keep=0),
             Rerank("kreciprocal", k=6, k2=4, lam=0.5, keep=0), Rerank("none")]  # each method alone (keep 0)
 
@@ -158,7 +159,7 @@ def test_keep_puts_the_plain_cosine_hits_first_and_reranks_the_rest(method, keep
     scores, idx = rerank_knn(queries, gallery, 6, Rerank(method, keep=keep))
     pure_scores, pure_idx = rerank_knn(queries, gallery, len(gallery), alone)
     plain = knn(queries, gallery, min(keep, 6))[1]
-    for row, q in enumerate(queries):
+    for row in range(len(queries)):
         first = list(plain[row])
         assert list(idx[row][:len(first)]) == first
         assert list(idx[row][len(first):]) == [i for i in pure_idx[row] if i not in first][:6 - len(first)]
@@ -302,8 +303,8 @@ def test_evaluate_embeddings_with_rerank_scores_each_query_without_itself(tmp_pa
     x, labels = unit_rows(24, seed=5), np.repeat(np.arange(6), 4)
     np.savez(tmp_path / "e.npz", features=x, labels=labels)
     code, out, err = run_cli(["evaluate", "--embeddings", tmp_path / "e.npz", "--rerank", "dba", "--rerank-k", "2",
-                              "--rerank-alpha", "1", "--rerank-keep", "0", "--metrics", "recall", "--recalls", "1", "--out",
-                              tmp_path / "r.json"], capsys)
+                              "--rerank-alpha", "1", "--rerank-keep", "0", "--metrics", "recall", "--recalls", "1",
+                              "--out", tmp_path / "r.json"], capsys)
     assert code == 0, err
     hits = []
     for i in range(24):  # the reference: DBA over the other 23 items only, straight from the definition
@@ -348,7 +349,8 @@ def test_retrieve_from_an_index_with_rerank_leaves_the_query_out_of_the_database
     ids, x = store.live_vectors()
     query = store.item(int(ids[10]))["path"]
     code, out, err = run_cli(["retrieve", "--index", rerank_index, "--query", query, "-k", "5", "--rerank",
-                              "kreciprocal", "--rerank-k", "3", "--rerank-keep", "0", "--out", tmp_path / "o", "--device", "cpu"], capsys)
+                              "kreciprocal", "--rerank-k", "3", "--rerank-keep", "0", "--out", tmp_path / "o",
+                              "--device", "cpu"], capsys)
     assert code == 0, err
     assert "re-ranked by kreciprocal (k 3, k2 6, lambda 0.3, keep 0)" in out
     results = json.loads((tmp_path / "o" / "results.json").read_text())

@@ -6,12 +6,13 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, wait_for
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -27,14 +28,6 @@ from momentum_proxy.serving.app import create_app
 from momentum_proxy.serving.searcher import Searcher
 
 TOKEN = "s3cret"
-
-
-@pytest.fixture(scope="module")
-def index_dir(tiny_data, tiny_run, tmp_path_factory):
-    """A pristine index of the tiny dataset (64 images, labelled, class names)."""
-    idx = tmp_path_factory.mktemp("svc") / "idx"
-    build_index(tiny_run, tiny_data, idx)
-    return idx
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +115,9 @@ def test_every_score_is_the_raw_cosine_and_min_score_reads_it(index_dir):
             reranked = [r["rerank_score"] for r in results]
             if rerank == "none":
                 assert reranked == [None] * 20 and cosines == sorted(cosines, reverse=True)
-            else:
-                assert reranked == sorted(reranked, reverse=True) and cosines != sorted(cosines, reverse=True)
+            else:  # keep 1 (the default): the plain top hit first, the re-ranking orders the rest
+                assert cosines[0] == max(cosines) and reranked[1:] == sorted(reranked[1:], reverse=True)
+                assert cosines != sorted(cosines, reverse=True)
             cut = float(np.median(cosines))
             kept = client.post("/search", json={"id": 5, "k": 20, "rerank": rerank, "min_score": cut}).json()
             assert [r["id"] for r in kept["results"]] == [r["id"] for r in results if r["score"] >= cut]
@@ -343,7 +337,7 @@ def test_internal_error_is_500_without_details_and_server_goes_on(writable, monk
     assert c.post("/search", json={"id": 1}).status_code == 200
 
 
-def test_concurrent_queries_are_batched_while_items_are_added(index_dir, tmp_path):
+def test_concurrent_queries_are_batched_while_items_are_added(index_dir, tmp_path, monkeypatch):
     import shutil
 
     folder = tmp_path / "idx"
@@ -355,6 +349,15 @@ def test_concurrent_queries_are_batched_while_items_are_added(index_dir, tmp_pat
         alone = [searcher.search(q, 5) for q in queries]
         assert max(sizes) == 1
         results, errors = [None] * 8, []
+        embed, first = searcher.embedder.embed, threading.Event()
+
+        def embed_once_others_wait(batch):  # however slow the machine, two submissions queue behind the first batch
+            if not first.is_set():
+                first.set()
+                assert wait_for(lambda: searcher.batcher.queue.qsize() >= 2, limit=600)
+            return embed(batch)
+
+        monkeypatch.setattr(searcher.embedder, "embed", embed_once_others_wait)
 
         def run(i):
             try:
@@ -460,7 +463,8 @@ def test_asearch_in_an_event_loop_batches_and_equals_search(index_dir, tiny_data
     from momentum_proxy.serving import searcher as searcher_module
 
     sizes = []
-    searcher = Searcher(index_dir, batch_wait_ms=2000, on_batch=sizes.append)  # a busy machine decodes slowly
+    # announced queries are waited for (up to the window), however slowly a busy machine decodes them
+    searcher = Searcher(index_dir, batch_wait_ms=600_000, on_batch=sizes.append)
     threads = []
     answer = searcher._answer
     monkeypatch.setattr(searcher, "_answer", lambda *a: threads.append(
@@ -473,6 +477,7 @@ def test_asearch_in_an_event_loop_batches_and_equals_search(index_dir, tiny_data
             return threading.current_thread(), await asyncio.gather(*(searcher.asearch(q, 5) for q in queries))
 
         loop_thread, awaited = asyncio.run(together())
+        searcher.batcher.wait = 0.05  # the next lone query waits one window (the last round saw 7)
         images = [t for is_image, t in threads if is_image]
         assert max(sizes) == 7 and images == [loop_thread] * 7  # six uploads and the path: one batch
         for q, a in zip(queries, awaited):
@@ -561,24 +566,25 @@ def test_batcher_waits_for_announced_queries_but_never_for_a_lone_one():
     from momentum_proxy.serving.searcher import Batcher
 
     sizes = []
-    batcher = Batcher(lambda: lambda items: np.array(items), wait_ms=5000, on_batch=sizes.append)
+    batcher = Batcher(lambda: lambda items: np.array(items), wait_ms=600_000, on_batch=sizes.append)
     try:
         t0 = time.perf_counter()
-        assert batcher.submit(1).result() == 1
-        assert time.perf_counter() - t0 < 1  # nobody announced: no wait for the 5 s window
-        release = threading.Event()
+        assert batcher.submit(1).result(timeout=300) == 1
+        assert time.perf_counter() - t0 < 300  # nobody announced: no wait for the 10-minute window
+        announced, release = threading.Event(), threading.Event()
 
         def late_query():
             with batcher.arriving() as submit:  # announced, still "decoding"
+                announced.set()
                 release.wait()
                 return submit(3)
 
         with ThreadPoolExecutor(1) as pool:
             late = pool.submit(late_query)
-            time.sleep(0.2)
+            announced.wait()
             early = batcher.submit(2)
-            time.sleep(0.3)
-            assert not early.done()  # waiting for the announced query
+            with pytest.raises(FutureTimeout):
+                early.result(timeout=0.3)  # waiting for the announced query (however slow the machine)
             release.set()
             assert early.result() == 2 and late.result().result() == 3
         assert sizes == [1, 2]

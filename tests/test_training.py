@@ -2,14 +2,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same
+from conftest import assert_same, wait_for
 
 from momentum_proxy.config import TrainConfig
 from momentum_proxy.data.loading import load_datasets
@@ -204,11 +203,7 @@ def test_resume_after_kill_ends_in_the_same_state(tiny_config, tmp_path):
            "--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--epochs", "3", "--loader-workers", "0",
            "--warmup-epochs", "1", "--metrics", "recall,map@r"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if (killed / LAST).exists() and torch.load(killed / LAST, weights_only=True)["epoch"] >= 1:
-            break
-        time.sleep(0.05)
+    wait_for(lambda: (killed / LAST).exists() and _state(killed)["epoch"] >= 1, lambda: proc.poll() is None)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     epoch_killed = _state(killed)["epoch"]

@@ -5,13 +5,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import optuna
 import pandas as pd
 import pytest
 import torch
+from conftest import wait_for
 from PIL import Image
 
 from momentum_proxy import cli
@@ -254,9 +254,7 @@ def test_killed_tune_resumes_without_rerunning_finished_trials(tiny_data, tmp_pa
     cmd = [sys.executable, "-m", "momentum_proxy", "tune", "--data", str(tiny_data), "--out", str(out),
            "--trials", "2", "--space", str(space)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (out / "trials" / "1" / "config.json").exists():
-        time.sleep(0.05)
+    wait_for((out / "trials" / "1" / "config.json").exists, lambda: proc.poll() is None)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     first = load(out).trials

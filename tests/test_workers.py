@@ -12,15 +12,7 @@ import pytest
 from momentum_proxy.data.loading import to_batch
 from momentum_proxy.embedding.processes import ThreadBudget, auto_model_processes, check_model_processes
 from momentum_proxy.errors import UserError
-from momentum_proxy.retrieval.build import build_index
 from momentum_proxy.serving.searcher import Batcher, Searcher
-
-
-@pytest.fixture(scope="module")
-def index_dir(tiny_data, tiny_run, tmp_path_factory):
-    idx = tmp_path_factory.mktemp("workers") / "idx"
-    build_index(tiny_run, tiny_data, idx)
-    return idx
 
 
 def test_model_processes_give_the_in_process_results_and_restart_after_a_kill(index_dir, tiny_data):
