@@ -21,6 +21,7 @@ so the model never runs) and searched over HTTP at the same concurrency, with /s
     python benchmarks/catalogue.py --n 1000000 --dim 512 --budget 1GiB --stores faiss,milvus --clients 1,16 \
         --queries 1000 --serve --out /tmp/catalogue --json catalogue.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,7 +89,7 @@ class Catalogue:
             x = self.chunk(i)
             if at < len(buf):
                 take = min(len(buf) - at, len(x))
-                buf[at:at + take] = x[:take]
+                buf[at : at + take] = x[:take]
                 at += take
                 if at < len(buf):
                     continue
@@ -148,8 +149,7 @@ def tree_rss(pid: int) -> int:
 def in_child(spec: dict) -> dict:
     """Run `child(spec)` in a fresh Python process; return its result with the peak resident memory of it and
     its descendants (sampled every 50 ms) beside its own VmHWM."""
-    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE, text=True)
     peak, out = 0, []
     reader = threading.Thread(target=lambda: out.append(proc.stdout.read()))
     reader.start()
@@ -192,12 +192,13 @@ def build(spec: dict, data: Catalogue, truth) -> dict:
         plan = plan_index(data.n, data.dim, parse_memory(spec["budget"]))
         first = data.n if plan.kind in ("exact", "hnsw") else min(data.n, max(39 * default_nlist(data.n), CHUNK))
     else:
-        from momentum_proxy.retrieval.milvus_store import MilvusStore
         from momentum_proxy.paths import milvus_location
+        from momentum_proxy.retrieval.milvus_store import MilvusStore
+
         first = min(data.n, CHUNK)
     store = None
     for at, x in data.parts(first):
-        labels = data.labels[at:at + len(x)].tolist()
+        labels = data.labels[at : at + len(x)].tolist()
         if store is None and spec["store"] == "faiss":
             store = FaissStore.build(x, paths_of(at, len(x)), labels, plan=plan, model=model, recall_queries=0)
             first_s = time.perf_counter() - start
@@ -215,10 +216,19 @@ def build(spec: dict, data: Catalogue, truth) -> dict:
     save_start = time.perf_counter()
     store.save(location)
     save_s = time.perf_counter() - save_start
-    out = {"kind": store.kind, "params": store.params, "recall_at_build": store.recall_info(),
-           "first_part": first, "first_part_s": round(first_s, 2), "insert_s": round(insert_s, 2),
-           "insert_per_s": round(data.n / insert_s), "tune_s": round(tune_s, 2), "save_s": round(save_s, 2),
-           "plan": plan.to_dict() if plan else None, "vmhwm_mib": mib(memory_status("VmHWM"))}
+    out = {
+        "kind": store.kind,
+        "params": store.params,
+        "recall_at_build": store.recall_info(),
+        "first_part": first,
+        "first_part_s": round(first_s, 2),
+        "insert_s": round(insert_s, 2),
+        "insert_per_s": round(data.n / insert_s),
+        "tune_s": round(tune_s, 2),
+        "save_s": round(save_s, 2),
+        "plan": plan.to_dict() if plan else None,
+        "vmhwm_mib": mib(memory_status("VmHWM")),
+    }
     store.close()
     return out
 
@@ -238,12 +248,19 @@ def search(spec: dict, data: Catalogue, truth) -> dict:
     for clients in spec["clients"]:
         start = time.perf_counter()
         lat, found = latencies(store, queries, ids, clients)
-        levels[str(clients)] = {"p50_ms": round(1000 * float(np.percentile(lat, 50)), 2),
-                                "p99_ms": round(1000 * float(np.percentile(lat, 99)), 2),
-                                "searches_per_s": round(len(lat) / (time.perf_counter() - start), 1)}
-    out = {"open_s": round(open_s, 2), "rss_after_open_mib": mib(opened), "rss_before_open_mib": mib(base),
-           "recall": round(recall_of(found, truth["truth"]), 4), "levels": levels,
-           "vmhwm_mib": mib(memory_status("VmHWM"))}
+        levels[str(clients)] = {
+            "p50_ms": round(1000 * float(np.percentile(lat, 50)), 2),
+            "p99_ms": round(1000 * float(np.percentile(lat, 99)), 2),
+            "searches_per_s": round(len(lat) / (time.perf_counter() - start), 1),
+        }
+    out = {
+        "open_s": round(open_s, 2),
+        "rss_after_open_mib": mib(opened),
+        "rss_before_open_mib": mib(base),
+        "recall": round(recall_of(found, truth["truth"]), 4),
+        "levels": levels,
+        "vmhwm_mib": mib(memory_status("VmHWM")),
+    }
     store.close()
     return out
 
@@ -257,9 +274,9 @@ def latencies(store, queries, ids, clients: int) -> tuple[np.ndarray, np.ndarray
     def client(rows):
         for r in rows:
             t0 = time.perf_counter()
-            got = store.search(queries[r:r + 1], K, exclude={int(ids[r])})[1][0]
+            got = store.search(queries[r : r + 1], K, exclude={int(ids[r])})[1][0]
             lat[r] = time.perf_counter() - t0
-            found[r, :len(got)] = got
+            found[r, : len(got)] = got
 
     threads = [threading.Thread(target=client, args=(range(c, len(queries), clients),)) for c in range(clients)]
     for t in threads:
@@ -277,8 +294,14 @@ def make_run(folder: Path, dim: int) -> dict:
     from momentum_proxy.models.net import EmbeddingNet
     from momentum_proxy.runs import BEST, RunDir, TrainConfig, model_identity
 
-    cfg = TrainConfig(data=str(folder / "no-data"), out=str(folder), backbone="efficientnet_lite0",
-                      pretrained="none", image_size=64, feature_dim=dim)
+    cfg = TrainConfig(
+        data=str(folder / "no-data"),
+        out=str(folder),
+        backbone="efficientnet_lite0",
+        pretrained="none",
+        image_size=64,
+        feature_dim=dim,
+    )
     run = RunDir(folder)
     run.start(cfg, overwrite=True)
     torch.manual_seed(0)
@@ -295,9 +318,27 @@ def served(location: str, run: Path, truth, clients: list[int], mmap: bool, log:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-m", "momentum_proxy", "serve", location, "--run", str(run), "--port",
-                             str(port), "--device", "cpu", "--model-processes", "0", *(["--mmap"] if mmap else [])],
-                            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "momentum_proxy",
+            "serve",
+            location,
+            "--run",
+            str(run),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--model-processes",
+            "0",
+            *(["--mmap"] if mmap else []),
+        ],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         start = time.perf_counter()
         wait_until_healthy(f"http://127.0.0.1:{port}", proc, timeout=600, log=log)
@@ -311,11 +352,18 @@ def served(location: str, run: Path, truth, clients: list[int], mmap: bool, log:
         levels = {}
         for n in clients:
             lat = http_latencies(port, bodies, n)
-            levels[str(n)] = {"p50_ms": round(1000 * float(np.percentile(lat, 50)), 2),
-                              "p99_ms": round(1000 * float(np.percentile(lat, 99)), 2)}
-        return {"ready_s": round(ready_s, 1), "rss_ready_mib": mib(rss_ready),
-                "vmhwm_mib": mib(memory_status("VmHWM", proc.pid)), "stats_recall": stats.get("recall"),
-                "stats_kind": stats.get("kind"), "levels": levels}
+            levels[str(n)] = {
+                "p50_ms": round(1000 * float(np.percentile(lat, 50)), 2),
+                "p99_ms": round(1000 * float(np.percentile(lat, 99)), 2),
+            }
+        return {
+            "ready_s": round(ready_s, 1),
+            "rss_ready_mib": mib(rss_ready),
+            "vmhwm_mib": mib(memory_status("VmHWM", proc.pid)),
+            "stats_recall": stats.get("recall"),
+            "stats_kind": stats.get("kind"),
+            "levels": levels,
+        }
     finally:
         proc.kill()
         proc.wait()
@@ -380,11 +428,26 @@ def run_all(a, stores: list[str], clients: list[int], out: Path) -> dict:
     start = time.perf_counter()
     truth = exact_truth(data, a.queries)
     np.savez(out / "truth.npz", **truth)
-    report = {"n": a.n, "dim": a.dim, "budget": a.budget, "queries": len(truth["ids"]), "k": K,
-              "cpus": os.cpu_count(), "exact_truth_s": round(time.perf_counter() - start, 1), "stores": {}}
+    report = {
+        "n": a.n,
+        "dim": a.dim,
+        "budget": a.budget,
+        "queries": len(truth["ids"]),
+        "k": K,
+        "cpus": os.cpu_count(),
+        "exact_truth_s": round(time.perf_counter() - start, 1),
+        "stores": {},
+    }
     model = make_run(out / "run", a.dim) if a.serve else {"run": "synthetic", "feature_dim": a.dim}
-    base = {"n": a.n, "dim": a.dim, "seed": a.seed, "truth": str(out / "truth.npz"), "model": model,
-            "budget": a.budget, "clients": clients}
+    base = {
+        "n": a.n,
+        "dim": a.dim,
+        "seed": a.seed,
+        "truth": str(out / "truth.npz"),
+        "model": model,
+        "budget": a.budget,
+        "clients": clients,
+    }
     for store in stores:
         location = str(out / "faiss") if store == "faiss" else f"milvus:{out / 'milvus' / 'catalogue.db'}"
         (out / "milvus").mkdir(exist_ok=True)
@@ -394,14 +457,16 @@ def run_all(a, stores: list[str], clients: list[int], out: Path) -> dict:
         variants = [("loaded", False)] + ([("mmap", True)] if built["kind"] in ("ivf", "ivfpq") else [])
         for name, mmap in variants:
             print(f"{store}: searching ({name}) ...", file=sys.stderr, flush=True)
-            row["search"][name] = in_child({**base, "job": "search", "store": store, "location": location,
-                                            "mmap": mmap})
+            row["search"][name] = in_child(
+                {**base, "job": "search", "store": store, "location": location, "mmap": mmap}
+            )
             report["stores"][store] = row
             save(report, a.json)  # what was measured so far survives a later failure
             if a.serve:
                 try:
-                    row["search"][name]["serve"] = served(location, out / "run", truth, clients, mmap,
-                                                          out / f"serve-{store}-{name}.log")
+                    row["search"][name]["serve"] = served(
+                        location, out / "run", truth, clients, mmap, out / f"serve-{store}-{name}.log"
+                    )
                 except RuntimeError as e:  # recorded, and the other measurements go on
                     row["search"][name]["serve_error"] = str(e)
                 save(report, a.json)
@@ -421,32 +486,61 @@ def save(report: dict, path: str | None) -> None:
 
 def print_table(report: dict) -> None:
     levels = [str(c) for c in report["stores"][next(iter(report["stores"]))]["search"]["loaded"]["levels"]]
-    head = ["store", "kind", "insert/s", "build peak MiB", "search peak MiB", "RSS after open MiB", "disk MiB",
-            "recall@10", *[f"p50/p99 ms ({c} cl.)" for c in levels]]
-    print(f"\n{report['n']:,} x {report['dim']} vectors, faiss budget {report['budget']}, {report['queries']} "
-          f"queries, {report['cpus']} CPUs\n")
+    head = [
+        "store",
+        "kind",
+        "insert/s",
+        "build peak MiB",
+        "search peak MiB",
+        "RSS after open MiB",
+        "disk MiB",
+        "recall@10",
+        *[f"p50/p99 ms ({c} cl.)" for c in levels],
+    ]
+    print(
+        f"\n{report['n']:,} x {report['dim']} vectors, faiss budget {report['budget']}, {report['queries']} "
+        f"queries, {report['cpus']} CPUs\n"
+    )
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name, row in report["stores"].items():
         b = row["build"]
         for variant, s in row["search"].items():
             label = name if variant == "loaded" else f"{name} (mmap)"
             kind = b["kind"] + (f" {b['params']}" if b["params"] else "")
-            cells = [label, kind, f"{b['insert_per_s']:,}", b["peak_tree_rss_mib"], s["peak_tree_rss_mib"],
-                     s["rss_after_open_mib"], row["disk_mib"], s["recall"],
-                     *[f"{s['levels'][c]['p50_ms']} / {s['levels'][c]['p99_ms']}" for c in levels]]
+            cells = [
+                label,
+                kind,
+                f"{b['insert_per_s']:,}",
+                b["peak_tree_rss_mib"],
+                s["peak_tree_rss_mib"],
+                s["rss_after_open_mib"],
+                row["disk_mib"],
+                s["recall"],
+                *[f"{s['levels'][c]['p50_ms']} / {s['levels'][c]['p99_ms']}" for c in levels],
+            ]
             print("| " + " | ".join(map(str, cells)) + " |")
             if "serve" in s:
                 v = s["serve"]
-                cells = [f"{label} via mproxy serve", v["stats_kind"], "", "", v["vmhwm_mib"], v["rss_ready_mib"], "",
-                         (v["stats_recall"] or {}).get("recall"),
-                         *[f"{v['levels'][c]['p50_ms']} / {v['levels'][c]['p99_ms']}" for c in levels]]
+                cells = [
+                    f"{label} via mproxy serve",
+                    v["stats_kind"],
+                    "",
+                    "",
+                    v["vmhwm_mib"],
+                    v["rss_ready_mib"],
+                    "",
+                    (v["stats_recall"] or {}).get("recall"),
+                    *[f"{v['levels'][c]['p50_ms']} / {v['levels'][c]['p99_ms']}" for c in levels],
+                ]
                 print("| " + " | ".join(map(str, cells)) + " |")
     faiss_row = report["stores"].get("faiss")
     if faiss_row:
         s = faiss_row["search"]["loaded"]
-        met = {"faiss search process within 1 GiB": s["peak_tree_rss_mib"] <= GOALS["faiss_ram_gib"] * 1024,
-               "recall@10 >= 0.95": s["recall"] >= GOALS["recall"],
-               "p50 <= 10 ms (1 client)": s["levels"][levels[0]]["p50_ms"] <= GOALS["p50_ms"]}
+        met = {
+            "faiss search process within 1 GiB": s["peak_tree_rss_mib"] <= GOALS["faiss_ram_gib"] * 1024,
+            "recall@10 >= 0.95": s["recall"] >= GOALS["recall"],
+            "p50 <= 10 ms (1 client)": s["levels"][levels[0]]["p50_ms"] <= GOALS["p50_ms"],
+        }
         print("\ngoals: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in met.items()))
         report["goals"] = met
 

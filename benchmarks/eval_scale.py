@@ -1,18 +1,21 @@
 """Time and peak memory of `evaluate_embeddings` (chunked exact faiss search) against a dense N x N evaluation.
 
-Each measurement runs in a fresh subprocess that first generates N random 512-d float32 embeddings in
-SOP-like classes of 5-10 images, then reports wall time and the peak-RSS increase over the data (the
-peak, VmHWM, is reset after generating the data and compared with the RSS then; Linux only). The dense baseline is pytorch-metric-learning's AccuracyCalculator with a
-full cosine-similarity kNN (CustomKNN(CosineSimilarity())); it is skipped when its N x N float32 matrix
-would exceed 8 GiB. With --query-sample Q, sizes above Q time only Q queries against the full gallery and
-extrapolate: the search and its per-chunk metrics (timed through `evaluate_embeddings`' search hook) cost O(N) per
-query and are scaled by N / Q, the rest (checking and normalising the N features, label codes) is counted once, as
-a full run pays it once; memory is then measured, not estimated. The child also reports the search's GFLOP/s
-(2·Q·N·d flops) and, with a query sample, a bare torch.mm of the same products timed after it in the same process
-(`experiments.bench.matmul_seconds`) and their ratio: how close exact search is to the matrix-multiply limit.
+Each measurement runs in a fresh subprocess that first generates N random 512-d float32 embeddings in SOP-like
+classes of 5-10 images, then reports wall time and the peak-RSS increase over the data (the peak, VmHWM, is reset
+after generating the data and compared with the RSS then; Linux only). The dense baseline is pytorch-metric-
+learning's AccuracyCalculator with a full cosine-similarity kNN (CustomKNN(CosineSimilarity())); it is skipped when
+its N x N float32 matrix would exceed 8 GiB. With --query-sample Q, sizes above Q time only Q queries against the
+full gallery and extrapolate: the search and its per-chunk metrics (timed through `evaluate_embeddings`' search
+hook) cost O(N) per query and are scaled by N / Q, the rest (checking and normalising the N features, label codes)
+is counted once, as a full run pays it once; memory is then measured, not estimated. The child also reports the
+search's GFLOP/s (2·Q·N·d flops) and, with a query sample, a bare torch.mm of the same products timed after it in
+the same process (`experiments.bench.matmul_seconds`) and their ratio: how close exact search is to the matrix-
+multiply limit.
 
     python benchmarks/eval_scale.py --sizes 10000,100000 --metrics recall,precision@1,r_precision,map@r
+
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +29,12 @@ import numpy as np
 
 DENSE_LIMIT_BYTES = 8 * 2**30
 NOISE = 2.5  # per-dimension noise around unit-variance class centres
-PML_NAMES = {"precision@1": "precision_at_1", "r_precision": "r_precision", "map@r": "mean_average_precision_at_r",
-             "nmi": "NMI"}
+PML_NAMES = {
+    "precision@1": "precision_at_1",
+    "r_precision": "r_precision",
+    "map@r": "mean_average_precision_at_r",
+    "nmi": "NMI",
+}
 
 
 def make_data(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -41,8 +48,8 @@ def make_data(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     for i in range(0, n, 65536):
         block = rng.standard_normal((min(65536, n - i), dim), dtype=np.float32)
         block *= NOISE
-        block += centres[labels[i:i + 65536]]
-        x[i:i + 65536] = block
+        block += centres[labels[i : i + 65536]]
+        x[i : i + 65536] = block
     return x, labels
 
 
@@ -94,16 +101,27 @@ def child(method: str, n: int, dim: int, metrics: list[str], recalls: list[int],
     timed = TimedSearch()
     if method == "chunked":
         if query_sample and n > query_sample:  # time Q queries against the whole gallery, then extrapolate
-            evaluate_embeddings(x, y, query_features=x[:query_sample], query_labels=y[:query_sample],
-                                recalls=recalls, metrics=metrics, rerank=timed)
+            evaluate_embeddings(
+                x,
+                y,
+                query_features=x[:query_sample],
+                query_labels=y[:query_sample],
+                recalls=recalls,
+                metrics=metrics,
+                rerank=timed,
+            )
             result = {"timed_queries": query_sample}
         else:
             result = evaluate_embeddings(x, y, recalls=recalls, metrics=metrics, rerank=timed)
     else:
         include = tuple(PML_NAMES[m] for m in metrics if m in PML_NAMES)
-        calc = AccuracyCalculator(include=include, k="max_bin_count", device=torch.device("cpu"),
-                                  knn_func=CustomKNN(CosineSimilarity()),  # the same k-means as ours:
-                                  kmeans_func=FaissKMeans(niter=20, seed=0, min_points_per_centroid=1))
+        calc = AccuracyCalculator(
+            include=include,
+            k="max_bin_count",
+            device=torch.device("cpu"),
+            knn_func=CustomKNN(CosineSimilarity()),  # the same k-means as ours:
+            kmeans_func=FaissKMeans(niter=20, seed=0, min_points_per_centroid=1),
+        )
         raw = calc.get_accuracy(torch.nn.functional.normalize(torch.from_numpy(x)), torch.from_numpy(y))
         result = {ours: raw[theirs] for ours, theirs in PML_NAMES.items() if theirs in raw}
     seconds = time.perf_counter() - start
@@ -123,8 +141,22 @@ def child(method: str, n: int, dim: int, metrics: list[str], recalls: list[int],
 
 
 def measure(method: str, n: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", method, "--sizes", str(n), "--dim", str(args.dim),
-           "--metrics", args.metrics, "--recalls", args.recalls, "--query-sample", str(args.query_sample)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        method,
+        "--sizes",
+        str(n),
+        "--dim",
+        str(args.dim),
+        "--metrics",
+        args.metrics,
+        "--recalls",
+        args.recalls,
+        "--query-sample",
+        str(args.query_sample),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -137,11 +169,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--metrics", default="recall,precision@1,r_precision,map@r",
-                        help="comma-separated; nmi runs k-means with N/7 clusters, O(N^2 d), slow at scale")
+    parser.add_argument(
+        "--metrics",
+        default="recall,precision@1,r_precision,map@r",
+        help="comma-separated; nmi runs k-means with N/7 clusters, O(N^2 d), slow at scale",
+    )
     parser.add_argument("--recalls", default="1,2,4,8")
-    parser.add_argument("--query-sample", type=int, default=0,
-                        help="above this size, time only this many queries and extrapolate (0: never)")
+    parser.add_argument(
+        "--query-sample",
+        type=int,
+        default=0,
+        help="above this size, time only this many queries and extrapolate (0: never)",
+    )
     parser.add_argument("--child", choices=["chunked", "dense"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     metrics = args.metrics.split(",")
@@ -157,14 +196,20 @@ def main() -> None:
                 print(f"{n:>9}  {method:<8} does not fit: N x N float32 = {gib(4 * n * n)} > 8 GiB", flush=True)
                 continue
             r = measure(method, n, args)
-            note = (f"time extrapolated from {r['result']['timed_queries']} queries" if "timed_queries" in r["result"]
-                    else " ".join(f"{k}={v:.4f}" for k, v in r["result"].items()))
+            note = (
+                f"time extrapolated from {r['result']['timed_queries']} queries"
+                if "timed_queries" in r["result"]
+                else " ".join(f"{k}={v:.4f}" for k, v in r["result"].items())
+            )
             if "search_gflops" in r:
                 note += f"; search {r['search_gflops']:.0f} GFLOP/s"
             if "ratio" in r:
                 note += f", bare torch.mm {r['mm_gflops']:.0f}, ratio {r['ratio']:.2f}"
-            print(f"{n:>9}  {method:<8} {r['seconds']:>10.1f}  {gib(r['peak_rss_delta']):>18}  "
-                  f"{gib(r['data_bytes']):>9}  {note}", flush=True)
+            print(
+                f"{n:>9}  {method:<8} {r['seconds']:>10.1f}  {gib(r['peak_rss_delta']):>18}  "
+                f"{gib(r['data_bytes']):>9}  {note}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

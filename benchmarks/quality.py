@@ -15,6 +15,7 @@ setting is "CELL TTA RERANK" with RERANK a method or method/k=5/alpha=3 (paramet
 evaluate --split val` uses (`evaluation.jobs.embed_split`, `evaluate_arrays`), so they are its figures; the test
 stage calls `evaluate_run` itself, which writes RUN/evaluate-*.json as `mproxy evaluate` does.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,10 +44,16 @@ BACKBONES = {"lite0": "efficientnet_lite0", "lite1": "efficientnet_lite1", "lite
 TTAS = ("none", "flip")
 # Each method at its defaults, plus the neighbour counts and weights around them that the calibration suggested;
 # k-reciprocal's leave-one-out evaluation recomputes the collection's side per query (~0.1 s a query at 300 items).
-GRID = ["none", "aqe/k=5/alpha=3", "dba/k=5/alpha=3",
-        *[f"dba+aqe/k={k}/alpha={a}" for k in (5, 10) for a in (0, 3)],
-        "dba+aqe/k=20/alpha=0", "kreciprocal/k=20/k2=6/lam=0.3", "kreciprocal/k=30/k2=6/lam=0.1",
-        "kreciprocal/k=40/k2=6/lam=0.1"]
+GRID = [
+    "none",
+    "aqe/k=5/alpha=3",
+    "dba/k=5/alpha=3",
+    *[f"dba+aqe/k={k}/alpha={a}" for k in (5, 10) for a in (0, 3)],
+    "dba+aqe/k=20/alpha=0",
+    "kreciprocal/k=20/k2=6/lam=0.3",
+    "kreciprocal/k=30/k2=6/lam=0.1",
+    "kreciprocal/k=40/k2=6/lam=0.1",
+]
 METRICS = ("recall@1", "map@r", "r_precision", "precision@1")
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student t, two-sided 95 %, by degrees of freedom
 
@@ -95,9 +102,16 @@ def stage_runs(a) -> None:
             path = run_path(a.out, cell, seed)
             if finished(path, epochs):
                 continue
-            cfg = TrainConfig(data=str(a.data), out=str(path), backbone=BACKBONES[name], image_size=size,
-                              epochs=epochs, seed=seed, final_test=False,
-                              **({"batch_size": a.batch_size} if a.batch_size else {}))
+            cfg = TrainConfig(
+                data=str(a.data),
+                out=str(path),
+                backbone=BACKBONES[name],
+                image_size=size,
+                epochs=epochs,
+                seed=seed,
+                final_test=False,
+                **({"batch_size": a.batch_size} if a.batch_size else {}),
+            )
             print(f"== {cell} seed {seed}", flush=True)
             train(cfg, overwrite=True)
 
@@ -131,8 +145,19 @@ def stage_val(a) -> None:
             feats, labels, split = saved["features"], saved["labels"], saved["split"]
             for g in todo:
                 res = evaluate_arrays(feats, labels, split, rerank=parse_rerank(g))
-                append_record(a.out, {"run": run.name, "cell": cell, "seed": seed, "tta": tta, "rerank": g,
-                                      "split": "val", "images": len(feats), **res})
+                append_record(
+                    a.out,
+                    {
+                        "run": run.name,
+                        "cell": cell,
+                        "seed": seed,
+                        "tta": tta,
+                        "rerank": g,
+                        "split": "val",
+                        "images": len(feats),
+                        **res,
+                    },
+                )
             print(f"{run.name} tta {tta}: {len(todo)} settings", flush=True)
 
 
@@ -161,17 +186,24 @@ def stage_table(a) -> None:
     groups = grouped(records, "val")
     order = sorted(groups, key=lambda g: -statistics.fmean(r["map@r"] for r in groups[g]))
     lines = ["| cell | tta | rerank | seeds | val MAP@R | val R@1 |", "|---|---|---|---|---|---|"]
-    for g in order[:a.top] if a.top else order:
+    for g in order[: a.top] if a.top else order:
         rs = groups[g]
-        lines.append(f"| {g[0]} | {g[1]} | {g[2]} | {len(rs)} | {fmt([r['map@r'] for r in rs])} | "
-                     f"{fmt([r['recall@1'] for r in rs])} |")
+        lines.append(
+            f"| {g[0]} | {g[1]} | {g[2]} | {len(rs)} | {fmt([r['map@r'] for r in rs])} | "
+            f"{fmt([r['recall@1'] for r in rs])} |"
+        )
     tests = grouped(records, "test")
     if tests:
-        lines += ["", "| cell | tta | rerank | seeds | test R@1 | test MAP@R | test R-precision |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| cell | tta | rerank | seeds | test R@1 | test MAP@R | test R-precision |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for g, rs in tests.items():
-            lines.append(f"| {g[0]} | {g[1]} | {g[2]} | {len(rs)} | {fmt([r['recall@1'] for r in rs])} | "
-                         f"{fmt([r['map@r'] for r in rs])} | {fmt([r['r_precision'] for r in rs])} |")
+            lines.append(
+                f"| {g[0]} | {g[1]} | {g[2]} | {len(rs)} | {fmt([r['recall@1'] for r in rs])} | "
+                f"{fmt([r['map@r'] for r in rs])} | {fmt([r['r_precision'] for r in rs])} |"
+            )
     text = "\n".join(lines) + "\n"
     write_text(a.out / "table.md", text)
     print(text)
@@ -184,10 +216,25 @@ def stage_test(a) -> None:
         for c, seed, run in runs_of(a.out):
             if c != cell or (run.name, tta, rerank) in done:
                 continue
-            summary = evaluate_run(run, split="test", embedder=load_embedder(run, "torch", "cpu", tta),
-                                   rerank=parse_rerank(rerank), device="cpu")
-            append_record(a.out, {"run": run.name, "cell": cell, "seed": seed, "tta": tta, "rerank": rerank,
-                                  "split": "test", **summary["test"]})
+            summary = evaluate_run(
+                run,
+                split="test",
+                embedder=load_embedder(run, "torch", "cpu", tta),
+                rerank=parse_rerank(rerank),
+                device="cpu",
+            )
+            append_record(
+                a.out,
+                {
+                    "run": run.name,
+                    "cell": cell,
+                    "seed": seed,
+                    "tta": tta,
+                    "rerank": rerank,
+                    "split": "test",
+                    **summary["test"],
+                },
+            )
             print(f"{run.name} {tta} {rerank}: test {summary['test']}", flush=True)
 
 
@@ -202,8 +249,10 @@ def stage_cost(a) -> None:
     for cell, _, run in runs_of(a.out):
         name, size, epochs = parse_cell(cell)
         by_model.setdefault(f"{name}@{size}", []).append((epochs, run))
-    lines = ["| backbone@size | embed ms/img (tta none) | embed ms/img (flip) | training min, 4 epochs (mean of seeds) |",
-             "|---|---|---|---|"]
+    lines = [
+        "| backbone@size | embed ms/img (tta none) | embed ms/img (flip) | training min, 4 epochs (mean of seeds) |",
+        "|---|---|---|---|",
+    ]
     for model, runs in sorted(by_model.items()):
         size = int(model.split("@")[1])
         cost = []
@@ -219,8 +268,11 @@ def stage_cost(a) -> None:
         minutes = f"{statistics.fmean(trained):.1f}" if trained else "–"
         lines.append(f"| {model} | {cost[0]:.1f} | {cost[1]:.1f} | {minutes} |")
     sizes = [int(n) for n in a.gallery.split(",")]
-    lines += ["", "| rerank | " + " | ".join(f"search ms/query, {n} items" for n in sizes) + " |",
-              "|---|" + "---|" * len(sizes)]
+    lines += [
+        "",
+        "| rerank | " + " | ".join(f"search ms/query, {n} items" for n in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
     centres = rng.standard_normal((max(sizes) // 60 + 1, 512)).astype(np.float32)
 
     def clustered(n: int) -> np.ndarray:  # classes of 60 as in birds50, within-class cosine about 0.4

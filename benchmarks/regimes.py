@@ -18,7 +18,7 @@ Stages (resumable; everything under OUT):
     python benchmarks/regimes.py embed --src ../shared/data/birds50 --out O   # run (pretrained or --epochs N), features
     python benchmarks/regimes.py val   --out O --seeds 0,1,2                   # every regime x setting -> records.jsonl
     python benchmarks/regimes.py table --out O                                 # mean +- 95 % CI per regime (markdown)
-    python benchmarks/regimes.py test  --out O --pick "flip none"              # the chosen setting on test species, once
+    python benchmarks/regimes.py test  --out O --pick "none none"              # a chosen setting on test species, once
     python benchmarks/regimes.py cost  --out O                                 # ms per query at 20k / 100k / 1M items
 
 Development species are the first half of the class folders by name (`prepare folder`'s train side; for a
@@ -26,6 +26,7 @@ pretrained model none of them was trained on), test species the second half. A s
 `quality.py` grid entry (method/k=../alpha=../keep=..; keep 1: the plain cosine top hit stays first and the
 re-ranking orders the rest, `Rerank.keep`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,18 +42,28 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import T95, append_record, parse_rerank, read_records  # noqa: E402  (the sibling benchmark)
+from quality import T95, append_record, parse_rerank, read_records
 
-from momentum_proxy.data.prepare import IMAGE_EXTS  # noqa: E402
-from momentum_proxy.deploy.runtimes import load_embedder  # noqa: E402
-from momentum_proxy.embedding.inference import embed_files  # noqa: E402
-from momentum_proxy.evaluation.metrics import evaluate_embeddings  # noqa: E402
-from momentum_proxy.retrieval.rerank import rerank_knn  # noqa: E402
-from momentum_proxy.vectors import knn, l2_normalize  # noqa: E402
+from momentum_proxy.config import DEFAULT_RERANK
+from momentum_proxy.data.prepare import IMAGE_EXTS
+from momentum_proxy.deploy.runtimes import load_embedder
+from momentum_proxy.embedding.inference import embed_files
+from momentum_proxy.evaluation.metrics import evaluate_embeddings
+from momentum_proxy.retrieval.rerank import rerank_knn
+from momentum_proxy.vectors import knn, l2_normalize
 
-SETTINGS = ["none none", "flip none", "none dba/k=5/alpha=3/keep=1", "flip dba/k=5/alpha=3/keep=1",
-            "flip dba/k=5/alpha=3/keep=0", "flip dba+aqe/k=10/alpha=0/keep=0", "flip dba+aqe/k=10/alpha=0/keep=1",
-            "flip dba+aqe/k=5/alpha=3/keep=0", "flip aqe/k=5/alpha=3/keep=0", "none dba+aqe/k=10/alpha=0/keep=0"]
+SETTINGS = [
+    "none none",
+    "flip none",
+    "none dba/k=5/alpha=3/keep=1",
+    "flip dba/k=5/alpha=3/keep=1",
+    "flip dba/k=5/alpha=3/keep=0",
+    "flip dba+aqe/k=10/alpha=0/keep=0",
+    "flip dba+aqe/k=10/alpha=0/keep=1",
+    "flip dba+aqe/k=5/alpha=3/keep=0",
+    "flip aqe/k=5/alpha=3/keep=0",
+    "none dba+aqe/k=10/alpha=0/keep=0",
+]
 SMALL = (2, 3, 5)
 NEW = (1, 2)
 DUPLICATES = 100  # re-encoded photos per dataset
@@ -91,11 +102,28 @@ def make_run(a) -> Path:
     """A run of the pretrained start (--epochs 0) or a short training, on `prepare folder`'s split of --src."""
     data, run = a.out / "data", a.out / "run"
     if not (data / "manifest.csv").exists():
-        subprocess.run([sys.executable, "-m", "momentum_proxy", "prepare", "folder", "--src", str(a.src),
-                        "--out", str(data)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "momentum_proxy", "prepare", "folder", "--src", str(a.src), "--out", str(data)],
+            check=True,
+        )
     if not (run / "checkpoints").exists():
-        subprocess.run([sys.executable, "-m", "momentum_proxy", "train", "--data", str(data), "--out", str(run),
-                        "--epochs", str(a.epochs), "--no-final-test", *a.train_args], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "momentum_proxy",
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--epochs",
+                str(a.epochs),
+                "--no-final-test",
+                *a.train_args,
+            ],
+            check=True,
+        )
     return run
 
 
@@ -115,7 +143,7 @@ def stage_embed(a) -> None:
             feats, kept, skipped = embed_files(embedder, paths + copies)
             if skipped:
                 raise SystemExit(f"unreadable images: {skipped[:3]}")
-            np.savez(cache, features=feats[:len(paths)], labels=labels, copies=feats[len(paths):], copied=picked)
+            np.savez(cache, features=feats[: len(paths)], labels=labels, copies=feats[len(paths) :], copied=picked)
             print(f"{cache.name}: {len(paths)} photos + {len(copies)} copies", flush=True)
 
 
@@ -164,15 +192,14 @@ def regimes(x, y, copies, copied, rerank, seed) -> dict:
     if seed == 0:
         top = ranked(copies, x, 1, rerank)[:, 0]
         same = (top == copied) | (np.sum(x[top] * x[copied], 1) >= 0.999)  # or a photo the set holds twice
-        out["duplicates"] = {"first": float(np.mean(same)),
-                             "min_top_cosine": float(np.min(np.sum(copies * x[top], 1)))}
+        out["duplicates"] = {"first": float(np.mean(same)), "min_top_cosine": float(np.min(np.sum(copies * x[top], 1)))}
     out["no-match"] = no_match(x, y, rerank, rng)
     return out
 
 
 def no_match(x, y, rerank, rng) -> dict:
     classes = rng.permutation(np.unique(y))
-    indexed = np.isin(y, classes[:len(classes) // 2])
+    indexed = np.isin(y, classes[: len(classes) // 2])
     g = np.flatnonzero(indexed)
     top_in = ranked(x[g], x[g], 1, rerank, exclude_self=True)[:, 0]
     top_out = ranked(x[~indexed], x[g], 1, rerank)[:, 0]
@@ -182,8 +209,10 @@ def no_match(x, y, rerank, rng) -> dict:
     order = np.argsort(-scores)
     precision = np.cumsum(truth[order]) / np.arange(1, len(order) + 1)
     ok = np.flatnonzero(precision >= 0.95)
-    return {"auroc": float(roc_auc_score(truth, scores)),
-            "cosine_at_p95": float(scores[order][ok[-1]]) if len(ok) else float("nan")}
+    return {
+        "auroc": float(roc_auc_score(truth, scores)),
+        "cosine_at_p95": float(scores[order][ok[-1]]) if len(ok) else float("nan"),
+    }
 
 
 def stage_val(a) -> None:
@@ -202,10 +231,21 @@ def stage_val(a) -> None:
             print(f"{text} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
-COLUMNS = [("large", "recall@1"), ("large", "map@r"), *[(f"small-{n}", "recall@1") for n in SMALL],
-           ("small-3", "map@r"), ("longtail", "recall@1"), ("longtail", "map@r"), ("new-1", "top1"),
-           ("new-2", "top1"), ("new-2", "top5"), ("duplicates", "first"), ("duplicates", "min_top_cosine"),
-           ("no-match", "auroc"), ("no-match", "cosine_at_p95")]
+COLUMNS = [
+    ("large", "recall@1"),
+    ("large", "map@r"),
+    *[(f"small-{n}", "recall@1") for n in SMALL],
+    ("small-3", "map@r"),
+    ("longtail", "recall@1"),
+    ("longtail", "map@r"),
+    ("new-1", "top1"),
+    ("new-2", "top1"),
+    ("new-2", "top5"),
+    ("duplicates", "first"),
+    ("duplicates", "min_top_cosine"),
+    ("no-match", "auroc"),
+    ("no-match", "cosine_at_p95"),
+]
 
 
 def cell(values: list[float], percent: bool) -> str:
@@ -252,28 +292,31 @@ def stage_cost(a) -> None:
     rng = np.random.default_rng(0)
     for n in a.sizes:
         centres = rng.standard_normal((max(1, n // 60), 512)).astype(np.float32)
-        x = l2_normalize(centres[rng.integers(0, len(centres), n)] + 1.2 * rng.standard_normal((n, 512)).astype(
-            np.float32) / math.sqrt(512) * math.sqrt(512) * 0.05)
+        x = l2_normalize(
+            centres[rng.integers(0, len(centres), n)]
+            + 1.2 * rng.standard_normal((n, 512)).astype(np.float32) / math.sqrt(512) * math.sqrt(512) * 0.05
+        )
         store = FaissStore.build(x, [f"{i}.jpg" for i in range(n)], None)
         q = x[rng.choice(n, 64, replace=False)]
         start = time.perf_counter()
         store.search(q, 10)
         rec = {"items": n, "plain_ms": 1000 * (time.perf_counter() - start) / len(q)}
         if n <= a.rerank_up_to:
-            r = Rerank("dba+aqe", k=10, alpha=0)
+            r = Rerank(DEFAULT_RERANK)  # the default: dba, k 5, alpha 3, keep 1
             start = time.perf_counter()
             store_neighbours(store, r.list_size + 1)
             rec["neighbour_lists_s"] = time.perf_counter() - start
             start = time.perf_counter()
             rerank_store(store, q, 10, r)
-            rec["dba+aqe_ms"] = 1000 * (time.perf_counter() - start) / len(q)
+            rec["rerank_ms"] = 1000 * (time.perf_counter() - start) / len(q)
         append_record(a.out, {"split": "cost", **rec})
         print(json.dumps(rec), flush=True)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     sub = p.add_subparsers(dest="stage", required=True)
     for name in ("embed", "val", "table", "test", "cost"):
         s = sub.add_parser(name, allow_abbrev=False)
@@ -287,8 +330,9 @@ def main(argv=None) -> None:
     sub.choices["val"].add_argument("--settings", nargs="*")
     sub.choices["table"].add_argument("--split", default="dev", choices=("dev", "test"))
     sub.choices["test"].add_argument("--pick", nargs="+", required=True)
-    sub.choices["cost"].add_argument("--sizes", type=lambda t: [int(v) for v in t.split(",")],
-                                     default=[20_000, 100_000, 1_000_000])
+    sub.choices["cost"].add_argument(
+        "--sizes", type=lambda t: [int(v) for v in t.split(",")], default=[20_000, 100_000, 1_000_000]
+    )
     sub.choices["cost"].add_argument("--rerank-up-to", type=int, default=100_000)
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ that the goals do not use (they are set against one copy; the server's two model
 
     python benchmarks/serve_load.py --index index/flowers12 [--seconds 20 --levels 1,4,16 --runs 3 --json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,10 +58,16 @@ def bare_model(index_dir: Path, images: list[bytes], device: str) -> dict:
 def in_fresh_process(name: str, *args):
     """`name(*args)` of this module in a new Python process (JSON in and out), whose threads start from
     nothing, as in a newly started server."""
-    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import serve_load; "
-            f"print(json.dumps(serve_load.{name}(*json.loads(sys.argv[1]))))")
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import serve_load; "
+        f"print(json.dumps(serve_load.{name}(*json.loads(sys.argv[1]))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},
+    )
     if out.returncode:
         sys.exit(f"{name} failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.splitlines()[-1])
@@ -121,8 +128,9 @@ def measure_copies(index_dir: str, device: str, copies: int = 2, batches=(4, 8, 
 
 def best_of(runs: list[dict]) -> dict:
     """The fastest figures of several measurements: the smallest batch-1 time, the largest rates."""
-    return {k: (min if k == "batch1_ms" else max)(r[k] for r in runs)
-            for k in runs[0] if not isinstance(runs[0][k], dict)}
+    return {
+        k: (min if k == "batch1_ms" else max)(r[k] for r in runs) for k in runs[0] if not isinstance(runs[0][k], dict)
+    }
 
 
 def measure_model(index_dir: Path, images: list[bytes], device: str, batches=(1, 8, 16, 32, 64)) -> dict:
@@ -167,9 +175,26 @@ def start_server(index_dir: Path, port: int, log: Path, device: str, model_proce
     from momentum_proxy.serving.app import wait_until_healthy
 
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-m", "momentum_proxy", "serve", str(index_dir), "--port", str(port),
-                             "--token", TOKEN, "--device", device, "--model-processes", model_processes],
-                            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "momentum_proxy",
+            "serve",
+            str(index_dir),
+            "--port",
+            str(port),
+            "--token",
+            TOKEN,
+            "--device",
+            device,
+            "--model-processes",
+            model_processes,
+        ],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}", proc, timeout=300, log=log)
     except RuntimeError as e:
@@ -186,15 +211,21 @@ def free_port() -> int:
 def multipart(image: bytes, fields: dict) -> tuple[bytes, str]:
     """A multipart/form-data body with `fields` and the file field "image", and its content type."""
     boundary = uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-             for k, v in fields.items()]
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
-                 f'Content-Type: image/jpeg\r\n\r\n'.encode() + image + b"\r\n")
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
+        f"Content-Type: image/jpeg\r\n\r\n".encode()
+        + image
+        + b"\r\n"
+    )
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def search_loop(url: str, bodies: list[tuple[bytes, str]], until: float, seed: int, latencies: list,
-                errors: list) -> None:
+def search_loop(
+    url: str, bodies: list[tuple[bytes, str]], until: float, seed: int, latencies: list, errors: list
+) -> None:
     """One client: image searches (k=10) on one keep-alive connection until `until`. The standard library's
     http.client with bodies encoded beforehand costs the load generator about 0.3 ms of CPU per search
     against about 2 ms for httpx, CPU that the server would otherwise lose on a shared machine."""
@@ -260,15 +291,17 @@ def cpu_seconds(pid: int | None = None) -> float:
     return total
 
 
-def run_level(url: str, clients: int, seconds: float, bodies: list[tuple[bytes, str]], add_every: float,
-              server_pid: int) -> dict:
+def run_level(
+    url: str, clients: int, seconds: float, bodies: list[tuple[bytes, str]], add_every: float, server_pid: int
+) -> dict:
     latencies, errors, acked = [], [], []
     embedded, batches = batch_totals(url)
     stop = threading.Event()
     adder = threading.Thread(target=add_loop, args=(url, stop, add_every, acked, errors, clients))
     until = time.perf_counter() + seconds
-    threads = [threading.Thread(target=search_loop, args=(url, bodies, until, i, latencies, errors))
-               for i in range(clients)]
+    threads = [
+        threading.Thread(target=search_loop, args=(url, bodies, until, i, latencies, errors)) for i in range(clients)
+    ]
     t0, server0, client0 = time.perf_counter(), cpu_seconds(server_pid), cpu_seconds()
     adder.start()
     for t in threads:
@@ -281,13 +314,22 @@ def run_level(url: str, clients: int, seconds: float, bodies: list[tuple[bytes, 
     adder.join()
     ms = 1000 * np.array(latencies)
     embedded_after, batches_after = batch_totals(url)
-    return {"clients": clients, "seconds": round(elapsed, 1), "searches": len(latencies),
-            "throughput": len(latencies) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
-            "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)),
-            "errors": len(errors), "error_examples": errors[:3], "adds": len(acked), "acked": acked,
-            "mean_batch": (embedded_after - embedded) / max(1.0, batches_after - batches),
-            "server_cpu_ms": 1000 * server_cpu / max(1, len(latencies)),
-            "client_cpu_ms": 1000 * client_cpu / max(1, len(latencies))}
+    return {
+        "clients": clients,
+        "seconds": round(elapsed, 1),
+        "searches": len(latencies),
+        "throughput": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "errors": len(errors),
+        "error_examples": errors[:3],
+        "adds": len(acked),
+        "acked": acked,
+        "mean_batch": (embedded_after - embedded) / max(1.0, batches_after - batches),
+        "server_cpu_ms": 1000 * server_cpu / max(1, len(latencies)),
+        "client_cpu_ms": 1000 * client_cpu / max(1, len(latencies)),
+    }
 
 
 def check_adds(url: str, acked: list) -> int:
@@ -295,8 +337,9 @@ def check_adds(url: str, acked: list) -> int:
     missing = 0
     with httpx.Client(base_url=url, timeout=60) as client:
         for item_id, data in acked:
-            best = client.post("/search", files={"image": ("a.jpg", data, "image/jpeg")},
-                               data={"k": "1"}).json()["results"][0]
+            best = client.post("/search", files={"image": ("a.jpg", data, "image/jpeg")}, data={"k": "1"}).json()[
+                "results"
+            ][0]
             missing += best["id"] != item_id
     return missing
 
@@ -393,17 +436,25 @@ def one_run(a, images: list[bytes]) -> dict:
             levels = []
             for clients in a.levels:
                 levels.append(run_level(url, clients, a.seconds, bodies, a.add_every, proc.pid))
-                print(f"{clients:3d} clients: {levels[-1]['throughput']:.1f} req/s, p50 {levels[-1]['p50_ms']:.0f} ms, "
-                      f"errors {levels[-1]['errors']}", flush=True)
+                print(
+                    f"{clients:3d} clients: {levels[-1]['throughput']:.1f} req/s, p50 {levels[-1]['p50_ms']:.0f} ms, "
+                    f"errors {levels[-1]['errors']}",
+                    flush=True,
+                )
             acked = [x for level in levels for x in level["acked"]]
             not_found = check_adds(url, acked)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
     after = bare_model(Path(a.index), images, a.device)  # again: the machine's speed drifts on shared hosts
-    run = {"bare": {**best_of([before, after]), "before": before, "after": after}, "levels": levels,
-           "adds": len(acked), "not_found": not_found, "load_before": load_before,
-           "load_after": f"{os.getloadavg()[0]:.1f}"}
+    run = {
+        "bare": {**best_of([before, after]), "before": before, "after": after},
+        "levels": levels,
+        "adds": len(acked),
+        "not_found": not_found,
+        "load_before": load_before,
+        "load_after": f"{os.getloadavg()[0]:.1f}",
+    }
     report(a, run)
     return run
 
@@ -414,42 +465,59 @@ def goals(run: dict) -> dict:
     bare, levels = run["bare"], run["levels"]
     top, one = max(levels, key=lambda r: r["clients"]), min(levels, key=lambda r: r["clients"])
     ratio, times = top["throughput"] / bare["best_ips"], one["p50_ms"] / bare["batch1_ms"]
-    return {"top": top, "one": one, "ratio": ratio, "ratio_met": ratio >= 0.8, "times": times,
-            "times_met": times <= 2}
+    return {"top": top, "one": one, "ratio": ratio, "ratio_met": ratio >= 0.8, "times": times, "times_met": times <= 2}
 
 
 def report(a, run: dict) -> None:
     bare, levels, g = run["bare"], run["levels"], goals(run)
-    print(f"\nCPU: {cpu_name()}; index {a.index} ({bare['image_size']} px); {a.seconds:g} s per level, "
-          f"one add every {a.add_every:g} s meanwhile")
+    print(
+        f"\nCPU: {cpu_name()}; index {a.index} ({bare['image_size']} px); {a.seconds:g} s per level, "
+        f"one add every {a.add_every:g} s meanwhile"
+    )
     sizes = ", ".join(f"b{k[5:-4]} {v:.0f}" for k, v in bare.items() if k.startswith("batch") and k.endswith("_ips"))
-    print(f"bare model, the fastest of 4 measurements (main and worker thread, before and after the server): "
-          f"batch-1 {bare['batch1_ms']:.1f} ms; best batched {bare['best_ips']:.1f} img/s ({sizes})")
+    print(
+        f"bare model, the fastest of 4 measurements (main and worker thread, before and after the server): "
+        f"batch-1 {bare['batch1_ms']:.1f} ms; best batched {bare['best_ips']:.1f} img/s ({sizes})"
+    )
     for when in ("before", "after"):
         m, w = bare[when]["main_thread"], bare[when]["worker_thread"]
-        print(f"  {when}: main thread {m['batch1_ms']:.0f} ms, {m['best_ips']:.0f} img/s; "
-              f"worker thread {w['batch1_ms']:.0f} ms, {w['best_ips']:.0f} img/s")
+        print(
+            f"  {when}: main thread {m['batch1_ms']:.0f} ms, {m['best_ips']:.0f} img/s; "
+            f"worker thread {w['batch1_ms']:.0f} ms, {w['best_ips']:.0f} img/s"
+        )
     if "copies_ips" in bare:
         c = bare["before"]["copies"]
-        print(f"two model copies side by side ({c['threads_each']} thread(s) each; the fastest of before and after): "
-              f"{bare['copies_ips']:.1f} img/s, {bare['copies_ips'] / bare['best_ips']:.2f}x one copy's best "
-              f"(not used by the goals, which are set against one copy)")
+        print(
+            f"two model copies side by side ({c['threads_each']} thread(s) each; the fastest of before and after): "
+            f"{bare['copies_ips']:.1f} img/s, {bare['copies_ips'] / bare['best_ips']:.2f}x one copy's best "
+            f"(not used by the goals, which are set against one copy)"
+        )
     print(f"load average before / after: {run['load_before']} / {run['load_after']} (other jobs share the machine)\n")
-    print("| clients | searches/s | vs best batched model | p50 ms | p95 ms | p99 ms | errors | adds | mean batch "
-          "| CPU ms/search: server | load generator |")
+    print(
+        "| clients | searches/s | vs best batched model | p50 ms | p95 ms | p99 ms | errors | adds | mean batch "
+        "| CPU ms/search: server | load generator |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in levels:
-        print(f"| {r['clients']} | {r['throughput']:.1f} | {r['throughput'] / bare['best_ips']:.0%} | "
-              f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | {r['adds']} | "
-              f"{r['mean_batch']:.1f} | {r['server_cpu_ms']:.1f} | {r['client_cpu_ms']:.1f} |")
+        print(
+            f"| {r['clients']} | {r['throughput']:.1f} | {r['throughput'] / bare['best_ips']:.0%} | "
+            f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | {r['adds']} | "
+            f"{r['mean_batch']:.1f} | {r['server_cpu_ms']:.1f} | {r['client_cpu_ms']:.1f} |"
+        )
     print(f"\nacknowledged adds: {run['adds']}, not found by their own image afterwards: {run['not_found']}")
-    print(f"goal {g['top']['clients']} clients >= 80% of best batched rate: "
-          f"{'met' if g['ratio_met'] else 'NOT met'} ({g['ratio']:.0%})")
-    print(f"goal {g['one']['clients']} client p50 <= 2x batch-1 time: {'met' if g['times_met'] else 'NOT met'} "
-          f"({g['times']:.2f}x)")
+    print(
+        f"goal {g['top']['clients']} clients >= 80% of best batched rate: "
+        f"{'met' if g['ratio_met'] else 'NOT met'} ({g['ratio']:.0%})"
+    )
+    print(
+        f"goal {g['one']['clients']} client p50 <= 2x batch-1 time: {'met' if g['times_met'] else 'NOT met'} "
+        f"({g['times']:.2f}x)"
+    )
     if "copies_ips" in bare:
-        print(f"{g['top']['clients']} clients against two model copies side by side: "
-              f"{g['top']['throughput'] / bare['copies_ips']:.0%}")
+        print(
+            f"{g['top']['clients']} clients against two model copies side by side: "
+            f"{g['top']['throughput'] / bare['copies_ips']:.0%}"
+        )
     for r in levels:
         for e in r["error_examples"]:
             print(f"error ({r['clients']} clients): {e}")
@@ -458,20 +526,29 @@ def report(a, run: dict) -> None:
 def summary(runs: list[dict]) -> None:
     """One row per run, and how many runs met each goal."""
     print(f"\n{len(runs)} runs:\n")
-    print("| run | bare batch-1 ms | bare best img/s | lowest level p50 | top level searches/s | vs bare best | errors "
-          "| adds found | two copies img/s | top level vs two copies |")
+    print(
+        "| run | bare batch-1 ms | bare best img/s | lowest level p50 | top level searches/s | vs bare best | errors "
+        "| adds found | two copies img/s | top level vs two copies |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     met = [goals(run) for run in runs]
     for i, (run, g) in enumerate(zip(runs, met), 1):
         bare, errors = run["bare"], sum(r["errors"] for r in run["levels"])
-        print(f"| {i} | {bare['batch1_ms']:.1f} | {bare['best_ips']:.1f} | {g['one']['p50_ms']:.0f} ms "
-              f"({g['times']:.2f}x) | {g['top']['throughput']:.1f} | {g['ratio']:.0%} | {errors} | "
-              f"{run['adds'] - run['not_found']} of {run['adds']} | " + (
-                  f"{bare['copies_ips']:.1f} | {g['top']['throughput'] / bare['copies_ips']:.0%} |"
-                  if "copies_ips" in bare else "- | - |"))
+        print(
+            f"| {i} | {bare['batch1_ms']:.1f} | {bare['best_ips']:.1f} | {g['one']['p50_ms']:.0f} ms "
+            f"({g['times']:.2f}x) | {g['top']['throughput']:.1f} | {g['ratio']:.0%} | {errors} | "
+            f"{run['adds'] - run['not_found']} of {run['adds']} | "
+            + (
+                f"{bare['copies_ips']:.1f} | {g['top']['throughput'] / bare['copies_ips']:.0%} |"
+                if "copies_ips" in bare
+                else "- | - |"
+            )
+        )
     ratios = sorted(g["ratio"] for g in met)
-    print(f"\nthroughput goal met in {sum(g['ratio_met'] for g in met)} of {len(runs)} runs (median "
-          f"{ratios[len(ratios) // 2]:.0%}); latency goal met in {sum(g['times_met'] for g in met)} of {len(runs)}")
+    print(
+        f"\nthroughput goal met in {sum(g['ratio_met'] for g in met)} of {len(runs)} runs (median "
+        f"{ratios[len(ratios) // 2]:.0%}); latency goal met in {sum(g['times_met'] for g in met)} of {len(runs)}"
+    )
 
 
 if __name__ == "__main__":

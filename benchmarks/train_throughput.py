@@ -1,4 +1,5 @@
 """Training/embedding throughput and pipeline efficiency: the same as `mproxy bench`."""
+
 import sys
 
 from momentum_proxy.cli import main

@@ -11,6 +11,7 @@ stays cheap and imports no torch):
 
 Every other piece lives in the subpackage named after its concern (see the docs' Layout page).
 """
+
 import importlib
 import os
 

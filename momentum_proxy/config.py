@@ -3,6 +3,7 @@
 Every option is checked here before anything is written or any heavy library is loaded, so a bad value costs
 the user a one-line error, not a claimed run folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,17 +31,33 @@ TTAS = ("none", "flip")  # --tta: test-time augmentation wherever images are emb
 # regimes (docs: Choosing post-processing): what `evaluate` and `index` (and so `retrieve` and `serve` over an
 # index) use unless told otherwise.
 DEFAULT_TTA = "none"
-DEFAULT_RERANK = "dba"  # its parameters: retrieval.rerank.DEFAULTS (k 5, alpha 3), and rerank.DEFAULT_KEEP
+DEFAULT_RERANK = "dba"  # its parameters: retrieval.rerank.DEFAULTS (k 5, alpha 3), and DEFAULT_KEEP
+DEFAULT_KEEP = 1  # plain cosine hits that a re-ranking keeps first (`retrieval.rerank.Rerank.keep`)
 DEFAULT_RERANK_MAX_ITEMS = 100_000  # larger collections are searched without the default re-ranking
 
 # The original MP tool's behaviour, for exact reproduction (`--recipe original`, implied by its spelling
 # `--data_path/--data_name`): ResNet-50, ProxyNCA, one learning rate, plain SGD (no momentum) or Adam,
 # milestones at int(50%) and int(80%) of the epochs, random proxies, no warm-up, its proxy update that adds
 # m * f_i for every sample, and the best epoch chosen on the test split as its published tables were.
-ORIGINAL_RECIPE = dict(backbone="resnet50", loss="proxy_nca", loss_scale=None, margin=None, lr=1e-3,
-                       backbone_lr_mult=1.0, warmup_epochs=0, proxy_init="random", momentum_target="sum",
-                       proxy_momentum=0.5, sgd_momentum=0.0, schedule="multistep", milestone_rounding="floor",
-                       pooling="max", aug_scale_min=0.16, select="test", select_metric="recall@1")
+ORIGINAL_RECIPE = dict(
+    backbone="resnet50",
+    loss="proxy_nca",
+    loss_scale=None,
+    margin=None,
+    lr=1e-3,
+    backbone_lr_mult=1.0,
+    warmup_epochs=0,
+    proxy_init="random",
+    momentum_target="sum",
+    proxy_momentum=0.5,
+    sgd_momentum=0.0,
+    schedule="multistep",
+    milestone_rounding="floor",
+    pooling="max",
+    aug_scale_min=0.16,
+    select="test",
+    select_metric="recall@1",
+)
 RECIPES = ("default", "original")
 # The default recipe's loss parameters, found by `mproxy tune` on birds50 (docs: Tune); a loss not listed
 # here (the original recipe's ProxyNCA among them) uses pytorch-metric-learning's defaults.
@@ -73,23 +90,34 @@ class TrainConfig:
 
     data: str
     out: str
-    backbone: str | None = option(None, "efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2 | resnet50 | "
-                                  "inception | googlenet | timm:NAME (None: efficientnet_lite0, or resnet50 on CUDA)",
-                                  aliases=["--backbone_type"])
+    backbone: str | None = option(
+        None,
+        "efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2 | resnet50 | "
+        "inception | googlenet | timm:NAME (None: efficientnet_lite0, or resnet50 on CUDA)",
+        aliases=["--backbone_type"],
+    )
     pretrained: str = option("default", "default (ImageNet weights) | none")
     weights: str | None = option(None, "pretrained backbone weights file (.pth/.safetensors)")
     feature_dim: int = option(512, "embedding size")
     pooling: str = option("avgmax", "max | avgmax (max + mean pooling)")
     loss: str = option("cos_face", " | ".join(LOSS_NAMES), aliases=["--loss_name"])
-    loss_scale: float | None = option(None, "inverse temperature of the loss's logits (None: 30.7 for cos_face, "
-                                      "as tuned; the library's for the others)")
-    margin: float | None = option(None, "margin of cos_face, arc_face, proxy_anchor (None: 0.216 for cos_face, as "
-                                  "tuned; the library's for the others)")
-    proxy_update: str = option("momentum", "how proxies are updated: momentum (after every step, p <- (1 - m) p + m f; "
-                               "not learned) | gradient (learned by the optimizer)")
+    loss_scale: float | None = option(
+        None,
+        "inverse temperature of the loss's logits (None: 30.7 for cos_face, as tuned; the library's for the others)",
+    )
+    margin: float | None = option(
+        None,
+        "margin of cos_face, arc_face, proxy_anchor (None: 0.216 for cos_face, as tuned; the library's for the others)",
+    )
+    proxy_update: str = option(
+        "momentum",
+        "how proxies are updated: momentum (after every step, p <- (1 - m) p + m f; "
+        "not learned) | gradient (learned by the optimizer)",
+    )
     proxy_momentum: float = option(0.637, "m of the momentum update", aliases=["--momentum"])
-    momentum_target: str = option("mean", "f of the momentum update: mean (of the class's batch embeddings) | sum "
-                                  "(the original tool)")
+    momentum_target: str = option(
+        "mean", "f of the momentum update: mean (of the class's batch embeddings) | sum (the original tool)"
+    )
     proxy_init: str = option("class_mean", "class_mean | random")
     optimizer: str = option("adam", " | ".join(OPTIMIZERS))
     sgd_momentum: float = option(0.9, "momentum of the SGD optimizer (the original tool: none)")
@@ -97,22 +125,31 @@ class TrainConfig:
     backbone_lr_mult: float = option(0.332, "backbone learning rate = lr x this")
     warmup_epochs: int = option(1, "first epochs train head and proxies only (backbone frozen)")
     milestone_rounding: str = option("round", "round | floor (the original tool's int()) of the multistep milestones")
-    schedule: str = option("cosine", "learning-rate schedule: multistep (x0.1 at 50% and 80% of the epochs) | "
-                           "cosine (to 0 at the end)")
+    schedule: str = option(
+        "cosine", "learning-rate schedule: multistep (x0.1 at 50% and 80% of the epochs) | cosine (to 0 at the end)"
+    )
     aug_scale_min: float = option(0.501, "smallest area fraction of the random-resized training crop")
     batch_size: int = option(64, "batch size per process", aliases=["--batch_size"])
-    epochs: int = option(20, "epochs (0: no training, the run keeps the pretrained start)",
-                         aliases=["--num_epochs", "--num-epochs"])
+    epochs: int = option(
+        20, "epochs (0: no training, the run keeps the pretrained start)", aliases=["--num_epochs", "--num-epochs"]
+    )
     recalls: list[int] = option(help="K of Recall@K", factory=lambda: [1, 2, 4, 8])
     metrics: list[str] = option(help="per-epoch metrics: " + ",".join(METRICS), factory=lambda: ["recall", "map@r"])
-    select: str | None = option(None, "val | last | test: which epoch becomes best.pt (None: val when the data has a "
-                                "val split, else last; test only to reproduce published tables)")
+    select: str | None = option(
+        None,
+        "val | last | test: which epoch becomes best.pt (None: val when the data has a "
+        "val split, else last; test only to reproduce published tables)",
+    )
     select_metric: str = option("map@r", " | ".join(SELECT_METRICS) + " (selection)")
     test_every_epoch: bool = option(False, "also report test metrics every epoch (never selects)")
-    final_test: bool = option(True, "evaluate the selected checkpoint on the test split at the end (off: tuning "
-                              "trials)")
-    image_size: int | None = option(None, "input size in pixels (None: the backbone's native size, e.g. 224 for "
-                                    "efficientnet_lite0, 240 lite1, 260 lite2, timm's pretrained_cfg for timm:NAME)")
+    final_test: bool = option(
+        True, "evaluate the selected checkpoint on the test split at the end (off: tuning trials)"
+    )
+    image_size: int | None = option(
+        None,
+        "input size in pixels (None: the backbone's native size, e.g. 224 for "
+        "efficientnet_lite0, 240 lite1, 260 lite2, timm's pretrained_cfg for timm:NAME)",
+    )
     seed: int = option(0, "random seed")
     device: str = option("auto", "auto | cpu | cuda")
     loader_workers: int | None = option(None, "data-loader processes (None: 0 on <= 2 CPU cores, else cores - 1)")
@@ -121,16 +158,21 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model")
     eval_batch_size: int | None = option(None, "batch size of embedding (None: twice --batch-size)")
     log_every: int = option(10, "steps between checks of the running loss (the step loop's only host sync)")
-    log: str = option("none", "experiment tracking beside metrics.csv: none | tensorboard (per-epoch metrics, loss, "
-                      "learning rate and a retrieval picture in RUN_DIR/tensorboard/; the [track] extra)")
+    log: str = option(
+        "none",
+        "experiment tracking beside metrics.csv: none | tensorboard (per-epoch metrics, loss, "
+        "learning rate and a retrieval picture in RUN_DIR/tensorboard/; the [track] extra)",
+    )
 
     @property
     def loss_params(self) -> tuple[float | None, float | None]:
         """(scale, margin) of the loss: the given ones, else the default recipe's for this loss (None: the
         library's)."""
         tuned = LOSS_DEFAULTS.get(self.loss, {})
-        return (self.loss_scale if self.loss_scale is not None else tuned.get("loss_scale"),
-                self.margin if self.margin is not None else tuned.get("margin"))
+        return (
+            self.loss_scale if self.loss_scale is not None else tuned.get("loss_scale"),
+            self.margin if self.margin is not None else tuned.get("margin"),
+        )
 
     @property
     def momentum_mode(self) -> bool:
@@ -142,7 +184,7 @@ class TrainConfig:
         """The optimizer and, with momentum proxies, `-momentum` (run-folder names, reports)."""
         return f"{self.optimizer}-momentum" if self.momentum_mode else self.optimizer
 
-    def for_device(self, device_type: str) -> "TrainConfig":
+    def for_device(self, device_type: str) -> TrainConfig:
         """This configuration with the backbone decided for a `device_type` ("cpu", "cuda") when not given:
         efficientnet_lite0, or resnet50 on CUDA."""
         if self.backbone is not None:
@@ -155,13 +197,13 @@ class TrainConfig:
         return self.eval_batch_size or 2 * self.batch_size
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         """The configuration of a mapping in any spelling (`upgrade_options`); keys that are no field are left out."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in upgrade_options(d).items() if k in known})
 
     @classmethod
-    def from_recipe(cls, name: str = "default", **overrides) -> "TrainConfig":
+    def from_recipe(cls, name: str = "default", **overrides) -> TrainConfig:
         """The named recipe (`default` or `original`) with `overrides` applied."""
         if name not in RECIPES:
             raise UserError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
@@ -171,7 +213,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def with_(self, **changes) -> "TrainConfig":
+    def with_(self, **changes) -> TrainConfig:
         return replace(self, **changes)
 
     def validate(self) -> None:
@@ -301,8 +343,22 @@ def check_tta(tta: str | None) -> None:
         _choice("tta", tta, TTAS)
 
 
-MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-                "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+MEMORY_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
+    "t": 2**40,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_memory(text: str | int, option: str = "--max-memory") -> int:
@@ -328,5 +384,7 @@ def _choice(option: str, value, choices) -> None:
 
 def run_folder_name(cfg: TrainConfig) -> str:
     """Default run-folder name, e.g. `cub_resnet50_proxy_nca_adam-momentum_0.5` (`-momentum`: momentum proxies)."""
-    return (f"{Path(cfg.data).name}_{cfg.backbone.replace(':', '-')}_{cfg.loss}_{cfg.optimizer_label}"
-            f"_{cfg.proxy_momentum:g}")
+    return (
+        f"{Path(cfg.data).name}_{cfg.backbone.replace(':', '-')}_{cfg.loss}_{cfg.optimizer_label}"
+        f"_{cfg.proxy_momentum:g}"
+    )

@@ -2,6 +2,7 @@
 
 Everything degrades to single-process behaviour when not launched by torchrun (no WORLD_SIZE in the env).
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,9 @@ def init_distributed(device: torch.device, timeout: timedelta | None = None) -> 
         return DistInfo()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0"))
+    )
 
 
 def cleanup() -> None:
@@ -49,6 +51,7 @@ def cleanup() -> None:
 def ends_process_group(fn):
     """Decorate a job that may `init_distributed`: the process group it created is destroyed (`cleanup`) when
     it returns or raises. A group that existed before the call (the caller's own) is left alone."""
+
     @functools.wraps(fn)
     def run(*args, **kwargs):
         existed = dist.is_available() and dist.is_initialized()

@@ -1,4 +1,5 @@
 """The one exception type the CLI turns into a one-line error message, and the check for optional extras."""
+
 import importlib.util
 
 # The optional extras of pyproject.toml, each with the top-level modules the code needs from it.

@@ -1,4 +1,5 @@
 """Files: atomic writes (a temporary file in the same folder, renamed over the target), JSON, hashing."""
+
 from __future__ import annotations
 
 import fcntl
@@ -6,9 +7,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from momentum_proxy.errors import UserError
 

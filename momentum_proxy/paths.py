@@ -3,6 +3,7 @@
 Plain Python (no torch, pandas or faiss), so the command line refuses a wrong path in a fraction of a second,
 before any heavy library is imported; the modules that own these files read them fully later.
 """
+
 from __future__ import annotations
 
 import os
@@ -99,12 +100,14 @@ def check_index(path: str | Path) -> None:
     milvus = milvus_location(path)
     if milvus is not None:
         if milvus.lite and not os.path.exists(milvus.uri):
-            raise UserError(f"no Milvus Lite index at {milvus.uri}; make one with `mproxy index RUN --images DIR "
-                            f"--out {path}`")
+            raise UserError(
+                f"no Milvus Lite index at {milvus.uri}; make one with `mproxy index RUN --images DIR --out {path}`"
+            )
         return
     if not (Path(path) / META_FILE).is_file():
-        raise UserError(f"no retrieval index in {path} (no {META_FILE}); make one with `mproxy index RUN "
-                        f"--images DIR --out {path}`")
+        raise UserError(
+            f"no retrieval index in {path} (no {META_FILE}); make one with `mproxy index RUN --images DIR --out {path}`"
+        )
 
 
 def check_file(path: str | Path, what: str) -> None:
@@ -116,5 +119,6 @@ def check_file(path: str | Path, what: str) -> None:
 
 def check_folder(path: str | Path, what: str) -> None:
     if not Path(path).is_dir():
-        raise UserError(f"{what} not found: {path}" if not Path(path).exists() else f"{path} is a file; a {what} is "
-                        "expected")
+        raise UserError(
+            f"{what} not found: {path}" if not Path(path).exists() else f"{path} is a file; a {what} is expected"
+        )

@@ -1,4 +1,5 @@
 """Process-wide CPU performance settings applied by the command line's entry point."""
+
 from __future__ import annotations
 
 import ctypes

@@ -3,6 +3,7 @@ class, as the original tool drew it), R@1 against momentum, a run's curves, and 
 
 Figures are drawn headless (matplotlib's Agg backend), selected in `pyplot()` when the first figure is drawn, not
 when this module is imported, so importing the package never changes the backend of a notebook."""
+
 from __future__ import annotations
 
 import re
@@ -31,8 +32,14 @@ def wrapped(name: str, width: int = NAME_WIDTH, lines: int = 2) -> str:
     return text if len(out) <= lines and all(len(line.strip()) <= width for line in out) else text[:-1] + "…"
 
 
-def draw_results(query: str | Path, results: list, out_png: str | Path, label: int | None = None,
-                 title: str | None = None, label_name: str | None = None) -> Path:
+def draw_results(
+    query: str | Path,
+    results: list,
+    out_png: str | Path,
+    label: int | None = None,
+    title: str | None = None,
+    label_name: str | None = None,
+) -> Path:
     """One PNG: the query, then the results in rank order with their raw cosine similarity (and, when a
     re-ranking ordered them, its score: `rr`) and class, in rows of PER_ROW; green/red borders when the query's
     class is known. A missing image is drawn as a grey cell."""
@@ -111,8 +118,14 @@ def momentum_figure(table, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(4.0, 3.0))
     for (backbone, dim), g in table.groupby(["backbone", "feature_dim"]):
         g = g.sort_values("proxy_momentum")
-        ax.errorbar(g["proxy_momentum"], 100 * g["recall@1"], yerr=100 * g["recall@1_ci"].fillna(0), marker="o",
-                    capsize=2, label=f"{backbone} ({dim})")
+        ax.errorbar(
+            g["proxy_momentum"],
+            100 * g["recall@1"],
+            yerr=100 * g["recall@1_ci"].fillna(0),
+            marker="o",
+            capsize=2,
+            label=f"{backbone} ({dim})",
+        )
     seeds = sorted(set(table["seeds"]))
     selected = ", ".join(sorted(set(table["selected_on"])))
     ax.set_xlabel("proxy momentum $m$")
@@ -134,8 +147,13 @@ def curves_figure(df, summary: dict | None, out: Path) -> list[Path]:
         ax2.plot(df["epoch"], 100 * df[col], marker=".", label=col, linestyle="-" if col.startswith("val_") else ":")
     ax2.set_ylabel("metric (%)")
     if summary is not None:
-        ax2.axvline(summary["epoch"], color="gray", linestyle="--", linewidth=0.8,
-                    label=f"selected (on {summary['selected_on']})")
+        ax2.axvline(
+            summary["epoch"],
+            color="gray",
+            linestyle="--",
+            linewidth=0.8,
+            label=f"selected (on {summary['selected_on']})",
+        )
     ax2.legend(fontsize=5, loc="center left", bbox_to_anchor=(1.02, 0.5))
     for ax, label in ((ax1, "epoch"), (ax2, "epoch (0 = pretrained start)")):
         ax.set_xlabel(label)
@@ -150,7 +168,7 @@ def history_figure(x: list[int], y: list[float], path: Path) -> None:
     plt = style()
     fig, ax = plt.subplots(figsize=(4.0, 3.0))
     ax.plot(x, y, "o", label="complete trial")
-    ax.step(x, [max(y[:i + 1]) for i in range(len(y))], where="post", label="best so far")
+    ax.step(x, [max(y[: i + 1]) for i in range(len(y))], where="post", label="best so far")
     ax.set_xlabel("trial")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are numbered, never 0.2
     ax.xaxis.set_minor_locator(NullLocator())

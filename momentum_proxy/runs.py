@@ -5,6 +5,7 @@ Every file except the append-only train.log is written atomically. A folder is a
 checkpoint: a folder left with only config.json (a run that failed or was killed before its first checkpoint)
 is reused silently.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,8 +22,7 @@ from tqdm import tqdm
 from momentum_proxy.config import TrainConfig
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path, check_writable_folder, file_sha256, read_json, write_json, write_text
-from momentum_proxy.paths import (BEST, CONFIG, EMBEDDINGS, EVAL, LAST, LOG,  # the run folder's names
-                                  METRICS)
+from momentum_proxy.paths import BEST, CONFIG, EMBEDDINGS, EVAL, LAST, LOG, METRICS  # the run folder's names
 
 TENSORBOARD = "tensorboard"  # event files of `--log tensorboard` (training/tracking.py)
 
@@ -62,8 +62,9 @@ class RunDir:
     def start(self, cfg: TrainConfig, overwrite: bool, extra: dict | None = None) -> None:
         """Claim the folder for a new run; refuse one that holds a run unless `overwrite`."""
         if self.has_run() and not overwrite:
-            raise UserError(f"{self.path} already holds a run; use --resume {self.path} to continue it "
-                            "or --overwrite to replace it")
+            raise UserError(
+                f"{self.path} already holds a run; use --resume {self.path} to continue it or --overwrite to replace it"
+            )
         for rel in (CONFIG, METRICS, EMBEDDINGS, EVAL, LOG):
             (self / rel).unlink(missing_ok=True)
         for folder in ("checkpoints", TENSORBOARD):  # a new run's curves never continue an old one's
@@ -103,16 +104,17 @@ class RunDir:
         if not (self / METRICS).exists():
             return []
         with open(self / METRICS, newline="") as f:
-            return [{k: int(v) if k == "epoch" else (float(v) if v else math.nan) for k, v in row.items()}
-                    for row in csv.DictReader(f)]
+            return [
+                {k: int(v) if k == "epoch" else (float(v) if v else math.nan) for k, v in row.items()}
+                for row in csv.DictReader(f)
+            ]
 
     def write_metrics(self, rows: list[dict]) -> None:
         """metrics.csv; NaN (epoch 0's loss and rate: nothing was trained) is written as an empty cell."""
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
-        writer.writerows([{k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
-                          for r in rows])
+        writer.writerows([{k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows])
         write_text(self / METRICS, buf.getvalue())
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -127,17 +129,23 @@ class RunDir:
         return torch.load(path, map_location="cpu", weights_only=True)
 
     # --- embeddings database ----------------------------------------------------------------
-    def save_embeddings(self, features: np.ndarray, labels: np.ndarray, paths: list[str], split: list[str],
-                        class_names: list[str]) -> None:
+    def save_embeddings(
+        self, features: np.ndarray, labels: np.ndarray, paths: list[str], split: list[str], class_names: list[str]
+    ) -> None:
         save_embeddings(self / EMBEDDINGS, features, labels, paths, split, class_names)
 
 
 def save_embeddings(path: Path, features: np.ndarray, labels, paths, split, class_names) -> None:
     """An embeddings database: L2-normalised features, labels, image paths, splits, class names (npz, no pickle)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, features=features.astype(np.float32), labels=np.asarray(labels, np.int64),
-                 paths=np.asarray(paths, dtype=str), split=np.asarray(split, dtype=str),
-                 class_names=np.asarray(class_names, dtype=str))
+        np.savez(
+            f,
+            features=features.astype(np.float32),
+            labels=np.asarray(labels, np.int64),
+            paths=np.asarray(paths, dtype=str),
+            split=np.asarray(split, dtype=str),
+            class_names=np.asarray(class_names, dtype=str),
+        )
 
 
 def load_embeddings(path: str | Path) -> dict[str, np.ndarray]:
@@ -163,5 +171,10 @@ def model_identity(run_dir: str | Path) -> dict:
     run = RunDir(run_dir)
     cfg = run.config()
     epoch = run.load_checkpoint(BEST)["epoch"]
-    return {"run": str(run.path.resolve()), "backbone": cfg.backbone, "feature_dim": cfg.feature_dim,
-            "checkpoint_sha256": file_sha256(run / BEST), "checkpoint_epoch": epoch}
+    return {
+        "run": str(run.path.resolve()),
+        "backbone": cfg.backbone,
+        "feature_dim": cfg.feature_dim,
+        "checkpoint_sha256": file_sha256(run / BEST),
+        "checkpoint_epoch": epoch,
+    }

@@ -7,6 +7,7 @@ top-k (`torch_knn`) on the device of torch tensors. The rule (`search_device`): 
 faiss, which matched or beat torch's matmul + top-k at every k measured on the CPU (k = 10: equal; k = 100 and
 1000: faiss 1.4-1.9x faster; docs/benchmarks.md, "Exact search").
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -36,7 +37,7 @@ def as_features(x, name: str = "features") -> np.ndarray:
         raise UserError(f"{name} must be a 2-D array (items x dimensions), got shape {x.shape}")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise UserError(f"{name} is empty (shape {x.shape})")
-    if any(not np.isfinite(x[i:i + 65536]).all() for i in range(0, len(x), 65536)):  # bounded temporaries
+    if any(not np.isfinite(x[i : i + 65536]).all() for i in range(0, len(x), 65536)):  # bounded temporaries
         raise UserError(f"{name} contains NaN or infinite values")
     return x
 
@@ -84,7 +85,7 @@ def search_chunks(
     while start < len(order):
         rows = min(chunk_size, len(order) - start)
         rows = max(1, min(rows, MAX_CHUNK_NEIGHBOURS // max(1, int(need[order[start + rows - 1]]))))
-        pos = order[start:start + rows]
+        pos = order[start : start + rows]
         start += rows
         k = int(need[pos[-1]])
         if in_torch:
@@ -115,8 +116,7 @@ def _faiss_knn(query: np.ndarray, gallery: np.ndarray, pos: np.ndarray, k: int, 
     if len(tied):
         import torch  # lazy: only rows with a tie at the end of their list need torch
 
-        redo_sims, redo_idx = torch_knn(torch.from_numpy(query), torch.from_numpy(gallery), pos[tied], k,
-                                        exclude_self)
+        redo_sims, redo_idx = torch_knn(torch.from_numpy(query), torch.from_numpy(gallery), pos[tied], k, exclude_self)
         sims[tied], idx[tied] = redo_sims.numpy(), redo_idx.numpy()
     return sims, idx
 
@@ -186,9 +186,9 @@ def torch_knn(query, gallery, pos: np.ndarray, k: int, exclude_self: bool):
     every_row = torch.arange(rows, device=dev)
     best = None  # keys of the running lists, (rows, <= k), descending
     for start in range(0, n, cols):
-        block = gallery[start:start + cols]
+        block = gallery[start : start + cols]
         width = len(block)
-        s = torch.mm(q, block.T, out=block_sims.view(-1)[:rows * width].view(rows, width))  # contiguous, reused
+        s = torch.mm(q, block.T, out=block_sims.view(-1)[: rows * width].view(rows, width))  # contiguous, reused
         if exclude_self:  # self to -inf where it lies in this block (no host sync)
             local = rows_at - start
             inside = (local >= 0) & (local < width)

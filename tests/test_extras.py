@@ -5,6 +5,7 @@ The real `mproxy` runs in a subprocess whose import system does not find the mod
 (`errors.EXTRAS`) nor pretrainedmodels (BN-Inception is defined in the project): `import onnx` fails and
 `importlib.util.find_spec("onnx")` is None, as where they are not installed.
 """
+import json
 import subprocess
 import sys
 
@@ -58,16 +59,33 @@ def test_the_finder_makes_extras_unimportable():
     assert proc.returncode == 1 and "ModuleNotFoundError: No module named 'optuna'" in proc.stderr
 
 
+NEXT = "--- next command ---"
+
+
+def succeed_in_turn(*command_lines) -> list[str]:
+    """The command lines run one after another by one core-only `mproxy` process (one start-up, not one each);
+    the output of each."""
+    many = f"import json\nfor line in json.loads(sys.argv[1]):\n    main(line)\n    print({NEXT!r}, flush=True)\n"
+    proc = subprocess.run([sys.executable, "-c", CORE_ONLY_MPROXY.replace("main()\n", many),
+                           json.dumps([[str(a) for a in line] for line in command_lines])],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs = proc.stdout.split(NEXT + "\n")
+    assert len(outputs) == len(command_lines) + 1 and outputs[-1] == "", proc.stdout[-3000:]
+    return outputs[:-1]
+
+
 def test_core_commands_need_no_extra(core_run, tiny_data, tmp_path):
-    assert "map@r" in succeeds("evaluate", core_run, "--device", "cpu")
     query = tiny_data / "images" / "species_04" / "0002.jpg"
-    assert "retrieval picture:" in succeeds("retrieve", core_run, "--query", query, "-k", 3, "--out", tmp_path / "r",
-                                            "--device", "cpu")
-    assert (tmp_path / "r").is_dir()
-    succeeds("index", core_run, "--images", tiny_data, "--out", tmp_path / "index", "--device", "cpu")
-    assert "retrieval picture:" in succeeds("retrieve", "--index", tmp_path / "index", "--query", query,
-                                            "--out", tmp_path / "r2", "--device", "cpu")
-    succeeds("export", core_run, "--format", "torchscript", "--out", tmp_path / "model.pt")
+    evaluated, retrieved, _, retrieved_from_index, _ = succeed_in_turn(
+        ["evaluate", core_run, "--device", "cpu"],
+        ["retrieve", core_run, "--query", query, "-k", 3, "--out", tmp_path / "r", "--device", "cpu"],
+        ["index", core_run, "--images", tiny_data, "--out", tmp_path / "index", "--device", "cpu"],
+        ["retrieve", "--index", tmp_path / "index", "--query", query, "--out", tmp_path / "r2", "--device", "cpu"],
+        ["export", core_run, "--format", "torchscript", "--out", tmp_path / "model.pt"])
+    assert "map@r" in evaluated
+    assert "retrieval picture:" in retrieved and (tmp_path / "r").is_dir()
+    assert "retrieval picture:" in retrieved_from_index and (tmp_path / "index" / "meta.json").is_file()
     assert (tmp_path / "model.pt").is_file()
 
 

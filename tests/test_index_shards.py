@@ -83,6 +83,7 @@ def test_two_ranks_build_the_index_one_process_builds(tiny_run, tiny_data, singl
     assert not shards.work_folder(tmp_path / "index").exists()  # chunk files removed once the index is saved
 
 
+@pytest.mark.slow  # two torchrun runs with a rank killed: `.ci/run`
 def test_a_rank_killed_midway_then_the_same_command_again_gives_the_same_index(tiny_run, tiny_data, single,
                                                                                tmp_path):
     out = tmp_path / "index"
@@ -95,6 +96,7 @@ def test_a_rank_killed_midway_then_the_same_command_again_gives_the_same_index(t
     assert not shards.work_folder(out).exists()
 
 
+@pytest.mark.slow  # two torchrun runs with a rank killed: `.ci/run`
 def test_a_milvus_fill_killed_midway_then_rerun_adds_the_rest_once(tiny_run, tiny_data, tmp_path):
     df = read_manifest(tiny_data)
     first = df[df["class_name"] < "species_04"]  # 32 images indexed first; the sharded build adds the other 32

@@ -2,6 +2,7 @@
 parse with the real parser (a renamed or removed option fails), each `make` target exist, each `pip install` extra
 be declared, each tool be installed; the slow test runs the quick start as printed on tiny synthetic photos (the
 serve/curl pair against a real server) and checks that the output lines the README shows still start the same."""
+
 import re
 import shlex
 import shutil
@@ -103,6 +104,16 @@ def test_a_renamed_option_would_fail():
         check_without_running(["pip", "install", ".[servers]"])
 
 
+def test_the_quick_start_shows_todays_default_post_processing():
+    from momentum_proxy.config import DEFAULT_RERANK, DEFAULT_TTA
+    from momentum_proxy.retrieval.rerank import Rerank
+
+    shown = "\n".join(line for _, printed in quick_start() for line in printed)
+    rerank = Rerank(DEFAULT_RERANK)
+    assert f"tta {DEFAULT_TTA}, rerank {rerank}" in shown, "re-run `mproxy evaluate RUN` and paste its output"
+    assert f"re-ranked by {rerank}" in shown, "re-run `mproxy retrieve RUN ...` and paste its output"
+
+
 # --- the quick start, run ------------------------------------------------------------------------------------------
 
 FAST = {"--epochs": "1", "--image-size": "64", "--batch-size": "8"}  # the tiny photos' training: seconds, not minutes
@@ -111,15 +122,19 @@ FAST = {"--epochs": "1", "--image-size": "64", "--batch-size": "8"}  # the tiny 
 def photos_for(argvs: list[list[str]], tiny_data: Path, folder: Path) -> None:
     """`folder`: tiny_data's species as class folders, with every photo a README command names (`photos/CLASS/FILE`,
     or `data/.../images/CLASS/FILE` once prepared) put in place of a species' first image."""
-    named = {m.groups() for argv in argvs for a in argv
-             if (m := re.search(r"(?:photos|images)/([^/\s]+)/([^/\s]+\.(?:jpg|jpeg|png))$", a))}
+    named = {
+        m.groups()
+        for argv in argvs
+        for a in argv
+        if (m := re.search(r"(?:photos|images)/([^/\s]+)/([^/\s]+\.(?:jpg|jpeg|png))$", a))
+    }
     species = sorted((tiny_data / "images").iterdir())
     assert len(named) < len(species)
     for (cls, name), source in zip(sorted(named), species):
         shutil.copytree(source, folder / cls)
         first = sorted((folder / cls).iterdir())[0]
         first.rename(folder / cls / name)
-    for source in species[len(named):]:
+    for source in species[len(named) :]:
         shutil.copytree(source, folder / source.name)
 
 
@@ -138,8 +153,11 @@ def serve_and_curl(index: list[str], curl: list[str], log: Path) -> str:
     from momentum_proxy.serving.app import wait_until_healthy
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "momentum_proxy", *index[1:], "--port", str(port)],
-                              stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "momentum_proxy", *index[1:], "--port", str(port)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}", server, timeout=180, log=log)
         url = re.sub(r":\d+/", f":{port}/", curl[-1])

@@ -3,12 +3,12 @@ import os
 import shutil
 import socket
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import wait_for
 from PIL import Image
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -30,10 +30,7 @@ def running_server(index_dir, **options):
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "the server did not start"
+    assert wait_for(lambda: server.started, thread.is_alive), "the server did not start"
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

@@ -191,6 +191,37 @@ def _state(run_dir):
     return torch.load(Path(run_dir) / LAST, weights_only=True)
 
 
+def _assert_same_runs(straight, resumed):
+    """Checkpoints (model, proxies, optimizer, scheduler, RNG), best.pt, metrics, embeddings and eval.json."""
+    a, b = RunDir(straight), RunDir(resumed)
+    for rel in (LAST, BEST):
+        assert_same(a.load_checkpoint(rel), b.load_checkpoint(rel), rel)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(a.metrics()) == strip(b.metrics()) and [r["epoch"] for r in b.metrics()] == [0, 1, 2, 3]
+    ea, eb = load_embeddings(a / "embeddings.npz"), load_embeddings(b / "embeddings.npz")
+    assert np.array_equal(ea["features"], eb["features"]) and a.eval() == b.eval()
+
+
+def test_resume_after_an_interrupted_epoch_ends_in_the_same_state(tiny_config, tmp_path):
+    """Stopped in this process after its warm-up epoch (the RNG has moved on since) and resumed, the run ends
+    bit-identical to an uninterrupted one (a real killed process: the slow test below)."""
+    tiny_config.epochs, tiny_config.warmup_epochs = 3, 1
+    training.train(tiny_config)
+    stopped = replace(tiny_config, out=str(tmp_path / "stopped"))
+
+    def stop_after_epoch_1(row):
+        if row["epoch"] == 1:
+            raise _Stopped
+
+    with pytest.raises(_Stopped):
+        training.train(stopped, on_epoch=stop_after_epoch_1)
+    torch.rand(7)  # the process's RNG is not where the checkpoint left it
+    training.resume(stopped.out)
+    _assert_same_runs(tiny_config.out, stopped.out)
+    assert "resuming from epoch 1" in (RunDir(stopped.out) / "train.log").read_text()
+
+
+@pytest.mark.slow  # a real training process killed with SIGKILL
 def test_resume_after_kill_ends_in_the_same_state(tiny_config, tmp_path):
     """Kill a real training process after its warm-up epoch, resume it, compare with an uninterrupted run:
     checkpoints (model, proxies, optimizer, scheduler, RNG), best.pt, metrics and embeddings."""
@@ -210,14 +241,8 @@ def test_resume_after_kill_ends_in_the_same_state(tiny_config, tmp_path):
     assert 1 <= epoch_killed < 3, "the process should die mid-run"
 
     training.resume(killed)
-    a, b = RunDir(straight), RunDir(killed)
-    for rel in (LAST, BEST):
-        assert_same(a.load_checkpoint(rel), b.load_checkpoint(rel), rel)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert strip(a.metrics()) == strip(b.metrics()) and [r["epoch"] for r in b.metrics()] == [0, 1, 2, 3]
-    ea, eb = load_embeddings(a / "embeddings.npz"), load_embeddings(b / "embeddings.npz")
-    assert np.array_equal(ea["features"], eb["features"]) and a.eval() == b.eval()
-    assert f"resuming from epoch {epoch_killed}" in (b / "train.log").read_text()
+    _assert_same_runs(straight, killed)
+    assert f"resuming from epoch {epoch_killed}" in (RunDir(killed) / "train.log").read_text()
 
 
 class _Stopped(Exception):

@@ -248,6 +248,7 @@ def test_a_tie_with_the_default_recommends_the_default(tiny_data, tmp_path, no_p
     assert "No trial beat the default recipe (trial 1" in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.slow  # a real `mproxy tune` process killed mid-trial (the retry logic: the tests below)
 def test_killed_tune_resumes_without_rerunning_finished_trials(tiny_data, tmp_path, capsys, no_plots):
     out, space = tmp_path / "study", tmp_path / "space.json"
     space.write_text(json.dumps(SPACE))

@@ -44,7 +44,7 @@ def test_a_model_process_exits_when_its_parent_closes_the_pipe(index_dir, tiny_r
 
     process = ModelProcess(tiny_run)
     process.proc.stdin.close()  # what a parent killed with kill -9 leaves behind
-    assert process.proc.wait(timeout=30) == 0
+    assert process.proc.wait(timeout=300) == 0
 
 
 def test_thread_budget_gives_a_lone_small_batch_every_thread_and_never_more_threads_than_cores():
@@ -81,7 +81,7 @@ def test_batcher_runners_each_take_their_share_of_the_last_round():
         def run(items):
             sizes.append(len(items))
             if len(sizes) <= 2:
-                gate.wait(timeout=10)  # the first two batches run side by side
+                gate.wait(timeout=300)  # the first two batches run side by side
             return np.array(items)
         return run
 
@@ -89,7 +89,7 @@ def test_batcher_runners_each_take_their_share_of_the_last_round():
     try:
         batcher.demand = 8
         futures = [batcher.submit(i) for i in range(8)]
-        assert [f.result(timeout=10) for f in futures] == list(range(8))
+        assert [f.result(timeout=300) for f in futures] == list(range(8))
         assert sizes == [4, 4]  # not one batch of 8 while the other runner waits
         assert len(batcher.threads) == 2
     finally:

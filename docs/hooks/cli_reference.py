@@ -4,6 +4,7 @@
 and every sub-command's `--help` text (nested ones such as `prepare folder` too), so the page cannot drift from
 the parser. It imports the CLI module only: option parsing never loads torch, and the build checks that.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -6,6 +6,7 @@ without a copy; normalisation happens inside the model. Training augmentation is
 (seed, epoch, sample), so a resumed or distributed run sees exactly the images an uninterrupted
 single-process run would.
 """
+
 from __future__ import annotations
 
 import math
@@ -104,8 +105,14 @@ class ImageDataset(Dataset):
     from a generator seeded by that seed, independent of worker, thread and process.
     """
 
-    def __init__(self, root: str | Path, frame: pd.DataFrame, transform: TrainAugment | T.Compose,
-                 label_map: dict[int, int] | None = None, min_side: int | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        frame: pd.DataFrame,
+        transform: TrainAugment | T.Compose,
+        label_map: dict[int, int] | None = None,
+        min_side: int | None = None,
+    ):
         self.root = Path(root)
         self.frame = frame
         self.paths = frame["path"].tolist()
@@ -163,18 +170,35 @@ def default_workers(accelerator: bool = False) -> int:
     return max(1, min(8, cores - 1))
 
 
-def make_loader(dataset: ImageDataset, batch_size: int, *, train: bool, seed: int = 0, workers: int | None = None,
-                rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+def make_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    *,
+    train: bool,
+    seed: int = 0,
+    workers: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+) -> DataLoader:
     """A DataLoader over `dataset`: shuffled, seeded and sharded by rank for training; in order for embedding."""
     workers = default_workers(accelerator=pin_memory) if workers is None else workers
     sampler = None
     if train:
-        base = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                  drop_last=True)
+        base = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
         sampler = SeededSampler(base, seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=train, collate_fn=collate,
-                      num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
-                      prefetch_factor=4 if workers > 0 else None)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        drop_last=train,
+        collate_fn=collate,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers > 0 else None,
+    )
 
 
 @dataclass
@@ -236,11 +260,16 @@ def load_datasets(root: str | Path, image_size: int, aug_scale_min: float = 0.16
     test_split = EvalSplit("test", test, eval_dataset(root, test, image_size))
     for split in (val_split, test_split):  # checked now, not after training
         if split is not None and split.lone_queries == split.num_queries:
-            raise UserError(f"{where}: no {split.name} query has another image of its class; retrieval on "
-                            f"{split.name} is undefined")
-    return DatasetSplits(train=train_dataset(root, train, image_size, aug_scale_min),
-                         train_eval=eval_dataset(root, train, image_size), val=val_split, test=test_split,
-                         protocol=split_protocol(df))
+            raise UserError(
+                f"{where}: no {split.name} query has another image of its class; retrieval on {split.name} is undefined"
+            )
+    return DatasetSplits(
+        train=train_dataset(root, train, image_size, aug_scale_min),
+        train_eval=eval_dataset(root, train, image_size),
+        val=val_split,
+        test=test_split,
+        protocol=split_protocol(df),
+    )
 
 
 def train_dataset(root, frame: pd.DataFrame, image_size: int, aug_scale_min: float = 0.16) -> ImageDataset:

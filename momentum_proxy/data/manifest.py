@@ -11,6 +11,7 @@ test with its photos divided (`split_images`; the user's own catalogue: new phot
 split, val and test are evaluated as queries against a gallery (`split_frame`): val photos against the train
 photos, test photos against the train + val photos (the catalogue).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -89,12 +90,17 @@ def split_protocol(df: pd.DataFrame) -> str:
 def describe_protocol(protocol: str, has_val: bool) -> str:
     """The protocol in force (`split_protocol`), in one line (`prepare` and `train` print it)."""
     if protocol == "images":
-        return ("protocol: images (every class in train, val and test; val photos are searched among the train "
-                "photos, test photos among the train + val photos: the catalogue)" if has_val else
-                "protocol: images (every class in train and test; test photos are searched among the train "
-                "photos: the catalogue)")
-    return ("protocol: classes (class-disjoint: val and test classes are never trained; each of their photos "
-            "searches the others of its split)")
+        return (
+            "protocol: images (every class in train, val and test; val photos are searched among the train "
+            "photos, test photos among the train + val photos: the catalogue)"
+            if has_val
+            else "protocol: images (every class in train and test; test photos are searched among the train "
+            "photos: the catalogue)"
+        )
+    return (
+        "protocol: classes (class-disjoint: val and test classes are never trained; each of their photos "
+        "searches the others of its split)"
+    )
 
 
 def name_some(names, limit: int = NAMES_SHOWN) -> str:
@@ -133,13 +139,17 @@ def val_class_count(val_classes: float | int, n_train: int) -> int:
         if val_classes == 1:
             raise UserError("--val-classes 1: retrieval within one class is trivially perfect; use 0 or >= 2")
         if val_classes and n_train - val_classes < 2:
-            raise UserError(f"--val-classes {val_classes} leaves {n_train - val_classes} train classes of "
-                            f"{n_train}; training needs at least 2")
+            raise UserError(
+                f"--val-classes {val_classes} leaves {n_train - val_classes} train classes of "
+                f"{n_train}; training needs at least 2"
+            )
         return val_classes
     n = max(2, round(val_classes * n_train))
     if n_train - n < 2:
-        print(f"mproxy: note: {n_train} train classes are too few to carve val classes from; no val split made",
-              file=sys.stderr)
+        print(
+            f"mproxy: note: {n_train} train classes are too few to carve val classes from; no val split made",
+            file=sys.stderr,
+        )
         return 0
     return n
 
@@ -179,21 +189,25 @@ def split_images(df: pd.DataFrame, val_fraction: float, test_fraction: float, se
                 n_test -= 1
         order = rows.index.to_numpy()[rng.permutation(n)]
         df.loc[order[:n_test], "split"] = "test"
-        df.loc[order[n_test:n_test + n_val], "split"] = "val"
+        df.loc[order[n_test : n_test + n_val], "split"] = "val"
     return df
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:
     """Refuse shares of an images split that leave a class no train photo (or test none)."""
     if not (0 <= val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise UserError(f"--val-fraction {val_fraction:g} and --test-fraction {test_fraction:g}: each must be in "
-                        "[0, 1) (test > 0) and together below 1, so that every class keeps train photos")
+        raise UserError(
+            f"--val-fraction {val_fraction:g} and --test-fraction {test_fraction:g}: each must be in "
+            "[0, 1) (test > 0) and together below 1, so that every class keeps train photos"
+        )
 
 
 MIN_TRAIN_CLASSES = 8  # fewer, and a proxy loss has little to learn from
 MIN_VAL_CLASSES = 2  # fewer, and retrieval within the val split is trivial
-SPLIT_IMAGES_HINT = ("or use --split images (every class in train, val and test: a model for the classes you have, "
-                     "evaluated against your catalogue)")
+SPLIT_IMAGES_HINT = (
+    "or use --split images (every class in train, val and test: a model for the classes you have, "
+    "evaluated against your catalogue)"
+)
 
 
 def small_data_warnings(df: pd.DataFrame, split_option: bool = False) -> list[str]:
@@ -209,21 +223,27 @@ def small_data_warnings(df: pd.DataFrame, split_option: bool = False) -> list[st
         sizes = df.loc[df["split"] == split, "class_name"].value_counts()
         lone = sorted(sizes[sizes < 2].index)
         if lone:
-            out.append(f"{len(lone)} {split} class(es) have a single image ({name_some(lone)}): they stay in the "
-                       f"{split} gallery, but as queries they have no other image of their class and are left out "
-                       "of the metrics")
+            out.append(
+                f"{len(lone)} {split} class(es) have a single image ({name_some(lone)}): they stay in the "
+                f"{split} gallery, but as queries they have no other image of their class and are left out "
+                "of the metrics"
+            )
     sizes = df.loc[df["split"] == "train", "class_name"].value_counts()
     lone_train = sorted(sizes[sizes < 2].index)
     if lone_train:
-        out.append(f"{len(lone_train)} train class(es) have a single image ({name_some(lone_train)}): they train, "
-                   "but add little")
+        out.append(
+            f"{len(lone_train)} train class(es) have a single image ({name_some(lone_train)}): they train, "
+            "but add little"
+        )
     train = df.loc[df["split"] == "train", "label"].nunique()
     val = df.loc[df["split"] == "val", "label"].nunique()
     hint = f"; {SPLIT_IMAGES_HINT}" if split_option else ""
     if train < MIN_TRAIN_CLASSES:
         advice = "add classes, or use --val-classes 0 and select on the last epoch" if val else "add classes"
-        out.append(f"only {train} classes are left to train ({val} went to val): a class-disjoint split trains on "
-                   f"too few for a proxy loss to learn much (fewer than {MIN_TRAIN_CLASSES}); {advice}{hint}")
+        out.append(
+            f"only {train} classes are left to train ({val} went to val): a class-disjoint split trains on "
+            f"too few for a proxy loss to learn much (fewer than {MIN_TRAIN_CLASSES}); {advice}{hint}"
+        )
     if 0 < val < MIN_VAL_CLASSES:
         out.append(f"only {val} val class(es): choose --val-classes of at least {MIN_VAL_CLASSES}{hint}")
     return out
@@ -235,8 +255,10 @@ def _images_warnings(df: pd.DataFrame) -> list[str]:
     alone = sorted(set(df.loc[~df["label"].isin(queried), "class_name"]))
     if not alone:
         return []
-    return [f"{len(alone)} class(es) have too few photos for one in every split ({name_some(alone)}): they stay "
-            "in train (trained on and in the catalogue) but have no val or test photos"]
+    return [
+        f"{len(alone)} class(es) have too few photos for one in every split ({name_some(alone)}): they stay "
+        "in train (trained on and in the catalogue) but have no val or test photos"
+    ]
 
 
 def warn_small_data(df: pd.DataFrame, split_option: bool = False) -> list[str]:

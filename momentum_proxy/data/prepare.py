@@ -9,14 +9,15 @@ warning, carves the validation classes out of the train classes (`val_classes`) 
 Originals are only read; an output folder that already holds a prepared dataset is
 refused unless `overwrite`, and then cleared first.
 """
+
 from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -24,8 +25,16 @@ from PIL import Image
 from scipy.io import loadmat
 from tqdm import tqdm
 
-from momentum_proxy.data.manifest import (MANIFEST, PROTOCOLS, carve_val, check_fractions, split_images,
-                                          split_protocol, warn_small_data, write_manifest)
+from momentum_proxy.data.manifest import (
+    MANIFEST,
+    PROTOCOLS,
+    carve_val,
+    check_fractions,
+    split_images,
+    split_protocol,
+    warn_small_data,
+    write_manifest,
+)
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path, check_writable_folder, write_json
 
@@ -105,8 +114,11 @@ def write_prepared(
         first = f": {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
         raise UserError(f"no readable images for {dataset} in {source}{first}")
     if skipped:
-        print(f"mproxy: warning: skipped {len(skipped)} of {len(records)} unreadable images (listed in "
-              f"{out / REPORT}); first: {skipped[0]['path']}: {skipped[0]['reason']}", file=sys.stderr)
+        print(
+            f"mproxy: warning: skipped {len(skipped)} of {len(records)} unreadable images (listed in "
+            f"{out / REPORT}); first: {skipped[0]['path']}: {skipped[0]['reason']}",
+            file=sys.stderr,
+        )
     if split == "images":
         df = split_images(pd.DataFrame(rows), *fractions, seed=val_seed)
         protocol = {"protocol": "images", "val_fraction": fractions[0], "test_fraction": fractions[1]}
@@ -114,9 +126,19 @@ def write_prepared(
         df = carve_val(pd.DataFrame(rows), val_classes, val_seed)
         protocol = {"protocol": split_protocol(df)}
     write_manifest(out, df)
-    write_json(out / REPORT, {"dataset": dataset, "source": str(source.resolve()), "crop": crop,
-                              "short_side": short_side or None, **protocol, **split_counts(df), "skipped": skipped,
-                              "warnings": warn_small_data(df, split_option=dataset == "folder")})
+    write_json(
+        out / REPORT,
+        {
+            "dataset": dataset,
+            "source": str(source.resolve()),
+            "crop": crop,
+            "short_side": short_side or None,
+            **protocol,
+            **split_counts(df),
+            "skipped": skipped,
+            "warnings": warn_small_data(df, split_option=dataset == "folder"),
+        },
+    )
     return out
 
 
@@ -143,9 +165,12 @@ def _sort_out(records: list[Record], dsts: list[str], reasons: list[str | None])
 def split_counts(df: pd.DataFrame) -> dict:
     """Images and classes, in all and per split (the report's and `prepare`'s summary)."""
     splits = [s for s in ("train", "val", "test", "query", "gallery") if s in set(df["split"])]
-    return {"images": len(df), "classes": int(df["label"].nunique()),
-            "counts": {s: int((df["split"] == s).sum()) for s in splits},
-            "classes_per_split": {s: int(df.loc[df["split"] == s, "label"].nunique()) for s in splits}}
+    return {
+        "images": len(df),
+        "classes": int(df["label"].nunique()),
+        "counts": {s: int((df["split"] == s).sum()) for s in splits},
+        "classes_per_split": {s: int(df.loc[df["split"] == s, "label"].nunique()) for s in splits},
+    }
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -153,8 +178,9 @@ def check_output(out: Path, overwrite: bool) -> None:
     (unless `overwrite`)."""
     check_writable_folder(Path(out), "the output folder")
     if (Path(out) / MANIFEST).exists() and not overwrite:
-        raise UserError(f"{out} already holds a prepared dataset; use --overwrite to replace it, "
-                        "or choose another --out")
+        raise UserError(
+            f"{out} already holds a prepared dataset; use --overwrite to replace it, or choose another --out"
+        )
 
 
 def claim_output(out: Path, overwrite: bool) -> None:
@@ -344,9 +370,19 @@ def prepare_folder(
         for f in classes[name]
     ]
     fractions = (val_fraction if val_classes != 0 else 0.0, test_fraction)
-    return write_prepared(records, out, dataset="folder", source=src, short_side=short_side, workers=workers,
-                          val_classes=val_classes, val_seed=val_seed, overwrite=overwrite, split=split,
-                          fractions=fractions)
+    return write_prepared(
+        records,
+        out,
+        dataset="folder",
+        source=src,
+        short_side=short_side,
+        workers=workers,
+        val_classes=val_classes,
+        val_seed=val_seed,
+        overwrite=overwrite,
+        split=split,
+        fractions=fractions,
+    )
 
 
 def _class_folders(src: Path) -> dict[str, list[Path]]:
@@ -388,8 +424,7 @@ def _read_split_file(path: Path, classes: list[str]) -> dict[str, str]:
 
 
 def prepare_car(
-    src: str | Path, out: str | Path, crop: bool = False, short_side: int | None = 256, *, workers: int = 1,
-    **options
+    src: str | Path, out: str | Path, crop: bool = False, short_side: int | None = 256, *, workers: int = 1, **options
 ) -> Path:
     """Prepare Stanford Cars (`src/cars_annos.mat` + `src/car_ims/`): classes 1-98 train, 99-196 test.
 
@@ -419,13 +454,13 @@ def prepare_car(
         box = (int(a["bbox_x1"]), int(a["bbox_y1"]), int(a["bbox_x2"]) + 1, int(a["bbox_y2"]) + 1)
         split = "train" if cls <= CAR_TRAIN_CLASSES else "test"
         records.append(Record(src / rel, rel, cls - 1, class_names[cls - 1], split, box))
-    return write_prepared(records, out, dataset="car", source=src, short_side=short_side, crop=crop,
-                          workers=workers, **options)
+    return write_prepared(
+        records, out, dataset="car", source=src, short_side=short_side, crop=crop, workers=workers, **options
+    )
 
 
 def prepare_cub(
-    src: str | Path, out: str | Path, crop: bool = False, short_side: int | None = 256, *, workers: int = 1,
-    **options
+    src: str | Path, out: str | Path, crop: bool = False, short_side: int | None = 256, *, workers: int = 1, **options
 ) -> Path:
     """Prepare CUB-200-2011 (`src` is the CUB_200_2011 folder or its parent): classes 1-100 train, 101-200 test.
 
@@ -468,12 +503,12 @@ def prepare_cub(
             box = (x, y, x + w, y + h)
         split = "train" if cls <= CUB_TRAIN_CLASSES else "test"
         records.append(Record(root / "images" / rel, rel, cls - 1, class_name, split, box))
-    return write_prepared(records, out, dataset="cub", source=root, short_side=short_side, crop=crop,
-                          workers=workers, **options)
+    return write_prepared(
+        records, out, dataset="cub", source=root, short_side=short_side, crop=crop, workers=workers, **options
+    )
 
 
-def prepare_sop(src: str | Path, out: str | Path, short_side: int | None = 256, *, workers: int = 1,
-                **options) -> Path:
+def prepare_sop(src: str | Path, out: str | Path, short_side: int | None = 256, *, workers: int = 1, **options) -> Path:
     """Prepare Stanford Online Products: `src/Ebay_train.txt` -> train, `src/Ebay_test.txt` -> test.
 
     Listing rows are `image_id class_id super_class_id path` after a header; label = class_id - 1,
@@ -492,12 +527,10 @@ def prepare_sop(src: str | Path, out: str | Path, short_side: int | None = 256, 
             cid = _int(class_id, path, lineno)
             super_name = rel.replace("\\", "/").split("/")[0].removesuffix("_final")
             records.append(Record(src / rel, rel, cid - 1, f"{super_name}_{cid}", split))
-    return write_prepared(records, out, dataset="sop", source=src, short_side=short_side, workers=workers,
-                          **options)
+    return write_prepared(records, out, dataset="sop", source=src, short_side=short_side, workers=workers, **options)
 
 
-def prepare_isc(src: str | Path, out: str | Path, short_side: int | None = 256, *, workers: int = 1,
-                **options) -> Path:
+def prepare_isc(src: str | Path, out: str | Path, short_side: int | None = 256, *, workers: int = 1, **options) -> Path:
     """Prepare In-shop Clothes Retrieval: `src/list_eval_partition.txt` + images under `src/img/`.
 
     The listing is a count line, the header `image_name item_id evaluation_status`, then one row per
@@ -521,8 +554,7 @@ def prepare_isc(src: str | Path, out: str | Path, short_side: int | None = 256, 
         raise UserError(f"malformed {path}: declares {count} images but lists {len(entries)} (truncated?)")
     labels = {item: i for i, item in enumerate(sorted({e[1] for e in entries}))}
     records = [Record(src / rel, rel, labels[item], item, status) for rel, item, status in entries]
-    return write_prepared(records, out, dataset="isc", source=src, short_side=short_side, workers=workers,
-                          **options)
+    return write_prepared(records, out, dataset="isc", source=src, short_side=short_side, workers=workers, **options)
 
 
 PREPARERS: dict[str, Callable[..., Path]] = {

@@ -6,6 +6,7 @@ and small colour offsets. Images add nuisance variation: pose, scale, position, 
 backgrounds, lighting and partial occlusion. Output is deterministic: every species is seeded by
 `(seed, class)` and every image by `(seed, class, index)`, so the same arguments give the same bytes.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -124,8 +125,9 @@ def draw_bird(sp: Species, rng: np.random.Generator, canvas: int) -> Image.Image
 def _draw_legs(pen: _Pen, t: _Trunk) -> None:
     """Two legs hanging from the underside of the body."""
     for lx in (t.x - 4, t.x + 4):
-        pen.draw.line([pen.pt(lx, t.y + t.ry - 2), pen.pt(lx - 2, t.y + t.ry + 10)], fill=(70, 55, 40),
-                      width=pen.width(1.5))
+        pen.draw.line(
+            [pen.pt(lx, t.y + t.ry - 2), pen.pt(lx - 2, t.y + t.ry + 10)], fill=(70, 55, 40), width=pen.width(1.5)
+        )
 
 
 def _draw_tail(pen: _Pen, sp: Species, t: _Trunk, colour: tuple[int, int, int]) -> None:
@@ -134,8 +136,14 @@ def _draw_tail(pen: _Pen, sp: Species, t: _Trunk, colour: tuple[int, int, int]) 
     if sp.tail == "fork":
         outline = [(tx, ty - 5), (tx - tl, ty - 10), (tx - 0.6 * tl, ty + 1), (tx - tl, ty + 10), (tx, ty + 5)]
     elif sp.tail == "round":
-        outline = [(tx, ty - 5), (tx - 0.8 * tl, ty - 8), (tx - tl, ty - 3), (tx - tl, ty + 3),
-                   (tx - 0.8 * tl, ty + 8), (tx, ty + 5)]
+        outline = [
+            (tx, ty - 5),
+            (tx - 0.8 * tl, ty - 8),
+            (tx - tl, ty - 3),
+            (tx - tl, ty + 3),
+            (tx - 0.8 * tl, ty + 8),
+            (tx, ty + 5),
+        ]
     elif sp.tail == "wedge":
         outline = [(tx, ty - 5), (tx - 1.1 * tl, ty), (tx, ty + 5)]
     else:  # square
@@ -143,8 +151,9 @@ def _draw_tail(pen: _Pen, sp: Species, t: _Trunk, colour: tuple[int, int, int]) 
     pen.draw.polygon([pen.pt(x, y) for x, y in outline], fill=colour)
 
 
-def _draw_body(pen: _Pen, sp: Species, rng: np.random.Generator, t: _Trunk, body: tuple[int, int, int],
-               belly: tuple[int, int, int]) -> None:
+def _draw_body(
+    pen: _Pen, sp: Species, rng: np.random.Generator, t: _Trunk, body: tuple[int, int, int], belly: tuple[int, int, int]
+) -> None:
     """The body with a pale belly (lower half) and the species' breast pattern in a darker body colour."""
     pen.draw.ellipse(pen.box(t.x, t.y, t.rx, t.ry), fill=body)
     pen.draw.chord(pen.box(t.x, t.y, t.rx, t.ry), 0, 180, fill=belly)
@@ -156,8 +165,9 @@ def _draw_body(pen: _Pen, sp: Species, rng: np.random.Generator, t: _Trunk, body
     elif sp.breast == "streaks":
         for k in range(5):
             x = t.x + (k / 4 * 0.9 - 0.2) * t.rx
-            pen.draw.line([pen.pt(x, t.y + 0.2 * t.ry), pen.pt(x - 2, t.y + 0.75 * t.ry)], fill=mark,
-                          width=pen.width(1.6))
+            pen.draw.line(
+                [pen.pt(x, t.y + 0.2 * t.ry), pen.pt(x - 2, t.y + 0.75 * t.ry)], fill=mark, width=pen.width(1.6)
+            )
     elif sp.breast == "bars":
         for k in range(3):
             y = t.y + (0.25 + 0.22 * k) * t.ry
@@ -170,8 +180,9 @@ def _draw_wing(pen: _Pen, sp: Species, t: _Trunk, colour: tuple[int, int, int]) 
     pen.draw.ellipse(pen.box(wx, wy, wrx, wry), fill=colour)
     for k in range(sp.wing_bars):
         x = wx + (0.35 - 0.3 * k) * wrx
-        pen.draw.line([pen.pt(x, wy - 0.8 * wry), pen.pt(x - 2, wy + 0.8 * wry)], fill=(235, 230, 215),
-                      width=pen.width(1.6))
+        pen.draw.line(
+            [pen.pt(x, wy - 0.8 * wry), pen.pt(x - 2, wy + 0.8 * wry)], fill=(235, 230, 215), width=pen.width(1.6)
+        )
     if sp.wing_spot:
         pen.draw.ellipse(pen.box(wx - 0.6 * wrx, wy + 0.1 * wry, 3.0, 3.0), fill=(240, 235, 220))
 
@@ -182,8 +193,9 @@ def _draw_head(pen: _Pen, sp: Species, body: tuple[int, int, int]) -> None:
     dark = (30, 25, 20)
     if sp.crest:
         h = 7.0 * sp.crest
-        pen.draw.polygon([pen.pt(hx - 7, hy - 5), pen.pt(hx - 6 - 0.6 * h, hy - 8 - h), pen.pt(hx + 2, hy - 8)],
-                         fill=sp.cap or body)
+        pen.draw.polygon(
+            [pen.pt(hx - 7, hy - 5), pen.pt(hx - 6 - 0.6 * h, hy - 8 - h), pen.pt(hx + 2, hy - 8)], fill=sp.cap or body
+        )
     pen.draw.ellipse(pen.box(hx, hy, hr, hr), fill=body)
     if sp.cap:
         pen.draw.chord(pen.box(hx, hy, hr, hr), 180, 360, fill=sp.cap)
@@ -192,8 +204,10 @@ def _draw_head(pen: _Pen, sp: Species, body: tuple[int, int, int]) -> None:
     pen.draw.ellipse(pen.box(hx + 3, hy, 2.2, 2.2), fill=(245, 245, 240))
     pen.draw.ellipse(pen.box(hx + 3.4, hy, 1.3, 1.3), fill=dark)
     bl = 9.0 * sp.beak_len
-    pen.draw.polygon([pen.pt(hx + hr - 1.5, hy - 2.5), pen.pt(hx + hr - 1.5 + bl, hy + 1.5),
-                      pen.pt(hx + hr - 1.5, hy + 3.5)], fill=(60, 50, 40))
+    pen.draw.polygon(
+        [pen.pt(hx + hr - 1.5, hy - 2.5), pen.pt(hx + hr - 1.5 + bl, hy + 1.5), pen.pt(hx + hr - 1.5, hy + 3.5)],
+        fill=(60, 50, 40),
+    )
 
 
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
@@ -259,8 +273,14 @@ def render_image(sp: Species, rng: np.random.Generator, size: int) -> Image.Imag
 
 
 def generate_synthetic(
-    out: str | Path, classes: int = 40, per_class: int = 30, size: int = 128, seed: int = 0, progress: bool = True,
-    val_classes: float | int = 0.2, overwrite: bool = False,
+    out: str | Path,
+    classes: int = 40,
+    per_class: int = 30,
+    size: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+    val_classes: float | int = 0.2,
+    overwrite: bool = False,
 ) -> Path:
     """Write the synthetic bird dataset to `out` (images + manifest.csv) and return `out`.
 
@@ -288,8 +308,14 @@ def generate_synthetic(
             for i in range(per_class):
                 im = render_image(sp, np.random.default_rng([seed, 1, c, i]), size)
                 im.save(folder / f"{i:04d}.jpg", quality=JPEG_QUALITY)
-                rows.append({"path": f"images/{name}/{i:04d}.jpg", "label": c, "class_name": name,
-                             "split": "train" if c < classes // 2 else "test"})
+                rows.append(
+                    {
+                        "path": f"images/{name}/{i:04d}.jpg",
+                        "label": c,
+                        "class_name": name,
+                        "split": "train" if c < classes // 2 else "test",
+                    }
+                )
                 bar.update()
     write_manifest(out, df := carve_val(pd.DataFrame(rows), val_classes, seed))
     warn_small_data(df)

@@ -12,6 +12,7 @@ only when the minimum cosine is >= MIN_COSINE and every query's top-10 neighbour
 identical (up to float32 ties); model and sidecar are written to temporary files and renamed only after that
 check. `int8` quantises the checked model (see `deploy.int8`), which is then judged by retrieval quality and speed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -94,9 +95,16 @@ def export_onnx(model: nn.Module, path: Path, image_size: int) -> None:
     """Write `model` (uint8 NCHW in) as ONNX opset 17 with a dynamic batch axis."""
     example = torch.randint(0, 256, (2, 3, image_size, image_size), dtype=torch.uint8)
     with _quiet(), torch.no_grad():
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
 
 
 def export_torchscript(model: nn.Module, path: Path, image_size: int) -> None:
@@ -150,8 +158,14 @@ def agreement(reference: np.ndarray, exported: np.ndarray, k: int = TOP_K) -> di
     cosine = np.sum(l2_normalize(reference) * l2_normalize(exported), axis=1)
     k = min(k, len(reference) - 1)
     same = same_neighbours(reference, exported, k)
-    return {"images": len(reference), "min_cosine": float(cosine.min()), "mean_cosine": float(cosine.mean()),
-            "k": k, "topk_identical": same, "passed": bool(cosine.min() >= MIN_COSINE and same)}
+    return {
+        "images": len(reference),
+        "min_cosine": float(cosine.min()),
+        "mean_cosine": float(cosine.mean()),
+        "k": k,
+        "topk_identical": same,
+        "passed": bool(cosine.min() >= MIN_COSINE and same),
+    }
 
 
 def verify(model: nn.Module, run, batches: list) -> dict:
@@ -162,33 +176,56 @@ def verify(model: nn.Module, run, batches: list) -> dict:
     return agreement(reference, exported)
 
 
-def describe(cfg: TrainConfig, fmt: str, image_size: int, normalize: bool, identity: dict, check: dict,
-             tta: str = "none") -> dict:
+def describe(
+    cfg: TrainConfig, fmt: str, image_size: int, normalize: bool, identity: dict, check: dict, tta: str = "none"
+) -> dict:
     """The sidecar: everything needed to turn a photo into the input and to know what the output is."""
     resize = eval_resize(image_size)
-    augment = {"none": "none", "flip": "inside the model: the mean of the L2-normalised embeddings of the image "
-                                        "and its mirror image (left-right), renormalised"}[tta]
+    augment = {
+        "none": "none",
+        "flip": "inside the model: the mean of the L2-normalised embeddings of the image "
+        "and its mirror image (left-right), renormalised",
+    }[tta]
     return {
         "format": fmt,
         "exporter": f"torch.onnx.export(dynamo=False, opset_version={OPSET})" if fmt == "onnx" else "torch.jit.trace",
         "opset": OPSET if fmt == "onnx" else None,
-        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW", "channel_order": "RGB",
-                  "shape": ["batch", 3, image_size, image_size], "value_range": [0, 255]},
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", cfg.feature_dim],
-                   "l2_normalized": normalize or tta != "none", "similarity": "cosine"},
+        "input": {
+            "name": INPUT_NAME,
+            "dtype": "uint8",
+            "layout": "NCHW",
+            "channel_order": "RGB",
+            "shape": ["batch", 3, image_size, image_size],
+            "value_range": [0, 255],
+        },
+        "output": {
+            "name": OUTPUT_NAME,
+            "dtype": "float32",
+            "shape": ["batch", cfg.feature_dim],
+            "l2_normalized": normalize or tta != "none",
+            "similarity": "cosine",
+        },
         "preprocessing": {
             "decode": "Pillow, Image.open(path).convert('RGB')",
-            "resize": {"short_side": resize, "long_side": f"int({resize} * long / short)",
-                       "interpolation": "bilinear (Pillow, antialiased)"},
+            "resize": {
+                "short_side": resize,
+                "long_side": f"int({resize} * long / short)",
+                "interpolation": "bilinear (Pillow, antialiased)",
+            },
             "center_crop": {"size": image_size, "offset": "round((side - size) / 2)"},
             "normalization": "inside the model (the backbone's mean/std, channel order and scale)",
             "to_input": "HWC uint8 array -> transpose to CHW -> stack into a batch",
             "test_time_augmentation": augment,
         },
         "tta": tta,
-        "image_size": image_size, "feature_dim": cfg.feature_dim, "backbone": cfg.backbone,
-        "pooling": cfg.pooling, **identity, "package_version": package_version(),
-        "torch_version": torch.__version__, "check": check,
+        "image_size": image_size,
+        "feature_dim": cfg.feature_dim,
+        "backbone": cfg.backbone,
+        "pooling": cfg.pooling,
+        **identity,
+        "package_version": package_version(),
+        "torch_version": torch.__version__,
+        "check": check,
     }
 
 
@@ -215,11 +252,18 @@ def _quantize(fp32: Path, out: Path, calibration: str, cfg: TrainConfig, image_s
     failed = gate(report)
     if failed:
         ips = report["images_per_second"]
-        raise UserError(f"int8 model not kept: {'; '.join(failed)} on {report['images']} {report['split']} images "
-                        f"(mean cosine to fp32 {report['mean_cosine_to_fp32']}, {ips['int8']} img/s vs fp32 "
-                        f"{ips['fp32']}); nothing written")
-    return {**settings, "calibration_data": str(calibration), **report, "passed": True,
-            "gate": {"max_recall@1_drop": MAX_R1_DROP, "max_map@r_drop": MAX_MAPR_DROP}}
+        raise UserError(
+            f"int8 model not kept: {'; '.join(failed)} on {report['images']} {report['split']} images "
+            f"(mean cosine to fp32 {report['mean_cosine_to_fp32']}, {ips['int8']} img/s vs fp32 "
+            f"{ips['fp32']}); nothing written"
+        )
+    return {
+        **settings,
+        "calibration_data": str(calibration),
+        **report,
+        "passed": True,
+        "gate": {"max_recall@1_drop": MAX_R1_DROP, "max_map@r_drop": MAX_MAPR_DROP},
+    }
 
 
 def _write(fmt: str, model: nn.Module, path: Path, image_size: int, backbone: str) -> None:
@@ -231,9 +275,18 @@ def _write(fmt: str, model: nn.Module, path: Path, image_size: int, backbone: st
         raise UserError(f"backbone {backbone} cannot be exported to {fmt}: {reason}") from None
 
 
-def export_run(run_dir: str | Path, out: str | Path, *, fmt: str = "onnx", image_size: int | None = None,
-               normalize: bool = False, int8: bool = False, calibration: str | Path | None = None,
-               check_images: int = CHECK_IMAGES, tta: str = "none") -> dict:
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    fmt: str = "onnx",
+    image_size: int | None = None,
+    normalize: bool = False,
+    int8: bool = False,
+    calibration: str | Path | None = None,
+    check_images: int = CHECK_IMAGES,
+    tta: str = "none",
+) -> dict:
     """Export the run's best model to `out` (+ `out.json`), verified against PyTorch; returns the sidecar.
     `tta` (none | flip) puts the test-time augmentation into the graph (`ExportNet`).
 
@@ -245,15 +298,20 @@ def export_run(run_dir: str | Path, out: str | Path, *, fmt: str = "onnx", image
     size = image_size or cfg.image_size
     model = ExportNet(net, normalize, tta).eval()
     batches = check_batches(cfg, size, check_images)
-    with atomic_path(out) as tmp_model, atomic_path(sidecar_path(out)) as tmp_json, \
-            tempfile.TemporaryDirectory() as tmp:
+    with (
+        atomic_path(out) as tmp_model,
+        atomic_path(sidecar_path(out)) as tmp_json,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         exported = Path(tmp) / "fp32.onnx" if int8 else tmp_model
         _write(fmt, model, exported, size, cfg.backbone)
         check = verify(model, exported_runner(exported, fmt), batches)
         if not check["passed"]:
-            raise UserError(f"export check failed on {check['images']} test images: min cosine "
-                            f"{check['min_cosine']:.6f} (needs >= {MIN_COSINE}), identical top-{check['k']} "
-                            f"neighbours: {check['topk_identical']}; nothing written")
+            raise UserError(
+                f"export check failed on {check['images']} test images: min cosine "
+                f"{check['min_cosine']:.6f} (needs >= {MIN_COSINE}), identical top-{check['k']} "
+                f"neighbours: {check['topk_identical']}; nothing written"
+            )
         info = {**describe(cfg, fmt, size, normalize, identity, check, tta), "file": out.name}
         if int8:
             info["int8"] = _quantize(exported, tmp_model, str(calibration), cfg, size)

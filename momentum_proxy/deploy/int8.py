@@ -9,6 +9,7 @@ test split), R@1 drops by at most MAX_R1_DROP, MAP@R by at most MAX_MAPR_DROP (L
 losing 3.6 points of MAP@R), and it embeds faster than the fp32 model, timed batch by batch in alternation on the
 same images (`gate`).
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -66,11 +67,24 @@ def quantize(fp32: Path, out: Path, batches: list, input_name: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared))
-        quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
-    return {"format": "QDQ", "calibration": "MinMax", "calibration_images": sum(len(b) for b in batches),
-            "weights": "int8, per channel", "activations": "uint8, per tensor", "fp32_layers": []}
+        quantize_static(
+            str(prepared),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    return {
+        "format": "QDQ",
+        "calibration": "MinMax",
+        "calibration_images": sum(len(b) for b in batches),
+        "weights": "int8, per channel",
+        "activations": "uint8, per tensor",
+        "fp32_layers": [],
+    }
 
 
 def compare(fp32_session, int8_session, input_name: str, data: str, image_size: int) -> dict:
@@ -88,18 +102,23 @@ def compare(fp32_session, int8_session, input_name: str, data: str, image_size: 
             feats[name].append(session.run(None, {input_name: batch})[0])
             seconds[name] += time.perf_counter() - t0
     labels = frame["label"].to_numpy()
-    res = {name: evaluate_embeddings(np.concatenate(f), labels, metrics=["recall", "map@r"], recalls=[1])
-           for name, f in feats.items()}
+    res = {
+        name: evaluate_embeddings(np.concatenate(f), labels, metrics=["recall", "map@r"], recalls=[1])
+        for name, f in feats.items()
+    }
     ips = {name: len(frame) / s for name, s in seconds.items()}
     fp32, quantised = (l2_normalize(np.concatenate(feats[name])) for name in ("fp32", "int8"))
-    return {"split": split if split == "val" else "test (no val split)", "images": len(frame),
-            "mean_cosine_to_fp32": round(float(np.mean(np.sum(fp32 * quantised, axis=1))), 4),
-            "recall@1": {k: round(v["recall@1"], 4) for k, v in res.items()},
-            "map@r": {k: round(v["map@r"], 4) for k, v in res.items()},
-            "recall@1_change": round(res["int8"]["recall@1"] - res["fp32"]["recall@1"], 4),
-            "map@r_change": round(res["int8"]["map@r"] - res["fp32"]["map@r"], 4),
-            "images_per_second": {k: round(v, 1) for k, v in ips.items()},
-            "speedup": round(ips["int8"] / ips["fp32"], 3)}
+    return {
+        "split": split if split == "val" else "test (no val split)",
+        "images": len(frame),
+        "mean_cosine_to_fp32": round(float(np.mean(np.sum(fp32 * quantised, axis=1))), 4),
+        "recall@1": {k: round(v["recall@1"], 4) for k, v in res.items()},
+        "map@r": {k: round(v["map@r"], 4) for k, v in res.items()},
+        "recall@1_change": round(res["int8"]["recall@1"] - res["fp32"]["recall@1"], 4),
+        "map@r_change": round(res["int8"]["map@r"] - res["fp32"]["map@r"], 4),
+        "images_per_second": {k: round(v, 1) for k, v in ips.items()},
+        "speedup": round(ips["int8"] / ips["fp32"], 3),
+    }
 
 
 def gate(report: dict) -> list[str]:

@@ -7,6 +7,7 @@
   sha256 and the sidecar's `tta` match), run by `embedding.onnx.OnnxEmbedder` (CUDAExecutionProvider where
   present, else CPUExecutionProvider).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,9 +37,14 @@ def cached_export(run_dir: str | Path, checkpoint_sha256: str, tta: str = "none"
     meta = sidecar_path(path)
     if path.is_file() and meta.is_file():
         info = read_json(meta)
-        if (info.get("checkpoint_sha256") == checkpoint_sha256 and info.get("check", {}).get("passed")
-                and info.get("image_size") == RunDir(run_dir).config().image_size and info.get("format") == "onnx"
-                and info.get("tta", "none") == tta and "int8" not in info):
+        if (
+            info.get("checkpoint_sha256") == checkpoint_sha256
+            and info.get("check", {}).get("passed")
+            and info.get("image_size") == RunDir(run_dir).config().image_size
+            and info.get("format") == "onnx"
+            and info.get("tta", "none") == tta
+            and "int8" not in info
+        ):
             return path
     export_run(run_dir, path, fmt="onnx", tta=tta)
     return path
@@ -49,8 +55,13 @@ def onnx_embedder(run_dir: str | Path, device: str = "auto", tta: str = "none") 
     identity = model_identity(run_dir)
     path = cached_export(run_dir, identity["checkpoint_sha256"], tta)
     info = read_json(sidecar_path(path))
-    identity = {**identity, "runtime": "onnx", "verified": bool(info["check"]["passed"]),
-                "export_sha256": file_sha256(path), "tta": info["tta"]}
+    identity = {
+        **identity,
+        "runtime": "onnx",
+        "verified": bool(info["check"]["passed"]),
+        "export_sha256": file_sha256(path),
+        "tta": info["tta"],
+    }
     return OnnxEmbedder(path, info["image_size"], info["feature_dim"], identity, str(resolve_device(device)))
 
 

@@ -1,4 +1,5 @@
 """The one interface every way of embedding images implements."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable

@@ -1,5 +1,6 @@
 """Embedding images in PyTorch: a torch module as an `Embedder` (`ModuleEmbedder`), a run's best model
 (`TorchEmbedder`, the reference), and embedding datasets and image files by any `Embedder`."""
+
 from __future__ import annotations
 
 import contextlib
@@ -91,8 +92,16 @@ class ModuleEmbedder:
 
     runtime = "torch"
 
-    def __init__(self, model: EmbeddingNet, *, image_size: int | None = None, tta: str = "none",
-                 amp: str = "none", normalize: bool = True, identity: dict | None = None):
+    def __init__(
+        self,
+        model: EmbeddingNet,
+        *,
+        image_size: int | None = None,
+        tta: str = "none",
+        amp: str = "none",
+        normalize: bool = True,
+        identity: dict | None = None,
+    ):
         check_tta(tta)
         if not normalize and tta != "none":
             raise ValueError("raw embeddings (normalize=False) are only defined without test-time augmentation")
@@ -120,12 +129,24 @@ class TorchEmbedder(ModuleEmbedder):
     def __init__(self, run_dir: str | Path, device: str = "auto", tta: str = "none"):
         check_tta(tta)
         model, cfg, _ = load_model(run_dir, device)
-        super().__init__(model, image_size=cfg.image_size, tta=tta,
-                         identity={**model_identity(run_dir), "runtime": self.runtime, "verified": True, "tta": tta})
+        super().__init__(
+            model,
+            image_size=cfg.image_size,
+            tta=tta,
+            identity={**model_identity(run_dir), "runtime": self.runtime, "verified": True, "tta": tta},
+        )
 
 
-def embed_dataset(embedder: Embedder, dataset: ImageDataset, *, batch_size: int = 128, workers: int | None = None,
-                  dist: DistInfo = DistInfo(), progress: bool = True, desc: str = "embed") -> np.ndarray:
+def embed_dataset(
+    embedder: Embedder,
+    dataset: ImageDataset,
+    *,
+    batch_size: int = 128,
+    workers: int | None = None,
+    dist: DistInfo = DistInfo(),
+    progress: bool = True,
+    desc: str = "embed",
+) -> np.ndarray:
     """The embeddings (float32 rows, as `embedder` gives them) of every image of `dataset`, in order.
 
     Under torchrun each rank embeds an interleaved shard and the shards are gathered on every rank.
@@ -144,8 +165,9 @@ def embed_dataset(embedder: Embedder, dataset: ImageDataset, *, batch_size: int 
     return rows.cpu().numpy()
 
 
-def embed_files(embedder: Embedder, paths: Sequence[str | Path], batch_size: int = 64,
-                progress: bool = True) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+def embed_files(
+    embedder: Embedder, paths: Sequence[str | Path], batch_size: int = 64, progress: bool = True
+) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
     """Embed image files at `embedder.image_size`; returns (features of the readable ones, their paths,
     [(path, reason)] skipped). `progress`: a progress bar (for more than two batches)."""
     size = embedder.image_size

@@ -1,4 +1,5 @@
 """An ONNX model file in onnxruntime as an `Embedder` (the file is made and verified by `deploy.export`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,8 +27,7 @@ class OnnxEmbedder:
 
     runtime = "onnx"
 
-    def __init__(self, model_file: str | Path, image_size: int, feature_dim: int, identity: dict,
-                 device: str = "cpu"):
+    def __init__(self, model_file: str | Path, image_size: int, feature_dim: int, identity: dict, device: str = "cpu"):
         self.session = onnx_session(model_file, device)
         self.device = torch.device("cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu")
         self.image_size, self.feature_dim, self.identity = image_size, feature_dim, identity

@@ -12,6 +12,7 @@ images per second than one copy with both threads at its best batch size, and a 
 process loses more than that to the event loop: its OpenMP threads wait for each other whenever the HTTP work
 takes one of their cores.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,10 @@ def check_model_processes(count: int | str, device: str, runtime: str) -> int:
     if not str(count).isdigit():
         raise UserError(f"--model-processes must be auto or a count of model processes (0: none), got {count!r}")
     if int(count) and (kind != "cpu" or runtime != "torch"):
-        raise UserError(f"model processes run the torch runtime on the CPU; "
-                        f"with --device {device} --runtime {runtime} use --model-processes 0")
+        raise UserError(
+            f"model processes run the torch runtime on the CPU; "
+            f"with --device {device} --runtime {runtime} use --model-processes 0"
+        )
     return int(count)
 
 
@@ -98,9 +101,12 @@ class ModelProcess:
     def _start(self) -> dict:
         root = str(Path(__file__).resolve().parents[2])  # the folder holding the package
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen([sys.executable, "-m", "momentum_proxy.embedding.processes", self.run_dir,
-                                      str(self.threads), self.tta], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "momentum_proxy.embedding.processes", self.run_dir, str(self.threads), self.tta],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
         self.restarts += 1
         return json.loads(self._reply())
 
@@ -158,8 +164,12 @@ def child(run_dir: str, threads: int, tta: str) -> None:
         embedder = TorchEmbedder(run_dir, "cpu", tta)
     except UserError as e:
         return reply(-1, str(e).encode())
-    reply(0, json.dumps({"image_size": embedder.image_size, "feature_dim": embedder.feature_dim,
-                         "identity": embedder.identity}).encode())
+    reply(
+        0,
+        json.dumps(
+            {"image_size": embedder.image_size, "feature_dim": embedder.feature_dim, "identity": embedder.identity}
+        ).encode(),
+    )
     try:
         while len(header := read(REQUEST.size)) == REQUEST.size:
             n, h, w, want = REQUEST.unpack(header)

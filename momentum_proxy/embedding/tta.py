@@ -5,6 +5,7 @@ both go through the model in one batch of 2N, so it costs about twice the embedd
 in PyTorch (`inference.TorchEmbedder`, model processes) and inside exported graphs (`deploy.export.ExportNet`),
 so every runtime embeds alike.
 """
+
 from __future__ import annotations
 
 import torch

@@ -14,13 +14,15 @@ metric is exact whatever the class sizes; queries are processed in order of thei
 large the chunk shrinks so that chunk x k stays within it.
 
 With a re-ranking (`rerank`, e.g. `retrieval.rerank.Rerank`: any object with `active` and a `search_chunks` that
-takes and yields what `vectors.search_chunks` does), the neighbour lists are its re-ranked ones; in self-retrieval each query is left out
-of the collection for its own search, the re-ranking's database side included. NMI is not affected.
+takes and yields what `vectors.search_chunks` does), the neighbour lists are its re-ranked ones; in self-retrieval
+each query is left out of the collection for its own search, the re-ranking's database side included. NMI is not
+affected.
 
 Queries with no same-label item in the gallery ("lone" queries) are left out of all retrieval metrics,
 as pytorch-metric-learning's AccuracyCalculator does. Within a neighbour list, ties in similarity are
 ordered by gallery index, so results are deterministic and do not depend on the chunk size.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -32,8 +34,15 @@ from sklearn.metrics import normalized_mutual_info_score
 from momentum_proxy.config import METRICS as ALL_METRICS
 from momentum_proxy.config import RETRIEVAL_METRICS
 from momentum_proxy.errors import UserError
-from momentum_proxy.vectors import (DEFAULT_CHUNK_SIZE, as_features, as_labels, l2_normalize, on_device,
-                                    search_chunks, search_device)
+from momentum_proxy.vectors import (
+    DEFAULT_CHUNK_SIZE,
+    as_features,
+    as_labels,
+    l2_normalize,
+    on_device,
+    search_chunks,
+    search_device,
+)
 
 KMEANS_ITERATIONS = 20
 
@@ -115,21 +124,25 @@ def evaluate_embeddings(
             where = search_device(device)
             search, query_s = search_chunks, on_device(query, where)
             gallery_s = query_s if self_retrieval else on_device(gallery_n, where)
-        results.update(_retrieval_metrics(query_s, query_labels, gallery_s, gallery_labels, self_retrieval,
-                                          metrics, recalls, chunk_size, search))
+        results.update(
+            _retrieval_metrics(
+                query_s, query_labels, gallery_s, gallery_labels, self_retrieval, metrics, recalls, chunk_size, search
+            )
+        )
     if "nmi" in metrics:
         results["nmi"] = cluster_nmi(query, query_labels, seed=seed)
     return results
 
 
-def _retrieval_metrics(query, query_labels, gallery, gallery_labels, self_retrieval, metrics, recalls, chunk_size,
-                       search):
+def _retrieval_metrics(
+    query, query_labels, gallery, gallery_labels, self_retrieval, metrics, recalls, chunk_size, search
+):
     """Recall@K, precision@1, R-precision and MAP@R over the non-lone queries (see the module docstring)."""
     try:
         codes = np.unique(np.concatenate([gallery_labels, query_labels]), return_inverse=True)[1].ravel()
     except TypeError as e:
         raise UserError(f"labels cannot be compared: {e}") from None
-    gallery_codes, query_codes = codes[:len(gallery)], codes[len(gallery):]
+    gallery_codes, query_codes = codes[: len(gallery)], codes[len(gallery) :]
     r = np.bincount(gallery_codes, minlength=codes.max() + 1)[query_codes] - int(self_retrieval)
     valid = r > 0
     if not valid.any():

@@ -2,19 +2,20 @@
 
 Pipeline efficiency = pipeline images/s / model images/s, measured in one run; embedding is also timed in
 onnxruntime (the exported model, fp32 and static int8) against PyTorch eager. Every measurement is repeated in
-interleaved rounds and reported as median and spread; ratios are ratios of medians. Without `data`, a temporary dataset of full-size
-(500x375) JPEGs is generated and prepared as a user would (resize-once cache).
+interleaved rounds and reported as median and spread; ratios are ratios of medians. Without `data`, a temporary
+dataset of full-size (500x375) JPEGs is generated and prepared as a user would (resize-once cache).
 
 `bench_search` measures evaluation's exact k-NN the same way: GFLOP/s (2·Q·N·d) of `vectors.search_chunks` on the
 kernel evaluation uses on the device, against a bare `torch.mm` of the same products in one run.
 """
+
 from __future__ import annotations
 
 import copy
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -30,8 +31,14 @@ from momentum_proxy.fileio import write_json
 from momentum_proxy.runs import TrainConfig
 from momentum_proxy.training.loop import Trainee, build, make_optimizer
 from momentum_proxy.training.proxies import MomentumProxyUpdate
-from momentum_proxy.vectors import (DEFAULT_CHUNK_SIZE, MAX_BLOCK_SIMS, MAX_CHUNK_NEIGHBOURS, on_device,
-                                    search_chunks, search_device)
+from momentum_proxy.vectors import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_BLOCK_SIMS,
+    MAX_CHUNK_NEIGHBOURS,
+    on_device,
+    search_chunks,
+    search_device,
+)
 
 
 def make_photo_dataset(root: Path, classes: int = 8, per_class: int = 40, size=(500, 375), seed: int = 0) -> Path:
@@ -78,8 +85,9 @@ def summarise(values: dict[str, list[float]]) -> dict:
     return out
 
 
-def _onnx_embedders(model: torch.nn.Module, folder: Path, image_size: int, dev: torch.device, data: str,
-                    calibration_images: int) -> dict:
+def _onnx_embedders(
+    model: torch.nn.Module, folder: Path, image_size: int, dev: torch.device, data: str, calibration_images: int
+) -> dict:
     """{"embed_onnx": fp32, "embed_onnx_int8": static int8 (calibrated on `data`'s training images)}, each a
     function `images -> normalised embeddings` through onnxruntime for the current weights of `model`."""
     fp32, int8 = folder / "model.onnx", folder / "model_int8.onnx"
@@ -89,10 +97,20 @@ def _onnx_embedders(model: torch.nn.Module, folder: Path, image_size: int, dev: 
     return {name: (lambda images, s=s: s.run(None, {INPUT_NAME: images})[0]) for name, s in sessions.items()}
 
 
-def bench(*, data: str | None = None, backbone: str = "efficientnet_lite0", image_size: int = 224,
-          batch_size: int = 32, steps: int = 10, rounds: int = 5, device: str = "auto",
-          loader_workers: int | None = None, compile: bool = False, amp: str = "none",
-          json_out: str | None = None) -> dict:
+def bench(
+    *,
+    data: str | None = None,
+    backbone: str = "efficientnet_lite0",
+    image_size: int = 224,
+    batch_size: int = 32,
+    steps: int = 10,
+    rounds: int = 5,
+    device: str = "auto",
+    loader_workers: int | None = None,
+    compile: bool = False,
+    amp: str = "none",
+    json_out: str | None = None,
+) -> dict:
     """Images/s of training and embedding, pipeline and bare model, plus embedding in onnxruntime: every
     measurement repeated in `rounds` interleaved rounds of `steps` steps; medians, spreads and ratios of medians."""
     if rounds < 1 or steps < 1:
@@ -101,13 +119,33 @@ def bench(*, data: str | None = None, backbone: str = "efficientnet_lite0", imag
     with tempfile.TemporaryDirectory() as tmp:
         if data is None:
             data = _generated_data(Path(tmp), steps, batch_size)
-        cfg = TrainConfig(data=data, out="", backbone=backbone, pretrained="none",  # speed does not depend on weights
-                          image_size=image_size, batch_size=batch_size,
-                          loader_workers=loader_workers, device=str(dev), compile=compile, amp=amp, warmup_epochs=0)
+        cfg = TrainConfig(
+            data=data,
+            out="",
+            backbone=backbone,
+            pretrained="none",  # speed does not depend on weights
+            image_size=image_size,
+            batch_size=batch_size,
+            loader_workers=loader_workers,
+            device=str(dev),
+            compile=compile,
+            amp=amp,
+            warmup_epochs=0,
+        )
         values = interleave(_measures(cfg, dev, steps, Path(tmp)), rounds)
-    res = {"backbone": backbone, "image_size": image_size, "batch_size": batch_size, "steps": steps,
-           "rounds": rounds, "device": str(dev), "threads": torch.get_num_threads(), "compile": compile, "amp": amp,
-           **summarise(values), **_ratios(values)}
+    res = {
+        "backbone": backbone,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "steps": steps,
+        "rounds": rounds,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "compile": compile,
+        "amp": amp,
+        **summarise(values),
+        **_ratios(values),
+    }
     if json_out:
         write_json(json_out, res)
     return res
@@ -127,8 +165,10 @@ def _measures(cfg: TrainConfig, dev: torch.device, steps: int, tmp: Path) -> dic
     model, loss_fn = build(cfg, len(splits.train.label_map))
     model.to(dev)
     loss_fn.to(dev)
-    return {**_training_measures(cfg, splits.train, model, loss_fn, dev, steps),
-            **_embedding_measures(cfg, splits.test.dataset, model, dev, steps, tmp)}
+    return {
+        **_training_measures(cfg, splits.train, model, loss_fn, dev, steps),
+        **_embedding_measures(cfg, splits.test.dataset, model, dev, steps, tmp),
+    }
 
 
 def _uint8_batch(n: int, image_size: int) -> torch.Tensor:
@@ -136,8 +176,14 @@ def _uint8_batch(n: int, image_size: int) -> torch.Tensor:
     return torch.randint(0, 256, (n, image_size, image_size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
 
 
-def _training_measures(cfg: TrainConfig, train_set: ImageDataset, model: torch.nn.Module,
-                       loss_fn: torch.nn.Module, dev: torch.device, steps: int) -> dict[str, Callable[[], float]]:
+def _training_measures(
+    cfg: TrainConfig,
+    train_set: ImageDataset,
+    model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    dev: torch.device,
+    steps: int,
+) -> dict[str, Callable[[], float]]:
     """Training steps (forward, backward, optimiser, proxy update) fed by the loader (`train_pipeline`) and
     by one pre-made batch (`train_model`)."""
     optimizer = make_optimizer(cfg, model, loss_fn)
@@ -152,8 +198,9 @@ def _training_measures(cfg: TrainConfig, train_set: ImageDataset, model: torch.n
         optimizer.zero_grad(set_to_none=True)
         updater.update_loss(loss_fn, emb, labels.to(dev))
 
-    loader = make_loader(train_set, cfg.batch_size, train=True, workers=cfg.loader_workers,
-                         pin_memory=dev.type == "cuda")
+    loader = make_loader(
+        train_set, cfg.batch_size, train=True, workers=cfg.loader_workers, pin_memory=dev.type == "cuda"
+    )
     need = steps + 1
     if len(loader) < need:
         raise UserError(f"the train split gives {len(loader)} batches; {need} needed (lower --steps)")
@@ -172,8 +219,9 @@ def _training_measures(cfg: TrainConfig, train_set: ImageDataset, model: torch.n
     return {"train_pipeline": train_pipeline, "train_model": train_model}
 
 
-def _embedding_measures(cfg: TrainConfig, test_set: ImageDataset, model: torch.nn.Module, dev: torch.device,
-                        steps: int, tmp: Path) -> dict[str, Callable[[], float]]:
+def _embedding_measures(
+    cfg: TrainConfig, test_set: ImageDataset, model: torch.nn.Module, dev: torch.device, steps: int, tmp: Path
+) -> dict[str, Callable[[], float]]:
     """Embedding of the first test images by the pipeline (`embed_pipeline`), and of one pre-made batch in
     PyTorch (`embed_model`) and onnxruntime fp32 and int8 (`embed_onnx`, `embed_onnx_int8`); warms up the
     pipeline once."""
@@ -204,19 +252,30 @@ def _embedding_measures(cfg: TrainConfig, test_set: ImageDataset, model: torch.n
     def onnx_rate(name):
         return lambda: _rate(lambda _: onnx_embed[name](eval_numpy), embed_steps, eval_bs)
 
-    embed_dataset(embedder, torch.utils.data.Subset(test_set, range(eval_bs)), batch_size=eval_bs,
-                  workers=cfg.loader_workers, progress=False)  # warm-up (thread pool, allocator)
-    return {"embed_pipeline": embed_pipeline, "embed_model": embed_model,
-            "embed_onnx": onnx_rate("embed_onnx"), "embed_onnx_int8": onnx_rate("embed_onnx_int8")}
+    embed_dataset(
+        embedder,
+        torch.utils.data.Subset(test_set, range(eval_bs)),
+        batch_size=eval_bs,
+        workers=cfg.loader_workers,
+        progress=False,
+    )  # warm-up (thread pool, allocator)
+    return {
+        "embed_pipeline": embed_pipeline,
+        "embed_model": embed_model,
+        "embed_onnx": onnx_rate("embed_onnx"),
+        "embed_onnx_int8": onnx_rate("embed_onnx_int8"),
+    }
 
 
 def _ratios(values: dict[str, list[float]]) -> dict:
     """Pipeline efficiencies and onnxruntime speed-ups over PyTorch: ratios of medians."""
     med = {name: float(np.median(v)) for name, v in values.items()}
-    return {"train_efficiency": round(med["train_pipeline"] / med["train_model"], 3),
-            "embed_efficiency": round(med["embed_pipeline"] / med["embed_model"], 3),
-            "onnx_speedup": round(med["embed_onnx"] / med["embed_model"], 3),
-            "onnx_int8_speedup": round(med["embed_onnx_int8"] / med["embed_model"], 3)}
+    return {
+        "train_efficiency": round(med["train_pipeline"] / med["train_model"], 3),
+        "embed_efficiency": round(med["embed_pipeline"] / med["embed_model"], 3),
+        "onnx_speedup": round(med["embed_onnx"] / med["embed_model"], 3),
+        "onnx_int8_speedup": round(med["embed_onnx_int8"] / med["embed_model"], 3),
+    }
 
 
 def _sync(dev: torch.device) -> None:
@@ -234,10 +293,10 @@ def matmul_seconds(query: torch.Tensor, gallery: torch.Tensor, k: int, chunk_siz
     _sync(query.device)
     t0 = time.perf_counter()
     for i in range(0, len(query), rows):
-        q = query[i:i + rows]
+        q = query[i : i + rows]
         for j in range(0, len(gallery), cols):
-            g = gallery[j:j + cols]
-            torch.mm(q, g.T, out=out[:len(q) * len(g)].view(len(q), len(g)))
+            g = gallery[j : j + cols]
+            torch.mm(q, g.T, out=out[: len(q) * len(g)].view(len(q), len(g)))
     _sync(query.device)
     return time.perf_counter() - t0
 
@@ -250,8 +309,17 @@ def search_seconds(query, gallery, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE)
     return time.perf_counter() - t0
 
 
-def bench_search(queries: int = 4096, gallery: int = 100_000, dim: int = 512, k: int = 10, *, rounds: int = 5,
-                 device: str = "auto", seed: int = 0, json_out: str | None = None) -> dict:
+def bench_search(
+    queries: int = 4096,
+    gallery: int = 100_000,
+    dim: int = 512,
+    k: int = 10,
+    *,
+    rounds: int = 5,
+    device: str = "auto",
+    seed: int = 0,
+    json_out: str | None = None,
+) -> dict:
     """Exact search at the matrix-multiply limit: GFLOP/s (2·Q·N·d flops) of evaluation's exact k-NN
     (`search`: `vectors.search_chunks` on the kernel `vectors.search_device` picks for `device`: faiss on the CPU,
     torch on CUDA) and of a bare `torch.mm` of the same products (`mm`, `matmul_seconds`), on random unit vectors,
@@ -277,12 +345,21 @@ def bench_search(queries: int = 4096, gallery: int = 100_000, dim: int = 512, k:
     measures["mm"]()  # warm-up: thread pools, allocator, first CUDA kernels
     values = interleave(measures, rounds)
     med = {name: float(np.median(v)) for name, v in values.items()}
-    res = {"queries": queries, "gallery": gallery, "dim": dim, "k": k, "device": str(dev),
-           "kernel": "faiss" if where is None else "torch", "threads": torch.get_num_threads(), "rounds": rounds,
-           "gflop": round(gflop, 3), **{f"{name}_gflops": round(m, 2) for name, m in med.items()},
-           "spread": {name: [round(min(v), 2), round(max(v), 2)] for name, v in values.items()},
-           "repeats": {name: [round(x, 2) for x in v] for name, v in values.items()},
-           "ratio": round(med["search"] / med["mm"], 3)}
+    res = {
+        "queries": queries,
+        "gallery": gallery,
+        "dim": dim,
+        "k": k,
+        "device": str(dev),
+        "kernel": "faiss" if where is None else "torch",
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "gflop": round(gflop, 3),
+        **{f"{name}_gflops": round(m, 2) for name, m in med.items()},
+        "spread": {name: [round(min(v), 2), round(max(v), 2)] for name, v in values.items()},
+        "repeats": {name: [round(x, 2) for x in v] for name, v in values.items()},
+        "ratio": round(med["search"] / med["mm"], 3),
+    }
     if "torch_knn" in med:
         res["torch_knn_ratio"] = round(med["torch_knn"] / med["mm"], 3)
     if json_out:

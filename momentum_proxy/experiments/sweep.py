@@ -4,6 +4,7 @@ curves, and a Markdown report of test figures as mean ± 95 % confidence interva
 Every figure and table says how its models were selected (val, last epoch, or — only to reproduce published
 tables — test) and over how many seeds.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -28,8 +29,10 @@ REPORTED = {"precision@1": "P@1", "recall@1": "R@1", "r_precision": "R-Precision
 
 
 def run_name(cfg: TrainConfig) -> str:
-    return (f"{cfg.backbone.replace(':', '-')}_{cfg.feature_dim}_{cfg.loss}_{cfg.optimizer_label}"
-            f"_m{cfg.proxy_momentum:g}_s{cfg.seed}")
+    return (
+        f"{cfg.backbone.replace(':', '-')}_{cfg.feature_dim}_{cfg.loss}_{cfg.optimizer_label}"
+        f"_m{cfg.proxy_momentum:g}_s{cfg.seed}"
+    )
 
 
 def config_changes(run: RunDir, cfg: TrainConfig) -> list[str]:
@@ -46,8 +49,10 @@ def sweep(base: TrainConfig, out: str | Path, grid: dict[str, list]) -> list[Pat
     configuration differs (e.g. other --epochs) is trained again from scratch, saying what changed.
     """
     device_type = resolve_device(base.device).type
-    cells = [resolve_config(base.with_(**dict(zip(grid, values))), device_type)
-             for values in itertools.product(*grid.values())]
+    cells = [
+        resolve_config(base.with_(**dict(zip(grid, values))), device_type)
+        for values in itertools.product(*grid.values())
+    ]
     for cfg in cells:
         cfg.out = str(Path(out) / run_name(cfg))
         cfg.validate()  # every cell before the first is trained
@@ -60,8 +65,10 @@ def sweep(base: TrainConfig, out: str | Path, grid: dict[str, list]) -> list[Pat
             print(f"resume: {run.path}")
             training.resume(run.path)
         else:
-            print(f"run: {run.path}" + (f" (configuration changed: {', '.join(changes)}; trained again)"
-                                        if changes else ""))
+            print(
+                f"run: {run.path}"
+                + (f" (configuration changed: {', '.join(changes)}; trained again)" if changes else "")
+            )
             training.train(cfg, overwrite=True)
     return [Path(cfg.out) for cfg in cells]
 
@@ -76,18 +83,41 @@ def collect_runs(folder: str | Path) -> pd.DataFrame:
         if summary is None:
             continue
         cfg = run.config()
-        rows.append({"run": str(run.path), "data": Path(cfg.data).name, "backbone": cfg.backbone,
-                     "feature_dim": cfg.feature_dim, "loss": cfg.loss, "optimizer": cfg.optimizer,
-                     "proxy_update": cfg.proxy_update, "proxy_momentum": cfg.proxy_momentum, "lr": cfg.lr,
-                     "epochs": cfg.epochs, "seed": cfg.seed, "selected_on": summary["selected_on"],
-                     "best_epoch": summary["epoch"], **summary["test"]})
+        rows.append(
+            {
+                "run": str(run.path),
+                "data": Path(cfg.data).name,
+                "backbone": cfg.backbone,
+                "feature_dim": cfg.feature_dim,
+                "loss": cfg.loss,
+                "optimizer": cfg.optimizer,
+                "proxy_update": cfg.proxy_update,
+                "proxy_momentum": cfg.proxy_momentum,
+                "lr": cfg.lr,
+                "epochs": cfg.epochs,
+                "seed": cfg.seed,
+                "selected_on": summary["selected_on"],
+                "best_epoch": summary["epoch"],
+                **summary["test"],
+            }
+        )
     if not rows:
         raise UserError(f"no finished run (with eval.json) found below {folder}")
     return pd.DataFrame(rows)
 
 
-CONFIG_COLUMNS = ["data", "backbone", "feature_dim", "loss", "optimizer", "proxy_update", "proxy_momentum", "lr",
-                  "epochs", "selected_on"]
+CONFIG_COLUMNS = [
+    "data",
+    "backbone",
+    "feature_dim",
+    "loss",
+    "optimizer",
+    "proxy_update",
+    "proxy_momentum",
+    "lr",
+    "epochs",
+    "selected_on",
+]
 
 
 def mean_ci(values: pd.Series) -> tuple[float, float]:
@@ -124,14 +154,25 @@ def report(folder: str | Path, out: str | Path | None = None) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in table.iterrows():
         momentum = f"{r['proxy_momentum']:g}" if r["proxy_update"] == "momentum" else "-"
-        cells = [r["data"], r["backbone"], r["feature_dim"], r["loss"], r["optimizer"], r["proxy_update"], momentum,
-                 f"{r['lr']:g}", r["epochs"], "**test** (optimistic)" if r["selected_on"] == "test" else r["selected_on"],
-                 r["seeds"]] + [_fmt(r[m], r[f"{m}_ci"]) for m in metrics]
+        cells = [
+            r["data"],
+            r["backbone"],
+            r["feature_dim"],
+            r["loss"],
+            r["optimizer"],
+            r["proxy_update"],
+            momentum,
+            f"{r['lr']:g}",
+            r["epochs"],
+            "**test** (optimistic)" if r["selected_on"] == "test" else r["selected_on"],
+            r["seeds"],
+        ] + [_fmt(r[m], r[f"{m}_ci"]) for m in metrics]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     text = "\n".join(lines) + (
         "\n\nTest split, values in %: mean ± half-width of the 95 % confidence interval (Student t) over the "
         "seeds; each run's checkpoint selected as the 'selected on' column says (val: class-disjoint "
-        "validation split; last: the last epoch; test: chosen on the test split itself, optimistic).\n")
+        "validation split; last: the last epoch; test: chosen on the test split itself, optimistic).\n"
+    )
     write_text(Path(out) if out else Path(folder) / "benchmarks.md", text)
     return text
 

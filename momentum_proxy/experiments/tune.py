@@ -11,6 +11,7 @@ default recipe (TrainConfig's defaults of the searched options), so the tuner ne
 that scored below it on val. At the end: `best.json` (a config for `mproxy train --config`), `report.md` and its
 plots.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,16 +54,22 @@ DEFAULT_SPACE = {
     "warmup_epochs": {"type": "int", "low": 0, "high": 2},
     "schedule": {"type": "categorical", "choices": ["multistep", "cosine"]},
     "loss": {"type": "categorical", "choices": list(LOSS_NAMES)},
-    "loss_scale": {"per_loss": {
-        "proxy_nca": {"type": "float", "low": 1.0, "high": 32.0, "log": True},
-        "normalized_softmax": {"type": "float", "low": 8.0, "high": 64.0, "log": True},
-        "cos_face": {"type": "float", "low": 8.0, "high": 64.0, "log": True},
-        "arc_face": {"type": "float", "low": 8.0, "high": 64.0, "log": True},
-        "proxy_anchor": {"type": "float", "low": 8.0, "high": 64.0, "log": True}}},
-    "margin": {"per_loss": {
-        "cos_face": {"type": "float", "low": 0.1, "high": 0.5},
-        "arc_face": {"type": "float", "low": 10.0, "high": 40.0},
-        "proxy_anchor": {"type": "float", "low": 0.05, "high": 0.3}}},
+    "loss_scale": {
+        "per_loss": {
+            "proxy_nca": {"type": "float", "low": 1.0, "high": 32.0, "log": True},
+            "normalized_softmax": {"type": "float", "low": 8.0, "high": 64.0, "log": True},
+            "cos_face": {"type": "float", "low": 8.0, "high": 64.0, "log": True},
+            "arc_face": {"type": "float", "low": 8.0, "high": 64.0, "log": True},
+            "proxy_anchor": {"type": "float", "low": 8.0, "high": 64.0, "log": True},
+        }
+    },
+    "margin": {
+        "per_loss": {
+            "cos_face": {"type": "float", "low": 0.1, "high": 0.5},
+            "arc_face": {"type": "float", "low": 10.0, "high": 40.0},
+            "proxy_anchor": {"type": "float", "low": 0.05, "high": 0.3},
+        }
+    },
     "proxy_momentum": {"type": "float", "low": 0.05, "high": 0.95},
     "momentum_target": {"type": "categorical", "choices": ["mean", "sum"]},
     "proxy_init": {"type": "categorical", "choices": ["class_mean", "random"]},
@@ -147,8 +154,10 @@ def check_spec(name: str, spec: dict, per_loss_allowed: bool = True) -> None:
         if spec.get("log") and low <= 0:
             raise UserError(f"{where}: a log range needs low > 0, got {low}")
     else:
-        raise UserError(f"{where}: give a plain value, or a dict with 'type' float, int or categorical "
-                        "(or 'per_loss'), got {spec!r}")
+        raise UserError(
+            f"{where}: give a plain value, or a dict with 'type' float, int or categorical "
+            "(or 'per_loss'), got {spec!r}"
+        )
 
 
 def suggest_one(trial: optuna.Trial, param: str, spec: dict):
@@ -203,25 +212,36 @@ def open_study(out: Path, identity: dict) -> tuple[optuna.Study, optuna.storages
     """Create or reopen OUT/study.db; refuse a study made with another dataset, space, budget or seed (a study
     begun before the options were renamed continues)."""
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
-    return open_named_study(out, STUDY_NAME, identity, pruner,
-                            upgrade=lambda stored: {**stored, "space": upgrade_options(stored.get("space", {}))})
+    return open_named_study(
+        out,
+        STUDY_NAME,
+        identity,
+        pruner,
+        upgrade=lambda stored: {**stored, "space": upgrade_options(stored.get("space", {}))},
+    )
 
 
-def open_named_study(out: Path, name: str, identity: dict, pruner: optuna.pruners.BasePruner | None = None,
-                     upgrade: Callable[[dict], dict] = lambda stored: stored
-                     ) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
+def open_named_study(
+    out: Path,
+    name: str,
+    identity: dict,
+    pruner: optuna.pruners.BasePruner | None = None,
+    upgrade: Callable[[dict], dict] = lambda stored: stored,
+) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
     """Create or reopen the study `name` in OUT/study.db (`pruner` None: optuna's default); refuse a folder that
     holds the other kind of study, and a study whose stored `identity` (read through `upgrade`) differs."""
     storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'study.db').absolute()}")
     check_study_kind(storage, name, out)
-    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", pruner=pruner,
-                                load_if_exists=True)
+    study = optuna.create_study(
+        storage=storage, study_name=name, direction="maximize", pruner=pruner, load_if_exists=True
+    )
     stored = study.user_attrs.get("identity")
     if stored is None:
         study.set_user_attr("identity", identity)
     elif (stored := upgrade(stored)) != identity:
-        raise UserError(f"{out} holds a study with {identity_changes(stored, identity)}; use another --out or the "
-                        "same settings")
+        raise UserError(
+            f"{out} holds a study with {identity_changes(stored, identity)}; use another --out or the same settings"
+        )
     return study, storage
 
 
@@ -232,12 +252,15 @@ def check_study_kind(storage: optuna.storages.BaseStorage, name: str, out: Path)
     """Refuse a study folder that holds another kind of study (`tune` and `tune-rerank` write the same files)."""
     other = [n for n in optuna.get_all_study_names(storage) if n != name]
     if other:
-        raise UserError(f"{out} holds a study of {STUDY_COMMANDS.get(other[0], other[0])!r}, not of "
-                        f"{STUDY_COMMANDS.get(name, name)!r}; use another --out")
+        raise UserError(
+            f"{out} holds a study of {STUDY_COMMANDS.get(other[0], other[0])!r}, not of "
+            f"{STUDY_COMMANDS.get(name, name)!r}; use another --out"
+        )
 
 
 def identity_changes(stored: dict, identity: dict) -> str:
     """What differs, with both values: "epochs 3, not 5" (the space entry by entry)."""
+
     def show(entries: dict, key: str) -> str:
         value = entries.get(key, "(unset)")
         return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
@@ -246,9 +269,11 @@ def identity_changes(stored: dict, identity: dict) -> str:
     for key in identity:
         if key == "space":
             old, new = stored.get("space", {}), identity["space"]
-            changes += [f"space entry {name} {show(old, name)}, not {show(new, name)}"
-                        for name in dict.fromkeys([*old, *new]) if name not in old or name not in new
-                        or old[name] != new[name]]
+            changes += [
+                f"space entry {name} {show(old, name)}, not {show(new, name)}"
+                for name in dict.fromkeys([*old, *new])
+                if name not in old or name not in new or old[name] != new[name]
+            ]
         elif stored.get(key) != identity[key]:
             changes.append(f"{key} {show(stored, key)}, not {show(identity, key)}")
     return " and ".join(changes)
@@ -260,16 +285,22 @@ def identity_of(cfg: TrainConfig, space: Space) -> dict:
     return json.loads(json.dumps({"data": cfg.data, "space": entries, "epochs": cfg.epochs, "seed": cfg.seed}))
 
 
-def retry_interrupted_trials(study: optuna.Study, storage: optuna.storages.RDBStorage,
-                             marks_kept: tuple[str, ...] = (DEFAULT,)) -> list[int]:
+def retry_interrupted_trials(
+    study: optuna.Study, storage: optuna.storages.RDBStorage, marks_kept: tuple[str, ...] = (DEFAULT,)
+) -> list[int]:
     """Queue again the parameters of every trial that was interrupted (left running by a killed tuner, which
     is marked failed and interrupted here, or failed by Ctrl-C) and not yet queued again; the retry keeps the
     user attributes `marks_kept` (trial 0's mark)."""
     study_id = storage.get_study_id_from_name(study.study_name)
     trials = study.get_trials(deepcopy=False)
     queued = {t.user_attrs.get("retry_of") for t in trials}
-    interrupted = [t for t in trials if t.state in (TrialState.RUNNING, TrialState.FAIL)
-                   and not t.user_attrs.get(FINISHED) and t.number not in queued]
+    interrupted = [
+        t
+        for t in trials
+        if t.state in (TrialState.RUNNING, TrialState.FAIL)
+        and not t.user_attrs.get(FINISHED)
+        and t.number not in queued
+    ]
     for t in interrupted:
         if t.state == TrialState.RUNNING:
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
@@ -362,15 +393,27 @@ def best_other(study: optuna.Study, default: optuna.trial.FrozenTrial) -> optuna
     return max(others, key=lambda t: t.value) if others else None
 
 
-def no_trial_beat(study: optuna.Study, reference: optuna.trial.FrozenTrial, what: str, metric: str, kept: str,
-                  label: Callable[[optuna.trial.FrozenTrial], str] = lambda trial: "") -> str:
+def no_trial_beat(
+    study: optuna.Study,
+    reference: optuna.trial.FrozenTrial,
+    what: str,
+    metric: str,
+    kept: str,
+    label: Callable[[optuna.trial.FrozenTrial], str] = lambda trial: "",
+) -> str:
     """One sentence when no trial beat the `reference` trial (`what` it is) on val `metric`: its figure, the best
     other trial's (`label(trial)`: words after its number) and the difference; best.json is `kept`."""
     top = best_other(study, reference)
-    versus = (f"; the best other, trial {top.number}{label(top)}, {100 * top.value:.2f}, difference "
-              f"{100 * (top.value - reference.value):+.2f}" if top else "")
-    return (f"no trial beat {what} (trial {reference.number}, val {metric} {100 * reference.value:.2f}{versus}): "
-            f"best.json is {kept}")
+    versus = (
+        f"; the best other, trial {top.number}{label(top)}, {100 * top.value:.2f}, difference "
+        f"{100 * (top.value - reference.value):+.2f}"
+        if top
+        else ""
+    )
+    return (
+        f"no trial beat {what} (trial {reference.number}, val {metric} {100 * reference.value:.2f}{versus}): "
+        f"best.json is {kept}"
+    )
 
 
 def against_default(study: optuna.Study) -> str:
@@ -382,8 +425,10 @@ def against_default(study: optuna.Study) -> str:
         return f"the default recipe (trial {default.number}) did not complete: nothing to compare with"
     if best.number == default.number:
         return no_trial_beat(study, default, "the default recipe", "MAP@R", "the default recipe")
-    return (f"trial {best.number} val MAP@R {100 * best.value:.2f} against the default recipe (trial "
-            f"{default.number}) {100 * default.value:.2f}, difference {100 * (best.value - default.value):+.2f}")
+    return (
+        f"trial {best.number} val MAP@R {100 * best.value:.2f} against the default recipe (trial "
+        f"{default.number}) {100 * default.value:.2f}, difference {100 * (best.value - default.value):+.2f}"
+    )
 
 
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -454,8 +499,11 @@ def trial_line(study: optuna.Study, t: optuna.trial.FrozenTrial) -> str:
         outcome = f"pruned after epoch {t.last_step}"
     else:
         outcome = "complete"
-    figures = (f" val MAP@R {100 * attrs[OBJECTIVE]:.2f} R@1 {100 * attrs['val_recall@1']:.2f} "
-               f"(epoch {attrs['best_epoch']})" if attrs.get(OBJECTIVE) is not None else "")
+    figures = (
+        f" val MAP@R {100 * attrs[OBJECTIVE]:.2f} R@1 {100 * attrs['val_recall@1']:.2f} (epoch {attrs['best_epoch']})"
+        if attrs.get(OBJECTIVE) is not None
+        else ""
+    )
     top = recommended(study)
     best = f"; best: trial {top.number} val MAP@R {100 * top.value:.2f}" if top else ""
     return f"{trial_name(t)} {outcome}:{figures}{best} | {format_options(attrs.get('options', {}))}"
@@ -473,8 +521,14 @@ def format_options(options: dict) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items())
 
 
-def tune(data: str | Path, out: str | Path, trials: int, space: str | Path | dict | None = None,
-         budget_epochs: int | None = None, seed: int = 0) -> dict:
+def tune(
+    data: str | Path,
+    out: str | Path,
+    trials: int,
+    space: str | Path | dict | None = None,
+    budget_epochs: int | None = None,
+    seed: int = 0,
+) -> dict:
     """Run (or continue) a study of `trials` finished trials in `out`; returns best.json's content."""
     if trials < 1:
         raise UserError(f"--trials must be >= 1, got {trials}")
@@ -499,8 +553,13 @@ def tune(data: str | Path, out: str | Path, trials: int, space: str | Path | dic
         while len(finished_trials(study)) < trials:
             # seeded per trial: a restarted tuner must not replay the draws its predecessor made
             study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
-            study.optimize(objective, n_trials=1, catch=(UserError,), gc_after_trial=True,
-                           callbacks=[lambda s, t: print(trial_line(s, t), flush=True)])
+            study.optimize(
+                objective,
+                n_trials=1,
+                catch=(UserError,),
+                gc_after_trial=True,
+                callbacks=[lambda s, t: print(trial_line(s, t), flush=True)],
+            )
         return write_outputs(study, out, base, space)
 
 
@@ -508,8 +567,13 @@ def tune(data: str | Path, out: str | Path, trials: int, space: str | Path | dic
 def best_config(study: optuna.Study, base: TrainConfig, space: Space) -> dict:
     """best.json: the dataset, the fixed options, the recommended trial's options and the budget's epochs."""
     best = recommended(study)
-    return {"data": base.data, **{k: v for k, v in space.fixed.items() if k != "epochs"},
-            **best.user_attrs["options"], "epochs": base.epochs, "seed": base.seed}
+    return {
+        "data": base.data,
+        **{k: v for k, v in space.fixed.items() if k != "epochs"},
+        **best.user_attrs["options"],
+        "epochs": base.epochs,
+        "seed": base.seed,
+    }
 
 
 def write_outputs(study: optuna.Study, out: Path, base: TrainConfig, space: Space) -> dict:
@@ -523,8 +587,10 @@ def write_outputs(study: optuna.Study, out: Path, base: TrainConfig, space: Spac
     write_text(out / "report.md", report(study, out, base, imp))
     if best is None:
         raise UserError(f"no trial completed; see {out / 'report.md'}")
-    print(f"best: {against_default(study)}; {out / 'report.md'}; "
-          f"train it with: mproxy train --config {shlex.quote(str(out / 'best.json'))}")
+    print(
+        f"best: {against_default(study)}; {out / 'report.md'}; "
+        f"train it with: mproxy train --config {shlex.quote(str(out / 'best.json'))}"
+    )
     return best
 
 
@@ -544,28 +610,53 @@ def report(study: optuna.Study, out: Path, base: TrainConfig, imp: dict[str, flo
     trials = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(FINISHED)]
     complete = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
     states = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-    lines = [f"# Tuning study: {Path(base.data).name}", "",
-             f"{len(trials)} trials of {base.epochs} epoch(s) ({states[TrialState.COMPLETE]} complete, "
-             f"{states[TrialState.PRUNED]} pruned or diverged, {states[TrialState.FAIL]} failed); objective: "
-             "val MAP@R of each trial's best trained epoch (class-disjoint validation split; the test split "
-             "was never evaluated); 'start' is the pretrained start's (epoch 0), which a run keeps when training "
-             "does not beat it. Values in %.", ""]
+    lines = [
+        f"# Tuning study: {Path(base.data).name}",
+        "",
+        f"{len(trials)} trials of {base.epochs} epoch(s) ({states[TrialState.COMPLETE]} complete, "
+        f"{states[TrialState.PRUNED]} pruned or diverged, {states[TrialState.FAIL]} failed); objective: "
+        "val MAP@R of each trial's best trained epoch (class-disjoint validation split; the test split "
+        "was never evaluated); 'start' is the pretrained start's (epoch 0), which a run keeps when training "
+        "does not beat it. Values in %.",
+        "",
+    ]
     if complete:
-        lines += top_table(complete[:10]) + [""] + default_section(study) + [
-            (f"Best: {trial_name(recommended(study))}; train it with "
-             f"`mproxy train --config {shlex.quote(str(out / 'best.json'))}`."),
-            "", "![validation curve of the best trial](best_curves.png)", ""]
+        lines += (
+            top_table(complete[:10])
+            + [""]
+            + default_section(study)
+            + [
+                (
+                    f"Best: {trial_name(recommended(study))}; train it with "
+                    f"`mproxy train --config {shlex.quote(str(out / 'best.json'))}`."
+                ),
+                "",
+                "![validation curve of the best trial](best_curves.png)",
+                "",
+            ]
+        )
     others = [t for t in trials if t.state != TrialState.COMPLETE]
     if others:
         lines += ["## Pruned and failed trials", ""] + [f"- {trial_line_short(t)}" for t in others] + [""]
     if imp:
-        lines += ["## Parameter importances (fANOVA, over the complete trials)", "",
-                  f"From {states[TrialState.COMPLETE]} complete trials: rough with few trials.", "",
-                  "| parameter | importance |", "|---|---|"]
+        lines += [
+            "## Parameter importances (fANOVA, over the complete trials)",
+            "",
+            f"From {states[TrialState.COMPLETE]} complete trials: rough with few trials.",
+            "",
+            "| parameter | importance |",
+            "|---|---|",
+        ]
         lines += [f"| {k} | {v:.3f} |" for k, v in imp.items()] + ["", "![importances](importances.png)", ""]
     if complete:
-        lines += ["## Plots", "", "![optimisation history](history.png)", "",
-                  "![val MAP@R against the top parameters](params.png)", ""]
+        lines += [
+            "## Plots",
+            "",
+            "![optimisation history](history.png)",
+            "",
+            "![val MAP@R against the top parameters](params.png)",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -576,28 +667,46 @@ def default_section(study: optuna.Study) -> list[str]:
     if default is not None and default.state == TrialState.COMPLETE:
         won = best.number == default.number
         top = best_other(study, default) if won else best
-        lines += ["| | trial | val MAP@R |", "|---|---|---|",
-                  f"| default recipe | {default.number} | {100 * default.value:.2f} |"]
+        lines += [
+            "| | trial | val MAP@R |",
+            "|---|---|---|",
+            f"| default recipe | {default.number} | {100 * default.value:.2f} |",
+        ]
         if top is not None:
-            lines += [f"| {'best other' if won else 'best'} | {top.number} | {100 * top.value:.2f} |",
-                      f"| difference | | {100 * (top.value - default.value):+.2f} |"]
+            lines += [
+                f"| {'best other' if won else 'best'} | {top.number} | {100 * top.value:.2f} |",
+                f"| difference | | {100 * (top.value - default.value):+.2f} |",
+            ]
         lines.append("")
     sentence = against_default(study)
     lines += [sentence[0].upper() + sentence[1:] + ".", ""]
     if default is not None and default.user_attrs[DEFAULT]:
-        lines += [f"Trial {default.number} ran the default recipe except for these parameters, drawn by the sampler: "
-                  + "; ".join(f"{k} ({why})" for k, why in default.user_attrs[DEFAULT].items()) + ".", ""]
+        lines += [
+            f"Trial {default.number} ran the default recipe except for these parameters, drawn by the sampler: "
+            + "; ".join(f"{k} ({why})" for k, why in default.user_attrs[DEFAULT].items())
+            + ".",
+            "",
+        ]
     return lines
 
 
 def top_table(complete: list) -> list[str]:
     names = list(dict.fromkeys(k for t in complete for k in t.user_attrs["options"]))
-    lines = ["## Top trials", "", "| trial | val MAP@R | val R@1 | epoch | start | " + " | ".join(names) + " |",
-             "|" + "---|" * (5 + len(names))]
+    lines = [
+        "## Top trials",
+        "",
+        "| trial | val MAP@R | val R@1 | epoch | start | " + " | ".join(names) + " |",
+        "|" + "---|" * (5 + len(names)),
+    ]
     for t in complete:
         a, opts = t.user_attrs, t.user_attrs["options"]
-        cells = [f"{t.number} (default)" if DEFAULT in a else t.number, f"{100 * t.value:.2f}",
-                 f"{100 * a['val_recall@1']:.2f}", a["best_epoch"], f"{100 * a['start_map@r']:.2f}"]
+        cells = [
+            f"{t.number} (default)" if DEFAULT in a else t.number,
+            f"{100 * t.value:.2f}",
+            f"{100 * a['val_recall@1']:.2f}",
+            a["best_epoch"],
+            f"{100 * a['start_map@r']:.2f}",
+        ]
         cells += [format_options({k: opts[k]}).split("=", 1)[1] if k in opts else "" for k in names]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return lines

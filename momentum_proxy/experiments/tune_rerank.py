@@ -14,6 +14,7 @@ Outputs: `best.json` (the re-ranking as `--rerank*` options: {"rerank": "dba+aqe
 `report.md` (the top trials, against no re-ranking, the `mproxy evaluate` line that reproduces the best val
 figure and the one that uses it).
 """
+
 from __future__ import annotations
 
 import json
@@ -94,8 +95,9 @@ class RerankSpace:
                 if isinstance(spec, dict) and set(spec) == {"per_method"} and isinstance(spec["per_method"], dict):
                     for method, sub in spec["per_method"].items():
                         if method not in METHODS:
-                            raise UserError(f"search space: {name}: unknown method {method!r}; choose from "
-                                            f"{', '.join(METHODS)}")
+                            raise UserError(
+                                f"search space: {name}: unknown method {method!r}; choose from {', '.join(METHODS)}"
+                            )
                         if name not in DEFAULTS[method]:
                             raise UserError(f"search space: {name}[{method}]: {method} takes no {name}")
                         check_param(f"{name}[{method}]", name, sub)
@@ -156,8 +158,12 @@ def check_param(where: str, name: str, spec) -> None:
     what = "a whole number" if kind is int else "a number"
 
     def check_value(value) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)) \
-                or not low <= value <= high:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (kind is int and value != int(value))
+            or not low <= value <= high
+        ):
             raise UserError(f"search space: {where}: {what} from {low:g} to {high:g} expected, got {value!r}")
 
     if not isinstance(spec, dict):
@@ -226,15 +232,23 @@ def describe(options: dict) -> str:
 
 def metric_name(metric: str) -> str:
     return {"map@r": "MAP@R", "precision@1": "P@1", "r_precision": "R-Precision"}.get(
-        metric, metric.replace("recall@", "R@"))
+        metric, metric.replace("recall@", "R@")
+    )
 
 
 # ----------------------------------------------------------------------------------------------- the study
 class Objective:
     """Score one drawn re-ranking on the val features (leave-one-out, as `mproxy evaluate --split val`)."""
 
-    def __init__(self, space: RerankSpace, features: np.ndarray, labels: np.ndarray, split: np.ndarray,
-                 metric: str, recalls: list[int]):
+    def __init__(
+        self,
+        space: RerankSpace,
+        features: np.ndarray,
+        labels: np.ndarray,
+        split: np.ndarray,
+        metric: str,
+        recalls: list[int],
+    ):
         self.space, self.features, self.labels, self.split = space, features, labels, split
         self.metric, self.recalls = metric, recalls
 
@@ -244,8 +258,9 @@ class Objective:
         try:
             rerank = Rerank(**drawn)
             trial.set_user_attr("rerank", resolved(rerank))  # with the defaults of what the space left out
-            figures = evaluate_arrays(self.features, self.labels, self.split, metrics=RETRIEVAL_METRICS,
-                                      recalls=self.recalls, rerank=rerank)
+            figures = evaluate_arrays(
+                self.features, self.labels, self.split, metrics=RETRIEVAL_METRICS, recalls=self.recalls, rerank=rerank
+            )
         except UserError as e:
             trial.set_user_attr(FINISHED, True)
             trial.set_user_attr("error", str(e))
@@ -261,8 +276,9 @@ def open_study(out: Path, identity: dict) -> tuple[optuna.Study, optuna.storages
     return open_named_study(out, STUDY_NAME, identity)
 
 
-def val_features(out: Path, run_dir: Path, identity: dict, runtime: str, device: str, tta: str
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def val_features(
+    out: Path, run_dir: Path, identity: dict, runtime: str, device: str, tta: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features, labels, split names) of the run's val split: from OUT/val-embeddings.npz when the same run,
     checkpoint, dataset, runtime and tta made it, else embedded (on `device`) and saved there."""
     path = out / EMBEDDINGS
@@ -278,9 +294,18 @@ def val_features(out: Path, run_dir: Path, identity: dict, runtime: str, device:
     return features, rows.labels, rows.split.astype(str)
 
 
-def tune_rerank(run_dir: str | Path, out: str | Path, trials: int, *, space: str | Path | dict | None = None,
-                metric: str = DEFAULT_METRIC, tta: str = "none", runtime: str = "torch", device: str = "auto",
-                seed: int = 0) -> dict:
+def tune_rerank(
+    run_dir: str | Path,
+    out: str | Path,
+    trials: int,
+    *,
+    space: str | Path | dict | None = None,
+    metric: str = DEFAULT_METRIC,
+    tta: str = "none",
+    runtime: str = "torch",
+    device: str = "auto",
+    seed: int = 0,
+) -> dict:
     """Run (or continue) a study of `trials` finished re-ranking trials on the val split of the run in `run_dir`,
     in `out`; returns best.json's content (the re-ranking as `--rerank*` options)."""
     if trials < 1:
@@ -292,13 +317,24 @@ def tune_rerank(run_dir: str | Path, out: str | Path, trials: int, *, space: str
     check_writable_folder(out, "the study folder")
     cfg = RunDir(run_dir).config()
     if split_frame(read_manifest(cfg.data), "val").empty:
-        raise UserError(f"tune-rerank needs a val split in {cfg.data} (the run's dataset; prepare it with "
-                        "--val-classes N)")
+        raise UserError(
+            f"tune-rerank needs a val split in {cfg.data} (the run's dataset; prepare it with --val-classes N)"
+        )
     recalls = sorted({1, *cfg.recalls, *([recall_k] if recall_k else [])})
-    identity = json.loads(json.dumps({
-        "run": str(run_dir.absolute()), "checkpoint_sha256": file_sha256(run_dir / BEST),
-        "data_manifest_sha256": manifest_sha256(cfg.data), "runtime": runtime, "tta": tta, "metric": metric,
-        "space": space.entries, "seed": seed}))
+    identity = json.loads(
+        json.dumps(
+            {
+                "run": str(run_dir.absolute()),
+                "checkpoint_sha256": file_sha256(run_dir / BEST),
+                "data_manifest_sha256": manifest_sha256(cfg.data),
+                "runtime": runtime,
+                "tta": tta,
+                "metric": metric,
+                "space": space.entries,
+                "seed": seed,
+            }
+        )
+    )
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial instead
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     with study_lock(out, "mproxy tune-rerank"):
@@ -312,8 +348,12 @@ def tune_rerank(run_dir: str | Path, out: str | Path, trials: int, *, space: str
         while len(finished_trials(study)) < trials:
             # seeded per trial: a restarted tuner must not replay the draws its predecessor made
             study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
-            study.optimize(objective, n_trials=1, catch=(UserError,),
-                           callbacks=[lambda s, t: print(trial_line(s, t, metric), flush=True)])
+            study.optimize(
+                objective,
+                n_trials=1,
+                catch=(UserError,),
+                callbacks=[lambda s, t: print(trial_line(s, t, metric), flush=True)],
+            )
         command = Command(run_dir, runtime, device, tta, recalls if recalls != sorted(set(cfg.recalls)) else None)
         return write_outputs(study, out, metric, command, len(labels))
 
@@ -349,9 +389,11 @@ def trial_line(study: optuna.Study, t: optuna.trial.FrozenTrial, metric: str) ->
         return f"{name} {t.state.name.lower()}"
     top = recommended(study)
     best = f"; best: trial {top.number} val {metric_name(metric)} {100 * top.value:.2f}" if top else ""
-    return (f"{name}: val {metric_name(metric)} {100 * figures[metric]:.2f}"
-            + ("" if metric == "map@r" else f" MAP@R {100 * figures['map@r']:.2f}")
-            + f" R@1 {100 * figures['recall@1']:.2f}{best} | {describe(attrs['rerank'])}")
+    return (
+        f"{name}: val {metric_name(metric)} {100 * figures[metric]:.2f}"
+        + ("" if metric == "map@r" else f" MAP@R {100 * figures['map@r']:.2f}")
+        + f" R@1 {100 * figures['recall@1']:.2f}{best} | {describe(attrs['rerank'])}"
+    )
 
 
 class Command:
@@ -395,11 +437,19 @@ def against_baseline(study: optuna.Study, metric: str) -> str:
     if baseline is None or baseline.state != TrialState.COMPLETE:
         return f"no re-ranking (trial 0) did not complete: nothing to compare with; best trial {best.number}"
     if best.number == baseline.number:
-        return no_trial_beat(study, baseline, "no re-ranking", name, "none",
-                             label=lambda trial: f", {describe(trial.user_attrs['rerank'])}")
-    return (f"trial {best.number}, {describe(best.user_attrs['rerank'])}, val {name} {100 * best.value:.2f} against "
-            f"no re-ranking (trial {baseline.number}) {100 * baseline.value:.2f}, difference "
-            f"{100 * (best.value - baseline.value):+.2f}")
+        return no_trial_beat(
+            study,
+            baseline,
+            "no re-ranking",
+            name,
+            "none",
+            label=lambda trial: f", {describe(trial.user_attrs['rerank'])}",
+        )
+    return (
+        f"trial {best.number}, {describe(best.user_attrs['rerank'])}, val {name} {100 * best.value:.2f} against "
+        f"no re-ranking (trial {baseline.number}) {100 * baseline.value:.2f}, difference "
+        f"{100 * (best.value - baseline.value):+.2f}"
+    )
 
 
 def report(study: optuna.Study, out: Path, metric: str, command: Command, images: int) -> str:
@@ -407,19 +457,27 @@ def report(study: optuna.Study, out: Path, metric: str, command: Command, images
     trials = finished_trials(study)
     complete = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
     name = metric_name(metric)
-    lines = [f"# Re-ranking study: {command.run_dir.name}", "",
-             f"{len(trials)} trials ({len(complete)} complete) on the val split of `{command.run_dir}` ({images} "
-             f"images; runtime {command.runtime}, tta {command.tta}); objective: val {name}, each query left out of "
-             "the collection and of its database side (leave-one-out, as `mproxy evaluate --split val`). The test "
-             "split was never embedded. Trial 0 is no re-ranking; best.json is it unless a trial beats it. "
-             "Values in %.", ""]
+    lines = [
+        f"# Re-ranking study: {command.run_dir.name}",
+        "",
+        f"{len(trials)} trials ({len(complete)} complete) on the val split of `{command.run_dir}` ({images} "
+        f"images; runtime {command.runtime}, tta {command.tta}); objective: val {name}, each query left out of "
+        "the collection and of its database side (leave-one-out, as `mproxy evaluate --split val`). The test "
+        "split was never embedded. Trial 0 is no re-ranking; best.json is it unless a trial beats it. "
+        "Values in %.",
+        "",
+    ]
     if complete:
         best = recommended(study)
         rerank = trial_rerank(best)
         columns = [name] + (["MAP@R"] if metric != "map@r" else []) + (["R@1"] if metric != "recall@1" else [])
         keys = [metric] + (["map@r"] if metric != "map@r" else []) + (["recall@1"] if metric != "recall@1" else [])
-        lines += ["## Top trials", "", "| trial | " + " | ".join(f"val {c}" for c in columns)
-                  + " | method | k | alpha | k2 | lambda |", "|" + "---|" * (len(columns) + 6)]
+        lines += [
+            "## Top trials",
+            "",
+            "| trial | " + " | ".join(f"val {c}" for c in columns) + " | method | k | alpha | k2 | lambda |",
+            "|" + "---|" * (len(columns) + 6),
+        ]
         for t in complete[:10]:
             r = t.user_attrs["rerank"]
             cells = [f"{t.number} (none)" if BASELINE in t.user_attrs else str(t.number)]
@@ -427,14 +485,38 @@ def report(study: optuna.Study, out: Path, metric: str, command: Command, images
             cells += [f"{r[p]:.3g}" if p in r else "" for p in PARAMS]
             lines.append("| " + " | ".join(cells) + " |")
         sentence = against_baseline(study, metric)
-        lines += ["", "## Best", "", sentence[0].upper() + sentence[1:] + ".", "",
-                  f"`best.json`: `{json.dumps(rerank_options(rerank))}`. Its val figures, reproduced:", "",
-                  "```bash", command.line(rerank, "val"), "```", ""]
+        lines += [
+            "",
+            "## Best",
+            "",
+            sentence[0].upper() + sentence[1:] + ".",
+            "",
+            f"`best.json`: `{json.dumps(rerank_options(rerank))}`. Its val figures, reproduced:",
+            "",
+            "```bash",
+            command.line(rerank, "val"),
+            "```",
+            "",
+        ]
         if rerank.active:
-            lines += ["Use it: the test split once, then the same `--rerank` options on `retrieve`, `index` and "
-                      "`serve`:", "", "```bash", command.line(rerank, "test"), "```", ""]
+            lines += [
+                "Use it: the test split once, then the same `--rerank` options on `retrieve`, `index` and `serve`:",
+                "",
+                "```bash",
+                command.line(rerank, "test"),
+                "```",
+                "",
+            ]
+    return "\n".join(lines + failed_lines(trials))
+
+
+def failed_lines(trials) -> list[str]:
+    """report.md's list of the trials that did not complete, with their errors (nothing when all did)."""
     others = [t for t in trials if t.state != TrialState.COMPLETE]
-    if others:
-        lines += ["## Failed trials", ""] + [f"- trial {t.number}: {t.user_attrs.get('error', t.state.name.lower())}"
-                                            for t in others] + [""]
-    return "\n".join(lines)
+    if not others:
+        return []
+    return (
+        ["## Failed trials", ""]
+        + [f"- trial {t.number}: {t.user_attrs.get('error', t.state.name.lower())}" for t in others]
+        + [""]
+    )

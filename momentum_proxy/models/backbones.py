@@ -5,13 +5,14 @@ Each entry records its pretrained weights' configuration, as timm's `pretrained_
 image size, the default of `TrainConfig.image_size` (`resolve_config`). Pretrained-weight files are
 `models.weights`'s concern. Adding a backbone is one `@register_backbone` entry.
 """
+
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch
@@ -61,8 +62,10 @@ def _resolve(weights: Weights, cache_file: str, how: str) -> Path:
     found = W.cached_checkpoint(cache_file)
     if found is None:
         cache = Path(torch.hub.get_dir()) / "checkpoints" / cache_file
-        raise UserError(f"pretrained weights {cache_file} not available offline: put it at {cache} ({how}), "
-                        "or pass --weights PATH, or --pretrained none")
+        raise UserError(
+            f"pretrained weights {cache_file} not available offline: put it at {cache} ({how}), "
+            "or pass --weights PATH, or --pretrained none"
+        )
     return found
 
 
@@ -111,21 +114,38 @@ def _resnet50(weights: Weights) -> nn.Module:
 # torchvision's GoogLeNet weights expect transform_input, i.e. (x - .5) / .5
 @register_backbone("googlenet", mean=HALF, std=HALF, image_size=224)
 def _googlenet(weights: Weights) -> nn.Module:
-    model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=weights is None,
-                                         transform_input=False)
+    model = torchvision.models.googlenet(
+        weights=None, aux_logits=False, init_weights=weights is None, transform_input=False
+    )
     if weights is not None:
         path = _resolve(weights, "googlenet-1378be20.pth", "torchvision GoogLeNet_Weights.IMAGENET1K_V1")
         W.load_by_name(model, W.load_state_dict_file(path), str(path))
-    names = ["conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",
-             "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4",
-             "inception5a", "inception5b"]
+    names = [
+        "conv1",
+        "maxpool1",
+        "conv2",
+        "conv3",
+        "maxpool2",
+        "inception3a",
+        "inception3b",
+        "maxpool3",
+        "inception4a",
+        "inception4b",
+        "inception4c",
+        "inception4d",
+        "inception4e",
+        "maxpool4",
+        "inception5a",
+        "inception5b",
+    ]
     trunk = nn.Sequential(*[getattr(model, n) for n in names])
     trunk.num_features = 1024
     return trunk
 
 
-@register_backbone("inception", mean=(104 / 255, 117 / 255, 128 / 255), std=(1 / 255,) * 3, input_scale=255.0,
-                   bgr=True, image_size=224)
+@register_backbone(
+    "inception", mean=(104 / 255, 117 / 255, 128 / 255), std=(1 / 255,) * 3, input_scale=255.0, bgr=True, image_size=224
+)
 def _bn_inception(weights: Weights) -> nn.Module:
     """BN-Inception (`models.bninception`, pretrainedmodels' port): BGR input in 0-255, mean (104, 117, 128)."""
     model = BNInception()
@@ -159,8 +179,9 @@ def _timm_backbone(name: str, image_size: int | None = None) -> BackboneSpec:
             reason = str(e).splitlines()[0][:120]
             if "pretrained_cfg_overlay" in kwargs:
                 raise UserError(f"weights file {weights} does not fit timm:{name} ({reason})") from None
-            raise UserError(f"no offline weights for timm:{name} ({reason}); "
-                            "pass --weights PATH or --pretrained none") from None
+            raise UserError(
+                f"no offline weights for timm:{name} ({reason}); pass --weights PATH or --pretrained none"
+            ) from None
 
     cfg = timm.get_pretrained_cfg(name)
     mean, std = (getattr(cfg, "mean", None) or IMAGENET_MEAN), (getattr(cfg, "std", None) or IMAGENET_STD)

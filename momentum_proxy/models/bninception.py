@@ -5,6 +5,7 @@ Module names, their order and every layer's settings are the port's, so its publ
 maps images to 1024-channel feature maps). `tests/test_models.py` checks it against the port tensor for tensor and
 output for output.
 """
+
 from __future__ import annotations
 
 import torch

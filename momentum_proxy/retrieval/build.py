@@ -1,6 +1,7 @@
 """Index jobs: `build_index` embeds a collection (`retrieval.collect`) into a saved index (a faiss folder or a
 Milvus store: `retrieval.stores`), or extends or rebuilds one, sharded under torchrun (`retrieval.shards`);
 `open_index` opens a saved index with the run whose model built it, refusing a stale one in one worded line."""
+
 from __future__ import annotations
 
 import sys
@@ -46,8 +47,10 @@ def stale_fix(run_dir, index_dir, sources, built_by) -> str:
     the old model is gone) a rebuild."""
     images = f" --images {sources[0] if len(sources) == 1 else 'DIR'}"
     if built_by and str(Path(run_dir).resolve()) != built_by:
-        return (f"search or extend it with the run that built it ({built_by}: the run argument, or serve's --run), "
-                f"or index with this run into a new folder: `mproxy index {run_dir} --out NEW_FOLDER{images}`")
+        return (
+            f"search or extend it with the run that built it ({built_by}: the run argument, or serve's --run), "
+            f"or index with this run into a new folder: `mproxy index {run_dir} --out NEW_FOLDER{images}`"
+        )
     return f"rebuild it with `mproxy index {run_dir} --out {index_dir}{images} --rebuild`"
 
 
@@ -55,8 +58,10 @@ def check_model(index_dir, index: IndexStore, identity: dict, run_dir) -> None:
     """Refuse an index that the run's model did not build, saying what changed and how to fix it."""
     change = describe_change({**index.model, "feature_dim": index.feature_dim}, identity)
     if change:
-        raise UserError(f"the index {index_dir} is stale: {change}; "
-                        f"{stale_fix(run_dir, index_dir, index.sources, index.model.get('run'))}")
+        raise UserError(
+            f"the index {index_dir} is stale: {change}; "
+            f"{stale_fix(run_dir, index_dir, index.sources, index.model.get('run'))}"
+        )
 
 
 def index_tta(index_dir, built_with: dict, asked: str | None) -> str:
@@ -65,13 +70,14 @@ def index_tta(index_dir, built_with: dict, asked: str | None) -> str:
     check_tta(asked)
     built = built_with.get("tta", "none")  # indexes from before --tta: none
     if asked not in (None, built):
-        raise UserError(f"the index {index_dir} was built with --tta {built}; search or extend it with --tta {built} "
-                        f"(the default), or rebuild it with --tta {asked} --rebuild")
+        raise UserError(
+            f"the index {index_dir} was built with --tta {built}; search or extend it with --tta {built} "
+            f"(the default), or rebuild it with --tta {asked} --rebuild"
+        )
     return built
 
 
-def open_index(index_dir: str | Path, run_dir: str | Path | None = None,
-               mmap: bool = False) -> tuple[IndexStore, str]:
+def open_index(index_dir: str | Path, run_dir: str | Path | None = None, mmap: bool = False) -> tuple[IndexStore, str]:
     """A saved index (a folder or a Milvus location) and the run whose model built it (`run_dir`, else the run
     recorded in the index), refused with a worded reason when that model changed since. `mmap`: a faiss ivf or
     ivfpq index's lists stay in its file, mapped (`faiss_store.FaissStore.load`)."""
@@ -79,8 +85,9 @@ def open_index(index_dir: str | Path, run_dir: str | Path | None = None,
     try:
         run_dir = str(run_dir or index.model.get("run") or "")
         if not run_dir or not RunDir(run_dir).has_model():
-            raise UserError(f"the run that built {index_dir} ({run_dir or 'unknown'}) is not available; "
-                            "give it explicitly")
+            raise UserError(
+                f"the run that built {index_dir} ({run_dir or 'unknown'}) is not available; give it explicitly"
+            )
         check_model(index_dir, index, model_identity(run_dir), run_dir)
     except BaseException:
         index.close()
@@ -88,11 +95,23 @@ def open_index(index_dir: str | Path, run_dir: str | Path | None = None,
     return index, run_dir
 
 
-def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path, *, kind: str | None = None,
-                batch_size: int = 64, device: str = "auto", rebuild: bool = False, runtime: str = "torch",
-                labels: str = "auto", tta: str | None = None, rerank: Rerank | None = None,
-                image_list: str | Path | None = None, chunk_size: int = CHUNK_SIZE,
-                max_memory: int | str | None = None) -> dict | None:
+def build_index(
+    run_dir: str | Path,
+    images: str | Path | None,
+    out: str | Path,
+    *,
+    kind: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    rebuild: bool = False,
+    runtime: str = "torch",
+    labels: str = "auto",
+    tta: str | None = None,
+    rerank: Rerank | None = None,
+    image_list: str | Path | None = None,
+    chunk_size: int = CHUNK_SIZE,
+    max_memory: int | str | None = None,
+) -> dict | None:
     """Embed `images` with the run's best model (in `runtime`) into the index at `out`: created, extended when
     present (paths already indexed are skipped; runtimes mix only as `retrieval.store.check_mix` allows), or, with
     `rebuild`, made anew (from `images`, or from the index's own items when `images` is None) and replacing the
@@ -115,28 +134,74 @@ def build_index(run_dir: str | Path, images: str | Path | None, out: str | Path,
     if kind is not None and kind not in KINDS:
         raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
     if image_list is not None and (images is not None or kind in IVF_KINDS):
-        raise UserError("--list takes the place of --images" if images is not None else
-                        "--list makes exact or hnsw indexes (ivf and ivfpq train their lists on every vector at "
-                        "once)")
+        raise UserError(
+            "--list takes the place of --images"
+            if images is not None
+            else "--list makes exact or hnsw indexes (ivf and ivfpq train their lists on every vector at once)"
+        )
     if max_memory is not None:
         max_memory = parse_memory(max_memory)
         if milvus_location(out) is not None:
-            raise UserError("--max-memory chooses a faiss index; a Milvus index searches exactly (FLAT) in "
-                            "Milvus's own memory")
+            raise UserError(
+                "--max-memory chooses a faiss index; a Milvus index searches exactly (FLAT) in Milvus's own memory"
+            )
     if chunk_size < 1:
         raise UserError("--chunk-size must be at least 1")
     info = shards.start()
     if info.enabled:
-        return _build_sharded(info, chunk_size, run_dir, images, out, kind, batch_size, device, rebuild, runtime,
-                              labels, tta, rerank, image_list, max_memory=max_memory)
+        return _build_sharded(
+            info,
+            chunk_size,
+            run_dir,
+            images,
+            out,
+            kind,
+            batch_size,
+            device,
+            rebuild,
+            runtime,
+            labels,
+            tta,
+            rerank,
+            image_list,
+            max_memory=max_memory,
+        )
     with writer_lock(out, "mproxy index", create=True):  # the folder checked before any expensive work
-        return _build_index(run_dir, images, out, kind, batch_size, device, rebuild, runtime, labels, tta, rerank,
-                            image_list, max_memory=max_memory)
+        return _build_index(
+            run_dir,
+            images,
+            out,
+            kind,
+            batch_size,
+            device,
+            rebuild,
+            runtime,
+            labels,
+            tta,
+            rerank,
+            image_list,
+            max_memory=max_memory,
+        )
 
 
 @ends_process_group
-def _build_sharded(info, chunk_size, run_dir, images, out, kind, batch_size, device, rebuild, runtime, labels, tta,
-                   rerank, image_list, max_memory=None) -> dict | None:
+def _build_sharded(
+    info,
+    chunk_size,
+    run_dir,
+    images,
+    out,
+    kind,
+    batch_size,
+    device,
+    rebuild,
+    runtime,
+    labels,
+    tta,
+    rerank,
+    image_list,
+    max_memory=None,
+) -> dict | None:
     """`build_index` on a torchrun rank: rank 0 plans, embeds its share and fills the store, holding its lock; the
     other ranks embed theirs (`retrieval.shards`)."""
     device = shards.rank_device(device, info)
@@ -147,8 +212,22 @@ def _build_sharded(info, chunk_size, run_dir, images, out, kind, batch_size, dev
     sharding = shards.Sharding(info, folder, chunk_size, batch_size)
     try:
         with writer_lock(out, f"mproxy index (rank 0 of {info.world_size})", create=True):
-            return _build_index(run_dir, images, out, kind, batch_size, device, rebuild, runtime, labels, tta,
-                                rerank, image_list, sharding, max_memory=max_memory)
+            return _build_index(
+                run_dir,
+                images,
+                out,
+                kind,
+                batch_size,
+                device,
+                rebuild,
+                runtime,
+                labels,
+                tta,
+                rerank,
+                image_list,
+                sharding,
+                max_memory=max_memory,
+            )
     except Exception:
         sharding.abandon()
         raise
@@ -190,8 +269,22 @@ def new_content(index: IndexStore | None, paths: list[str], seen: set[str]) -> d
 Steps = Callable[[], Iterable[tuple[Collection, Unlisted]]]  # a build's images and unlisted lines, a step at a time
 
 
-def _build_index(run_dir, images, out, kind, batch_size, device, rebuild, runtime, labels, tta, rerank,
-                 image_list, sharding: shards.Sharding | None = None, max_memory: int | None = None) -> dict:
+def _build_index(
+    run_dir,
+    images,
+    out,
+    kind,
+    batch_size,
+    device,
+    rebuild,
+    runtime,
+    labels,
+    tta,
+    rerank,
+    image_list,
+    sharding: shards.Sharding | None = None,
+    max_memory: int | None = None,
+) -> dict:
     """`build_index`'s work under the store's writer lock: the index to extend (its model checked) or a plan for a
     new one, then each step of the collection embedded and added, the index saved and summed up."""
     identity = model_identity(run_dir)
@@ -218,8 +311,9 @@ def _build_index(run_dir, images, out, kind, batch_size, device, rebuild, runtim
     model = {**identity, "runtime": runtime, "verified": embedder.identity["verified"], "tta": tta}
 
     def make(features, paths, item_labels, classes):
-        return build_store(out, features, paths, item_labels, kind=kind or "exact", classes=classes, plan=plan,
-                           model=model)
+        return build_store(
+            out, features, paths, item_labels, kind=kind or "exact", classes=classes, plan=plan, model=model
+        )
 
     if sharding is None:
         filler = _Filler(existing, make, lambda paths: embed_files(embedder, paths, batch_size), _add)
@@ -242,9 +336,11 @@ def _plan(steps: Steps, feature_dim: int, max_memory: int, kind: str | None, lis
     from a list file, which cannot make an ivf or ivfpq index)."""
     plan = plan_index(max(1, len(_new_paths(None, steps()))), feature_dim, max_memory, kind)
     if listed and plan.kind in IVF_KINDS:
-        raise UserError(f"--max-memory {format_bytes(max_memory)} needs an {plan.kind} index here, which --list "
-                        "cannot make (it trains its lists on every vector at once); index the images with "
-                        "--images, or raise --max-memory")
+        raise UserError(
+            f"--max-memory {format_bytes(max_memory)} needs an {plan.kind} index here, which --list "
+            "cannot make (it trains its lists on every vector at once); index the images with "
+            "--images, or raise --max-memory"
+        )
     return plan
 
 
@@ -309,15 +405,24 @@ def _report_skipped(out, skipped: list[tuple[str, str]]) -> None:
         return
     local_folder(out).mkdir(parents=True, exist_ok=True)
     write_json(local_folder(out) / "skipped.json", [{"path": p, "reason": r} for p, r in skipped])
-    print(f"mproxy: warning: {len(skipped)} file(s) skipped (unreadable, or lines that name no image), e.g. "
-          f"{skipped[0][0]}; the list is in {local_folder(out) / 'skipped.json'}", file=sys.stderr)
+    print(
+        f"mproxy: warning: {len(skipped)} file(s) skipped (unreadable, or lines that name no image), e.g. "
+        f"{skipped[0][0]}; the list is in {local_folder(out) / 'skipped.json'}",
+        file=sys.stderr,
+    )
 
 
 def _summary(index: IndexStore, out, filler: _Filler) -> dict:
     """What `mproxy index` prints: the index, what was added, skipped or already there, its recall and memory."""
-    summary = {"index": str(out), "kind": index.kind, "added": filler.added,
-               "already_indexed": filler.listed - filler.new, "total": len(index), "skipped": len(filler.skipped),
-               "classes": len(index.classes)}
+    summary = {
+        "index": str(out),
+        "kind": index.kind,
+        "added": filler.added,
+        "already_indexed": filler.listed - filler.new,
+        "total": len(index),
+        "skipped": len(filler.skipped),
+        "classes": len(index.classes),
+    }
     if index.kind != "exact":
         summary["params"] = index.params
     info = index.recall_info()
@@ -326,8 +431,10 @@ def _summary(index: IndexStore, out, filler: _Filler) -> dict:
     memory = index.memory_info()
     if memory is not None:
         summary["memory"] = f"{format_bytes(memory['estimated_bytes'])} estimated" + (
-            f" (--max-memory {format_bytes(memory['max_memory'])}: {memory['reason']})" if "reason" in memory else "")
+            f" (--max-memory {format_bytes(memory['max_memory'])}: {memory['reason']})" if "reason" in memory else ""
+        )
     return summary
+
 
 def _labels_for(index: IndexStore, labels, classes: dict[int, str], n: int) -> list | None:
     """Labels of new items in the index's numbering: by class name, UNKNOWN for unlabelled images."""

@@ -1,6 +1,7 @@
 """The images an index job embeds: a prepared dataset or a folder (`collect_images`, classes from the dataset, the
 sub-folders or a CSV file), a list file read a chunk at a time (`read_image_list`), or an index's own items for a
 rebuild (`images_to_index`); each as a `Collection`."""
+
 from __future__ import annotations
 
 import csv
@@ -86,8 +87,9 @@ def images_to_index(images: str | Path | None, out, rebuild: bool, labels: str =
     if images is not None:
         return Collection(*collect_images(images, labels), [str(Path(images).absolute())])
     if not (rebuild and store_exists(out)):
-        raise UserError("give the images to index with --images or --list (only --rebuild of an existing index may "
-                        "omit them)")
+        raise UserError(
+            "give the images to index with --images or --list (only --rebuild of an existing index may omit them)"
+        )
     old = open_store(out)
     try:
         live = old.live_items()

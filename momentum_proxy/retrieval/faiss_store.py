@@ -41,6 +41,7 @@ from its (content-addressed, never rewritten) file instead of read into memory; 
 metadata are loaded. Searches equal those of the loaded index. Deletes work (tombstones live in meta.json, and a
 save keeps the same faiss file); adds are refused (they would rewrite the lists).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -81,7 +82,7 @@ IVF_FLAT_BELOW = 1_000_000  # autofaiss's ivf_flat_threshold: from here on, IVF-
 HNSW_MIN_M = 8
 PQ_CODE_SIZES = (256, 128, 64, 48, 32, 24, 16, 8, 4)  # autofaiss's, largest first (bytes a vector, 8-bit codes)
 PQ_BITS = 8
-MIN_PQ_POINTS = 2 ** PQ_BITS  # a product quantizer trains 256 centroids per sub-vector
+MIN_PQ_POINTS = 2**PQ_BITS  # a product quantizer trains 256 centroids per sub-vector
 
 
 def default_nlist(n: int) -> int:
@@ -116,7 +117,7 @@ def estimate_bytes(kind: str, n: int, d: int, params: dict | None = None) -> int
     if kind == "ivf":
         return n * (4 * d + 16) + 4 * d * nlist
     if kind == "ivfpq":
-        return n * (params["m"] + 16) + 4 * d * nlist + 4 * d * 2 ** PQ_BITS
+        return n * (params["m"] + 16) + 4 * d * nlist + 4 * d * 2**PQ_BITS
     raise UserError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
 
 
@@ -165,8 +166,14 @@ def plan_index(n: int, d: int, max_memory: int, kind: str | None = None) -> Inde
     if kind == "ivf" or kind is None and n < IVF_FLAT_BELOW:
         candidates.append(("ivf", {"nlist": nlist}, "IVF-Flat fits (HNSW does not)" if kind is None else "IVF-Flat"))
     if kind in (None, "ivfpq") and n >= MIN_PQ_POINTS:
-        candidates += [("ivfpq", {"nlist": nlist, "m": m}, f"IVF-PQ with {m}-byte codes fits"
-                        + ("" if kind else " (no unquantized index does)")) for m in pq_code_sizes(d)]
+        candidates += [
+            (
+                "ivfpq",
+                {"nlist": nlist, "m": m},
+                f"IVF-PQ with {m}-byte codes fits" + ("" if kind else " (no unquantized index does)"),
+            )
+            for m in pq_code_sizes(d)
+        ]
     for k, params, why in candidates:
         size = estimate_bytes(k, n, d, params)
         if size <= room:
@@ -176,8 +183,10 @@ def plan_index(n: int, d: int, max_memory: int, kind: str | None = None) -> Inde
     smallest = kind or ("ivfpq" if n >= MIN_PQ_POINTS else "exact")
     params = {"M": HNSW_MIN_M, "nlist": nlist, "m": pq_code_sizes(d)[-1]}
     need = estimate_bytes(smallest, n, d, params) / HEADROOM
-    raise UserError(f"{n:,} vectors of {d} dimensions do not fit in {budget}: the smallest {smallest} index needs "
-                    f"about {format_bytes(need)} (the index may take {HEADROOM:.0%} of the budget)")
+    raise UserError(
+        f"{n:,} vectors of {d} dimensions do not fit in {budget}: the smallest {smallest} index needs "
+        f"about {format_bytes(need)} (the index may take {HEADROOM:.0%} of the budget)"
+    )
 
 
 def _stored_path(path: str, inside: str) -> str:
@@ -185,7 +194,7 @@ def _stored_path(path: str, inside: str) -> str:
     separator) when inside it, else absolute. String operations: a save records every path, and pathlib took
     23 ms of the event loop's time per add at 1,000 items."""
     path = os.path.abspath(path)
-    return path[len(inside):] if path.startswith(inside) else path
+    return path[len(inside) :] if path.startswith(inside) else path
 
 
 @dataclass
@@ -212,17 +221,23 @@ class Snapshot:
                     with open(tmp, "rb+") as f:
                         os.fsync(f.fileno())
         inside = os.path.join(os.path.abspath(folder), "")
-        meta = dict(self.meta, index_file=name, index_sha256=sha,
-                    paths=[_stored_path(p, inside) for p in self.meta["paths"]])
+        meta = dict(
+            self.meta, index_file=name, index_sha256=sha, paths=[_stored_path(p, inside) for p in self.meta["paths"]]
+        )
         kept, meta["attachments"] = {name}, {}
         for key, data in self.attachments.items():
             file, sha = _write_content(folder, f"attachment-{key}-{{}}.bin", data)
             meta["attachments"][key] = {"file": file, "sha256": sha}
             kept.add(file)
         write_json(folder / META_FILE, meta)
-        for old in [*folder.glob("index*.faiss"), *folder.glob(".index*.tmp"), *folder.glob("attachment-*.bin"),
-                    *folder.glob(".attachment-*.tmp"), *folder.glob("neighbours-*.npz"),
-                    *folder.glob(".neighbours-*.tmp")]:  # also those of killed saves (and of lists saved before)
+        for old in [
+            *folder.glob("index*.faiss"),
+            *folder.glob(".index*.tmp"),
+            *folder.glob("attachment-*.bin"),
+            *folder.glob(".attachment-*.tmp"),
+            *folder.glob("neighbours-*.npz"),
+            *folder.glob(".neighbours-*.tmp"),
+        ]:  # also those of killed saves (and of lists saved before)
             if old.name not in kept:
                 old.unlink(missing_ok=True)
         return folder
@@ -239,8 +254,9 @@ def _write_content(folder: Path, pattern: str, data: bytes) -> tuple[str, str]:
     return name, sha
 
 
-def _trained_ivf(kind: str, x: np.ndarray, nlist: int | None, nprobe: int | None, pq_m: int | None, seed: int,
-                 train_size: int | None) -> tuple[faiss.Index, dict]:
+def _trained_ivf(
+    kind: str, x: np.ndarray, nlist: int | None, nprobe: int | None, pq_m: int | None, seed: int, train_size: int | None
+) -> tuple[faiss.Index, dict]:
     """An ivf or ivfpq index (`FaissStore.build`'s arguments) with its lists trained on `x` (or on a seeded sample
     of `train_size` of them), empty, and its parameters."""
     n, d = x.shape
@@ -281,21 +297,42 @@ def _empty_hnsw(d: int, hnsw_m: int | None, ef_search: int | None) -> tuple[fais
         raise UserError(f"hnsw needs M >= 2, got {m}")
     index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    return index, {"M": m, "ef_construction": HNSW_EF_CONSTRUCTION,
-                   "ef_search": DEFAULT_EF_SEARCH if ef_search is None else int(ef_search)}
+    return index, {
+        "M": m,
+        "ef_construction": HNSW_EF_CONSTRUCTION,
+        "ef_search": DEFAULT_EF_SEARCH if ef_search is None else int(ef_search),
+    }
 
 
 class FaissStore(IndexStore):
     """Cosine retrieval over a faiss index; item `i` (its id) has `paths[i]`, `labels[i]` (labels optional) and
     class name `classes[labels[i]]` when known; ids in `deleted` are tombstones."""
 
-    def __init__(self, index: faiss.Index, kind: str, paths: list[str], labels: list | None, model: dict,
-                 params: dict, classes: dict[int, str] | None = None, deleted=(), sources=(),
-                 recall: dict | None = None, memory: dict | None = None, mapped: tuple[Path, str] | None = None):
+    def __init__(
+        self,
+        index: faiss.Index,
+        kind: str,
+        paths: list[str],
+        labels: list | None,
+        model: dict,
+        params: dict,
+        classes: dict[int, str] | None = None,
+        deleted=(),
+        sources=(),
+        recall: dict | None = None,
+        memory: dict | None = None,
+        mapped: tuple[Path, str] | None = None,
+    ):
         """`recall`: the last recall measurement (see `measure_recall`); `memory`: the budget's choice
         (`IndexPlan.to_dict`); `mapped`: (file, sha256) when `index`'s lists are memory-mapped from that file."""
         self.index, self.kind, self.paths, self.labels, self.model, self.params = (
-            index, kind, paths, labels, model, params)
+            index,
+            kind,
+            paths,
+            labels,
+            model,
+            params,
+        )
         self.classes = dict(classes or {})
         self.deleted = set(int(i) for i in deleted)
         self.sources = list(sources)
@@ -325,11 +362,26 @@ class FaissStore(IndexStore):
         return self.labels is not None
 
     @classmethod
-    def build(cls, features, paths, labels=None, *, kind: str | None = "exact", model: dict | None = None,
-              classes: dict[int, str] | None = None, nlist: int | None = None, nprobe: int | None = None,
-              ef_search: int | None = None, hnsw_m: int | None = None, pq_m: int | None = None,
-              max_memory: int | str | None = None, plan: IndexPlan | None = None, seed: int = 0,
-              recall_queries: int = RECALL_QUERIES, train_size: int | None = None) -> FaissStore:
+    def build(
+        cls,
+        features,
+        paths,
+        labels=None,
+        *,
+        kind: str | None = "exact",
+        model: dict | None = None,
+        classes: dict[int, str] | None = None,
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        hnsw_m: int | None = None,
+        pq_m: int | None = None,
+        max_memory: int | str | None = None,
+        plan: IndexPlan | None = None,
+        seed: int = 0,
+        recall_queries: int = RECALL_QUERIES,
+        train_size: int | None = None,
+    ) -> FaissStore:
         """Index `features` (n, d) for items `paths` (and `labels`, named by `classes`); `model` describes the
         embedding model.
 
@@ -359,8 +411,9 @@ class FaissStore(IndexStore):
             index, params = _trained_ivf(kind, x, nlist, nprobe, pq_m, seed, train_size)
         else:
             index, params = _empty_hnsw(d, hnsw_m, ef_search)
-        built = cls(index, kind, [], [] if labels is not None else None, dict(model or {}), params, classes,
-                    memory=memory)
+        built = cls(
+            index, kind, [], [] if labels is not None else None, dict(model or {}), params, classes, memory=memory
+        )
         built._add(x, paths, labels)
         tune = kind in IVF_KINDS and nprobe is None or kind == "hnsw" and ef_search is None
         if recall_queries > 0:  # 0: measured (and tuned) by the caller, e.g. once the whole collection is in
@@ -371,8 +424,11 @@ class FaissStore(IndexStore):
         """Add normalised vectors with checked paths and labels (ivf: into the lists trained at build, no rebuild)."""
         self.check_add()
         if (labels is None) != (self.labels is None):
-            raise UserError("labels must be given for every item or for none" if self.labels is not None
-                            else "this index has no labels; add items without labels")
+            raise UserError(
+                "labels must be given for every item or for none"
+                if self.labels is not None
+                else "this index has no labels; add items without labels"
+            )
         first = self.ntotal
         self.index.add(x)
         self.paths.extend(paths)
@@ -385,8 +441,10 @@ class FaissStore(IndexStore):
     def check_add(self) -> None:
         """Refuse adds to a memory-mapped index (they would rewrite the lists mapped from its file)."""
         if self.mapped is not None:
-            raise UserError("this index is memory-mapped (mproxy serve --mmap) and takes no new items; add them "
-                            "with mproxy index while it is not served, or serve it without --mmap")
+            raise UserError(
+                "this index is memory-mapped (mproxy serve --mmap) and takes no new items; add them "
+                "with mproxy index while it is not served, or serve it without --mmap"
+            )
 
     def ids_of(self, paths: list[str]) -> dict[str, int]:
         return {p: self.path_ids[p] for p in paths if p in self.path_ids}
@@ -435,8 +493,12 @@ class FaissStore(IndexStore):
         if not self.exists(item_id):
             raise UserError(f"no item with id {item_id}")
         label = int(self.labels[item_id]) if self.labels is not None else None
-        return {"id": int(item_id), "path": self.paths[item_id], "label": None if label == UNKNOWN else label,
-                "class_name": None if label is None else self.classes.get(label)}
+        return {
+            "id": int(item_id),
+            "path": self.paths[item_id],
+            "label": None if label == UNKNOWN else label,
+            "class_name": None if label is None else self.classes.get(label),
+        }
 
     def vector(self, item_id: int) -> np.ndarray:
         """An item's stored (normalised) embedding, shape (1, d). (numpy even once pytorch-metric-learning has
@@ -476,11 +538,12 @@ class FaissStore(IndexStore):
         out_i = np.full((len(q), k), -1, np.int64)
         for row in range(len(q)):
             cols = np.flatnonzero(keep[row])[:k]
-            out_s[row, :len(cols)], out_i[row, :len(cols)] = sims[row, cols], idx[row, cols]
+            out_s[row, : len(cols)], out_i[row, : len(cols)] = sims[row, cols], idx[row, cols]
         return out_s, out_i
 
-    def recall_vs_exact(self, k: int = RECALL_K, num_queries: int = RECALL_QUERIES, seed: int = 0,
-                        vectors=None) -> float:
+    def recall_vs_exact(
+        self, k: int = RECALL_K, num_queries: int = RECALL_QUERIES, seed: int = 0, vectors=None
+    ) -> float:
         """Fraction of the exact top-k found by this index's top-k, for up to `num_queries` live items (sampled
         with `seed`) used as queries, each leaving itself out of both lists (`search_hits` leaves a query's own
         item out too). 1.0 for an exact index, by definition (not measured). `vectors`: the live items' unit
@@ -491,8 +554,9 @@ class FaissStore(IndexStore):
         sample = self._recall_sample(vectors, k, num_queries, seed)
         return 1.0 if sample is None else self._recall_of(*sample)
 
-    def measure_recall(self, vectors=None, *, tune: bool = False, k: int = RECALL_K,
-                       num_queries: int = RECALL_QUERIES, seed: int = 0) -> dict | None:
+    def measure_recall(
+        self, vectors=None, *, tune: bool = False, k: int = RECALL_K, num_queries: int = RECALL_QUERIES, seed: int = 0
+    ) -> dict | None:
         """Measure recall@k against exact search as `recall_vs_exact` does, after tuning nprobe / efSearch
         (`tune`, see `tune`), and record it in `recall` (saved in meta.json), which is returned. An exact index
         records recall 1 by definition; an ivfpq index without `vectors` keeps its last measurement."""
@@ -542,8 +606,9 @@ class FaissStore(IndexStore):
         truth = np.asarray(truth, np.int64)
         tried, extra = [], {}
         if target is not None and self.kind != "exact":
-            name, start, limit = (("nprobe", 8, self.params["nlist"]) if self.kind in IVF_KINDS
-                                  else ("ef_search", 16, MAX_EF_SEARCH))
+            name, start, limit = (
+                ("nprobe", 8, self.params["nlist"]) if self.kind in IVF_KINDS else ("ef_search", 16, MAX_EF_SEARCH)
+            )
             value, best = min(start, limit), None
             while True:
                 self.params[name] = value
@@ -560,8 +625,13 @@ class FaissStore(IndexStore):
             extra = {"target": target, "tuned": name, "tried": tried}
         else:
             found = self._recall_of(queries, query_ids, truth)
-        self.recall = {"k": int(truth.shape[1]), "recall": round(found, 4), "queries": len(queries),
-                       "items": len(self), **extra}
+        self.recall = {
+            "k": int(truth.shape[1]),
+            "recall": round(found, 4),
+            "queries": len(queries),
+            "items": len(self),
+            **extra,
+        }
         return self.recall
 
     def _recall_of(self, queries, query_ids, truth) -> float:
@@ -578,22 +648,35 @@ class FaissStore(IndexStore):
     def memory_info(self) -> dict:
         """The estimated memory of the loaded index (`estimate_bytes`), and the budget it was chosen for and why
         (`max_memory`, `reason`) when it was."""
-        return {**self.memory, "estimated_bytes": estimate_bytes(self.kind, self.ntotal, self.feature_dim,
-                                                                 self.params)}
+        return {**self.memory, "estimated_bytes": estimate_bytes(self.kind, self.ntotal, self.feature_dim, self.params)}
 
     def snapshot(self) -> Snapshot:
         """The state to save, copied (cheap next to embedding: one memory copy of the vectors), with the
         attachments as they are now."""
         blob = None if self.mapped is not None else faiss.serialize_index(self.index)
-        return Snapshot(blob, source=self.mapped, attachments=self.attachments(), meta={
-            "format_version": FORMAT_VERSION, "kind": self.kind, "metric": "cosine",
-            "feature_dim": self.feature_dim, "count": self.ntotal, "live": len(self), "params": self.params,
-            "recall": self.recall, "memory": self.memory_info(),
-            "model": self.model, "sources": list(self.sources), "paths": list(self.paths),
-            "labels": None if self.labels is None else list(self.labels),
-            "classes": {str(k): v for k, v in sorted(self.classes.items())}, "deleted": sorted(self.deleted),
-            "sha256": {str(i): h for i, h in sorted(self.hashes.items())},
-        })
+        return Snapshot(
+            blob,
+            source=self.mapped,
+            attachments=self.attachments(),
+            meta={
+                "format_version": FORMAT_VERSION,
+                "kind": self.kind,
+                "metric": "cosine",
+                "feature_dim": self.feature_dim,
+                "count": self.ntotal,
+                "live": len(self),
+                "params": self.params,
+                "recall": self.recall,
+                "memory": self.memory_info(),
+                "model": self.model,
+                "sources": list(self.sources),
+                "paths": list(self.paths),
+                "labels": None if self.labels is None else list(self.labels),
+                "classes": {str(k): v for k, v in sorted(self.classes.items())},
+                "deleted": sorted(self.deleted),
+                "sha256": {str(i): h for i, h in sorted(self.hashes.items())},
+            },
+        )
 
     @classmethod
     def load(cls, folder: str | Path, expect_model: dict | None = None, mmap: bool = False) -> FaissStore:
@@ -605,15 +688,18 @@ class FaissStore(IndexStore):
         built_with = {**meta["model"], "feature_dim": meta["feature_dim"]}
         for key, value in (expect_model or {}).items():
             if key not in built_with or built_with[key] != value:
-                raise UserError(f"index in {folder} was built with {key}={built_with.get(key)!r}, "
-                                f"not {value!r}; rebuild it for this model")
+                raise UserError(
+                    f"index in {folder} was built with {key}={built_with.get(key)!r}, "
+                    f"not {value!r}; rebuild it for this model"
+                )
         index_file = folder / meta.get("index_file", LEGACY_INDEX_FILE)
         if not index_file.is_file() or file_sha256(index_file) != meta["index_sha256"]:
-            raise UserError(f"{index_file.name} in {folder} does not match {META_FILE} (interrupted save?); "
-                            "rebuild it")
+            raise UserError(f"{index_file.name} in {folder} does not match {META_FILE} (interrupted save?); rebuild it")
         if mmap and meta["kind"] not in IVF_KINDS:
-            raise UserError(f"--mmap maps the inverted lists of an ivf or ivfpq index; {folder} is {meta['kind']} "
-                            "(rebuild it with --kind ivf or ivfpq, or with a --max-memory that chooses one)")
+            raise UserError(
+                f"--mmap maps the inverted lists of an ivf or ivfpq index; {folder} is {meta['kind']} "
+                "(rebuild it with --kind ivf or ivfpq, or with a --max-memory that chooses one)"
+            )
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         index = faiss.read_index(str(index_file), flags)
         if mmap:  # OnDiskInvertedLists: no prefetch threads (32 started per search: 9 ms instead of 0.2)
@@ -628,9 +714,20 @@ class FaissStore(IndexStore):
         paths = [os.path.normpath(base / p) for p in meta["paths"]]
         classes = {int(k): v for k, v in meta.get("classes", {}).items()}
         memory = {k: v for k, v in meta.get("memory", {}).items() if k != "estimated_bytes"}
-        store = cls(index, meta["kind"], paths, meta["labels"], meta["model"], meta["params"], classes,
-                    meta.get("deleted", ()), meta.get("sources", ()), recall=meta.get("recall"), memory=memory,
-                    mapped=(index_file, meta["index_sha256"]) if mmap else None)
+        store = cls(
+            index,
+            meta["kind"],
+            paths,
+            meta["labels"],
+            meta["model"],
+            meta["params"],
+            classes,
+            meta.get("deleted", ()),
+            meta.get("sources", ()),
+            recall=meta.get("recall"),
+            memory=memory,
+            mapped=(index_file, meta["index_sha256"]) if mmap else None,
+        )
         store.record_hashes({int(i): h for i, h in meta.get("sha256", {}).items()})  # none in older indexes
         for name, data in read_attachments(folder, meta).items():
             store.attach(name, data)
@@ -649,7 +746,7 @@ def exact_neighbours(queries, query_ids, chunks, k: int) -> np.ndarray:
             continue
         s, j = faiss.knn(q, np.ascontiguousarray(x, np.float32), min(k + 1, len(ids)), faiss.METRIC_INNER_PRODUCT)
         all_s, all_i = np.hstack([best_s, s]), np.hstack([best_i, np.asarray(ids, np.int64)[j]])
-        order = np.lexsort((all_i, -all_s), axis=1)[:, :k + 1]
+        order = np.lexsort((all_i, -all_s), axis=1)[:, : k + 1]
         best_s, best_i = np.take_along_axis(all_s, order, 1), np.take_along_axis(all_i, order, 1)
     return drop_own(best_i, np.asarray(query_ids, np.int64), k)
 
@@ -685,7 +782,9 @@ def read_meta(folder: str | Path) -> dict:
         raise UserError(f"no retrieval index in {folder} (no {META_FILE})")
     meta = read_json(folder / META_FILE)
     if meta.get("format_version") not in READABLE_VERSIONS or meta.get("kind") not in KINDS:
-        raise UserError(f"{folder / META_FILE} is not a retrieval index of format "
-                        f"{' or '.join(map(str, READABLE_VERSIONS))}; rebuild it with "
-                        f"`mproxy index RUN --images DIR --out {folder} --rebuild`")
+        raise UserError(
+            f"{folder / META_FILE} is not a retrieval index of format "
+            f"{' or '.join(map(str, READABLE_VERSIONS))}; rebuild it with "
+            f"`mproxy index RUN --images DIR --out {folder} --rebuild`"
+        )
     return meta

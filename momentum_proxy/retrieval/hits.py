@@ -1,4 +1,5 @@
 """The one result type of a search, shared by `retrieve`, the Python API and the service."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
@@ -27,5 +28,6 @@ class Hit:
 
 def judged(hits: list[Hit], query_label: int | None) -> list[Hit]:
     """`hits` with `same_class` set against the query's label (None where either label is unknown)."""
-    return [replace(h, same_class=None if query_label is None or h.label is None else h.label == query_label)
-            for h in hits]
+    return [
+        replace(h, same_class=None if query_label is None or h.label is None else h.label == query_label) for h in hits
+    ]

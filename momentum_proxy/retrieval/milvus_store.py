@@ -20,6 +20,7 @@ store at a time: `stores.writer_lock` holds a Milvus Lite store's lock file; for
 Calls that cannot reach the server raise `StoreUnavailable` and drop the connection; the next call connects anew
 (and loads the collections again, as a restarted Milvus Lite needs).
 """
+
 from __future__ import annotations
 
 import base64
@@ -66,8 +67,10 @@ def literal(text: str) -> str:
 def unreachable(error: BaseException | None) -> bool:
     """Whether a pymilvus or gRPC error (or one it was raised from) says the server cannot be reached."""
     while error is not None:
-        if isinstance(error, grpc.RpcError) and error.code() in (grpc.StatusCode.UNAVAILABLE,
-                                                                 grpc.StatusCode.DEADLINE_EXCEEDED):
+        if isinstance(error, grpc.RpcError) and error.code() in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        ):
             return True
         if isinstance(error, MilvusException) and error.code == CONNECT_FAILED:
             return True
@@ -112,13 +115,20 @@ class MilvusStore(IndexStore):
                 if where.lite and not os.path.isdir(os.path.dirname(where.uri)):
                     raise UserError(f"the folder of {where.uri} does not exist")
                 try:
-                    client = MilvusClient(where.uri, token="" if where.lite else os.environ.get(MILVUS_TOKEN_ENV, ""),
-                                          db_name=where.db_name, timeout=CONNECT_TIMEOUT, dedicated=True)
+                    client = MilvusClient(
+                        where.uri,
+                        token="" if where.lite else os.environ.get(MILVUS_TOKEN_ENV, ""),
+                        db_name=where.db_name,
+                        timeout=CONNECT_TIMEOUT,
+                        dedicated=True,
+                    )
                 except MilvusException as e:
                     if where.lite:
-                        raise UserError(f"cannot open the Milvus Lite file {where.uri}: another process (e.g. "
-                                        "mproxy serve) has it open; Milvus Lite lets one process use a file at a "
-                                        "time") from None
+                        raise UserError(
+                            f"cannot open the Milvus Lite file {where.uri}: another process (e.g. "
+                            "mproxy serve) has it open; Milvus Lite lets one process use a file at a "
+                            "time"
+                        ) from None
                     raise self._error(e) from None
                 self._client = client
                 if self.name and not self.staged:
@@ -163,8 +173,9 @@ class MilvusStore(IndexStore):
         """Every row of `collection` that `filter` selects, in batches (more than one query may return)."""
         client, rows = self._connect(), []
         try:
-            it = client.query_iterator(collection, batch_size=CHUNK, filter=filter, output_fields=fields,
-                                       timeout=CALL_TIMEOUT)
+            it = client.query_iterator(
+                collection, batch_size=CHUNK, filter=filter, output_fields=fields, timeout=CALL_TIMEOUT
+            )
             try:
                 while batch := it.next():
                     rows.extend(batch)
@@ -213,8 +224,9 @@ class MilvusStore(IndexStore):
         try:
             store.name = store._target()
             if store.name is None:
-                raise UserError(f"no retrieval index in {location}; make one with `mproxy index RUN --images DIR "
-                                f"--out {location}`")
+                raise UserError(
+                    f"no retrieval index in {location}; make one with `mproxy index RUN --images DIR --out {location}`"
+                )
             store._load()
             rows = store._call("get", store.meta_name, ids=[INFO], output_fields=["value"])
             info = json.loads(rows[0]["value"]) if rows else {}
@@ -224,10 +236,14 @@ class MilvusStore(IndexStore):
             built_with = {**store.model, "feature_dim": store.dim}
             for key, value in (expect_model or {}).items():
                 if built_with.get(key) != value:
-                    raise UserError(f"index in {location} was built with {key}={built_with.get(key)!r}, not "
-                                    f"{value!r}; rebuild it for this model")
-            store.classes = {int(row["key"][len(CLASS):]): row["value"]
-                             for row in store._scan(store.meta_name, f'key like "{CLASS}%"', ["key", "value"])}
+                    raise UserError(
+                        f"index in {location} was built with {key}={built_with.get(key)!r}, not "
+                        f"{value!r}; rebuild it for this model"
+                    )
+            store.classes = {
+                int(row["key"][len(CLASS) :]): row["value"]
+                for row in store._scan(store.meta_name, f'key like "{CLASS}%"', ["key", "value"])
+            }
             store._read_attachments()
         except BaseException:
             store.close()
@@ -235,8 +251,17 @@ class MilvusStore(IndexStore):
         return store
 
     @classmethod
-    def build(cls, location: MilvusLocation, features, paths, labels=None, *, kind: str = "exact",
-              model: dict | None = None, classes: dict[int, str] | None = None) -> MilvusStore:
+    def build(
+        cls,
+        location: MilvusLocation,
+        features,
+        paths,
+        labels=None,
+        *,
+        kind: str = "exact",
+        model: dict | None = None,
+        classes: dict[int, str] | None = None,
+    ) -> MilvusStore:
         """A new build of the store at `location` holding `features` (n, d) for `paths` (and `labels`, named by
         `classes`); searched once `save` puts it behind the alias (the previous build goes then)."""
         if kind != "exact":
@@ -282,8 +307,11 @@ class MilvusStore(IndexStore):
         self._put_meta([(INFO, json.dumps({**info, "attachments": records}))])
         self.attached = records
         named = [[name, r["sha256"][:16]] for name, r in records.items()]
-        stale = [row["key"] for row in self._scan(self.meta_name, f'key like "{ATTACHMENT}%"', ["key"])
-                 if row["key"].split("/")[1:3] not in named]
+        stale = [
+            row["key"]
+            for row in self._scan(self.meta_name, f'key like "{ATTACHMENT}%"', ["key"])
+            if row["key"].split("/")[1:3] not in named
+        ]
         if stale:
             self._call("delete", self.meta_name, ids=stale)
         if not self.staged:
@@ -303,8 +331,12 @@ class MilvusStore(IndexStore):
         if self.attached.get(name) != record:
             prefix = f"{ATTACHMENT}{name}/{sha[:16]}/"
             for start in range(0, chunks, CHUNK):
-                self._put_meta([(f"{prefix}{i}", base64.b64encode(data[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES])
-                                 .decode()) for i in range(start, min(chunks, start + CHUNK))])
+                self._put_meta(
+                    [
+                        (f"{prefix}{i}", base64.b64encode(data[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES]).decode())
+                        for i in range(start, min(chunks, start + CHUNK))
+                    ]
+                )
         return record
 
     def _read_attachments(self) -> None:
@@ -314,17 +346,26 @@ class MilvusStore(IndexStore):
             keys = [f"{ATTACHMENT}{name}/{record['sha256'][:16]}/{i}" for i in range(record["chunks"])]
             rows: dict[str, str] = {}
             for start in range(0, len(keys), CHUNK):
-                found = self._call("get", self.meta_name, ids=keys[start:start + CHUNK], output_fields=["value"])
+                found = self._call("get", self.meta_name, ids=keys[start : start + CHUNK], output_fields=["value"])
                 rows.update((row["key"], row["value"]) for row in found)
             data = b"".join(base64.b64decode(rows.get(key, "")) for key in keys)
             if hashlib.sha256(data).hexdigest() == record["sha256"]:
                 self.attach(name, data)
 
     def _info(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "kind": self.kind, "metric": "cosine", "feature_dim": self.dim,
-                "params": self.params, "labelled": self._labelled, "next_id": self.next_id,
-                "max_label": self.max_label, "model": self.model, "sources": list(self.sources),
-                "attachments": self.attached}
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "metric": "cosine",
+            "feature_dim": self.dim,
+            "params": self.params,
+            "labelled": self._labelled,
+            "next_id": self.next_id,
+            "max_label": self.max_label,
+            "model": self.model,
+            "sources": list(self.sources),
+            "attachments": self.attached,
+        }
 
     def _load_info(self, info: dict) -> None:
         self.dim, self._labelled, self.next_id = info["feature_dim"], info["labelled"], info["next_id"]
@@ -356,8 +397,11 @@ class MilvusStore(IndexStore):
 
     def _add(self, x: np.ndarray, paths: list[str], labels: list | None) -> list[int]:
         if (labels is None) == self._labelled:
-            raise UserError("labels must be given for every item or for none" if self._labelled
-                            else "this index has no labels; add items without labels")
+            raise UserError(
+                "labels must be given for every item or for none"
+                if self._labelled
+                else "this index has no labels; add items without labels"
+            )
         first, max_label = self.next_id, self.max_label
         self.next_id += len(paths)
         self.max_label = max([max_label, *(labels or [])])
@@ -369,9 +413,15 @@ class MilvusStore(IndexStore):
         ids = list(range(first, self.next_id))
         labels = labels if labels is not None else [UNKNOWN] * len(paths)
         for start in range(0, len(ids), CHUNK):
-            rows = [{"id": i, "vector": v, "path": p, "label": int(y), "class_name": self.classes.get(int(y), "")}
-                    for i, v, p, y in zip(ids[start:start + CHUNK], x[start:start + CHUNK].tolist(),
-                                          paths[start:start + CHUNK], labels[start:start + CHUNK])]
+            rows = [
+                {"id": i, "vector": v, "path": p, "label": int(y), "class_name": self.classes.get(int(y), "")}
+                for i, v, p, y in zip(
+                    ids[start : start + CHUNK],
+                    x[start : start + CHUNK].tolist(),
+                    paths[start : start + CHUNK],
+                    labels[start : start + CHUNK],
+                )
+            ]
             self._call("insert", self.name, rows)
         return ids
 
@@ -382,7 +432,7 @@ class MilvusStore(IndexStore):
     def content_ids(self, hashes) -> dict[str, int]:
         keys = sorted({f"{CONTENT}{h}" for h in hashes})
         rows = self._call("get", self.meta_name, ids=keys, output_fields=["value"]) if keys else []
-        found = {row["key"][len(CONTENT):]: int(row["value"]) for row in rows}
+        found = {row["key"][len(CONTENT) :]: int(row["value"]) for row in rows}
         live = self.items(found.values())
         return {h: i for h, i in found.items() if i in live}
 
@@ -410,8 +460,12 @@ class MilvusStore(IndexStore):
     @staticmethod
     def _item(row: dict) -> dict:
         label = int(row["label"])
-        return {"id": int(row["id"]), "path": row["path"], "label": None if label == UNKNOWN else label,
-                "class_name": row["class_name"] or None}
+        return {
+            "id": int(row["id"]),
+            "path": row["path"],
+            "label": None if label == UNKNOWN else label,
+            "class_name": row["class_name"] or None,
+        }
 
     def exists(self, item_id: int) -> bool:
         return bool(self.items([item_id]))
@@ -432,7 +486,7 @@ class MilvusStore(IndexStore):
     def ids_of(self, paths: list[str]) -> dict[str, int]:
         found = {}
         for start in range(0, len(paths), CHUNK):
-            chunk = ", ".join(literal(p) for p in paths[start:start + CHUNK])
+            chunk = ", ".join(literal(p) for p in paths[start : start + CHUNK])
             for row in self._call("query", self.name, filter=f"path in [{chunk}]", output_fields=["path"]):
                 found[row["path"]] = int(row["id"])
         return found
@@ -458,15 +512,25 @@ class MilvusStore(IndexStore):
         if q.shape[1] != self.feature_dim:
             raise UserError(f"query features have {q.shape[1]} dimensions, the index {self.feature_dim}")
         hidden = sorted({int(i) for i in exclude if 0 <= int(i) <= MAX_ID})
-        rows = self._call("search", self.name, data=l2_normalize(q).tolist(), limit=max(1, min(int(k), MAX_TOPK)),
-                          filter=f"id not in [{', '.join(map(str, hidden))}]" if hidden else "",
-                          anns_field="vector", search_params={"metric_type": "IP"}) if k >= 1 else []
+        rows = (
+            self._call(
+                "search",
+                self.name,
+                data=l2_normalize(q).tolist(),
+                limit=max(1, min(int(k), MAX_TOPK)),
+                filter=f"id not in [{', '.join(map(str, hidden))}]" if hidden else "",
+                anns_field="vector",
+                search_params={"metric_type": "IP"},
+            )
+            if k >= 1
+            else []
+        )
         width = max((len(r) for r in rows), default=0)
         if width == 0:
             raise UserError("k must be at least 1 and the index must not be empty")
         scores = np.full((len(q), width), -np.inf, np.float32)
         ids = np.full((len(q), width), -1, np.int64)
         for n, row in enumerate(rows):
-            scores[n, :len(row)] = [hit["distance"] for hit in row]
-            ids[n, :len(row)] = [hit["id"] for hit in row]
+            scores[n, : len(row)] = [hit["distance"] for hit in row]
+            ids[n, : len(row)] = [hit["id"] for hit in row]
         return scores, ids

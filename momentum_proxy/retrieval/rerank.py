@@ -31,6 +31,7 @@ the collection for that query entirely, from the database side too: the augmente
 sets that involved them are recomputed without them, so a query's scores are those it would get from the
 collection without it. Scores of excluded items are -inf; results are ordered by (score descending, position).
 """
+
 from __future__ import annotations
 
 import io
@@ -41,20 +42,27 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import sparse
 
+from momentum_proxy.config import DEFAULT_KEEP
 from momentum_proxy.errors import UserError
 from momentum_proxy.retrieval.store import register_keeper
 from momentum_proxy.vectors import as_features, knn_request, l2_normalize
 
 METHODS = ("none", "aqe", "dba", "dba+aqe", "kreciprocal")
-DEFAULTS = {"none": {}, "aqe": {"k": 5, "alpha": 3.0}, "dba": {"k": 5, "alpha": 3.0},
-            "dba+aqe": {"k": 10, "alpha": 0.0}, "kreciprocal": {"k": 20, "k2": 6, "lam": 0.3}}
-# dba+aqe's (the default pipeline's, config.DEFAULT_RERANK) were chosen on birds50's val species (docs: Benchmarks).
+DEFAULTS = {
+    "none": {},
+    "aqe": {"k": 5, "alpha": 3.0},
+    "dba": {"k": 5, "alpha": 3.0},
+    "dba+aqe": {"k": 10, "alpha": 0.0},
+    "kreciprocal": {"k": 20, "k2": 6, "lam": 0.3},
+}
+# dba's (the default pipeline's, config.DEFAULT_RERANK) were chosen on the val species of birds50 and flowers12
+# across collection regimes (docs: Choosing post-processing); dba+aqe's (the earlier default) on birds50's large
+# classes (docs: Benchmarks).
 FLAGS = {"k": "--rerank-k", "alpha": "--rerank-alpha", "k2": "--rerank-k2", "lam": "--rerank-lambda"}
 MAX_K = 1000
 MAX_ALPHA = 100.0
 SCORE_CELLS = 1 << 24  # query rows x items scored at once (128 MB of float64)
 SET_CELLS = 1 << 22  # candidate-pair comparisons of one chunk of k-reciprocal sets
-DEFAULT_KEEP = 1  # plain cosine hits a re-ranking keeps first (chosen on validation: docs, Choosing post-processing)
 ENGINES_KEPT = 4  # database sides kept per collection (a service's requests may ask for several settings)
 NEIGHBOURS = "neighbours"  # the store attachment that keeps a store's lists (`store_neighbours`)
 _lists: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # store -> its `Neighbours` in this process
@@ -92,13 +100,21 @@ class Rerank:
         for name in ("k", "k2"):
             value = getattr(self, name)
             if value is not None:
-                if isinstance(value, bool) or not isinstance(value, (int, np.integer, float)) or value != int(value) \
-                        or not 1 <= value <= MAX_K:
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, (int, np.integer, float))
+                    or value != int(value)
+                    or not 1 <= value <= MAX_K
+                ):
                     raise UserError(f"{FLAGS[name]} must be a whole number from 1 to {MAX_K}, got {value!r}")
                 object.__setattr__(self, name, int(value))
         keep = (DEFAULT_KEEP if self.active else 0) if self.keep is None else self.keep
-        if isinstance(keep, bool) or not isinstance(keep, (int, np.integer, float)) or keep != int(keep) \
-                or not 0 <= keep <= MAX_K:
+        if (
+            isinstance(keep, bool)
+            or not isinstance(keep, (int, np.integer, float))
+            or keep != int(keep)
+            or not 0 <= keep <= MAX_K
+        ):
             raise UserError(f"--rerank-keep must be a whole number from 0 to {MAX_K}, got {keep!r}")
         object.__setattr__(self, "keep", int(keep))
         for name, high in (("alpha", MAX_ALPHA), ("lam", 1.0)):
@@ -114,12 +130,17 @@ class Rerank:
         plain cosine."""
         if self.up_to is None or items <= self.up_to or not self.active:
             return self
-        why = (f"{items:,} items, more than the {self.up_to:,} that the default re-ranking ({self.method}) is used "
-               "for (its neighbour lists cost O(N²) to compute)")
-        print(f"mproxy: note: re-ranking is off for this index: {why}; searches are plain cosine unless they ask "
-              f"for --rerank {self.method}" if building else
-              f"mproxy: note: searching without re-ranking: {why}; --rerank {self.method} asks for it anyway",
-              file=sys.stderr)
+        why = (
+            f"{items:,} items, more than the {self.up_to:,} that the default re-ranking ({self.method}) is used "
+            "for (its neighbour lists cost O(N²) to compute)"
+        )
+        print(
+            f"mproxy: note: re-ranking is off for this index: {why}; searches are plain cosine unless they ask "
+            f"for --rerank {self.method}"
+            if building
+            else f"mproxy: note: searching without re-ranking: {why}; --rerank {self.method} asks for it anyway",
+            file=sys.stderr,
+        )
         return Rerank()
 
     @property
@@ -137,8 +158,11 @@ class Rerank:
     def to_dict(self) -> dict:
         """The method and its parameters, e.g. {"method": "dba", "k": 5, "alpha": 3.0}."""
         names = {"k": "k", "alpha": "alpha", "k2": "k2", "lam": "lambda"}
-        return {"method": self.method, **{names[n]: getattr(self, n) for n in DEFAULTS[self.method]},
-                **({"keep": self.keep} if self.active else {})}
+        return {
+            "method": self.method,
+            **{names[n]: getattr(self, n) for n in DEFAULTS[self.method]},
+            **({"keep": self.keep} if self.active else {}),
+        }
 
     def __str__(self) -> str:
         params = ", ".join(f"{k} {v:g}" for k, v in self.to_dict().items() if k != "method")
@@ -155,7 +179,7 @@ class Rerank:
         start = int(np.count_nonzero(need == 0))
         rows = max(1, min(chunk_size, SCORE_CELLS // len(gallery)))
         while start < len(order):
-            pos = order[start:start + rows]
+            pos = order[start : start + rows]
             start += len(pos)
             k = int(need[pos[-1]])
             scores = engine.scores(query[pos], [[p] for p in pos] if exclude_self else None)
@@ -168,8 +192,7 @@ class Rerank:
             yield pos, np.take_along_axis(scores, idx, 1), idx
 
 
-def rerank_knn(query, gallery, k: int, rerank: Rerank, *, exclude_self: bool = False
-               ) -> tuple[np.ndarray, np.ndarray]:
+def rerank_knn(query, gallery, k: int, rerank: Rerank, *, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The k best gallery items of each query row under `rerank`: (scores, indices), each (n_queries, k), as
     `vectors.knn` returns them (k clipped to the items available). With `exclude_self`, the queries are the first
     rows of the gallery and query i is left out of the collection for its own search (leave-one-out)."""
@@ -286,8 +309,9 @@ class Neighbours:
         if np.array_equal(ids, self.ids):
             return self
         if not self.size:
-            return Neighbours(np.asarray(ids, np.int64), np.empty((len(ids), 0), np.int64),
-                              np.empty((len(ids), 0), np.float32))
+            return Neighbours(
+                np.asarray(ids, np.int64), np.empty((len(ids), 0), np.int64), np.empty((len(ids), 0), np.float32)
+            )
         x = np.asarray(x, np.float64)
         kept = np.isin(self.ids, ids)
         lists, sims = self.lists[kept], self.sims[kept]
@@ -301,10 +325,10 @@ class Neighbours:
         merge = rows[~again]
         step = max(1, SCORE_CELLS // max(1, len(added) + self.size))
         for start in range(0, len(merge), step):  # a kept list takes the added items nearer than its last
-            r, old = merge[start:start + step], np.flatnonzero(~again)[start:start + step]
+            r, old = merge[start : start + step], np.flatnonzero(~again)[start : start + step]
             pos = np.concatenate([_positions(ids, lists[old]), np.broadcast_to(added, (len(r), len(added)))], 1)
             s = np.concatenate([sims[old], (x[r] @ x[added].T).astype(np.float32)], 1)
-            order = np.lexsort((pos, -s), axis=1)[:, :self.size]
+            order = np.lexsort((pos, -s), axis=1)[:, : self.size]
             out_pos[r], out_sims[r] = np.take_along_axis(pos, order, 1), np.take_along_axis(s, order, 1)
         fresh = np.concatenate([rows[again], added])
         out_pos[fresh], out_sims[fresh] = _neighbour_lists(x, self.size, fresh)
@@ -355,7 +379,7 @@ class _Engine:
         self.k, self.k2, self.alpha, self.lam = rerank.k or 0, rerank.k2 or 0, rerank.alpha or 0.0, rerank.lam or 0.0
         n = len(x)
         if rerank.method in ("dba", "dba+aqe"):
-            self.y = _augment(x, lists[:, :self.k], sims[:, :self.k], self.alpha)
+            self.y = _augment(x, lists[:, : self.k], sims[:, : self.k], self.alpha)
         elif rerank.method == "kreciprocal":
             self.h = int(np.around(self.k / 2))
             self.v = _kr_vectors(x, lists, np.arange(n), self.k, self.h)
@@ -427,12 +451,13 @@ class _Engine:
         weights = np.exp(np.where(members == probe, 0.0, s[np.minimum(members, n - 1)].astype(np.float64) - 1))
         v_q = np.zeros(n + 1)
         v_q[members] = weights / weights.sum()
-        qe = near[:k2 - 1]
+        qe = near[: k2 - 1]
         vqe_q = (v_q + np.asarray(_kr_vectors(self.x, lists, qe, k1, h).sum(axis=0)).ravel()) / (1 + len(qe))
         cols = np.flatnonzero(vqe_q[:n])
         block = self.vqe[:, cols]
-        mins = np.bincount(block.indices, np.minimum(block.data, np.repeat(vqe_q[cols], np.diff(block.indptr))),
-                           minlength=n)
+        mins = np.bincount(
+            block.indices, np.minimum(block.data, np.repeat(vqe_q[cols], np.diff(block.indptr))), minlength=n
+        )
         sums = self.vqe_sums.copy()
         if len(hidden):  # the items whose Ṽ may change without the hidden ones
             a1 = np.union1d(np.union1d(rows, hidden), _listing(self.lists, np.union1d(rows, hidden), k1))
@@ -451,8 +476,9 @@ class _Engine:
         used = np.unique(expand.indices)
         fresh = used[np.isin(used, changed)]
         keep = sparse.diags((~np.isin(used, changed)).astype(float))
-        place = sparse.csr_matrix((np.ones(len(fresh)), (np.searchsorted(used, fresh), np.arange(len(fresh)))),
-                                  shape=(len(used), len(fresh)))
+        place = sparse.csr_matrix(
+            (np.ones(len(fresh)), (np.searchsorted(used, fresh), np.arange(len(fresh)))), shape=(len(used), len(fresh))
+        )
         v_used = keep @ self.v[used] + place @ _kr_vectors(self.x, lists, fresh, self.k, self.h)
         return (expand[:, used] @ v_used).tocsr()
 
@@ -480,7 +506,7 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
     if k < len(alive):
         cut = np.partition(s, len(s) - k)[len(s) - k]
         above = np.flatnonzero(s > cut)
-        alive = np.concatenate([alive[above], alive[np.flatnonzero(s == cut)[:k - len(above)]]])
+        alive = np.concatenate([alive[above], alive[np.flatnonzero(s == cut)[: k - len(above)]]])
         s = scores[alive]
     return alive[np.lexsort((alive, -s))]
 
@@ -492,13 +518,13 @@ def _neighbour_lists(x: np.ndarray, size: int, rows: np.ndarray, hidden=()) -> t
     sims = np.full((len(rows), size), -np.inf, np.float32)
     step = max(1, SCORE_CELLS // max(1, len(x)))
     for start in range(0, len(rows) if size else 0, step):
-        r = rows[start:start + step]
+        r = rows[start : start + step]
         s = (x[r] @ x.T).astype(np.float32)
         s[np.arange(len(r)), r] = -np.inf
         s[:, hidden] = -np.inf
         for j, row in enumerate(s):
             top = _top(row, size)
-            lists[start + j, :len(top)], sims[start + j, :len(top)] = top, row[top]
+            lists[start + j, : len(top)], sims[start + j, : len(top)] = top, row[top]
     return lists, sims
 
 
@@ -567,11 +593,12 @@ def _kr_vectors(x: np.ndarray, lists: np.ndarray, rows: np.ndarray, k1: int, h: 
     parts = []
     step = max(1, min(SET_CELLS // ((k1 + 1) ** 2 * (h + 1)), SCORE_CELLS // max(1, n)))
     for start in range(0, len(rows), step):
-        r = np.asarray(rows[start:start + step], np.int64)
+        r = np.asarray(rows[start : start + step], np.int64)
         r_k = _reciprocal(lists, r, k1)  # (c, k1 + 1)
         valid = r_k >= 0
-        r_h = np.where(valid[:, :, None], _reciprocal(lists, np.maximum(r_k, 0).ravel(), h).reshape(len(r), k1 + 1,
-                                                                                                    h + 1), -1)
+        r_h = np.where(
+            valid[:, :, None], _reciprocal(lists, np.maximum(r_k, 0).ravel(), h).reshape(len(r), k1 + 1, h + 1), -1
+        )
         in_h = r_h >= 0
         shared = ((r_h[:, :, :, None] == r_k[:, None, None, :]) & in_h[:, :, :, None]).any(axis=3).sum(axis=2)
         ok = valid & (3 * shared >= 2 * in_h.sum(axis=2))
@@ -588,7 +615,7 @@ def _kr_vectors(x: np.ndarray, lists: np.ndarray, rows: np.ndarray, k1: int, h: 
 
 def _expansion_matrix(lists: np.ndarray, rows: np.ndarray, k2: int, n: int) -> sparse.csr_matrix:
     """The local query expansion of `rows` (len(rows) x n): the mean over each row's N(v, k2)."""
-    members = np.concatenate([np.asarray(rows, np.int64)[:, None], lists[rows, :k2 - 1]], 1)
+    members = np.concatenate([np.asarray(rows, np.int64)[:, None], lists[rows, : k2 - 1]], 1)
     present = members >= 0
     weight = np.broadcast_to((1 / present.sum(axis=1))[:, None], members.shape)
     row_of = np.broadcast_to(np.arange(len(rows))[:, None], members.shape)

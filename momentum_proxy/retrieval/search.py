@@ -5,6 +5,7 @@
 - `search_hits` searches an index with a query embedding, leaving the query's own item out (the service uses it);
   `search_image` embeds a query image first and builds the results; `retrieve` does both for a run.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,10 @@ class Retrieval:
 def check_database_tta(database, tta: str) -> None:
     """Refuse test-time augmentation over an embeddings file: it records none (training embeds without)."""
     if database is not None and tta != "none":
-        raise UserError(f"--tta {tta} needs the searched images embedded the same way; the embeddings file "
-                        f"{database} was not (search the run's split, which is then embedded with --tta {tta})")
+        raise UserError(
+            f"--tta {tta} needs the searched images embedded the same way; the embeddings file "
+            f"{database} was not (search the run's split, which is then embedded with --tta {tta})"
+        )
 
 
 COPY_COSINE = 0.99  # the same bytes embed to the same vector (up to rounding): copies are looked for above this
@@ -88,9 +91,18 @@ def raw_cosines(index: IndexStore, features: np.ndarray, ids) -> np.ndarray:
     return np.concatenate([index.vector(int(i)) for i in ids]).astype(np.float32) @ q
 
 
-def search_hits(index: IndexStore, features: np.ndarray, k: int, *, query_path=None, query_id=None,
-                query_content: tuple[str, int] | None = None, min_score: float | None = None,
-                rerank: Rerank | None = None, timing: dict | None = None) -> tuple[dict | None, list[Hit]]:
+def search_hits(
+    index: IndexStore,
+    features: np.ndarray,
+    k: int,
+    *,
+    query_path=None,
+    query_id=None,
+    query_content: tuple[str, int] | None = None,
+    min_score: float | None = None,
+    rerank: Rerank | None = None,
+    timing: dict | None = None,
+) -> tuple[dict | None, list[Hit]]:
     """Top-k of one query embedding: (the query's item when it is indexed, its hits). The query's own item (given
     by id, or by path: the same file, or any item whose file holds the same bytes) is not among its results, as in
     `mproxy retrieve`. `query_content` ((sha256, size), `content_of`) is that of a query image that is no item
@@ -115,15 +127,18 @@ def search_hits(index: IndexStore, features: np.ndarray, k: int, *, query_path=N
         hits = index.hits(*index.search(features, k, exclude=exclude))[0]
     if query_content is not None:
         recorded = set(index.content_ids([query_content[0]]).values())
-        hits = [replace(h, same_image=h.id in recorded or h.score >= COPY_COSINE and holds(h.path, query_content))
-                for h in hits]
+        hits = [
+            replace(h, same_image=h.id in recorded or h.score >= COPY_COSINE and holds(h.path, query_content))
+            for h in hits
+        ]
     if min_score is not None:
         hits = [replace(h, rank=rank) for rank, h in enumerate((h for h in hits if h.score >= min_score), 1)]
     return own, hits
 
 
-def run_index(run_dir: str | Path, embedder, split: str = "test",
-              database: str | Path | None = None) -> tuple[FaissStore, str]:
+def run_index(
+    run_dir: str | Path, embedder, split: str = "test", database: str | Path | None = None
+) -> tuple[FaissStore, str]:
     """(an exact in-memory index, its description) of the run's test embeddings (embeddings.npz, or another
     `database` .npz), plus, for `split` train, val or all, those images of the run's dataset embedded now by
     `embedder` (the run's model). An embedder with test-time augmentation embeds the test split now too
@@ -138,16 +153,18 @@ def run_index(run_dir: str | Path, embedder, split: str = "test",
     else:
         parts = []
         if split in ("test", "all"):
-            parts.append(load_embeddings(RunDir(run_dir) / EMBEDDINGS) if tta == "none"
-                         else _embed_splits(cfg.data, embedder, ["test"]))
+            parts.append(
+                load_embeddings(RunDir(run_dir) / EMBEDDINGS)
+                if tta == "none"
+                else _embed_splits(cfg.data, embedder, ["test"])
+            )
         if split != "test":
             parts.append(_embed_splits(cfg.data, embedder, ["train", "val"] if split == "all" else [split]))
         names = {"test": "the test split", "val": "the val split", "train": "the train split", "all": "all splits"}
         what = f"{names[split]} of {Path(cfg.data).name} ({sum(len(p['paths']) for p in parts)} images)"
     features = np.concatenate([p["features"] for p in parts])
     if features.shape[1] != embedder.feature_dim:
-        raise UserError(f"the database holds {features.shape[1]}-d features, the model makes "
-                        f"{embedder.feature_dim}-d")
+        raise UserError(f"the database holds {features.shape[1]}-d features, the model makes {embedder.feature_dim}-d")
     labels = [int(y) for p in parts for y in p["labels"]]
     paths = [str(x) for p in parts for x in p["paths"]]
     named = all(p.get("class_names") is not None for p in parts)
@@ -164,12 +181,17 @@ def _embed_splits(data: str | Path, embedder, splits: list[str]) -> dict:
     paths = [str(Path(data) / p) for p in df["path"]]
     feats, kept, _ = embed_files(embedder, paths)
     keep = np.isin(paths, kept)
-    return {"features": feats, "labels": df["label"].to_numpy()[keep], "paths": np.asarray(kept),
-            "class_names": df["class_name"].to_numpy()[keep]}
+    return {
+        "features": feats,
+        "labels": df["label"].to_numpy()[keep],
+        "paths": np.asarray(kept),
+        "class_names": df["class_name"].to_numpy()[keep],
+    }
 
 
-def search_image(index: IndexStore, embedder, query: str | Path, k: int, collection: str,
-                 rerank: Rerank | None = None) -> Retrieval:
+def search_image(
+    index: IndexStore, embedder, query: str | Path, k: int, collection: str, rerank: Rerank | None = None
+) -> Retrieval:
     """Top-k of a query image in `index`, embedded by `embedder`, re-ranked by `rerank`; the query's own item is
     left out. (Its callers `check_query` first, before a model is loaded.)"""
     query = Path(query)
@@ -182,9 +204,18 @@ def search_image(index: IndexStore, embedder, query: str | Path, k: int, collect
     return Retrieval(query, label, own["class_name"] if own else None, results, collection, k)
 
 
-def retrieve(run_dir: str | Path, query: str | Path, k: int = 8, *, database: str | Path | None = None,
-             split: str = "test", device: str = "auto", runtime: str = "torch", tta: str = "none",
-             rerank: Rerank | None = None) -> Retrieval:
+def retrieve(
+    run_dir: str | Path,
+    query: str | Path,
+    k: int = 8,
+    *,
+    database: str | Path | None = None,
+    split: str = "test",
+    device: str = "auto",
+    runtime: str = "torch",
+    tta: str = "none",
+    rerank: Rerank | None = None,
+) -> Retrieval:
     """Top-k of `query` among the run's embeddings of `split` (or another `database` .npz), re-ranked by
     `rerank`; the query itself is excluded. `runtime` (torch | onnx) embeds with `tta` (see
     `deploy.runtimes.load_embedder`)."""

@@ -12,6 +12,7 @@ files, then rank 0 fills the store from them (`retrieval.build.build_index`), as
 - Only rank 0 opens the store (Milvus Lite lets one process open a file) and holds its writer lock; the other ranks
   wait for its plan. The ranks talk over gloo whatever the device: the plan, then one barrier.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -109,9 +110,14 @@ class Plan:
 def write_chunk(path: Path, fp: str, features: np.ndarray, kept: list[str], skipped: list[tuple[str, str]]) -> None:
     """One chunk file, whole or not at all."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, fingerprint=np.array(fp), features=np.asarray(features, np.float32),
-                 paths=np.array(kept, dtype=str), skipped_paths=np.array([p for p, _ in skipped], dtype=str),
-                 skipped_reasons=np.array([r for _, r in skipped], dtype=str))
+        np.savez(
+            f,
+            fingerprint=np.array(fp),
+            features=np.asarray(features, np.float32),
+            paths=np.array(kept, dtype=str),
+            skipped_paths=np.array([p for p, _ in skipped], dtype=str),
+            skipped_reasons=np.array([r for _, r in skipped], dtype=str),
+        )
 
 
 class Chunks:
@@ -139,8 +145,10 @@ class Chunks:
             self.bad.update(bad)
             self.files.append(file)
         if dropped:
-            print(f"mproxy: removed {dropped} chunk file(s) of another model (or unreadable) from {folder}",
-                  file=sys.stderr)
+            print(
+                f"mproxy: removed {dropped} chunk file(s) of another model (or unreadable) from {folder}",
+                file=sys.stderr,
+            )
 
     def __contains__(self, path: str) -> bool:
         return path in self.where or path in self.bad
@@ -174,9 +182,8 @@ def embed_share(embedder, plan: Plan, info: DistInfo, folder: Path, batch_size: 
         path = plan.file(folder, c)
         if path.exists():
             continue
-        paths = plan.todo[c * plan.chunk_size:(c + 1) * plan.chunk_size]
-        features, kept, skipped = embed_files(embedder, paths, batch_size,
-                                              progress=info.is_main)
+        paths = plan.todo[c * plan.chunk_size : (c + 1) * plan.chunk_size]
+        features, kept, skipped = embed_files(embedder, paths, batch_size, progress=info.is_main)
         write_chunk(path, plan.fingerprint, features, kept, skipped)
         test_kill("chunk")
 
@@ -206,8 +213,10 @@ class Sharding:
         if left:
             self.folder.mkdir(parents=True, exist_ok=True)
         if len(left) < len(todo):
-            print(f"mproxy: {len(todo) - len(left)} of {len(todo)} images reused from the chunk files in "
-                  f"{self.folder}", file=sys.stderr)
+            print(
+                f"mproxy: {len(todo) - len(left)} of {len(todo)} images reused from the chunk files in {self.folder}",
+                file=sys.stderr,
+            )
         plan = Plan(fp, embedder.identity.get("tta", "none"), left, self.chunk_size)
         self._send(plan)
         embed_share(embedder, plan, self.info, self.folder, self.batch_size)
@@ -220,7 +229,7 @@ class Sharding:
         persists on `save` (faiss) at once (saved once, at the end)."""
         step = self.chunk_size if index.writes_through else len(paths)
         for s in range(0, len(paths), step):
-            index.add(features[s:s + step], paths[s:s + step], None if labels is None else labels[s:s + step])
+            index.add(features[s : s + step], paths[s : s + step], None if labels is None else labels[s : s + step])
             test_kill("insert")
 
     def finish(self) -> None:
@@ -235,7 +244,8 @@ def follow(info: DistInfo, run_dir, runtime: str, device: str, folder: Path, bat
     if info.rank < plan.chunks:
         embedder = load_embedder(run_dir, runtime, device, plan.tta)
         if fingerprint(embedder.identity, embedder.image_size) != plan.fingerprint:
-            raise UserError(f"rank {info.rank} embeds with another model than rank 0 (is {run_dir} the same run "
-                            "on every node?)")
+            raise UserError(
+                f"rank {info.rank} embeds with another model than rank 0 (is {run_dir} the same run on every node?)"
+            )
         embed_share(embedder, plan, info, folder, batch_size)
     barrier()

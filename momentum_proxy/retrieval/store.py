@@ -11,6 +11,7 @@ neighbour lists are one). Each store saves them with its snapshot (the same comm
 them back when it is opened; what they mean is the attaching layer's business, and so is keeping them right across
 adds and removes: it may register a keeper (`register_keeper`), which every snapshot asks for the bytes to save.
 """
+
 from __future__ import annotations
 
 import re
@@ -104,8 +105,9 @@ class IndexStore(ABC):
             return {"k": 10, "recall": 1.0, "exact": True}
         return self.recall
 
-    def measure_recall(self, vectors=None, *, tune: bool = False, k: int = RECALL_K, num_queries: int = RECALL_QUERIES,
-                       seed: int = 0) -> dict | None:
+    def measure_recall(
+        self, vectors=None, *, tune: bool = False, k: int = RECALL_K, num_queries: int = RECALL_QUERIES, seed: int = 0
+    ) -> dict | None:
         """Measure recall@k against exact search on `num_queries` of the indexed vectors (`vectors`: those vectors,
         where the store keeps only codes) sampled with `seed`, tuning the search parameters first with `tune`;
         record it and return it (`recall_info`). Here: an exact store's recall is 1 by definition."""
@@ -144,8 +146,10 @@ class IndexStore(ABC):
 
     def attachments(self) -> dict[str, bytes]:
         """Every attachment's bytes now, by name, from its keeper when one is registered (what a snapshot saves)."""
-        return {name: _keepers[name](self) if name in _keepers else data() if callable(data) else data
-                for name, data in sorted(self._attachments.items())}
+        return {
+            name: _keepers[name](self) if name in _keepers else data() if callable(data) else data
+            for name, data in sorted(self._attachments.items())
+        }
 
     @abstractmethod
     def _add(self, x: np.ndarray, paths: list[str], labels: list | None) -> list[int]:
@@ -213,8 +217,12 @@ class IndexStore(ABC):
         out, found = [], self.items({int(i) for i in ids.ravel() if i >= 0})
         for row_s, row_i in zip(scores, ids):
             items = [found[int(i)] for i in row_i if int(i) in found]
-            out.append([Hit(rank, it["id"], float(s), it["path"], it["label"], it["class_name"])
-                        for rank, (s, it) in enumerate(zip(row_s, items), start=1)])
+            out.append(
+                [
+                    Hit(rank, it["id"], float(s), it["path"], it["label"], it["class_name"])
+                    for rank, (s, it) in enumerate(zip(row_s, items), start=1)
+                ]
+            )
         return out
 
 
@@ -242,6 +250,8 @@ def check_mix(built_with: dict, identity: dict) -> str:
     if built_with.get("checkpoint_sha256") != identity["checkpoint_sha256"]:
         raise UserError("the index was built from another checkpoint; rebuild it for this model")
     if not (built_with.get("verified", True) and identity["verified"]):
-        raise UserError(f"refusing to mix runtimes {','.join(sorted(had))} and {runtime}: an export of this "
-                        "checkpoint did not pass its check against PyTorch")
+        raise UserError(
+            f"refusing to mix runtimes {','.join(sorted(had))} and {runtime}: an export of this "
+            "checkpoint did not pass its check against PyTorch"
+        )
     return ",".join(sorted(had | {runtime}))

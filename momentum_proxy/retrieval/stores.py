@@ -1,6 +1,7 @@
 """The index store a location names, opened, built and locked in one place: a folder is a faiss index
 (`faiss_store`, the embedded default), `milvus:PATH.db` a Milvus Lite file and `milvus://HOST:PORT/COLLECTION`
 a Milvus server or cluster (`milvus_store`, the [milvus] extra; see `paths.milvus_location`)."""
+
 from __future__ import annotations
 
 import shutil
@@ -21,8 +22,9 @@ def open_store(location, expect_model: dict | None = None, mmap: bool = False) -
     if milvus is None:
         return FaissStore.load(location, expect_model, mmap=mmap)
     if mmap:
-        raise UserError(f"--mmap maps a faiss ivf or ivfpq index folder; {location} is a Milvus store (Milvus keeps "
-                        "its own memory)")
+        raise UserError(
+            f"--mmap maps a faiss ivf or ivfpq index folder; {location} is a Milvus store (Milvus keeps its own memory)"
+        )
     from momentum_proxy.retrieval.milvus_store import MilvusStore  # extra: [milvus]
 
     return MilvusStore.open(milvus, expect_model)
@@ -38,16 +40,26 @@ def store_exists(location) -> bool:
     return MilvusStore.present(milvus)
 
 
-def build_store(location, features, paths, labels=None, *, kind: str | None = "exact", model: dict | None = None,
-                classes: dict[int, str] | None = None, plan: IndexPlan | None = None) -> IndexStore:
+def build_store(
+    location,
+    features,
+    paths,
+    labels=None,
+    *,
+    kind: str | None = "exact",
+    model: dict | None = None,
+    classes: dict[int, str] | None = None,
+    plan: IndexPlan | None = None,
+) -> IndexStore:
     """A new store of `features` for `location`, written there by its `save` (which replaces what was there).
     `plan`: a faiss index's kind and size chosen for a memory budget (`faiss_store.plan_index`)."""
     milvus = milvus_location(location)
     if milvus is None:
         return FaissStore.build(features, paths, labels, kind=kind, model=model, classes=classes, plan=plan)
     if plan is not None:
-        raise UserError("--max-memory chooses a faiss index; a Milvus index searches exactly (FLAT) in Milvus's "
-                        "own memory")
+        raise UserError(
+            "--max-memory chooses a faiss index; a Milvus index searches exactly (FLAT) in Milvus's own memory"
+        )
     from momentum_proxy.retrieval.milvus_store import MilvusStore  # extra: [milvus]
 
     return MilvusStore.build(milvus, features, paths, labels, kind=kind or "exact", model=model, classes=classes)

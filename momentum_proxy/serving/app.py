@@ -5,6 +5,7 @@ JSON `{"error": "one line"}`: 400 bad or corrupt image, 401 missing token, 404 u
 pixel limit, 422 bad parameters, 503 the index store cannot be reached (a Milvus server; later requests try
 again); a failure inside is logged and answered 500 without details.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -30,8 +31,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from momentum_proxy.errors import UserError
-from momentum_proxy.perf import freeze_gc, share_heap
 from momentum_proxy.paths import check_index
+from momentum_proxy.perf import freeze_gc, share_heap
 from momentum_proxy.retrieval.rerank import DEFAULTS, Rerank
 from momentum_proxy.retrieval.store import StoreUnavailable, recall_text
 from momentum_proxy.retrieval.stores import writer_lock
@@ -66,16 +67,22 @@ class SearchParams(BaseModel):
         return self
 
 
-RERANK_FIELDS = {"rerank_k": "k", "rerank_alpha": "alpha", "rerank_k2": "k2", "rerank_lambda": "lam",
-                 "rerank_keep": "keep"}
+RERANK_FIELDS = {
+    "rerank_k": "k",
+    "rerank_alpha": "alpha",
+    "rerank_k2": "k2",
+    "rerank_lambda": "lam",
+    "rerank_keep": "keep",
+}
 
 
 def request_rerank(params: SearchParams, default: Rerank) -> Rerank | None:
     """The re-ranking a search asks for (None: the server's `default`): `rerank` names the method (default: the
     server's) and `rerank_*` its parameters; the others are the server's for its own method, else the method's
     defaults."""
-    given = {name: getattr(params, field) for field, name in RERANK_FIELDS.items()
-             if getattr(params, field) is not None}
+    given = {
+        name: getattr(params, field) for field, name in RERANK_FIELDS.items() if getattr(params, field) is not None
+    }
     if params.rerank is None and not given:
         return None
     method = params.rerank or default.method
@@ -135,12 +142,22 @@ class Metrics:
 
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter("mproxy_requests", "HTTP requests", ["method", "route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("mproxy_request_seconds", "HTTP request latency", ["method", "route"],
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.batch = Histogram("mproxy_embed_batch_size", "queries embedded together",
-                               buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.requests = Counter(
+            "mproxy_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "mproxy_request_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch = Histogram(
+            "mproxy_embed_batch_size",
+            "queries embedded together",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
         self.items = Gauge("mproxy_index_items", "live items in the index", registry=self.registry)
 
     def middleware(self, app):
@@ -160,14 +177,28 @@ class Metrics:
                 route = getattr(scope.get("route"), "path", "unmatched")
                 self.requests.labels(scope["method"], route, str(status[0])).inc()
                 self.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+
         return asgi
 
 
-def create_app(index_dir: str | Path | None = None, *, searcher: Searcher | None = None, run_dir=None,
-               device: str = "auto", token: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               max_pixels: int | None = None, cors_origins: list[str] = (), max_batch: int = 32,
-               batch_wait_ms: float = 50.0, runtime: str = "torch", model_processes: int | str = 0,
-               tta: str | None = None, rerank: Rerank | None = None, mmap: bool = False) -> FastAPI:
+def create_app(
+    index_dir: str | Path | None = None,
+    *,
+    searcher: Searcher | None = None,
+    run_dir=None,
+    device: str = "auto",
+    token: str | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_pixels: int | None = None,
+    cors_origins: list[str] = (),
+    max_batch: int = 32,
+    batch_wait_ms: float = 50.0,
+    runtime: str = "torch",
+    model_processes: int | str = 0,
+    tta: str | None = None,
+    rerank: Rerank | None = None,
+    mmap: bool = False,
+) -> FastAPI:
     """The service over the index in `index_dir` (or an open `searcher`), embedding with `runtime` (torch | onnx)
     and `tta` (None: the index's own), re-ranking searches that ask for none with `rerank`; `mmap` maps a faiss ivf
     or ivfpq index's lists from its file instead of reading them.
@@ -176,24 +207,39 @@ def create_app(index_dir: str | Path | None = None, *, searcher: Searcher | None
     metrics = Metrics()
     if searcher is None:
         extra = {} if max_pixels is None else {"max_pixels": max_pixels}
-        searcher = Searcher(index_dir, run_dir=run_dir, device=device, max_batch=max_batch, runtime=runtime,
-                            batch_wait_ms=batch_wait_ms, on_batch=metrics.batch.observe,
-                            model_processes=model_processes, tta=tta, rerank=rerank, mmap=mmap, **extra)
+        searcher = Searcher(
+            index_dir,
+            run_dir=run_dir,
+            device=device,
+            max_batch=max_batch,
+            runtime=runtime,
+            batch_wait_ms=batch_wait_ms,
+            on_batch=metrics.batch.observe,
+            model_processes=model_processes,
+            tta=tta,
+            rerank=rerank,
+            mmap=mmap,
+            **extra,
+        )
+
     @asynccontextmanager
     async def lifespan(app):
         yield
         searcher.close()
 
-    app = FastAPIOffline(title="mproxy serve", description="Fine-grained image retrieval over a saved index",
-                         version="1", lifespan=lifespan)  # /docs and /redoc with their scripts served here
+    app = FastAPIOffline(
+        title="mproxy serve",
+        description="Fine-grained image retrieval over a saved index",
+        version="1",
+        lifespan=lifespan,
+    )  # /docs and /redoc with their scripts served here
     app.state.searcher = searcher
     register_errors(app)
     app.add_route("/", lambda request: HTMLResponse(page()), include_in_schema=False)
     add_routes(app, searcher, metrics, writer_check(token))
     app.add_middleware(BodyLimit, limit=max_upload_bytes)
     if cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
-                           allow_headers=["*"])
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(metrics.middleware)
     return app
 
@@ -204,13 +250,18 @@ def page() -> str:
 
 def writer_check(token: str | None):
     """A dependency refusing writes without the token (when there is one)."""
+
     def check(authorization: str | None = Header(None, description="Bearer TOKEN (when the server has one)")):
         if token is None:
             return
         given = (authorization or "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(401, "this server needs the write token: Authorization: Bearer TOKEN",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                "this server needs the write token: Authorization: Bearer TOKEN",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
     return check
 
 
@@ -238,13 +289,32 @@ def register_errors(app: FastAPI) -> None:
         return error(500, "internal error (see the server log)")
 
 
-SEARCH_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": SearchParams.model_json_schema()},
-    "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-        "image": {"type": "string", "format": "binary"}, "k": {"type": "integer", "default": 10},
-        "min_score": {"type": "number"}, "rerank": {"type": "string"},
-        **{field: {"type": "integer" if field in ("rerank_k", "rerank_k2", "rerank_keep") else "number"} for field in RERANK_FIELDS},
-    }}}}}}
+SEARCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": SearchParams.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "k": {"type": "integer", "default": 10},
+                        "min_score": {"type": "number"},
+                        "rerank": {"type": "string"},
+                        **{
+                            field: {
+                                "type": "integer" if field in ("rerank_k", "rerank_k2", "rerank_keep") else "number"
+                            }
+                            for field in RERANK_FIELDS
+                        },
+                    },
+                }
+            },
+        },
+    }
+}
 
 
 async def read_search(request: Request) -> tuple[SearchParams, bytes | None]:
@@ -255,15 +325,16 @@ async def read_search(request: Request) -> tuple[SearchParams, bytes | None]:
                 image = form.get("image")
                 if not hasattr(image, "read"):
                     raise HTTPException(422, "the form needs an image file in the field 'image'")
-                fields = {k: v for k, v in form.items() if k in ("k", "min_score", "rerank", *RERANK_FIELDS)
-                          and v != ""}
+                fields = {
+                    k: v for k, v in form.items() if k in ("k", "min_score", "rerank", *RERANK_FIELDS) and v != ""
+                }
                 return SearchParams.model_validate(fields), await image.read()
         try:
             body = json.loads(await request.body() or b"null")
         except ValueError:
             raise HTTPException(422, "the body must be JSON (or a multipart form with an image)") from None
         if not isinstance(body, dict):
-            raise HTTPException(422, "the body must be a JSON object such as {\"id\": 3, \"k\": 10}")
+            raise HTTPException(422, 'the body must be a JSON object such as {"id": 3, "k": 10}')
         params = SearchParams.model_validate(body)
     except ValidationError as e:
         raise HTTPException(422, one_line(e)) from None
@@ -277,10 +348,14 @@ def add_routes(app: FastAPI, searcher: Searcher, metrics: Metrics, can_write) ->
     async def search(request: Request):
         start = time.perf_counter()
         params, image = await read_search(request)
-        query = image if image is not None else (params.id if params.id is not None
-                                                 else np.asarray(params.embedding, np.float32))
-        result = await searcher.asearch(query, params.k, min_score=params.min_score,
-                                        rerank=request_rerank(params, searcher.rerank))
+        query = (
+            image
+            if image is not None
+            else (params.id if params.id is not None else np.asarray(params.embedding, np.float32))
+        )
+        result = await searcher.asearch(
+            query, params.k, min_score=params.min_score, rerank=request_rerank(params, searcher.rerank)
+        )
         result["timing_ms"]["total"] = 1000 * (time.perf_counter() - start)
         return JSONResponse(result)  # plain JSON types already: FastAPI's encoder pass is skipped
 
@@ -292,9 +367,11 @@ def add_routes(app: FastAPI, searcher: Searcher, metrics: Metrics, can_write) ->
     async def item_image(item_id: int):
         return FileResponse(searcher.image_path(item_id))
 
-    @app.post("/items", dependencies=[Depends(can_write)],
-              summary="add images (embedded, then saved under their file names; an image already indexed is not "
-                      "added again)")
+    @app.post(
+        "/items",
+        dependencies=[Depends(can_write)],
+        summary="add images (embedded, then saved under their file names; an image already indexed is not added again)",
+    )
     async def add_items(images: list[UploadFile] = File(...), class_name: str | None = Form(None)):
         data = [await f.read() for f in images]
         added = await run_in_threadpool(searcher.add, data, class_name or None, [f.filename for f in images])
@@ -321,14 +398,16 @@ def add_routes(app: FastAPI, searcher: Searcher, metrics: Metrics, can_write) ->
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def serve(index_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          **options) -> None:
+def serve(
+    index_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None, **options
+) -> None:
     """Run the service with uvicorn; refuse to listen beyond loopback without a write token."""
     import uvicorn  # extra: [serve]; only needed to run the app here (create_app's app can be mounted elsewhere)
 
     if not is_loopback(host) and not token:
-        raise UserError(f"refusing to serve on {host} without a write token: pass --token or set {TOKEN_ENV} "
-                        "(or bind 127.0.0.1)")
+        raise UserError(
+            f"refusing to serve on {host} without a write token: pass --token or set {TOKEN_ENV} (or bind 127.0.0.1)"
+        )
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be 0-65535, got {port}")
     check_index(index_dir)
@@ -338,8 +417,11 @@ def serve(index_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, t
         freeze_gc()
         index = app.state.searcher.index
         mapped = ", memory-mapped" if options.get("mmap") else ""
-        print(f"serving {index_dir} ({len(index)} items; {index.kind} index{mapped}, "
-              f"{recall_text(index.recall_info(), len(index))}) on http://{host}:{port}/", flush=True)
+        print(
+            f"serving {index_dir} ({len(index)} items; {index.kind} index{mapped}, "
+            f"{recall_text(index.recall_info(), len(index))}) on http://{host}:{port}/",
+            flush=True,
+        )
         uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -15,6 +15,7 @@ a lock guards the in-memory index only for the search itself and for each change
 time, crash-safe (see `retrieval.faiss_store`; a Milvus store writes each change itself, `retrieval.milvus_store`),
 before they are acknowledged.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,10 +26,10 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -39,9 +40,9 @@ from momentum_proxy.deploy.runtimes import load_embedder
 from momentum_proxy.embedding.processes import ModelProcess, ThreadBudget, check_model_processes
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path
+from momentum_proxy.retrieval.build import index_tta, open_index
 from momentum_proxy.retrieval.hits import judged
 from momentum_proxy.retrieval.rerank import Rerank, kept_size, store_neighbours
-from momentum_proxy.retrieval.build import index_tta, open_index
 from momentum_proxy.retrieval.search import copies_of, search_hits
 from momentum_proxy.retrieval.store import UNKNOWN, IndexStore, check_mix
 from momentum_proxy.retrieval.stores import describe, local_folder, open_store
@@ -93,7 +94,7 @@ def upload_name(name: str | None, fmt: str) -> str:
     if not dot:
         stem, suffix = name, SUFFIXES.get(fmt, ".img")[1:]
     suffix = suffix[:16]
-    stem = stem.encode()[:NAME_BYTES - len(suffix.encode()) - 1].decode(errors="ignore").strip() or "image"
+    stem = stem.encode()[: NAME_BYTES - len(suffix.encode()) - 1].decode(errors="ignore").strip() or "image"
     return f"{stem}.{suffix}"
 
 
@@ -135,8 +136,14 @@ class Batcher:
     sleep between operations, which doubled the batch-1 latency of Lite0 when the model was loaded in another
     thread (docs: Serve)."""
 
-    def __init__(self, setup: Callable[[], Callable[[list], np.ndarray]], max_batch: int = 32, wait_ms: float = 50.0,
-                 on_batch: Callable[[int], None] | None = None, runners: int = 1):
+    def __init__(
+        self,
+        setup: Callable[[], Callable[[list], np.ndarray]],
+        max_batch: int = 32,
+        wait_ms: float = 50.0,
+        on_batch: Callable[[int], None] | None = None,
+        runners: int = 1,
+    ):
         self.max_batch, self.wait, self.on_batch, self.runners = max_batch, wait_ms / 1000, on_batch, runners
         self.queue: queue.Queue = queue.Queue()
         self.announced, self._count_lock = 0, threading.Lock()
@@ -145,8 +152,10 @@ class Batcher:
         self._collecting = threading.Lock()  # one runner gathers a batch at a time
         self.restarts = 0  # runner loops restarted after a fault outside the batch function
         readies = [Future() for _ in range(runners)]
-        self.threads = [threading.Thread(target=self._run, args=(setup, ready), name=f"mproxy-batcher-{i}",
-                                         daemon=True) for i, ready in enumerate(readies)]
+        self.threads = [
+            threading.Thread(target=self._run, args=(setup, ready), name=f"mproxy-batcher-{i}", daemon=True)
+            for i, ready in enumerate(readies)
+        ]
         for thread in self.threads:
             thread.start()
         try:
@@ -262,24 +271,36 @@ def bucketed(run: Callable[[list], np.ndarray], max_batch: int, blank) -> Callab
     For CUDA: cuDNN plans its convolutions for every new input shape the first time it meets it, which stalled
     the served batches of each new size for seconds in a measured run (docs: Serve); padded, a server
     meets only these few sizes, all planned before it answers."""
-    sizes = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
+    sizes = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
     for size in sizes:
         run([blank] * size)
 
     def padded(items: list) -> np.ndarray:
         size = next(s for s in sizes if s >= len(items))
-        return run(list(items) + [blank] * (size - len(items)))[:len(items)]
+        return run(list(items) + [blank] * (size - len(items)))[: len(items)]
+
     return padded
 
 
 class Searcher:
     """A saved index plus the model that built it: search, add, remove (thread-safe)."""
 
-    def __init__(self, index_dir: str | Path, *, run_dir: str | Path | None = None, device: str = "auto",
-                 max_batch: int = 32, batch_wait_ms: float = 50.0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 on_batch: Callable[[int], None] | None = None, runtime: str = "torch",
-                 model_processes: int | str = 0, tta: str | None = None, rerank: Rerank | None = None,
-                 mmap: bool = False):
+    def __init__(
+        self,
+        index_dir: str | Path,
+        *,
+        run_dir: str | Path | None = None,
+        device: str = "auto",
+        max_batch: int = 32,
+        batch_wait_ms: float = 50.0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        on_batch: Callable[[int], None] | None = None,
+        runtime: str = "torch",
+        model_processes: int | str = 0,
+        tta: str | None = None,
+        rerank: Rerank | None = None,
+        mmap: bool = False,
+    ):
         """`tta`: the test-time augmentation of queries and added images (None: the index's own; another one is
         refused, see `retrieval.build.index_tta`). `rerank`: the re-ranking of searches that ask for none
         (`retrieval.rerank`); the neighbour lists it needs are computed now, unless the index holds them, and
@@ -301,11 +322,13 @@ class Searcher:
                 def run_in_process(arrays: list) -> np.ndarray:
                     with budget.take(len(arrays)) as threads:
                         return process.embed(to_batch(arrays), threads)
+
                 return run_in_process
             self.embedder = load_embedder(self.run_dir, runtime, device, self.tta)
 
             def run(arrays: list) -> np.ndarray:
                 return self.embedder.embed(to_batch(arrays))
+
             if self.embedder.device.type != "cuda":
                 return run
             blank = np.zeros((self.embedder.image_size, self.embedder.image_size, 3), np.uint8)
@@ -378,12 +401,15 @@ class Searcher:
         rerank = rerank or self.rerank
         kept = max(self.prepared, kept_size(self.index))
         if _lists_needed(rerank) > kept:
-            raise UserError(f"re-ranking {rerank} needs {rerank.list_size} neighbours per item; this server keeps "
-                            f"{max(kept - 1, 0)} (start it with --rerank {rerank.method} --rerank-k {rerank.k})")
+            raise UserError(
+                f"re-ranking {rerank} needs {rerank.list_size} neighbours per item; this server keeps "
+                f"{max(kept - 1, 0)} (start it with --rerank {rerank.method} --rerank-k {rerank.k})"
+            )
         return rerank
 
-    async def asearch(self, query, k: int = 10, *, min_score: float | None = None,
-                      rerank: Rerank | None = None) -> dict:
+    async def asearch(
+        self, query, k: int = 10, *, min_score: float | None = None, rerank: Rerank | None = None
+    ) -> dict:
         """`search` for an event loop (the service's): an image is decoded in a worker thread, and its batch is
         awaited without holding a thread, so that the answers of a batch go out at once instead of through
         one woken thread each (docs: Serve). The search itself runs in the loop's thread where it is fast
@@ -407,8 +433,10 @@ class Searcher:
     def _features(self, query) -> np.ndarray:
         """The embedding of an id or embedding query, shape (1, d)."""
         if isinstance(query, bool) or not isinstance(query, (int, np.integer, np.ndarray, list, tuple)):
-            raise UserError(f"a query is an item id, an embedding, image bytes, an image path or a PIL image, "
-                            f"not {type(query).__name__}")
+            raise UserError(
+                f"a query is an item id, an embedding, image bytes, an image path or a PIL image, "
+                f"not {type(query).__name__}"
+            )
         if isinstance(query, (int, np.integer)):
             with self._lock:
                 if not self.index.exists(int(query)):
@@ -419,8 +447,9 @@ class Searcher:
             raise UserError(f"the embedding must be {self.index.feature_dim} finite numbers")
         return features
 
-    def _answer(self, query, features: np.ndarray, k: int, min_score: float | None, t0: float, t1: float,
-                rerank: Rerank) -> dict:
+    def _answer(
+        self, query, features: np.ndarray, k: int, min_score: float | None, t0: float, t1: float, rerank: Rerank
+    ) -> dict:
         """The search's response for a query embedded by `t1` (started at `t0`)."""
         t2 = time.perf_counter()
         query_id = int(query) if isinstance(query, (int, np.integer)) else None
@@ -428,16 +457,24 @@ class Searcher:
         content = (hashlib.sha256(query).hexdigest(), len(query)) if isinstance(query, (bytes, bytearray)) else None
         timing = {"rerank": 0.0}
         with self._lock:
-            own, hits = search_hits(self.index, features, k, query_path=query_path, query_id=query_id,
-                                    query_content=content, min_score=min_score, rerank=rerank, timing=timing)
+            own, hits = search_hits(
+                self.index,
+                features,
+                k,
+                query_path=query_path,
+                query_id=query_id,
+                query_content=content,
+                min_score=min_score,
+                rerank=rerank,
+                timing=timing,
+            )
         t3 = time.perf_counter()
         label = own["label"] if own else None
         return {
             "query": own or {"id": None, "path": None, "label": None, "class_name": None},
             "results": [h.to_dict() for h in judged(hits, label)],
             "rerank": rerank.to_dict(),
-            "timing_ms": {"decode": 1000 * (t1 - t0), "embed": 1000 * (t2 - t1), "search": 1000 * (t3 - t2),
-                          **timing},
+            "timing_ms": {"decode": 1000 * (t1 - t0), "embed": 1000 * (t2 - t1), "search": 1000 * (t3 - t2), **timing},
         }
 
     # ------------------------------------------------------------------------------------------- items
@@ -454,8 +491,9 @@ class Searcher:
             raise ItemNotFound(f"the image file of item {item_id} is missing: {path}")
         return path
 
-    def add(self, images: list[bytes], class_name: str | None = None, names: list[str | None] | None = None
-            ) -> list[dict]:
+    def add(
+        self, images: list[bytes], class_name: str | None = None, names: list[str | None] | None = None
+    ) -> list[dict]:
         """Embed and add image files (bytes, with their file `names`; kept as INDEX/uploads/<hash>/<name>), all
         with `class_name` if given, and save the index before returning. An image whose content is already
         indexed (uploaded, or indexed from a folder by `mproxy index`) is not added again: that item is returned
@@ -471,14 +509,14 @@ class Searcher:
         names = names or [None] * len(images)
         with self._write_lock:
             with self._lock:
-                found = {c: min(ids) for c, f in zip(contents, features)
-                         if (ids := copies_of(self.index, f[None], c))}
+                found = {c: min(ids) for c, f in zip(contents, features) if (ids := copies_of(self.index, f[None], c))}
             new = [i for i, c in enumerate(contents) if c not in found and c not in contents[:i]]
             paths = {contents[i]: self._store(images[i], decoded[i][1], names[i]) for i in new}
             with self._lock:
                 if new:
-                    added = self.index.add(features[new], [paths[contents[i]] for i in new],
-                                           self._labels(self.index, class_name, len(new)))
+                    added = self.index.add(
+                        features[new], [paths[contents[i]] for i in new], self._labels(self.index, class_name, len(new))
+                    )
                     self.index.record_hashes({i: contents[j][0] for i, j in zip(added, new)})
                     snapshot = self.index.snapshot()
                     found.update(zip([contents[i] for i in new], added))
@@ -526,10 +564,23 @@ class Searcher:
         with self._lock:
             index = self.index
             live = len(index)
-            return {"items": live, "deleted": index.ntotal - live, "kind": index.kind, "params": index.params,
-                    "recall": index.recall_info(), "mmap": self.mmap,
-                    "feature_dim": index.feature_dim, "classes": len(index.classes), "image_size": self.image_size,
-                    "device": str(self.device), "runtime": self.embedder.runtime, "tta": self.tta,
-                    "rerank": self.rerank.to_dict(),
-                    "model_processes": self.model_processes, "model": {"run": self.run_dir, **{
-                        k: index.model.get(k) for k in ("backbone", "checkpoint_sha256", "checkpoint_epoch")}}}
+            return {
+                "items": live,
+                "deleted": index.ntotal - live,
+                "kind": index.kind,
+                "params": index.params,
+                "recall": index.recall_info(),
+                "mmap": self.mmap,
+                "feature_dim": index.feature_dim,
+                "classes": len(index.classes),
+                "image_size": self.image_size,
+                "device": str(self.device),
+                "runtime": self.embedder.runtime,
+                "tta": self.tta,
+                "rerank": self.rerank.to_dict(),
+                "model_processes": self.model_processes,
+                "model": {
+                    "run": self.run_dir,
+                    **{k: index.model.get(k) for k in ("backbone", "checkpoint_sha256", "checkpoint_epoch")},
+                },
+            }

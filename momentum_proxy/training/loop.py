@@ -9,15 +9,16 @@ broken by `choose_epoch`) or the last epoch is kept (`select="last"`); the test 
 for the selected checkpoint (`--test-every-epoch` adds per-epoch test columns for curves, never used to select).
 In an images split (`data.manifest.split_protocol`) val and test are queries searched among a gallery.
 """
+
 from __future__ import annotations
 
 import math
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -63,8 +64,7 @@ def build(cfg: TrainConfig, num_classes: int) -> tuple[EmbeddingNet, nn.Module]:
     """The model and the loss of `cfg` (its backbone and image size decided: `resolve_config`)."""
     assert cfg.backbone is not None, "resolve_config decides the backbone"
     weights = None if cfg.pretrained == "none" else (cfg.weights or "default")
-    model = EmbeddingNet(cfg.backbone, cfg.feature_dim, weights=weights, pooling=cfg.pooling,
-                         image_size=cfg.image_size)
+    model = EmbeddingNet(cfg.backbone, cfg.feature_dim, weights=weights, pooling=cfg.pooling, image_size=cfg.image_size)
     scale, margin = cfg.loss_params
     loss = create_loss(cfg.loss, num_classes, cfg.feature_dim, scale=scale, margin=margin)
     if cfg.momentum_mode:
@@ -74,8 +74,10 @@ def build(cfg: TrainConfig, num_classes: int) -> tuple[EmbeddingNet, nn.Module]:
 
 def make_optimizer(cfg: TrainConfig, model: EmbeddingNet, loss: nn.Module) -> torch.optim.Optimizer:
     """Backbone at lr * backbone_lr_mult, head at lr; proxies at lr only when learned (`proxy_update="gradient"`)."""
-    groups = [{"params": list(model.backbone.parameters()), "lr": cfg.lr * cfg.backbone_lr_mult},
-              {"params": model.head_parameters(), "lr": cfg.lr}]
+    groups = [
+        {"params": list(model.backbone.parameters()), "lr": cfg.lr * cfg.backbone_lr_mult},
+        {"params": model.head_parameters(), "lr": cfg.lr},
+    ]
     if not cfg.momentum_mode:
         groups.append({"params": [p for p in loss.parameters() if p.requires_grad], "lr": cfg.lr})
     if cfg.optimizer == "adam":
@@ -93,8 +95,9 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.
     """Per-epoch learning-rate schedule: `multistep` (x0.1 at `lr_milestones`) or `cosine` (annealed to 0)."""
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(cfg.epochs, cfg.milestone_rounding),
-                                                gamma=0.1)
+    return torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=lr_milestones(cfg.epochs, cfg.milestone_rounding), gamma=0.1
+    )
 
 
 @dataclass
@@ -112,10 +115,17 @@ class TrainState:
     choice: Choice | None = None  # how best_epoch was chosen (not checkpointed: recomputed from the rows)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "best_epoch": self.best_epoch, "best": self.best_score,
-                "model": self.model.state_dict(), "loss": self.loss_fn.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state()}
+        return {
+            "epoch": self.epoch,
+            "best_epoch": self.best_epoch,
+            "best": self.best_score,
+            "model": self.model.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
 
     def load_state_dict(self, d: dict) -> None:
         self.model.load_state_dict(d["model"])
@@ -187,8 +197,9 @@ def choose_epoch(rows: list[dict], keys: list[str]) -> Choice:
 
 
 @distributed.ends_process_group  # normally and on error, the process group set up inside is destroyed
-def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
-          on_epoch: Callable[[dict], None] | None = None) -> dict:
+def train(
+    cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, on_epoch: Callable[[dict], None] | None = None
+) -> dict:
     """Train (or continue) the run described by `cfg`; returns the summary written to eval.json.
 
     `on_epoch(row)` is called with every epoch's metrics row once its checkpoints are saved (e.g. a tuner's
@@ -197,13 +208,24 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     job, state = setup(cfg, overwrite=overwrite, resume=resume)
     cfg = job.cfg  # the backbone decided for the device
     if 0 < cfg.epochs <= cfg.warmup_epochs and not resume and job.dist.is_main:
-        print(f"mproxy: warning: --warmup-epochs {cfg.warmup_epochs} covers all {cfg.epochs} epoch(s): the backbone "
-              "is never trained, only the head and proxies", file=sys.stderr)
+        print(
+            f"mproxy: warning: --warmup-epochs {cfg.warmup_epochs} covers all {cfg.epochs} epoch(s): the backbone "
+            "is never trained, only the head and proxies",
+            file=sys.stderr,
+        )
     job.run.log(describe_protocol(job.data.protocol, job.data.val is not None), job.dist.is_main)
     job.tracker = open_tracker(cfg, job.run.path, job.dist.is_main, state.epoch if resume else None)
-    rows = job.run.metrics()[:state.epoch + 1] if resume else [start(job, state)]
-    loader = make_loader(job.data.train, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.loader_workers,
-                         rank=job.dist.rank, world_size=job.dist.world_size, pin_memory=job.device.type == "cuda")
+    rows = job.run.metrics()[: state.epoch + 1] if resume else [start(job, state)]
+    loader = make_loader(
+        job.data.train,
+        cfg.batch_size,
+        train=True,
+        seed=cfg.seed,
+        workers=cfg.loader_workers,
+        rank=job.dist.rank,
+        world_size=job.dist.world_size,
+        pin_memory=job.device.type == "cuda",
+    )
     step_fn = wrap_for_steps(job, state)
     updater = MomentumProxyUpdate(cfg.proxy_momentum, cfg.momentum_target) if cfg.momentum_mode else None
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
@@ -245,8 +267,9 @@ def setup(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> tuple[Job, Trai
     loss_fn.to(device)
     optimizer = make_optimizer(cfg, model, loss_fn)
     scheduler = make_scheduler(cfg, optimizer)
-    state = TrainState(model, loss_fn, optimizer, scheduler, torch.amp.GradScaler(device.type,
-                                                                                  enabled=cfg.amp == "fp16"))
+    state = TrainState(
+        model, loss_fn, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    )
     job = Job(cfg, data, device, dist, run, select)
     if resume:
         state.load_state_dict(run.load_checkpoint(LAST))
@@ -263,13 +286,26 @@ def start(job: Job, state: TrainState) -> dict:
     competes for best."""
     t0 = time.time()
     if job.cfg.proxy_init == "class_mean" and job.cfg.epochs > 0:  # raw embeddings: the momentum update's space
-        feats = embed_dataset(ModuleEmbedder(state.model, normalize=False), job.data.train_eval,
-                              batch_size=job.cfg.embed_batch_size, workers=job.cfg.loader_workers, dist=job.dist,
-                              desc="init proxies")
-        init_proxies_from_class_means(state.loss_fn, torch.from_numpy(feats).to(job.device),
-                                      torch.tensor(job.data.train.labels, device=job.device))
-    row = {"epoch": 0, "train_loss": float("nan"), "lr": float("nan"), **score(job, state.model),
-           "seconds": time.time() - t0}
+        feats = embed_dataset(
+            ModuleEmbedder(state.model, normalize=False),
+            job.data.train_eval,
+            batch_size=job.cfg.embed_batch_size,
+            workers=job.cfg.loader_workers,
+            dist=job.dist,
+            desc="init proxies",
+        )
+        init_proxies_from_class_means(
+            state.loss_fn,
+            torch.from_numpy(feats).to(job.device),
+            torch.tensor(job.data.train.labels, device=job.device),
+        )
+    row = {
+        "epoch": 0,
+        "train_loss": float("nan"),
+        "lr": float("nan"),
+        **score(job, state.model),
+        "seconds": time.time() - t0,
+    }
     select_and_save(job, state, 0, [row])
     return row
 
@@ -280,8 +316,11 @@ def wrap_for_steps(job: Job, state: TrainState) -> nn.Module:
     if job.cfg.compile:  # of a module, torch.compile returns an OptimizedModule (an nn.Module); its stub: a callable
         step_fn = torch.compile(step_fn)  # type: ignore[assignment]
     if job.dist.enabled:
-        step_fn = DistributedDataParallel(step_fn, device_ids=[job.device.index] if job.device.type == "cuda" else None,
-                                          find_unused_parameters=job.cfg.warmup_epochs > 0)
+        step_fn = DistributedDataParallel(
+            step_fn,
+            device_ids=[job.device.index] if job.device.type == "cuda" else None,
+            find_unused_parameters=job.cfg.warmup_epochs > 0,
+        )
     return step_fn
 
 
@@ -320,18 +359,34 @@ def train_one_epoch(job: Job, state: TrainState, step_fn, loader, updater, epoch
     train_loss = (total / max(steps, 1)).item()
     check_finite(train_loss, epoch, job.run)
     if updater is not None and updater.skipped:
-        job.run.log(f"epoch {epoch}: {updater.skipped} proxy update(s) skipped so far: the batch's embeddings were "
-                    "not finite (proxies left unchanged)", job.dist.is_main)
+        job.run.log(
+            f"epoch {epoch}: {updater.skipped} proxy update(s) skipped so far: the batch's embeddings were "
+            "not finite (proxies left unchanged)",
+            job.dist.is_main,
+        )
     return train_loss
 
 
-def evaluate_split(model: EmbeddingNet, split: EvalSplit, cfg: TrainConfig, device, dist, *, metrics=None,
-                   recalls=None) -> tuple[dict, np.ndarray]:
+def evaluate_split(
+    model: EmbeddingNet, split: EvalSplit, cfg: TrainConfig, device, dist, *, metrics=None, recalls=None
+) -> tuple[dict, np.ndarray]:
     """Embed one evaluation split and compute its metrics (query/gallery mode when it has one)."""
-    feats = embed_dataset(ModuleEmbedder(model, amp=cfg.amp), split.dataset, batch_size=cfg.embed_batch_size,
-                          workers=cfg.loader_workers, dist=dist, desc=f"embed {split.name}")
-    return evaluate_arrays(feats, split.labels, split.split, metrics=metrics or cfg.epoch_metrics(),
-                           recalls=recalls or cfg.epoch_recalls(), device=device), feats
+    feats = embed_dataset(
+        ModuleEmbedder(model, amp=cfg.amp),
+        split.dataset,
+        batch_size=cfg.embed_batch_size,
+        workers=cfg.loader_workers,
+        dist=dist,
+        desc=f"embed {split.name}",
+    )
+    return evaluate_arrays(
+        feats,
+        split.labels,
+        split.split,
+        metrics=metrics or cfg.epoch_metrics(),
+        recalls=recalls or cfg.epoch_recalls(),
+        device=device,
+    ), feats
 
 
 def score(job: Job, model: EmbeddingNet) -> dict:
@@ -380,22 +435,42 @@ def finish(job: Job, state: TrainState) -> dict:
     cfg, dist = job.cfg, job.dist
     if not cfg.final_test:
         summary = {**selection_summary(job, state), "test": None}
-        job.run.log(f"selected epoch {state.best_epoch} on {job.select}; test not evaluated (final_test off)"
-                    + "".join(f"\n{line}" for line in choice_lines(summary)), dist.is_main)
+        job.run.log(
+            f"selected epoch {state.best_epoch} on {job.select}; test not evaluated (final_test off)"
+            + "".join(f"\n{line}" for line in choice_lines(summary)),
+            dist.is_main,
+        )
         return summary
     model_state = distributed.broadcast_object(job.run.load_checkpoint(BEST)["model"] if dist.is_main else None)
     state.model.load_state_dict(model_state)
-    res, feats = evaluate_split(state.model, job.data.test, cfg, job.device, dist,
-                                metrics=["recall", "precision@1", "r_precision", "map@r"], recalls=cfg.recalls)
-    summary = {**selection_summary(job, state), "split": "test", "queries": job.data.test.num_queries,
-               "lone_queries": job.data.test.lone_queries, "test": res}
+    res, feats = evaluate_split(
+        state.model,
+        job.data.test,
+        cfg,
+        job.device,
+        dist,
+        metrics=["recall", "precision@1", "r_precision", "map@r"],
+        recalls=cfg.recalls,
+    )
+    summary = {
+        **selection_summary(job, state),
+        "split": "test",
+        "queries": job.data.test.num_queries,
+        "lone_queries": job.data.test.lone_queries,
+        "test": res,
+    }
     if job.select == "test":
         summary["warning"] = "selected on test: the test figures are optimistic (only for reproducing tables)"
     if dist.is_main:
         job.run.write_eval(summary)
         test = job.data.test
-        job.run.save_embeddings(feats, test.labels, [str(Path(cfg.data) / p) for p in test.frame["path"]],
-                                list(test.split), list(test.frame["class_name"]))
+        job.run.save_embeddings(
+            feats,
+            test.labels,
+            [str(Path(cfg.data) / p) for p in test.frame["path"]],
+            list(test.split),
+            list(test.frame["class_name"]),
+        )
         job.run.log(selection_line(summary), True)
     distributed.barrier()
     return summary
@@ -406,17 +481,26 @@ def selection_summary(job: Job, state: TrainState) -> dict:
     decided it (`Choice`), the protocol and whether the epochs trained at all."""
     choice = state.choice or Choice(state.best_epoch)
     by_val = job.select != "last"
-    return {"checkpoint": BEST, "epoch": state.best_epoch, "selected_on": job.select,
-            "select_metric": job.cfg.select_metric if by_val else None,
-            "selection_score": state.best_score if by_val else None,
-            "tie_break": choice.decided_by and choice.decided_by.removeprefix(f"{job.select}_"), "tied_epochs": list(choice.tied), "protocol": job.data.protocol,
-            "epochs": job.cfg.epochs}
+    return {
+        "checkpoint": BEST,
+        "epoch": state.best_epoch,
+        "selected_on": job.select,
+        "select_metric": job.cfg.select_metric if by_val else None,
+        "selection_score": state.best_score if by_val else None,
+        "tie_break": choice.decided_by and choice.decided_by.removeprefix(f"{job.select}_"),
+        "tied_epochs": list(choice.tied),
+        "protocol": job.data.protocol,
+        "epochs": job.cfg.epochs,
+    }
 
 
 def epoch_line(row: dict, job: Job) -> str | None:
     """An epoch's progress line; None for epoch 0 when nothing was scored (no val split)."""
-    shown = " ".join(f"{k}={v:.4f}" for k, v in row.items()
-                     if k not in ("epoch", "seconds", "lr") and not (k == "train_loss" and row["epoch"] == 0))
+    shown = " ".join(
+        f"{k}={v:.4f}"
+        for k, v in row.items()
+        if k not in ("epoch", "seconds", "lr") and not (k == "train_loss" and row["epoch"] == 0)
+    )
     if row["epoch"] == 0 and not shown:
         return None
     start = " (pretrained start)" if row["epoch"] == 0 else ""
@@ -436,8 +520,13 @@ def selection_line(summary: dict) -> str:
     test = " ".join(f"{k}={v:.4f}" for k, v in summary["test"].items())
     lone = summary.get("lone_queries")
     left_out = f", {lone} without another image of its class left out" if lone else ""
-    return "\n".join([chosen, f"test ({summary['queries']} queries{left_out}, once, for the selected checkpoint): "
-                                f"{test}", *choice_lines(summary)])
+    return "\n".join(
+        [
+            chosen,
+            f"test ({summary['queries']} queries{left_out}, once, for the selected checkpoint): {test}",
+            *choice_lines(summary),
+        ]
+    )
 
 
 def choice_lines(summary: dict) -> list[str]:
@@ -447,8 +536,11 @@ def choice_lines(summary: dict) -> list[str]:
     if by and tied:
         epochs = ", ".join(map(str, tied))
         tie = f"{how} {summary['select_metric']} tied at {summary['selection_score']:.4f} in epochs {epochs}"
-        lines.append(f"{tie}: the first of them is kept (every finer metric tied too)" if by == "tie" else
-                     f"{tie}: chosen on {how} {by} instead (the selection metric is saturated)")
+        lines.append(
+            f"{tie}: the first of them is kept (every finer metric tied too)"
+            if by == "tie"
+            else f"{tie}: chosen on {how} {by} instead (the selection metric is saturated)"
+        )
     if summary["epoch"] == 0 and how != "last" and summary.get("epochs", 0) > 0:
         lines.append(f"training did not improve {'validation' if how == 'val' else how}; the pretrained model is kept")
     return lines
@@ -464,8 +556,10 @@ def check_proxies_in_sync(loss_fn: nn.Module) -> None:
 
 def check_finite(value: float, epoch: int, run: RunDir) -> None:
     if not math.isfinite(value):
-        raise TrainingDiverged(f"loss became {value} in epoch {epoch}; stopped, the last good checkpoint is "
-                               f"{run / LAST} (try a lower --lr)")
+        raise TrainingDiverged(
+            f"loss became {value} in epoch {epoch}; stopped, the last good checkpoint is "
+            f"{run / LAST} (try a lower --lr)"
+        )
 
 
 def resume(run_dir: str | Path, epochs: int | None = None, **changes) -> dict:
@@ -481,14 +575,18 @@ def resume(run_dir: str | Path, epochs: int | None = None, **changes) -> dict:
     if not (run / LAST).exists():
         raise UserError(f"{run.path} has no checkpoint to resume from ({LAST}); start it again with train")
     if epochs is not None and epochs < cfg.epochs:
-        raise UserError(f"--epochs {epochs} is fewer than the run's {cfg.epochs}; a resume continues or extends a "
-                        "run, never shortens it")
+        raise UserError(
+            f"--epochs {epochs} is fewer than the run's {cfg.epochs}; a resume continues or extends a "
+            "run, never shortens it"
+        )
     done = run.load_checkpoint(LAST)["epoch"]
     if done >= cfg.epochs and (run.eval() is not None or not cfg.final_test):
         if epochs is not None and epochs > cfg.epochs:
-            raise UserError(f"{run.path} finished at epoch {done} and its test split was evaluated; a longer run "
-                            f"chosen now would be chosen after seeing test. Start a new one: mproxy train --config "
-                            f"{run / CONFIG} --epochs {epochs} --out NEW_RUN")
+            raise UserError(
+                f"{run.path} finished at epoch {done} and its test split was evaluated; a longer run "
+                f"chosen now would be chosen after seeing test. Start a new one: mproxy train --config "
+                f"{run / CONFIG} --epochs {epochs} --out NEW_RUN"
+            )
         return {**(run.eval() or {}), "already_finished": done}
     if epochs is not None and epochs > cfg.epochs:
         run.extend(epochs)

@@ -1,6 +1,7 @@
 """Proxy-based losses: pytorch-metric-learning's, created by name with one common `scale` and `margin`.
 
 How their proxies are updated (by gradient, or by momentum) is `training.proxies`'s concern."""
+
 from __future__ import annotations
 
 from pytorch_metric_learning import losses as pml_losses
@@ -20,14 +21,19 @@ LOSSES = {  # keyed by config.LOSS_NAMES (checked below), so options are validat
 assert tuple(LOSSES) == LOSS_NAMES
 
 # How a common `scale` (inverse temperature of the logits) maps onto each loss's own parameter.
-SCALE_PARAMS = {"proxy_nca": ("softmax_scale", lambda s: s), "normalized_softmax": ("temperature", lambda s: 1 / s),
-                "cos_face": ("scale", lambda s: s), "arc_face": ("scale", lambda s: s),
-                "proxy_anchor": ("alpha", lambda s: s)}
+SCALE_PARAMS = {
+    "proxy_nca": ("softmax_scale", lambda s: s),
+    "normalized_softmax": ("temperature", lambda s: 1 / s),
+    "cos_face": ("scale", lambda s: s),
+    "arc_face": ("scale", lambda s: s),
+    "proxy_anchor": ("alpha", lambda s: s),
+}
 HAS_MARGIN = ("cos_face", "arc_face", "proxy_anchor")
 
 
-def create_loss(name: str, num_classes: int, embedding_size: int, scale: float | None = None,
-                margin: float | None = None) -> nn.Module:
+def create_loss(
+    name: str, num_classes: int, embedding_size: int, scale: float | None = None, margin: float | None = None
+) -> nn.Module:
     """A pytorch-metric-learning proxy loss by name. `scale`/`margin` override the library's defaults
     (ProxyNCA softmax_scale 1, NormalizedSoftmax 1/temperature 20, CosFace/ArcFace scale 64, ProxyAnchor alpha 32)."""
     if name not in LOSSES:

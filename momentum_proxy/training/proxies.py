@@ -13,6 +13,7 @@ library, whatever its proxy layout: classes x dim (ProxyNCA, ProxyAnchor: `.prox
     loss_fn(embeddings, labels).backward(); optimizer.step()       # optimizer over the model only
     update.step(embeddings, labels)                                # proxies move toward the batch
 """
+
 from __future__ import annotations
 
 import torch
@@ -61,8 +62,9 @@ class MomentumProxyUpdate:
         return int(self._skipped)
 
     @torch.no_grad()
-    def __call__(self, proxies: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor,
-                 class_dim: int = 0) -> torch.Tensor:
+    def __call__(
+        self, proxies: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor, class_dim: int = 0
+    ) -> torch.Tensor:
         """Update `proxies` in place (classes along `class_dim`) and return it, unless `embeddings` hold a
         non-finite value (then counted in `skipped`). No host synchronisation."""
         by_class = proxies if class_dim == 0 else proxies.t()

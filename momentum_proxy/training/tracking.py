@@ -7,6 +7,7 @@ the first split the epoch scored (val, else test) with its top results framed gr
 that scoring computed. Only rank 0 writes. An epoch is written before its checkpoint, and the writer of a resumed run
 purges every step after the checkpoint it resumes from (TensorBoard's `purge_step`), so each epoch appears once.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,9 @@ def open_tracker(cfg: TrainConfig, run_dir: Path, is_main: bool, resumed_epoch: 
     continues from (what was logged after it is purged); None for a new run."""
     if cfg.log == "none" or not is_main:
         return Tracker()
-    return TensorBoardTracker(Path(run_dir) / TENSORBOARD, cfg.data,
-                              purge_step=None if resumed_epoch is None else resumed_epoch + 1)
+    return TensorBoardTracker(
+        Path(run_dir) / TENSORBOARD, cfg.data, purge_step=None if resumed_epoch is None else resumed_epoch + 1
+    )
 
 
 def scalar_tag(column: str) -> str:
@@ -115,12 +117,26 @@ def retrieval_picture(split: EvalSplit, features: np.ndarray, data_root: Path, t
     scores = features[gallery] @ features[q]
     order = np.argsort(-scores, kind="stable")[:PICTURE_K]
     frame = split.frame
-    results = [Shown(rank + 1, data_root / frame["path"].iat[i], float(scores[j]), int(labels[i]),
-                     str(frame["class_name"].iat[i]), bool(labels[i] == labels[q]))
-               for rank, (j, i) in enumerate(zip(order, gallery[order]))]
+    results = [
+        Shown(
+            rank + 1,
+            data_root / frame["path"].iat[i],
+            float(scores[j]),
+            int(labels[i]),
+            str(frame["class_name"].iat[i]),
+            bool(labels[i] == labels[q]),
+        )
+        for rank, (j, i) in enumerate(zip(order, gallery[order]))
+    ]
     query = frame["path"].iat[q]
     with tempfile.TemporaryDirectory() as tmp:
-        png = plots.draw_results(data_root / query, results, Path(tmp) / "picture.png", label=int(labels[q]),
-                                 label_name=str(frame["class_name"].iat[q]), title=f"{title}: {split.name} {query}")
+        png = plots.draw_results(
+            data_root / query,
+            results,
+            Path(tmp) / "picture.png",
+            label=int(labels[q]),
+            label_name=str(frame["class_name"].iat[q]),
+            title=f"{title}: {split.name} {query}",
+        )
         with Image.open(png) as im:
             return np.asarray(im.convert("RGB"))
