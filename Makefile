@@ -22,4 +22,4 @@ test: $(VENV)/.installed-dev  # lint, format and type checks, then the tests (sl
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2  # two workers (pytest-xdist): each test runs on one thread (tests/conftest.py)

@@ -11,14 +11,20 @@ import pytest
 # machine). In-process and subprocess runs that are compared bit for bit keep one thread count.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from momentum_proxy.data.synthetic import generate_synthetic
-
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A small prepared dataset: 8 synthetic species (2 train, 2 val, 4 test) x 8 images of 64 px."""
-    return generate_synthetic(tmp_path_factory.mktemp("tiny") / "dåta with space", classes=8, per_class=8, size=64,
-                              progress=False, val_classes=2)
+    from momentum_proxy.data.synthetic import generate_synthetic  # lazy: pandas and scipy, not at collection
+
+    return generate_synthetic(
+        tmp_path_factory.mktemp("tiny") / "dåta with space",
+        classes=8,
+        per_class=8,
+        size=64,
+        progress=False,
+        val_classes=2,
+    )
 
 
 @pytest.fixture
@@ -26,9 +32,18 @@ def tiny_config(tiny_data, tmp_path):
     """A fast training configuration on `tiny_data` (random-weight Lite0, 64 px, 3 steps an epoch)."""
     from momentum_proxy.runs import TrainConfig
 
-    return TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), backbone="efficientnet_lite0",
-                       pretrained="none", image_size=64, batch_size=8, epochs=2, loader_workers=0, warmup_epochs=0,
-                       metrics=["recall", "map@r"])
+    return TrainConfig(
+        data=str(tiny_data),
+        out=str(tmp_path / "run"),
+        backbone="efficientnet_lite0",
+        pretrained="none",
+        image_size=64,
+        batch_size=8,
+        epochs=2,
+        loader_workers=0,
+        warmup_epochs=0,
+        metrics=["recall", "map@r"],
+    )
 
 
 def make_run(out, data, *, epoch: int = 0, seed: int = 0):
@@ -38,8 +53,9 @@ def make_run(out, data, *, epoch: int = 0, seed: int = 0):
     from momentum_proxy.models.net import EmbeddingNet
     from momentum_proxy.runs import BEST, RunDir, TrainConfig
 
-    cfg = TrainConfig(data=str(data), out=str(out), backbone="efficientnet_lite0", pretrained="none", image_size=64,
-                      feature_dim=32)
+    cfg = TrainConfig(
+        data=str(data), out=str(out), backbone="efficientnet_lite0", pretrained="none", image_size=64, feature_dim=32
+    )
     run = RunDir(out)
     run.start(cfg, overwrite=True)
     torch.manual_seed(seed)
@@ -138,14 +154,19 @@ def milvus_server(tmp_path_factory):
     dependency: a server binary that starts offline in about 10 s), on free ports of 127.0.0.1; yields its port.
     Its embedded etcd gets free ports from a config file (else its peer port is 2380, and a second server on the
     machine fails); a server that exits while starting fails the tests at once (its logs: data_dir/logs)."""
-    milvus = pytest.importorskip("milvus", reason="no Milvus server to test against: PyPI's `milvus` package (a "
-                                 "[test] dependency, Linux x86-64 only) is not installed")
+    milvus = pytest.importorskip(
+        "milvus",
+        reason="no Milvus server to test against: PyPI's `milvus` package (a "
+        "[test] dependency, Linux x86-64 only) is not installed",
+    )
     data, client, peer = tmp_path_factory.mktemp("milvus-server"), free_port(), free_port()
-    (data / "etcd.yaml").write_text(f"name: default\nlisten-client-urls: http://127.0.0.1:{client}\n"
-                                    f"advertise-client-urls: http://127.0.0.1:{client}\n"
-                                    f"listen-peer-urls: http://127.0.0.1:{peer}\n"
-                                    f"initial-advertise-peer-urls: http://127.0.0.1:{peer}\n"
-                                    f"initial-cluster: default=http://127.0.0.1:{peer}\n")
+    (data / "etcd.yaml").write_text(
+        f"name: default\nlisten-client-urls: http://127.0.0.1:{client}\n"
+        f"advertise-client-urls: http://127.0.0.1:{client}\n"
+        f"listen-peer-urls: http://127.0.0.1:{peer}\n"
+        f"initial-advertise-peer-urls: http://127.0.0.1:{peer}\n"
+        f"initial-cluster: default=http://127.0.0.1:{peer}\n"
+    )
     server = milvus.MilvusServer(data_dir=str(data), etcd_port=client, wait_for_started=False)
     try:
         with pytest.MonkeyPatch.context() as env:

@@ -5,6 +5,7 @@ killing the launcher's process group leaves the workers running; a test that kil
 Whether a torch.distributed process group is still initialised when `mproxy` returns or raises goes to
 `$WRITES_LOG.rankN.group` ("initialised" or "none").
 """
+
 import json
 import os
 import sys

@@ -1,4 +1,5 @@
 """The public Python API: every name `momentum_proxy` exports resolves, and importing the package loads no torch."""
+
 import importlib
 import subprocess
 import sys
@@ -15,9 +16,11 @@ def test_every_public_name_resolves_to_the_object_in_its_module():
 
 
 def test_importing_the_package_imports_no_torch_until_a_name_is_used():
-    code = ("import sys, momentum_proxy; assert 'torch' not in sys.modules; "
-            "momentum_proxy.TrainConfig; assert 'torch' not in sys.modules; "
-            "momentum_proxy.MomentumProxyUpdate; assert 'torch' in sys.modules")
+    code = (
+        "import sys, momentum_proxy; assert 'torch' not in sys.modules; "
+        "momentum_proxy.TrainConfig; assert 'torch' not in sys.modules; "
+        "momentum_proxy.MomentumProxyUpdate; assert 'torch' in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

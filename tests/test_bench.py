@@ -23,10 +23,12 @@ def test_interleaved_rounds_give_medians_spreads_and_ratios_of_medians():
         assert res["spread"][name] == [base - 2.5, round(base + 3.333, 2)]
         assert res["repeats"][name] == [round(x, 2) for x in values[name]]
     median = {name: 10.0 * (i + 1) + 0.004 for i, name in enumerate(NAMES)}
-    assert _ratios(values) == {"train_efficiency": round(median["train_pipeline"] / median["train_model"], 3),
-                               "embed_efficiency": round(median["embed_pipeline"] / median["embed_model"], 3),
-                               "onnx_speedup": round(median["embed_onnx"] / median["embed_model"], 3),
-                               "onnx_int8_speedup": round(median["embed_onnx_int8"] / median["embed_model"], 3)}
+    assert _ratios(values) == {
+        "train_efficiency": round(median["train_pipeline"] / median["train_model"], 3),
+        "embed_efficiency": round(median["embed_pipeline"] / median["embed_model"], 3),
+        "onnx_speedup": round(median["embed_onnx"] / median["embed_model"], 3),
+        "onnx_int8_speedup": round(median["embed_onnx_int8"] / median["embed_model"], 3),
+    }
 
 
 @pytest.mark.slow  # about a minute: full-size JPEGs generated and prepared, an ONNX export and its int8 quantisation
@@ -40,10 +42,12 @@ def test_bench_reports_medians_of_interleaved_rounds_and_their_ratios(tmp_path, 
         assert len(runs) == 2 and min(runs) > 0
         assert res[f"{name}_ips"] == pytest.approx(np.median(runs), abs=0.011)  # median of the rounded repeats
         assert res["spread"][name] == [min(runs), max(runs)]
-    for ratio, (num, den) in {"train_efficiency": ("train_pipeline", "train_model"),
-                              "embed_efficiency": ("embed_pipeline", "embed_model"),
-                              "onnx_speedup": ("embed_onnx", "embed_model"),
-                              "onnx_int8_speedup": ("embed_onnx_int8", "embed_model")}.items():
+    for ratio, (num, den) in {
+        "train_efficiency": ("train_pipeline", "train_model"),
+        "embed_efficiency": ("embed_pipeline", "embed_model"),
+        "onnx_speedup": ("embed_onnx", "embed_model"),
+        "onnx_int8_speedup": ("embed_onnx_int8", "embed_model"),
+    }.items():
         # the repeats are rounded to 0.01, so each median is known within 0.005 (rounding is monotonic): the ratio
         # of medians lies between these bounds at any speed, and is reported rounded to 0.001
         n, d = np.median(res["repeats"][num]), np.median(res["repeats"][den])
@@ -54,8 +58,21 @@ def test_bench_reports_medians_of_interleaved_rounds_and_their_ratios(tmp_path, 
 
 def test_exact_search_bench_reports_gflops_of_search_and_bare_matmul_and_their_ratio(tmp_path, capsys):
     out = tmp_path / "search.json"
-    main(["bench", "--exact-search", "64x3000x32", "--top-k", "5", "--rounds", "2", "--device", "cpu",
-          "--json", str(out)])
+    main(
+        [
+            "bench",
+            "--exact-search",
+            "64x3000x32",
+            "--top-k",
+            "5",
+            "--rounds",
+            "2",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ]
+    )
     res = json.loads(out.read_text())
     assert (res["queries"], res["gallery"], res["dim"], res["k"], res["rounds"]) == (64, 3000, 32, 5, 2)
     assert res["kernel"] == "faiss" and res["device"] == "cpu"  # the CPU searches in faiss (vectors.search_device)

@@ -1,5 +1,6 @@
 """The images protocol (`prepare folder --split images`): every class in every split, evaluation against a gallery
 (the catalogue), training on the user's classes, selection that can choose, and `evaluate --index`."""
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,9 @@ def test_images_split_puts_every_class_in_every_split_and_names_the_small_ones(t
 
 def test_images_split_without_val_and_refused_settings(tmp_path, capsys):
     src = photo_tree(tmp_path / "src", {"a": 4, "b": 4})
-    code, out, _ = run_cli(["prepare", "folder", "--src", src, "--out", tmp_path / "p", "--split", "images",
-                            "--val-classes", "0"], capsys)
+    code, out, _ = run_cli(
+        ["prepare", "folder", "--src", src, "--out", tmp_path / "p", "--split", "images", "--val-classes", "0"], capsys
+    )
     assert code == 0 and set(read_manifest(tmp_path / "p")["split"]) == {"train", "test"}
     assert "every class in train and test" in out
     with pytest.raises(UserError, match="together below 1"):
@@ -72,8 +74,9 @@ def test_a_class_disjoint_split_of_few_classes_names_split_images_in_one_line(tm
     code, _, err = run_cli(["prepare", "folder", "--src", src, "--out", tmp_path / "q", "--val-classes", "0"], capsys)
     assert code == 0 and "--val-classes 0" not in err  # never advised when it is already given
     assert "--split images" in err
-    code, _, err = run_cli(["prepare", "synthetic", "--out", tmp_path / "s", "--classes", 6, "--per-class", 3,
-                            "--size", 32], capsys)
+    code, _, err = run_cli(
+        ["prepare", "synthetic", "--out", tmp_path / "s", "--classes", 6, "--per-class", 3, "--size", 32], capsys
+    )
     assert code == 0 and "classes are left to train" in err and "--split images" not in err  # folder only
 
 
@@ -155,10 +158,12 @@ def rows(*values):
 def test_selection_falls_back_on_finer_metrics_and_keeps_the_first_of_a_full_tie():
     keys = ["val_recall@1", "val_map@r", "val_margin"]
     assert choose_epoch(rows((0.9, 0.5, 0.1), (0.95, 0.4, 0.0)), keys) == Choice(1)  # no tie: the metric decides
-    assert choose_epoch(rows((1.0, 0.5, 0.1), (1.0, 0.6, 0.0), (1.0, 0.55, 0.0)), keys) == \
-        Choice(1, "val_map@r", (0, 1, 2))
-    assert choose_epoch(rows((1.0, 0.6, 0.1), (1.0, 0.6, 0.2), (0.9, 0.9, 0.9)), keys) == \
-        Choice(1, "val_margin", (0, 1))
+    assert choose_epoch(rows((1.0, 0.5, 0.1), (1.0, 0.6, 0.0), (1.0, 0.55, 0.0)), keys) == Choice(
+        1, "val_map@r", (0, 1, 2)
+    )
+    assert choose_epoch(rows((1.0, 0.6, 0.1), (1.0, 0.6, 0.2), (0.9, 0.9, 0.9)), keys) == Choice(
+        1, "val_margin", (0, 1)
+    )
     # a tie on every metric keeps the FIRST best epoch (a "last best" rule would pick 2 here)
     assert choose_epoch(rows((0.5, 0.1, 0.1), (1.0, 0.6, 0.2), (1.0, 0.6, 0.2)), keys) == Choice(1, "tie", (1, 2))
     assert choose_epoch(rows((1.0, 0.6, 0.2), (1.0, 0.6, 0.2)), keys).epoch == 0
@@ -166,11 +171,20 @@ def test_selection_falls_back_on_finer_metrics_and_keeps_the_first_of_a_full_tie
 
 
 def test_choice_lines_say_how_a_tie_was_broken_and_when_the_pretrained_model_is_kept():
-    summary = {"epoch": 0, "selected_on": "val", "select_metric": "recall@1", "selection_score": 1.0,
-               "tie_break": "map@r", "tied_epochs": [0, 1, 2], "epochs": 2}
+    summary = {
+        "epoch": 0,
+        "selected_on": "val",
+        "select_metric": "recall@1",
+        "selection_score": 1.0,
+        "tie_break": "map@r",
+        "tied_epochs": [0, 1, 2],
+        "epochs": 2,
+    }
     assert choice_lines(summary) == [
         "val recall@1 tied at 1.0000 in epochs 0, 1, 2: chosen on val map@r instead (the selection metric is "
-        "saturated)", "training did not improve validation; the pretrained model is kept"]
+        "saturated)",
+        "training did not improve validation; the pretrained model is kept",
+    ]
     assert choice_lines({**summary, "epoch": 1, "tie_break": None, "tied_epochs": []}) == []
     assert choice_lines({**summary, "epochs": 0, "tie_break": None}) == []  # --epochs 0 trains nothing, by choice
 
@@ -221,15 +235,15 @@ def test_a_run_without_val_prints_no_empty_start_line(tiny_data, tiny_config, tm
 def test_evaluate_against_an_index_scores_the_test_photos_in_the_catalogue(tiny_images, tmp_path, capsys):
     run = make_run(tmp_path / "run", tiny_images)
     photos = Path(tiny_images).parent / "src"  # the user's photo folders: labels by folder name, numbered anew
-    code, _, err = run_cli(["index", run, "--images", photos, "--out", tmp_path / "idx", "--tta", "none",
-                            "--rerank", "none"], capsys)
+    code, _, err = run_cli(
+        ["index", run, "--images", photos, "--out", tmp_path / "idx", "--tta", "none", "--rerank", "none"], capsys
+    )
     assert code == 0, err
     code, out, err = run_cli(["evaluate", run, "--index", tmp_path / "idx", "--rerank", "none"], capsys)
     assert code == 0, err
     assert "16 test photos found in it left out" in out  # their originals: a query never finds itself
     by_index = json.loads((Path(run) / "evaluate-torch-index.json").read_text())
-    code, _, err = run_cli(["evaluate", run, "--tta", "none", "--rerank", "none", "--out", tmp_path / "e.json"],
-                           capsys)
+    code, _, err = run_cli(["evaluate", run, "--tta", "none", "--rerank", "none", "--out", tmp_path / "e.json"], capsys)
     assert code == 0, err
     own = json.loads((tmp_path / "e.json").read_text())
     assert "the catalogue (48 train + val images)" in own["against"]

@@ -1,4 +1,5 @@
 """The command line end to end on a tiny dataset, and its one-line errors."""
+
 import json
 import os
 import re
@@ -17,8 +18,20 @@ from momentum_proxy.config import DEFAULT_RERANK, DEFAULT_TTA, TrainConfig
 from momentum_proxy.retrieval.rerank import Rerank
 from momentum_proxy.runs import RunDir
 
-TRAIN = ["--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--lr", "1e-4", "--epochs", "1",
-         "--loader-workers", "0"]
+TRAIN = [
+    "--pretrained",
+    "none",
+    "--image-size",
+    "64",
+    "--batch-size",
+    "8",
+    "--lr",
+    "1e-4",
+    "--epochs",
+    "1",
+    "--loader-workers",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +42,31 @@ def trained(tiny_data, tmp_path_factory):
 
 
 def test_prepare_train_evaluate_retrieve(tiny_data, trained, tmp_path, capsys):
-    code, out, _ = run_cli(["prepare", "synthetic", "--out", tmp_path / "syn", "--classes", 4, "--per-class", 3,
-                            "--size", 48], capsys)
+    code, out, _ = run_cli(
+        ["prepare", "synthetic", "--out", tmp_path / "syn", "--classes", 4, "--per-class", 3, "--size", 48], capsys
+    )
     assert code == 0 and (tmp_path / "syn" / "manifest.csv").exists()
 
     trained_eval = (trained / "eval.json").read_bytes()
-    code, out, _ = run_cli(["evaluate", trained, "--json", tmp_path / "e.json", "--tta", "none", "--rerank", "none"],
-                           capsys)  # as training evaluated its test split
+    code, out, _ = run_cli(
+        ["evaluate", trained, "--json", tmp_path / "e.json", "--tta", "none", "--rerank", "none"], capsys
+    )  # as training evaluated its test split
     assert code == 0 and "map@r" in out
-    assert ("checkpoints/best.pt (epoch 1, selected on val map@r) on the test split, 32 queries, runtime torch, "
-            "tta none, rerank none") in out
+    assert (
+        "checkpoints/best.pt (epoch 1, selected on val map@r) on the test split, 32 queries, runtime torch, "
+        "tta none, rerank none"
+    ) in out
     res = json.loads((tmp_path / "e.json").read_text())
-    assert set(res["test"]) == {"recall@1", "recall@2", "recall@4", "recall@8", "precision@1", "r_precision",
-                                "map@r", "nmi"}
+    assert set(res["test"]) == {
+        "recall@1",
+        "recall@2",
+        "recall@4",
+        "recall@8",
+        "precision@1",
+        "r_precision",
+        "map@r",
+        "nmi",
+    }
     assert res["selected_on"] == "val" and res["runtime"] == "torch" and res["queries"] == 32
     trained_test = json.loads(trained_eval)["test"]
     assert all(abs(res["test"][k] - v) < 1e-6 for k, v in trained_test.items())  # the same figures, recomputed
@@ -76,8 +101,20 @@ def test_retrieve_any_image_and_original_spelling(trained, tmp_path, capsys):
     """A query image that is not in the database (no class known), via --query_img_name / --data_base."""
     query = tmp_path / "new.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 60, 3), dtype=np.uint8)).save(query)
-    code, _, err = run_cli(["retrieve", "--query_img_name", query, "--data_base", trained / "embeddings.npz",
-                            "--retrieval_num", 3, "--out", tmp_path / "r"], capsys)
+    code, _, err = run_cli(
+        [
+            "retrieve",
+            "--query_img_name",
+            query,
+            "--data_base",
+            trained / "embeddings.npz",
+            "--retrieval_num",
+            3,
+            "--out",
+            tmp_path / "r",
+        ],
+        capsys,
+    )
     assert code == 0, err
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["query_label"] is None and len(results["results"]) == 3
@@ -105,29 +142,91 @@ def test_index_build_add_search(tiny_data, trained, tmp_path, capsys):
 
 
 def test_original_command_line_resolves_to_the_same_config(tmp_path):
-    new = parser().parse_args(["train", "--data", str(tmp_path / "car"), "--recipe", "original", "--loss",
-                               "proxy_anchor", "--optimizer", "sgd*", "--momentum", "0.7", "--lr", "0.01",
-                               "--recalls", "1,10", "--batch-size", "32", "--epochs", "5", "--device", "cpu"])
-    old = parser().parse_args(["train", "--data_path", str(tmp_path), "--data_name", "car", "--backbone_type",
-                               "resnet50", "--loss_name", "proxy_anchor", "--optimizer_type", "sgd*", "--momentum",
-                               "0.7", "--lr", "0.01", "--recalls", "1,10", "--batch_size", "32", "--num_epochs", "5",
-                               "--device", "cpu"])
+    new = parser().parse_args(
+        [
+            "train",
+            "--data",
+            str(tmp_path / "car"),
+            "--recipe",
+            "original",
+            "--loss",
+            "proxy_anchor",
+            "--optimizer",
+            "sgd*",
+            "--momentum",
+            "0.7",
+            "--lr",
+            "0.01",
+            "--recalls",
+            "1,10",
+            "--batch-size",
+            "32",
+            "--epochs",
+            "5",
+            "--device",
+            "cpu",
+        ]
+    )
+    old = parser().parse_args(
+        [
+            "train",
+            "--data_path",
+            str(tmp_path),
+            "--data_name",
+            "car",
+            "--backbone_type",
+            "resnet50",
+            "--loss_name",
+            "proxy_anchor",
+            "--optimizer_type",
+            "sgd*",
+            "--momentum",
+            "0.7",
+            "--lr",
+            "0.01",
+            "--recalls",
+            "1,10",
+            "--batch_size",
+            "32",
+            "--num_epochs",
+            "5",
+            "--device",
+            "cpu",
+        ]
+    )
     a, b = config_from_args(new), config_from_args(old)
     assert a == b
     assert a.out == str(Path("results") / "car_resnet50_proxy_anchor_sgd-momentum_0.7")  # no * in folder names
     assert (a.sgd_momentum, a.select, a.select_metric) == (0.0, "test", "recall@1")  # the original's plain SGD
     defaults = config_from_args(parser().parse_args(["train", "--data_path", str(tmp_path), "--device", "cpu"]))
-    assert (defaults.backbone, defaults.loss, defaults.optimizer, defaults.proxy_update, defaults.proxy_momentum,
-            defaults.lr, defaults.recalls, defaults.batch_size, defaults.epochs) == (
-        "resnet50", "proxy_nca", "adam", "momentum", 0.5, 1e-3, [1, 2, 4, 8], 64, 20)  # the original's adam*
+    assert (
+        defaults.backbone,
+        defaults.loss,
+        defaults.optimizer,
+        defaults.proxy_update,
+        defaults.proxy_momentum,
+        defaults.lr,
+        defaults.recalls,
+        defaults.batch_size,
+        defaults.epochs,
+    ) == ("resnet50", "proxy_nca", "adam", "momentum", 0.5, 1e-3, [1, 2, 4, 8], 64, 20)  # the original's adam*
     assert (defaults.momentum_target, defaults.proxy_init, defaults.warmup_epochs) == ("sum", "random", 0)
     assert defaults.data == str(tmp_path / "car")
     recipe = config_from_args(parser().parse_args(["train", "--data", str(tmp_path / "car"), "--device", "cpu"]))
     assert (recipe.backbone, recipe.loss, recipe.lr, recipe.proxy_init, recipe.loss_params) == (
-        "efficientnet_lite0", "cos_face", 2.15e-5, "class_mean", (30.7, 0.216))
+        "efficientnet_lite0",
+        "cos_face",
+        2.15e-5,
+        "class_mean",
+        (30.7, 0.216),
+    )
     # the original recipe keeps the original tool's settings whatever the defaults are
     assert (defaults.pooling, defaults.schedule, defaults.aug_scale_min, defaults.loss_params) == (
-        "max", "multistep", 0.16, (None, None))
+        "max",
+        "multistep",
+        0.16,
+        (None, None),
+    )
 
 
 def _train_config(*argv) -> TrainConfig:
@@ -142,11 +241,17 @@ EARLIER_SPELLINGS = [
     (["--optimizer_type", "sgd"], ["--optimizer", "sgd", "--proxy-update", "gradient"], "sgd_0.5"),
     (["--optimizer", "sgd*"], ["--optimizer", "sgd", "--proxy-update", "momentum"], "sgd-momentum_0.5"),
     (["--proxy-update", "mean"], ["--momentum-target", "mean", "--proxy-update", "momentum"], "adam-momentum_0.5"),
-    (["--optimizer", "sgd*", "--proxy-update", "sum"], ["--optimizer", "sgd", "--momentum-target", "sum"],
-     "sgd-momentum_0.5"),
+    (
+        ["--optimizer", "sgd*", "--proxy-update", "sum"],
+        ["--optimizer", "sgd", "--momentum-target", "sum"],
+        "sgd-momentum_0.5",
+    ),
     (["--momentum", "0.7"], ["--proxy-momentum", "0.7"], "adam-momentum_0.7"),
-    (["--backbone_type", "googlenet", "--loss_name", "arc_face", "--batch_size", "32", "--num_epochs", "5"],
-     ["--backbone", "googlenet", "--loss", "arc_face", "--batch-size", "32", "--epochs", "5"], "adam-momentum_0.5"),
+    (
+        ["--backbone_type", "googlenet", "--loss_name", "arc_face", "--batch_size", "32", "--num_epochs", "5"],
+        ["--backbone", "googlenet", "--loss", "arc_face", "--batch-size", "32", "--epochs", "5"],
+        "adam-momentum_0.5",
+    ),
 ]
 
 
@@ -161,16 +266,50 @@ def test_every_earlier_spelling_means_what_it_meant(earlier, explicit, name, tmp
 
 
 def test_explicit_proxy_and_optimizer_options(tmp_path):
-    cfg = _train_config("--data", tmp_path, "--out", tmp_path / "r", "--proxy-update", "gradient", "--optimizer",
-                        "sgd", "--sgd-momentum", "0.5", "--proxy-momentum", "0.3", "--momentum-target", "sum",
-                        "--loader-workers", "3", "--no-final-test", "--eval-batch-size", "5", "--select", "null")
+    cfg = _train_config(
+        "--data",
+        tmp_path,
+        "--out",
+        tmp_path / "r",
+        "--proxy-update",
+        "gradient",
+        "--optimizer",
+        "sgd",
+        "--sgd-momentum",
+        "0.5",
+        "--proxy-momentum",
+        "0.3",
+        "--momentum-target",
+        "sum",
+        "--loader-workers",
+        "3",
+        "--no-final-test",
+        "--eval-batch-size",
+        "5",
+        "--select",
+        "null",
+    )
     assert (cfg.proxy_update, cfg.optimizer, cfg.sgd_momentum, cfg.proxy_momentum, cfg.momentum_target) == (
-        "gradient", "sgd", 0.5, 0.3, "sum")
+        "gradient",
+        "sgd",
+        0.5,
+        0.3,
+        "sum",
+    )
     assert (cfg.momentum_mode, cfg.loader_workers, cfg.final_test, cfg.embed_batch_size, cfg.select) == (
-        False, 3, False, 5, None)
+        False,
+        3,
+        False,
+        5,
+        None,
+    )
     defaults = _train_config("--data", tmp_path, "--out", tmp_path / "r")
     assert (defaults.proxy_update, defaults.optimizer, defaults.proxy_momentum, defaults.momentum_target) == (
-        "momentum", "adam", 0.637, "mean")
+        "momentum",
+        "adam",
+        0.637,
+        "mean",
+    )
     assert (defaults.loader_workers, defaults.final_test, defaults.backbone) == (None, True, None)
 
 
@@ -190,19 +329,31 @@ EARLIER_CONFIG = {"optimizer": "sgd", "momentum": 0.3, "proxy_update": "sum", "w
 
 @pytest.mark.parametrize("optimizer,mode", [("sgd*", "momentum"), ("sgd", "gradient")])
 def test_config_files_of_the_earlier_layout_load(optimizer, mode, tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({**EARLIER_CONFIG, "optimizer": optimizer,
-                                                      "data": str(tmp_path), "out": str(tmp_path / "o")}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({**EARLIER_CONFIG, "optimizer": optimizer, "data": str(tmp_path), "out": str(tmp_path / "o")})
+    )
     from_run = RunDir(tmp_path).config()
     from_flag = _train_config("--config", tmp_path / "config.json", "--device", "cpu")
     for cfg in (from_run, from_flag):
         assert (cfg.optimizer, cfg.proxy_update, cfg.proxy_momentum, cfg.momentum_target, cfg.loader_workers) == (
-            "sgd", mode, 0.3, "sum", 0)
+            "sgd",
+            mode,
+            0.3,
+            "sum",
+            0,
+        )
     # tune's best.json: the searched options and the space's fixed ones (no optimizer: the default adam*)
-    (tmp_path / "best.json").write_text(json.dumps({"data": str(tmp_path), "momentum": 0.6, "proxy_update": "mean",
-                                                    "workers": 0, "lr": 1e-4}))
+    (tmp_path / "best.json").write_text(
+        json.dumps({"data": str(tmp_path), "momentum": 0.6, "proxy_update": "mean", "workers": 0, "lr": 1e-4})
+    )
     best = _train_config("--config", tmp_path / "best.json", "--out", tmp_path / "b")
     assert (best.optimizer, best.proxy_update, best.proxy_momentum, best.momentum_target, best.lr) == (
-        "adam", "momentum", 0.6, "mean", 1e-4)
+        "adam",
+        "momentum",
+        0.6,
+        "mean",
+        1e-4,
+    )
 
 
 def test_runs_of_the_earlier_layout_are_reported_plotted_and_swept(trained, tmp_path, capsys):
@@ -244,18 +395,21 @@ def _bad_manifest(tmp_path, name, text):
     return d
 
 
-@pytest.mark.parametrize("case,expected", [
-    ("missing_data", "data folder not found"),
-    ("empty_data", "empty folder"),
-    ("no_columns", "missing column"),
-    ("bad_split", "unknown split"),
-    ("unknown_backbone", "unknown backbone"),
-    ("unknown_loss", "unknown --loss"),
-    ("unknown_optimizer", "unknown --optimizer"),
-    ("missing_query", "query image not found"),
-    ("resume_nothing", "not a run folder"),
-    ("existing_run", "already holds a run"),
-])
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("missing_data", "data folder not found"),
+        ("empty_data", "empty folder"),
+        ("no_columns", "missing column"),
+        ("bad_split", "unknown split"),
+        ("unknown_backbone", "unknown backbone"),
+        ("unknown_loss", "unknown --loss"),
+        ("unknown_optimizer", "unknown --optimizer"),
+        ("missing_query", "query image not found"),
+        ("resume_nothing", "not a run folder"),
+        ("existing_run", "already holds a run"),
+    ],
+)
 def test_bad_input_gives_one_line_error(case, expected, tiny_data, trained, tmp_path, capsys):
     data = str(tiny_data)
     empty = tmp_path / "empty"
@@ -264,8 +418,12 @@ def test_bad_input_gives_one_line_error(case, expected, tiny_data, trained, tmp_
         "missing_data": ["train", "--data", tmp_path / "nope", *TRAIN],
         "empty_data": ["train", "--data", empty, *TRAIN],
         "no_columns": ["train", "--data", _bad_manifest(tmp_path, "cols", "a,b\n1,2\n"), *TRAIN],
-        "bad_split": ["train", "--data",
-                      _bad_manifest(tmp_path, "split", "path,label,class_name,split\nx.jpg,0,a,dev\n"), *TRAIN],
+        "bad_split": [
+            "train",
+            "--data",
+            _bad_manifest(tmp_path, "split", "path,label,class_name,split\nx.jpg,0,a,dev\n"),
+            *TRAIN,
+        ],
         "unknown_backbone": ["train", "--data", data, "--backbone", "vgg99", "--out", tmp_path / "r", *TRAIN],
         "unknown_loss": ["train", "--data", data, "--loss", "triplet", "--out", tmp_path / "r", *TRAIN],
         "unknown_optimizer": ["train", "--data", data, "--optimizer", "lamb", "--out", tmp_path / "r", *TRAIN],
@@ -291,18 +449,45 @@ def test_evaluate_embeddings_file(tmp_path, capsys):
     split = np.array(["query", "gallery"] * 20)
     np.savez(tmp_path / "e.npz", features=feats, labels=labels)
     np.savez(tmp_path / "qg.npz", features=feats, labels=labels, split=split)
-    code, out, _ = run_cli(["evaluate", "--embeddings", tmp_path / "e.npz", "--metrics", "recall,map@r",
-                            "--recalls", "1,5", "--json", tmp_path / "r.json"], capsys)
+    code, out, _ = run_cli(
+        [
+            "evaluate",
+            "--embeddings",
+            tmp_path / "e.npz",
+            "--metrics",
+            "recall,map@r",
+            "--recalls",
+            "1,5",
+            "--json",
+            tmp_path / "r.json",
+        ],
+        capsys,
+    )
     assert code == 0
     res = json.loads((tmp_path / "r.json").read_text())
     assert set(res) == {"recall@1", "recall@5", "map@r"} and all(0 <= v <= 1 for v in res.values())
     from momentum_proxy.evaluation.metrics import evaluate_embeddings
 
     q, g = split == "query", split == "gallery"
-    expected = evaluate_embeddings(feats[g], labels[g], query_features=feats[q], query_labels=labels[q],
-                                   metrics=["recall"], recalls=[1])
-    code, _, _ = run_cli(["evaluate", "--embeddings", tmp_path / "qg.npz", "--metrics", "recall", "--recalls", "1",
-                          "--rerank", "none", "--json", tmp_path / "qg.json"], capsys)  # the plain cosine search
+    expected = evaluate_embeddings(
+        feats[g], labels[g], query_features=feats[q], query_labels=labels[q], metrics=["recall"], recalls=[1]
+    )
+    code, _, _ = run_cli(
+        [
+            "evaluate",
+            "--embeddings",
+            tmp_path / "qg.npz",
+            "--metrics",
+            "recall",
+            "--recalls",
+            "1",
+            "--rerank",
+            "none",
+            "--json",
+            tmp_path / "qg.json",
+        ],
+        capsys,
+    )  # the plain cosine search
     assert code == 0 and json.loads((tmp_path / "qg.json").read_text()) == pytest.approx(expected)
     np.savez(tmp_path / "bad.npz", feats=feats)
     code, _, err = run_cli(["evaluate", "--embeddings", tmp_path / "bad.npz"], capsys)
@@ -377,11 +562,28 @@ def test_bad_options_fail_before_torch_is_imported(tiny_data, tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from momentum_proxy.cli import main\n"
-            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
-            "    assert 'torch' not in sys.modules, 'torch was imported'; raise")
-    res = subprocess.run([sys.executable, "-c", code, "train", "--data", str(tiny_data), "--out", str(tmp_path / "r"),
-                          "--loss", "triplet"], capture_output=True, text=True, timeout=60)
+    code = (
+        "import sys; from momentum_proxy.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+        "    assert 'torch' not in sys.modules, 'torch was imported'; raise"
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "train",
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(tmp_path / "r"),
+            "--loss",
+            "triplet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2 and "unknown --loss 'triplet'" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -403,11 +605,13 @@ def test_bad_values_of_the_new_options_are_one_line_before_torch_is_imported(tin
     import subprocess
     import sys
 
-    code = ("import contextlib, io, json, sys\nfrom momentum_proxy.cli import main\nresults = []\n"
-            "for argv in json.loads(sys.argv[1]):\n    err = io.StringIO()\n"
-            "    with contextlib.redirect_stderr(err):\n        try:\n            main(argv)\n"
-            "        except SystemExit as e:\n            results.append([e.code, err.getvalue()])\n"
-            "print(json.dumps({'results': results, 'torch': 'torch' in sys.modules}))")
+    code = (
+        "import contextlib, io, json, sys\nfrom momentum_proxy.cli import main\nresults = []\n"
+        "for argv in json.loads(sys.argv[1]):\n    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n        try:\n            main(argv)\n"
+        "        except SystemExit as e:\n            results.append([e.code, err.getvalue()])\n"
+        "print(json.dumps({'results': results, 'torch': 'torch' in sys.modules}))"
+    )
     base = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "r")]
     cases = json.dumps([base + argv for argv, _ in NEW_OPTION_ERRORS])
     res = subprocess.run([sys.executable, "-c", code, cases], capture_output=True, text=True, timeout=120)
@@ -432,8 +636,9 @@ def test_retrieve_large_k_is_capped_and_laid_out_in_rows(trained, tiny_data, tmp
     assert code == 0 and "-k 1000 capped to the 31 images there" in out
     with Image.open(tmp_path / "r" / "retrieval.png") as im:
         assert im.height > im.width / 4  # 32 pictures in rows of 10, not one 32-wide strip
-    code, out, _ = run_cli(["retrieve", trained, "--query", query, "-k", 3, "--split", "all", "--out",
-                            tmp_path / "all"], capsys)
+    code, out, _ = run_cli(
+        ["retrieve", trained, "--query", query, "-k", 3, "--split", "all", "--out", tmp_path / "all"], capsys
+    )
     assert code == 0 and "searched all splits of dåta with space (64 images)" in out
 
 
@@ -460,8 +665,11 @@ def test_files_follow_the_umask(tmp_path):
 
 def test_train_config_file_with_flags_overriding(tmp_path, tiny_data, capsys):
     (tmp_path / "c.yaml").write_text(f"data: {tiny_data}\nloss: cos_face\nlr: 0.003\nepochs: 7\n")
-    cfg = config_from_args(parser().parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "2",
-                                                "--out", str(tmp_path / "r")]))
+    cfg = config_from_args(
+        parser().parse_args(
+            ["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "2", "--out", str(tmp_path / "r")]
+        )
+    )
     assert (cfg.data, cfg.loss, cfg.lr, cfg.epochs) == (str(tiny_data), "cos_face", 0.003, 2)
     (tmp_path / "c.json").write_text(json.dumps({"loss": "cos_face", "lrate": 1}))
     code, _, err = run_cli(["train", "--config", tmp_path / "c.json", "--data", "x"], capsys)
@@ -474,8 +682,21 @@ def test_every_multi_word_option_takes_its_underscore_spelling(tiny_data, tmp_pa
     p = OptionParser(prog="train")
     add_train_options(p)
     p.add_argument("--out")
-    a = p.parse_args(["--data", str(tiny_data), "--out", str(tmp_path / "r"), "--image_size", "96",
-                      "--warmup_epochs", "0", "--backbone_lr_mult", "0.5", "--test_every_epoch"])
+    a = p.parse_args(
+        [
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(tmp_path / "r"),
+            "--image_size",
+            "96",
+            "--warmup_epochs",
+            "0",
+            "--backbone_lr_mult",
+            "0.5",
+            "--test_every_epoch",
+        ]
+    )
     cfg = config_from_args(a)
     assert (cfg.image_size, cfg.warmup_epochs, cfg.backbone_lr_mult, cfg.test_every_epoch) == (96, 0, 0.5, True)
 
@@ -494,16 +715,24 @@ def test_an_interrupted_command_says_how_to_continue(tiny_data, tmp_path, capsys
 def test_every_command_refuses_a_wrong_path_before_importing_torch(tmp_path):
     """One subprocess runs each command line in turn and checks that torch (and pandas) were never imported."""
     missing = tmp_path / "missing"
-    cases = [["train", "--data", missing, "--out", tmp_path / "r"], ["evaluate", missing],
-             ["evaluate", "--embeddings", missing / "e.npz"], ["retrieve", missing, "--query", __file__],
-             ["retrieve", "--index", missing, "--query", __file__], ["serve", f"milvus:{missing}.db"],
-             ["retrieve", "--index", f"milvus:{missing}.db", "--query", __file__],
-             ["index", missing, "--images", tmp_path, "--out", tmp_path / "i"],
-             ["export", missing, "--out", tmp_path / "m.onnx"], ["serve", missing],
-             ["plot", "curves", missing], ["report", missing], ["tune", "--data", missing, "--out", tmp_path / "t",
-                                                                "--trials", "1"],
-             ["sweep", "--data", missing, "--out", tmp_path / "s"], ["train", "--resume", missing],
-             ["tune-rerank", missing, "--out", tmp_path / "t", "--trials", "1"]]
+    cases = [
+        ["train", "--data", missing, "--out", tmp_path / "r"],
+        ["evaluate", missing],
+        ["evaluate", "--embeddings", missing / "e.npz"],
+        ["retrieve", missing, "--query", __file__],
+        ["retrieve", "--index", missing, "--query", __file__],
+        ["serve", f"milvus:{missing}.db"],
+        ["retrieve", "--index", f"milvus:{missing}.db", "--query", __file__],
+        ["index", missing, "--images", tmp_path, "--out", tmp_path / "i"],
+        ["export", missing, "--out", tmp_path / "m.onnx"],
+        ["serve", missing],
+        ["plot", "curves", missing],
+        ["report", missing],
+        ["tune", "--data", missing, "--out", tmp_path / "t", "--trials", "1"],
+        ["sweep", "--data", missing, "--out", tmp_path / "s"],
+        ["train", "--resume", missing],
+        ["tune-rerank", missing, "--out", tmp_path / "t", "--trials", "1"],
+    ]
     code = f"""
 import sys
 from momentum_proxy.cli import main
@@ -518,16 +747,20 @@ for args in {[[str(a) for a in case] for case in cases]!r}:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == len(cases) and all(line.startswith("mproxy: error: ") and "missing" in line
-                                            for line in lines), lines
+    assert len(lines) == len(cases) and all(
+        line.startswith("mproxy: error: ") and "missing" in line for line in lines
+    ), lines
 
 
-@pytest.mark.parametrize("args,message", [
-    (["bench", "--loader-workers", "abc"], "argument --loader-workers: invalid int value: 'abc'"),
-    (["frob"], "invalid choice: 'frob'"),
-    (["index"], "the following arguments are required: run_dir, --out"),
-    (["prepare", "folder"], "the following arguments are required: --src, --out"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["bench", "--loader-workers", "abc"], "argument --loader-workers: invalid int value: 'abc'"),
+        (["frob"], "invalid choice: 'frob'"),
+        (["index"], "the following arguments are required: run_dir, --out"),
+        (["prepare", "folder"], "the following arguments are required: --src, --out"),
+    ],
+)
 def test_argument_errors_of_every_command_are_one_line(args, message, capsys):
     code, out, err = run_cli(args, capsys)
     assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("mproxy: error: ") and message in err

@@ -1,4 +1,5 @@
 """Distributed training on CPU with torchrun and the gloo backend (2 processes)."""
+
 import contextlib
 import json
 import os
@@ -21,21 +22,60 @@ pytestmark = pytest.mark.slow  # torchrun end to end (about 3 minutes on 2 cores
 
 
 def _train_args(data, out, batch, epochs=3, proxy_update="momentum"):
-    return ["train", "--data", str(data), "--out", str(out), "--pretrained", "none", "--image-size", "48",
-            "--batch-size", str(batch), "--epochs", str(epochs), "--loader-workers", "0", "--warmup-epochs", "0",
-            "--metrics", "recall", "--lr", "1e-2", "--optimizer", "sgd",  # SGD: updates linear in gradients
-            "--proxy-update", proxy_update,
-            "--loss", "normalized_softmax", "--backbone-lr-mult", "0.1", "--pooling", "max",
-            "--schedule", "multistep"]  # the recipe the tolerances below were measured with
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--pretrained",
+        "none",
+        "--image-size",
+        "48",
+        "--batch-size",
+        str(batch),
+        "--epochs",
+        str(epochs),
+        "--loader-workers",
+        "0",
+        "--warmup-epochs",
+        "0",
+        "--metrics",
+        "recall",
+        "--lr",
+        "1e-2",
+        "--optimizer",
+        "sgd",  # SGD: updates linear in gradients
+        "--proxy-update",
+        proxy_update,
+        "--loss",
+        "normalized_softmax",
+        "--backbone-lr-mult",
+        "0.1",
+        "--pooling",
+        "max",
+        "--schedule",
+        "multistep",
+    ]  # the recipe the tolerances below were measured with
 
 
 def _run(args, nproc, log, port, wait=True, ok=True):
     env = {**os.environ, "WRITES_LOG": str(log), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(port), WORKER, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(port),
+        WORKER,
+        *args,
+    ]
     if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert (res.returncode == 0) == ok, res.stderr[-3000:]
     return res
@@ -100,8 +140,10 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_run(tiny_data, tmp_
     out, ref = tmp_path / "run", two_process_run[0]
     proc = _run(_train_args(tiny_data, out, batch=4), 2, tmp_path / "w", 29613, wait=False)
     metrics = out / METRICS
-    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3,  # header + epochs 0 and 1
-             lambda: proc.poll() is None)
+    wait_for(
+        lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3,  # header + epochs 0 and 1
+        lambda: proc.poll() is None,
+    )
     _kill(proc, tmp_path / "w", 2)
     assert 1 <= _last(out)["epoch"] < 3
     _run(["train", "--resume", str(out)], 2, tmp_path / "w", 29614)

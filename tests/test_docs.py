@@ -1,6 +1,7 @@
 """The README and the docs site: the site builds with `mkdocs build --strict` (broken links and anchors fail), the
 README stays a short front door whose links work, the Layout page matches the package tree, and the generated CLI
 reference names every command. The build takes a few seconds and needs no network."""
+
 import ast
 import os
 import re
@@ -23,15 +24,27 @@ def site(tmp_path_factory):
     pytest.importorskip("mkdocs", reason="the docs tools are the [docs] extra")
     out = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(REPO / "mkdocs.yml"),
-                           "-d", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(REPO / "mkdocs.yml"), "-d", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
     return out
 
 
 def test_the_site_builds_strictly(site):
-    for page in ("index.html", "cli/index.html", "api/index.html", "layout/index.html", "benchmarks/index.html",
-                 "tutorials/own-photos/index.html"):
+    for page in (
+        "index.html",
+        "cli/index.html",
+        "api/index.html",
+        "layout/index.html",
+        "benchmarks/index.html",
+        "tutorials/own-photos/index.html",
+    ):
         assert (site / page).is_file(), page
     assert not (site / "hooks").exists(), "the build hook must not be published"
 
@@ -74,8 +87,9 @@ def test_the_layout_page_lists_every_module():
 
 
 def test_every_path_on_the_layout_page_exists():
-    named = re.findall(r"`((?:momentum_proxy|tests|benchmarks|docs)/[^`\s]*|[\w.-]+\.(?:md|yml|txt))`",
-                       LAYOUT.read_text())
+    named = re.findall(
+        r"`((?:momentum_proxy|tests|benchmarks|docs)/[^`\s]*|[\w.-]+\.(?:md|yml|txt))`", LAYOUT.read_text()
+    )
     assert named
     gone = [p for p in named if not (REPO / p).exists()]
     assert not gone, f"docs/layout.md names paths that do not exist: {gone}"

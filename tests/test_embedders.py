@@ -1,4 +1,5 @@
 """One `Embedder` interface: PyTorch, onnxruntime and a model process embed the same batch to the same unit rows."""
+
 import numpy as np
 import torch
 

@@ -1,4 +1,5 @@
 """Sweep (resumable, over seeds), figures and the report's mean ± confidence interval."""
+
 import math
 
 import pandas as pd
@@ -8,8 +9,20 @@ from momentum_proxy.cli import main
 from momentum_proxy.experiments.sweep import collect_runs, mean_ci
 from momentum_proxy.runs import RunDir
 
-SMALL = ["--pretrained", "none", "--image-size", "48", "--batch-size", "8", "--epochs", "1", "--loader-workers", "0",
-         "--metrics", "recall"]
+SMALL = [
+    "--pretrained",
+    "none",
+    "--image-size",
+    "48",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "1",
+    "--loader-workers",
+    "0",
+    "--metrics",
+    "recall",
+]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """`mproxy export` (ONNX, TorchScript), its self-check and sidecar, and the `--runtime onnx` embedder."""
+
 import json
 import re
 from pathlib import Path
@@ -22,8 +23,7 @@ from momentum_proxy.vectors import l2_normalize
 
 def make_run(data, out: Path, backbone: str = "efficientnet_lite0", seed: int = 0) -> Path:
     """A run folder holding a random-weight model as its best checkpoint (64 px, 32-d)."""
-    cfg = TrainConfig(data=str(data), out=str(out), backbone=backbone, pretrained="none", image_size=64,
-                      feature_dim=32)
+    cfg = TrainConfig(data=str(data), out=str(out), backbone=backbone, pretrained="none", image_size=64, feature_dim=32)
     RunDir(out).start(cfg, overwrite=True)
     torch.manual_seed(seed)
     model = EmbeddingNet(backbone, 32, weights=None, image_size=64)
@@ -152,7 +152,7 @@ def two_neighbours_swapped(out: np.ndarray, k: int = 10, least_gap: float = 1e-4
     for i in range(len(out)):
         for a, b in zip(order[i, :-1], order[i, 1:]):
             gap = sims[i, a] - sims[i, b]
-            loss = gap ** 2 / (1 - sims[a, b])  # 1 - cosine of the reflected row to the original
+            loss = gap**2 / (1 - sims[a, b])  # 1 - cosine of the reflected row to the original
             if gap >= least_gap and (best is None or loss < best[0]):
                 best = (loss, i, a, b)
     assert best is not None and best[0] < 5e-5, "no near neighbours to swap within the cosine tolerance"
@@ -163,10 +163,12 @@ def two_neighbours_swapped(out: np.ndarray, k: int = 10, least_gap: float = 1e-4
     return swapped
 
 
-@pytest.mark.parametrize("change, cosine_passes, neighbours_pass", [(two_neighbours_swapped, True, False),
-                                                                     (rotated, False, True)])
-def test_an_export_failing_one_check_alone_is_refused(change, cosine_passes, neighbours_pass, tiny_data, tmp_path,
-                                                      monkeypatch):
+@pytest.mark.parametrize(
+    "change, cosine_passes, neighbours_pass", [(two_neighbours_swapped, True, False), (rotated, False, True)]
+)
+def test_an_export_failing_one_check_alone_is_refused(
+    change, cosine_passes, neighbours_pass, tiny_data, tmp_path, monkeypatch
+):
     """The export is kept only when both checks pass: near neighbours reordered with every cosine >= MIN_COSINE,
     or every neighbour list intact with the cosine too low, are each refused, and nothing is written."""
     from momentum_proxy.deploy import export
@@ -201,7 +203,7 @@ def one_row_off(count: int = 32, dim: int = 64, cosine: float = 0.9995) -> tuple
     rows = l2_normalize(rows.astype(np.float32))
     away = np.linalg.svd(rows)[2][-1]  # orthogonal to every row (count < dim)
     off = rows.copy()
-    off[0] = cosine * rows[0] + np.sqrt(1 - cosine ** 2) * away
+    off[0] = cosine * rows[0] + np.sqrt(1 - cosine**2) * away
     return rows, off
 
 
@@ -217,15 +219,18 @@ def test_the_export_check_is_on_the_least_agreeing_row():
     assert agreement(reference, reference.copy())["passed"]
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--format", "tflite", "--out", "{tmp}/m.onnx"], "unknown export format 'tflite'"),
-    (["--out", "{tmp}"], "--out must be a file path, not a folder"),
-    (["--image-size", "8", "--out", "{tmp}/m.onnx"], "--image-size must be at least 16"),
-    (["--int8", "--out", "{tmp}/m.onnx"], "--int8 needs --format onnx and --calibration DATA"),
-    (["--int8", "--calibration", "{tmp}", "--format", "torchscript", "--out", "{tmp}/m.pt"], "--int8 needs"),
-    (["--calibration", "{tmp}", "--out", "{tmp}/m.onnx"], "--calibration is only used with --int8"),
-    (["--int8", "--calibration", "{tmp}", "--out", "{tmp}/m.onnx"], "no manifest.csv"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--format", "tflite", "--out", "{tmp}/m.onnx"], "unknown export format 'tflite'"),
+        (["--out", "{tmp}"], "--out must be a file path, not a folder"),
+        (["--image-size", "8", "--out", "{tmp}/m.onnx"], "--image-size must be at least 16"),
+        (["--int8", "--out", "{tmp}/m.onnx"], "--int8 needs --format onnx and --calibration DATA"),
+        (["--int8", "--calibration", "{tmp}", "--format", "torchscript", "--out", "{tmp}/m.pt"], "--int8 needs"),
+        (["--calibration", "{tmp}", "--out", "{tmp}/m.onnx"], "--calibration is only used with --int8"),
+        (["--int8", "--calibration", "{tmp}", "--out", "{tmp}/m.onnx"], "no manifest.csv"),
+    ],
+)
 def test_bad_export_requests_are_one_line_errors(args, expected, tiny_data, tmp_path, capsys):
     run = make_run(tiny_data, tmp_path / "run")
     (tmp_path / "o").mkdir()
@@ -316,8 +321,9 @@ def test_int8_model_is_quantised_and_its_report_is_consistent(tiny_data, tmp_pat
     settings = quantize(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", batches, INPUT_NAME)
     ops = {n.op_type for n in onnx.load(tmp_path / "int8.onnx").graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops and settings["calibration_images"] == 16
-    report = compare(onnx_session(tmp_path / "fp32.onnx"), onnx_session(tmp_path / "int8.onnx"), INPUT_NAME,
-                     str(tiny_data), 64)
+    report = compare(
+        onnx_session(tmp_path / "fp32.onnx"), onnx_session(tmp_path / "int8.onnx"), INPUT_NAME, str(tiny_data), 64
+    )
     r1 = report["recall@1"]
     assert report["images"] == 16 and report["split"] == "val"  # the dataset has a val split: reported there
     assert report["recall@1_change"] == pytest.approx(r1["int8"] - r1["fp32"], abs=2e-4)
@@ -359,20 +365,31 @@ def test_int8_export_is_kept_only_with_a_passing_report(map_change, kept, tiny_d
 
 def lite0_like_report(r1_change: float, map_change: float, speedup: float = 1.4) -> dict:
     """An int8 report shaped as `int8.compare`'s (as measured for Lite0: R@1 held, MAP@R -3.6 points)."""
-    return {"split": "val", "images": 1489, "mean_cosine_to_fp32": 0.79,
-            "recall@1": {"fp32": 0.9, "int8": 0.9 + r1_change}, "map@r": {"fp32": 0.5, "int8": 0.5 + map_change},
-            "recall@1_change": r1_change, "map@r_change": map_change,
-            "images_per_second": {"fp32": 100.0, "int8": 100.0 * speedup}, "speedup": speedup}
+    return {
+        "split": "val",
+        "images": 1489,
+        "mean_cosine_to_fp32": 0.79,
+        "recall@1": {"fp32": 0.9, "int8": 0.9 + r1_change},
+        "map@r": {"fp32": 0.5, "int8": 0.5 + map_change},
+        "recall@1_change": r1_change,
+        "map@r_change": map_change,
+        "images_per_second": {"fp32": 100.0, "int8": 100.0 * speedup},
+        "speedup": speedup,
+    }
 
 
-@pytest.mark.parametrize("r1, mapr, speedup, failed", [
-    (0.0047, -0.036, 1.4, ["MAP@R -3.60 points (at most -1 allowed)"]),  # Lite0's: R@1 alone would keep it
-    (-0.005, -0.01, 1.4, []), (-0.0051, 0.0, 1.4, ["R@1 -0.51 points (at most -0.5 allowed)"]),
-    (0.0, -0.0101, 1.4, ["MAP@R -1.01 points (at most -1 allowed)"]),  # just past the bound
-    (0.0, -0.015, 1.4, ["MAP@R -1.50 points (at most -1 allowed)"]),  # a bound at twice the threshold would pass
-    (-0.0075, 0.0, 1.4, ["R@1 -0.75 points (at most -0.5 allowed)"]),
-    (0.0, 0.0, 1.0, ["not faster (x1.0)"]),
-])
+@pytest.mark.parametrize(
+    "r1, mapr, speedup, failed",
+    [
+        (0.0047, -0.036, 1.4, ["MAP@R -3.60 points (at most -1 allowed)"]),  # Lite0's: R@1 alone would keep it
+        (-0.005, -0.01, 1.4, []),
+        (-0.0051, 0.0, 1.4, ["R@1 -0.51 points (at most -0.5 allowed)"]),
+        (0.0, -0.0101, 1.4, ["MAP@R -1.01 points (at most -1 allowed)"]),  # just past the bound
+        (0.0, -0.015, 1.4, ["MAP@R -1.50 points (at most -1 allowed)"]),  # a bound at twice the threshold would pass
+        (-0.0075, 0.0, 1.4, ["R@1 -0.75 points (at most -0.5 allowed)"]),
+        (0.0, 0.0, 1.0, ["not faster (x1.0)"]),
+    ],
+)
 def test_the_int8_gate_needs_recall_map_at_r_and_speed(r1, mapr, speedup, failed):
     from momentum_proxy.deploy.int8 import gate
 

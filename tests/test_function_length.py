@@ -1,6 +1,7 @@
 """Small functions: the body of every function and method of the package is at most MAX_LINES lines long, from its
 first statement after the docstring to its last line (comments and blank lines included; the signature, which the
 formatter lays out one parameter a line when it is long, the docstring and decorators not)."""
+
 import ast
 from pathlib import Path
 
@@ -31,7 +32,9 @@ def test_every_function_is_at_most_60_lines():
 def test_a_long_function_is_named(tmp_path):
     statements = [f"        x{i} = {i}" for i in range(61)]
     signature = "".join(f"        a{i},\n" for i in range(30))  # a long signature and a docstring are not counted
-    fine = f'    def fine(\n{signature}    ):\n        """Doc.\n\n        More.\n        """\n' + "\n".join(statements[1:])
+    fine = f'    def fine(\n{signature}    ):\n        """Doc.\n\n        More.\n        """\n' + "\n".join(
+        statements[1:]
+    )
     long = "    def long(self):\n" + "\n".join(statements)
     (tmp_path / "long.py").write_text(f"class C:\n{long}\n\n{fine}\n")
     assert long_functions(tmp_path, MAX_LINES) == [f"{tmp_path.name}/long.py:2 long (61 lines)"]

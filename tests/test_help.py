@@ -1,6 +1,7 @@
 """Every help page of every command (`mproxy X --help`, and so docs/cli.md, rendered from the same parser): no
 argparse escapes or "null", a help line for every argument, metavars named after their option, and no option
 abbreviations (`--split` is never `--split-file`). Generic over the parser tree, so new options are checked too."""
+
 import argparse
 
 import pytest
@@ -19,8 +20,12 @@ def commands(p: argparse.ArgumentParser, name: str = "mproxy") -> list[tuple[str
 
 
 COMMANDS = commands(parser())
-ARGUMENTS = [(name, a) for name, p in COMMANDS for a in p._actions
-             if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction, argparse._VersionAction))]
+ARGUMENTS = [
+    (name, a)
+    for name, p in COMMANDS
+    for a in p._actions
+    if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction, argparse._VersionAction))
+]
 
 
 def test_the_parser_tree_is_walked():
@@ -36,8 +41,9 @@ def test_help_pages_show_no_escapes_and_no_null(name, p, monkeypatch):
         assert bad not in text, f"{name} --help shows {bad!r}"
 
 
-@pytest.mark.parametrize("name, action", ARGUMENTS,
-                         ids=[f"{n} {(a.option_strings or [a.dest])[0]}" for n, a in ARGUMENTS])
+@pytest.mark.parametrize(
+    "name, action", ARGUMENTS, ids=[f"{n} {(a.option_strings or [a.dest])[0]}" for n, a in ARGUMENTS]
+)
 def test_every_argument_has_help_and_a_metavar_named_after_it(name, action):
     assert action.help and action.help.strip(), f"{name} {action.option_strings or action.dest} has no help line"
     if action.option_strings and action.nargs != 0 and action.metavar is None:  # argparse shows DEST
@@ -72,8 +78,11 @@ CASES = [(name, p, abbreviation_case(p)) for name, p in COMMANDS if abbreviation
 
 
 def test_every_command_with_a_flag_has_an_abbreviation_case():
-    with_flags = {name for name, p in COMMANDS
-                  if any(a.nargs == 0 and a.option_strings for a in p._actions[1:]) and name != "mproxy"}
+    with_flags = {
+        name
+        for name, p in COMMANDS
+        if any(a.nargs == 0 and a.option_strings for a in p._actions[1:]) and name != "mproxy"
+    }
     assert with_flags <= {name for name, _, _ in CASES} and len(CASES) >= 10
 
 

@@ -1,4 +1,5 @@
 """FaissStore: build/add/save/load round trips, model checks and approximate recall."""
+
 import json
 import os
 
@@ -111,13 +112,16 @@ def test_exact_recall_is_one_and_ivf_params():
     assert ivf.recall_vs_exact(5) == 1.0  # all lists probed: exhaustive
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(kind="lsh"), "unknown index kind"),
-    (dict(kind="ivf", nlist=0), "nlist"),
-    (dict(kind="ivf", nprobe=0), "nprobe"),
-    (dict(paths=["a.jpg"]), "1 paths for 20"),
-    (dict(labels=[1, 2]), "2 entries"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(kind="lsh"), "unknown index kind"),
+        (dict(kind="ivf", nlist=0), "nlist"),
+        (dict(kind="ivf", nprobe=0), "nprobe"),
+        (dict(paths=["a.jpg"]), "1 paths for 20"),
+        (dict(labels=[1, 2]), "2 entries"),
+    ],
+)
 def test_build_rejects_bad_input(kwargs, message):
     x, y, paths = clustered(20)
     args = dict(features=x, paths=paths, labels=y) | kwargs
@@ -141,7 +145,7 @@ def test_deleted_items_keep_ids_and_never_come_back(kind, tmp_path):
     # the survivors keep their ids and order: the old top-5 minus the deleted ones lead the new list
     for old, new in zip(idx, idx2):
         survivors = [i for i in old if i not in gone]
-        assert new[:len(survivors)].tolist() == survivors
+        assert new[: len(survivors)].tolist() == survivors
     assert loaded.search(x[:1], 5, exclude=[int(idx2[0, 0])])[1][0, 0] == idx2[0, 1]
     new_ids = loaded.add(x[:2] + 0.01, ["new/a.jpg", "new/b.jpg"], [0, 1])
     assert new_ids == [600, 601] and loaded.item(600)["path"].endswith("new/a.jpg")
@@ -167,8 +171,10 @@ def test_save_is_crash_safe_and_paths_work_from_anywhere(tmp_path, monkeypatch):
     assert len(again) == 50 and again.paths == inside and again.item(3)["class_name"] == f"class {y[3]}"
     snapshot.write(folder)
     assert len(FaissStore.load(folder)) == 55 and FaissStore.load(folder).paths[-1] == "/elsewhere/a.jpg"
-    assert sorted(p.name for p in folder.iterdir()) == [json.loads((folder / META_FILE).read_text())["index_file"],
-                                                        META_FILE]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        json.loads((folder / META_FILE).read_text())["index_file"],
+        META_FILE,
+    ]
 
 
 def test_format_1_is_read_and_unknown_formats_refused(tmp_path, monkeypatch):
@@ -179,8 +185,18 @@ def test_format_1_is_read_and_unknown_formats_refused(tmp_path, monkeypatch):
     faiss.write_index(flat, str(tmp_path / "index.faiss"))
     from momentum_proxy.fileio import file_sha256
 
-    v1 = {"format_version": 1, "kind": "exact", "metric": "cosine", "feature_dim": 32, "count": 40, "params": {},
-          "model": MODEL, "index_sha256": file_sha256(tmp_path / "index.faiss"), "paths": paths, "labels": y.tolist()}
+    v1 = {
+        "format_version": 1,
+        "kind": "exact",
+        "metric": "cosine",
+        "feature_dim": 32,
+        "count": 40,
+        "params": {},
+        "model": MODEL,
+        "index_sha256": file_sha256(tmp_path / "index.faiss"),
+        "paths": paths,
+        "labels": y.tolist(),
+    }
     (tmp_path / META_FILE).write_text(json.dumps(v1))
     monkeypatch.chdir(tmp_path)
     old = FaissStore.load(tmp_path)

@@ -1,6 +1,7 @@
 """ANN under a memory budget: the choice (`plan_index`), each kind built with its recall against exact search in
 meta.json, `--max-memory` on the command line, recall in `retrieve` and `/stats`, memory-mapped IVF indexes, and the
 catalogue benchmark at a tiny size."""
+
 import json
 import subprocess
 import sys
@@ -55,9 +56,19 @@ def saved(data, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------ the choice
-@pytest.mark.parametrize("text, size", [("512MB", 512 * 10**6), ("2GB", 2 * 10**9), ("1.5GiB", 3 * 2**29),
-                                        ("800M", 800 * 2**20), ("64 KiB", 2**16), ("1000", 1000), (" 2gb ", 2 * 10**9),
-                                        (4096, 4096)])
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("512MB", 512 * 10**6),
+        ("2GB", 2 * 10**9),
+        ("1.5GiB", 3 * 2**29),
+        ("800M", 800 * 2**20),
+        ("64 KiB", 2**16),
+        ("1000", 1000),
+        (" 2gb ", 2 * 10**9),
+        (4096, 4096),
+    ],
+)
 def test_memory_sizes_are_read(text, size):
     assert parse_memory(text) == size
 
@@ -68,16 +79,19 @@ def test_bad_memory_sizes_are_refused(text):
         parse_memory(text)
 
 
-@pytest.mark.parametrize("n, d, budget, kind, params", [
-    (5_000, 512, "1GB", "exact", {}),  # few vectors: exhaustive search
-    (20_000, 128, "1GB", "hnsw", {"M": 32}),  # HNSW fits with M = 32
-    (20_000, 128, "15MB", "hnsw", {"M": 9}),  # (0.8 * 15e6 / 2e4 - 4 * 128 - 16) / 8 = 9
-    (20_000, 128, "14MB", "ivf", {"nlist": 512}),  # M would be 4 (< 8); IVF-Flat, 10.82 MB, fits in 11.2
-    (20_000, 128, "11MB", "ivfpq", {"nlist": 512, "m": 64}),  # nothing unquantized fits
-    (1_000_000, 512, "1GiB", "ivfpq", {"nlist": 4000, "m": 256}),  # 1M: never IVF-Flat; autofaiss's largest code
-    (1_000_000, 512, "4GB", "hnsw", {"M": 32}),
-    (1_000_000, 512, "100MB", "ivfpq", {"nlist": 4000, "m": 32}),
-])
+@pytest.mark.parametrize(
+    "n, d, budget, kind, params",
+    [
+        (5_000, 512, "1GB", "exact", {}),  # few vectors: exhaustive search
+        (20_000, 128, "1GB", "hnsw", {"M": 32}),  # HNSW fits with M = 32
+        (20_000, 128, "15MB", "hnsw", {"M": 9}),  # (0.8 * 15e6 / 2e4 - 4 * 128 - 16) / 8 = 9
+        (20_000, 128, "14MB", "ivf", {"nlist": 512}),  # M would be 4 (< 8); IVF-Flat, 10.82 MB, fits in 11.2
+        (20_000, 128, "11MB", "ivfpq", {"nlist": 512, "m": 64}),  # nothing unquantized fits
+        (1_000_000, 512, "1GiB", "ivfpq", {"nlist": 4000, "m": 256}),  # 1M: never IVF-Flat; autofaiss's largest code
+        (1_000_000, 512, "4GB", "hnsw", {"M": 32}),
+        (1_000_000, 512, "100MB", "ivfpq", {"nlist": 4000, "m": 32}),
+    ],
+)
 def test_the_budget_chooses_like_autofaiss(n, d, budget, kind, params):
     plan = plan_index(n, d, parse_memory(budget))
     assert (plan.kind, plan.params) == (kind, params), plan
@@ -154,7 +168,7 @@ def test_exact_neighbours_streamed_equal_one_pass_and_skip_tombstones(data):
     x, y, paths = data
     x, ids, own = x[:1000], np.arange(1000), np.array([3, 50, 999])
     whole = exact_neighbours(x[own], own, [(ids, x)], 10)
-    parts = exact_neighbours(x[own], own, [(ids[i:i + 128], x[i:i + 128]) for i in range(0, 1000, 128)], 10)
+    parts = exact_neighbours(x[own], own, [(ids[i : i + 128], x[i : i + 128]) for i in range(0, 1000, 128)], 10)
     np.testing.assert_array_equal(whole, parts)
     assert not (whole == own[:, None]).any()
     index = FaissStore.build(x, paths[:1000], y[:1000], kind="hnsw", recall_queries=0)
@@ -215,13 +229,17 @@ def test_mmap_is_for_ivf_indexes(data, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ command line
-@pytest.mark.parametrize("value, message", [
-    ("lots", "argument --max-memory: takes a size such as 512MB, 2GB or 1.5GiB, got 'lots'"),
-    ("0", "argument --max-memory: must be positive, got '0'"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("lots", "argument --max-memory: takes a size such as 512MB, 2GB or 1.5GiB, got 'lots'"),
+        ("0", "argument --max-memory: must be positive, got '0'"),
+    ],
+)
 def test_bad_max_memory_is_a_one_line_error(value, message, tmp_path, capsys):
-    code, out, err = run_cli(["index", tmp_path / "run", "--images", tmp_path, "--out", tmp_path / "idx",
-                              "--max-memory", value], capsys)
+    code, out, err = run_cli(
+        ["index", tmp_path / "run", "--images", tmp_path, "--out", tmp_path / "idx", "--max-memory", value], capsys
+    )
     assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("mproxy: error: ") and message in err
     assert not (tmp_path / "idx").exists()
 
@@ -233,25 +251,27 @@ def test_index_with_max_memory_reports_recall_and_retrieve_shows_it(tiny_run, ti
     assert "kind: exact" in out and "recall: recall@10 against exact search 1 (exact search, by definition)" in out
     assert "--max-memory 954 MiB: fewer than 10,000 vectors: exhaustive search" in out
     hnsw = tmp_path / "hnsw"
-    code, out, err = run_cli(["index", tiny_run, "--images", tiny_data, "--out", hnsw, "--kind", "hnsw",
-                              "--max-memory", "40KB"], capsys)  # 64 x (128 + 8 M + 16) <= 32,000: M = 44 -> 32
+    code, out, err = run_cli(
+        ["index", tiny_run, "--images", tiny_data, "--out", hnsw, "--kind", "hnsw", "--max-memory", "40KB"], capsys
+    )  # 64 x (128 + 8 M + 16) <= 32,000: M = 44 -> 32
     assert code == 0 and "kind: hnsw" in out and "recall: recall@10 against exact search" in out, err
     meta = json.loads((hnsw / META_FILE).read_text())
     assert meta["params"]["M"] == 32 and meta["recall"]["queries"] == 64 and meta["recall"]["items"] == 64
     query = tiny_data / "images" / "species_04" / "0002.jpg"
-    code, out, err = run_cli(["retrieve", "--index", hnsw, "--query", query, "-k", 3, "--out", tmp_path / "q"],
-                             capsys)
+    code, out, err = run_cli(["retrieve", "--index", hnsw, "--query", query, "-k", 3, "--out", tmp_path / "q"], capsys)
     assert code == 0, err
     recall = meta["recall"]["recall"]
     assert f"(hnsw index, recall@10 against exact search {recall:.4g} (64 queries among 64 items" in out
     results = json.loads((tmp_path / "q" / "results.json").read_text())
     assert results["index"]["recall"] == meta["recall"]
-    code, _, err = run_cli(["index", tiny_run, "--images", tiny_data, "--out", tmp_path / "none",
-                            "--max-memory", "1KB"], capsys)
+    code, _, err = run_cli(
+        ["index", tiny_run, "--images", tiny_data, "--out", tmp_path / "none", "--max-memory", "1KB"], capsys
+    )
     assert code == 2 and "64 vectors of 32 dimensions do not fit in --max-memory" in err and err.count("\n") == 1
     assert not (tmp_path / "none").exists()
-    code, _, err = run_cli(["index", tiny_run, "--images", tiny_data, "--out", f"milvus:{tmp_path}/m.db",
-                            "--max-memory", "1GB"], capsys)
+    code, _, err = run_cli(
+        ["index", tiny_run, "--images", tiny_data, "--out", f"milvus:{tmp_path}/m.db", "--max-memory", "1GB"], capsys
+    )
     assert code == 2 and "--max-memory chooses a faiss index" in err
 
 
@@ -282,9 +302,27 @@ def test_stats_show_recall_and_a_memory_mapped_service_refuses_adds(tiny_run, da
 def test_catalogue_benchmark_at_a_tiny_size(tmp_path):
     """faiss (IVF-PQ: 3,000 x 16-d in 120 KB) loaded and memory-mapped, and Milvus Lite, in fresh processes."""
     out = tmp_path / "report.json"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "catalogue.py"), "--n", "3000", "--dim", "16",
-                           "--budget", "120KB", "--queries", "100", "--clients", "1,4", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "catalogue.py"),
+            "--n",
+            "3000",
+            "--dim",
+            "16",
+            "--budget",
+            "120KB",
+            "--queries",
+            "100",
+            "--clients",
+            "1,4",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     faiss_row, milvus_row = report["stores"]["faiss"], report["stores"]["milvus"]

@@ -1,6 +1,7 @@
 """`mproxy index` sharded over 2 torchrun ranks (gloo, CPU): each rank embeds its chunks, rank 0 fills the store.
 A build killed with SIGKILL (`MPROXY_TEST_KILL_AFTER`, `retrieval.shards.test_kill`) and run again ends with the
 index a single process builds: the same items in the same order, none twice, none missing."""
+
 import os
 import shutil
 import subprocess
@@ -25,8 +26,23 @@ def _torchrun(run, images, out, kill=None, ok=True):
     env.pop(shards.KILL_ENV, None)
     if kill:
         env[shards.KILL_ENV] = kill
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "momentum_proxy", "index", str(run), "--images", str(images), "--out", str(out), *ARGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "momentum_proxy",
+        "index",
+        str(run),
+        "--images",
+        str(images),
+        "--out",
+        str(out),
+        *ARGS,
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert (res.returncode == 0) == ok, res.stdout[-2000:] + res.stderr[-4000:]
     return res
@@ -84,8 +100,7 @@ def test_two_ranks_build_the_index_one_process_builds(tiny_run, tiny_data, singl
 
 
 @pytest.mark.slow  # two torchrun runs with a rank killed: `.ci/run`
-def test_a_rank_killed_midway_then_the_same_command_again_gives_the_same_index(tiny_run, tiny_data, single,
-                                                                               tmp_path):
+def test_a_rank_killed_midway_then_the_same_command_again_gives_the_same_index(tiny_run, tiny_data, single, tmp_path):
     out = tmp_path / "index"
     _torchrun(tiny_run, tiny_data, out, kill="chunk:1:1", ok=False)  # rank 1 SIGKILLs itself after 1 chunk
     assert not (out / "meta.json").exists()  # no index yet
@@ -125,8 +140,9 @@ def test_chunk_files_of_another_model_are_removed_and_half_written_ones_never_re
     shards.write_chunk(folder / "a-000001.npz", "model-b", x, ["/q0", "/q1", "/q2"], [])
     (folder / ".a-000002.npz.x1y2.tmp").write_bytes(b"PK\x03\x04 half a chunk")  # its rank was killed writing it
     chunks = shards.Chunks(folder, "model-a", 2)
-    assert capsys.readouterr().err == f"mproxy: removed 1 chunk file(s) of another model (or unreadable) from " \
-                                      f"{folder}\n"
+    assert (
+        capsys.readouterr().err == f"mproxy: removed 1 chunk file(s) of another model (or unreadable) from {folder}\n"
+    )
     assert sorted(p.name for p in folder.iterdir()) == ["a-000000.npz"]
     feats, kept, skipped = chunks.take(["/p2", "/bad", "/p0"])
     assert kept == ["/p2", "/p0"] and skipped == [("/bad", "cannot decode")]
@@ -140,11 +156,13 @@ def test_a_list_with_bad_lines_and_unreadable_images_fills_as_one_process_does(t
     images = sorted((tiny_data / "images").rglob("*.jpg"))[:12]
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     listed = tmp_path / "list.csv"
-    listed.write_text("path,class_name\n" + "".join(f"{p},{p.parent.name}\n" for p in images)
-                      + f"broken.jpg,x\n,y\n{images[0]},z\n")
+    listed.write_text(
+        "path,class_name\n" + "".join(f"{p},{p.parent.name}\n" for p in images) + f"broken.jpg,x\n,y\n{images[0]},z\n"
+    )
     one = build_index(tiny_run, None, tmp_path / "one", image_list=listed, batch_size=4, device="cpu")
-    two = build._build_sharded(DistInfo(), 5, tiny_run, None, tmp_path / "two", "exact", 4, "cpu", False, "torch",
-                               "auto", None, None, listed)
+    two = build._build_sharded(
+        DistInfo(), 5, tiny_run, None, tmp_path / "two", "exact", 4, "cpu", False, "torch", "auto", None, None, listed
+    )
     assert {**two, "index": None} == {**one, "index": None} and one["added"] == 12 and one["skipped"] == 2
     _assert_same_index(tmp_path / "one", tmp_path / "two", n=12, exact=False)  # chunks of 5, batches of 4
     assert read_json(tmp_path / "two" / "skipped.json") == read_json(tmp_path / "one" / "skipped.json")

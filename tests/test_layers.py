@@ -4,6 +4,7 @@ Every import counts, those inside functions too, and each import inside a functi
 (a comment on its line or the line above): such imports are kept for option parsing without torch and for
 optional extras.
 """
+
 import ast
 from pathlib import Path
 
@@ -12,8 +13,19 @@ import momentum_proxy
 ROOT = Path(momentum_proxy.__file__).parent
 # Lowest first. Plain modules of the package root are the foundation; the application sits on top.
 FOUNDATION = ("errors", "fileio", "paths", "perf", "config", "vectors", "plots", "runs", "distributed")
-LAYERS = [FOUNDATION, ("data",), ("models",), ("embedding",), ("evaluation",), ("training",), ("deploy",),
-          ("retrieval",), ("serving",), ("experiments",), ("demo", "cli", "__main__", "__init__")]
+LAYERS = [
+    FOUNDATION,
+    ("data",),
+    ("models",),
+    ("embedding",),
+    ("evaluation",),
+    ("training",),
+    ("deploy",),
+    ("retrieval",),
+    ("serving",),
+    ("experiments",),
+    ("demo", "cli", "__main__", "__init__"),
+]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 
@@ -26,13 +38,25 @@ def modules():
 def imports(path: Path):
     """(imported momentum_proxy module, line, inside a function) for every import in the file."""
     tree = ast.parse(path.read_text(), str(path))
-    in_function = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-                   for n in ast.walk(f) if n is not f}
+    in_function = {
+        id(n)
+        for f in ast.walk(tree)
+        if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for n in ast.walk(f)
+        if n is not f
+    }
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] if node.module != "momentum_proxy" else [
-                f"momentum_proxy.{a.name}" if (ROOT / a.name).is_dir() or (ROOT / f"{a.name}.py").is_file()
-                else "momentum_proxy" for a in node.names]
+            names = (
+                [node.module]
+                if node.module != "momentum_proxy"
+                else [
+                    f"momentum_proxy.{a.name}"
+                    if (ROOT / a.name).is_dir() or (ROOT / f"{a.name}.py").is_file()
+                    else "momentum_proxy"
+                    for a in node.names
+                ]
+            )
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         else:
@@ -71,7 +95,7 @@ def test_no_import_cycles():
 
     def visit(node):
         if node in stack:
-            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(node):] + [node]))
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(node) :] + [node]))
         if node in done:
             return
         stack.append(node)

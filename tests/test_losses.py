@@ -118,6 +118,7 @@ def test_a_non_finite_batch_is_skipped_and_counted_and_a_finite_one_still_update
     update.step(poisoned, labels)
     assert torch.equal(proxies_by_class(loss), before) and update.skipped == 1
     update.step(emb, labels)
-    torch.testing.assert_close(proxies_by_class(loss), reference_update(before, emb, labels, 0.5, "mean"), rtol=0,
-                               atol=0)
+    torch.testing.assert_close(
+        proxies_by_class(loss), reference_update(before, emb, labels, 0.5, "mean"), rtol=0, atol=0
+    )
     assert update.skipped == 1

@@ -1,4 +1,5 @@
 """Retrieval metrics against a brute-force numpy reference and pytorch-metric-learning's AccuracyCalculator."""
+
 import itertools
 
 import numpy as np
@@ -12,8 +13,12 @@ from momentum_proxy.evaluation.metrics import ALL_METRICS, cluster_nmi, evaluate
 from momentum_proxy.vectors import knn, on_device, search_chunks, search_device
 
 RETRIEVAL = ("recall", "precision@1", "r_precision", "map@r")
-PML_NAMES = {"precision@1": "precision_at_1", "r_precision": "r_precision", "map@r": "mean_average_precision_at_r",
-             "nmi": "NMI"}
+PML_NAMES = {
+    "precision@1": "precision_at_1",
+    "r_precision": "r_precision",
+    "map@r": "mean_average_precision_at_r",
+    "nmi": "NMI",
+}
 
 
 def clustered(n=300, d=16, classes=20, noise=0.8, seed=0):
@@ -43,13 +48,17 @@ def reference(query, query_labels, gallery, gallery_labels, self_retrieval, ks):
             out[f"recall@{k}"].append(hits[:k].any())
         out["precision@1"].append(hits[0])
         out["r_precision"].append(hits[:r].sum() / r)
-        out["map@r"].append(sum(hits[:j + 1].sum() / (j + 1) for j in range(r) if hits[j]) / r)
+        out["map@r"].append(sum(hits[: j + 1].sum() / (j + 1) for j in range(r) if hits[j]) / r)
     return {key: float(np.mean(v)) for key, v in out.items()}
 
 
 def pml(query, query_labels, gallery=None, gallery_labels=None):
-    calc = AccuracyCalculator(include=tuple(PML_NAMES.values()), k="max_bin_count", device=torch.device("cpu"),
-                              kmeans_func=FaissKMeans(niter=20, seed=0, min_points_per_centroid=1))
+    calc = AccuracyCalculator(
+        include=tuple(PML_NAMES.values()),
+        k="max_bin_count",
+        device=torch.device("cpu"),
+        kmeans_func=FaissKMeans(niter=20, seed=0, min_points_per_centroid=1),
+    )
     if gallery is None:
         return calc.get_accuracy(normalized(query), query_labels)
     return calc.get_accuracy(normalized(query), query_labels, normalized(gallery), gallery_labels, False)
@@ -64,8 +73,17 @@ def assert_close(ours, theirs, tol):
 def test_self_retrieval_matches_reference_and_pml():
     x, y = clustered()
     ours = evaluate_embeddings(x, y, recalls=(1, 2, 4, 8, 16))
-    assert list(ours) == ["recall@1", "recall@2", "recall@4", "recall@8", "recall@16",
-                          "precision@1", "r_precision", "map@r", "nmi"]
+    assert list(ours) == [
+        "recall@1",
+        "recall@2",
+        "recall@4",
+        "recall@8",
+        "recall@16",
+        "precision@1",
+        "r_precision",
+        "map@r",
+        "nmi",
+    ]
     assert_close(ours, reference(x, y, x, y, True, (1, 2, 4, 8, 16)), 1e-12)
     assert_close(ours, {k: v for k, v in zip(PML_NAMES, [pml(x, y)[n] for n in PML_NAMES.values()])}, 1e-4)
     assert 0 < ours["map@r"] < ours["r_precision"] < ours["precision@1"] < 1
@@ -83,7 +101,11 @@ def test_query_gallery_matches_reference_and_pml():
 def test_duplicates_and_ties():
     """Exact duplicates, some with other labels: self is excluded by index and ties go by gallery index."""
     rng = np.random.default_rng(1)
-    base = rng.standard_normal((40, 8)).astype(np.float32)
+    # four entries of +-1 a row: unit rows of +-0.5, whose products are exact in float32 whatever the summation
+    # order of the kernel (on any CPU), so every tie is a true tie
+    base = np.zeros((40, 8), np.float32)
+    for row in base:
+        row[rng.choice(8, 4, replace=False)] = rng.choice([-1.0, 1.0], 4)
     x = np.repeat(base, 3, axis=0)
     y = np.repeat(np.arange(40) % 10, 3)
     y[::7] = 11  # some copies carry another label
@@ -131,8 +153,9 @@ def test_knn_matches_dense_search():
 
 def test_recall_monotonic_and_k_beyond_gallery():
     x, y = clustered(60, classes=6, noise=2.0)
-    ours = evaluate_embeddings(torch.from_numpy(x), torch.from_numpy(y), recalls=(1, 2, 4, 8, 16, 32, 1000),
-                               metrics=("recall",))
+    ours = evaluate_embeddings(
+        torch.from_numpy(x), torch.from_numpy(y), recalls=(1, 2, 4, 8, 16, 32, 1000), metrics=("recall",)
+    )
     values = list(ours.values())
     assert values == sorted(values) and values[-1] == 1.0
 
@@ -150,20 +173,25 @@ def test_nmi_identical_to_pml_with_same_kmeans():
     assert evaluate_embeddings(x, y, metrics=("nmi",))["nmi"] == pytest.approx(pml(x, y)["NMI"], abs=1e-12)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(features=np.zeros((0, 4)), labels=[]), "empty"),
-    (dict(features=np.zeros((5, 4)), labels=[0, 1]), "2 entries"),
-    (dict(features=np.zeros(5), labels=[0] * 5), "2-D"),
-    (dict(features=np.ones((3, 2)), labels=[[0], [1], [2]]), "1-D"),
-    (dict(features=np.full((3, 2), np.nan), labels=[0, 0, 1]), "NaN"),
-    (dict(features=np.ones((1, 2)), labels=[0]), "at least 2"),
-    (dict(features=np.ones((3, 2)), labels=[0, 1, 2]), "no query has a same-label"),
-    (dict(features=np.ones((3, 2)), labels=[0, 0, 1], metrics=("f1",)), "unknown metric"),
-    (dict(features=np.ones((3, 2)), labels=[0, 0, 1], recalls=(0,)), "K values"),
-    (dict(features=np.ones((3, 2)), labels=[0, 0, 1], query_features=np.ones((2, 3)), query_labels=[0, 1]),
-     "dimensions"),
-    (dict(features=np.ones((3, 2)), labels=[0, 0, 1], query_features=np.ones((2, 2))), "without query labels"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(features=np.zeros((0, 4)), labels=[]), "empty"),
+        (dict(features=np.zeros((5, 4)), labels=[0, 1]), "2 entries"),
+        (dict(features=np.zeros(5), labels=[0] * 5), "2-D"),
+        (dict(features=np.ones((3, 2)), labels=[[0], [1], [2]]), "1-D"),
+        (dict(features=np.full((3, 2), np.nan), labels=[0, 0, 1]), "NaN"),
+        (dict(features=np.ones((1, 2)), labels=[0]), "at least 2"),
+        (dict(features=np.ones((3, 2)), labels=[0, 1, 2]), "no query has a same-label"),
+        (dict(features=np.ones((3, 2)), labels=[0, 0, 1], metrics=("f1",)), "unknown metric"),
+        (dict(features=np.ones((3, 2)), labels=[0, 0, 1], recalls=(0,)), "K values"),
+        (
+            dict(features=np.ones((3, 2)), labels=[0, 0, 1], query_features=np.ones((2, 3)), query_labels=[0, 1]),
+            "dimensions",
+        ),
+        (dict(features=np.ones((3, 2)), labels=[0, 0, 1], query_features=np.ones((2, 2))), "without query labels"),
+    ],
+)
 def test_invalid_input_raises_user_error(kwargs, message):
     features, labels = kwargs.pop("features"), kwargs.pop("labels")
     with pytest.raises(UserError, match=message):
@@ -194,12 +222,14 @@ def test_torch_and_faiss_kernels_give_the_same_lists_with_ties(exclude_self, blo
     need[:3] = [1, len(gallery) - int(exclude_self), 0]  # one list of every item
     for chunk_size in (1, 7, 64):
         lists = {}
-        for name, (q, g) in {"faiss": (query, gallery),
-                             "torch": (torch.from_numpy(query), torch.from_numpy(gallery))}.items():
+        for name, (q, g) in {
+            "faiss": (query, gallery),
+            "torch": (torch.from_numpy(query), torch.from_numpy(gallery)),
+        }.items():
             chunks = list(search_chunks(q, g, need, exclude_self, chunk_size))
             for pos, s, idx in chunks:
                 assert s.dtype == np.float32 and idx.dtype == np.int64
-                np.testing.assert_array_equal(idx, reference[pos, :idx.shape[1]], err_msg=name)
+                np.testing.assert_array_equal(idx, reference[pos, : idx.shape[1]], err_msg=name)
                 np.testing.assert_array_equal(s, np.take_along_axis(sims[pos], idx, 1), err_msg=name)
             lists[name] = chunks
         for (p1, s1, i1), (p2, s2, i2) in zip(lists["faiss"], lists["torch"], strict=True):
@@ -228,12 +258,17 @@ def test_evaluation_on_the_torch_kernel_without_cuda_float16_in(monkeypatch):
     torch_result = evaluate_embeddings(half, y, recalls=(1, 2, 4), metrics=RETRIEVAL)  # the tensor's device, cpu
     assert torch_result == faiss_result
     q, g = x[:50], x[50:]
-    assert_close(evaluate_embeddings(g, y[50:], query_features=q, query_labels=y[:50], recalls=(1, 10),
-                                     metrics=RETRIEVAL, device="cpu"),
-                 reference(q, y[:50], g, y[50:], False, (1, 10)), 1e-12)
+    assert_close(
+        evaluate_embeddings(
+            g, y[50:], query_features=q, query_labels=y[:50], recalls=(1, 10), metrics=RETRIEVAL, device="cpu"
+        ),
+        reference(q, y[:50], g, y[50:], False, (1, 10)),
+        1e-12,
+    )
     bf16 = torch.from_numpy(x).bfloat16()
-    assert evaluate_embeddings(bf16, y, metrics=RETRIEVAL, device="cpu") == \
-        evaluate_embeddings(bf16.float().numpy(), y, metrics=RETRIEVAL, device="cpu")
+    assert evaluate_embeddings(bf16, y, metrics=RETRIEVAL, device="cpu") == evaluate_embeddings(
+        bf16.float().numpy(), y, metrics=RETRIEVAL, device="cpu"
+    )
 
 
 def test_search_device_rule(monkeypatch):

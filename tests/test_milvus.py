@@ -1,6 +1,7 @@
 """`mproxy index/retrieve/serve` over a Milvus store: Milvus Lite (the real engine, embedded in the test process)
 for the commands and the service's API tests (those of test_service.py, run here on a Milvus Lite index), and a
 Milvus server (Milvus Lite's gRPC server on a port) that goes away and comes back."""
+
 import json
 import subprocess
 import sys
@@ -47,9 +48,14 @@ def copy_store(source: str, target: str) -> None:
     """A copy of the store at `source` (ids renumbered from 0: copy a store without removed items)."""
     old = open_store(source)
     items = old.live_items()
-    copy = build_store(target, np.concatenate([old.vector(it["id"]) for it in items]), [it["path"] for it in items],
-                       [-1 if it["label"] is None else it["label"] for it in items], model=old.model,
-                       classes=old.classes)
+    copy = build_store(
+        target,
+        np.concatenate([old.vector(it["id"]) for it in items]),
+        [it["path"] for it in items],
+        [-1 if it["label"] is None else it["label"] for it in items],
+        model=old.model,
+        classes=old.classes,
+    )
     copy.sources = old.sources
     copy.save(target)
     copy.close()
@@ -68,23 +74,31 @@ def writable(index_dir, tmp_path):
 # ----------------------------------------------------------------------------------- the commands
 def test_index_retrieve_rebuild_through_the_cli(tiny_run, tiny_data, tmp_path, capsys):
     db = tmp_path / "shop.db"
-    code, out, err = run_cli(["index", tiny_run, "--images", tiny_data, "--out", f"milvus:{db}", "--device", "cpu"],
-                             capsys)
+    code, out, err = run_cli(
+        ["index", tiny_run, "--images", tiny_data, "--out", f"milvus:{db}", "--device", "cpu"], capsys
+    )
     assert code == 0, err
     assert "added: 64" in out and "total: 64" in out and "classes: 8" in out
     query = tiny_data / "images" / "species_03" / "0001.jpg"
-    code, out, err = run_cli(["retrieve", "--index", f"milvus:{db}", "--query", query, "-k", 5,
-                              "--out", tmp_path / "r"], capsys)
+    code, out, err = run_cli(
+        ["retrieve", "--index", f"milvus:{db}", "--query", query, "-k", 5, "--out", tmp_path / "r"], capsys
+    )
     assert code == 0, err
     listed = [line for line in out.splitlines() if line.startswith("#")]
     assert len(listed) == 5 and str(query) not in out  # the query's own item left out
     saved = json.loads((tmp_path / "r" / "results.json").read_text())
-    assert saved["index"] == {"path": f"milvus:{db}", "kind": "exact", "items": 64,
-                              "params": {"index_type": "FLAT", "metric_type": "IP"},
-                              "recall": {"k": 10, "recall": 1.0, "exact": True}}  # Milvus searches exactly (FLAT)
+    assert saved["index"] == {
+        "path": f"milvus:{db}",
+        "kind": "exact",
+        "items": 64,
+        "params": {"index_type": "FLAT", "metric_type": "IP"},
+        "recall": {"k": 10, "recall": 1.0, "exact": True},
+    }  # Milvus searches exactly (FLAT)
     assert saved["query_class_name"] == "species_03" and all(r["class_name"] for r in saved["results"])
-    code, out, err = run_cli(["retrieve", "--index", f"milvus:{db}", "--query", query, "-k", 5, "--rerank", "dba",
-                              "--out", tmp_path / "r"], capsys)
+    code, out, err = run_cli(
+        ["retrieve", "--index", f"milvus:{db}", "--query", query, "-k", 5, "--rerank", "dba", "--out", tmp_path / "r"],
+        capsys,
+    )
     assert code == 0 and len([line for line in out.splitlines() if line.startswith("#")]) == 5, err
     # the same command again adds nothing; a rebuild from the store's own items replaces it
     code, out, _ = run_cli(["index", tiny_run, "--images", tiny_data, "--out", f"milvus:{db}"], capsys)
@@ -106,14 +120,19 @@ def test_a_stale_or_missing_milvus_index_is_refused_in_one_line(tiny_run, tiny_d
     assert f"the index {index_dir} is stale: it was built from epoch 0 of {tiny_run.resolve()}, not by " in err
     assert "search or extend it with the run that built it" in err
     code, _, err = run_cli(["retrieve", "--index", f"milvus:{tmp_path}/none.db", "--query", query], capsys)
-    assert code == 2 and err == (f"mproxy: error: no Milvus Lite index at {tmp_path}/none.db; make one with `mproxy "
-                                 f"index RUN --images DIR --out milvus:{tmp_path}/none.db`\n")
+    assert code == 2 and err == (
+        f"mproxy: error: no Milvus Lite index at {tmp_path}/none.db; make one with `mproxy "
+        f"index RUN --images DIR --out milvus:{tmp_path}/none.db`\n"
+    )
     assert not (tmp_path / "none.db").exists()  # not created by looking
     code, _, err = run_cli(["index", tiny_run, "--images", tiny_data, "--out", "milvus:shop"], capsys)
-    assert code == 2 and err == "mproxy: error: milvus:shop: a Milvus Lite location is milvus:PATH.db (the file " \
-                                "name ends in .db)\n"
-    code, _, err = run_cli(["index", tiny_run, "--images", tiny_data, "--out", f"milvus:{tmp_path}/x.db", "--kind",
-                            "hnsw"], capsys)
+    assert (
+        code == 2
+        and err == "mproxy: error: milvus:shop: a Milvus Lite location is milvus:PATH.db (the file name ends in .db)\n"
+    )
+    code, _, err = run_cli(
+        ["index", tiny_run, "--images", tiny_data, "--out", f"milvus:{tmp_path}/x.db", "--kind", "hnsw"], capsys
+    )
     assert code == 2 and "a Milvus index searches exactly (FLAT); --kind hnsw is for a faiss index folder" in err
 
 
@@ -130,27 +149,34 @@ def test_a_milvus_lite_file_open_in_another_process_is_refused_in_one_line(tiny_
     holder = subprocess.Popen([sys.executable, "-c", HOLD, location], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "open\n"
-        code, _, err = run_cli(["retrieve", "--index", location, "--query", tiny_data / "images" / "species_03" /
-                                "0001.jpg"], capsys)
+        code, _, err = run_cli(
+            ["retrieve", "--index", location, "--query", tiny_data / "images" / "species_03" / "0001.jpg"], capsys
+        )
     finally:
         holder.kill()
         holder.wait()
-    assert code == 2 and err == (f"mproxy: error: cannot open the Milvus Lite file {tmp_path}/busy.db: another "
-                                 "process (e.g. mproxy serve) has it open; Milvus Lite lets one process use a file "
-                                 "at a time\n")
+    assert code == 2 and err == (
+        f"mproxy: error: cannot open the Milvus Lite file {tmp_path}/busy.db: another "
+        "process (e.g. mproxy serve) has it open; Milvus Lite lets one process use a file "
+        "at a time\n"
+    )
 
 
 def test_uploads_go_beside_the_milvus_lite_file(writable, tmp_path):
     c, location = writable
-    r = c.post("/items", files=[("images", ("a.jpg", jpeg_bytes(seed=9), "image/jpeg"))],
-               headers={"Authorization": f"Bearer {TOKEN}"})
+    r = c.post(
+        "/items",
+        files=[("images", ("a.jpg", jpeg_bytes(seed=9), "image/jpeg"))],
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["items"][0]["path"].startswith(str(tmp_path / "copy.files" / "uploads") + "/")
 
 
 # ----------------------------------------------------------------------------------- a server that goes away
-def test_the_service_answers_503_while_the_server_is_away_then_recovers(server, index_dir, tiny_data, tmp_path,
-                                                                        monkeypatch, capsys):
+def test_the_service_answers_503_while_the_server_is_away_then_recovers(
+    server, index_dir, tiny_data, tmp_path, monkeypatch, capsys
+):
     location, stop, start = server
     monkeypatch.setenv("MPROXY_MILVUS_TOKEN", "root:Milvus")
     monkeypatch.chdir(tmp_path)  # a server store's local files: ./products.files
@@ -158,10 +184,17 @@ def test_the_service_answers_503_while_the_server_is_away_then_recovers(server, 
     with TestClient(create_app(location, token=TOKEN), raise_server_exceptions=False) as c:
         before = c.post("/search", json={"id": 3, "k": 4}).json()["results"]
         stop()
-        for answer in (c.get("/health"), c.post("/search", json={"id": 3, "k": 4}), c.get("/items/3"),
-                       c.post("/search", files={"image": ("q.jpg", jpeg_bytes(), "image/jpeg")}),
-                       c.post("/items", files=[("images", ("a.jpg", jpeg_bytes(), "image/jpeg"))],
-                              headers={"Authorization": f"Bearer {TOKEN}"})):
+        for answer in (
+            c.get("/health"),
+            c.post("/search", json={"id": 3, "k": 4}),
+            c.get("/items/3"),
+            c.post("/search", files={"image": ("q.jpg", jpeg_bytes(), "image/jpeg")}),
+            c.post(
+                "/items",
+                files=[("images", ("a.jpg", jpeg_bytes(), "image/jpeg"))],
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            ),
+        ):
             assert answer.status_code == 503
             assert answer.json()["error"].startswith(f"the Milvus store {location} cannot be reached")
         query = tiny_data / "images" / "species_03" / "0001.jpg"

@@ -36,10 +36,19 @@ def test_pretrained_efficientnet_lite_recognises_a_real_photo(variant, native):
     assert set(logits.topk(3).indices[0].tolist()) <= {281, 282, 285, 287}  # all cats
 
 
-@pytest.mark.parametrize("backbone, size", [(None, 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260),
-                                            ("resnet50", 224), ("inception", 224), ("googlenet", 224),
-                                            ("timm:vit_small_patch14_dinov2.lvd142m", 518),
-                                            ("timm:vit_base_patch16_clip_224.openai", 224)])
+@pytest.mark.parametrize(
+    "backbone, size",
+    [
+        (None, 224),
+        ("efficientnet_lite1", 240),
+        ("efficientnet_lite2", 260),
+        ("resnet50", 224),
+        ("inception", 224),
+        ("googlenet", 224),
+        ("timm:vit_small_patch14_dinov2.lvd142m", 518),
+        ("timm:vit_base_patch16_clip_224.openai", 224),
+    ],
+)
 def test_the_default_image_size_is_the_backbones_native_one(backbone, size, tmp_path):
     cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "r"), backbone=backbone)
     assert cfg.image_size is None
@@ -54,8 +63,17 @@ def test_training_records_the_native_size_and_old_configs_keep_theirs(tiny_data,
     from momentum_proxy.training.loop import train
 
     monkeypatch.setitem(BACKBONES, "efficientnet_lite0", replace(BACKBONES["efficientnet_lite0"], image_size=48))
-    cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), backbone="efficientnet_lite0",
-                      pretrained="none", batch_size=8, epochs=1, loader_workers=0, feature_dim=16, final_test=False)
+    cfg = TrainConfig(
+        data=str(tiny_data),
+        out=str(tmp_path / "run"),
+        backbone="efficientnet_lite0",
+        pretrained="none",
+        batch_size=8,
+        epochs=1,
+        loader_workers=0,
+        feature_dim=16,
+        final_test=False,
+    )
     train(cfg)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["image_size"] == 48
     assert TorchEmbedder(tmp_path / "run", "cpu").image_size == 48
@@ -64,8 +82,10 @@ def test_training_records_the_native_size_and_old_configs_keep_theirs(tiny_data,
     assert RunDir(tmp_path / "run").config().image_size == 224
 
 
-HUB_VITS = {"timm:vit_small_patch14_dinov2.lvd142m": (56, 384, IMAGENET_MEAN),
-            "timm:vit_base_patch16_clip_224.openai": (64, 768, OPENAI_CLIP_MEAN)}
+HUB_VITS = {
+    "timm:vit_small_patch14_dinov2.lvd142m": (56, 384, IMAGENET_MEAN),
+    "timm:vit_base_patch16_clip_224.openai": (64, 768, OPENAI_CLIP_MEAN),
+}
 
 
 @pytest.mark.parametrize("name", HUB_VITS)
@@ -90,8 +110,14 @@ def test_a_timm_weights_file_arrives_through_the_weights_option(tiny_data, tmp_p
 
     source = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=56)
     torch.save(source.state_dict(), tmp_path / "dinov2.pth")
-    cfg = TrainConfig(data=str(tiny_data), out="", backbone="timm:vit_small_patch14_dinov2.lvd142m",
-                      weights=str(tmp_path / "dinov2.pth"), image_size=56, feature_dim=16)
+    cfg = TrainConfig(
+        data=str(tiny_data),
+        out="",
+        backbone="timm:vit_small_patch14_dinov2.lvd142m",
+        weights=str(tmp_path / "dinov2.pth"),
+        image_size=56,
+        feature_dim=16,
+    )
     model, _ = build(cfg, num_classes=4)
     got = model.backbone.state_dict()
     for key in ("pos_embed", "patch_embed.proj.weight", "blocks.11.mlp.fc2.weight", "norm.bias"):
@@ -142,8 +168,11 @@ def _standard_checkpoint(name):
     if name == "googlenet":
         return torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True).state_dict()
     # bn_inception-52deb4733.pth, written by PyTorch 0.2: batch-norm vectors as (1, C), no num_batches_tracked
-    return {k: v[None] if "_bn." in k else v for k, v in BNInception(num_classes=1000).state_dict().items()
-            if not k.endswith("num_batches_tracked")}
+    return {
+        k: v[None] if "_bn." in k else v
+        for k, v in BNInception(num_classes=1000).state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
 
 
 def test_bn_inception_is_pretrainedmodels_port_tensor_for_tensor():
@@ -167,11 +196,14 @@ def test_bn_inception_is_pretrainedmodels_port_tensor_for_tensor():
             assert torch.equal(ours(x), port.features(x))
 
 
-@pytest.mark.parametrize("name,ckpt_key,backbone_key", [
-    ("resnet50", "layer1.0.conv1.weight", "4.0.conv1.weight"),
-    ("googlenet", "inception3a.branch1.conv.weight", "5.branch1.conv.weight"),
-    ("inception", "inception_3a_1x1.weight", "model.inception_3a_1x1.weight"),
-])
+@pytest.mark.parametrize(
+    "name,ckpt_key,backbone_key",
+    [
+        ("resnet50", "layer1.0.conv1.weight", "4.0.conv1.weight"),
+        ("googlenet", "inception3a.branch1.conv.weight", "5.branch1.conv.weight"),
+        ("inception", "inception_3a_1x1.weight", "model.inception_3a_1x1.weight"),
+    ],
+)
 def test_weights_file_loads_back(tmp_path, name, ckpt_key, backbone_key):
     sd = _standard_checkpoint(name)
     path = tmp_path / f"{name}.pth"

@@ -1,4 +1,5 @@
 """Dataset preparation from tiny archives written in the official layouts."""
+
 from __future__ import annotations
 
 import hashlib
@@ -191,8 +192,12 @@ def write_cars(src: Path, annos: list[tuple]) -> None:
     """cars_annos.mat as in the release: 1xN struct `annotations` (1x1 numeric fields), 1x196 cell `class_names`."""
     arr = np.zeros((1, len(annos)), dtype=[(f, "O") for f in CAR_FIELDS])
     for i, (path, x1, y1, x2, y2, cls, test) in enumerate(annos):
-        arr[0, i] = (path, *(np.array([[v]], dtype=np.uint16) for v in (x1, y1, x2, y2)),
-                     np.array([[cls]], dtype=np.uint8), np.array([[test]], dtype=np.uint8))
+        arr[0, i] = (
+            path,
+            *(np.array([[v]], dtype=np.uint16) for v in (x1, y1, x2, y2)),
+            np.array([[cls]], dtype=np.uint8),
+            np.array([[test]], dtype=np.uint8),
+        )
     names = np.empty((1, 196), dtype=object)
     names[0, :] = [f"Car Model {i} 2012" for i in range(1, 197)]
     src.mkdir(parents=True, exist_ok=True)
@@ -303,8 +308,11 @@ def test_cub_errors(cub, tmp_path):
 @pytest.fixture
 def sop(tmp_path) -> Path:
     src = tmp_path / "Stanford_Online_Products"
-    train = [(1, 1, 1, "bicycle_final/111085122871_0.JPG"), (2, 1, 1, "bicycle_final/111085122871_1.JPG"),
-             (3, 2, 2, "cabinet_final/1110_0.JPG")]
+    train = [
+        (1, 1, 1, "bicycle_final/111085122871_0.JPG"),
+        (2, 1, 1, "bicycle_final/111085122871_1.JPG"),
+        (3, 2, 2, "cabinet_final/1110_0.JPG"),
+    ]
     test = [(4, 11319, 1, "bicycle_final/2220_0.JPG"), (5, 11320, 12, "toaster_final/3330_0.JPG")]
     for name, rows in (("train", train), ("test", test)):
         lines = ["image_id class_id super_class_id path"] + [" ".join(map(str, r)) for r in rows]
@@ -382,9 +390,16 @@ def test_isc_errors(tmp_path):
         prepare_isc(src, tmp_path / "out")
 
 
-@pytest.mark.parametrize("kind,expected", [("folder", "no class sub-folders"), ("car", "cars_annos.mat"),
-                                           ("cub", "images.txt"), ("sop", "Ebay_train.txt"),
-                                           ("isc", "list_eval_partition.txt")])
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        ("folder", "no class sub-folders"),
+        ("car", "cars_annos.mat"),
+        ("cub", "images.txt"),
+        ("sop", "Ebay_train.txt"),
+        ("isc", "list_eval_partition.txt"),
+    ],
+)
 def test_cli_dispatches_each_kind_to_its_preparer(kind, expected, tmp_path, capsys):
     from momentum_proxy.cli import main
 
@@ -414,8 +429,14 @@ def test_folder_carves_seeded_val_classes_out_of_train(ten_classes, tmp_path):
     assert not (classes["val"] & classes["train"]) and not (classes["val"] & classes["test"])
     again = read_manifest(prepare_folder(ten_classes, tmp_path / "b"))
     assert again.equals(df)  # seeded
-    picks = {frozenset(read_manifest(prepare_folder(ten_classes, tmp_path / f"s{seed}", val_seed=seed))
-                       .query("split == 'val'")["class_name"]) for seed in range(6)}
+    picks = {
+        frozenset(
+            read_manifest(prepare_folder(ten_classes, tmp_path / f"s{seed}", val_seed=seed)).query("split == 'val'")[
+                "class_name"
+            ]
+        )
+        for seed in range(6)
+    }
     assert len(picks) > 1  # the seed decides which classes
     assert read_manifest(prepare_folder(ten_classes, tmp_path / "c", val_classes=3))["split"].value_counts()["val"] == 6
     assert "val" not in set(read_manifest(prepare_folder(ten_classes, tmp_path / "d", val_classes=0))["split"])
@@ -458,8 +479,9 @@ def test_small_data_is_warned_about_in_one_line_each_and_recorded(tmp_path, caps
     out = prepare_folder(src, tmp_path / "p")
     err = [line for line in capsys.readouterr().err.splitlines() if "mproxy:" in line]  # not the progress bar
     assert all(line.startswith("mproxy: warning: ") for line in err)
-    assert any("1 test class(es) have a single image (class_07)" in line and "left out of the metrics" in line
-               for line in err)
+    assert any(
+        "1 test class(es) have a single image (class_07)" in line and "left out of the metrics" in line for line in err
+    )
     assert any("only 4 classes are left to train (2 went to val)" in line for line in err)
     warnings = report(out)["warnings"]
     assert len(warnings) == len(err) == 3  # the lone test class, the lone train class (unless carved to val), few

@@ -1,5 +1,6 @@
 """Re-ranking (retrieval/rerank.py): each method against a brute-force reference written from its definition,
 leave-one-out without leaks, the index's neighbour lists kept up to date, and the command line."""
+
 import itertools
 import json
 
@@ -92,16 +93,20 @@ def ref_kreciprocal(q, x, k1, k2, lam):
     for g in range(n):
         vg = v_expanded(g)
         keys = vq.keys() | vg.keys()
-        jaccard = 1 - sum(min(vq.get(b, 0), vg.get(b, 0)) for b in keys) / sum(max(vq.get(b, 0), vg.get(b, 0))
-                                                                                for b in keys)
+        jaccard = 1 - sum(min(vq.get(b, 0), vg.get(b, 0)) for b in keys) / sum(
+            max(vq.get(b, 0), vg.get(b, 0)) for b in keys
+        )
         scores.append((1 - lam) * (1 - jaccard) + lam * s[g])
     return np.array(scores)
 
 
-REFERENCES = {"aqe": lambda q, x, r: ref_aqe(q, x, r.k, r.alpha), "dba": lambda q, x, r: ref_dba(q, x, r.k, r.alpha),
-              "dba+aqe": lambda q, x, r: ref_dba_aqe(q, x, r.k, r.alpha),
-              "kreciprocal": lambda q, x, r: ref_kreciprocal(q, x, r.k, r.k2, r.lam),
-              "none": lambda q, x, r: x @ q}
+REFERENCES = {
+    "aqe": lambda q, x, r: ref_aqe(q, x, r.k, r.alpha),
+    "dba": lambda q, x, r: ref_dba(q, x, r.k, r.alpha),
+    "dba+aqe": lambda q, x, r: ref_dba_aqe(q, x, r.k, r.alpha),
+    "kreciprocal": lambda q, x, r: ref_kreciprocal(q, x, r.k, r.k2, r.lam),
+    "none": lambda q, x, r: x @ q,
+}
 
 
 def assert_matches(reference, scores, idx):
@@ -119,11 +124,17 @@ def dyadic_vectors():
     return np.array(axes + halves, np.float32)
 
 
-SETTINGS = [Rerank("aqe", k=3, alpha=0, keep=0), Rerank("aqe", k=2, alpha=3, keep=0),
-            Rerank("dba", k=3, alpha=0, keep=0), Rerank("dba", k=2, alpha=2, keep=0),
-            Rerank("dba+aqe", k=3, alpha=1, keep=0),
-            Rerank("kreciprocal", k=4, k2=3, lam=0.3, keep=0), Rerank("kreciprocal", k=3, k2=1, lam=0, keep=0),
-            Rerank("kreciprocal", k=6, k2=4, lam=0.5, keep=0), Rerank("none")]  # each method alone (keep 0)
+SETTINGS = [
+    Rerank("aqe", k=3, alpha=0, keep=0),
+    Rerank("aqe", k=2, alpha=3, keep=0),
+    Rerank("dba", k=3, alpha=0, keep=0),
+    Rerank("dba", k=2, alpha=2, keep=0),
+    Rerank("dba+aqe", k=3, alpha=1, keep=0),
+    Rerank("kreciprocal", k=4, k2=3, lam=0.3, keep=0),
+    Rerank("kreciprocal", k=3, k2=1, lam=0, keep=0),
+    Rerank("kreciprocal", k=6, k2=4, lam=0.5, keep=0),
+    Rerank("none"),
+]  # each method alone (keep 0)
 
 
 @pytest.mark.parametrize("rerank", SETTINGS, ids=str)
@@ -136,9 +147,16 @@ def test_each_method_matches_its_definition_with_ties_and_duplicates(rerank):
         assert_matches(REFERENCES[rerank.method](q, gallery.astype(np.float64), rerank), s, i)
 
 
-@pytest.mark.parametrize("rerank", [Rerank("aqe", k=9, keep=0), Rerank("dba", k=9, keep=0),
-                                    Rerank("dba+aqe", k=20, keep=0), Rerank("kreciprocal", k=12, k2=9, keep=0)],
-                         ids=str)
+@pytest.mark.parametrize(
+    "rerank",
+    [
+        Rerank("aqe", k=9, keep=0),
+        Rerank("dba", k=9, keep=0),
+        Rerank("dba+aqe", k=20, keep=0),
+        Rerank("kreciprocal", k=12, k2=9, keep=0),
+    ],
+    ids=str,
+)
 def test_k_larger_than_the_collection_takes_every_item(rerank):
     rng = np.random.default_rng(1)
     gallery, queries = rng.normal(size=(5, 6)), rng.normal(size=(2, 6))
@@ -161,8 +179,8 @@ def test_keep_puts_the_plain_cosine_hits_first_and_reranks_the_rest(method, keep
     plain = knn(queries, gallery, min(keep, 6))[1]
     for row in range(len(queries)):
         first = list(plain[row])
-        assert list(idx[row][:len(first)]) == first
-        assert list(idx[row][len(first):]) == [i for i in pure_idx[row] if i not in first][:6 - len(first)]
+        assert list(idx[row][: len(first)]) == first
+        assert list(idx[row][len(first) :]) == [i for i in pure_idx[row] if i not in first][: 6 - len(first)]
         by_item = dict(zip(pure_idx[row], pure_scores[row]))  # every hit keeps its re-ranked score
         np.testing.assert_allclose(scores[row], [by_item[i] for i in idx[row]], atol=1e-6)
 
@@ -182,15 +200,23 @@ def unit_rows(n, d=8, seed=0):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("rerank", [Rerank("aqe", k=3), Rerank("dba", k=3), Rerank("dba+aqe", k=2),
-                                    Rerank("kreciprocal", k=3, k2=2), Rerank("kreciprocal", k=5, k2=4, lam=0.2)],
-                         ids=str)
+@pytest.mark.parametrize(
+    "rerank",
+    [
+        Rerank("aqe", k=3),
+        Rerank("dba", k=3),
+        Rerank("dba+aqe", k=2),
+        Rerank("kreciprocal", k=3, k2=2),
+        Rerank("kreciprocal", k=5, k2=4, lam=0.2),
+    ],
+    ids=str,
+)
 def test_leave_one_out_scores_do_not_change_when_the_query_enters_the_collection(rerank):
     x = unit_rows(40)
     loo_scores, loo_idx = rerank_knn(x, x, 39, rerank, exclude_self=True)
     for i in range(40):
         others = np.delete(np.arange(40), i)
-        alone_scores, alone_idx = rerank_knn(x[i:i + 1], x[others], 39, rerank)  # the collection without i
+        alone_scores, alone_idx = rerank_knn(x[i : i + 1], x[others], 39, rerank)  # the collection without i
         assert list(others[alone_idx[0]]) == list(loo_idx[i])
         np.testing.assert_allclose(loo_scores[i], alone_scores[0], atol=1e-6)
     if rerank.method != "aqe":  # the database side over all 40 items (the query inside) would score otherwise
@@ -249,8 +275,10 @@ def test_lists_saved_before_attachments_are_read_and_moved_on_the_next_save(tmp_
     meta = read_json(folder / "meta.json")  # as the previous version wrote it
     record = meta.pop("attachments")["neighbours"]
     (folder / record["file"]).rename(folder / "neighbours-0123456789abcdef.npz")
-    write_json(folder / "meta.json", {**meta, "neighbours_file": "neighbours-0123456789abcdef.npz",
-                                      "neighbours_sha256": record["sha256"]})
+    write_json(
+        folder / "meta.json",
+        {**meta, "neighbours_file": "neighbours-0123456789abcdef.npz", "neighbours_sha256": record["sha256"]},
+    )
     old = FaissStore.load(folder)
     assert kept_size(old) == 3
     old.save(folder)
@@ -258,16 +286,19 @@ def test_lists_saved_before_attachments_are_read_and_moved_on_the_next_save(tmp_
 
 
 # ----------------------------------------------------------------------------------- parameters and command line
-@pytest.mark.parametrize("kwargs, message", [
-    ({"method": "qe"}, "unknown re-ranking 'qe'; choose from none, aqe, dba, dba+aqe, kreciprocal"),
-    ({"method": "dba", "k": 0}, "--rerank-k must be a whole number from 1 to 1000, got 0"),
-    ({"method": "aqe", "alpha": -1.0}, "--rerank-alpha must be a number from 0 to 100, got -1.0"),
-    ({"method": "kreciprocal", "lam": 1.5}, "--rerank-lambda must be a number from 0 to 1, got 1.5"),
-    ({"method": "aqe", "lam": 0.3}, "--rerank-lambda does not apply to --rerank aqe (only to kreciprocal)"),
-    ({"method": "none", "k": 3}, "--rerank-k does not apply to --rerank none"),
-    ({"method": "dba", "keep": -1}, "--rerank-keep must be a whole number from 0 to 1000, got -1"),
-    ({"method": "dba", "keep": 1.5}, "--rerank-keep must be a whole number from 0 to 1000, got 1.5"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"method": "qe"}, "unknown re-ranking 'qe'; choose from none, aqe, dba, dba+aqe, kreciprocal"),
+        ({"method": "dba", "k": 0}, "--rerank-k must be a whole number from 1 to 1000, got 0"),
+        ({"method": "aqe", "alpha": -1.0}, "--rerank-alpha must be a number from 0 to 100, got -1.0"),
+        ({"method": "kreciprocal", "lam": 1.5}, "--rerank-lambda must be a number from 0 to 1, got 1.5"),
+        ({"method": "aqe", "lam": 0.3}, "--rerank-lambda does not apply to --rerank aqe (only to kreciprocal)"),
+        ({"method": "none", "k": 3}, "--rerank-k does not apply to --rerank none"),
+        ({"method": "dba", "keep": -1}, "--rerank-keep must be a whole number from 0 to 1000, got -1"),
+        ({"method": "dba", "keep": 1.5}, "--rerank-keep must be a whole number from 0 to 1000, got 1.5"),
+    ],
+)
 def test_bad_parameters_are_refused_in_words(kwargs, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
         Rerank(**kwargs)
@@ -281,18 +312,28 @@ def test_command_line_refuses_bad_rerank_options_in_one_line_before_torch_is_imp
     image = tmp_path / "q.jpg"
     image.write_bytes(b"not read")
     (tmp_path / "meta.json").write_text("{}")  # passes the cheap path check; never read
-    cases = [(["evaluate", "--embeddings", tmp_path / "e.npz", "--rerank", "qe"], "unknown re-ranking 'qe'"),
-             (["evaluate", tiny_run, "--rerank", "dba", "--rerank-k", "0"], "--rerank-k must be a whole number"),
-             (["retrieve", tiny_run, "--query", image, "--rerank", "aqe", "--rerank-lambda", "0.5"],
-              "--rerank-lambda does not apply"),
-             (["serve", tmp_path, "--rerank", "kreciprocal", "--rerank-alpha", "1"], "--rerank-alpha does not apply")]
-    code = ("import contextlib, io, json, sys\nfrom momentum_proxy.cli import main\nresults = []\n"
-            "for argv in json.loads(sys.argv[1]):\n    err = io.StringIO()\n"
-            "    with contextlib.redirect_stderr(err):\n        try:\n            main(argv)\n"
-            "        except SystemExit as e:\n            results.append([e.code, err.getvalue()])\n"
-            "print(json.dumps({'results': results, 'torch': 'torch' in sys.modules}))")
-    res = subprocess.run([sys.executable, "-c", code, json.dumps([[str(a) for a in argv] for argv, _ in cases])],
-                         capture_output=True, text=True, timeout=120)
+    cases = [
+        (["evaluate", "--embeddings", tmp_path / "e.npz", "--rerank", "qe"], "unknown re-ranking 'qe'"),
+        (["evaluate", tiny_run, "--rerank", "dba", "--rerank-k", "0"], "--rerank-k must be a whole number"),
+        (
+            ["retrieve", tiny_run, "--query", image, "--rerank", "aqe", "--rerank-lambda", "0.5"],
+            "--rerank-lambda does not apply",
+        ),
+        (["serve", tmp_path, "--rerank", "kreciprocal", "--rerank-alpha", "1"], "--rerank-alpha does not apply"),
+    ]
+    code = (
+        "import contextlib, io, json, sys\nfrom momentum_proxy.cli import main\nresults = []\n"
+        "for argv in json.loads(sys.argv[1]):\n    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n        try:\n            main(argv)\n"
+        "        except SystemExit as e:\n            results.append([e.code, err.getvalue()])\n"
+        "print(json.dumps({'results': results, 'torch': 'torch' in sys.modules}))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([[str(a) for a in argv] for argv, _ in cases])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     report = json.loads(res.stdout)
     assert report["torch"] is False and len(report["results"]) == len(cases)
     for (argv, message), (status, err) in zip(cases, report["results"]):
@@ -302,9 +343,28 @@ def test_command_line_refuses_bad_rerank_options_in_one_line_before_torch_is_imp
 def test_evaluate_embeddings_with_rerank_scores_each_query_without_itself(tmp_path, capsys):
     x, labels = unit_rows(24, seed=5), np.repeat(np.arange(6), 4)
     np.savez(tmp_path / "e.npz", features=x, labels=labels)
-    code, out, err = run_cli(["evaluate", "--embeddings", tmp_path / "e.npz", "--rerank", "dba", "--rerank-k", "2",
-                              "--rerank-alpha", "1", "--rerank-keep", "0", "--metrics", "recall", "--recalls", "1",
-                              "--out", tmp_path / "r.json"], capsys)
+    code, out, err = run_cli(
+        [
+            "evaluate",
+            "--embeddings",
+            tmp_path / "e.npz",
+            "--rerank",
+            "dba",
+            "--rerank-k",
+            "2",
+            "--rerank-alpha",
+            "1",
+            "--rerank-keep",
+            "0",
+            "--metrics",
+            "recall",
+            "--recalls",
+            "1",
+            "--out",
+            tmp_path / "r.json",
+        ],
+        capsys,
+    )
     assert code == 0, err
     hits = []
     for i in range(24):  # the reference: DBA over the other 23 items only, straight from the definition
@@ -316,9 +376,27 @@ def test_evaluate_embeddings_with_rerank_scores_each_query_without_itself(tmp_pa
 
 
 def test_evaluate_run_on_val_with_rerank(tiny_run, tiny_data, tmp_path, capsys):
-    code, out, err = run_cli(["evaluate", tiny_run, "--split", "val", "--rerank", "aqe", "--rerank-k", "2",
-                              "--metrics", "recall,map@r", "--device", "cpu", "--tta", "none", "--out",
-                              tmp_path / "e.json"], capsys)  # tta none: the reference below embeds without it
+    code, out, err = run_cli(
+        [
+            "evaluate",
+            tiny_run,
+            "--split",
+            "val",
+            "--rerank",
+            "aqe",
+            "--rerank-k",
+            "2",
+            "--metrics",
+            "recall,map@r",
+            "--device",
+            "cpu",
+            "--tta",
+            "none",
+            "--out",
+            tmp_path / "e.json",
+        ],
+        capsys,
+    )  # tta none: the reference below embeds without it
     assert code == 0, err
     summary = json.loads((tmp_path / "e.json").read_text())
     assert summary["split"] == "val" and summary["queries"] == 16 and "test" not in summary
@@ -327,8 +405,9 @@ def test_evaluate_run_on_val_with_rerank(tiny_run, tiny_data, tmp_path, capsys):
     frame = split_frame(read_manifest(tiny_data), "val")
     embedder = TorchEmbedder(tiny_run, "cpu")
     feats = embed_dataset(embedder, eval_dataset(tiny_data, frame, embedder.image_size))
-    expected = evaluate_embeddings(feats, frame["label"].to_numpy(), metrics=["recall", "map@r"],
-                                   rerank=Rerank("aqe", k=2))
+    expected = evaluate_embeddings(
+        feats, frame["label"].to_numpy(), metrics=["recall", "map@r"], rerank=Rerank("aqe", k=2)
+    )
     assert summary["val"] == pytest.approx(expected)
 
 
@@ -342,15 +421,35 @@ def rerank_index(tiny_run, tiny_data, tmp_path_factory):
     return idx
 
 
-def test_retrieve_from_an_index_with_rerank_leaves_the_query_out_of_the_database_side(rerank_index, tiny_data,
-                                                                                      tmp_path, capsys):
+def test_retrieve_from_an_index_with_rerank_leaves_the_query_out_of_the_database_side(
+    rerank_index, tiny_data, tmp_path, capsys
+):
     store = FaissStore.load(rerank_index)
     assert kept_size(store) == 6 and len(list(rerank_index.glob("attachment-neighbours-*.bin"))) == 1
     ids, x = store.live_vectors()
     query = store.item(int(ids[10]))["path"]
-    code, out, err = run_cli(["retrieve", "--index", rerank_index, "--query", query, "-k", "5", "--rerank",
-                              "kreciprocal", "--rerank-k", "3", "--rerank-keep", "0", "--out", tmp_path / "o",
-                              "--device", "cpu"], capsys)
+    code, out, err = run_cli(
+        [
+            "retrieve",
+            "--index",
+            rerank_index,
+            "--query",
+            query,
+            "-k",
+            "5",
+            "--rerank",
+            "kreciprocal",
+            "--rerank-k",
+            "3",
+            "--rerank-keep",
+            "0",
+            "--out",
+            tmp_path / "o",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "re-ranked by kreciprocal (k 3, k2 6, lambda 0.3, keep 0)" in out
     results = json.loads((tmp_path / "o" / "results.json").read_text())
@@ -391,8 +490,9 @@ def test_the_service_reranks_reports_its_cost_and_keeps_requests_within_its_list
         assert other.status_code == 200 and other.json()["rerank"]["k2"] == 6
         too_long = client.post("/search", json={"id": int(ids[3]), "rerank": "dba", "rerank_k": 9})
         assert too_long.status_code == 422
-        assert too_long.json()["error"].startswith("re-ranking dba (k 9, alpha 0, keep 0) needs 9 neighbours per item; "
-                                                   "this server keeps 8")
+        assert too_long.json()["error"].startswith(
+            "re-ranking dba (k 9, alpha 0, keep 0) needs 9 neighbours per item; this server keeps 8"
+        )
         bad = client.post("/search", json={"id": int(ids[3]), "rerank": "qe"})
         assert bad.status_code == 422 and bad.json()["error"].startswith("unknown re-ranking 'qe'")
 
@@ -402,27 +502,35 @@ def test_the_default_reranking_stops_above_its_limit_and_says_so_in_one_line(cap
     default = Rerank("dba+aqe", up_to=100)
     assert default.for_collection(100) is default and capsys.readouterr().err == ""
     assert default.for_collection(101) == Rerank()
-    assert capsys.readouterr().err == ("mproxy: note: searching without re-ranking: 101 items, more than the 100 that "
-                                       "the default re-ranking (dba+aqe) is used for (its neighbour lists cost O(N²) "
-                                       "to compute); --rerank dba+aqe asks for it anyway\n")
+    assert capsys.readouterr().err == (
+        "mproxy: note: searching without re-ranking: 101 items, more than the 100 that "
+        "the default re-ranking (dba+aqe) is used for (its neighbour lists cost O(N²) "
+        "to compute); --rerank dba+aqe asks for it anyway\n"
+    )
     asked = Rerank("dba+aqe")  # an explicit --rerank has no limit
     assert asked.for_collection(10**7) is asked and capsys.readouterr().err == ""
 
 
-def test_index_says_at_build_time_that_the_default_reranking_is_off(tiny_run, tiny_data, tmp_path, capsys,
-                                                                    monkeypatch):
+def test_index_says_at_build_time_that_the_default_reranking_is_off(tiny_run, tiny_data, tmp_path, capsys, monkeypatch):
     import momentum_proxy.cli as cli
 
     for limit, folder in ((63, tmp_path / "off"), (64, tmp_path / "on")):  # 64 images
         monkeypatch.setattr(cli, "DEFAULT_RERANK_MAX_ITEMS", limit)
-        code, out, err = run_cli(["index", tiny_run, "--images", tiny_data, "--out", folder, "--tta", "none",
-                                  "--device", "cpu"], capsys)
+        code, out, err = run_cli(
+            ["index", tiny_run, "--images", tiny_data, "--out", folder, "--tta", "none", "--device", "cpu"], capsys
+        )
         assert code == 0, err
         notes = [line for line in err.splitlines() if "re-ranking" in line]
         lists = list(folder.glob("attachment-neighbours-*.bin"))
         if limit == 63:
-            assert notes == ["mproxy: note: re-ranking is off for this index: 64 items, more than the 63 that the "
-                             "default re-ranking (dba) is used for (its neighbour lists cost O(N²) to compute); "
-                             "searches are plain cosine unless they ask for --rerank dba"] and not lists
+            assert (
+                notes
+                == [
+                    "mproxy: note: re-ranking is off for this index: 64 items, more than the 63 that the "
+                    "default re-ranking (dba) is used for (its neighbour lists cost O(N²) to compute); "
+                    "searches are plain cosine unless they ask for --rerank dba"
+                ]
+                and not lists
+            )
         else:
             assert notes == [] and len(lists) == 1 and kept_size(FaissStore.load(folder)) == 6

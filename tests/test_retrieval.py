@@ -1,4 +1,5 @@
 """Index folders that never surprise: any working directory, moved images, duplicates, stale models, bad --out."""
+
 import json
 import os
 import re
@@ -40,8 +41,7 @@ def test_index_works_from_any_directory_and_reports_moved_images(tiny_run, image
     # move one result's image away: the retrieval still works and reports it
     moved = first["results"][0]["path"]
     shutil.move(moved, tmp_path / "moved.jpg")
-    code, _, err = run_cli(["retrieve", "--index", tmp_path / "idx", "--query", query, "-k", 3, "--out", "r2"],
-                           capsys)
+    code, _, err = run_cli(["retrieve", "--index", tmp_path / "idx", "--query", query, "-k", 3, "--out", "r2"], capsys)
     assert code == 0
     assert err.count("\n") == 1 and "1 of 3 result images are missing" in err and moved in err
     results = json.loads((elsewhere / "r2" / "results.json").read_text())["results"]
@@ -135,8 +135,9 @@ def test_an_index_of_another_run_is_never_offered_a_rebuild(tiny_data, images, t
 
 
 def test_output_path_checked_before_embedding(tiny_run, images, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("momentum_proxy.retrieval.build.load_embedder",
-                        lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(
+        "momentum_proxy.retrieval.build.load_embedder", lambda *a, **k: pytest.fail("the model was loaded")
+    )
     a_file = tmp_path / "index.txt"
     a_file.write_text("x")
     for out in (a_file, a_file / "sub"):
@@ -162,8 +163,9 @@ def test_retrieve_checks_the_run_against_the_index_and_records_both(tiny_data, t
     other = make_run(tmp_path / "other", tiny_data, seed=7)
     code, _, err = run_cli(["retrieve", other, "--index", idx, "--query", query, "--out", tmp_path / "o"], capsys)
     assert code == 2 and f"not by {other.resolve()}" in err and "--rebuild" not in err
-    code, _, err = run_cli(["retrieve", tiny_run, "--index", idx, "--query", query, "-k", 4, "--out", tmp_path / "q"],
-                           capsys)
+    code, _, err = run_cli(
+        ["retrieve", tiny_run, "--index", idx, "--query", query, "-k", 4, "--out", tmp_path / "q"], capsys
+    )
     assert code == 0, err
     res = json.loads((tmp_path / "q" / "results.json").read_text())
     meta = json.loads((idx / META_FILE).read_text())
@@ -190,41 +192,49 @@ def test_a_folder_of_class_folders_is_indexed_with_its_class_names(tiny_run, ima
     assert sorted(index.classes.values()) == ["species_03", "species_04"]
     assert all(index.item(i)["class_name"] == Path(index.paths[i]).parent.name for i in range(index.ntotal))
     query = images / "species_03" / "0001.jpg"
-    code, out, _ = run_cli(["retrieve", "--index", tmp_path / "idx", "--query", query, "-k", 15,
-                            "--out", tmp_path / "r"], capsys)
+    code, out, _ = run_cli(
+        ["retrieve", "--index", tmp_path / "idx", "--query", query, "-k", 15, "--out", tmp_path / "r"], capsys
+    )
     rows = [line for line in out.splitlines() if line.startswith("#")]
     assert len(rows) == 15 and all(("species_03" in r) == r.endswith("  same class") for r in rows)
     assert all(r.endswith(("  same class", "  other class")) for r in rows)
 
 
 def test_labels_none_or_from_a_csv_and_unknown_classes_print_as_a_dash(tiny_run, images, tmp_path, capsys):
-    code, _, err = run_cli(["index", tiny_run, "--images", images, "--out", tmp_path / "plain", "--labels", "none"],
-                           capsys)
+    code, _, err = run_cli(
+        ["index", tiny_run, "--images", images, "--out", tmp_path / "plain", "--labels", "none"], capsys
+    )
     assert code == 0, err
     assert FaissStore.load(tmp_path / "plain").labels is None
     query = images / "species_03" / "0001.jpg"
-    code, out, _ = run_cli(["retrieve", "--index", tmp_path / "plain", "--query", query, "-k", 3,
-                            "--out", tmp_path / "r"], capsys)
+    code, out, _ = run_cli(
+        ["retrieve", "--index", tmp_path / "plain", "--query", query, "-k", 3, "--out", tmp_path / "r"], capsys
+    )
     rows = [line for line in out.splitlines() if line.startswith("#")]
     columns = [re.fullmatch(r"#\d+ +(\d\.\d{3})(?: \(re-ranked \d\.\d{3}\))?  (\S+)  .*", line) for line in rows]
     assert len(rows) == 3 and all(c and c[2] == "-" for c in columns) and "None" not in out
     csv_file = tmp_path / "classes.csv"
     csv_file.write_text("path,class_name\nspecies_03/0001.jpg,iris\n" + f"{images / 'species_04' / '0002.jpg'},rose\n")
-    code, _, err = run_cli(["index", tiny_run, "--images", images, "--out", tmp_path / "csv", "--labels", csv_file],
-                           capsys)
+    code, _, err = run_cli(
+        ["index", tiny_run, "--images", images, "--out", tmp_path / "csv", "--labels", csv_file], capsys
+    )
     assert code == 0, err
     index = FaissStore.load(tmp_path / "csv")
-    named = {Path(index.paths[i]).relative_to(images).as_posix(): index.item(i)["class_name"]
-             for i in range(index.ntotal)}
+    named = {
+        Path(index.paths[i]).relative_to(images).as_posix(): index.item(i)["class_name"] for i in range(index.ntotal)
+    }
     assert named.pop("species_03/0001.jpg") == "iris" and named.pop("species_04/0002.jpg") == "rose"
     assert set(named.values()) == {None}
 
 
 def test_bad_labels_are_one_line(tiny_run, images, tmp_path, capsys):
-    for labels, message in [("colours", "--labels must be auto, none, folders or a CSV file"),
-                            (__file__, "expected 'path,class_name'")]:
-        code, _, err = run_cli(["index", tiny_run, "--images", images, "--out", tmp_path / "idx", "--labels", labels],
-                               capsys)
+    for labels, message in [
+        ("colours", "--labels must be auto, none, folders or a CSV file"),
+        (__file__, "expected 'path,class_name'"),
+    ]:
+        code, _, err = run_cli(
+            ["index", tiny_run, "--images", images, "--out", tmp_path / "idx", "--labels", labels], capsys
+        )
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
 
@@ -245,8 +255,9 @@ def test_a_large_k_caps_the_picture_not_the_ranked_list(tiny_run, tiny_data, tmp
 
     build_index(tiny_run, tiny_data, tmp_path / "idx")
     query = tiny_data / "images" / "species_01" / "0003.jpg"
-    code, out, err = run_cli(["retrieve", "--index", tmp_path / "idx", "--query", query, "-k", 60,
-                              "--out", tmp_path / "r"], capsys)
+    code, out, err = run_cli(
+        ["retrieve", "--index", tmp_path / "idx", "--query", query, "-k", 60, "--out", tmp_path / "r"], capsys
+    )
     assert code == 0, err
     assert sum(line.startswith("#") for line in out.splitlines()) == 60 > MAX_DRAWN
     assert len(json.loads((tmp_path / "r" / "results.json").read_text())["results"]) == 60
@@ -256,16 +267,31 @@ def test_a_large_k_caps_the_picture_not_the_ranked_list(tiny_run, tiny_data, tmp
 
 
 @pytest.mark.parametrize("rerank", ["none", "dba+aqe"])
-def test_a_query_with_the_bytes_of_an_indexed_image_is_left_out_like_its_path(tiny_run, images, tmp_path, capsys,
-                                                                               rerank):
+def test_a_query_with_the_bytes_of_an_indexed_image_is_left_out_like_its_path(
+    tiny_run, images, tmp_path, capsys, rerank
+):
     build_index(tiny_run, images, tmp_path / "idx")
     original = images / "species_04" / "0002.jpg"
     query = tmp_path / "copy.jpg"
     shutil.copy(original, query)  # another path, the same bytes
     results = {}
     for name, q in (("path", original), ("copy", query)):
-        code, out, err = run_cli(["retrieve", "--index", tmp_path / "idx", "--query", q, "-k", 15, "--rerank", rerank,
-                                  "--out", tmp_path / name], capsys)
+        code, out, err = run_cli(
+            [
+                "retrieve",
+                "--index",
+                tmp_path / "idx",
+                "--query",
+                q,
+                "-k",
+                15,
+                "--rerank",
+                rerank,
+                "--out",
+                tmp_path / name,
+            ],
+            capsys,
+        )
         assert code == 0, err
         results[name] = json.loads((tmp_path / name / "results.json").read_text())
     assert results["copy"]["results"] == results["path"]["results"]  # left out alike: 15 others, same order
@@ -275,8 +301,9 @@ def test_a_query_with_the_bytes_of_an_indexed_image_is_left_out_like_its_path(ti
         assert -1 <= r["score"] <= 1 and (r["rerank_score"] is None) == (rerank == "none") and not r["same_image"]
 
 
-def test_retrieve_from_an_index_writes_to_out_never_into_the_index_and_replaces_nothing(tiny_run, images, tmp_path,
-                                                                                        monkeypatch, capsys):
+def test_retrieve_from_an_index_writes_to_out_never_into_the_index_and_replaces_nothing(
+    tiny_run, images, tmp_path, monkeypatch, capsys
+):
     build_index(tiny_run, images, tmp_path / "idx")
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "idx").rglob("*")}
     monkeypatch.chdir(tmp_path)
@@ -286,7 +313,11 @@ def test_retrieve_from_an_index_writes_to_out_never_into_the_index_and_replaces_
         assert code == 0, err
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "idx").rglob("*")} == before  # files and times unchanged
     assert sorted(p.name for p in (tmp_path / "retrieval").iterdir()) == [
-        "results-2.json", "results.json", "retrieval-2.png", "retrieval.png"]
+        "results-2.json",
+        "results.json",
+        "retrieval-2.png",
+        "retrieval.png",
+    ]
     assert "retrieval picture: retrieval/retrieval-2.png" in out
     code, _, err = run_cli(["retrieve", "--index", "idx", "--query", query, "--out", "idx/pictures"], capsys)
     assert code == 2 and "is inside the index's folder" in err and not (tmp_path / "idx" / "pictures").exists()

@@ -1,6 +1,7 @@
 """`training.loop.reschedule`: a run extended on resume (a larger --epochs) continues on the learning rates of a run
 planned for the new total from the start, also when it resumes exactly at a milestone (unit level: scheduler state
 as a checkpoint holds it, no training)."""
+
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,8 +14,13 @@ from momentum_proxy.training.loop import lr_milestones, make_scheduler, reschedu
 def schedule(kind: str, epochs: int, rounding: str = "round"):
     """An optimizer (two groups, as training's) and its scheduler for a run planned for `epochs`."""
     cfg = SimpleNamespace(schedule=kind, epochs=epochs, milestone_rounding=rounding)
-    optimizer = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": 0.1},
-                                 {"params": [torch.zeros(1, requires_grad=True)], "lr": 0.01}], lr=0.1)
+    optimizer = torch.optim.SGD(
+        [
+            {"params": [torch.zeros(1, requires_grad=True)], "lr": 0.1},
+            {"params": [torch.zeros(1, requires_grad=True)], "lr": 0.01},
+        ],
+        lr=0.1,
+    )
     return cfg, optimizer, make_scheduler(cfg, optimizer)
 
 
@@ -40,21 +46,24 @@ def extended(kind: str, planned: int, total: int, resumed_at: int, rounding: str
     return rates(optimizer, scheduler, resumed_at + 1, total)
 
 
-@pytest.mark.parametrize("kind, planned, total, rounding", [
-    ("multistep", 6, 10, "round"),  # milestones 3, 5 -> 5, 8
-    ("multistep", 7, 12, "floor"),  # 3, 5 -> 6, 9
-    ("cosine", 6, 10, "round"),
-])
-def test_an_extended_run_trains_on_the_rates_of_the_longer_run_from_every_resume_epoch(kind, planned, total,
-                                                                                         rounding):
+@pytest.mark.parametrize(
+    "kind, planned, total, rounding",
+    [
+        ("multistep", 6, 10, "round"),  # milestones 3, 5 -> 5, 8
+        ("multistep", 7, 12, "floor"),  # 3, 5 -> 6, 9
+        ("cosine", 6, 10, "round"),
+    ],
+)
+def test_an_extended_run_trains_on_the_rates_of_the_longer_run_from_every_resume_epoch(kind, planned, total, rounding):
     """Resumed after any epoch of the shorter run (among them each milestone of the new schedule and the epoch
     before it), every later epoch's rate equals the uninterrupted longer run's."""
     _, optimizer, scheduler = schedule(kind, total, rounding)
     straight = rates(optimizer, scheduler, 1, total)
     for resumed_at in range(1, planned):
         got = extended(kind, planned, total, resumed_at, rounding)
-        np.testing.assert_allclose(got, straight[resumed_at:], rtol=1e-12, atol=1e-15,
-                                   err_msg=f"resumed after epoch {resumed_at}")
+        np.testing.assert_allclose(
+            got, straight[resumed_at:], rtol=1e-12, atol=1e-15, err_msg=f"resumed after epoch {resumed_at}"
+        )
 
 
 def test_the_multistep_cases_resume_exactly_at_a_milestone_of_the_new_schedule():

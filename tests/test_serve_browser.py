@@ -1,4 +1,5 @@
 """The web page in headless Chromium (Selenium): upload a photo, see K results, click one, keyboard, phone width."""
+
 import os
 import shutil
 import socket
@@ -12,8 +13,16 @@ from conftest import wait_for
 from PIL import Image
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @contextmanager
@@ -26,8 +35,9 @@ def running_server(index_dir, **options):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(index_dir, **options), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(index_dir, **options), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     assert wait_for(lambda: server.started, thread.is_alive), "the server did not start"
@@ -70,31 +80,47 @@ def search_and_click(driver, url: str, photo: Path, k: int, screenshot: Path, ti
     k_input.send_keys(str(k))
     driver.find_element(By.ID, "file").send_keys(str(photo))
     wait.until(lambda d: "results in" in d.find_element(By.ID, "status").text)
-    first = [(h.get_attribute("data-id"), h.find_element(By.CLASS_NAME, "score").text)
-             for h in driver.find_elements(By.CLASS_NAME, "hit")]
-    first_labels = [(h.find_element(By.CLASS_NAME, "cls").text, h.get_attribute("class"))
-                    for h in driver.find_elements(By.CLASS_NAME, "hit")]
+    first = [
+        (h.get_attribute("data-id"), h.find_element(By.CLASS_NAME, "score").text)
+        for h in driver.find_elements(By.CLASS_NAME, "hit")
+    ]
+    first_labels = [
+        (h.find_element(By.CLASS_NAME, "cls").text, h.get_attribute("class"))
+        for h in driver.find_elements(By.CLASS_NAME, "hit")
+    ]
     target = driver.find_elements(By.CLASS_NAME, "hit")[1]
     target_id = target.get_attribute("data-id")
     target.click()
     wait.until(lambda d: d.find_element(By.ID, "preview-text").text.startswith(f"item {target_id}"))
     wait.until(lambda d: "results in" in d.find_element(By.ID, "status").text)
-    wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
-                             for img in d.find_elements(By.CSS_SELECTOR, ".hit img")))
+    wait.until(
+        lambda d: all(
+            d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
+            for img in d.find_elements(By.CSS_SELECTOR, ".hit img")
+        )
+    )
     hits = driver.find_elements(By.CLASS_NAME, "hit")
-    seen = {"first": first, "first_labels": first_labels, "target": target_id,
-            "second": [h.get_attribute("data-id") for h in hits],
-            "frames": [h.get_attribute("class") for h in hits],
-            "preview": driver.find_element(By.ID, "preview-text").text,
-            "status": driver.find_element(By.ID, "status").text}
+    seen = {
+        "first": first,
+        "first_labels": first_labels,
+        "target": target_id,
+        "second": [h.get_attribute("data-id") for h in hits],
+        "frames": [h.get_attribute("class") for h in hits],
+        "preview": driver.find_element(By.ID, "preview-text").text,
+        "status": driver.find_element(By.ID, "status").text,
+    }
     driver.save_screenshot(str(screenshot))
     return seen
 
 
-@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)), reason=(
-    f"chromium not installed: {CHROMIUM} and {CHROMEDRIVER} are needed "
-    "(apt-get install -y chromium chromium-driver)"))
-@pytest.mark.parametrize("store", ["faiss", "milvus"])
+@pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+    reason=(
+        f"chromium not installed: {CHROMIUM} and {CHROMEDRIVER} are needed "
+        "(apt-get install -y chromium chromium-driver)"
+    ),
+)
+@pytest.mark.parametrize("store", ["faiss", pytest.param("milvus", marks=pytest.mark.slow)])  # the page is the same
 def test_page_search_click_keyboard_phone(tiny_data, tiny_run, tmp_path, store):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -129,7 +155,8 @@ def test_page_search_click_keyboard_phone(tiny_data, tiny_run, tmp_path, store):
         next_id = hit.get_attribute("data-id")
         hit.send_keys(Keys.ENTER)
         WebDriverWait(driver, 60).until(
-            lambda d: d.find_element(By.ID, "preview-text").text.startswith(f"item {next_id}"))
+            lambda d: d.find_element(By.ID, "preview-text").text.startswith(f"item {next_id}")
+        )
         # an error is shown, not swallowed
         bad = tmp_path / "bad.jpg"
         bad.write_bytes(b"not an image at all")
@@ -140,9 +167,13 @@ def test_page_search_click_keyboard_phone(tiny_data, tiny_run, tmp_path, store):
         assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
 
 
-@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)), reason=(
-    f"chromium not installed: {CHROMIUM} and {CHROMEDRIVER} are needed "
-    "(apt-get install -y chromium chromium-driver)"))
+@pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+    reason=(
+        f"chromium not installed: {CHROMIUM} and {CHROMEDRIVER} are needed "
+        "(apt-get install -y chromium chromium-driver)"
+    ),
+)
 def test_page_at_phone_width_wraps_results_and_cuts_nothing(tiny_data, tiny_run, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -153,8 +184,9 @@ def test_page_at_phone_width_wraps_results_and_cuts_nothing(tiny_data, tiny_run,
     shutil.copy(tiny_data / "images" / "species_03" / "0005.jpg", photo)
     with running_server(tmp_path / "idx") as url, chromium(tmp_path / "profile") as driver:
         # a phone's viewport (a headless window cannot be made narrower than 500 px)
-        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                               {"width": 360, "height": 780, "deviceScaleFactor": 2, "mobile": True})
+        driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride", {"width": 360, "height": 780, "deviceScaleFactor": 2, "mobile": True}
+        )
         search_and_click(driver, url, photo, 6, tmp_path / "phone.png")
         assert driver.execute_script("return window.innerWidth") == 360
         assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
@@ -178,9 +210,13 @@ def test_page_at_phone_width_wraps_results_and_cuts_nothing(tiny_data, tiny_run,
         assert driver.find_element(By.ID, "hint").is_displayed()
 
 
-@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)), reason=(
-    f"chromium not installed: {CHROMIUM} and {CHROMEDRIVER} are needed "
-    "(apt-get install -y chromium chromium-driver)"))
+@pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+    reason=(
+        f"chromium not installed: {CHROMIUM} and {CHROMEDRIVER} are needed "
+        "(apt-get install -y chromium chromium-driver)"
+    ),
+)
 def test_page_says_no_results_and_no_close_match_names_classes_whole_and_has_an_icon(tiny_data, tiny_run, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

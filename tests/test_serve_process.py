@@ -1,4 +1,5 @@
 """A real `mproxy serve` process: killed with SIGKILL during a stream of adds, restarted, nothing acknowledged lost."""
+
 import io
 import os
 import signal
@@ -34,8 +35,12 @@ def start_server(index_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
     /health answers."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "MPROXY_TOKEN": TOKEN}
-    proc = subprocess.Popen([sys.executable, "-m", "momentum_proxy", "serve", str(index_dir), "--port", str(port),
-                             "--device", "cpu"], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "momentum_proxy", "serve", str(index_dir), "--port", str(port), "--device", "cpu"],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(url, proc, timeout=600, log=log)
     return proc, url
@@ -62,6 +67,7 @@ def image_bytes(seed: int) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow  # a real server killed with SIGKILL during a stream of adds, restarted, then loaded
 def test_sigkill_during_adds_loses_no_acknowledged_item(tiny_data, tiny_run, tmp_path):
     folder = tmp_path / "idx"
     build_index(tiny_run, tiny_data, folder)
@@ -104,8 +110,11 @@ def test_sigkill_during_adds_loses_no_acknowledged_item(tiny_data, tiny_run, tmp
         for item_id, data in acked.items():
             assert httpx.get(f"{url}/items/{item_id}").json()["id"] == item_id
             assert httpx.get(f"{url}/items/{item_id}/image").content == data
-        best = httpx.post(f"{url}/search", files={"image": ("q.png", next(iter(acked.values())), "image/png")},
-                          data={"k": "1", "rerank": "none"}).json()["results"][0]  # raw cosine: itself, 1
+        best = httpx.post(
+            f"{url}/search",
+            files={"image": ("q.png", next(iter(acked.values())), "image/png")},
+            data={"k": "1", "rerank": "none"},
+        ).json()["results"][0]  # raw cosine: itself, 1
         assert best["id"] == next(iter(acked)) and best["score"] == pytest.approx(1.0, abs=1e-4)
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import serve_load  # the load test's own client, on uvicorn's real stack
@@ -113,8 +122,10 @@ def test_sigkill_during_adds_loses_no_acknowledged_item(tiny_data, tiny_run, tmp
         latencies, errors = [], []
         bodies = [serve_load.multipart(data, {"k": "10"}) for data in acked.values()]
         until = time.perf_counter() + 1
-        clients = [threading.Thread(target=serve_load.search_loop, args=(url, bodies, until, i, latencies, errors))
-                   for i in range(3)]
+        clients = [
+            threading.Thread(target=serve_load.search_loop, args=(url, bodies, until, i, latencies, errors))
+            for i in range(3)
+        ]
         for c in clients:
             c.start()
         for c in clients:
@@ -125,6 +136,7 @@ def test_sigkill_during_adds_loses_no_acknowledged_item(tiny_data, tiny_run, tmp
         proc.wait(timeout=300)
 
 
+@pytest.mark.slow  # the load benchmark's own measurement, two model copies in a fresh process
 def test_load_test_measures_two_model_copies_side_by_side_in_a_fresh_process(tiny_data, tiny_run, tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import serve_load
@@ -145,13 +157,17 @@ def test_one_writer_per_index_folder_and_a_killed_server_leaves_no_lock(tiny_dat
     build_index(tiny_run, tiny_data, folder)
     proc, url = start_server(folder, tmp_path / "server.log")
     try:
-        for args in (["index", str(tiny_run), "--images", str(tiny_data), "--out", str(folder)],
-                     ["serve", str(folder), "--port", str(free_port())]):
-            second = subprocess.run([sys.executable, "-m", "momentum_proxy", *args], capture_output=True, text=True,
-                                    timeout=300)
+        for args in (
+            ["index", str(tiny_run), "--images", str(tiny_data), "--out", str(folder)],
+            ["serve", str(folder), "--port", str(free_port())],
+        ):
+            second = subprocess.run(
+                [sys.executable, "-m", "momentum_proxy", *args], capture_output=True, text=True, timeout=300
+            )
             assert second.returncode == 2, second.stderr
-            assert second.stderr.strip() == (f"mproxy: error: {folder} is being written by pid {proc.pid} "
-                                             "(mproxy serve); stop it first")
+            assert second.stderr.strip() == (
+                f"mproxy: error: {folder} is being written by pid {proc.pid} (mproxy serve); stop it first"
+            )
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)

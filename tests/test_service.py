@@ -1,4 +1,5 @@
 """`mproxy serve`: every endpoint and error of the HTTP API (FastAPI TestClient), and the Searcher behind it."""
+
 import hashlib
 import io
 import json
@@ -57,15 +58,15 @@ def jpeg_bytes(size=(80, 60), colour=(200, 30, 30), seed=0) -> bytes:
 
 
 def upload(client, data: bytes, **fields):
-    return client.post("/search", files={"image": ("q.jpg", data, "image/jpeg")},
-                       data={k: str(v) for k, v in fields.items()})
+    return client.post(
+        "/search", files={"image": ("q.jpg", data, "image/jpeg")}, data={k: str(v) for k, v in fields.items()}
+    )
 
 
 def assert_same_results(api_results, retrieve_results):
     assert [r["path"] for r in api_results] == [r["path"] for r in retrieve_results]
     assert [r["label"] for r in api_results] == [r["label"] for r in retrieve_results]
-    np.testing.assert_allclose([r["score"] for r in api_results], [r["score"] for r in retrieve_results],
-                               atol=1e-5)
+    np.testing.assert_allclose([r["score"] for r in api_results], [r["score"] for r in retrieve_results], atol=1e-5)
 
 
 def test_search_equals_mproxy_retrieve_index(client, index_dir, tiny_data, tmp_path):
@@ -90,8 +91,17 @@ def test_search_equals_mproxy_retrieve_index(client, index_dir, tiny_data, tmp_p
     assert_same_results(by_id["results"], expected)
     assert by_id["query"] == {"id": item_id, "path": str(indexed), "label": 2, "class_name": "species_02"}
     assert [r["same_class"] for r in by_id["results"]] == [r["label"] == 2 for r in by_id["results"]]
-    assert set(by_id["results"][0]) == {"rank", "id", "path", "label", "class_name", "score", "same_class",
-                                        "rerank_score", "same_image"}
+    assert set(by_id["results"][0]) == {
+        "rank",
+        "id",
+        "path",
+        "label",
+        "class_name",
+        "score",
+        "same_class",
+        "rerank_score",
+        "same_image",
+    }
     assert set(by_id["timing_ms"]) == {"decode", "embed", "search", "rerank", "total"}
     # by embedding: the item's own vector finds the item itself first, then the same list
     vector = open_store(index_dir).vector(item_id)[0].tolist()
@@ -124,16 +134,20 @@ def test_every_score_is_the_raw_cosine_and_min_score_reads_it(index_dir):
             assert [r["rank"] for r in kept["results"]] == list(range(1, len(kept["results"]) + 1))
             # an upload of an indexed image's bytes: that item is labelled, whatever ordered the list
             photo = Path(store.item(7)["path"]).read_bytes()
-            found = client.post("/search", files={"image": ("q.jpg", photo, "image/jpeg")},
-                                data={"k": "64", "rerank": rerank}).json()["results"]
+            found = client.post(
+                "/search", files={"image": ("q.jpg", photo, "image/jpeg")}, data={"k": "64", "rerank": rerank}
+            ).json()["results"]
             copies = [r for r in found if r["same_image"]]
             assert len(found) == 64 and [r["id"] for r in copies] == [7]
             assert copies[0]["score"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_a_wrong_method_or_path_is_a_json_error_like_every_other(client):
-    for answer, status in ((client.get("/search"), 405), (client.delete("/search"), 405),
-                           (client.get("/nowhere"), 404)):
+    for answer, status in (
+        (client.get("/search"), 405),
+        (client.delete("/search"), 405),
+        (client.get("/nowhere"), 404),
+    ):
         assert answer.status_code == status and answer.headers["content-type"] == "application/json"
         assert set(answer.json()) == {"error"} and answer.json()["error"]
 
@@ -145,8 +159,11 @@ def test_one_duplicate_rule_for_uploads_and_folders_and_uploads_keep_their_names
     photos.mkdir()
     red, blue = jpeg_bytes(seed=1), jpeg_bytes(colour=(20, 40, 220), seed=2)
     (photos / "IMG 0001.jpg").write_bytes(red)
-    answer = c.post("/items", headers=auth, files=[("images", ("../IMG 0001.jpg", red, "image/jpeg")),
-                                                   ("images", ("IMG 0001.jpg", red, "image/jpeg"))]).json()
+    answer = c.post(
+        "/items",
+        headers=auth,
+        files=[("images", ("../IMG 0001.jpg", red, "image/jpeg")), ("images", ("IMG 0001.jpg", red, "image/jpeg"))],
+    ).json()
     first = answer["items"]
     assert [it["added"] for it in first] == [True, False] and first[0]["id"] == first[1]["id"]  # once, not twice
     digest = hashlib.sha256(red).hexdigest()
@@ -169,9 +186,11 @@ def test_results_are_ranked_from_1_and_judged_only_against_a_known_class(client,
     kind of query, and a query whose class is unknown (an uploaded image, an embedding) has every `same_class`
     null, never false, in the API as in `mproxy retrieve` (its list and results.json)."""
     vector = open_store(index_dir).vector(3)[0].tolist()
-    answers = {"id": client.post("/search", json={"id": 3, "k": 5}).json(),
-               "embedding": client.post("/search", json={"embedding": vector, "k": 5}).json(),
-               "upload": upload(client, jpeg_bytes(), k=5).json()}
+    answers = {
+        "id": client.post("/search", json={"id": 3, "k": 5}).json(),
+        "embedding": client.post("/search", json={"embedding": vector, "k": 5}).json(),
+        "upload": upload(client, jpeg_bytes(), k=5).json(),
+    }
     for how, body in answers.items():
         assert [r["rank"] for r in body["results"]] == [1, 2, 3, 4, 5], how
         assert all(r["label"] is not None for r in body["results"]), how  # each result's own class is known
@@ -183,8 +202,9 @@ def test_results_are_ranked_from_1_and_judged_only_against_a_known_class(client,
 
     outside = tmp_path / "outside.jpg"
     outside.write_bytes(jpeg_bytes())
-    code, out, err = run_cli(["retrieve", "--index", index_dir, "--query", outside, "-k", 5, "--out",
-                              tmp_path / "r"], capsys)
+    code, out, err = run_cli(
+        ["retrieve", "--index", index_dir, "--query", outside, "-k", 5, "--out", tmp_path / "r"], capsys
+    )
     assert code == 0, err
     listed = [line for line in out.splitlines() if line.startswith("#")]
     assert [line.split()[0] for line in listed] == ["#1", "#2", "#3", "#4", "#5"]
@@ -204,19 +224,25 @@ def test_k_default_max_and_min_score(client):
     assert len(upload(client, jpeg_bytes(), k=3, min_score=1.0).json()["results"]) == 0
 
 
-@pytest.mark.parametrize("request_kwargs, message", [
-    (dict(json={"id": 0, "k": 1001}), "k: Input should be less than or equal to 1000"),
-    (dict(json={"id": 0, "k": 0}), "k: Input should be greater than or equal to 1"),
-    (dict(json={"id": 0, "k": "many"}), "k: Input should be a valid integer"),
-    (dict(json={"id": 0, "embedding": [0.1] * 32}), "give one query"),
-    (dict(json={"k": 3}), "give one query"),
-    (dict(json={"embedding": [0.1] * 5}), "the embedding must be 32 finite numbers"),
-    (dict(json={"id": 0, "colour": "red"}), "colour: Extra inputs are not permitted"),
-    (dict(json=[1, 2]), "must be a JSON object"),
-    (dict(content=b"{not json", headers={"content-type": "application/json"}), "must be JSON"),
-    (dict(files={"other": ("a.jpg", b"x", "image/jpeg")}), "needs an image file in the field 'image'"),
-    (dict(files={"image": ("a.jpg", jpeg_bytes(), "image/jpeg")}, data={"k": "2000"}), "less than or equal to 1000"),
-])
+@pytest.mark.parametrize(
+    "request_kwargs, message",
+    [
+        (dict(json={"id": 0, "k": 1001}), "k: Input should be less than or equal to 1000"),
+        (dict(json={"id": 0, "k": 0}), "k: Input should be greater than or equal to 1"),
+        (dict(json={"id": 0, "k": "many"}), "k: Input should be a valid integer"),
+        (dict(json={"id": 0, "embedding": [0.1] * 32}), "give one query"),
+        (dict(json={"k": 3}), "give one query"),
+        (dict(json={"embedding": [0.1] * 5}), "the embedding must be 32 finite numbers"),
+        (dict(json={"id": 0, "colour": "red"}), "colour: Extra inputs are not permitted"),
+        (dict(json=[1, 2]), "must be a JSON object"),
+        (dict(content=b"{not json", headers={"content-type": "application/json"}), "must be JSON"),
+        (dict(files={"other": ("a.jpg", b"x", "image/jpeg")}), "needs an image file in the field 'image'"),
+        (
+            dict(files={"image": ("a.jpg", jpeg_bytes(), "image/jpeg")}, data={"k": "2000"}),
+            "less than or equal to 1000",
+        ),
+    ],
+)
 def test_bad_parameters_are_422_with_one_line(client, request_kwargs, message):
     r = client.post("/search", **request_kwargs)
     assert r.status_code == 422 and message in r.json()["error"] and "\n" not in r.json()["error"]
@@ -227,7 +253,7 @@ def test_bad_images_400_and_too_large_413(index_dir):
         r = upload(c, b"%PDF-1.4 not an image")
         assert r.status_code == 400 and r.json() == {"error": "not an image file (or an unsupported format)"}
         whole = jpeg_bytes((200, 200))
-        truncated = whole[:len(whole) // 2]
+        truncated = whole[: len(whole) // 2]
         r = upload(c, truncated)
         assert r.status_code == 400 and r.json()["error"].startswith("corrupt image")
         r = upload(c, bytes(200_000))
@@ -322,9 +348,12 @@ def test_health_stats_metrics_docs_page(client, index_dir, tiny_run):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "://" not in page.text  # no CDN: works offline
-    assert client.options("/search", headers={"Origin": "http://evil.example",
-                                              "Access-Control-Request-Method": "POST"}).headers.get(
-        "access-control-allow-origin") is None  # CORS off by default
+    assert (
+        client.options(
+            "/search", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+        ).headers.get("access-control-allow-origin")
+        is None
+    )  # CORS off by default
 
 
 def test_internal_error_is_500_without_details_and_server_goes_on(writable, monkeypatch):
@@ -375,9 +404,12 @@ def test_concurrent_queries_are_batched_while_items_are_added(index_dir, tmp_pat
         for a, b in zip(alone, results):
             ids_a = [r["id"] for r in a["results"]]
             ids_b = [r["id"] for r in b["results"] if r["id"] < 64]
-            assert ids_b == ids_a[:len(ids_b)]
-            np.testing.assert_allclose([r["score"] for r in b["results"] if r["id"] < 64],
-                                       [r["score"] for r in a["results"]][:len(ids_b)], atol=1e-4)
+            assert ids_b == ids_a[: len(ids_b)]
+            np.testing.assert_allclose(
+                [r["score"] for r in b["results"] if r["id"] < 64],
+                [r["score"] for r in a["results"]][: len(ids_b)],
+                atol=1e-4,
+            )
         assert len(open_store(folder)) == 67
     finally:
         searcher.close()
@@ -467,8 +499,11 @@ def test_asearch_in_an_event_loop_batches_and_equals_search(index_dir, tiny_data
     searcher = Searcher(index_dir, batch_wait_ms=600_000, on_batch=sizes.append)
     threads = []
     answer = searcher._answer
-    monkeypatch.setattr(searcher, "_answer", lambda *a: threads.append(
-        (searcher_module.is_image_query(a[0]), threading.current_thread())) or answer(*a))
+    monkeypatch.setattr(
+        searcher,
+        "_answer",
+        lambda *a: threads.append((searcher_module.is_image_query(a[0]), threading.current_thread())) or answer(*a),
+    )
     try:
         path = tiny_data / "images" / "species_05" / "0000.jpg"
         queries = [jpeg_bytes(seed=s) for s in range(6)] + [path, 3, searcher.index.vector(9)[0]]
@@ -483,8 +518,9 @@ def test_asearch_in_an_event_loop_batches_and_equals_search(index_dir, tiny_data
         for q, a in zip(queries, awaited):
             b = searcher.search(q, 5)
             assert a["query"] == b["query"] and [r["id"] for r in a["results"]] == [r["id"] for r in b["results"]]
-            np.testing.assert_allclose([r["score"] for r in a["results"]], [r["score"] for r in b["results"]],
-                                       atol=1e-5)
+            np.testing.assert_allclose(
+                [r["score"] for r in a["results"]], [r["score"] for r in b["results"]], atol=1e-5
+            )
         monkeypatch.setattr(searcher_module, "INLINE_SEARCH_ITEMS", 10)
         threads.clear()
         loop_thread, _ = asyncio.run(together())
@@ -528,8 +564,10 @@ def test_onnx_runtime_serves_the_same_results(index_dir, tiny_run, tiny_data, tm
     run = tmp_path / "run"  # the onnx runtime writes its verified export into the run folder: use a copy
     shutil.copytree(tiny_run, run)
     query = (tiny_data / "images" / "species_02" / "0004.jpg").read_bytes()
-    with TestClient(create_app(index_dir, run_dir=run)) as a, \
-            TestClient(create_app(index_dir, run_dir=run, runtime="onnx")) as b:
+    with (
+        TestClient(create_app(index_dir, run_dir=run)) as a,
+        TestClient(create_app(index_dir, run_dir=run, runtime="onnx")) as b,
+    ):
         ra, rb = upload(a, query, k=5).json()["results"], upload(b, query, k=5).json()["results"]
         assert [r["id"] for r in ra] == [r["id"] for r in rb]
         np.testing.assert_allclose([r["score"] for r in ra], [r["score"] for r in rb], atol=1e-4)
@@ -652,7 +690,7 @@ def fail_collecting_once(batcher) -> None:
 def test_a_runner_fault_outside_the_batch_function_answers_its_callers_and_the_runner_goes_on(runners):
     from momentum_proxy.serving.searcher import Batcher
 
-    batcher = Batcher(lambda: (lambda items: [x * 2 for x in items]), wait_ms=0, runners=runners)
+    batcher = Batcher(lambda: lambda items: [x * 2 for x in items], wait_ms=0, runners=runners)
     fail_collecting_once(batcher)
     try:
         with pytest.raises(RuntimeError, match="injected"):

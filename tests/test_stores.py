@@ -1,5 +1,6 @@
 """The index-store contract, run on every store: a faiss folder and Milvus Lite (the real engine, embedded in the
 test process). Plus what only a Milvus store has: a server that goes away and comes back."""
+
 import ast
 import uuid
 from pathlib import Path
@@ -176,8 +177,7 @@ def test_attachments_are_saved_with_the_store_and_read_back(saved, location):
 
 
 def same_lists(a, b) -> bool:
-    return np.array_equal(a.ids, b.ids) and np.array_equal(a.lists, b.lists) and np.allclose(a.sims, b.sims,
-                                                                                            atol=1e-6)
+    return np.array_equal(a.ids, b.ids) and np.array_equal(a.lists, b.lists) and np.allclose(a.sims, b.sims, atol=1e-6)
 
 
 def test_neighbour_lists_are_saved_loaded_not_recomputed_and_kept_right(location, monkeypatch):
@@ -204,8 +204,9 @@ def test_neighbour_lists_are_saved_loaded_not_recomputed_and_kept_right(location
         store.add(vectors(6, seed=4), paths(6, 100))
         store.remove(3)
         store.remove(41)
-        assert same_lists(store_lists := Neighbours.from_bytes(store.attachments()[NEIGHBOURS]),
-                          neighbour_lists_now(store, 5)), "a snapshot takes the lists up to date"
+        assert same_lists(
+            store_lists := Neighbours.from_bytes(store.attachments()[NEIGHBOURS]), neighbour_lists_now(store, 5)
+        ), "a snapshot takes the lists up to date"
         rerank_store(store, q, 5, rerank)
         assert same_lists(kept_neighbours(store), store_lists) and computed == [5]  # updated, not computed
         store.save(location)
@@ -224,8 +225,11 @@ def concrete_store_checks(tree, store_classes: set[str]):
         tested = []
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass"):
             tested = node.args[1:]
-        elif isinstance(node, ast.Compare) and isinstance(node.left, ast.Call) and \
-                getattr(node.left.func, "id", None) == "type":
+        elif (
+            isinstance(node, ast.Compare)
+            and isinstance(node.left, ast.Call)
+            and getattr(node.left.func, "id", None) == "type"
+        ):
             tested = node.comparators
         names = {getattr(n, "id", None) or getattr(n, "attr", None) for t in tested for n in ast.walk(t)}
         if names & store_classes:
@@ -238,11 +242,19 @@ def test_no_code_tests_for_a_concrete_store_outside_its_module():
     root = Path(__file__).parent.parent
     files = sorted([*(root / "momentum_proxy").rglob("*.py"), *(root / "benchmarks").rglob("*.py")])
     trees = {f: ast.parse(f.read_text(), str(f)) for f in files}
-    owners = {node.name: f for f, tree in trees.items() for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
-              and any("IndexStore" in ast.unparse(b) or "Store" in ast.unparse(b) for b in node.bases)}
+    owners = {
+        node.name: f
+        for f, tree in trees.items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef)
+        and any("IndexStore" in ast.unparse(b) or "Store" in ast.unparse(b) for b in node.bases)
+    }
     assert {"FaissStore", "MilvusStore"} <= set(owners)
-    found = [f"{f.relative_to(root)}:{line}: {text}" for f, tree in trees.items()
-             for line, text in concrete_store_checks(tree, {n for n, home in owners.items() if home != f})]
+    found = [
+        f"{f.relative_to(root)}:{line}: {text}"
+        for f, tree in trees.items()
+        for line, text in concrete_store_checks(tree, {n for n, home in owners.items() if home != f})
+    ]
     assert not found, "\n".join(found)
 
 
@@ -255,8 +267,11 @@ def test_an_unreachable_server_is_one_line_and_the_store_recovers(server):
     store = open_store(location)
     before = store.search(vectors(1), 3)
     stop()
-    with pytest.raises(StoreUnavailable, match=r"^the Milvus store milvus://127\.0\.0\.1:\d+/products cannot be "
-                                               r"reached: [^\n]*$"):
+    with pytest.raises(
+        StoreUnavailable,
+        match=r"^the Milvus store milvus://127\.0\.0\.1:\d+/products cannot be "
+        r"reached: [^\n]*$",
+    ):
         store.search(vectors(1), 3)
     start()
     np.testing.assert_array_equal(store.search(vectors(1), 3)[1], before[1])

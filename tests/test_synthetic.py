@@ -1,4 +1,5 @@
 """The procedural fine-grained bird dataset: layout, determinism, variation, difficulty."""
+
 from __future__ import annotations
 
 import numpy as np

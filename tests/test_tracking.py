@@ -1,6 +1,7 @@
 """Experiment tracking (`train --log tensorboard`): the event files hold metrics.csv's values epoch by epoch and a
 retrieval picture; a run stopped and resumed holds each epoch once; only rank 0 writes; without the [track] extra
 the option fails in one line naming it."""
+
 import io
 import math
 import sys
@@ -102,22 +103,25 @@ def test_only_rank_0_writes(tiny_config, tmp_path):
 
 
 def test_the_option_is_parsed_and_checked(tiny_data, tmp_path, capsys):
-    args = parser().parse_args(["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--log",
-                                "tensorboard"])
+    args = parser().parse_args(
+        ["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--log", "tensorboard"]
+    )
     assert config_from_args(args).log == "tensorboard"
     code, _, err = run_cli(["train", "--data", tiny_data, "--out", tmp_path / "run", "--log", "wandb"], capsys)
     assert code == 2 and err == "mproxy: error: unknown --log 'wandb'; choose from none, tensorboard\n"
 
 
-def test_without_tensorboard_the_option_fails_in_one_line_naming_the_extra(tiny_data, tmp_path, capsys,
-                                                                          monkeypatch):
+def test_without_tensorboard_the_option_fails_in_one_line_naming_the_extra(tiny_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard fails, as without the [track] extra
     for command in ("train", "sweep"):
-        code, _, err = run_cli([command, "--data", tiny_data, "--out", tmp_path / command, "--log", "tensorboard"],
-                               capsys)
+        code, _, err = run_cli(
+            [command, "--data", tiny_data, "--out", tmp_path / command, "--log", "tensorboard"], capsys
+        )
         assert code == 2
-        assert err == (f"mproxy: error: mproxy {command} --log tensorboard needs the [track] extra: "
-                       "pip install 'momentum-proxy[track]'\n")
+        assert err == (
+            f"mproxy: error: mproxy {command} --log tensorboard needs the [track] extra: "
+            "pip install 'momentum-proxy[track]'\n"
+        )
     with pytest.raises(UserError, match=r"^--log tensorboard needs the \[track\] extra"):  # the Python API, resume
         train(TrainConfig(data=str(tiny_data), out=str(tmp_path / "api"), log="tensorboard"))
     assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -66,6 +66,7 @@ def test_the_loop_decides_the_default_backbone_for_its_device_and_records_it(tin
     job, _ = training.setup(cfg, overwrite=False, resume=False)
     assert job.cfg.backbone == "efficientnet_lite0" == RunDir(cfg.out).config().backbone
 
+
 def test_train_writes_a_complete_run_folder(tiny_config):
     tiny_config.epochs = 3
     summary = training.train(tiny_config)
@@ -84,8 +85,9 @@ def test_train_writes_a_complete_run_folder(tiny_config):
     assert run.load_checkpoint(LAST)["epoch"] == 3
     model, cfg_, _ = load_model(tiny_config.out, "cpu")
     data = load_datasets(tiny_config.data, tiny_config.image_size)
-    val = evaluate_arrays(embed_dataset(ModuleEmbedder(model), data.val.dataset), data.val.labels, data.val.split,
-                          metrics=["map@r"])
+    val = evaluate_arrays(
+        embed_dataset(ModuleEmbedder(model), data.val.dataset), data.val.labels, data.val.split, metrics=["map@r"]
+    )
     assert val["map@r"] == pytest.approx(rows[argmax]["val_map@r"], abs=1e-6)
     # embeddings.npz and eval.json come from best.pt, on the test split
     db = load_embeddings(run / "embeddings.npz")
@@ -93,8 +95,9 @@ def test_train_writes_a_complete_run_folder(tiny_config):
     assert db["features"].shape == (32, 512) and set(db["split"]) == {"test"} and len(db["class_names"]) == 32
     ev = json.loads((run / "eval.json").read_text())
     assert ev["selected_on"] == "val" and ev["epoch"] == argmax and ev["queries"] == 32
-    assert ev["test"]["map@r"] == pytest.approx(evaluate_arrays(db["features"], db["labels"], db["split"],
-                                                                metrics=["map@r"])["map@r"])
+    assert ev["test"]["map@r"] == pytest.approx(
+        evaluate_arrays(db["features"], db["labels"], db["split"], metrics=["map@r"])["map@r"]
+    )
     assert not list(Path(tiny_config.out).rglob("*.tmp"))  # atomic writes leave no temporaries
     log = (run / "train.log").read_text()
     assert "epoch 3:" in log and "\r" not in log and "selected epoch" in log
@@ -133,8 +136,16 @@ def test_select_last_without_val_and_select_test_is_labelled(tiny_data, tmp_path
     df = pd.read_csv(tiny_data / "manifest.csv")
     df["path"] = [str(tiny_data / p) for p in df["path"]]
     df[df["split"] != "val"].to_csv(no_val / "manifest.csv", index=False)
-    base = TrainConfig(data=str(no_val), out=str(tmp_path / "last"), pretrained="none", image_size=64,
-                       batch_size=8, epochs=2, loader_workers=0, warmup_epochs=0)
+    base = TrainConfig(
+        data=str(no_val),
+        out=str(tmp_path / "last"),
+        pretrained="none",
+        image_size=64,
+        batch_size=8,
+        epochs=2,
+        loader_workers=0,
+        warmup_epochs=0,
+    )
     assert training.train(base)["selected_on"] == "last" and RunDir(base.out).load_checkpoint(BEST)["epoch"] == 2
     with pytest.raises(UserError, match="needs a val split"):
         training.train(replace(base, out=str(tmp_path / "v"), select="val"))
@@ -230,9 +241,30 @@ def test_resume_after_kill_ends_in_the_same_state(tiny_config, tmp_path):
     training.train(tiny_config)
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "momentum_proxy", "train", "--data", tiny_config.data, "--out", str(killed),
-           "--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--epochs", "3", "--loader-workers", "0",
-           "--warmup-epochs", "1", "--metrics", "recall,map@r"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "momentum_proxy",
+        "train",
+        "--data",
+        tiny_config.data,
+        "--out",
+        str(killed),
+        "--pretrained",
+        "none",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "3",
+        "--loader-workers",
+        "0",
+        "--warmup-epochs",
+        "1",
+        "--metrics",
+        "recall,map@r",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: (killed / LAST).exists() and _state(killed)["epoch"] >= 1, lambda: proc.poll() is None)
     proc.send_signal(signal.SIGKILL)
@@ -303,9 +335,14 @@ def test_refuses_to_overwrite_another_run_but_reuses_a_dead_end(tiny_config):
 
 
 def test_bad_options_are_refused_before_anything_is_written(tiny_config):
-    for change, message in [({"metrics": ["foo"]}, "unknown --metrics"), ({"proxy_momentum": 2.0}, "proxy-momentum"),
-                            ({"proxy_update": "avg"}, "proxy-update"), ({"select": "best"}, "select"),
-                            ({"select_metric": "nmi"}, "select-metric"), ({"backbone": "nonet"}, "unknown backbone")]:
+    for change, message in [
+        ({"metrics": ["foo"]}, "unknown --metrics"),
+        ({"proxy_momentum": 2.0}, "proxy-momentum"),
+        ({"proxy_update": "avg"}, "proxy-update"),
+        ({"select": "best"}, "select"),
+        ({"select_metric": "nmi"}, "select-metric"),
+        ({"backbone": "nonet"}, "unknown backbone"),
+    ]:
         with pytest.raises(UserError, match=message):
             training.train(replace(tiny_config, **change))
         assert not Path(tiny_config.out).exists()
@@ -354,8 +391,9 @@ def test_bf16_autocast_on_cpu_and_fp16_refused(tiny_config, monkeypatch):
 
 def test_original_recipe_optimizer_and_schedule(tiny_config):
     """The original tool: SGD without momentum, milestones int(50 %) and int(80 %) of the epochs."""
-    cfg = TrainConfig.from_recipe("original", data=tiny_config.data, out=tiny_config.out, optimizer="sgd",
-                                  pretrained="none")
+    cfg = TrainConfig.from_recipe(
+        "original", data=tiny_config.data, out=tiny_config.out, optimizer="sgd", pretrained="none"
+    )
     model, loss = training.build(cfg, num_classes=2)
     opt = training.make_optimizer(cfg, model, loss)
     assert isinstance(opt, torch.optim.SGD) and all(g["momentum"] == 0 for g in opt.param_groups)
@@ -378,8 +416,11 @@ def test_warmup_leaves_the_backbone_bit_identical_while_head_and_proxies_move(ti
     assert not torch.equal(after["fc.weight"], snapshot["fc.weight"])
     assert not torch.equal(proxies_by_class(state.loss_fn), proxies)
     training.train_one_epoch(job, state, step_fn, loader, updater, epoch=2)  # after the warm-up: all train
-    assert not all(torch.equal(state.model.state_dict()[k], v) for k, v in snapshot.items()
-                   if k.startswith("backbone.") and v.dtype.is_floating_point)
+    assert not all(
+        torch.equal(state.model.state_dict()[k], v)
+        for k, v in snapshot.items()
+        if k.startswith("backbone.") and v.dtype.is_floating_point
+    )
 
 
 def test_query_gallery_data_through_train_and_evaluate(tiny_data, tmp_path):
@@ -394,15 +435,29 @@ def test_query_gallery_data_through_train_and_evaluate(tiny_data, tmp_path):
     test = df.index[df["split"] == "test"]
     df.loc[test, "split"] = ["query" if i % 2 else "gallery" for i in range(len(test))]
     df.to_csv(qg / "manifest.csv", index=False)
-    cfg = TrainConfig(data=str(qg), out=str(tmp_path / "run"), pretrained="none", image_size=64, batch_size=8,
-                      epochs=1, loader_workers=0, warmup_epochs=0)
+    cfg = TrainConfig(
+        data=str(qg),
+        out=str(tmp_path / "run"),
+        pretrained="none",
+        image_size=64,
+        batch_size=8,
+        epochs=1,
+        loader_workers=0,
+        warmup_epochs=0,
+    )
     summary = training.train(cfg)
     db = load_embeddings(tmp_path / "run" / "embeddings.npz")
     q, g = db["split"] == "query", db["split"] == "gallery"
     from momentum_proxy.evaluation.metrics import evaluate_embeddings
 
-    expected = evaluate_embeddings(db["features"][g], db["labels"][g], query_features=db["features"][q],
-                                   query_labels=db["labels"][q], metrics=["recall", "map@r"], recalls=cfg.recalls)
+    expected = evaluate_embeddings(
+        db["features"][g],
+        db["labels"][g],
+        query_features=db["features"][q],
+        query_labels=db["labels"][q],
+        metrics=["recall", "map@r"],
+        recalls=cfg.recalls,
+    )
     assert summary["queries"] == 16 and summary["test"]["map@r"] == pytest.approx(expected["map@r"])
     again = evaluate_run(cfg.out, device="cpu", metrics=["recall", "map@r"])
     assert again["queries"] == 16 and again["test"]["recall@1"] == pytest.approx(expected["recall@1"])
@@ -411,12 +466,38 @@ def test_query_gallery_data_through_train_and_evaluate(tiny_data, tmp_path):
 def test_original_recipe_end_to_end(tiny_data, tmp_path, capsys):
     from momentum_proxy.cli import main
 
-    main(["train", "--data_path", str(tiny_data.parent), "--data_name", tiny_data.name, "--out", str(tmp_path / "o"),
-          "--pretrained", "none", "--image-size", "48", "--batch-size", "8", "--epochs", "1", "--loader-workers", "0"])
+    main(
+        [
+            "train",
+            "--data_path",
+            str(tiny_data.parent),
+            "--data_name",
+            tiny_data.name,
+            "--out",
+            str(tmp_path / "o"),
+            "--pretrained",
+            "none",
+            "--image-size",
+            "48",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--loader-workers",
+            "0",
+        ]
+    )
     run = RunDir(tmp_path / "o")
     cfg = run.config()
     assert (cfg.backbone, cfg.loss, cfg.lr, cfg.proxy_update, cfg.momentum_target, cfg.proxy_init, cfg.select) == (
-        "resnet50", "proxy_nca", 1e-3, "momentum", "sum", "random", "test")
+        "resnet50",
+        "proxy_nca",
+        1e-3,
+        "momentum",
+        "sum",
+        "random",
+        "test",
+    )
     assert run.eval()["selected_on"] == "test" and "test_recall@1" in run.metrics()[0]
     assert "SELECTED ON TEST" in capsys.readouterr().out
 
@@ -424,8 +505,9 @@ def test_original_recipe_end_to_end(tiny_data, tmp_path, capsys):
 def test_default_recipe_loss_parameters_reach_the_loss_and_only_for_cos_face(tiny_data, tmp_path):
     from pytorch_metric_learning import losses
 
-    cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path), backbone="efficientnet_lite0", pretrained="none",
-                      feature_dim=16)
+    cfg = TrainConfig(
+        data=str(tiny_data), out=str(tmp_path), backbone="efficientnet_lite0", pretrained="none", feature_dim=16
+    )
     loss = training.build(cfg, num_classes=2)[1]
     assert (cfg.loss, loss.scale, loss.margin) == ("cos_face", 30.7, 0.216)  # the tuned recipe
     arc = training.build(replace(cfg, loss="arc_face"), num_classes=2)[1]
@@ -454,8 +536,9 @@ def test_queries_without_another_image_of_their_class_are_counted_and_said(tiny_
 
 
 @pytest.mark.parametrize("schedule,planned", [("cosine", 3), ("multistep", 4)])
-def test_resume_with_more_epochs_extends_a_killed_run_on_the_schedule_of_the_new_total(tiny_config, tmp_path,
-                                                                                       schedule, planned):
+def test_resume_with_more_epochs_extends_a_killed_run_on_the_schedule_of_the_new_total(
+    tiny_config, tmp_path, schedule, planned
+):
     tiny_config.schedule, tiny_config.warmup_epochs, tiny_config.epochs = schedule, 0, planned
     training.train(tiny_config)  # planned for the new total from the start
     tiny_config.out, tiny_config.epochs = str(tmp_path / "extended"), 2
@@ -469,8 +552,9 @@ def test_resume_with_more_epochs_extends_a_killed_run_on_the_schedule_of_the_new
     training.resume(tiny_config.out, epochs=planned)
     straight, extended = RunDir(tmp_path / "run"), RunDir(tiny_config.out)
     assert extended.config().epochs == planned and [r["epoch"] for r in extended.metrics()] == list(range(planned + 1))
-    np.testing.assert_allclose([r["lr"] for r in extended.metrics()[1:]], [r["lr"] for r in straight.metrics()[1:]],
-                               rtol=1e-12)  # epoch 1 at the old plan's rate, the rest at the new plan's
+    np.testing.assert_allclose(
+        [r["lr"] for r in extended.metrics()[1:]], [r["lr"] for r in straight.metrics()[1:]], rtol=1e-12
+    )  # epoch 1 at the old plan's rate, the rest at the new plan's
     assert f"extending the run from 2 to {planned} epochs" in (extended / "train.log").read_text()
 
 
@@ -498,16 +582,19 @@ def test_resume_refuses_options_that_differ_from_the_run_in_one_line(tiny_config
     assert code == 0 and f"{run}: already finished at epoch 1; nothing changed" in out  # same values: fine
     code, out, _ = run_cli(["train", "--resume", run, "--device", "cpu", "--loader-workers", "1"], capsys)
     assert code == 0 and "already finished" in out  # where and how it runs may change
-    for args, message in [(["--lr", "0.1"], "--lr 0.1 differs from the run's 2.15e-05 (config.json)"),
-                          (["--optimizer_type", "sgd"], "--optimizer sgd differs from the run's adam"),
-                          (["--data", run], "--data cannot be given with --resume"),
-                          (["--epochs", "2"], "finished at epoch 1 and its test split was evaluated")]:
+    for args, message in [
+        (["--lr", "0.1"], "--lr 0.1 differs from the run's 2.15e-05 (config.json)"),
+        (["--optimizer_type", "sgd"], "--optimizer sgd differs from the run's adam"),
+        (["--data", run], "--data cannot be given with --resume"),
+        (["--epochs", "2"], "finished at epoch 1 and its test split was evaluated"),
+    ]:
         code, _, err = run_cli(["train", "--resume", run, *args], capsys)
         assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
-def test_splits_are_checked_before_the_first_epoch_and_a_whole_warm_up_is_warned_about(tiny_data, tiny_config,
-                                                                                       tmp_path, capsys):
+def test_splits_are_checked_before_the_first_epoch_and_a_whole_warm_up_is_warned_about(
+    tiny_data, tiny_config, tmp_path, capsys
+):
     import pandas as pd
 
     df = pd.read_csv(tiny_data / "manifest.csv")

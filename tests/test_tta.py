@@ -1,5 +1,6 @@
 """Test-time augmentation (`--tta flip`): one definition, honoured by every runtime, recorded by indexes and exports,
 and followed by the queries against them."""
+
 import json
 from pathlib import Path
 
@@ -107,16 +108,33 @@ def test_an_index_records_its_tta_and_every_query_follows_it(run, tiny_data, tmp
     embedded with flip (not without); the query follows the index's TTA, and another one is refused in one line."""
     collection, photo, query = photo_and_mirror(tiny_data, tmp_path)
     flip, plain = tmp_path / "flip", tmp_path / "plain"
-    for folder, extra in ((flip, []), (plain, ["--tta", "none"])):  # flip: the default pipeline's
-        code, _, err = run_cli(["index", run, "--images", collection, "--out", folder, "--device", "cpu", *extra],
-                               capsys)
+    for folder, extra in ((flip, ["--tta", "flip"]), (plain, [])):  # none: the default (config.DEFAULT_TTA)
+        code, _, err = run_cli(
+            ["index", run, "--images", collection, "--out", folder, "--device", "cpu", *extra], capsys
+        )
         assert code == 0, err
     assert FaissStore.load(flip).model["tta"] == "flip" and FaissStore.load(plain).model["tta"] == "none"
 
     found = {}
     for folder in (flip, plain):
-        code, _, err = run_cli(["retrieve", "--index", folder, "--query", query, "-k", "1", "--device", "cpu",
-                                "--rerank", "none", "--out", tmp_path / f"r-{folder.name}"], capsys)
+        code, _, err = run_cli(
+            [
+                "retrieve",
+                "--index",
+                folder,
+                "--query",
+                query,
+                "-k",
+                "1",
+                "--device",
+                "cpu",
+                "--rerank",
+                "none",
+                "--out",
+                tmp_path / f"r-{folder.name}",
+            ],
+            capsys,
+        )
         assert code == 0, err
         found[folder] = json.loads((tmp_path / f"r-{folder.name}" / "results.json").read_text())
     top = found[flip]["results"][0]
@@ -124,8 +142,10 @@ def test_an_index_records_its_tta_and_every_query_follows_it(run, tiny_data, tmp
     assert found[plain]["model"]["tta"] == "none" and found[plain]["results"][0]["score"] < 0.999
 
     stamp = (flip / META_FILE).read_bytes()
-    for args in (["retrieve", "--index", flip, "--query", query, "--tta", "none"],
-                 ["index", run, "--images", query.parent, "--out", flip, "--tta", "none"]):
+    for args in (
+        ["retrieve", "--index", flip, "--query", query, "--tta", "none"],
+        ["index", run, "--images", query.parent, "--out", flip, "--tta", "none"],
+    ):
         code, _, err = run_cli(args, capsys)
         assert code == 2 and "was built with --tta flip" in err and len(err.strip().splitlines()) == 1
     assert (flip / META_FILE).read_bytes() == stamp  # nothing added
@@ -145,8 +165,25 @@ def test_retrieve_in_a_run_embeds_its_split_with_the_tta(run, tiny_data, tmp_pat
     """The run's embeddings.npz was embedded without TTA: with --tta flip the split is embedded now, with flip;
     an embeddings file cannot be searched with TTA."""
     query = split_images(tiny_data)[0]
-    code, _, err = run_cli(["retrieve", run, "--query", query, "-k", "40", "--tta", "flip", "--out", tmp_path / "r",
-                            "--device", "cpu", "--rerank", "none"], capsys)  # raw cosine, compared below
+    code, _, err = run_cli(
+        [
+            "retrieve",
+            run,
+            "--query",
+            query,
+            "-k",
+            "40",
+            "--tta",
+            "flip",
+            "--out",
+            tmp_path / "r",
+            "--device",
+            "cpu",
+            "--rerank",
+            "none",
+        ],
+        capsys,
+    )  # raw cosine, compared below
     assert code == 0, err
     results = json.loads((tmp_path / "r" / "results.json").read_text())["results"]
     assert results and query not in [r["path"] for r in results]
@@ -154,8 +191,9 @@ def test_retrieve_in_a_run_embeds_its_split_with_the_tta(run, tiny_data, tmp_pat
     feats, _, _ = embed_files(TorchEmbedder(run, "cpu", "flip"), paths)
     np.testing.assert_allclose([r["score"] for r in results], feats[1:] @ feats[0], atol=1e-5)
     np.savez(tmp_path / "db.npz", features=np.eye(2, 32, dtype=np.float32), labels=np.arange(2))
-    code, _, err = run_cli(["retrieve", run, "--data_base", tmp_path / "db.npz", "--query", query, "--tta", "flip"],
-                           capsys)
+    code, _, err = run_cli(
+        ["retrieve", run, "--data_base", tmp_path / "db.npz", "--query", query, "--tta", "flip"], capsys
+    )
     assert code == 2 and "was not (search the run's split" in err and len(err.strip().splitlines()) == 1
 
 
@@ -165,16 +203,20 @@ def test_evaluate_with_tta(run, tiny_data, capsys):
     summary = read_json(Path(run) / "evaluate-torch-flip.json")
     assert summary["tta"] == "flip" and "tta flip" in out
     frame = split_frame(read_manifest(tiny_data), "test")
-    feats = embed_dataset(TorchEmbedder(run, "cpu", "flip"), eval_dataset(str(tiny_data), frame, 64), workers=0,
-                          progress=False)
+    feats = embed_dataset(
+        TorchEmbedder(run, "cpu", "flip"), eval_dataset(str(tiny_data), frame, 64), workers=0, progress=False
+    )
     assert summary["test"] == evaluate_arrays(feats, frame["label"].to_numpy(), None, recalls=[1, 2, 4, 8])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["evaluate", "--embeddings", "{tmp}/e.npz", "--tta", "flip"], "--tta applies where a run's model embeds"),
-    (["evaluate", "{run}", "--tta", "mirror"], "unknown --tta 'mirror'; choose from none, flip"),
-    (["export", "{run}", "--tta", "multi", "--out", "{tmp}/m.onnx"], "unknown --tta 'multi'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["evaluate", "--embeddings", "{tmp}/e.npz", "--tta", "flip"], "--tta applies where a run's model embeds"),
+        (["evaluate", "{run}", "--tta", "mirror"], "unknown --tta 'mirror'; choose from none, flip"),
+        (["export", "{run}", "--tta", "multi", "--out", "{tmp}/m.onnx"], "unknown --tta 'multi'"),
+    ],
+)
 def test_bad_tta_requests_are_one_line_errors(args, message, run, tmp_path, capsys):
     np.savez(tmp_path / "e.npz", features=np.eye(2, 4, dtype=np.float32), labels=np.arange(2))
     code, _, err = run_cli([a.format(tmp=tmp_path, run=run) for a in args], capsys)

@@ -24,9 +24,17 @@ from momentum_proxy.training import loop as training
 
 # Tiny trials: random weights, 48 px, one epoch of 2 steps with the backbone frozen, random proxies (no start
 # embedding of train); the rest of the default space is searched.
-SPACE = {"pretrained": "none", "image_size": 48, "batch_size": 8, "loader_workers": 0, "epochs": 1, "warmup_epochs": 1,
-         "proxy_init": "random", "metrics": ["recall", "map@r"],
-         "feature_dim": {"type": "categorical", "choices": [16, 32]}}
+SPACE = {
+    "pretrained": "none",
+    "image_size": 48,
+    "batch_size": 8,
+    "loader_workers": 0,
+    "epochs": 1,
+    "warmup_epochs": 1,
+    "proxy_init": "random",
+    "metrics": ["recall", "map@r"],
+    "feature_dim": {"type": "categorical", "choices": [16, 32]},
+}
 
 
 def load(out) -> optuna.Study:
@@ -35,9 +43,17 @@ def load(out) -> optuna.Study:
 
 def shown(study: optuna.Study) -> list[tuple]:
     """What a trial is: its number, state, parameters and every validation figure it produced."""
-    return [(t.number, t.state, t.params, t.intermediate_values, t.value,
-             {k: t.user_attrs.get(k) for k in ("val_map@r", "val_recall@1", "best_epoch", "start_map@r")})
-            for t in study.trials]
+    return [
+        (
+            t.number,
+            t.state,
+            t.params,
+            t.intermediate_values,
+            t.value,
+            {k: t.user_attrs.get(k) for k in ("val_map@r", "val_recall@1", "best_epoch", "start_map@r")},
+        )
+        for t in study.trials
+    ]
 
 
 @pytest.fixture
@@ -76,8 +92,13 @@ def test_study_writes_trials_best_config_report_and_plots(study_dir, tiny_data):
         assert not any(k.startswith("test") for k in rows[0])
     assert json.loads((out / "best.json").read_text()) == best
     chosen = [t for t in study.trials if t.user_attrs["options"].items() <= best.items()]
-    assert len(chosen) == 1 and best == {"data": str(tiny_data.absolute()), **{k: v for k, v in SPACE.items()
-                                         if k != "epochs"}, **chosen[0].user_attrs["options"], "epochs": 1, "seed": 0}
+    assert len(chosen) == 1 and best == {
+        "data": str(tiny_data.absolute()),
+        **{k: v for k, v in SPACE.items() if k != "epochs"},
+        **chosen[0].user_attrs["options"],
+        "epochs": 1,
+        "seed": 0,
+    }
     default, other = study.trials
     assert chosen[0].value >= default.value  # best.json never scores below the default recipe on val
     assert chosen[0].number == (other.number if other.value > default.value else default.number)
@@ -115,8 +136,9 @@ def test_no_trial_reads_test_labels(study_dir, tiny_data, tmp_path, monkeypatch,
     assert not pd.read_csv(shuffled / "manifest.csv").equals(pd.read_csv(tiny_data / "manifest.csv"))
     embedded = []
     real = training.evaluate_split
-    monkeypatch.setattr(training, "evaluate_split", lambda m, split, *a, **k: embedded.append(split.name)
-                        or real(m, split, *a, **k))
+    monkeypatch.setattr(
+        training, "evaluate_split", lambda m, split, *a, **k: embedded.append(split.name) or real(m, split, *a, **k)
+    )
     tune.tune(shuffled, tmp_path / "study", trials=2, space=SPACE)
     assert shown(load(tmp_path / "study")) == shown(load(out))
     assert embedded and set(embedded) == {"val"}
@@ -136,10 +158,27 @@ def test_resume_with_another_budget_names_both_values(study_dir, tmp_path, capsy
     space.write_text(json.dumps(SPACE))
     data = load(out).user_attrs["identity"]["data"]
     with pytest.raises(SystemExit):
-        cli.main(["tune", "--data", data, "--out", str(out), "--trials", "2", "--space", str(space),
-                  "--budget-epochs", "2", "--seed", "3"])
-    assert capsys.readouterr().err == (f"mproxy: error: {out} holds a study with epochs 1, not 2 and seed 0, not 3; "
-                                       "use another --out or the same settings\n")
+        cli.main(
+            [
+                "tune",
+                "--data",
+                data,
+                "--out",
+                str(out),
+                "--trials",
+                "2",
+                "--space",
+                str(space),
+                "--budget-epochs",
+                "2",
+                "--seed",
+                "3",
+            ]
+        )
+    assert capsys.readouterr().err == (
+        f"mproxy: error: {out} holds a study with epochs 1, not 2 and seed 0, not 3; "
+        "use another --out or the same settings\n"
+    )
 
 
 def test_trial_0_is_the_default_recipe(study_dir):
@@ -150,14 +189,30 @@ def test_trial_0_is_the_default_recipe(study_dir):
     scale, margin = d.loss_params
     trial0, trial1 = load(out).trials
     assert {k: v for k, v in trial0.params.items() if k != "feature_dim"} == {
-        "loss": d.loss, f"loss_scale[{d.loss}]": scale, f"margin[{d.loss}]": margin, "lr": d.lr,
-        "backbone_lr_mult": d.backbone_lr_mult, "schedule": d.schedule, "proxy_momentum": d.proxy_momentum,
-        "momentum_target": d.momentum_target, "pooling": d.pooling, "aug_scale_min": d.aug_scale_min}
+        "loss": d.loss,
+        f"loss_scale[{d.loss}]": scale,
+        f"margin[{d.loss}]": margin,
+        "lr": d.lr,
+        "backbone_lr_mult": d.backbone_lr_mult,
+        "schedule": d.schedule,
+        "proxy_momentum": d.proxy_momentum,
+        "momentum_target": d.momentum_target,
+        "pooling": d.pooling,
+        "aug_scale_min": d.aug_scale_min,
+    }
     assert trial0.params["feature_dim"] in (16, 32)
     assert trial0.user_attrs[tune.DEFAULT] == {"feature_dim": "the default 512 is not among the choices [16, 32]"}
     trained = RunDir(out / "trials" / "0").config()
-    searched = ("loss", "lr", "backbone_lr_mult", "schedule", "proxy_momentum", "momentum_target", "pooling",
-                "aug_scale_min")
+    searched = (
+        "loss",
+        "lr",
+        "backbone_lr_mult",
+        "schedule",
+        "proxy_momentum",
+        "momentum_target",
+        "pooling",
+        "aug_scale_min",
+    )
     assert {k: getattr(trained, k) for k in searched} == {k: getattr(d, k) for k in searched}
     assert trained.loss_params == d.loss_params
     assert tune.DEFAULT not in trial1.user_attrs and trial1.params != trial0.params
@@ -169,19 +224,27 @@ def test_every_default_lies_in_the_default_space(tiny_data):
     params, drawn = tune.default_params(tune.load_space(), base)
     assert drawn == {}
     assert set(params) == {"loss", "loss_scale[cos_face]", "margin[cos_face]"} | (
-        set(tune.DEFAULT_SPACE) - {"loss", "loss_scale", "margin", "epochs"})
+        set(tune.DEFAULT_SPACE) - {"loss", "loss_scale", "margin", "epochs"}
+    )
 
 
 def test_defaults_outside_the_space_are_drawn_and_said(tiny_data):
-    space = tune.load_space({"lr": {"type": "float", "low": 1e-3, "high": 1e-2},
-                             "warmup_epochs": {"type": "int", "low": 0, "high": 4, "step": 2},
-                             "loss": {"type": "categorical", "choices": ["arc_face", "proxy_nca"]}})
+    space = tune.load_space(
+        {
+            "lr": {"type": "float", "low": 1e-3, "high": 1e-2},
+            "warmup_epochs": {"type": "int", "low": 0, "high": 4, "step": 2},
+            "loss": {"type": "categorical", "choices": ["arc_face", "proxy_nca"]},
+        }
+    )
     base = tune.base_config(tiny_data, space, 1, 0)
     params, drawn = tune.default_params(space, base)
-    assert drawn == {"lr": "the default 2.15e-05 is outside 0.001..0.01",
-                     "warmup_epochs": "the default 1 is off the grid 0 + k * 2",
-                     "loss": "the default cos_face is not among the choices ['arc_face', 'proxy_nca']",
-                     "loss_scale": "follows the drawn loss", "margin": "follows the drawn loss"}
+    assert drawn == {
+        "lr": "the default 2.15e-05 is outside 0.001..0.01",
+        "warmup_epochs": "the default 1 is off the grid 0 + k * 2",
+        "loss": "the default cos_face is not among the choices ['arc_face', 'proxy_nca']",
+        "loss_scale": "follows the drawn loss",
+        "margin": "follows the drawn loss",
+    }
     study = optuna.create_study(direction="maximize")
     tune.enqueue_default(study, space, base)
     trial = study.ask()
@@ -214,20 +277,38 @@ def synthetic_study(values: list[float], default_at: int) -> optuna.Study:
     study = optuna.create_study(direction="maximize")
     lr = optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)
     for i, value in enumerate(values):
-        attrs = {tune.FINISHED: True, "options": {"lr": 1e-5 * (i + 1)}, "val_map@r": value, "val_recall@1": value,
-                 "best_epoch": 1, "start_map@r": 0.1, **({tune.DEFAULT: {}} if i == default_at else {})}
-        study.add_trial(optuna.trial.create_trial(params={"lr": 1e-5 * (i + 1)}, distributions={"lr": lr},
-                                                  value=value, user_attrs=attrs))
+        attrs = {
+            tune.FINISHED: True,
+            "options": {"lr": 1e-5 * (i + 1)},
+            "val_map@r": value,
+            "val_recall@1": value,
+            "best_epoch": 1,
+            "start_map@r": 0.1,
+            **({tune.DEFAULT: {}} if i == default_at else {}),
+        }
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"lr": 1e-5 * (i + 1)}, distributions={"lr": lr}, value=value, user_attrs=attrs
+            )
+        )
     return study
 
 
-@pytest.mark.parametrize("values, chosen, sentence", [
-    ([0.5, 0.4, 0.45], 0, "no trial beat the default recipe (trial 0, val MAP@R 50.00; the best other, trial 2, "
-                          "45.00, difference -5.00): best.json is the default recipe"),
-    ([0.5, 0.6, 0.45], 1, "trial 1 val MAP@R 60.00 against the default recipe (trial 0) 50.00, difference +10.00"),
-])
-def test_report_and_summary_compare_the_best_with_the_default(values, chosen, sentence, tiny_data, tmp_path,
-                                                             capsys, no_plots):
+@pytest.mark.parametrize(
+    "values, chosen, sentence",
+    [
+        (
+            [0.5, 0.4, 0.45],
+            0,
+            "no trial beat the default recipe (trial 0, val MAP@R 50.00; the best other, trial 2, "
+            "45.00, difference -5.00): best.json is the default recipe",
+        ),
+        ([0.5, 0.6, 0.45], 1, "trial 1 val MAP@R 60.00 against the default recipe (trial 0) 50.00, difference +10.00"),
+    ],
+)
+def test_report_and_summary_compare_the_best_with_the_default(
+    values, chosen, sentence, tiny_data, tmp_path, capsys, no_plots
+):
     study = synthetic_study(values, default_at=0)
     base = tune.base_config(tiny_data, tune.load_space(SPACE), 1, 0)
     best = tune.write_outputs(study, tmp_path, base, tune.load_space(SPACE))
@@ -235,8 +316,10 @@ def test_report_and_summary_compare_the_best_with_the_default(values, chosen, se
     assert capsys.readouterr().out.startswith(f"best: {sentence}; ")
     report = (tmp_path / "report.md").read_text()
     top = 2 if chosen == 0 else chosen
-    assert (f"| default recipe | 0 | 50.00 |\n| {'best other' if chosen == 0 else 'best'} | {top} | "
-            f"{100 * values[top]:.2f} |\n| difference | | {100 * (values[top] - 0.5):+.2f} |") in report
+    assert (
+        f"| default recipe | 0 | 50.00 |\n| {'best other' if chosen == 0 else 'best'} | {top} | "
+        f"{100 * values[top]:.2f} |\n| difference | | {100 * (values[top] - 0.5):+.2f} |"
+    ) in report
     assert sentence[0].upper() + sentence[1:] + "." in report and f"Best: trial {chosen}" in report
 
 
@@ -252,8 +335,20 @@ def test_a_tie_with_the_default_recommends_the_default(tiny_data, tmp_path, no_p
 def test_killed_tune_resumes_without_rerunning_finished_trials(tiny_data, tmp_path, capsys, no_plots):
     out, space = tmp_path / "study", tmp_path / "space.json"
     space.write_text(json.dumps(SPACE))
-    cmd = [sys.executable, "-m", "momentum_proxy", "tune", "--data", str(tiny_data), "--out", str(out),
-           "--trials", "2", "--space", str(space)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "momentum_proxy",
+        "tune",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(out),
+        "--trials",
+        "2",
+        "--space",
+        str(space),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for((out / "trials" / "1" / "config.json").exists, lambda: proc.poll() is None)
     proc.send_signal(signal.SIGKILL)
@@ -269,8 +364,10 @@ def test_killed_tune_resumes_without_rerunning_finished_trials(tiny_data, tmp_pa
     assert [tune.DEFAULT in t.user_attrs for t in trials] == [True, False, False]  # not queued again on resume
     assert trials[0].value == first[0].value and (out / "trials" / "0" / "metrics.csv").stat().st_mtime_ns == log0
     assert "trial 1 was interrupted" in capsys.readouterr().out
-    assert json.loads((out / "best.json").read_text())["lr"] == max(
-        (trials[0], trials[2]), key=lambda t: t.value).user_attrs["options"]["lr"]
+    assert (
+        json.loads((out / "best.json").read_text())["lr"]
+        == max((trials[0], trials[2]), key=lambda t: t.value).user_attrs["options"]["lr"]
+    )
 
 
 def test_diverged_and_failing_trials_do_not_stop_the_study(tiny_data, tmp_path, monkeypatch, capsys, no_plots):
@@ -307,17 +404,20 @@ def test_tune_refuses_data_without_val_split(tiny_data, tmp_path, capsys):
     assert not (tmp_path / "study").exists()
 
 
-@pytest.mark.parametrize("entry, message", [
-    ({"colour": 1}, "unknown option 'colour'"),
-    ({"select": "test"}, "set by the tuner"),
-    ({"epochs": {"type": "int", "low": 1, "high": 3}}, "epochs is the budget"),
-    ({"lr": {"type": "float", "low": 1e-3, "high": 1e-5}}, "low must be below high"),
-    ({"lr": {"type": "float", "low": 0.0, "high": 1e-3, "log": True}}, "needs low > 0"),
-    ({"lr": {"type": "float", "low": "a", "high": 1e-3}}, "needs numbers"),
-    ({"loss": {"type": "categorical", "choices": []}}, "non-empty list"),
-    ({"lr": {"low": 1e-5, "high": 1e-3}}, "give a plain value"),
-    ({"margin": {"per_loss": {"triplet": {"type": "float", "low": 0.1, "high": 0.2}}}}, "unknown loss 'triplet'"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"colour": 1}, "unknown option 'colour'"),
+        ({"select": "test"}, "set by the tuner"),
+        ({"epochs": {"type": "int", "low": 1, "high": 3}}, "epochs is the budget"),
+        ({"lr": {"type": "float", "low": 1e-3, "high": 1e-5}}, "low must be below high"),
+        ({"lr": {"type": "float", "low": 0.0, "high": 1e-3, "log": True}}, "needs low > 0"),
+        ({"lr": {"type": "float", "low": "a", "high": 1e-3}}, "needs numbers"),
+        ({"loss": {"type": "categorical", "choices": []}}, "non-empty list"),
+        ({"lr": {"low": 1e-5, "high": 1e-3}}, "give a plain value"),
+        ({"margin": {"per_loss": {"triplet": {"type": "float", "low": 0.1, "high": 0.2}}}}, "unknown loss 'triplet'"),
+    ],
+)
 def test_bad_space_entries_are_refused(entry, message):
     with pytest.raises(UserError, match=message):
         tune.load_space(entry)
@@ -337,8 +437,13 @@ def test_space_file_is_put_over_the_default(tmp_path):
 def test_space_of_the_earlier_spelling_loads_and_its_study_continues(tmp_path):
     """A space with `momentum`, `proxy_update` mean/sum and `workers` means today's proxy_momentum, momentum_target
     and loader_workers; a study begun with the earlier default space is the same study."""
-    space = tune.load_space({"momentum": {"type": "float", "low": 0.2, "high": 0.4}, "workers": 0,
-                             "proxy_update": {"type": "categorical", "choices": ["sum"]}})
+    space = tune.load_space(
+        {
+            "momentum": {"type": "float", "low": 0.2, "high": 0.4},
+            "workers": 0,
+            "proxy_update": {"type": "categorical", "choices": ["sum"]},
+        }
+    )
     assert space.searched["proxy_momentum"] == {"type": "float", "low": 0.2, "high": 0.4}
     assert space.searched["momentum_target"] == {"type": "categorical", "choices": ["sum"]}
     assert space.fixed["loader_workers"] == 0 and not {"momentum", "proxy_update", "workers"} & set(space.entries)
@@ -366,8 +471,10 @@ def test_suggest_gives_a_margin_only_to_losses_that_have_one():
 # --- the TrainConfig options added for the search: schedule, aug_scale_min, final_test ---------------------
 def test_cosine_and_multistep_schedules():
     param = torch.nn.Parameter(torch.zeros(1))
-    for schedule, expected in [("cosine", [0.5 * (1 + math.cos(math.pi * e / 5)) for e in range(5)]),
-                               ("multistep", [1, 1, 0.1, 0.1, 0.01])]:
+    for schedule, expected in [
+        ("cosine", [0.5 * (1 + math.cos(math.pi * e / 5)) for e in range(5)]),
+        ("multistep", [1, 1, 0.1, 0.1, 0.01]),
+    ]:
         opt = torch.optim.SGD([param], lr=1.0)
         sched = training.make_scheduler(TrainConfig(data="", out="", epochs=5, schedule=schedule), opt)
         lrs = []
@@ -382,17 +489,24 @@ def test_aug_scale_min_bounds_the_crop(tiny_data):
     gradient = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (64, 1, 3))
     image = Image.fromarray(gradient)
     whole = np.asarray(image.resize((32, 32), Image.Resampling.BILINEAR))
+
     def crops(scale_min):
         return [np.asarray(train_transform(32, scale_min)(image, np.random.default_rng(s))) for s in range(20)]
+
     is_whole = lambda a: np.array_equal(a, whole) or np.array_equal(a, whole[:, ::-1])  # noqa: E731
     assert all(is_whole(a) for a in crops(1.0))
     assert not all(is_whole(a) for a in crops(0.16))
     assert load_datasets(tiny_data, 32, aug_scale_min=0.5).train.transform.scale == (0.5, 1.0)
 
 
-@pytest.mark.parametrize("change, message", [({"schedule": "linear"}, "unknown --schedule"),
-                                             ({"aug_scale_min": 0.0}, "--aug-scale-min"),
-                                             ({"aug_scale_min": 1.5}, "--aug-scale-min")])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"schedule": "linear"}, "unknown --schedule"),
+        ({"aug_scale_min": 0.0}, "--aug-scale-min"),
+        ({"aug_scale_min": 1.5}, "--aug-scale-min"),
+    ],
+)
 def test_new_options_are_validated(change, message):
     with pytest.raises(UserError, match=message):
         TrainConfig(data="", out="", **change).validate()

@@ -1,4 +1,5 @@
 """`mproxy tune-rerank`: an Optuna study of re-ranking settings on a trained run's val split (no retraining)."""
+
 import json
 import re
 import shlex
@@ -40,8 +41,9 @@ def embedded(monkeypatch):
     """The splits of every image set built for embedding (`evaluation.jobs`)."""
     seen = []
     real = jobs.eval_dataset
-    monkeypatch.setattr(jobs, "eval_dataset", lambda root, frame, *a: seen.append(set(frame["split"]))
-                        or real(root, frame, *a))
+    monkeypatch.setattr(
+        jobs, "eval_dataset", lambda root, frame, *a: seen.append(set(frame["split"])) or real(root, frame, *a)
+    )
     return seen
 
 
@@ -51,8 +53,9 @@ def study(run, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         seen = []
         real = jobs.eval_dataset
-        mp.setattr(jobs, "eval_dataset", lambda root, frame, *a: seen.append(set(frame["split"]))
-                   or real(root, frame, *a))
+        mp.setattr(
+            jobs, "eval_dataset", lambda root, frame, *a: seen.append(set(frame["split"])) or real(root, frame, *a)
+        )
         best = tr.tune_rerank(run, out, 8)
     return out, best, seen
 
@@ -91,8 +94,9 @@ def test_best_json_reproduces_evaluate_on_val_exactly(study, run, tmp_path, caps
     # the report's command line, run as printed: its val figures are the stored ones, to the last bit
     report = (out / "report.md").read_text()
     line = re.search(r"^mproxy evaluate .* --split val.*$", report, re.M)[0]
-    assert line == shlex.join(["mproxy", "evaluate", str(run), "--split", "val", "--tta", "none",
-                               *tr.rerank_flags(tr.best_rerank(best))])
+    assert line == shlex.join(
+        ["mproxy", "evaluate", str(run), "--split", "val", "--tta", "none", *tr.rerank_flags(tr.best_rerank(best))]
+    )
     code, _, err = run_cli([*shlex.split(line)[1:], "--out", tmp_path / "val.json"], capsys)
     assert code == 0, err
     figures = json.loads((tmp_path / "val.json").read_text())["val"]
@@ -138,8 +142,12 @@ def test_an_interrupted_trial_0_is_retried_as_no_reranking(study, run, tmp_path,
 
 
 def test_a_space_narrows_and_fixes_the_search_and_trial_0_stays_none(study, run, tmp_path):
-    space = {"method": {"type": "categorical", "choices": ["dba", "kreciprocal"]}, "alpha": 0,
-             "k": {"per_method": {"dba": {"type": "int", "low": 2, "high": 4}}}, "lambda": 0.25}
+    space = {
+        "method": {"type": "categorical", "choices": ["dba", "kreciprocal"]},
+        "alpha": 0,
+        "k": {"per_method": {"dba": {"type": "int", "low": 2, "high": 4}}},
+        "lambda": 0.25,
+    }
     tr.tune_rerank(run, cached(study, tmp_path / "study"), 4, space=space)
     trials = load(tmp_path / "study").trials
     assert trials[0].params == {} and trials[0].user_attrs["rerank"] == {"method": "none"}
@@ -152,18 +160,21 @@ def test_a_space_narrows_and_fixes_the_search_and_trial_0_stays_none(study, run,
             assert set(t.params) == {"method", "k2[kreciprocal]"}
 
 
-@pytest.mark.parametrize("entry,message", [
-    ({"method": "bogus"}, "search space: method: unknown method 'bogus'"),
-    ({"method": {"type": "categorical", "choices": ["dba", "x"]}}, "unknown method 'x'"),
-    ({"k": {"type": "float", "low": 1, "high": 5}}, "search space: k: k takes whole numbers"),
-    ({"k": {"type": "int", "low": 0, "high": 5}}, "search space: k: a whole number from 1 to 1000 expected, got 0"),
-    ({"alpha": {"type": "float", "low": 0, "high": 500}}, "search space: alpha: a number from 0 to 100 expected"),
-    ({"lam": 1.5}, "search space: lam: a number from 0 to 1 expected, got 1.5"),
-    ({"alpha": {"per_method": {"kreciprocal": 2}}}, "search space: alpha[kreciprocal]: kreciprocal takes no alpha"),
-    ({"k2": {"type": "int", "low": 5, "high": 2}}, "low must be below high"),
-    ({"lr": 0.1}, "search space: unknown entry 'lr'"),
-    ({"lam": 0.1, "lambda": 0.2}, "give lam or lambda, not both"),
-])
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        ({"method": "bogus"}, "search space: method: unknown method 'bogus'"),
+        ({"method": {"type": "categorical", "choices": ["dba", "x"]}}, "unknown method 'x'"),
+        ({"k": {"type": "float", "low": 1, "high": 5}}, "search space: k: k takes whole numbers"),
+        ({"k": {"type": "int", "low": 0, "high": 5}}, "search space: k: a whole number from 1 to 1000 expected, got 0"),
+        ({"alpha": {"type": "float", "low": 0, "high": 500}}, "search space: alpha: a number from 0 to 100 expected"),
+        ({"lam": 1.5}, "search space: lam: a number from 0 to 1 expected, got 1.5"),
+        ({"alpha": {"per_method": {"kreciprocal": 2}}}, "search space: alpha[kreciprocal]: kreciprocal takes no alpha"),
+        ({"k2": {"type": "int", "low": 5, "high": 2}}, "low must be below high"),
+        ({"lr": 0.1}, "search space: unknown entry 'lr'"),
+        ({"lam": 0.1, "lambda": 0.2}, "give lam or lambda, not both"),
+    ],
+)
 def test_bad_space_entries_are_refused(entry, message):
     with pytest.raises(UserError, match=re.escape(message)):
         tr.load_space(entry)
@@ -172,13 +183,15 @@ def test_bad_space_entries_are_refused(entry, message):
 def test_cli_refuses_a_bad_space_or_metric_in_one_line(tiny_run, tmp_path, capsys):
     space = tmp_path / "space.yaml"
     space.write_text("method: [dba]\n")
-    for extra, message in [(["--space", space], "search space: method: unknown method ['dba']"),
-                           (["--metric", "nmi"], "unknown --metric 'nmi'"),
-                           (["--tta", "rotate"], "unknown --tta 'rotate'")]:
-        code, out, err = run_cli(["tune-rerank", tiny_run, "--out", tmp_path / "study", "--trials", 2, *extra],
-                                 capsys)
-        assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("mproxy: error: ") \
-            and message in err, err
+    for extra, message in [
+        (["--space", space], "search space: method: unknown method ['dba']"),
+        (["--metric", "nmi"], "unknown --metric 'nmi'"),
+        (["--tta", "rotate"], "unknown --tta 'rotate'"),
+    ]:
+        code, out, err = run_cli(["tune-rerank", tiny_run, "--out", tmp_path / "study", "--trials", 2, *extra], capsys)
+        assert (
+            code == 2 and out == "" and err.count("\n") == 1 and err.startswith("mproxy: error: ") and message in err
+        ), err
     code, _, err = run_cli(["tune-rerank", tmp_path / "missing", "--out", tmp_path / "s", "--trials", 2], capsys)
     assert code == 2 and err == f"mproxy: error: {tmp_path / 'missing'} is not a run folder (no config.json)\n"
     assert not (tmp_path / "study").exists()
@@ -200,14 +213,25 @@ def test_metric_and_options_round_trip():
     for bad in ("nmi", "recall", "recall@0", "MAP@R"):
         with pytest.raises(UserError):
             tr.check_metric(bad)
-    for rerank in (Rerank("none"), Rerank("dba+aqe", k=7, alpha=2.1), Rerank("kreciprocal", k=6, k2=11,
-                                                                              lam=0.07205113335976154)):
+    for rerank in (
+        Rerank("none"),
+        Rerank("dba+aqe", k=7, alpha=2.1),
+        Rerank("kreciprocal", k=6, k2=11, lam=0.07205113335976154),
+    ):
         options = tr.rerank_options(rerank)
         assert tr.best_rerank(options) == rerank
         flags = tr.rerank_flags(rerank)
         parsed = dict(zip(flags[::2], flags[1::2]))
-        assert Rerank(parsed["--rerank"], *(float(parsed[f]) if f in parsed else None for f in (
-            "--rerank-k", "--rerank-alpha", "--rerank-k2", "--rerank-lambda"))) == rerank
+        assert (
+            Rerank(
+                parsed["--rerank"],
+                *(
+                    float(parsed[f]) if f in parsed else None
+                    for f in ("--rerank-k", "--rerank-alpha", "--rerank-k2", "--rerank-lambda")
+                ),
+            )
+            == rerank
+        )
     assert tr.rerank_options(Rerank("dba", k=5)) == {"rerank": "dba", "rerank_k": 5, "rerank_alpha": 3.0}
     with pytest.raises(UserError, match="not a tune-rerank best.json"):
         tr.best_rerank({"lr": 1})

@@ -1,5 +1,6 @@
 """Model processes (`embedding/processes.py`): the same embeddings as in-process, restart after a crash, the CPU
 thread budget, the batcher's runners, and `--model-processes` refusals."""
+
 import os
 import signal
 import threading
@@ -61,6 +62,7 @@ def test_thread_budget_gives_a_lone_small_batch_every_thread_and_never_more_thre
         started.set()
         with budget.take(8) as k:
             held.append((k, time.perf_counter()))
+
     with budget.take(2) as n:  # alone: all 4 threads; a batch arriving meanwhile waits
         assert n == 4
         worker = threading.Thread(target=second)
@@ -83,6 +85,7 @@ def test_batcher_runners_each_take_their_share_of_the_last_round():
             if len(sizes) <= 2:
                 gate.wait(timeout=300)  # the first two batches run side by side
             return np.array(items)
+
         return run
 
     batcher = Batcher(setup, wait_ms=2000, runners=2)
