@@ -31,7 +31,7 @@ from momentum_proxy.config import (
 )
 from momentum_proxy.errors import UserError, require_extra
 from momentum_proxy.fileio import check_writable_folder, read_json
-from momentum_proxy.perf import tune_allocator
+from momentum_proxy.perf import passive_omp_wait, tune_allocator
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -807,6 +807,7 @@ def add_serve(sub) -> None:
 
 def run_serve(a) -> None:
     rerank = rerank_of(a)
+    passive_omp_wait()  # before torch loads (serving.app imports it)
     from momentum_proxy.serving.app import TOKEN_ENV, serve  # job
 
     if a.max_upload_mb <= 0 or a.max_pixels < 1 or a.max_batch < 1 or a.batch_wait_ms < 0:
