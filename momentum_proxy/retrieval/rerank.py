@@ -491,7 +491,9 @@ def _ranked(scores: np.ndarray, raw: np.ndarray | None, k: int, keep: int) -> np
     rows = []
     for s_row, r_row in zip(scores, raw):
         first = _top(r_row, min(keep, k))
-        rest = _top(np.where(np.isin(np.arange(len(s_row)), first), -np.inf, s_row), k - len(first))
+        others = s_row.copy()
+        others[first] = -np.inf  # the kept hits are not ranked again
+        rest = _top(others, k - len(first))
         rows.append(np.concatenate([first, rest]))
     return np.stack(rows)
 
