@@ -292,7 +292,8 @@ def make_run(folder: Path, dim: int) -> dict:
     import torch
 
     from momentum_proxy.models.net import EmbeddingNet
-    from momentum_proxy.runs import BEST, RunDir, TrainConfig, model_identity
+    from momentum_proxy.runs import BEST, RunDir, model_identity
+    from momentum_proxy.training.config import TrainConfig
 
     cfg = TrainConfig(
         data=str(folder / "no-data"),

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from momentum_proxy.config import TrainConfig
 from momentum_proxy.deploy.runtimes import load_embedder
 from momentum_proxy.evaluation.jobs import embed_split, evaluate_arrays, evaluate_run
 from momentum_proxy.fileio import write_text
 from momentum_proxy.retrieval.faiss_store import FaissStore
 from momentum_proxy.retrieval.rerank import Rerank, rerank_store
 from momentum_proxy.runs import RunDir
+from momentum_proxy.training.config import TrainConfig
 from momentum_proxy.training.loop import train
 from momentum_proxy.vectors import l2_normalize
 

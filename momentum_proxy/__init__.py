@@ -25,7 +25,8 @@ _PUBLIC = {
     "prepare_folder": "momentum_proxy.data.prepare",
     "generate_synthetic": "momentum_proxy.data.synthetic",
     # configuration and training
-    "TrainConfig": "momentum_proxy.config",
+    "ModelConfig": "momentum_proxy.config",
+    "TrainConfig": "momentum_proxy.training.config",
     "train": "momentum_proxy.training.loop",
     "resume": "momentum_proxy.training.loop",
     "MomentumProxyUpdate": "momentum_proxy.training.proxies",

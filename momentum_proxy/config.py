@@ -1,7 +1,10 @@
-"""Training configuration: `TrainConfig`, its recipes and its validation — plain Python, no torch import.
+"""The configuration the layers below training share — plain Python, no torch import: the default retrieval
+pipeline, the choices of the model and evaluation options, and `ModelConfig`, a trained model's settings as the
+layers that load, embed with and evaluate a run read them from its config.json. The training options
+(`TrainConfig`, its recipes and validation) extend it in `training/config.py`.
 
-Every option is checked here before anything is written or any heavy library is loaded, so a bad value costs
-the user a one-line error, not a claimed run folder.
+Every option is checked before anything is written or any heavy library is loaded, so a bad value costs the user
+a one-line error, not a claimed run folder.
 """
 
 from __future__ import annotations
@@ -10,22 +13,15 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
-from momentum_proxy.errors import UserError, require_extra
+from momentum_proxy.errors import UserError
 
-LOSS_NAMES = ("proxy_nca", "normalized_softmax", "cos_face", "arc_face", "proxy_anchor")
-OPTIMIZERS = ("adam", "sgd")
-PROXY_UPDATES = ("momentum", "gradient")
-MOMENTUM_TARGETS = ("mean", "sum")
 POOLINGS = ("max", "avgmax")
 METRICS = ("recall", "precision@1", "r_precision", "map@r", "nmi")
 RETRIEVAL_METRICS = ("recall", "precision@1", "r_precision", "map@r")
-SELECT_METRICS = ("recall@1", "precision@1", "r_precision", "map@r")
-SELECTIONS = ("val", "last", "test")
-SCHEDULES = ("multistep", "cosine")
-TRACKERS = ("none", "tensorboard")  # --log
 TTAS = ("none", "flip")  # --tta: test-time augmentation wherever images are embedded (embedding/tta.py)
 # The default retrieval pipeline, chosen on the validation species of birds50 and flowers12 across collection
 # regimes (docs: Choosing post-processing): what `evaluate` and `index` (and so `retrieve` and `serve` over an
@@ -34,157 +30,48 @@ DEFAULT_TTA = "none"
 DEFAULT_RERANK = "dba"  # its parameters: retrieval.rerank.DEFAULTS (k 5, alpha 3), and DEFAULT_KEEP
 DEFAULT_KEEP = 1  # plain cosine hits that a re-ranking keeps first (`retrieval.rerank.Rerank.keep`)
 DEFAULT_RERANK_MAX_ITEMS = 100_000  # larger collections are searched without the default re-ranking
-
-# The original MP tool's behaviour, for exact reproduction (`--recipe original`, implied by its spelling
-# `--data_path/--data_name`): ResNet-50, ProxyNCA, one learning rate, plain SGD (no momentum) or Adam,
-# milestones at int(50%) and int(80%) of the epochs, random proxies, no warm-up, its proxy update that adds
-# m * f_i for every sample, and the best epoch chosen on the test split as its published tables were.
-ORIGINAL_RECIPE = dict(
-    backbone="resnet50",
-    loss="proxy_nca",
-    loss_scale=None,
-    margin=None,
-    lr=1e-3,
-    backbone_lr_mult=1.0,
-    warmup_epochs=0,
-    proxy_init="random",
-    momentum_target="sum",
-    proxy_momentum=0.5,
-    sgd_momentum=0.0,
-    schedule="multistep",
-    milestone_rounding="floor",
-    pooling="max",
-    aug_scale_min=0.16,
-    select="test",
-    select_metric="recall@1",
-)
-RECIPES = ("default", "original")
-# The default recipe's loss parameters, found by `mproxy tune` on birds50 (docs: Tune); a loss not listed
-# here (the original recipe's ProxyNCA among them) uses pytorch-metric-learning's defaults.
-LOSS_DEFAULTS = {"cos_face": {"loss_scale": 30.7, "margin": 0.216}}
-# The backbone when none is given, by the type of the device that trains (`TrainConfig.for_device`).
+# The backbone when none is given, by the type of the device that trains (`ModelConfig.for_device`).
 DEFAULT_BACKBONES = {"cpu": "efficientnet_lite0", "cuda": "resnet50"}
-# Earlier names of options (config.json of older runs, `tune` files, this tool's earlier flags).
-RENAMED = {"momentum": "proxy_momentum", "workers": "loader_workers"}
 
 
 def option(default=None, help: str = "", *, aliases: list[str] = (), factory=None):
-    """A `TrainConfig` field that is also an `mproxy train` option: `--name-with-dashes`, then `aliases` (the
+    """A configuration field that is also an `mproxy train` option: `--name-with-dashes`, then `aliases` (the
     original tool's spellings), with `help`; its type comes from the field's annotation."""
     meta = {"help": help, "aliases": list(aliases)}
     return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
 
 
-@dataclass
-class TrainConfig:
-    """Every option of a training run (`mproxy train` options map 1:1 onto these fields).
+ConfigT = TypeVar("ConfigT", bound="ModelConfig")  # a ModelConfig or TrainConfig, kept as such
 
-    The defaults are the recipe `mproxy tune` found on real fine-grained photos (birds50, selected and compared
-    on validation; docs: Tune): CosFace (scale 30.7, margin 0.216) with momentum proxies (m 0.637)
-    initialised at the class means, avg+max pooling, one warm-up epoch of head and proxies, lr 2.15e-5 with the
-    backbone at 0.332 of it, a cosine schedule, and crops of at least half the image. Rounded to 3 digits.
-    A backbone not given is decided by the device (`for_device`: EfficientNet-Lite0, ResNet-50 on CUDA) when
-    training starts, for the command line and the Python API alike, and an image size not given is the backbone's
-    native one (`models.backbones.resolve_config`); both are recorded in the run's config.json.
+
+@dataclass
+class ModelConfig:
+    """A trained model's settings, as the layers that load, embed with and evaluate a run read them from its
+    config.json (`runs.RunDir.config`): its dataset, the network (backbone, embedding size, pooling, input size)
+    and how images are embedded and evaluated. `training.config.TrainConfig` adds the training options; both are
+    in config.json, and `from_dict` leaves out the keys that are no field here.
     """
 
     data: str
-    out: str
     backbone: str | None = option(
         None,
         "efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2 | resnet50 | "
         "inception | googlenet | timm:NAME (None: efficientnet_lite0, or resnet50 on CUDA)",
         aliases=["--backbone_type"],
     )
-    pretrained: str = option("default", "default (ImageNet weights) | none")
-    weights: str | None = option(None, "pretrained backbone weights file (.pth/.safetensors)")
     feature_dim: int = option(512, "embedding size")
     pooling: str = option("avgmax", "max | avgmax (max + mean pooling)")
-    loss: str = option("cos_face", " | ".join(LOSS_NAMES), aliases=["--loss_name"])
-    loss_scale: float | None = option(
-        None,
-        "inverse temperature of the loss's logits (None: 30.7 for cos_face, as tuned; the library's for the others)",
-    )
-    margin: float | None = option(
-        None,
-        "margin of cos_face, arc_face, proxy_anchor (None: 0.216 for cos_face, as tuned; the library's for the others)",
-    )
-    proxy_update: str = option(
-        "momentum",
-        "how proxies are updated: momentum (after every step, p <- (1 - m) p + m f; "
-        "not learned) | gradient (learned by the optimizer)",
-    )
-    proxy_momentum: float = option(0.637, "m of the momentum update", aliases=["--momentum"])
-    momentum_target: str = option(
-        "mean", "f of the momentum update: mean (of the class's batch embeddings) | sum (the original tool)"
-    )
-    proxy_init: str = option("class_mean", "class_mean | random")
-    optimizer: str = option("adam", " | ".join(OPTIMIZERS))
-    sgd_momentum: float = option(0.9, "momentum of the SGD optimizer (the original tool: none)")
-    lr: float = option(2.15e-5, "head learning rate")
-    backbone_lr_mult: float = option(0.332, "backbone learning rate = lr x this")
-    warmup_epochs: int = option(1, "first epochs train head and proxies only (backbone frozen)")
-    milestone_rounding: str = option("round", "round | floor (the original tool's int()) of the multistep milestones")
-    schedule: str = option(
-        "cosine", "learning-rate schedule: multistep (x0.1 at 50% and 80% of the epochs) | cosine (to 0 at the end)"
-    )
-    aug_scale_min: float = option(0.501, "smallest area fraction of the random-resized training crop")
-    batch_size: int = option(64, "batch size per process", aliases=["--batch_size"])
-    epochs: int = option(
-        20, "epochs (0: no training, the run keeps the pretrained start)", aliases=["--num_epochs", "--num-epochs"]
-    )
-    recalls: list[int] = option(help="K of Recall@K", factory=lambda: [1, 2, 4, 8])
-    metrics: list[str] = option(help="per-epoch metrics: " + ",".join(METRICS), factory=lambda: ["recall", "map@r"])
-    select: str | None = option(
-        None,
-        "val | last | test: which epoch becomes best.pt (None: val when the data has a "
-        "val split, else last; test only to reproduce published tables)",
-    )
-    select_metric: str = option("map@r", " | ".join(SELECT_METRICS) + " (selection)")
-    test_every_epoch: bool = option(False, "also report test metrics every epoch (never selects)")
-    final_test: bool = option(
-        True, "evaluate the selected checkpoint on the test split at the end (off: tuning trials)"
-    )
     image_size: int | None = option(
         None,
         "input size in pixels (None: the backbone's native size, e.g. 224 for "
         "efficientnet_lite0, 240 lite1, 260 lite2, timm's pretrained_cfg for timm:NAME)",
     )
-    seed: int = option(0, "random seed")
-    device: str = option("auto", "auto | cpu | cuda")
-    loader_workers: int | None = option(None, "data-loader processes (None: 0 on <= 2 CPU cores, else cores - 1)")
-    amp: str = option("none", "none | bf16 | fp16 (CUDA) mixed precision")
-    grad_accum: int = option(1, "gradient accumulation steps")
-    compile: bool = option(False, "torch.compile the model")
+    batch_size: int = option(64, "batch size per process", aliases=["--batch_size"])
     eval_batch_size: int | None = option(None, "batch size of embedding (None: twice --batch-size)")
-    log_every: int = option(10, "steps between checks of the running loss (the step loop's only host sync)")
-    log: str = option(
-        "none",
-        "experiment tracking beside metrics.csv: none | tensorboard (per-epoch metrics, loss, "
-        "learning rate and a retrieval picture in RUN_DIR/tensorboard/; the [track] extra)",
-    )
+    loader_workers: int | None = option(None, "data-loader processes (None: 0 on <= 2 CPU cores, else cores - 1)")
+    recalls: list[int] = option(help="K of Recall@K", factory=lambda: [1, 2, 4, 8])
 
-    @property
-    def loss_params(self) -> tuple[float | None, float | None]:
-        """(scale, margin) of the loss: the given ones, else the default recipe's for this loss (None: the
-        library's)."""
-        tuned = LOSS_DEFAULTS.get(self.loss, {})
-        return (
-            self.loss_scale if self.loss_scale is not None else tuned.get("loss_scale"),
-            self.margin if self.margin is not None else tuned.get("margin"),
-        )
-
-    @property
-    def momentum_mode(self) -> bool:
-        """Proxies moved by `MomentumProxyUpdate`, not learned."""
-        return self.proxy_update == "momentum"
-
-    @property
-    def optimizer_label(self) -> str:
-        """The optimizer and, with momentum proxies, `-momentum` (run-folder names, reports)."""
-        return f"{self.optimizer}-momentum" if self.momentum_mode else self.optimizer
-
-    def for_device(self, device_type: str) -> TrainConfig:
+    def for_device(self: ConfigT, device_type: str) -> ConfigT:
         """This configuration with the backbone decided for a `device_type` ("cpu", "cuda") when not given:
         efficientnet_lite0, or resnet50 on CUDA."""
         if self.backbone is not None:
@@ -197,123 +84,27 @@ class TrainConfig:
         return self.eval_batch_size or 2 * self.batch_size
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        """The configuration of a mapping in any spelling (`upgrade_options`); keys that are no field are left out."""
+    def from_dict(cls: type[ConfigT], d: dict) -> ConfigT:
+        """The configuration of a mapping (a run's config.json); keys that are no field are left out."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in upgrade_options(d).items() if k in known})
-
-    @classmethod
-    def from_recipe(cls, name: str = "default", **overrides) -> TrainConfig:
-        """The named recipe (`default` or `original`) with `overrides` applied."""
-        if name not in RECIPES:
-            raise UserError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
-        base = {**(ORIGINAL_RECIPE if name == "original" else {}), **overrides}
-        return cls(**{"data": "", "out": "", **base})
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def with_(self, **changes) -> TrainConfig:
+    def with_(self: ConfigT, **changes) -> ConfigT:
         return replace(self, **changes)
 
     def validate(self) -> None:
-        """Raise UserError for any bad option (no torch import, nothing written)."""
-        _choice("loss", self.loss, LOSS_NAMES)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("proxy-update", self.proxy_update, PROXY_UPDATES)
-        _choice("momentum-target", self.momentum_target, MOMENTUM_TARGETS)
-        _choice("pretrained", self.pretrained, ("default", "none"))
-        _choice("amp", self.amp, ("none", "bf16", "fp16"))
-        _choice("proxy-init", self.proxy_init, ("class_mean", "random"))
-        _choice("pooling", self.pooling, POOLINGS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("milestone-rounding", self.milestone_rounding, ("round", "floor"))
-        _choice("select-metric", self.select_metric, SELECT_METRICS)
-        _choice("log", self.log, TRACKERS)
-        if self.log == "tensorboard":  # also for the Python API and a resumed run, before anything is written
-            require_extra("track", "--log tensorboard")
-        if self.select is not None:
-            _choice("select", self.select, SELECTIONS)
-        if self.epochs < 0:
-            raise UserError(f"--epochs must be >= 0 (0: the pretrained start only), got {self.epochs}")
-        for name in ("batch_size", "feature_dim", "image_size", "grad_accum", "log_every"):
+        """Raise UserError for a bad value of these fields (no torch import, nothing written)."""
+        check_choice("pooling", self.pooling, POOLINGS)
+        for name in ("batch_size", "feature_dim", "image_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_epochs < 0:
-            raise UserError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
-        if not 0.0 <= self.proxy_momentum <= 1.0:
-            raise UserError(f"--proxy-momentum must be in [0, 1], got {self.proxy_momentum}")
-        if not 0.0 < self.aug_scale_min <= 1.0:
-            raise UserError(f"--aug-scale-min must be in (0, 1], got {self.aug_scale_min}")
-        if not 0.0 <= self.sgd_momentum < 1.0:
-            raise UserError(f"--sgd-momentum must be in [0, 1), got {self.sgd_momentum}")
-        if not self.lr > 0 or not self.backbone_lr_mult >= 0:
-            raise UserError("--lr must be > 0 and --backbone-lr-mult >= 0")
-        if self.loss_scale is not None and not self.loss_scale > 0:
-            raise UserError(f"--loss-scale must be positive, got {self.loss_scale}")
-        if self.margin is not None and self.loss not in ("cos_face", "arc_face", "proxy_anchor"):
-            raise UserError(f"{self.loss} has no margin; --margin applies to cos_face, arc_face, proxy_anchor")
-        for m in self.metrics:
-            _choice("metrics", m, METRICS)
-        if not self.metrics:
-            raise UserError("--metrics needs at least one metric")
         if not self.recalls or min(self.recalls) < 1:
             raise UserError("--recalls must be positive integers, e.g. 1,2,4,8")
-        if self.weights is not None and not Path(self.weights).is_file():
-            raise UserError(f"weights file not found: {self.weights}")
         if self.loader_workers is not None and self.loader_workers < 0:
             raise UserError(f"--loader-workers must be >= 0, got {self.loader_workers}")
-
-    def epoch_metrics(self) -> list[str]:
-        """The metrics computed every epoch: the requested ones plus the one selection needs."""
-        needed = "recall" if self.select_metric.startswith("recall@") else self.select_metric
-        return list(dict.fromkeys([*self.metrics, needed]))
-
-    def epoch_recalls(self) -> list[int]:
-        ks = list(self.recalls)
-        return ks if 1 in ks or not self.select_metric.startswith("recall@") else [1, *ks]
-
-
-def upgrade_options(values: dict) -> dict:
-    """`values` (TrainConfig fields) in today's spelling; the one place that reads the earlier ones.
-
-    `momentum` and `workers` become proxy_momentum and loader_workers; proxy_update `mean`/`sum` becomes
-    momentum_target (with momentum proxies); an optimizer `adam*`/`sgd*` (`*`: momentum proxies) becomes
-    adam/sgd with proxy_update momentum. A plain adam/sgd meant learned proxies (proxy_update gradient) in the
-    original tool's `optimizer_type` and in the earlier layout (a `momentum` key), while today it names only the
-    optimizer.
-    """
-    v = dict(values)
-    earlier = "momentum" in v and "proxy_momentum" not in v
-    for old, new in RENAMED.items():
-        if old in v:
-            v.setdefault(new, v.pop(old))
-    if _earlier_target(v.get("proxy_update")):  # the proxy_update default, momentum, is the mode it meant
-        v["momentum_target"] = v.pop("proxy_update")
-    packed = v.pop("optimizer_type", None)
-    if packed is None and (earlier or str(v.get("optimizer")).endswith("*")):
-        packed = v.get("optimizer")
-    if isinstance(packed, str):
-        v["optimizer"], v["proxy_update"] = packed.rstrip("*"), "momentum" if packed.endswith("*") else "gradient"
-    return v
-
-
-def _earlier_target(value) -> bool:
-    """proxy_update's earlier values (mean, sum), or a `tune` space's choice among them."""
-    choices = value.get("choices") if isinstance(value, dict) else [value]
-    return isinstance(choices, list) and bool(choices) and all(c in MOMENTUM_TARGETS for c in choices)
-
-
-def read_config_file(path: str | Path) -> dict:
-    """TrainConfig fields from a JSON or YAML file (`train --config FILE`), in any spelling (`upgrade_options`);
-    unknown keys are refused."""
-    path = Path(path)
-    values = upgrade_options(read_mapping_file(path, "config file"))
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known - {"versions", "data_manifest_sha256", "selection"})
-    if unknown:
-        raise UserError(f"{path}: unknown option(s) {', '.join(unknown)}")
-    return {k: v for k, v in values.items() if k in known}
 
 
 def read_mapping_file(path: str | Path, what: str = "file") -> dict:
@@ -340,7 +131,7 @@ def read_mapping_file(path: str | Path, what: str = "file") -> dict:
 def check_tta(tta: str | None) -> None:
     """Refuse an unknown `--tta` (None: the one an index was built with, or none)."""
     if tta is not None:
-        _choice("tta", tta, TTAS)
+        check_choice("tta", tta, TTAS)
 
 
 MEMORY_UNITS = {
@@ -377,14 +168,7 @@ def parse_memory(text: str | int, option: str = "--max-memory") -> int:
     return size
 
 
-def _choice(option: str, value, choices) -> None:
+def check_choice(option: str, value, choices) -> None:
+    """Refuse a `--option` value that is not one of `choices`, naming them."""
     if value not in choices:
         raise UserError(f"unknown --{option} {value!r}; choose from {', '.join(map(str, choices))}")
-
-
-def run_folder_name(cfg: TrainConfig) -> str:
-    """Default run-folder name, e.g. `cub_resnet50_proxy_nca_adam-momentum_0.5` (`-momentum`: momentum proxies)."""
-    return (
-        f"{Path(cfg.data).name}_{cfg.backbone.replace(':', '-')}_{cfg.loss}_{cfg.optimizer_label}"
-        f"_{cfg.proxy_momentum:g}"
-    )

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from momentum_proxy.config import TrainConfig
 from momentum_proxy.data.manifest import MANIFEST, read_manifest, split_frame
 from momentum_proxy.data.synthetic import generate_synthetic
 from momentum_proxy.retrieval.present import retrieve_and_draw
 from momentum_proxy.runs import RunDir
+from momentum_proxy.training.config import TrainConfig
 from momentum_proxy.training.loop import train
 
 

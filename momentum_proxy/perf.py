@@ -9,6 +9,7 @@ import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 KEEP_BYTES = 1 << 30
+_PASSIVE_SET = False  # passive_omp_wait set OMP_WAIT_POLICY (the user had not)
 
 
 def flush_denormals() -> bool:
@@ -42,11 +43,38 @@ def share_heap() -> bool:
 def passive_omp_wait() -> None:
     """Let OpenMP worker threads sleep, not spin, when an operation ends (unless the user set OMP_WAIT_POLICY).
 
-    Read once, when torch loads its OpenMP runtime, so it must come before torch is imported; model processes
-    inherit it. In `mproxy serve` (one query at a time, a batcher thread and the event loop beside the model)
-    spinning workers took the cores from the threads that had work: one client's p50 went from 69 to 48 ms and
-    the server's CPU per search from 155 to 96 ms (docs: Choosing post-processing, Cost)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    Read once, when torch loads its OpenMP runtime, so it must come before torch is imported. In `mproxy serve`
+    with the model in the server's process (a batcher thread and the event loop beside it), spinning workers took
+    the cores from the threads that had work: one client's p50 went from 69 to 48 ms and the server's CPU per
+    search from 155 to 96 ms (docs: Choosing post-processing, Cost). Model processes, which run nothing but the
+    model, do better with OpenMP's own policy (`child_env`)."""
+    global _PASSIVE_SET
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        _PASSIVE_SET = True
+
+
+def child_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a model process: without the OMP_WAIT_POLICY that `passive_omp_wait` set (one the user set stays).
+
+    A model process runs one model and nothing else; its OpenMP threads that spin briefly between the
+    operations of a forward pass (OpenMP's default) answered a lone query in 35 ms against 62 ms when they slept,
+    and 16 clients got 62.6 searches/s against 50.5 (docs: Serve)."""
+    if _PASSIVE_SET:
+        env = {k: v for k, v in env.items() if k != "OMP_WAIT_POLICY"}
+    return env
+
+
+def single_thread_blas() -> None:
+    """Run numpy's BLAS (OpenBLAS) on one thread in this process (threadpoolctl).
+
+    The service's searches and re-ranking multiply one query by the index (a few milliseconds of work); with
+    OpenBLAS's threads they waited for each other and for the cores the model processes were using: the
+    default re-ranking over 960 items took 6.9 ms of CPU and 14.8 ms per search on a busy 2-core machine
+    against 0.9 ms and 3.6 ms on one thread (docs: Serve). PyTorch and faiss keep their own threads."""
+    from threadpoolctl import threadpool_limits  # lazy: only the service limits them
+
+    threadpool_limits(1, user_api="blas")
 
 
 def mallopt(param: int, value: int) -> bool:

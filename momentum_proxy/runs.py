@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from momentum_proxy.config import TrainConfig
+from momentum_proxy.config import ModelConfig
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path, check_writable_folder, file_sha256, read_json, write_json, write_text
 from momentum_proxy.paths import BEST, CONFIG, EMBEDDINGS, EVAL, LAST, LOG, METRICS  # the run folder's names
@@ -59,7 +59,7 @@ class RunDir:
         """Refuse, before any work, a path that is a file, lies under a file, or cannot be written."""
         check_writable_folder(self.path, "the run folder")
 
-    def start(self, cfg: TrainConfig, overwrite: bool, extra: dict | None = None) -> None:
+    def start(self, cfg: ModelConfig, overwrite: bool, extra: dict | None = None) -> None:
         """Claim the folder for a new run; refuse one that holds a run unless `overwrite`."""
         if self.has_run() and not overwrite:
             raise UserError(
@@ -71,8 +71,9 @@ class RunDir:
             shutil.rmtree(self / folder, ignore_errors=True)
         write_json(self / CONFIG, {**cfg.to_dict(), **(extra or {}), "versions": package_versions()})
 
-    def config(self) -> TrainConfig:
-        return TrainConfig.from_dict(self.info())
+    def config(self) -> ModelConfig:
+        """The model's settings from config.json (training reads all of it: `TrainConfig.from_dict(run.info())`)."""
+        return ModelConfig.from_dict(self.info())
 
     def extend(self, epochs: int) -> None:
         """Record in config.json that the run now trains `epochs` epochs (`training.loop.resume`)."""

@@ -30,7 +30,7 @@ def tiny_data(tmp_path_factory):
 @pytest.fixture
 def tiny_config(tiny_data, tmp_path):
     """A fast training configuration on `tiny_data` (random-weight Lite0, 64 px, 3 steps an epoch)."""
-    from momentum_proxy.runs import TrainConfig
+    from momentum_proxy.training.config import TrainConfig
 
     return TrainConfig(
         data=str(tiny_data),
@@ -51,7 +51,8 @@ def make_run(out, data, *, epoch: int = 0, seed: int = 0):
     import torch
 
     from momentum_proxy.models.net import EmbeddingNet
-    from momentum_proxy.runs import BEST, RunDir, TrainConfig
+    from momentum_proxy.runs import BEST, RunDir
+    from momentum_proxy.training.config import TrainConfig
 
     cfg = TrainConfig(
         data=str(data), out=str(out), backbone="efficientnet_lite0", pretrained="none", image_size=64, feature_dim=32

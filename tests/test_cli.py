@@ -14,9 +14,10 @@ from conftest import run_cli
 from PIL import Image
 
 from momentum_proxy.cli import config_from_args, main, parser
-from momentum_proxy.config import DEFAULT_RERANK, DEFAULT_TTA, TrainConfig
+from momentum_proxy.config import DEFAULT_RERANK, DEFAULT_TTA
 from momentum_proxy.retrieval.rerank import Rerank
 from momentum_proxy.runs import RunDir
+from momentum_proxy.training.config import TrainConfig
 
 TRAIN = [
     "--pretrained",
@@ -332,7 +333,7 @@ def test_config_files_of_the_earlier_layout_load(optimizer, mode, tmp_path, caps
     (tmp_path / "config.json").write_text(
         json.dumps({**EARLIER_CONFIG, "optimizer": optimizer, "data": str(tmp_path), "out": str(tmp_path / "o")})
     )
-    from_run = RunDir(tmp_path).config()
+    from_run = TrainConfig.from_dict(RunDir(tmp_path).info())
     from_flag = _train_config("--config", tmp_path / "config.json", "--device", "cpu")
     for cfg in (from_run, from_flag):
         assert (cfg.optimizer, cfg.proxy_update, cfg.proxy_momentum, cfg.momentum_target, cfg.loader_workers) == (
@@ -362,7 +363,7 @@ def test_runs_of_the_earlier_layout_are_reported_plotted_and_swept(trained, tmp_
     run = tmp_path / "old" / "run"
     shutil.copytree(trained, run)
     stored = json.loads((run / "config.json").read_text())
-    today = RunDir(run).config()
+    today = TrainConfig.from_dict(RunDir(run).info())
     for key in ("proxy_momentum", "momentum_target", "loader_workers"):
         stored.pop(key)
     stored.update(optimizer="adam*", momentum=today.proxy_momentum, proxy_update=today.momentum_target, workers=0)
@@ -755,7 +756,7 @@ for args in {[[str(a) for a in case] for case in cases]!r}:
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["bench", "--loader-workers", "abc"], "argument --loader-workers: invalid int value: 'abc'"),
+        (["bench", "--loader-workers", "abc"], "--loader-workers takes int, got 'abc'"),
         (["frob"], "invalid choice: 'frob'"),
         (["index"], "the following arguments are required: run_dir, --out"),
         (["prepare", "folder"], "the following arguments are required: --src, --out"),

@@ -14,6 +14,7 @@ import torch
 from conftest import assert_same, wait_for
 
 from momentum_proxy.runs import BEST, EMBEDDINGS, LAST, METRICS, RunDir, load_embeddings
+from momentum_proxy.training.config import TrainConfig
 from momentum_proxy.training.loop import build
 from momentum_proxy.training.proxies import proxy_parameter
 
@@ -169,7 +170,7 @@ def test_learnable_proxies_two_processes_match_one_process_with_double_batch(tin
     # the float error of that gradient times the movement (~2e-7 measured): 2e-5 lies far from both
     atol = 2e-5
     _assert_match(tmp_path / "one", tmp_path / "two", proxy_atol=atol, proxy_rtol=0)
-    cfg = RunDir(tmp_path / "two").config()
+    cfg = TrainConfig.from_dict(RunDir(tmp_path / "two").info())
     torch.manual_seed(cfg.seed)  # as training.setup does before building
     loss = build(cfg, num_classes=2)[1]
     start = proxy_parameter(loss)[0].detach().clone()

@@ -17,7 +17,8 @@ from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import file_sha256
 from momentum_proxy.models.net import EmbeddingNet
 from momentum_proxy.retrieval.store import check_mix
-from momentum_proxy.runs import BEST, RunDir, TrainConfig
+from momentum_proxy.runs import BEST, RunDir
+from momentum_proxy.training.config import TrainConfig
 from momentum_proxy.vectors import l2_normalize
 
 

@@ -24,7 +24,7 @@ LAYERS = [
     ("retrieval",),
     ("serving",),
     ("experiments",),
-    ("demo", "cli", "__main__", "__init__"),
+    ("demo", "cli", "__main__", "__init__"),  # cli: the package momentum_proxy/cli/, every module of it
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -7,12 +7,12 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import OPENAI_CLIP_MEAN
 
-from momentum_proxy.config import TrainConfig
 from momentum_proxy.errors import UserError
 from momentum_proxy.models import weights as W
 from momentum_proxy.models.backbones import BACKBONES, resolve_config
 from momentum_proxy.models.net import EmbeddingNet
 from momentum_proxy.runs import RunDir
+from momentum_proxy.training.config import TrainConfig
 
 
 @pytest.mark.parametrize("variant, native", [(0, 224), (1, 240), (2, 260)])

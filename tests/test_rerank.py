@@ -512,10 +512,10 @@ def test_the_default_reranking_stops_above_its_limit_and_says_so_in_one_line(cap
 
 
 def test_index_says_at_build_time_that_the_default_reranking_is_off(tiny_run, tiny_data, tmp_path, capsys, monkeypatch):
-    import momentum_proxy.cli as cli
+    import momentum_proxy.cli.options as cli_options
 
     for limit, folder in ((63, tmp_path / "off"), (64, tmp_path / "on")):  # 64 images
-        monkeypatch.setattr(cli, "DEFAULT_RERANK_MAX_ITEMS", limit)
+        monkeypatch.setattr(cli_options, "DEFAULT_RERANK_MAX_ITEMS", limit)
         code, out, err = run_cli(
             ["index", tiny_run, "--images", tiny_data, "--out", folder, "--tta", "none", "--device", "cpu"], capsys
         )

@@ -14,9 +14,9 @@ from conftest import run_cli
 from PIL import Image
 
 from momentum_proxy.cli import config_from_args, parser
-from momentum_proxy.config import TrainConfig
 from momentum_proxy.errors import UserError
 from momentum_proxy.runs import RunDir
+from momentum_proxy.training.config import TrainConfig
 from momentum_proxy.training.loop import resume, train
 from momentum_proxy.training.tracking import Tracker, open_tracker
 

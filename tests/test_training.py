@@ -10,13 +10,13 @@ import pytest
 import torch
 from conftest import assert_same, wait_for
 
-from momentum_proxy.config import TrainConfig
 from momentum_proxy.data.loading import load_datasets
 from momentum_proxy.embedding.inference import ModuleEmbedder, embed_dataset, load_model
 from momentum_proxy.errors import UserError
 from momentum_proxy.evaluation.jobs import evaluate_arrays
 from momentum_proxy.runs import BEST, LAST, RunDir, load_embeddings
 from momentum_proxy.training import loop as training
+from momentum_proxy.training.config import TrainConfig
 from momentum_proxy.training.losses import LOSSES
 from momentum_proxy.training.proxies import MomentumProxyUpdate, proxies_by_class, proxy_parameter
 
@@ -488,7 +488,7 @@ def test_original_recipe_end_to_end(tiny_data, tmp_path, capsys):
         ]
     )
     run = RunDir(tmp_path / "o")
-    cfg = run.config()
+    cfg = TrainConfig.from_dict(run.info())
     assert (cfg.backbone, cfg.loss, cfg.lr, cfg.proxy_update, cfg.momentum_target, cfg.proxy_init, cfg.select) == (
         "resnet50",
         "proxy_nca",
@@ -551,7 +551,8 @@ def test_resume_with_more_epochs_extends_a_killed_run_on_the_schedule_of_the_new
         training.train(tiny_config, on_epoch=stop_after_epoch_1)
     training.resume(tiny_config.out, epochs=planned)
     straight, extended = RunDir(tmp_path / "run"), RunDir(tiny_config.out)
-    assert extended.config().epochs == planned and [r["epoch"] for r in extended.metrics()] == list(range(planned + 1))
+    assert TrainConfig.from_dict(extended.info()).epochs == planned
+    assert [r["epoch"] for r in extended.metrics()] == list(range(planned + 1))
     np.testing.assert_allclose(
         [r["lr"] for r in extended.metrics()[1:]], [r["lr"] for r in straight.metrics()[1:]], rtol=1e-12
     )  # epoch 1 at the old plan's rate, the rest at the new plan's

@@ -15,12 +15,12 @@ from conftest import wait_for
 from PIL import Image
 
 from momentum_proxy import cli
-from momentum_proxy.config import TrainConfig
 from momentum_proxy.data.loading import load_datasets, train_transform
 from momentum_proxy.errors import UserError
 from momentum_proxy.experiments import tune
 from momentum_proxy.runs import RunDir
 from momentum_proxy.training import loop as training
+from momentum_proxy.training.config import TrainConfig
 
 # Tiny trials: random weights, 48 px, one epoch of 2 steps with the backbone frozen, random proxies (no start
 # embedding of train); the rest of the default space is searched.
@@ -87,7 +87,8 @@ def test_study_writes_trials_best_config_report_and_plots(study_dir, tiny_data):
         assert [r["epoch"] for r in rows] == [0, 1]
         assert t.value == max(r["val_map@r"] for r in rows if r["epoch"] >= 1)  # the objective is the file's
         assert t.user_attrs["start_map@r"] == rows[0]["val_map@r"]
-        assert run.config().select == "val" and not run.config().final_test
+        cfg = TrainConfig.from_dict(run.info())
+        assert cfg.select == "val" and not cfg.final_test
         assert not (run / "eval.json").exists() and not (run / "embeddings.npz").exists()  # test never embedded
         assert not any(k.startswith("test") for k in rows[0])
     assert json.loads((out / "best.json").read_text()) == best
@@ -119,7 +120,7 @@ def test_best_json_trains_through_train_config(study_dir, tmp_path):
     out, best = study_dir
     cli.main(["train", "--config", str(out / "best.json"), "--out", str(tmp_path / "run")])
     run = RunDir(tmp_path / "run")
-    stored = run.config().to_dict()
+    stored = TrainConfig.from_dict(run.info()).to_dict()
     assert {k: stored[k] for k in best if k != "data"} == {k: v for k, v in best.items() if k != "data"}
     assert run.eval()["selected_on"] == "val" and "map@r" in run.eval()["test"]
 
@@ -202,7 +203,7 @@ def test_trial_0_is_the_default_recipe(study_dir):
     }
     assert trial0.params["feature_dim"] in (16, 32)
     assert trial0.user_attrs[tune.DEFAULT] == {"feature_dim": "the default 512 is not among the choices [16, 32]"}
-    trained = RunDir(out / "trials" / "0").config()
+    trained = TrainConfig.from_dict(RunDir(out / "trials" / "0").info())
     searched = (
         "loss",
         "lr",

@@ -40,10 +40,18 @@ def test_model_processes_give_the_in_process_results_and_restart_after_a_kill(in
     assert all(p.proc.poll() is not None for p in remote.processes)  # closed with the searcher
 
 
-def test_a_model_process_exits_when_its_parent_closes_the_pipe(index_dir, tiny_run):
+def test_a_model_process_exits_when_its_parent_closes_the_pipe(index_dir, tiny_run, monkeypatch):
+    from momentum_proxy import perf
     from momentum_proxy.embedding.processes import ModelProcess
 
+    monkeypatch.setenv("OMP_WAIT_POLICY", "")  # so that the original (or its absence) comes back afterwards
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setattr(perf, "_PASSIVE_SET", False)
+    perf.passive_omp_wait()  # as `mproxy serve` does: the server's threads sleep between operations
     process = ModelProcess(tiny_run)
+    environ = Path(f"/proc/{process.proc.pid}/environ")
+    if environ.exists():  # Linux: the model process runs with OpenMP's own wait policy (perf.child_env)
+        assert b"OMP_WAIT_POLICY=" not in environ.read_bytes()
     process.proc.stdin.close()  # what a parent killed with kill -9 leaves behind
     assert process.proc.wait(timeout=300) == 0
 

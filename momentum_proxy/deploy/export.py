@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from momentum_proxy.config import check_tta
+from momentum_proxy.config import ModelConfig, check_tta
 from momentum_proxy.data.loading import eval_dataset, eval_resize, make_loader
 from momentum_proxy.data.manifest import read_manifest, split_frame
 from momentum_proxy.deploy.int8 import MAX_MAPR_DROP, MAX_R1_DROP, calibration_batches, compare, gate, quantize
@@ -36,7 +36,7 @@ from momentum_proxy.embedding.onnx import INPUT_NAME, OUTPUT_NAME, onnx_session
 from momentum_proxy.embedding.tta import tta_embed
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path, file_sha256, write_json
-from momentum_proxy.runs import BEST, RunDir, TrainConfig
+from momentum_proxy.runs import BEST, RunDir
 from momentum_proxy.vectors import knn, l2_normalize
 
 FORMATS = ("onnx", "torchscript")
@@ -82,7 +82,7 @@ def _quiet():
         yield
 
 
-def load_for_export(run_dir: str | Path) -> tuple[nn.Module, TrainConfig, dict]:
+def load_for_export(run_dir: str | Path) -> tuple[nn.Module, ModelConfig, dict]:
     """The run's best model on the CPU in eval mode (timm layers in their exportable variants), its config,
     and {checkpoint_sha256}."""
     run = RunDir(run_dir)
@@ -129,7 +129,7 @@ def exported_runner(path: Path, fmt: str):
     return run
 
 
-def check_batches(cfg: TrainConfig, image_size: int, count: int = CHECK_IMAGES, split: str = "test") -> list:
+def check_batches(cfg: ModelConfig, image_size: int, count: int = CHECK_IMAGES, split: str = "test") -> list:
     """uint8 NCHW batches of up to `count` images spread evenly over the run's `split` (eval transform)."""
     try:
         frame = split_frame(read_manifest(cfg.data), split)
@@ -177,7 +177,7 @@ def verify(model: nn.Module, run, batches: list) -> dict:
 
 
 def describe(
-    cfg: TrainConfig, fmt: str, image_size: int, normalize: bool, identity: dict, check: dict, tta: str = "none"
+    cfg: ModelConfig, fmt: str, image_size: int, normalize: bool, identity: dict, check: dict, tta: str = "none"
 ) -> dict:
     """The sidecar: everything needed to turn a photo into the input and to know what the output is."""
     resize = eval_resize(image_size)
@@ -245,7 +245,7 @@ def _validate(fmt: str, out: Path, image_size: int | None, int8: bool, calibrati
         read_manifest(calibration)  # a one-line error when it is not a prepared dataset
 
 
-def _quantize(fp32: Path, out: Path, calibration: str, cfg: TrainConfig, image_size: int) -> dict:
+def _quantize(fp32: Path, out: Path, calibration: str, cfg: ModelConfig, image_size: int) -> dict:
     """The int8 model of `fp32` at `out`, and its report; refused (UserError) when it does not pay off."""
     settings = quantize(fp32, out, calibration_batches(calibration, image_size), INPUT_NAME)
     report = compare(onnx_session(fp32), onnx_session(out), INPUT_NAME, cfg.data, image_size)

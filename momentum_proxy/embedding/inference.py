@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from momentum_proxy.config import check_tta
+from momentum_proxy.config import ModelConfig, check_tta
 from momentum_proxy.data.loading import (
     ImageDataset,
     eval_resize,
@@ -29,7 +29,7 @@ from momentum_proxy.errors import UserError
 from momentum_proxy.models.backbones import resolve_config
 from momentum_proxy.models.net import EmbeddingNet
 from momentum_proxy.perf import flush_denormals
-from momentum_proxy.runs import BEST, RunDir, TrainConfig, model_identity
+from momentum_proxy.runs import BEST, RunDir, model_identity
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -45,7 +45,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_model(run_dir: str | Path, device: str = "auto") -> tuple[EmbeddingNet, TrainConfig, str]:
+def load_model(run_dir: str | Path, device: str = "auto") -> tuple[EmbeddingNet, ModelConfig, str]:
     """A run's best model in eval mode on `device`, its config, and a fingerprint of the checkpoint.
 
     On CUDA this turns TF32 off for cuDNN convolutions in the process: with TF32 (PyTorch's default there) an

@@ -31,7 +31,7 @@ import torch
 from momentum_proxy.data.loading import to_batch
 from momentum_proxy.embedding.inference import TorchEmbedder, resolve_device
 from momentum_proxy.errors import UserError
-from momentum_proxy.perf import tune_allocator
+from momentum_proxy.perf import child_env, tune_allocator
 
 REQUEST = struct.Struct("<IIII")  # images, height, width, CPU threads to use
 REPLY = struct.Struct("<iQ")  # rows (-1: a one-line error follows), payload bytes
@@ -100,7 +100,9 @@ class ModelProcess:
 
     def _start(self) -> dict:
         root = str(Path(__file__).resolve().parents[2])  # the folder holding the package
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        env = child_env(
+            {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "momentum_proxy.embedding.processes", self.run_dir, str(self.threads), self.tta],
             stdin=subprocess.PIPE,

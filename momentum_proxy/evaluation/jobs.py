@@ -98,7 +98,7 @@ def evaluate_run(
         "checkpoint": BEST,
         "epoch": run.load_checkpoint(BEST)["epoch"],
         "selected_on": trained.get("selected_on", info.get("selection", "?")),
-        "select_metric": trained.get("select_metric", cfg.select_metric),
+        "select_metric": trained.get("select_metric", info.get("select_metric")),
         "split": split,
         "queries": test.num_queries,
         "lone_queries": test.lone_queries,

@@ -28,7 +28,7 @@ from momentum_proxy.deploy.int8 import calibration_batches, quantize
 from momentum_proxy.embedding.inference import ModuleEmbedder, autocast, embed_dataset, resolve_device
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import write_json
-from momentum_proxy.runs import TrainConfig
+from momentum_proxy.training.config import TrainConfig
 from momentum_proxy.training.loop import Trainee, build, make_optimizer
 from momentum_proxy.training.proxies import MomentumProxyUpdate
 from momentum_proxy.vectors import (

@@ -14,7 +14,6 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
-from momentum_proxy.config import TrainConfig
 from momentum_proxy.embedding.inference import resolve_device
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import write_text
@@ -22,6 +21,7 @@ from momentum_proxy.models.backbones import resolve_config
 from momentum_proxy.plots import curves_figure, momentum_figure
 from momentum_proxy.runs import RunDir
 from momentum_proxy.training import loop as training
+from momentum_proxy.training.config import TrainConfig
 
 # Options that do not change what a run computes: a sweep re-run may differ in them and still resume.
 NOT_RESULT_OPTIONS = ("out", "loader_workers", "device", "log_every", "eval_batch_size")
@@ -37,7 +37,7 @@ def run_name(cfg: TrainConfig) -> str:
 
 def config_changes(run: RunDir, cfg: TrainConfig) -> list[str]:
     """The options in which the run's stored configuration differs from `cfg` (as 'name a -> b')."""
-    stored, wanted = run.config().to_dict(), cfg.to_dict()
+    stored, wanted = TrainConfig.from_dict(run.info()).to_dict(), cfg.to_dict()
     return [f"{k} {stored[k]} -> {wanted[k]}" for k in wanted if k not in NOT_RESULT_OPTIONS and stored[k] != wanted[k]]
 
 
@@ -82,7 +82,7 @@ def collect_runs(folder: str | Path) -> pd.DataFrame:
         summary = run.eval()
         if summary is None:
             continue
-        cfg = run.config()
+        cfg = TrainConfig.from_dict(run.info())
         rows.append(
             {
                 "run": str(run.path),

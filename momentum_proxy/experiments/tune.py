@@ -25,7 +25,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from momentum_proxy.config import LOSS_NAMES, TrainConfig, read_mapping_file, upgrade_options
+from momentum_proxy.config import read_mapping_file
 from momentum_proxy.data.loading import load_datasets
 from momentum_proxy.embedding.inference import resolve_device
 from momentum_proxy.errors import UserError
@@ -35,6 +35,7 @@ from momentum_proxy.models.backbones import resolve_config
 from momentum_proxy.plots import history_figure, importances_figure, params_figure
 from momentum_proxy.runs import RunDir
 from momentum_proxy.training import loop as training
+from momentum_proxy.training.config import LOSS_NAMES, TrainConfig, upgrade_options
 from momentum_proxy.training.losses import HAS_MARGIN
 
 OBJECTIVE = "val_map@r"  # maximised: the best trained epoch's val MAP@R
@@ -172,7 +173,7 @@ def suggest_one(trial: optuna.Trial, param: str, spec: dict):
 
 def load_space(space: str | Path | dict | None = None) -> Space:
     """The default space with the entries of `space` (a JSON/YAML file or a dict, in any spelling:
-    `config.upgrade_options`) put over it."""
+    `training.config.upgrade_options`) put over it."""
     entries = read_mapping_file(space, "space file") if isinstance(space, (str, Path)) else (space or {})
     return Space({**DEFAULT_SPACE, **upgrade_options(entries)})
 

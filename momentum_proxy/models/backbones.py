@@ -2,7 +2,7 @@
 
 Each entry records its pretrained weights' configuration, as timm's `pretrained_cfg` does: the input convention
 (mean/std, BGR, 0-255), applied inside the embedding net so data loading is the same for all, and the native
-image size, the default of `TrainConfig.image_size` (`resolve_config`). Pretrained-weight files are
+image size, the default of `ModelConfig.image_size` (`resolve_config`). Pretrained-weight files are
 `models.weights`'s concern. Adding a backbone is one `@register_backbone` entry.
 """
 
@@ -19,7 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
-from momentum_proxy.config import TrainConfig
+from momentum_proxy.config import ConfigT
 from momentum_proxy.errors import UserError
 from momentum_proxy.models import weights as W
 from momentum_proxy.models.bninception import BNInception, published_weights
@@ -199,8 +199,9 @@ def backbone_spec(name: str, image_size: int | None = None) -> BackboneSpec:
     return BACKBONES[name]
 
 
-def resolve_config(cfg: TrainConfig, device_type: str) -> TrainConfig:
-    """`cfg` with what it leaves open decided: the backbone by the device (`TrainConfig.for_device`) and, when
-    `image_size` is None, the backbone's native image size (`BackboneSpec.image_size`). A given size stays."""
+def resolve_config(cfg: ConfigT, device_type: str) -> ConfigT:
+    """`cfg` (a `ModelConfig` or `TrainConfig`, returned as such) with what it leaves open decided: the backbone
+    by the device (`ModelConfig.for_device`) and, when `image_size` is None, the backbone's native image size
+    (`BackboneSpec.image_size`). A given size stays."""
     cfg = cfg.for_device(device_type)
     return cfg if cfg.image_size is not None else cfg.with_(image_size=backbone_spec(cfg.backbone).image_size)

@@ -95,7 +95,7 @@ def evaluate_index(
         "checkpoint": BEST,
         "epoch": run.load_checkpoint(BEST)["epoch"],
         "selected_on": (run.eval() or {}).get("selected_on", "?"),
-        "select_metric": cfg.select_metric,
+        "select_metric": run.info().get("select_metric"),
         "split": "test",
         "queries": len(query),
         "lone_queries": lone,

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from momentum_proxy.errors import UserError
 from momentum_proxy.paths import check_index
-from momentum_proxy.perf import freeze_gc, share_heap
+from momentum_proxy.perf import freeze_gc, share_heap, single_thread_blas
 from momentum_proxy.retrieval.rerank import DEFAULTS, Rerank
 from momentum_proxy.retrieval.store import StoreUnavailable, recall_text
 from momentum_proxy.retrieval.stores import writer_lock
@@ -413,6 +413,7 @@ def serve(
     check_index(index_dir)
     with writer_lock(index_dir, "mproxy serve"):  # adds and removes write it
         share_heap()  # before the batcher thread starts: it runs the model
+        single_thread_blas()  # a search multiplies one query by the index: threads only wait for each other
         app = create_app(index_dir, token=token, **options)
         freeze_gc()
         index = app.state.searcher.index

@@ -27,7 +27,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from momentum_proxy import distributed
-from momentum_proxy.config import TrainConfig
 from momentum_proxy.data.loading import DatasetSplits, EvalSplit, load_datasets, make_loader
 from momentum_proxy.data.manifest import describe_protocol, manifest_sha256
 from momentum_proxy.embedding.inference import ModuleEmbedder, autocast, embed_dataset, resolve_device
@@ -37,6 +36,7 @@ from momentum_proxy.evaluation.metrics import class_margin
 from momentum_proxy.models.backbones import resolve_config
 from momentum_proxy.models.net import EmbeddingNet
 from momentum_proxy.runs import BEST, CONFIG, LAST, RunDir
+from momentum_proxy.training.config import TrainConfig
 from momentum_proxy.training.losses import create_loss
 from momentum_proxy.training.proxies import MomentumProxyUpdate, init_proxies_from_class_means, proxy_parameter
 from momentum_proxy.training.tracking import Tracker, open_tracker
@@ -571,7 +571,7 @@ def resume(run_dir: str | Path, epochs: int | None = None, **changes) -> dict:
     test split was evaluated and a longer run chosen after that would be chosen on test. `changes` (e.g. device,
     loader_workers, log) apply to this continuation only; they change where and how it runs, not what it learns."""
     run = RunDir(run_dir)
-    cfg = run.config()
+    cfg = TrainConfig.from_dict(run.info())
     if not (run / LAST).exists():
         raise UserError(f"{run.path} has no checkpoint to resume from ({LAST}); start it again with train")
     if epochs is not None and epochs < cfg.epochs:

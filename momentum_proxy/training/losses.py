@@ -7,10 +7,10 @@ from __future__ import annotations
 from pytorch_metric_learning import losses as pml_losses
 from torch import nn
 
-from momentum_proxy.config import LOSS_NAMES
 from momentum_proxy.errors import UserError
+from momentum_proxy.training.config import LOSS_NAMES
 
-LOSSES = {  # keyed by config.LOSS_NAMES (checked below), so options are validated without importing torch
+LOSSES = {  # keyed by training.config.LOSS_NAMES (checked below), so options are validated without importing torch
     "proxy_nca": pml_losses.ProxyNCALoss,
     "normalized_softmax": pml_losses.NormalizedSoftmaxLoss,
     "cos_face": pml_losses.CosFaceLoss,

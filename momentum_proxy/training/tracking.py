@@ -20,10 +20,10 @@ import numpy as np
 from PIL import Image
 
 from momentum_proxy import plots
-from momentum_proxy.config import TrainConfig
 from momentum_proxy.data.loading import EvalSplit
 from momentum_proxy.errors import require_extra
 from momentum_proxy.runs import TENSORBOARD
+from momentum_proxy.training.config import TrainConfig
 
 PICTURE_K = 8  # results in the per-epoch retrieval picture
 

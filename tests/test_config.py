@@ -1,0 +1,62 @@
+"""The two configurations: `config.ModelConfig` (the foundation: what loading, embedding and evaluating a run read)
+and `training.config.TrainConfig`, which extends it with the training options."""
+
+import json
+import subprocess
+import sys
+from dataclasses import fields
+
+from momentum_proxy import config
+from momentum_proxy.config import ModelConfig
+from momentum_proxy.runs import RunDir
+from momentum_proxy.training.config import TrainConfig
+
+MODEL_FIELDS = {
+    "data",
+    "backbone",
+    "feature_dim",
+    "pooling",
+    "image_size",
+    "batch_size",
+    "eval_batch_size",
+    "loader_workers",
+    "recalls",
+}
+
+
+def test_the_foundation_holds_no_training_options():
+    assert {f.name for f in fields(ModelConfig)} == MODEL_FIELDS
+    training_only = {f.name for f in fields(TrainConfig)} - MODEL_FIELDS
+    assert {"out", "lr", "epochs", "loss", "optimizer", "proxy_momentum", "select", "seed"} <= training_only
+    for name in ("TrainConfig", "upgrade_options", "ORIGINAL_RECIPE", "RECIPES", "LOSS_NAMES", "run_folder_name"):
+        assert not hasattr(config, name), f"config.{name} belongs to training/config.py"
+
+
+def test_a_training_config_is_a_model_config_with_the_same_model_fields():
+    assert issubclass(TrainConfig, ModelConfig)
+    model, train = ModelConfig(data="d"), TrainConfig(data="d", out="o")
+    assert {f.name: getattr(train, f.name) for f in fields(ModelConfig)} == model.to_dict()
+    assert type(train.for_device("cuda")) is TrainConfig and train.for_device("cuda").backbone == "resnet50"
+    assert type(train.with_(feature_dim=8)) is TrainConfig
+
+
+def test_a_run_of_any_layout_loads_as_model_settings(tmp_path):
+    """config.json holds every training option, and older runs older spellings: the layers below training read
+    the model's settings and pass over the rest; training reads the earlier spellings (`upgrade_options`)."""
+    written = TrainConfig(data=str(tmp_path), out=str(tmp_path), backbone="resnet50", feature_dim=64)
+    earlier = {**written.to_dict(), "momentum": 0.3, "optimizer": "sgd*", "versions": {"torch": "2"}}
+    del earlier["proxy_momentum"]
+    (tmp_path / "config.json").write_text(json.dumps(earlier))
+    run = RunDir(tmp_path)
+    assert run.config() == ModelConfig(data=str(tmp_path), backbone="resnet50", feature_dim=64)
+    full = TrainConfig.from_dict(run.info())
+    assert (full.proxy_momentum, full.optimizer, full.proxy_update) == (0.3, "sgd", "momentum")
+
+
+def test_the_training_options_load_without_torch():
+    """The command line parses and checks options before torch loads."""
+    code = (
+        "import sys; from momentum_proxy.training.config import TrainConfig; "
+        "TrainConfig.from_recipe('original').validate(); assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
