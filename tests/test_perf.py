@@ -34,8 +34,9 @@ def test_a_policy_the_user_set_is_kept_for_the_server_and_its_model_processes(fr
 
 
 def test_single_thread_blas_limits_every_blas_library_to_one_thread():
-    blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
-    assert blas, "numpy's BLAS is found (threadpoolctl)"
+    import numpy  # noqa: F401  (loads the BLAS that threadpoolctl finds)
+
+    assert [i for i in threadpool_info() if i["user_api"] == "blas"], "numpy's BLAS is found (threadpoolctl)"
     with threadpool_limits(limits=None):  # restores the limits on exit
         threadpool_limits(2, user_api="blas")
         assert {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"} == {2}
