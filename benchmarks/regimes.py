@@ -13,7 +13,7 @@ Regimes, each on the development species of a folder of class folders (never its
   match" (queries of indexed classes, each left out of its own search) against queries of the left-out classes,
   and the raw cosine at 95 % precision for "has a match".
 
-Stages (resumable; everything under OUT):
+Stages (resumable; everything under OUT, which holds one model):
 
     python benchmarks/regimes.py embed --src ../shared/data/birds50 --out O   # run (pretrained or --epochs N), features
     python benchmarks/regimes.py val   --out O --seeds 0,1,2                   # every regime x setting -> records.jsonl
@@ -21,9 +21,14 @@ Stages (resumable; everything under OUT):
     python benchmarks/regimes.py test  --out O --pick "none none"              # a chosen setting on test species, once
     python benchmarks/regimes.py cost  --out O                                 # ms per query at 20k / 100k / 1M items
 
-Development species are the first half of the class folders by name (`prepare folder`'s train side; for a
-pretrained model none of them was trained on), test species the second half. A setting is "TTA RERANK", RERANK a
-`quality.py` grid entry (method/k=../alpha=../keep=..; keep 1: the plain cosine top hit stays first and the
+Species (`embed` writes them to OUT/species.json with the model; `val`, `test` and `table` read them there): test
+species are the second half of the class folders by name (`prepare folder`'s test side: never trained on). With the
+pretrained start (`--epochs 0`) the development species are the whole first half. A trained model (`--epochs N`)
+trains on the first half minus `--val-classes` (a count or share of it, `prepare folder --val-classes`), and its
+development species are those val classes only (read from data/manifest.csv; training chooses its epoch on them
+too), never a species it trained on. An OUT without species.json (made before it existed) keeps the halves, its model
+read from run/config.json. `val --settings` measures a few settings instead of SETTINGS. A setting is "TTA RERANK",
+RERANK a `quality.py` grid entry (method/k=../alpha=../keep=..; keep 1: the plain cosine top hit stays first and the
 re-ranking orders the rest, `Rerank.keep`).
 """
 
@@ -45,10 +50,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quality import T95, append_record, parse_rerank, read_records
 
 from momentum_proxy.config import DEFAULT_RERANK
+from momentum_proxy.data.manifest import name_some, parse_val_classes, read_manifest
 from momentum_proxy.data.prepare import IMAGE_EXTS
 from momentum_proxy.deploy.runtimes import load_embedder
 from momentum_proxy.embedding.inference import embed_files
+from momentum_proxy.errors import UserError
 from momentum_proxy.evaluation.metrics import evaluate_embeddings
+from momentum_proxy.fileio import read_json, write_json
 from momentum_proxy.retrieval.rerank import rerank_knn
 from momentum_proxy.vectors import knn, l2_normalize
 
@@ -67,12 +75,88 @@ SETTINGS = [
 SMALL = (2, 3, 5)
 NEW = (1, 2)
 DUPLICATES = 100  # re-encoded photos per dataset
+SPECIES = "species.json"  # OUT's model and its development / test species
 
 
 def species(src: Path) -> tuple[list[str], list[str]]:
     names = sorted(p.name for p in src.iterdir() if p.is_dir())
     half = len(names) // 2
     return names[:half], names[half:]
+
+
+def val_classes_option(text: str) -> str:
+    """`--val-classes` as given (a count or a share; what species.json records), once `prepare` would accept it."""
+    try:
+        parse_val_classes(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def prepared_species(data: Path) -> dict[str, list[str]]:
+    """The class names of each split of a prepared dataset (train, val, test), sorted."""
+    df = read_manifest(data)
+    return {s: sorted(set(df.loc[df["split"] == s, "class_name"])) for s in ("train", "val", "test")}
+
+
+def model_name(epochs: int, val_classes: str | None) -> str:
+    return "pretrained start" if epochs == 0 else f"trained {epochs} epoch(s), val-classes {val_classes}"
+
+
+def run_species(a) -> dict:
+    """The model of `a` and its development / test species: the first / second half of the class folders for the
+    pretrained start; for a trained model the val classes of its prepared data (never trained on) / the test ones."""
+    if a.epochs == 0:
+        dev, test = species(a.src)
+        return {
+            "model": model_name(0, None),
+            "epochs": 0,
+            "val_classes": None,
+            "trained_on": [],
+            "dev": dev,
+            "test": test,
+        }
+    split = prepared_species(a.out / "data")
+    if not split["val"]:
+        raise SystemExit(f"--val-classes {a.val_classes} made no val classes: no development species to measure on")
+    assert not set(split["val"]) & set(split["train"]) and not set(split["test"]) & set(split["train"])
+    return {
+        "model": model_name(a.epochs, a.val_classes),
+        "epochs": a.epochs,
+        "val_classes": a.val_classes,
+        "trained_on": split["train"],
+        "dev": split["val"],
+        "test": split["test"],
+    }
+
+
+def read_species(out: Path) -> dict:
+    """OUT's model and species (species.json); an OUT made before species.json: the halves, as `prepare folder`
+    split them (dev: its train + val classes, test: its test classes), and the epochs of its run."""
+    if (out / SPECIES).exists():
+        return read_json(out / SPECIES)
+    split = prepared_species(out / "data")
+    epochs = read_json(out / "run" / "config.json")["epochs"]
+    model = model_name(0, None) if epochs == 0 else f"trained {epochs} epoch(s) on the development species (invalid)"
+    dev = sorted(split["train"] + split["val"])
+    return {"model": model, "epochs": epochs, "val_classes": None, "dev": dev, "test": split["test"]}
+
+
+def check_model(a) -> None:
+    """Refuse to mix models in one OUT (its species.json, or an OUT made before it, must match `a`'s model), and a
+    trained model without development species."""
+    if a.epochs and not parse_val_classes(a.val_classes):
+        raise SystemExit("--epochs N > 0 needs --val-classes > 0: they are the development species")
+    if (a.out / SPECIES).exists():
+        held = read_species(a.out)
+        if (held["epochs"], held["val_classes"]) != (a.epochs, a.val_classes if a.epochs else None):
+            raise SystemExit(
+                f"{a.out} holds the {held['model']} model; use another --out for {model_name(a.epochs, a.val_classes)}"
+            )
+    elif (a.out / "data").exists() and a.epochs:
+        raise SystemExit(
+            f"{a.out} holds data but no species.json (an older OUT); use another --out for a trained model"
+        )
 
 
 def photos(src: Path, names: list[str]) -> tuple[list[str], np.ndarray]:
@@ -98,14 +182,33 @@ def reencode(paths: list[str], out: Path) -> list[str]:
     return made
 
 
-def make_run(a) -> Path:
-    """A run of the pretrained start (--epochs 0) or a short training, on `prepare folder`'s split of --src."""
-    data, run = a.out / "data", a.out / "run"
+def prepare_data(a) -> Path:
+    """`prepare folder`'s class-disjoint split of --src: first half train (minus --val-classes of it, with
+    --epochs N), second half test."""
+    data = a.out / "data"
     if not (data / "manifest.csv").exists():
+        val = ["--val-classes", a.val_classes] if a.epochs else []  # the pretrained start: prepare's default
         subprocess.run(
-            [sys.executable, "-m", "momentum_proxy", "prepare", "folder", "--src", str(a.src), "--out", str(data)],
+            [
+                sys.executable,
+                "-m",
+                "momentum_proxy",
+                "prepare",
+                "folder",
+                "--src",
+                str(a.src),
+                "--out",
+                str(data),
+                *val,
+            ],
             check=True,
         )
+    return data
+
+
+def make_run(a, data: Path) -> Path:
+    """A run of the pretrained start (--epochs 0) or a short training on `data`'s train classes."""
+    run = a.out / "run"
     if not (run / "checkpoints").exists():
         subprocess.run(
             [
@@ -128,11 +231,15 @@ def make_run(a) -> Path:
 
 
 def stage_embed(a) -> None:
-    run = make_run(a)
-    dev, test = species(a.src)
+    check_model(a)
+    data = prepare_data(a)
+    held = run_species(a)
+    write_json(a.out / SPECIES, held)
+    run = make_run(a, data)
+    print(f"model: {held['model']}; dev species {len(held['dev'])}, test species {len(held['test'])}", flush=True)
     rng = np.random.default_rng(0)
-    for part, names in (("dev", dev), ("test", test)):
-        paths, labels = photos(a.src, names)
+    for part in ("dev", "test"):
+        paths, labels = photos(a.src, held[part])
         picked = np.sort(rng.choice(len(paths), min(DUPLICATES, len(paths)), replace=False))
         copies = reencode([paths[i] for i in picked], a.out / f"copies-{part}")
         for tta in a.ttas:
@@ -215,9 +322,22 @@ def no_match(x, y, rerank, rng) -> dict:
     }
 
 
+def dev_features(out: Path, settings: list[str]) -> None:
+    """Refuse, before measuring anything, a setting that does not parse or whose TTA `embed` did not make."""
+    for text in settings:
+        tta, _ = setting(text)
+        if not (out / f"features-dev-{tta}.npz").exists():
+            raise SystemExit(
+                f"{out / f'features-dev-{tta}.npz'} missing: run embed with --ttas {tta} (setting {text!r})"
+            )
+
+
 def stage_val(a) -> None:
+    settings = a.settings or SETTINGS
+    dev_features(a.out, settings)
+    model = read_species(a.out)["model"]
     done = {(r["setting"], r["seed"]) for r in read_records(a.out)}
-    for text in a.settings or SETTINGS:
+    for text in settings:
         tta, rerank = setting(text)
         saved = np.load(a.out / f"features-dev-{tta}.npz")
         x, y = l2_normalize(saved["features"]), saved["labels"]
@@ -227,7 +347,9 @@ def stage_val(a) -> None:
                 continue
             start = time.perf_counter()
             res = regimes(x, y, copies, copied, rerank, seed)
-            append_record(a.out, {"setting": text, "seed": seed, "split": "dev", "items": len(x), **res})
+            append_record(
+                a.out, {"setting": text, "seed": seed, "split": "dev", "model": model, "items": len(x), **res}
+            )
             print(f"{text} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -258,6 +380,9 @@ def cell(values: list[float], percent: bool) -> str:
 
 
 def stage_table(a) -> None:
+    held = read_species(a.out)
+    names = held[a.split]
+    print(f"model: {held['model']}; {a.split} species ({len(names)}): {name_some(names, 5)}\n")
     records = [r for r in read_records(a.out) if r["split"] == a.split]
     settings = list(dict.fromkeys(r["setting"] for r in records))
     head = "| setting | " + " | ".join(f"{reg} {m}" for reg, m in COLUMNS) + " |"
@@ -273,13 +398,16 @@ def stage_table(a) -> None:
 
 
 def stage_test(a) -> None:
+    model = read_species(a.out)["model"]
     for text in a.pick:
         tta, rerank = setting(text)
         saved = np.load(a.out / f"features-test-{tta}.npz")
         x, y = l2_normalize(saved["features"]), saved["labels"]
         for seed in a.seeds:
             res = regimes(x, y, l2_normalize(saved["copies"]), saved["copied"], rerank, seed)
-            append_record(a.out, {"setting": text, "seed": seed, "split": "test", "items": len(x), **res})
+            append_record(
+                a.out, {"setting": text, "seed": seed, "split": "test", "model": model, "items": len(x), **res}
+            )
         print(f"{text}: test recorded", flush=True)
 
 
@@ -323,11 +451,20 @@ def main(argv=None) -> None:
         s.add_argument("--out", type=Path, required=True)
         s.add_argument("--seeds", type=lambda t: [int(v) for v in t.split(",")], default=[0, 1, 2])
     sub.choices["embed"].add_argument("--src", type=Path, required=True)
-    sub.choices["embed"].add_argument("--epochs", type=int, default=0)
+    sub.choices["embed"].add_argument("--epochs", type=int, default=0, help="0: the pretrained start")
+    sub.choices["embed"].add_argument(
+        "--val-classes",
+        type=val_classes_option,
+        default="0.5",
+        help="with --epochs N > 0: first-half species kept out of training (a count or share, `prepare folder "
+        "--val-classes`); they are the development species",
+    )
     sub.choices["embed"].add_argument("--test", action="store_true", help="also embed the test species")
     sub.choices["embed"].add_argument("--ttas", nargs="+", default=["none", "flip"], choices=("none", "flip"))
-    sub.choices["embed"].add_argument("--train-args", nargs=argparse.REMAINDER, default=[])
-    sub.choices["val"].add_argument("--settings", nargs="*")
+    sub.choices["embed"].add_argument(
+        "--train-args", nargs=argparse.REMAINDER, default=[], help="the rest of the line goes to mproxy train"
+    )
+    sub.choices["val"].add_argument("--settings", nargs="+", help='e.g. "none none" (default: SETTINGS)')
     sub.choices["table"].add_argument("--split", default="dev", choices=("dev", "test"))
     sub.choices["test"].add_argument("--pick", nargs="+", required=True)
     sub.choices["cost"].add_argument(

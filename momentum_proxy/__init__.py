@@ -5,7 +5,7 @@ stays cheap and imports no torch):
 
     from momentum_proxy import TrainConfig, train, evaluate_run, load_embedder, build_index, retrieve
 
-    cfg = TrainConfig(data="data/flowers", out="runs/flowers", epochs=10)
+    cfg = TrainConfig(data="data/flowers", out="runs/flowers", epochs=10)  # for_data(data, out): its recipe
     train(cfg)                                  # val-selected checkpoint, test evaluated once
     hits = retrieve("runs/flowers", "photo.jpg", k=8).results
 

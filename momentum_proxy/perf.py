@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib
 import os
 import sys
 
@@ -72,8 +73,6 @@ def single_thread_blas() -> None:
     OpenBLAS's threads they waited for each other and for the cores the model processes were using: the
     default re-ranking over 960 items took 6.9 ms of CPU and 14.8 ms per search on a busy 2-core machine
     against 0.9 ms and 3.6 ms on one thread (docs: Serve). PyTorch and faiss keep their own threads."""
-    import importlib
-
     from threadpoolctl import threadpool_limits  # lazy: only the service limits them
 
     importlib.import_module("numpy")  # its BLAS must be loaded to be found

@@ -17,7 +17,7 @@ from momentum_proxy.cli import config_from_args, main, parser
 from momentum_proxy.config import DEFAULT_RERANK, DEFAULT_TTA
 from momentum_proxy.retrieval.rerank import Rerank
 from momentum_proxy.runs import RunDir
-from momentum_proxy.training.config import TrainConfig
+from momentum_proxy.training.config import CATALOGUE_RECIPE, TrainConfig
 
 TRAIN = [
     "--pretrained",
@@ -322,6 +322,61 @@ def test_command_line_overrides_a_config_file_wherever_it_stands(tmp_path):
         assert (cfg.proxy_update, cfg.proxy_momentum, cfg.epochs) == ("gradient", 0.2, 2)
     cfg = _train_config("--data", tmp_path, "--out", tmp_path / "r", *config, "--optimizer", "adam*")
     assert (cfg.optimizer, cfg.proxy_update) == ("adam", "momentum")  # an earlier flag overrides the file too
+
+
+@pytest.fixture(scope="module")
+def images_split(tiny_data, tmp_path_factory):
+    """`tiny_data`'s photos prepared with `prepare folder --split images`: all 8 species in train, val and test."""
+    root = tmp_path_factory.mktemp("images split")
+    shutil.copytree(tiny_data / "images", root / "src")
+    main(["prepare", "folder", "--src", str(root / "src"), "--out", str(root / "data"), "--split", "images"])
+    return root / "data"
+
+
+def test_the_recipe_follows_the_protocol_and_options_override_it(images_split, tiny_data, tmp_path):
+    """`--recipe auto` (the default) is the catalogue recipe on an images split and the default recipe on a
+    class-disjoint one; explicit options and --config override it, an explicit --recipe replaces it."""
+    default = TrainConfig(data="", out="")
+    assert all(getattr(default, name) != value for name, value in CATALOGUE_RECIPE.items())  # else one goes untested
+
+    def parsed(*argv) -> TrainConfig:
+        return _train_config(*argv, "--out", tmp_path / "r").with_(data="", out="")
+
+    assert parsed("--data", images_split) == TrainConfig.from_recipe("catalogue")
+    assert parsed("--data", tiny_data) == default
+    assert parsed("--data", images_split, "--recipe", "default") == default
+    assert parsed("--lr", "3e-3", "--data", images_split) == TrainConfig.from_recipe("catalogue", lr=3e-3)
+    (tmp_path / "c.json").write_text(json.dumps({"data": str(images_split), "epochs": 3, "recipe": "default"}))
+    assert parsed("--config", tmp_path / "c.json") == TrainConfig.from_recipe("catalogue", epochs=3)  # its data
+    swept = parser().parse_args(["sweep", "--data", str(images_split), "--out", str(tmp_path / "s")])
+    assert swept.recipe == "catalogue" and all(getattr(swept, k) == v for k, v in CATALOGUE_RECIPE.items())
+
+
+def test_an_unknown_recipe_is_refused_in_one_line(images_split, tmp_path, capsys):
+    code, _, err = run_cli(["train", "--data", images_split, "--recipe", "bogus", "--out", tmp_path / "r"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("mproxy: error: ") and "invalid choice: 'bogus'" in err and "catalogue" in err
+
+
+def test_train_says_which_recipe_and_the_run_records_it(images_split, tmp_path, capsys):
+    run = tmp_path / "run"
+    options = ["--pretrained", "none", "--image-size", "64", "--batch-size", "8", "--loader-workers", "0"]
+    code, out, err = run_cli(["train", "--data", images_split, "--out", run, *options, "--epochs", "0"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("protocol: images"))
+    assert lines[at + 1] == "recipe: catalogue (the images protocol's; --recipe default for the benchmark recipe)"
+    stored = json.loads((run / "config.json").read_text())
+    options = dict(pretrained="none", image_size=64, batch_size=8, loader_workers=0, epochs=0)
+    assert TrainConfig.from_dict(stored).with_(data="", out="", backbone=None) == TrainConfig.from_recipe(
+        "catalogue", **options
+    )
+    code, out, err = run_cli(["train", "--resume", run], capsys)  # auto does not make a resume refuse
+    assert code == 0 and "already finished at epoch 0" in out, err
+    code, _, err = run_cli(["train", "--resume", run, "--lr", str(stored["lr"])], capsys)
+    assert code == 0, err  # the stored value: accepted
+    code, _, err = run_cli(["train", "--resume", run, "--lr", str(stored["lr"] * 3)], capsys)
+    assert code == 2 and f"--lr {stored['lr'] * 3} differs from the run's {stored['lr']}" in err
 
 
 # config.json of a run of the earlier layout, as its train command wrote it (only the options that matter here)

@@ -6,10 +6,13 @@ import subprocess
 import sys
 from dataclasses import fields
 
+import pytest
+
 from momentum_proxy import config
 from momentum_proxy.config import ModelConfig
+from momentum_proxy.errors import UserError
 from momentum_proxy.runs import RunDir
-from momentum_proxy.training.config import TrainConfig
+from momentum_proxy.training.config import CATALOGUE_RECIPE, TrainConfig
 
 MODEL_FIELDS = {
     "data",
@@ -60,3 +63,27 @@ def test_the_training_options_load_without_torch():
         "TrainConfig.from_recipe('original').validate(); assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _manifest(root, rows: list[tuple[int, str]]) -> str:
+    """A prepared dataset's manifest.csv of (label, split) rows (no images: the recipe reads only the manifest)."""
+    root.mkdir()
+    lines = [f"{i}.jpg,{label},c{label},{split}" for i, (label, split) in enumerate(rows)]
+    (root / "manifest.csv").write_text("\n".join(["path,label,class_name,split", *lines]) + "\n")
+    return str(root)
+
+
+def test_the_python_api_picks_the_recipe_as_the_command_line_does(tmp_path):
+    images = _manifest(tmp_path / "images", [(c, s) for c in (0, 1) for s in ("train", "val", "test")])
+    classes = _manifest(tmp_path / "classes", [(0, "train"), (1, "train"), (2, "val"), (3, "test")])
+    catalogue = TrainConfig.from_recipe("catalogue", data=images, out="o")
+    assert catalogue.recipe == "catalogue" and all(getattr(catalogue, k) == v for k, v in CATALOGUE_RECIPE.items())
+    assert TrainConfig.for_data(images, "o") == catalogue
+    assert TrainConfig.for_data(classes, "o", seed=3) == TrainConfig(data=classes, out="o", seed=3)
+    assert TrainConfig(data=classes, out="o").recipe == "default"
+    with pytest.raises(UserError, match="data folder not found"):
+        TrainConfig.for_data(tmp_path / "missing", "o")
+    with pytest.raises(UserError, match="unknown --recipe 'bogus'; choose from default, original, catalogue"):
+        TrainConfig.from_recipe("bogus")
+    with pytest.raises(UserError, match="unknown --recipe"):
+        TrainConfig(data=images, out="o", recipe="auto").validate()

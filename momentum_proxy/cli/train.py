@@ -13,10 +13,11 @@ from typing import get_args, get_origin, get_type_hints
 
 import jsonargparse
 
+from momentum_proxy import paths
 from momentum_proxy.cli.options import DEVICE_HELP, CommaList, Parser, add_command
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import check_writable_folder, read_json
-from momentum_proxy.training.config import RECIPES, TrainConfig, read_config_file, run_folder_name
+from momentum_proxy.training.config import RECIPES, TrainConfig, read_config_file, recipe_for, run_folder_name
 
 OPTIONS = {f.name: f for f in fields(TrainConfig) if "help" in f.metadata}
 SWEEP_GRIDS = ("backbone", "feature_dim", "proxy_momentum")  # comma-separated grids in `sweep`
@@ -27,7 +28,8 @@ class OptionParser(Parser):
 
     It parses twice: what --recipe, --data_path and --config give (`option_values`), found by the first pass, is
     the base of the second, so explicit options override it wherever they stand and a config file's values are
-    type-checked like the command line's. `grids`: the options that take comma-separated grids (`sweep`)."""
+    type-checked like the command line's; `recipe` then names the recipe chosen (`chosen_recipe`: never `auto`).
+    `grids`: the options that take comma-separated grids (`sweep`)."""
 
     def __init__(self, *args, grids: tuple[str, ...] = (), **kwargs):
         super().__init__(*args, **kwargs)
@@ -37,23 +39,42 @@ class OptionParser(Parser):
         first = super().parse_args(args, namespace, **kwargs)
         settable = {action.dest for action in self._actions if not action.required}
         try:
-            base = {k: v for k, v in option_values(first, self.grids).items() if k in settable}
+            recipe, values = option_values(first, self.grids)
+            base = {k: v for k, v in values.items() if k in settable}
         except UserError as e:
             self.error(str(e))
-        return super().parse_args(args, jsonargparse.Namespace(**base), **kwargs)
+        parsed = super().parse_args(args, jsonargparse.Namespace(**base), **kwargs)
+        parsed.recipe = recipe
+        return parsed
 
     def type_name(self, action) -> str:
         """A training option's type as its TrainConfig field declares it ("int | None")."""
         return OPTIONS[action.dest].type if action.dest in OPTIONS else super().type_name(action)
 
 
-def option_values(a, grids: tuple[str, ...] = ()) -> dict:
-    """What --recipe (original where --data_path implies it) and --config give: every option (the `grids` as
-    one-value lists), and the file's data and out."""
+def option_values(a, grids: tuple[str, ...] = ()) -> tuple[str, dict]:
+    """The recipe (`chosen_recipe`), and what it and --config give: every option (the `grids` as one-value
+    lists), and the file's data and out."""
     from_file = read_config_file(a.config) if a.config else {}
-    recipe = a.recipe or ("original" if a.data_path and not a.data else "default")
+    recipe = chosen_recipe(a, a.data or from_file.get("data"))
     values = TrainConfig.from_recipe(recipe, **from_file).to_dict()
-    return {k: [v] if k in grids else v for k, v in values.items() if k in OPTIONS or k in from_file}
+    return recipe, {k: [v] if k in grids else v for k, v in values.items() if k in OPTIONS or k in from_file}
+
+
+def chosen_recipe(a, data: str | None) -> str:
+    """--recipe, where `auto` (the default) means `original` for the original spelling --data_path, `catalogue`
+    for an images split in `data` (`recipe_for`), else `default`."""
+    if a.recipe != "auto":
+        return a.recipe
+    if a.data_path and not a.data:
+        return "original"
+    if not data:
+        return "default"
+    try:
+        paths.check_dataset(data)  # without pandas: a missing dataset is named by `cli.check_paths`
+        return recipe_for(data)
+    except UserError:  # no usable dataset: the command refuses it in one line once parsed
+        return "default"
 
 
 def option_type(hint, grid: bool = False):
@@ -79,10 +100,11 @@ def add_train_options(p: OptionParser) -> None:
     p.add_argument("--data_name", "--data-name", default="car", help="(original) dataset name under --data_path")
     p.add_argument(
         "--recipe",
-        choices=RECIPES,
-        default=None,
-        help="default: the measured recipe; original: the original MP tool exactly (implied by "
-        "--data_path); explicit options override either",
+        choices=("auto", *RECIPES),
+        default="auto",
+        help="auto: catalogue for an images split (prepare --split images), else default; default: the "
+        "benchmark recipe; catalogue: the images protocol's; original: the original MP tool exactly (implied by "
+        "--data_path); explicit options override any",
     )
     p.add_argument(
         "--config",
@@ -140,6 +162,7 @@ def config_from_args(a) -> TrainConfig:
             "optimizer_type": a.optimizer_type,
             "data": data,
             "out": a.out or "",
+            "recipe": a.recipe,
         }
     )
     cfg.validate()

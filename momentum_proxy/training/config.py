@@ -45,7 +45,14 @@ ORIGINAL_RECIPE = dict(
     select="test",
     select_metric="recall@1",
 )
-RECIPES = ("default", "original")
+# The images protocol's recipe (`--recipe catalogue`; `auto` picks it for any images split, `prepare folder
+# --split images`): the values that differ from the default, chosen on val (docs: Benchmarks, Own catalogue).
+CATALOGUE_RECIPE = dict(
+    lr=1e-4,
+    epochs=8,
+)
+RECIPE_VALUES: dict[str, dict] = {"default": {}, "original": ORIGINAL_RECIPE, "catalogue": CATALOGUE_RECIPE}
+RECIPES = tuple(RECIPE_VALUES)
 # The default recipe's loss parameters, found by `mproxy tune` on birds50 (docs: Tune); a loss not listed
 # here (the original recipe's ProxyNCA among them) uses pytorch-metric-learning's defaults.
 LOSS_DEFAULTS = {"cos_face": {"loss_scale": 30.7, "margin": 0.216}}
@@ -63,11 +70,14 @@ class TrainConfig(ModelConfig):
     backbone at 0.332 of it, a cosine schedule, and crops of at least half the image. Rounded to 3 digits.
     A backbone not given is decided by the device (`for_device`: EfficientNet-Lite0, ResNet-50 on CUDA) when
     training starts, for the command line and the Python API alike, and an image size not given is the backbone's
-    native one (`models.backbones.resolve_config`); both are recorded in the run's config.json.
-    Its own fields (`out` and those below it) are keyword-only.
+    native one (`models.backbones.resolve_config`); both are recorded in the run's config.json. Other recipes
+    (`RECIPES`) start from other values: `from_recipe`, and `for_data` for a dataset's (`catalogue` on an images
+    split); `recipe` names the one a configuration started from. Its own fields (`out` and those below it) are
+    keyword-only.
     """
 
     out: str
+    recipe: str = "default"  # the recipe the values started from (`from_recipe`): recorded, it sets nothing
     pretrained: str = option("default", "default (ImageNet weights) | none")
     weights: str | None = option(None, "pretrained backbone weights file (.pth/.safetensors)")
     loss: str = option("cos_face", " | ".join(LOSS_NAMES), aliases=["--loss_name"])
@@ -152,15 +162,20 @@ class TrainConfig(ModelConfig):
 
     @classmethod
     def from_recipe(cls, name: str = "default", **overrides) -> TrainConfig:
-        """The named recipe (`default` or `original`) with `overrides` applied."""
-        if name not in RECIPES:
-            raise UserError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
-        base = {**(ORIGINAL_RECIPE if name == "original" else {}), **overrides}
-        return cls(**{"data": "", "out": "", **base})
+        """The named recipe (`RECIPES`: default, original, catalogue) with `overrides` applied."""
+        check_choice("recipe", name, RECIPES)
+        return cls(**{"data": "", "out": "", **RECIPE_VALUES[name], **overrides, "recipe": name})
+
+    @classmethod
+    def for_data(cls, data: str | Path, out: str | Path, **overrides) -> TrainConfig:
+        """The recipe for a prepared dataset (`recipe_for`: catalogue for an images split, else default), as
+        `mproxy train --recipe auto` picks it, with `overrides` applied."""
+        return cls.from_recipe(recipe_for(data), data=str(data), out=str(out), **overrides)
 
     def validate(self) -> None:
         """Raise UserError for any bad option (no torch import, nothing written)."""
         super().validate()
+        check_choice("recipe", self.recipe, RECIPES)
         check_choice("loss", self.loss, LOSS_NAMES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("proxy-update", self.proxy_update, PROXY_UPDATES)
@@ -212,6 +227,24 @@ class TrainConfig(ModelConfig):
         return ks if 1 in ks or not self.select_metric.startswith("recall@") else [1, *ks]
 
 
+def recipe_for(data: str | Path) -> str:
+    """The recipe `auto` picks for a prepared dataset: `catalogue` for an images split (`split_protocol`: every
+    class in train, val and test), else `default`. UserError when the dataset cannot be read."""
+    from momentum_proxy.data.manifest import read_manifest, split_protocol  # pandas: only once a dataset is read
+
+    return "catalogue" if split_protocol(read_manifest(data)) == "images" else "default"
+
+
+def describe_recipe(name: str, protocol: str) -> str:
+    """The recipe in force, in one line (`train` prints it beside the protocol)."""
+    if name == "catalogue":
+        return "recipe: catalogue (the images protocol's; --recipe default for the benchmark recipe)"
+    if name == "original":
+        return "recipe: original (the original MP tool's settings)"
+    other = "; --recipe catalogue for the images protocol's" if protocol == "images" else ""
+    return f"recipe: default (the benchmark recipe{other})"
+
+
 def upgrade_options(values: dict) -> dict:
     """`values` (TrainConfig fields) in today's spelling; the one place that reads the earlier ones.
 
@@ -251,7 +284,7 @@ def read_config_file(path: str | Path) -> dict:
     unknown = sorted(set(values) - known - {"versions", "data_manifest_sha256", "selection"})
     if unknown:
         raise UserError(f"{path}: unknown option(s) {', '.join(unknown)}")
-    return {k: v for k, v in values.items() if k in known}
+    return {k: v for k, v in values.items() if k in known - {"recipe"}}  # the command's --recipe names the recipe
 
 
 def run_folder_name(cfg: TrainConfig) -> str:

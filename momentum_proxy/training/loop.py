@@ -36,7 +36,7 @@ from momentum_proxy.evaluation.metrics import class_margin
 from momentum_proxy.models.backbones import resolve_config
 from momentum_proxy.models.net import EmbeddingNet
 from momentum_proxy.runs import BEST, CONFIG, LAST, RunDir
-from momentum_proxy.training.config import TrainConfig
+from momentum_proxy.training.config import TrainConfig, describe_recipe
 from momentum_proxy.training.losses import create_loss
 from momentum_proxy.training.proxies import MomentumProxyUpdate, init_proxies_from_class_means, proxy_parameter
 from momentum_proxy.training.tracking import Tracker, open_tracker
@@ -214,6 +214,7 @@ def train(
             file=sys.stderr,
         )
     job.run.log(describe_protocol(job.data.protocol, job.data.val is not None), job.dist.is_main)
+    job.run.log(describe_recipe(cfg.recipe, job.data.protocol), job.dist.is_main)
     job.tracker = open_tracker(cfg, job.run.path, job.dist.is_main, state.epoch if resume else None)
     rows = job.run.metrics()[: state.epoch + 1] if resume else [start(job, state)]
     loader = make_loader(
