@@ -249,6 +249,7 @@ def test_index_with_max_memory_reports_recall_and_retrieve_shows_it(tiny_run, ti
     code, out, err = run_cli(["index", tiny_run, "--images", tiny_data, "--out", idx, "--max-memory", "1GB"], capsys)
     assert code == 0, err
     assert "kind: exact" in out and "recall: recall@10 against exact search 1 (exact search, by definition)" in out
+    assert [line.split(":")[0] for line in out.splitlines() if "recall" in line] == ["recall"]  # said once
     assert "--max-memory 954 MiB: fewer than 10,000 vectors: exhaustive search" in out
     hnsw = tmp_path / "hnsw"
     code, out, err = run_cli(

@@ -425,9 +425,7 @@ def _summary(index: IndexStore, out, filler: _Filler) -> dict:
     }
     if index.kind != "exact":
         summary["params"] = index.params
-    info = index.recall_info()
-    summary["recall@10_vs_exact"] = None if info is None else info["recall"]
-    summary["recall"] = recall_text(info, len(index))
+    summary["recall"] = recall_text(index.recall_info(), len(index))  # the figure itself: meta.json, recall_info()
     memory = index.memory_info()
     if memory is not None:
         summary["memory"] = f"{format_bytes(memory['estimated_bytes'])} estimated" + (
