@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from momentum_proxy.cli.options import DEVICE_HELP, CommaList, add_command, add_rerank_options, rerank_of
+from momentum_proxy.cli.options import CommaList, add_command, add_rerank_options, add_runtime_options, rerank_of
 from momentum_proxy.config import DEFAULT_RERANK, DEFAULT_TTA, METRICS
 from momentum_proxy.errors import UserError
 
@@ -29,8 +29,7 @@ def add_evaluate(sub) -> None:
         "with the defaults; the run's "
         "eval.json, its test result from training, is never changed)",
     )
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
+    add_runtime_options(p)
     p.add_argument(
         "--tta",
         default=None,

@@ -12,6 +12,18 @@ import jsonargparse
 from momentum_proxy.config import DEFAULT_RERANK, DEFAULT_RERANK_MAX_ITEMS
 
 DEVICE_HELP = "auto (cuda when available, else cpu) | cpu | cuda[:N]"
+RUNTIME_HELP = "torch | onnx (the run's verified ONNX export in onnxruntime)"
+# --tta of the commands that embed queries for an index, which follow the index's own (retrieve, serve)
+INDEX_TTA_HELP = (
+    "test-time augmentation: none | flip (each image and its mirror image, embeddings averaged; about twice the "
+    "embedding time); default: the index's own, else none"
+)
+
+
+def add_runtime_options(p) -> None:
+    """--device and --runtime: where and with what a run's model embeds images."""
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--runtime", default="torch", help=RUNTIME_HELP)
 
 
 class HelpFormatter(jsonargparse.DefaultHelpFormatter):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from momentum_proxy.cli.options import DEVICE_HELP, add_command, add_rerank_options, rerank_of
+from momentum_proxy.cli.options import INDEX_TTA_HELP, add_command, add_rerank_options, add_runtime_options, rerank_of
 from momentum_proxy.config import DEFAULT_TTA, parse_memory
 from momentum_proxy.errors import UserError
 from momentum_proxy.perf import passive_omp_wait
@@ -36,15 +36,8 @@ def add_retrieve(sub) -> None:
         "with --index, else RUN_DIR/retrieval); earlier ones are kept: the next are numbered "
         "(retrieval-2.png, results-2.json)",
     )
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
-    p.add_argument(
-        "--tta",
-        default=None,
-        help="test-time augmentation: none | flip (each image and its mirror image, "
-        "embeddings averaged; about twice the embedding time); default: the "
-        "index's own, else none",
-    )
+    add_runtime_options(p)
+    p.add_argument("--tta", default=None, help=INDEX_TTA_HELP)
     add_rerank_options(p)
 
 
@@ -108,8 +101,7 @@ def add_index(sub) -> None:
         "folders) | folders | none | a CSV file of 'path,class_name' lines",
     )
     p.add_argument("--batch-size", type=int, default=64, help="images embedded together")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
+    add_runtime_options(p)
     p.add_argument(
         "--tta",
         default=None,
@@ -197,15 +189,8 @@ def add_serve(sub) -> None:
         default=50.0,
         help="how long a batch waits for concurrent queries still being decoded (a lone query never waits)",
     )
-    p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
-    p.add_argument(
-        "--tta",
-        default=None,
-        help="test-time augmentation: none | flip (each image and its mirror image, "
-        "embeddings averaged; about twice the embedding time); default: the "
-        "index's own, else none",
-    )
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_runtime_options(p)
+    p.add_argument("--tta", default=None, help=INDEX_TTA_HELP)
     p.add_argument(
         "--mmap",
         action="store_true",

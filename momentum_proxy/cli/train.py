@@ -14,7 +14,7 @@ from typing import get_args, get_origin, get_type_hints
 import jsonargparse
 
 from momentum_proxy import paths
-from momentum_proxy.cli.options import DEVICE_HELP, CommaList, Parser, add_command
+from momentum_proxy.cli.options import CommaList, Parser, add_command, add_runtime_options
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import check_writable_folder, read_json
 from momentum_proxy.training.config import RECIPES, TrainConfig, read_config_file, recipe_for, run_folder_name
@@ -329,8 +329,7 @@ def add_tune_rerank(sub) -> None:
         "--metric", default="map@r", help="val metric to maximise: map@r | r_precision | precision@1 | recall@K"
     )
     p.add_argument("--tta", default="none", help="test-time augmentation of the val embeddings: none | flip")
-    p.add_argument("--runtime", default="torch", help="torch | onnx (the run's verified ONNX export in onnxruntime)")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_runtime_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
 
 
