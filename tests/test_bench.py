@@ -5,7 +5,15 @@ import pytest
 
 from momentum_proxy.cli import main
 
-NAMES = ("train_pipeline", "train_model", "embed_pipeline", "embed_model", "embed_onnx", "embed_onnx_int8")
+NAMES = (
+    "train_pipeline",
+    "train_model",
+    "embed_pipeline",
+    "embed_model",
+    "embed_model_folded",
+    "embed_onnx",
+    "embed_onnx_int8",
+)
 
 
 def test_interleaved_rounds_give_medians_spreads_and_ratios_of_medians():
@@ -26,6 +34,7 @@ def test_interleaved_rounds_give_medians_spreads_and_ratios_of_medians():
     assert _ratios(values) == {
         "train_efficiency": round(median["train_pipeline"] / median["train_model"], 3),
         "embed_efficiency": round(median["embed_pipeline"] / median["embed_model"], 3),
+        "fold_speedup": round(median["embed_model_folded"] / median["embed_model"], 3),
         "onnx_speedup": round(median["embed_onnx"] / median["embed_model"], 3),
         "onnx_int8_speedup": round(median["embed_onnx_int8"] / median["embed_model"], 3),
     }
@@ -45,6 +54,7 @@ def test_bench_reports_medians_of_interleaved_rounds_and_their_ratios(tmp_path, 
     for ratio, (num, den) in {
         "train_efficiency": ("train_pipeline", "train_model"),
         "embed_efficiency": ("embed_pipeline", "embed_model"),
+        "fold_speedup": ("embed_model_folded", "embed_model"),
         "onnx_speedup": ("embed_onnx", "embed_model"),
         "onnx_int8_speedup": ("embed_onnx_int8", "embed_model"),
     }.items():
@@ -53,7 +63,7 @@ def test_bench_reports_medians_of_interleaved_rounds_and_their_ratios(tmp_path, 
         n, d = np.median(res["repeats"][num]), np.median(res["repeats"][den])
         low, high = (n - 0.005) / (d + 0.005), (n + 0.005) / (d - 0.005)
         assert low - 5e-4 - 1e-9 <= res[ratio] <= high + 5e-4 + 1e-9, (ratio, res[ratio], low, high)
-    assert "int8 / torch" in capsys.readouterr().out
+    assert "BatchNorm folded / torch" in (printed := capsys.readouterr().out) and "int8 / torch" in printed
 
 
 def test_exact_search_bench_reports_gflops_of_search_and_bare_matmul_and_their_ratio(tmp_path, capsys):

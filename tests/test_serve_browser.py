@@ -1,5 +1,6 @@
 """The web page in headless Chromium (Selenium): upload a photo, see K results, click one, keyboard, phone width."""
 
+import json
 import os
 import shutil
 import socket
@@ -75,6 +76,7 @@ def search_and_click(driver, url: str, photo: Path, k: int, screenshot: Path, ti
     wait = WebDriverWait(driver, timeout)
     driver.get(url)
     wait.until(lambda d: "images" in d.find_element(By.ID, "stats").text)
+    threshold = driver.find_element(By.ID, "threshold").get_attribute("value")  # set with the stats
     k_input = driver.find_element(By.ID, "k")
     k_input.clear()
     k_input.send_keys(str(k))
@@ -108,6 +110,7 @@ def search_and_click(driver, url: str, photo: Path, k: int, screenshot: Path, ti
         "frames": [h.get_attribute("class") for h in hits],
         "preview": driver.find_element(By.ID, "preview-text").text,
         "status": driver.find_element(By.ID, "status").text,
+        "threshold": threshold,
     }
     driver.save_screenshot(str(screenshot))
     return seen
@@ -127,11 +130,15 @@ def test_page_search_click_keyboard_phone(tiny_data, tiny_run, tmp_path, store):
     from selenium.webdriver.support.ui import WebDriverWait
 
     from momentum_proxy.retrieval.build import build_index
+    from momentum_proxy.retrieval.calibrate import CLOSE_MATCH
     from momentum_proxy.retrieval.stores import open_store
 
     location = str(tmp_path / "idx") if store == "faiss" else f"milvus:{tmp_path}/idx.db"  # a folder or Milvus Lite
     build_index(tiny_run, tiny_data, location)
     index = open_store(location)
+    measured = {"cosine": 0.4321, "precision": 0.95, "items": 64, "classes": 8}  # as `mproxy index` keeps one
+    index.attach(CLOSE_MATCH, json.dumps(measured).encode())
+    index.save(location)
     photo = tmp_path / "photo.jpg"
     original = str(tiny_data / "images" / "species_03" / "0005.jpg")
     shutil.copy(original, photo)
@@ -139,6 +146,7 @@ def test_page_search_click_keyboard_phone(tiny_data, tiny_run, tmp_path, store):
         seen = search_and_click(driver, url, photo, 6, tmp_path / "serve.png")
         assert len(seen["first"]) == 6 and all(0 < float(score) <= 1.0001 for _, score in seen["first"])
         assert seen["first"][0][0] == str(index.ids_of([original])[original])
+        assert seen["threshold"] == "0.43"  # the page starts from the index's measured threshold
         # an uploaded photo's class is unknown: results numbered #1..#6, none framed as same or other class
         assert [text.split()[0] for text, _ in seen["first_labels"]] == ["#1", "#2", "#3", "#4", "#5", "#6"]
         assert [frame for _, frame in seen["first_labels"]] == ["hit"] * 6
@@ -232,6 +240,8 @@ def test_page_says_no_results_and_no_close_match_names_classes_whole_and_has_an_
         wait = WebDriverWait(driver, 90)
         driver.get(url)
         wait.until(lambda d: "images" in d.find_element(By.ID, "stats").text)
+        threshold = driver.find_element(By.ID, "threshold").get_attribute("value")
+        assert threshold == "0.7"  # one labelled class: not measured, the fallback
 
         def search(threshold: str, only_close: bool) -> str:
             box = driver.find_element(By.ID, "threshold")

@@ -173,3 +173,24 @@ def test_one_writer_per_index_folder_and_a_killed_server_leaves_no_lock(tiny_dat
         proc.wait(timeout=30)
     summary = build_index(tiny_run, tiny_data, folder)  # the kernel released the killed server's lock
     assert summary["already_indexed"] == 64
+
+
+@pytest.mark.parametrize(
+    ("p99", "throughput", "p50", "not_found", "met"),
+    [
+        (200.0, 80.0, 50.0, 0, {"ratio_met": True, "p99_met": True, "times_met": True, "adds_met": True}),
+        (200.5, 79.9, 50.5, 1, {"ratio_met": False, "p99_met": False, "times_met": False, "adds_met": False}),
+    ],
+)
+def test_the_load_test_judges_each_goal_at_its_boundary(p99, throughput, p50, not_found, met):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import serve_load
+
+    levels = [
+        {"clients": 1, "p50_ms": p50, "p99_ms": 60.0, "throughput": 20.0},
+        {"clients": 16, "p50_ms": 150.0, "p99_ms": p99, "throughput": throughput},
+    ]
+    run = {"bare": {"best_ips": 100.0, "batch1_ms": 25.0}, "levels": levels, "not_found": not_found}
+    g = serve_load.goals(run)
+    assert {k: g[k] for k in met} == met
+    assert g["top"]["clients"] == 16 and g["one"]["clients"] == 1

@@ -380,7 +380,7 @@ def test_concurrent_queries_are_batched_while_items_are_added(index_dir, tmp_pat
         results, errors = [None] * 8, []
         embed, first = searcher.embedder.embed, threading.Event()
 
-        def embed_once_others_wait(batch):  # however slow the machine, two submissions queue behind the first batch
+        def embed_once_others_wait(batch):  # the first query's batch runs until two submissions queue behind it
             if not first.is_set():
                 first.set()
                 assert wait_for(lambda: searcher.batcher.queue.qsize() >= 2, limit=600)
@@ -396,7 +396,9 @@ def test_concurrent_queries_are_batched_while_items_are_added(index_dir, tmp_pat
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
         adder = threading.Thread(target=lambda: searcher.add([jpeg_bytes(seed=100 + i) for i in range(3)]))
-        for t in [*threads, adder]:
+        threads[0].start()
+        assert wait_for(first.is_set, limit=600)  # the runner is busy with the first query alone: the others queue
+        for t in [*threads[1:], adder]:
             t.start()
         for t in [*threads, adder]:
             t.join()

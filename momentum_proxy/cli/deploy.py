@@ -120,6 +120,7 @@ def run_bench(a) -> None:
         print(f"{name:16s} {res[f'{name}_ips']:8.1f}  [{low:.1f}-{high:.1f}]")
     print(
         f"train efficiency {res['train_efficiency']:.3f}   embed efficiency {res['embed_efficiency']:.3f}   "
+        f"BatchNorm folded / torch {res['fold_speedup']:.3f}   "
         f"onnxruntime fp32 / torch {res['onnx_speedup']:.3f}   int8 / torch {res['onnx_int8_speedup']:.3f}"
     )
 

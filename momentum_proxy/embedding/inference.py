@@ -27,6 +27,7 @@ from momentum_proxy.embedding.base import Embedder
 from momentum_proxy.embedding.tta import tta_embed
 from momentum_proxy.errors import UserError
 from momentum_proxy.models.backbones import resolve_config
+from momentum_proxy.models.fold import fold_batchnorm
 from momentum_proxy.models.net import EmbeddingNet
 from momentum_proxy.perf import flush_denormals
 from momentum_proxy.runs import BEST, RunDir, model_identity
@@ -48,6 +49,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 def load_model(run_dir: str | Path, device: str = "auto") -> tuple[EmbeddingNet, ModelConfig, str]:
     """A run's best model in eval mode on `device`, its config, and a fingerprint of the checkpoint.
 
+    Its BatchNorm layers are folded into the convolutions before them (`models.fold`): the same embeddings to
+    about 1e-5, faster (on a 2-core CPU, Lite0 embedded 12–37 % more images per second); such a model is for
+    inference only.
+
     On CUDA this turns TF32 off for cuDNN convolutions in the process: with TF32 (PyTorch's default there) an
     image embedded alone (a query) and in a batch (an index, or a served batch) differ by about 1e-4, enough
     to reorder near ties between `mproxy retrieve`, the service and a query by id; in full float32 they agree
@@ -61,7 +66,11 @@ def load_model(run_dir: str | Path, device: str = "auto") -> tuple[EmbeddingNet,
     fingerprint = f"{Path(run.path).resolve()}#epoch{state['epoch']}"
     if dev.type == "cuda":
         torch.backends.cudnn.allow_tf32 = False
-    return model.to(dev).eval(), cfg, fingerprint
+    model = model.to(dev).eval()
+    size = cfg.image_size
+    example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    model, _ = fold_batchnorm(model, example.to(dev))
+    return model, cfg, fingerprint
 
 
 def autocast(device: torch.device, amp: str):

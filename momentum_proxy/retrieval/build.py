@@ -18,6 +18,7 @@ from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import file_sha256, write_json
 from momentum_proxy.paths import milvus_location
 from momentum_proxy.retrieval import shards
+from momentum_proxy.retrieval.calibrate import calibrate_store, close_match_text, stored_close_match
 from momentum_proxy.retrieval.collect import Collection, Unlisted, images_to_index, read_image_list
 from momentum_proxy.retrieval.faiss_store import IVF_KINDS, KINDS, IndexPlan, format_bytes, plan_index
 from momentum_proxy.retrieval.rerank import Rerank, prepare_store
@@ -394,6 +395,7 @@ def _finished(filler: _Filler, source, rerank: Rerank | None, in_parts: bool) ->
         raise UserError(f"none of the {filler.new} images in {source} could be read")
     if rerank is not None:
         prepare_store(index, rerank)  # its neighbour lists, or one line saying re-ranking is off and why
+    calibrate_store(index)  # the page's "close match" threshold, from the labelled classes
     if index.kind in ("ivf", "hnsw") and filler.added and in_parts:
         index.measure_recall(tune=True)
     return index
@@ -426,6 +428,7 @@ def _summary(index: IndexStore, out, filler: _Filler) -> dict:
     if index.kind != "exact":
         summary["params"] = index.params
     summary["recall"] = recall_text(index.recall_info(), len(index))  # the figure itself: meta.json, recall_info()
+    summary["close_match"] = close_match_text(stored_close_match(index))
     memory = index.memory_info()
     if memory is not None:
         summary["memory"] = f"{format_bytes(memory['estimated_bytes'])} estimated" + (

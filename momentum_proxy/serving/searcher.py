@@ -41,6 +41,7 @@ from momentum_proxy.embedding.processes import ModelProcess, ThreadBudget, check
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path
 from momentum_proxy.retrieval.build import index_tta, open_index
+from momentum_proxy.retrieval.calibrate import stored_close_match
 from momentum_proxy.retrieval.hits import judged
 from momentum_proxy.retrieval.rerank import Rerank, kept_size, store_neighbours
 from momentum_proxy.retrieval.search import copies_of, search_hits
@@ -578,6 +579,7 @@ class Searcher:
                 "runtime": self.embedder.runtime,
                 "tta": self.tta,
                 "rerank": self.rerank.to_dict(),
+                "close_match": stored_close_match(index),
                 "model_processes": self.model_processes,
                 "model": {
                     "run": self.run_dir,
