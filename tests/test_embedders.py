@@ -1,6 +1,7 @@
 """One `Embedder` interface: PyTorch, onnxruntime and a model process embed the same batch to the same unit rows."""
 
 import numpy as np
+import pytest
 import torch
 
 from momentum_proxy.data.loading import to_batch
@@ -28,3 +29,21 @@ def test_every_runtime_is_an_embedder_and_they_agree(tiny_run):
     finally:
         process.close()
     assert not isinstance(torch.nn.Linear(2, 2), Embedder)
+
+
+def test_eval_mode_restores_training_and_leaves_an_eval_model_alone(monkeypatch):
+    from torch import nn
+
+    from momentum_proxy.embedding.inference import eval_mode
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+    with pytest.raises(RuntimeError), eval_mode(model):
+        assert not model.training and not model[1].training
+        raise RuntimeError("a failing batch")
+    assert model.training and model[1].training  # back in training mode, even after an error
+    model.eval()
+    calls = []
+    monkeypatch.setattr(model, "train", lambda mode=True: calls.append(mode) or model)
+    with eval_mode(model):
+        assert not model.training
+    assert calls == [] and not model.training  # an inference model is not walked twice per batch
