@@ -91,6 +91,7 @@ def single(tiny_run, tiny_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # two torchrun ranks (gloo) embed and fill the index: about 20 s; `.ci/run` runs it
 def test_two_ranks_build_the_index_one_process_builds(tiny_run, tiny_data, single, tmp_path):
     res = _torchrun(tiny_run, tiny_data, tmp_path / "index")
     assert res.stdout.count("added: 64") == 1 and "total: 64" in res.stdout  # rank 0 reports, rank 1 is silent

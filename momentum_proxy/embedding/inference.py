@@ -68,8 +68,8 @@ def load_model(run_dir: str | Path, device: str = "auto") -> tuple[EmbeddingNet,
         torch.backends.cudnn.allow_tf32 = False
     model = model.to(dev).eval()
     size = cfg.image_size
-    example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    model, _ = fold_batchnorm(model, example.to(dev))
+    example = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    fold_batchnorm(model, example.to(dev))
     return model, cfg, fingerprint
 
 

@@ -259,7 +259,8 @@ def _embedding_measures(
         torch.nn.functional.normalize(out.float(), dim=1).cpu()
 
     def embed_model_folded():
-        folded[:] = [fold_batchnorm(model.eval(), eval_fixed[:2].to(dev))[0]]  # the weights of this round
+        folded[:] = [copy.deepcopy(model.eval())]  # the weights of this round
+        fold_batchnorm(folded[0], eval_fixed[:1].to(dev))
         return _rate(folded_embed_step, embed_steps, eval_bs)
 
     def onnx_rate(name):
