@@ -53,13 +53,14 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=10)
     p.add_argument("--fixed", type=float, default=0.7, help="the fixed threshold to compare with")
     a = p.parse_args()
+    missing = [path for path in a.features if not Path(path).is_file()]
+    if missing or a.draws < 1:
+        sys.exit(f"close_match: error: {f'no file {missing[0]}' if missing else '--draws must be at least 1'}")
     print(
         f"| features | measured threshold | precision at it | recall at it | precision at {a.fixed:g} "
         f"| recall at {a.fixed:g} |\n|---|---|---|---|---|---|"
     )
     for path in a.features:
-        if not Path(path).is_file():
-            sys.exit(f"close_match: error: no file {path}")
         data = np.load(path, allow_pickle=False)
         x, y = data["features"], data["labels"]
         rows = [one_draw(x, y, np.random.default_rng(100 + i), a.fixed) for i in range(a.draws)]

@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from momentum_proxy.embedding.inference import load_model
+from momentum_proxy.errors import UserError
 from momentum_proxy.models.net import EmbeddingNet
 from momentum_proxy.perf import tune_allocator
 from momentum_proxy.runs import RunDir
@@ -44,7 +45,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     a = p.parse_args()
     tune_allocator()
-    folded, cfg, _ = load_model(a.run, "cpu")
+    try:
+        folded, cfg, _ = load_model(a.run, "cpu")
+    except UserError as e:
+        sys.exit(f"fold_speed: error: {e}")
     plain = unfolded_twin(a.run, cfg)
     size = cfg.image_size
     batch = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))

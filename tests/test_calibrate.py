@@ -116,3 +116,15 @@ def test_mproxy_index_prints_the_threshold_and_drops_it_without_labels(tiny_run,
     store = open_store(tmp_path / "a")
     store.attach(CLOSE_MATCH, None)
     assert stored_close_match(store) is None
+
+
+def test_a_large_index_is_sampled_item_by_item_never_read_whole(index_dir, monkeypatch):
+    monkeypatch.setattr(calibrate, "FULL_READ_ITEMS", 10)
+    monkeypatch.setattr(calibrate, "MAX_ITEMS", 40)
+    store = open_store(index_dir)
+    monkeypatch.setattr(store, "live_vectors", lambda: pytest.fail("read every vector"))
+    found = calibrate_store(store)
+    assert found is not None and found["items"] <= 40 and found["classes"] == 8
+    ids, vectors = calibrate._live_sample(store)
+    assert len(ids) == 40 and len(set(ids.tolist())) == 40 and vectors.shape == (40, store.feature_dim)
+    np.testing.assert_array_equal(vectors[3], store.vector(int(ids[3]))[0])

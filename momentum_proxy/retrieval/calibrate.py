@@ -20,6 +20,7 @@ CLOSE_MATCH = "close_match"  # the store attachment
 PRECISION = 0.95
 MIN_CLASSES = 3  # classes with 2 items or more
 MAX_ITEMS = 5000  # a larger collection is sampled (every item is compared with every other)
+FULL_READ_ITEMS = 200_000  # up to this many live items, all vectors are read at once (400 MB at 512-d)
 BLOCK = 1024  # rows of the similarity matrix held at once
 
 
@@ -68,12 +69,23 @@ def calibrate_store(store: IndexStore) -> dict | None:
     None, and any earlier one dropped, when the store has too few labelled classes."""
     found = None
     if store.labelled and len(store):
-        ids, vectors = store.live_vectors()
+        ids, vectors = _live_sample(store)
         items = store.items(ids)
         labels = np.array([UNKNOWN if items[int(i)]["label"] is None else items[int(i)]["label"] for i in ids])
         found = close_match_threshold(vectors, labels)
     store.attach(CLOSE_MATCH, None if found is None else json.dumps(found).encode())
     return found
+
+
+def _live_sample(store: IndexStore, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of every live item, or above FULL_READ_ITEMS of about MAX_ITEMS of them drawn at random
+    and read one by one, so that a catalogue's vectors are never all in memory at once."""
+    if len(store) <= FULL_READ_ITEMS:
+        return store.live_vectors()
+    rng = np.random.default_rng(seed)
+    drawn = rng.choice(store.ntotal, min(store.ntotal, 2 * MAX_ITEMS), replace=False)
+    ids = np.sort(np.array([i for i in drawn.tolist() if store.exists(i)][:MAX_ITEMS], np.int64))
+    return ids, np.concatenate([store.vector(int(i)) for i in ids]).astype(np.float32)
 
 
 def stored_close_match(store: IndexStore) -> dict | None:
