@@ -105,6 +105,7 @@ def succeed_in_turn(*command_lines) -> list[str]:
     return outputs[:-1]
 
 
+@pytest.mark.slow  # five commands in fresh processes with the extras hidden: about 20 s; `.ci/run` runs it
 def test_core_commands_need_no_extra(core_run, tiny_data, tmp_path):
     query = tiny_data / "images" / "species_04" / "0002.jpg"
     evaluated, retrieved, _, retrieved_from_index, _ = succeed_in_turn(
