@@ -47,22 +47,29 @@ def one_draw(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, fixed: floa
     return [found["cosine"], *precision_recall(found["cosine"]), *precision_recall(fixed)]
 
 
+def read_features(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of a `regimes.py embed` file; exits with one line for anything else."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        return data["features"], data["labels"]
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"close_match: error: {path} is not features saved by `regimes.py embed` ({str(e).splitlines()[0]})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("features", nargs="+", help="features-dev-*.npz files written by `regimes.py embed`")
     p.add_argument("--draws", type=int, default=10)
     p.add_argument("--fixed", type=float, default=0.7, help="the fixed threshold to compare with")
     a = p.parse_args()
-    missing = [path for path in a.features if not Path(path).is_file()]
-    if missing or a.draws < 1:
-        sys.exit(f"close_match: error: {f'no file {missing[0]}' if missing else '--draws must be at least 1'}")
+    if a.draws < 1:
+        sys.exit("close_match: error: --draws must be at least 1")
+    sets = {path: read_features(path) for path in a.features}  # every file checked before anything is printed
     print(
         f"| features | measured threshold | precision at it | recall at it | precision at {a.fixed:g} "
         f"| recall at {a.fixed:g} |\n|---|---|---|---|---|---|"
     )
-    for path in a.features:
-        data = np.load(path, allow_pickle=False)
-        x, y = data["features"], data["labels"]
+    for path, (x, y) in sets.items():
         rows = [one_draw(x, y, np.random.default_rng(100 + i), a.fixed) for i in range(a.draws)]
         table = np.array([r for r in rows if r is not None])
         if not len(table):

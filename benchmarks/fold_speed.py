@@ -19,16 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from momentum_proxy.embedding.inference import load_model
 from momentum_proxy.errors import UserError
-from momentum_proxy.models.net import EmbeddingNet
 from momentum_proxy.perf import tune_allocator
-from momentum_proxy.runs import RunDir
-
-
-def unfolded_twin(run: str, cfg) -> EmbeddingNet:
-    """The run's best checkpoint as an `EmbeddingNet` (`cfg`: the run's resolved config) in eval mode, unfolded."""
-    model = EmbeddingNet(cfg.backbone, cfg.feature_dim, weights=None, pooling=cfg.pooling, image_size=cfg.image_size)
-    model.load_state_dict(RunDir(run).load_checkpoint()["model"])
-    return model.eval()
 
 
 def timed(model: torch.nn.Module, batch: torch.Tensor) -> float:
@@ -44,21 +35,27 @@ def main() -> None:
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--rounds", type=int, default=7)
     a = p.parse_args()
+    try:
+        threads, batches = [int(t) for t in a.threads.split(",")], [int(x) for x in a.batches.split(",")]
+    except ValueError:
+        sys.exit("fold_speed: error: --threads and --batches take comma-separated whole numbers")
+    if min(threads + batches) < 1 or a.rounds < 1:
+        sys.exit("fold_speed: error: --threads, --batches and --rounds must be at least 1")
     tune_allocator()
     try:
         folded, cfg, _ = load_model(a.run, "cpu")
+        plain, _, _ = load_model(a.run, "cpu", fold=False)
     except UserError as e:
         sys.exit(f"fold_speed: error: {e}")
-    plain = unfolded_twin(a.run, cfg)
     size = cfg.image_size
     batch = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         diff = float((folded(batch) - plain(batch)).abs().max() / plain(batch).abs().max())
     print(f"{cfg.backbone} at {size} px; largest embedding difference, relative to the largest value: {diff:.1e}")
     print("| threads | batch | unfolded img/s | folded img/s | folded / unfolded |\n|---|---|---|---|---|")
-    for threads in [int(t) for t in a.threads.split(",")]:
-        torch.set_num_threads(threads)
-        for b in [int(x) for x in a.batches.split(",")]:
+    for n in threads:
+        torch.set_num_threads(n)
+        for b in batches:
             x = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8)
             times: dict[str, list[float]] = {"unfolded": [], "folded": []}
             with torch.inference_mode():
@@ -69,7 +66,7 @@ def main() -> None:
                     times["folded"].append(timed(folded, x))
             rate = {k: b / float(np.median(v)) for k, v in times.items()}
             print(
-                f"| {threads} | {b} | {rate['unfolded']:.1f} | {rate['folded']:.1f} | "
+                f"| {n} | {b} | {rate['unfolded']:.1f} | {rate['folded']:.1f} | "
                 f"{rate['folded'] / rate['unfolded']:.2f} |"
             )
 

@@ -107,3 +107,16 @@ def test_load_model_gives_the_folded_model_with_the_checkpoints_embeddings(tiny_
     x = torch.randint(0, 256, (4, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_without_batchnorm_is_not_even_run():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    assert fold_batchnorm(model, torch.randn(1, 3, 8, 8)) == 0 and calls == []
+
+
+def test_load_model_can_leave_the_model_unfolded(tiny_data, tmp_path):
+    run = make_run(tmp_path / "run", tiny_data)
+    model, _, _ = load_model(run, "cpu", fold=False)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) and not model.training

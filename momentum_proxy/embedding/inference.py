@@ -46,12 +46,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_model(run_dir: str | Path, device: str = "auto") -> tuple[EmbeddingNet, ModelConfig, str]:
+def load_model(run_dir: str | Path, device: str = "auto", fold: bool = True) -> tuple[EmbeddingNet, ModelConfig, str]:
     """A run's best model in eval mode on `device`, its config, and a fingerprint of the checkpoint.
 
-    Its BatchNorm layers are folded into the convolutions before them (`models.fold`): the same embeddings to
-    about 1e-5, faster (on a 2-core CPU, Lite0 embedded 17–20 % more images per second); such a model is for
-    inference only.
+    With `fold` (the default) its BatchNorm layers are folded into the convolutions before them (`models.fold`):
+    the same embeddings to about 1e-5, faster (on a 2-core CPU, Lite0 embedded 17–20 % more images per second);
+    such a model is for inference only.
 
     On CUDA this turns TF32 off for cuDNN convolutions in the process: with TF32 (PyTorch's default there) an
     image embedded alone (a query) and in a batch (an index, or a served batch) differ by about 1e-4, enough
@@ -67,9 +67,9 @@ def load_model(run_dir: str | Path, device: str = "auto") -> tuple[EmbeddingNet,
     if dev.type == "cuda":
         torch.backends.cudnn.allow_tf32 = False
     model = model.to(dev).eval()
-    size = cfg.image_size
-    example = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    fold_batchnorm(model, example.to(dev))
+    if fold:
+        shape, seeded = (1, 3, cfg.image_size, cfg.image_size), torch.Generator().manual_seed(0)
+        fold_batchnorm(model, torch.randint(0, 256, shape, dtype=torch.uint8, generator=seeded).to(dev))
     return model, cfg, fingerprint
 
 
@@ -88,12 +88,11 @@ def eval_mode(model: torch.nn.Module):
     if not model.training:
         yield model
         return
-    was_training = model.training
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        model.train()
 
 
 class ModuleEmbedder:

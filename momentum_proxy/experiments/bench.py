@@ -240,28 +240,23 @@ def _embedding_measures(
         embed_dataset(embedder, subset, batch_size=eval_bs, workers=cfg.loader_workers, progress=False)
         return n_eval / (time.perf_counter() - t0)
 
-    @torch.inference_mode()
-    def torch_embed_step(_):
-        with autocast(dev, cfg.amp):
-            out = model(eval_fixed.to(dev))
-        torch.nn.functional.normalize(out.float(), dim=1).cpu()
+    def embed_step(net: torch.nn.Module) -> Callable[[int], None]:
+        @torch.inference_mode()
+        def step(_):
+            with autocast(dev, cfg.amp):
+                out = net(eval_fixed.to(dev))
+            torch.nn.functional.normalize(out.float(), dim=1).cpu()
+
+        return step
 
     def embed_model():
         model.eval()
-        return _rate(torch_embed_step, embed_steps, eval_bs)
+        return _rate(embed_step(model), embed_steps, eval_bs)
 
-    folded: list[torch.nn.Module] = []  # the model as `load_model` gives it (BatchNorm folded), made on first use
-
-    @torch.inference_mode()
-    def folded_embed_step(_):
-        with autocast(dev, cfg.amp):
-            out = folded[0](eval_fixed.to(dev))
-        torch.nn.functional.normalize(out.float(), dim=1).cpu()
-
-    def embed_model_folded():
-        folded[:] = [copy.deepcopy(model.eval())]  # the weights of this round
-        fold_batchnorm(folded[0], eval_fixed[:1].to(dev))
-        return _rate(folded_embed_step, embed_steps, eval_bs)
+    def embed_model_folded():  # the model as `load_model` gives it, with the weights of this round
+        folded = copy.deepcopy(model.eval())
+        fold_batchnorm(folded, eval_fixed[:1].to(dev))
+        return _rate(embed_step(folded), embed_steps, eval_bs)
 
     def onnx_rate(name):
         return lambda: _rate(lambda _: onnx_embed[name](eval_numpy), embed_steps, eval_bs)

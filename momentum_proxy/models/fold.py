@@ -64,6 +64,8 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, atol: float = 1e-4) 
     scale), every module is put back as it was and 0 is returned."""
     if model.training:
         raise ValueError("fold_batchnorm needs a model in eval mode")
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return 0  # nothing to fold (a ViT): no forward pass
     pairs, reference = conv_bn_pairs(model, example)
     replaced: list[tuple[str, nn.Module]] = []  # (name, the module it held), to undo
     for conv_name, bn_name in pairs:
