@@ -89,6 +89,26 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def check_unlocked(folder: str | os.PathLike, name: str, what: str) -> None:
+    """`folder_lock`'s refusal without holding anything: a command that has seconds of imports and loading ahead
+    says at once that another process holds `folder/name` (its own `folder_lock` still decides)."""
+    try:
+        f = open(Path(folder) / name)
+    except OSError:  # no lock file: nobody has held it (an unreadable one is folder_lock's to report)
+        return
+    with f:  # closing it drops the shared lock taken to look
+        _lock_or_refuse(f, fcntl.LOCK_SH, Path(folder), what)
+
+
+def _lock_or_refuse(f, mode: int, folder: Path, what: str) -> None:
+    try:
+        fcntl.flock(f, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        raise UserError(f"{folder} is {what} by {holder}; stop it first") from None
+
+
 @contextmanager
 def folder_lock(folder: str | os.PathLike, name: str, what: str, job: str) -> Iterator[None]:
     """Hold `folder/name` locked (flock) for the block, on behalf of `job` (e.g. "mproxy serve"): a second
@@ -96,12 +116,7 @@ def folder_lock(folder: str | os.PathLike, name: str, what: str, job: str) -> It
     drops the lock when its process dies, so a killed process never leaves it stuck."""
     folder = Path(folder)
     with open(folder / name, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise UserError(f"{folder} is {what} by {holder}; stop it first") from None
+        _lock_or_refuse(f, fcntl.LOCK_EX, folder, what)
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} ({job})")

@@ -2,6 +2,7 @@
 test process). Plus what only a Milvus store has: a server that goes away and comes back."""
 
 import ast
+import os
 import uuid
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from momentum_proxy.errors import UserError
 from momentum_proxy.retrieval.store import StoreUnavailable
-from momentum_proxy.retrieval.stores import build_store, open_store, store_exists
+from momentum_proxy.retrieval.stores import build_store, check_not_being_written, open_store, store_exists, writer_lock
 
 MODEL = {"backbone": "efficientnet_lite0", "checkpoint_sha256": "ab" * 32, "runtime": "torch"}
 CLASSES = {0: "oak", 1: "ash", 2: "elm"}
@@ -320,3 +321,24 @@ def test_a_server_store_keeps_its_attachments_across_a_server_restart(server):
         assert store.attachment("notes") == b"notes" * 20_000
     finally:
         store.close()
+
+
+def test_the_early_writer_check_refuses_a_held_store_at_once_and_holds_nothing(tmp_path):
+    folder = tmp_path / "idx"
+    check_not_being_written(folder)  # no folder yet
+    folder.mkdir()
+    check_not_being_written(folder)  # no lock file: never held
+    assert list(folder.iterdir()) == []  # the check creates nothing
+    with writer_lock(folder, "mproxy serve"):
+        with pytest.raises(UserError) as refused:
+            check_not_being_written(folder)
+    holder = f"pid {os.getpid()} (mproxy serve)"
+    assert str(refused.value) == f"{folder.absolute()} is being written by {holder}; stop it first"
+    check_not_being_written(folder)  # released with the block
+    with writer_lock(folder, "mproxy index"):  # the passing check left no lock behind
+        pass
+    lite = f"milvus:{tmp_path / 'store.db'}"
+    check_not_being_written(lite)  # Milvus Lite: its files folder holds no lock yet
+    with writer_lock(lite, "mproxy index"), pytest.raises(UserError, match=r"store\.files is being written by"):
+        check_not_being_written(lite)
+    check_not_being_written("milvus://localhost:19530/products")  # a server: the operator's to lock; nothing touched

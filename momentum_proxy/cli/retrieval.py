@@ -149,6 +149,10 @@ def memory_size(text: str) -> int:
 
 def run_index(a) -> None:
     rerank = rerank_of(a)
+    from momentum_proxy.retrieval.stores import check_not_being_written  # faiss: only for these two commands
+
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 takes the lock; the others never check
+        check_not_being_written(a.out)
     from momentum_proxy.retrieval.build import build_index  # job
 
     a.on_interrupt = "the index is as it was before; run the same command again"
@@ -212,6 +216,9 @@ def add_serve(sub) -> None:
 
 def run_serve(a) -> None:
     rerank = rerank_of(a)
+    from momentum_proxy.retrieval.stores import check_not_being_written  # faiss: only for these two commands
+
+    check_not_being_written(a.index)
     passive_omp_wait()  # before torch loads (serving.app imports it)
     from momentum_proxy.serving.app import TOKEN_ENV, serve  # job
 

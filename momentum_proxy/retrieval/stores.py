@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from momentum_proxy.errors import UserError
-from momentum_proxy.fileio import check_writable_folder, folder_lock
+from momentum_proxy.fileio import check_unlocked, check_writable_folder, folder_lock
 from momentum_proxy.paths import META_FILE, milvus_location
 from momentum_proxy.retrieval.faiss_store import WRITER_LOCK, FaissStore, IndexPlan
 from momentum_proxy.retrieval.store import IndexStore
@@ -76,6 +76,14 @@ def describe(location) -> str:
     """`location` as results and summaries record it: an absolute folder or a Milvus location."""
     milvus = milvus_location(location)
     return str(Path(location).absolute()) if milvus is None else str(milvus)
+
+
+def check_not_being_written(location) -> None:
+    """`writer_lock`'s refusal, early and holding nothing (`fileio.check_unlocked`): `index` and `serve` call it
+    before their imports and model load, so that a second writer hears in a fraction of a second, not ten."""
+    milvus = milvus_location(location)
+    if milvus is None or milvus.lite:
+        check_unlocked(local_folder(location), WRITER_LOCK, "being written")
 
 
 @contextmanager
