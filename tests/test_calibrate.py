@@ -128,3 +128,46 @@ def test_a_large_index_is_sampled_item_by_item_never_read_whole(index_dir, monke
     ids, vectors = calibrate._live_sample(store)
     assert len(ids) == 40 and len(set(ids.tolist())) == 40 and vectors.shape == (40, store.feature_dim)
     np.testing.assert_array_equal(vectors[3], store.vector(int(ids[3]))[0])
+
+
+def test_the_service_measures_again_when_labelled_items_come_or_go_in_a_small_index(index_dir, tmp_path, monkeypatch):
+    import io
+    import shutil
+
+    from PIL import Image
+
+    from momentum_proxy.serving.searcher import Searcher
+
+    def photo(seed: int) -> bytes:
+        pixels = np.random.default_rng(seed).integers(0, 255, (48, 48, 3), dtype=np.uint8)
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, "JPEG")
+        return out.getvalue()
+
+    def measured_on_disk(folder):
+        store = open_store(folder)
+        try:
+            ids, vectors = store.live_vectors()
+            labels = np.array([UNKNOWN if (c := store.item(int(i))["label"]) is None else c for i in ids])
+            return stored_close_match(store), close_match_threshold(vectors, labels)
+        finally:
+            store.close()
+
+    folder = tmp_path / "idx"
+    shutil.copytree(index_dir, folder)
+    before = stored_close_match(open_store(folder))
+    searcher = Searcher(folder, device="cpu")
+    try:
+        added = searcher.add([photo(1), photo(2)], class_name="new species")
+        saved, reference = measured_on_disk(folder)
+        assert saved == reference == searcher.stats()["close_match"]
+        assert (saved["classes"], saved["items"]) == (9, 66) and saved != before
+        searcher.add([photo(3)])  # no class: not measured, so the threshold stays
+        assert measured_on_disk(folder)[0] == saved
+        searcher.remove(added[0]["id"])  # the new class is down to one photo: out of the measurement again
+        assert measured_on_disk(folder)[0] == searcher.stats()["close_match"] == before
+        monkeypatch.setattr(calibrate, "MAX_ITEMS", 60)  # an index larger than that keeps what was measured
+        searcher.add([photo(4)], class_name="new species")
+        assert measured_on_disk(folder)[0] == before
+    finally:
+        searcher.close()

@@ -5,7 +5,8 @@ for the pretrained Lite0 on birds, 0.59 for a model trained on them), so a fixed
 `mproxy index` measures one per index from its labelled classes: each item is a query with a match (its best
 other item) and, its class left out, one without (its best item of another class); the threshold is the lowest
 top cosine at which at least 95 % of the queries scoring that much or more have a match. The store keeps it
-(attachment `close_match`); the service's page starts from it.
+(attachment `close_match`); the service's page starts from it, and the service measures it again when items with a
+class come or go in an index of at most MAX_ITEMS items.
 """
 
 from __future__ import annotations
@@ -67,12 +68,22 @@ def close_match_threshold(
 def calibrate_store(store: IndexStore) -> dict | None:
     """Measure the threshold of `store`'s live labelled items and keep it with the store (saved by its next save);
     None, and any earlier one dropped, when the store has too few labelled classes."""
-    found = None
-    if store.labelled and len(store):
-        ids, vectors = _live_sample(store)
-        items = store.items(ids)
-        labels = np.array([UNKNOWN if items[int(i)]["label"] is None else items[int(i)]["label"] for i in ids])
-        found = close_match_threshold(vectors, labels)
+    sample = calibration_sample(store)
+    return keep_close_match(store, None if sample is None else close_match_threshold(*sample))
+
+
+def calibration_sample(store: IndexStore) -> tuple[np.ndarray, np.ndarray] | None:
+    """(unit vectors, labels) of the live items `close_match_threshold` measures (copies: the measurement may run
+    outside the store's lock); None for a store without labels."""
+    if not store.labelled or not len(store):
+        return None
+    ids, vectors = _live_sample(store)
+    items = store.items(ids)
+    return vectors, np.array([UNKNOWN if items[int(i)]["label"] is None else items[int(i)]["label"] for i in ids])
+
+
+def keep_close_match(store: IndexStore, found: dict | None) -> dict | None:
+    """Keep a measured threshold with `store` (None drops an earlier one); returns it."""
     store.attach(CLOSE_MATCH, None if found is None else json.dumps(found).encode())
     return found
 

@@ -40,8 +40,8 @@ from momentum_proxy.deploy.runtimes import load_embedder
 from momentum_proxy.embedding.processes import ModelProcess, ThreadBudget, check_model_processes
 from momentum_proxy.errors import UserError
 from momentum_proxy.fileio import atomic_path
+from momentum_proxy.retrieval import calibrate
 from momentum_proxy.retrieval.build import index_tta, open_index
-from momentum_proxy.retrieval.calibrate import stored_close_match
 from momentum_proxy.retrieval.hits import judged
 from momentum_proxy.retrieval.rerank import Rerank, kept_size, store_neighbours
 from momentum_proxy.retrieval.search import copies_of, search_hits
@@ -519,11 +519,10 @@ class Searcher:
                         features[new], [paths[contents[i]] for i in new], self._labels(self.index, class_name, len(new))
                     )
                     self.index.record_hashes({i: contents[j][0] for i, j in zip(added, new)})
-                    snapshot = self.index.snapshot()
                     found.update(zip([contents[i] for i in new], added))
                 items = [{**self.index.item(found[c]), "added": i in new} for i, c in enumerate(contents)]
             if new:
-                self._write(snapshot)
+                self._write(self._changed(labelled=bool(class_name)))
         return items
 
     def remove(self, item_id: int) -> None:
@@ -532,9 +531,23 @@ class Searcher:
             with self._lock:
                 if not self.index.exists(item_id):
                     raise ItemNotFound(f"no item with id {item_id}")
+                labelled = self.index.item(item_id)["label"] is not None
                 self.index.remove(item_id)
-                snapshot = self.index.snapshot()
-            self._write(snapshot)
+            self._write(self._changed(labelled))
+
+    def _changed(self, labelled: bool):
+        """The snapshot to save after an add or remove (in the write lock). When labelled items came or went in an
+        index small enough to be measured whole (`calibrate.MAX_ITEMS`), its close-match threshold is measured
+        again first, on vectors copied under the search lock and outside it; a larger index keeps the one that
+        `mproxy index` measured on its sample, which one change barely moves."""
+        with self._lock:
+            small = labelled and len(self.index) <= calibrate.MAX_ITEMS
+            sample = calibrate.calibration_sample(self.index) if small else None
+        found = calibrate.close_match_threshold(*sample) if sample is not None else None
+        with self._lock:
+            if small:
+                calibrate.keep_close_match(self.index, found)
+            return self.index.snapshot()
 
     @staticmethod
     def _labels(index: IndexStore, class_name: str | None, n: int) -> list | None:
@@ -579,7 +592,7 @@ class Searcher:
                 "runtime": self.embedder.runtime,
                 "tta": self.tta,
                 "rerank": self.rerank.to_dict(),
-                "close_match": stored_close_match(index),
+                "close_match": calibrate.stored_close_match(index),
                 "model_processes": self.model_processes,
                 "model": {
                     "run": self.run_dir,
