@@ -551,3 +551,27 @@ def test_a_second_tuner_on_the_same_folder_is_refused(tiny_data, tmp_path):
         with pytest.raises(UserError, match=r"being tuned by pid \d+ \(mproxy"):
             tune.tune(tiny_data, tmp_path / "study", trials=1, space=SPACE)
     assert not (tmp_path / "study" / "study.db").exists()
+
+
+def test_trials_start_from_the_recipe_train_picks_and_a_resume_keeps_it(tiny_data, tmp_path, capsys, no_plots):
+    catalogue = tmp_path / "catalogue"  # an images split: every class in train, val and test
+    shutil.copytree(tiny_data, catalogue)
+    df = pd.read_csv(catalogue / "manifest.csv")
+    df["split"] = np.array(["train", "train", "val", "test"])[df.groupby("label").cumcount() % 4]
+    df.to_csv(catalogue / "manifest.csv", index=False)
+    out = tmp_path / "study"
+    best = tune.tune(catalogue, out, trials=1, space=SPACE)
+    printed = capsys.readouterr().out
+    assert "recipe: catalogue (trial 0's values" in printed
+    assert "trial 0 (catalogue recipe; drawn: feature_dim)" in printed
+    trial0 = load(out).trials[0]
+    assert trial0.user_attrs[tune.RECIPE] == "catalogue"
+    assert trial0.params["lr"] == TrainConfig.from_recipe("catalogue").lr == 1e-3 != TrainConfig.lr
+    assert best["lr"] == 1e-3  # no other trial: best.json is the recipe's
+    assert "## Against the catalogue recipe" in (out / "report.md").read_text()
+    with pytest.raises(UserError, match="use another --out or the same settings"):
+        tune.tune(catalogue, out, trials=2, space=SPACE, recipe="default")
+    with pytest.raises(UserError, match="--recipe must be one of auto, default, original, catalogue; got 'fast'"):
+        tune.tune(catalogue, out, trials=2, space=SPACE, recipe="fast")
+    identity = tune.identity_of(tune.base_config(tiny_data, tune.load_space(SPACE), 1, 0), tune.load_space(SPACE))
+    assert "recipe" not in identity  # a study begun before --recipe (the default one) continues

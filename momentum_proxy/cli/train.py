@@ -297,13 +297,19 @@ def add_tune(sub) -> None:
         help="epochs of every trial and of best.json (default: the space's epochs, 3)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial's training")
+    p.add_argument(
+        "--recipe",
+        default="auto",
+        help=f"recipe every trial starts from, and trial 0 runs: auto | {' | '.join(RECIPES)} (auto: the one "
+        "train picks for the dataset, catalogue for an images split)",
+    )
 
 
 def run_tune(a) -> None:
     from momentum_proxy.experiments.tune import tune  # job
 
     a.on_interrupt = "the same command continues the study"
-    tune(a.data, a.out, a.trials, space=a.space, budget_epochs=a.budget_epochs, seed=a.seed)
+    tune(a.data, a.out, a.trials, space=a.space, budget_epochs=a.budget_epochs, seed=a.seed, recipe=a.recipe)
 
 
 def add_tune_rerank(sub) -> None:

@@ -6,9 +6,10 @@ The objective is the best val MAP@R over the trained epochs (1..E): the pretrain
 competes for a run's best.pt, but would tie every configuration that does not beat it, so it is only reported.
 The study lives in `OUT/study.db` (SQLite). Running the same command again continues it: a trial left running
 by a killed process is marked failed and its parameters are tried again, and the study goes on until it holds
-`trials` finished ones (complete, pruned, or failed on a bad option combination). Trial 0 of a new study is the
-default recipe (TrainConfig's defaults of the searched options), so the tuner never recommends a configuration
-that scored below it on val. At the end: `best.json` (a config for `mproxy train --config`), `report.md` and its
+`trials` finished ones (complete, pruned, or failed on a bad option combination). Every trial starts from a recipe
+(`--recipe`; auto: the one `mproxy train` picks for the dataset, `catalogue` for an images split), and trial 0 of
+a new study is that recipe's values of the searched options, so the tuner never recommends a configuration that
+scored below what `train` would run. At the end: `best.json` (a config for `mproxy train --config`), `report.md` and its
 plots.
 """
 
@@ -35,7 +36,7 @@ from momentum_proxy.models.backbones import resolve_config
 from momentum_proxy.plots import history_figure, importances_figure, params_figure
 from momentum_proxy.runs import RunDir
 from momentum_proxy.training import loop as training
-from momentum_proxy.training.config import LOSS_NAMES, TrainConfig, upgrade_options
+from momentum_proxy.training.config import LOSS_NAMES, RECIPE_VALUES, RECIPES, TrainConfig, recipe_for, upgrade_options
 from momentum_proxy.training.losses import HAS_MARGIN
 
 OBJECTIVE = "val_map@r"  # maximised: the best trained epoch's val MAP@R
@@ -45,6 +46,8 @@ TUNER_OWNED = ("data", "out", "select", "select_metric", "test_every_epoch", "fi
 NOT_RESULT_OPTIONS = ("loader_workers", "device", "log_every", "eval_batch_size")  # may change on a resume
 FINISHED = "finished"  # user attribute of every trial that counts towards --trials
 DEFAULT = "default_recipe"  # user attribute of trial 0 (and of its retry): {searched parameter: why it was drawn}
+RECIPE = "recipe"  # user attribute of trial 0 (and of its retry): the recipe it ran
+TUNE_OWN = ("epochs", "seed", "select", "select_metric", "test_every_epoch", "final_test")  # set by tune, not a recipe
 
 # The default search space: what measurably matters for proxy losses on a pretrained backbone (docs:
 # Tune). Scale and margin ranges are per loss: their meaning differs (ArcFace's margin is in
@@ -179,9 +182,11 @@ def load_space(space: str | Path | dict | None = None) -> Space:
 
 
 # ----------------------------------------------------------------------------------------------- the study
-def base_config(data: str | Path, space: Space, epochs: int, seed: int) -> TrainConfig:
-    """The fixed part of every trial: the space's plain values, val selection on MAP@R, no test at all."""
-    cfg = TrainConfig(data=str(Path(data).absolute()), out="", **{**space.fixed, "epochs": epochs, "seed": seed})
+def base_config(data: str | Path, space: Space, epochs: int, seed: int, recipe: str = "default") -> TrainConfig:
+    """The fixed part of every trial: the `recipe` (`TrainConfig.from_recipe`) under the space's plain values, val
+    selection on MAP@R, no test at all."""
+    values = {**space.fixed, "epochs": epochs, "seed": seed}
+    cfg = TrainConfig.from_recipe(recipe, data=str(Path(data).absolute()), out="", **values)
     cfg.select, cfg.select_metric, cfg.test_every_epoch, cfg.final_test = "val", "map@r", False, False
     cfg.metrics = list(dict.fromkeys([*cfg.metrics, "recall", "map@r"]))
     cfg.recalls = cfg.recalls if 1 in cfg.recalls else [1, *cfg.recalls]
@@ -283,11 +288,14 @@ def identity_changes(stored: dict, identity: dict) -> str:
 def identity_of(cfg: TrainConfig, space: Space) -> dict:
     """What a resumed study must share with the one it continues (JSON-normalised for comparison)."""
     entries = {k: v for k, v in space.entries.items() if k not in NOT_RESULT_OPTIONS}
-    return json.loads(json.dumps({"data": cfg.data, "space": entries, "epochs": cfg.epochs, "seed": cfg.seed}))
+    recipe = {} if cfg.recipe == "default" else {"recipe": cfg.recipe}  # studies begun before --recipe: default
+    return json.loads(
+        json.dumps({"data": cfg.data, "space": entries, "epochs": cfg.epochs, "seed": cfg.seed, **recipe})
+    )
 
 
 def retry_interrupted_trials(
-    study: optuna.Study, storage: optuna.storages.RDBStorage, marks_kept: tuple[str, ...] = (DEFAULT,)
+    study: optuna.Study, storage: optuna.storages.RDBStorage, marks_kept: tuple[str, ...] = (DEFAULT, RECIPE)
 ) -> list[int]:
     """Queue again the parameters of every trial that was interrupted (left running by a killed tuner, which
     is marked failed and interrupted here, or failed by Ctrl-C) and not yet queued again; the retry keeps the
@@ -313,8 +321,8 @@ def retry_interrupted_trials(
 
 
 def default_params(space: Space, base: TrainConfig) -> tuple[dict, dict]:
-    """The default recipe in the space: (Optuna parameter: the base config's value, i.e. TrainConfig's default
-    under the space's fixed options; parameter: why it is left to the sampler). A default outside its searched
+    """The recipe in the space: (Optuna parameter: the base config's value, i.e. the recipe's under the space's
+    fixed options; parameter: why it is left to the sampler). A default outside its searched
     range, step or choices is not forced into the trial (Optuna would refuse a choice and only warn on a range);
     a loss parameter the library defaults (None) has no value to give; a per-loss entry follows a drawn loss."""
     searched = space.searched
@@ -359,26 +367,31 @@ def outside(value, spec: dict) -> str | None:
 
 
 def enqueue_default(study: optuna.Study, space: Space, base: TrainConfig) -> dict:
-    """Queue the default recipe as the next trial (trial 0 of a new study); returns the parameters left drawn."""
+    """Queue the base's recipe as the next trial (trial 0 of a new study); returns the parameters left drawn."""
     params, drawn = default_params(space, base)
-    study.enqueue_trial(params, user_attrs={DEFAULT: drawn})
+    study.enqueue_trial(params, user_attrs={DEFAULT: drawn, RECIPE: base.recipe})
     return drawn
 
 
 def marked_trial(study: optuna.Study, mark: str = DEFAULT) -> optuna.trial.FrozenTrial | None:
-    """The finished trial that carries `mark` (trial 0, or its retry after an interruption): the default recipe's
-    here, no re-ranking in `tune_rerank`."""
+    """The finished trial that carries `mark` (trial 0, or its retry after an interruption): the recipe's here,
+    no re-ranking in `tune_rerank`."""
     return next((t for t in finished_trials(study) if mark in t.user_attrs), None)
 
 
 def default_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The finished trial of the default recipe (trial 0, or its retry after an interruption)."""
+    """The finished trial of the study's recipe (trial 0, or its retry after an interruption)."""
     return marked_trial(study, DEFAULT)
 
 
+def recipe_words(trial: optuna.trial.FrozenTrial | None) -> str:
+    """ "the NAME recipe" that `trial` (trial 0) ran; "default" for a study begun before --recipe."""
+    return f"the {trial.user_attrs.get(RECIPE, 'default') if trial else 'default'} recipe"
+
+
 def recommended(study: optuna.Study, mark: str = DEFAULT) -> optuna.trial.FrozenTrial | None:
-    """The trial best.json holds: the best complete one (the first on ties), but the `mark`ed trial (the default
-    recipe) unless another trial beats it on val."""
+    """The trial best.json holds: the best complete one (the first on ties), but the `mark`ed trial (the recipe)
+    unless another trial beats it on val."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return None
@@ -389,7 +402,7 @@ def recommended(study: optuna.Study, mark: str = DEFAULT) -> optuna.trial.Frozen
 
 
 def best_other(study: optuna.Study, default: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial | None:
-    """The best complete trial other than the default recipe's (None: there is none)."""
+    """The best complete trial other than `default` (trial 0: the recipe's; None: there is none)."""
     others = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number != default.number]
     return max(others, key=lambda t: t.value) if others else None
 
@@ -418,16 +431,17 @@ def no_trial_beat(
 
 
 def against_default(study: optuna.Study) -> str:
-    """One sentence: the recommended trial's val MAP@R against the default recipe's, and the difference."""
+    """One sentence: the recommended trial's val MAP@R against the recipe's (trial 0), and the difference."""
     default, best = default_trial(study), recommended(study)
     if default is None:
         return "this study has no trial of the default recipe (it began before tune tried the default first)"
+    recipe = recipe_words(default)
     if default.state != TrialState.COMPLETE:
-        return f"the default recipe (trial {default.number}) did not complete: nothing to compare with"
+        return f"{recipe} (trial {default.number}) did not complete: nothing to compare with"
     if best.number == default.number:
-        return no_trial_beat(study, default, "the default recipe", "MAP@R", "the default recipe")
+        return no_trial_beat(study, default, recipe, "MAP@R", recipe)
     return (
-        f"trial {best.number} val MAP@R {100 * best.value:.2f} against the default recipe (trial "
+        f"trial {best.number} val MAP@R {100 * best.value:.2f} against {recipe} (trial "
         f"{default.number}) {100 * default.value:.2f}, difference {100 * (best.value - default.value):+.2f}"
     )
 
@@ -511,11 +525,12 @@ def trial_line(study: optuna.Study, t: optuna.trial.FrozenTrial) -> str:
 
 
 def trial_name(t) -> str:
-    """How lines and the report name a trial: "trial N", and for the default recipe's what it left drawn."""
+    """How lines and the report name a trial: "trial N", and for the recipe's (trial 0) what it left drawn."""
     if DEFAULT not in t.user_attrs:
         return f"trial {t.number}"
     drawn = t.user_attrs[DEFAULT]
-    return f"trial {t.number} (default recipe" + (f"; drawn: {', '.join(drawn)})" if drawn else ")")
+    recipe = recipe_words(t).removeprefix("the ")
+    return f"trial {t.number} ({recipe}" + (f"; drawn: {', '.join(drawn)})" if drawn else ")")
 
 
 def format_options(options: dict) -> str:
@@ -529,18 +544,23 @@ def tune(
     space: str | Path | dict | None = None,
     budget_epochs: int | None = None,
     seed: int = 0,
+    recipe: str = "auto",
 ) -> dict:
-    """Run (or continue) a study of `trials` finished trials in `out`; returns best.json's content."""
+    """Run (or continue) a study of `trials` finished trials in `out`, every trial starting from `recipe` (auto:
+    `training.config.recipe_for` the dataset); returns best.json's content."""
+    if recipe not in ("auto", *RECIPES):
+        raise UserError(f"--recipe must be one of auto, {', '.join(RECIPES)}; got {recipe!r}")
     if trials < 1:
         raise UserError(f"--trials must be >= 1, got {trials}")
     if budget_epochs is not None and budget_epochs < 1:
         raise UserError(f"--budget-epochs must be >= 1, got {budget_epochs}")
     space = load_space(space)
     epochs = budget_epochs or space.fixed.get("epochs", DEFAULT_EPOCHS)
-    base = base_config(data, space, epochs, seed)
+    base = base_config(data, space, epochs, seed, recipe_for(data) if recipe == "auto" else recipe)
     out = Path(out)
     check_writable_folder(out, "the study folder")
     check_data(base)
+    print(f"recipe: {base.recipe} (trial 0's values, and those of every option the space neither searches nor fixes)")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial instead
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     with study_lock(out):
@@ -549,7 +569,7 @@ def tune(
             print(f"trial {number} was interrupted: marked failed, its parameters queued again")
         if not study.trials:  # a new study (a resumed one holds its default trial already, or began without one)
             for param, why in enqueue_default(study, space, base).items():
-                print(f"trial 0 is the default recipe but for {param}, drawn: {why}")
+                print(f"trial 0 is the {base.recipe} recipe but for {param}, drawn: {why}")
         objective = Objective(base, space, out)
         while len(finished_trials(study)) < trials:
             # seeded per trial: a restarted tuner must not replay the draws its predecessor made
@@ -570,6 +590,7 @@ def best_config(study: optuna.Study, base: TrainConfig, space: Space) -> dict:
     best = recommended(study)
     return {
         "data": base.data,
+        **{k: v for k, v in RECIPE_VALUES[base.recipe].items() if k not in TUNE_OWN},  # what train may not start from
         **{k: v for k, v in space.fixed.items() if k != "epochs"},
         **best.user_attrs["options"],
         "epochs": base.epochs,
@@ -662,16 +683,17 @@ def report(study: optuna.Study, out: Path, base: TrainConfig, imp: dict[str, flo
 
 
 def default_section(study: optuna.Study) -> list[str]:
-    """The recommended trial against the default recipe: both val MAP@R, the difference, and what trial 0 drew."""
-    lines = ["## Against the default recipe", ""]
+    """The recommended trial against the recipe (trial 0): both val MAP@R, the difference, and what trial 0 drew."""
     default, best = default_trial(study), recommended(study)
+    recipe = recipe_words(default)
+    lines = [f"## Against {recipe}", ""]
     if default is not None and default.state == TrialState.COMPLETE:
         won = best.number == default.number
         top = best_other(study, default) if won else best
         lines += [
             "| | trial | val MAP@R |",
             "|---|---|---|",
-            f"| default recipe | {default.number} | {100 * default.value:.2f} |",
+            f"| {recipe.removeprefix('the ')} | {default.number} | {100 * default.value:.2f} |",
         ]
         if top is not None:
             lines += [
@@ -683,7 +705,7 @@ def default_section(study: optuna.Study) -> list[str]:
     lines += [sentence[0].upper() + sentence[1:] + ".", ""]
     if default is not None and default.user_attrs[DEFAULT]:
         lines += [
-            f"Trial {default.number} ran the default recipe except for these parameters, drawn by the sampler: "
+            f"Trial {default.number} ran {recipe} except for these parameters, drawn by the sampler: "
             + "; ".join(f"{k} ({why})" for k, why in default.user_attrs[DEFAULT].items())
             + ".",
             "",
