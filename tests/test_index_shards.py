@@ -161,9 +161,11 @@ def test_a_list_with_bad_lines_and_unreadable_images_fills_as_one_process_does(t
         "path,class_name\n" + "".join(f"{p},{p.parent.name}\n" for p in images) + f"broken.jpg,x\n,y\n{images[0]},z\n"
     )
     one = build_index(tiny_run, None, tmp_path / "one", image_list=listed, batch_size=4, device="cpu")
-    two = build._build_sharded(
-        DistInfo(), 5, tiny_run, None, tmp_path / "two", "exact", 4, "cpu", False, "torch", "auto", None, None, listed
+    job = dict(run_dir=tiny_run, images=None, out=tmp_path / "two", kind="exact", batch_size=4, device="cpu")
+    job |= dict(
+        rebuild=False, runtime="torch", labels="auto", tta=None, rerank=None, image_list=listed, max_memory=None
     )
+    two = build._build_sharded(DistInfo(), 5, job)
     assert {**two, "index": None} == {**one, "index": None} and one["added"] == 12 and one["skipped"] == 2
     _assert_same_index(tmp_path / "one", tmp_path / "two", n=12, exact=False)  # chunks of 5, batches of 4
     assert read_json(tmp_path / "two" / "skipped.json") == read_json(tmp_path / "one" / "skipped.json")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -148,87 +149,41 @@ def build_index(
             )
     if chunk_size < 1:
         raise UserError("--chunk-size must be at least 1")
+    job: dict[str, Any] = dict(  # _build_index's arguments
+        run_dir=run_dir,
+        images=images,
+        out=out,
+        kind=kind,
+        batch_size=batch_size,
+        device=device,
+        rebuild=rebuild,
+        runtime=runtime,
+        labels=labels,
+        tta=tta,
+        rerank=rerank,
+        image_list=image_list,
+        max_memory=max_memory,
+    )
     info = shards.start()
     if info.enabled:
-        return _build_sharded(
-            info,
-            chunk_size,
-            run_dir,
-            images,
-            out,
-            kind,
-            batch_size,
-            device,
-            rebuild,
-            runtime,
-            labels,
-            tta,
-            rerank,
-            image_list,
-            max_memory=max_memory,
-        )
+        return _build_sharded(info, chunk_size, job)
     with writer_lock(out, "mproxy index", create=True):  # the folder checked before any expensive work
-        return _build_index(
-            run_dir,
-            images,
-            out,
-            kind,
-            batch_size,
-            device,
-            rebuild,
-            runtime,
-            labels,
-            tta,
-            rerank,
-            image_list,
-            max_memory=max_memory,
-        )
+        return _build_index(**job)
 
 
 @ends_process_group
-def _build_sharded(
-    info,
-    chunk_size,
-    run_dir,
-    images,
-    out,
-    kind,
-    batch_size,
-    device,
-    rebuild,
-    runtime,
-    labels,
-    tta,
-    rerank,
-    image_list,
-    max_memory=None,
-) -> dict | None:
+def _build_sharded(info, chunk_size: int, job: dict[str, Any]) -> dict | None:
     """`build_index` on a torchrun rank: rank 0 plans, embeds its share and fills the store, holding its lock; the
-    other ranks embed theirs (`retrieval.shards`)."""
-    device = shards.rank_device(device, info)
-    folder = shards.work_folder(out)
+    other ranks embed theirs (`retrieval.shards`). `job`: `_build_index`'s arguments."""
+    job = {**job, "device": shards.rank_device(job["device"], info)}
+    folder = shards.work_folder(job["out"])
     if not info.is_main:
-        shards.follow(info, run_dir, runtime, device, folder, batch_size)
+        shards.follow(info, job["run_dir"], job["runtime"], job["device"], folder, job["batch_size"])
         return None
-    sharding = shards.Sharding(info, folder, chunk_size, batch_size)
+    sharding = shards.Sharding(info, folder, chunk_size, job["batch_size"])
     try:
-        with writer_lock(out, f"mproxy index (rank 0 of {info.world_size})", create=True):
-            return _build_index(
-                run_dir,
-                images,
-                out,
-                kind,
-                batch_size,
-                device,
-                rebuild,
-                runtime,
-                labels,
-                tta,
-                rerank,
-                image_list,
-                sharding,
-                max_memory=max_memory,
-            )
+        with writer_lock(job["out"], f"mproxy index (rank 0 of {info.world_size})", create=True):
+            return _build_index(**job, sharding=sharding)
     except Exception:
         sharding.abandon()
         raise
@@ -271,6 +226,7 @@ Steps = Callable[[], Iterable[tuple[Collection, Unlisted]]]  # a build's images 
 
 
 def _build_index(
+    *,
     run_dir,
     images,
     out,
