@@ -568,6 +568,9 @@ def test_trials_start_from_the_recipe_train_picks_and_a_resume_keeps_it(tiny_dat
     assert trial0.user_attrs[tune.RECIPE] == "catalogue"
     assert trial0.params["lr"] == TrainConfig.from_recipe("catalogue").lr == 1e-3 != TrainConfig.lr
     assert best["lr"] == 1e-3  # no other trial: best.json is the recipe's
+    narrow = tune.load_space({"lr": {"type": "float", "low": 1e-5, "high": 1e-4, "log": True}})
+    base = tune.base_config(catalogue, narrow, 1, 0, "catalogue")
+    assert tune.default_params(narrow, base)[1] == {"lr": "the catalogue recipe's 0.001 is outside 1e-05..0.0001"}
     assert "## Against the catalogue recipe" in (out / "report.md").read_text()
     with pytest.raises(UserError, match="use another --out or the same settings"):
         tune.tune(catalogue, out, trials=2, space=SPACE, recipe="default")

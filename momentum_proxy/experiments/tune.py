@@ -342,7 +342,7 @@ def default_params(space: Space, base: TrainConfig) -> tuple[dict, dict]:
                 continue
             param, spec = f"{name}[{base.loss}]", spec["per_loss"][base.loss]
         value = resolved.get(name, getattr(base, name))
-        why = outside(value, spec)
+        why = outside(value, spec, "the default" if base.recipe == "default" else f"the {base.recipe} recipe's")
         if why:
             drawn[param] = why
         else:
@@ -350,19 +350,20 @@ def default_params(space: Space, base: TrainConfig) -> tuple[dict, dict]:
     return params, drawn
 
 
-def outside(value, spec: dict) -> str | None:
-    """Why `value` is not a value of the range or choices `spec` (None: it is one)."""
+def outside(value, spec: dict, whose: str = "the default") -> str | None:
+    """Why `value` (`whose` it is: "the default", "the catalogue recipe's") is not a value of the range or
+    choices `spec` (None: it is one)."""
     if spec["type"] == "categorical":
-        return None if value in spec["choices"] else f"the default {value} is not among the choices {spec['choices']}"
+        return None if value in spec["choices"] else f"{whose} {value} is not among the choices {spec['choices']}"
     if value is None:
-        return "the default is the library's own value"
+        return f"{whose} value is the library's own"
     if isinstance(value, bool) or not isinstance(value, int if spec["type"] == "int" else (int, float)):
-        return f"the default {value!r} is not {'an integer' if spec['type'] == 'int' else 'a number'}"
+        return f"{whose} {value!r} is not {'an integer' if spec['type'] == 'int' else 'a number'}"
     low, high, step = spec["low"], spec["high"], spec.get("step")
     if not low <= value <= high:
-        return f"the default {value:g} is outside {low:g}..{high:g}"
+        return f"{whose} {value:g} is outside {low:g}..{high:g}"
     if step and abs((value - low) / step - round((value - low) / step)) > 1e-8:
-        return f"the default {value:g} is off the grid {low:g} + k * {step:g}"
+        return f"{whose} {value:g} is off the grid {low:g} + k * {step:g}"
     return None
 
 
