@@ -47,7 +47,6 @@ NOT_RESULT_OPTIONS = ("loader_workers", "device", "log_every", "eval_batch_size"
 FINISHED = "finished"  # user attribute of every trial that counts towards --trials
 DEFAULT = "default_recipe"  # user attribute of trial 0 (and of its retry): {searched parameter: why it was drawn}
 RECIPE = "recipe"  # user attribute of trial 0 (and of its retry): the recipe it ran
-TUNE_OWN = ("epochs", "seed", "select", "select_metric", "test_every_epoch", "final_test")  # set by tune, not a recipe
 
 # The default search space: what measurably matters for proxy losses on a pretrained backbone (docs:
 # Tune). Scale and margin ranges are per loss: their meaning differs (ArcFace's margin is in
@@ -591,7 +590,7 @@ def best_config(study: optuna.Study, base: TrainConfig, space: Space) -> dict:
     best = recommended(study)
     return {
         "data": base.data,
-        **{k: v for k, v in RECIPE_VALUES[base.recipe].items() if k not in TUNE_OWN},  # what train may not start from
+        **{k: v for k, v in RECIPE_VALUES[base.recipe].items() if k not in TUNER_OWNED},  # train may start elsewhere
         **{k: v for k, v in space.fixed.items() if k != "epochs"},
         **best.user_attrs["options"],
         "epochs": base.epochs,
